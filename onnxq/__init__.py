@@ -1,0 +1,27 @@
+"""onnxq: post-training quantization of ONNX models into QDQ models for onnxruntime.
+
+>>> import onnxq
+>>> result = onnxq.quantize("model.onnx", "calib.npz", onnxq.QuantConfig())  # doctest: +SKIP
+>>> onnxq.save_model(result.model, "model.int8.onnx")  # doctest: +SKIP
+"""
+
+__version__ = "0.1.0"
+
+from onnxq.config import CalibrationMethod, Granularity, Preprocess, QuantConfig, WeightRange
+from onnxq.errors import OnnxqError
+from onnxq.io import load_model, save_model
+from onnxq.pipeline import QuantResult, quantize, quantize_file
+
+__all__ = [
+    "CalibrationMethod",
+    "Granularity",
+    "OnnxqError",
+    "Preprocess",
+    "QuantConfig",
+    "QuantResult",
+    "WeightRange",
+    "load_model",
+    "quantize",
+    "quantize_file",
+    "save_model",
+]

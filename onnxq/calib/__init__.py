@@ -1,0 +1,1 @@
+"""Calibration data sources, streaming observers, and the onnxruntime runner that feeds them."""

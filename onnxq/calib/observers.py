@@ -1,0 +1,86 @@
+"""Streaming range observers: each sees one batch at a time and keeps a fixed-size summary.
+
+No observer keeps activations, so calibration memory does not grow with the number of samples.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+
+class Observer(Protocol):
+    def update(self, values: np.ndarray) -> None: ...
+
+    def range(self) -> tuple[float, float]: ...
+
+
+class MinMaxObserver:
+    """Running minimum and maximum."""
+
+    def __init__(self) -> None:
+        self.low, self.high = np.inf, -np.inf
+
+    def update(self, values: np.ndarray) -> None:
+        if values.size:
+            self.low = min(self.low, float(values.min()))
+            self.high = max(self.high, float(values.max()))
+
+    def range(self) -> tuple[float, float]:
+        return (0.0, 0.0) if self.low > self.high else (self.low, self.high)
+
+
+class HistogramObserver:
+    """Symmetric histogram over [-R, R] whose R doubles as larger values arrive.
+
+    Doubling R merges bins pairwise, so counts stay exact at the current resolution;
+    the percentile range clips each tail at `percentile` (e.g. 99.999 % of values kept on each side).
+
+    >>> obs = HistogramObserver(percentile=99.0)
+    >>> obs.update(np.linspace(0.0, 1.0, 10001, dtype=np.float32))
+    >>> low, high = obs.range()
+    >>> low, round(high, 2)
+    (0.0, 0.99)
+    """
+
+    def __init__(self, percentile: float, bins: int = 4096) -> None:
+        self.percentile = percentile
+        self.bins = bins
+        self.limit = 0.0
+        self.counts = np.zeros(bins, np.int64)
+        self.extremes = MinMaxObserver()
+
+    def update(self, values: np.ndarray) -> None:
+        values = values.ravel()
+        if not values.size:
+            return
+        self.extremes.update(values)
+        peak = max(abs(self.extremes.low), abs(self.extremes.high))
+        if self.limit == 0.0:
+            self.limit = peak if peak > 0 else 1e-8
+        while peak > self.limit:
+            self._double()
+        width = 2.0 * self.limit / self.bins
+        index = np.floor((values.astype(np.float64) + self.limit) / width).astype(np.int64)
+        np.clip(index, 0, self.bins - 1, out=index)
+        self.counts += np.bincount(index, minlength=self.bins)
+
+    def range(self) -> tuple[float, float]:
+        low, high = self.extremes.range()
+        total = self.counts.sum()
+        if total == 0:
+            return low, high
+        tail = total * (100.0 - self.percentile) / 100.0
+        cumulative = np.cumsum(self.counts)
+        edges = np.linspace(-self.limit, self.limit, self.bins + 1)
+        upper = edges[min(np.searchsorted(cumulative, total - tail, side="left") + 1, self.bins)]
+        lower = edges[np.searchsorted(cumulative, tail, side="right")]
+        return max(low, float(lower)), min(high, float(upper))
+
+    def _double(self) -> None:
+        merged = self.counts.reshape(-1, 2).sum(axis=1)
+        self.counts = np.zeros(self.bins, np.int64)
+        quarter = self.bins // 4
+        self.counts[quarter : quarter + merged.size] = merged
+        self.limit *= 2.0

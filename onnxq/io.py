@@ -1,0 +1,114 @@
+"""Loading and saving models, and onnxruntime sessions built from bytes (no files written)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+from google.protobuf.message import DecodeError
+
+from onnxq.errors import OnnxqError
+
+_PROTO_LIMIT = 2**31 - 2**20  # protobuf's 2 GB ceiling, with room for the graph itself
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read an ONNX file, external data included; a clear error when it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise OnnxqError(f"model file not found: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=True)
+    except (DecodeError, ValueError, RuntimeError) as err:
+        raise OnnxqError(f"{path} is not a readable ONNX model ({_first_line(err)})") from None
+    except OSError as err:
+        raise OnnxqError(f"cannot read {path}: {_first_line(err)}") from None
+    if not model.graph.node:
+        raise OnnxqError(f"{path} is not an ONNX model (no graph nodes)")
+    return model
+
+
+def to_ir(model: onnx.ModelProto) -> ir.Model:
+    """The in-memory IR the passes work on."""
+    return ir.from_proto(model)
+
+
+def to_proto(model: ir.Model | onnx.ModelProto) -> onnx.ModelProto:
+    """A ModelProto, whichever form the model is in."""
+    return model if isinstance(model, onnx.ModelProto) else ir.to_proto(model)
+
+
+def model_bytes(model: ir.Model | onnx.ModelProto) -> bytes:
+    """Serialized model for an onnxruntime session; sessions accept bytes, so nothing hits disk."""
+    return to_proto(model).SerializeToString()
+
+
+def save_model(model: ir.Model | onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Write atomically: a temporary file in the target folder, renamed when complete.
+
+    Models past protobuf's 2 GB limit keep their weights in `<name>.data` beside the file.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise OnnxqError(f"cannot write {path}: folder {folder} does not exist")
+    proto = to_proto(model)
+    external = _weight_bytes(proto) > _PROTO_LIMIT
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        if external:
+            onnx.save(
+                proto,
+                tmp_name,
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=f"{path.name}.data",
+            )
+        else:
+            Path(tmp_name).write_bytes(proto.SerializeToString())
+        os.replace(tmp_name, path)
+    except OSError as err:
+        raise OnnxqError(f"cannot write {path}: {_first_line(err)}") from None
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    return path
+
+
+def session(
+    model: ir.Model | onnx.ModelProto | bytes,
+    *,
+    optimize: bool = True,
+    threads: int = 0,
+    optimized_path: str | None = None,
+) -> ort.InferenceSession:
+    """A CPU session. optimize=False is the float-exact reference (no fusions, no int8 kernels)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if optimized_path:
+        options.optimized_model_filepath = optimized_path
+    data = model if isinstance(model, bytes) else model_bytes(model)
+    try:
+        return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises several private exception types
+        raise OnnxqError(f"onnxruntime cannot run the model: {_first_line(err)}") from None
+
+
+def _weight_bytes(proto: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) for t in proto.graph.initializer)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]

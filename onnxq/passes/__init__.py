@@ -1,0 +1,1 @@
+"""Graph passes that keep what the model computes: simplify, fold BatchNormalization."""

@@ -1,0 +1,97 @@
+"""Fold inference-mode BatchNormalization into the Conv, ConvTranspose or Gemm before it.
+
+With σ = sqrt(var + ε) per output channel c:
+    W'[c] = W[c] · γ[c] / σ[c]
+    b'[c] = (b[c] − μ[c]) · γ[c] / σ[c] + β[c]
+The fold is skipped (with the reason) when the layer's output is read elsewhere, its weights are
+shared with another node, or any parameter is not a constant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq.passes.graph_utils import (
+    attribute,
+    bypass,
+    constant,
+    drop_unused_initializers,
+    set_initializer,
+    single_consumer,
+)
+
+FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
+
+
+@dataclass
+class FoldReport:
+    folded: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def fold_batchnorm(graph: ir.Graph) -> FoldReport:
+    """Fold every foldable BatchNormalization in place; returns what was folded and skipped."""
+    report = FoldReport()
+    for bn in [n for n in graph if n.op_type == "BatchNormalization" and n.domain == ""]:
+        reason = _fold_one(graph, bn)
+        if reason is None:
+            report.folded.append(bn.name or bn.outputs[0].name)
+        else:
+            report.skipped[bn.name or bn.outputs[0].name] = reason
+    drop_unused_initializers(graph)
+    return report
+
+
+def _fold_one(graph: ir.Graph, bn: ir.Node) -> str | None:
+    layer = bn.inputs[0].producer() if bn.inputs[0] is not None else None
+    if layer is None or layer.op_type not in FOLDABLE or layer.domain != "":
+        return "not preceded by Conv, ConvTranspose or Gemm"
+    if single_consumer(layer.outputs[0]) is not bn:
+        return f"output of {layer.op_type} {layer.name!r} is read elsewhere"
+    if attribute(bn, "training_mode", 0) or len(bn.outputs) > 1:
+        return "training-mode BatchNormalization"
+    params = [constant(v) for v in bn.inputs[1:5]]
+    weight = constant(layer.inputs[1])
+    if weight is None or any(p is None for p in params):
+        return "weights or statistics are not constants"
+    if len(layer.inputs[1].uses()) != 1:
+        return "weights shared with another node"
+    axis = _output_channel_axis(layer, weight)
+    if axis is None:
+        return "grouped ConvTranspose"
+    gamma, beta, mean, var = (np.asarray(p, np.float64) for p in params)
+    factor = gamma / np.sqrt(var + attribute(bn, "epsilon", 1e-5))
+    bias_value = layer.inputs[2] if len(layer.inputs) > 2 else None
+    bias = constant(bias_value)
+    if bias_value is not None and (bias is None or len(bias_value.uses()) != 1):
+        return "bias is not a constant of its own"
+    if layer.op_type == "Gemm" and (
+        attribute(layer, "alpha", 1.0) != 1.0 or attribute(layer, "beta", 1.0) != 1.0
+    ):
+        return "Gemm with alpha or beta other than 1"
+    bias = np.zeros(weight.shape[axis]) if bias is None else np.broadcast_to(bias, factor.shape)
+
+    shape = [1] * weight.ndim
+    shape[axis] = -1
+    new_weight = (weight.astype(np.float64) * factor.reshape(shape)).astype(weight.dtype)
+    new_bias = ((bias - mean) * factor + beta).astype(weight.dtype)
+    layer.replace_input_with(1, set_initializer(graph, layer.inputs[1].name, new_weight))
+    bias_input = set_initializer(
+        graph, (bias_value.name if bias_value else layer.name) + "_folded_bias", new_bias
+    )
+    if len(layer.inputs) < 3:
+        layer.resize_inputs(3)
+    layer.replace_input_with(2, bias_input)
+    bypass(graph, bn, layer.outputs[0])
+    return None
+
+
+def _output_channel_axis(layer: ir.Node, weight: np.ndarray) -> int | None:
+    if layer.op_type == "Conv":
+        return 0
+    if layer.op_type == "ConvTranspose":
+        return 1 if attribute(layer, "group", 1) == 1 else None
+    return 0 if attribute(layer, "transB", 0) else 1

@@ -1,0 +1,76 @@
+"""Small helpers over onnx_ir shared by the passes: constants, attributes, node removal."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+
+def constant(value: ir.Value | None) -> np.ndarray | None:
+    """The value's array if it is an initializer or a Constant node's output, else None."""
+    if value is None:
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    return None if tensor is None else tensor.numpy()
+
+
+def attribute(node: ir.Node, name: str, default):
+    """An attribute as a Python value, or `default` when absent."""
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+def set_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register a new initializer named `name` (made unique if taken) holding `array`."""
+    unique, index = name, 1
+    while unique in graph.initializers:
+        unique, index = f"{name}_{index}", index + 1
+    value = ir.Value(name=unique, const_value=ir.tensor(np.array(array, order="C"), name=unique))
+    value.shape = ir.Shape(array.shape)
+    value.dtype = value.const_value.dtype
+    graph.register_initializer(value)
+    return value
+
+
+def bypass(graph: ir.Graph, node: ir.Node, keep: ir.Value) -> None:
+    """Remove a single-output node whose output equals `keep`; consumers read `keep` instead.
+
+    When the output is a graph output, `keep` takes over its name so the interface is unchanged.
+    """
+    output = node.outputs[0]
+    was_output = output.is_graph_output()
+    ir.convenience.replace_all_uses_with(output, keep, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    if was_output:
+        keep.name = output.name
+
+
+def drop_unused_initializers(graph: ir.Graph) -> None:
+    for name, value in list(graph.initializers.items()):
+        if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
+            del graph.initializers[name]
+
+
+def single_consumer(value: ir.Value) -> ir.Node | None:
+    """The only node reading `value`, when it is read by exactly one node and is no graph output."""
+    consumers = value.consumers()
+    if len(consumers) != 1 or value.is_graph_output() or len(value.uses()) != 1:
+        return None
+    return consumers[0]
+
+
+def constants_to_initializers(graph: ir.Graph) -> int:
+    """Turn Constant nodes holding a tensor into initializers, so weights are found in one place."""
+    moved = 0
+    for node in list(graph):
+        if node.op_type != "Constant" or node.domain != "" or "value" not in node.attributes:
+            continue
+        output = node.outputs[0]
+        if output.is_graph_output():
+            continue
+        array = node.attributes["value"].value.numpy()
+        replacement = set_initializer(graph, output.name or "constant", array)
+        ir.convenience.replace_all_uses_with(output, replacement)
+        graph.remove(node, safe=True)
+        moved += 1
+    return moved

@@ -1,0 +1,51 @@
+"""onnxsim, guarded: keep its result only when it computes what the original computes.
+
+onnxsim folds the Shape/Gather/Constant sub-graphs exporters write, which lets later passes see
+plain Conv → Relu → Add chains. It has been known to change results (constant folding of
+non-deterministic or type-sensitive ops), so its output is compared with the original on a real
+batch through onnxruntime without optimizations, and dropped with a note when they differ.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from onnxq.io import session
+
+TOLERANCE = 1e-4  # max |difference| relative to the largest output magnitude
+
+
+def simplify(model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, str]:
+    """Return (model, note): the simplified model when it is equivalent on `sample`, else the input."""
+    try:
+        import onnxsim
+
+        simplified, checked = onnxsim.simplify(model)
+    except Exception as err:  # onnxsim surfaces C++ errors of many types
+        return model, f"onnxsim failed ({str(err).splitlines()[0][:120]}); kept the model as is"
+    if not checked:
+        return model, "onnxsim could not verify its result; kept the model as is"
+    difference = max_relative_difference(model, simplified, sample)
+    if difference > TOLERANCE:
+        return (
+            model,
+            f"onnxsim changed the outputs by {difference:.2e} (relative); kept the model as is",
+        )
+    before, after = len(model.graph.node), len(simplified.graph.node)
+    return simplified, f"simplified: {before} → {after} nodes"
+
+
+def max_relative_difference(
+    reference: onnx.ModelProto, candidate: onnx.ModelProto, sample: dict[str, np.ndarray]
+) -> float:
+    """Largest output difference over the largest reference magnitude, without ORT's rewrites."""
+    expected = session(reference, optimize=False).run(None, sample)
+    actual = session(candidate, optimize=False).run(None, sample)
+    worst = 0.0
+    for want, got in zip(expected, actual, strict=False):
+        if want.shape != got.shape:
+            return float("inf")
+        scale = max(float(np.abs(want).max(initial=0.0)), 1e-12)
+        worst = max(worst, float(np.abs(want.astype(np.float64) - got).max(initial=0.0)) / scale)
+    return worst

@@ -1,0 +1,161 @@
+"""The quantization pipeline, top to bottom:
+
+load → simplify (guarded) → fold BatchNormalization → plan → calibrate → insert Q/DQ → validate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import version_converter
+
+import onnxq
+from onnxq.calib.data import DataSource, batches, first_batch, model_inputs
+from onnxq.calib.observers import HistogramObserver, MinMaxObserver
+from onnxq.calib.runner import collect_ranges
+from onnxq.config import CalibrationMethod, Preprocess, QuantConfig
+from onnxq.errors import OnnxqError
+from onnxq.io import load_model, save_model, session, to_ir, to_proto
+from onnxq.passes.fold_bn import fold_batchnorm
+from onnxq.passes.graph_utils import constants_to_initializers
+from onnxq.passes.insert_qdq import activation_params, insert_qdq
+from onnxq.passes.simplify import simplify
+from onnxq.progress import Progress, Silent
+from onnxq.quant import primitives as P
+from onnxq.quant.kernels import choose_weight_range
+from onnxq.quant.plan import plan_quantization
+
+MIN_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear
+TARGET_IR_VERSION = 8  # onnxruntime rejects IR versions newer than it knows
+
+
+@dataclass
+class QuantResult:
+    """The quantized model and what was done to get it."""
+
+    model: onnx.ModelProto
+    notes: list[str] = field(default_factory=list)
+    weight_range: str = ""
+    quantized_nodes: int = 0
+    float_nodes: dict[str, str] = field(default_factory=dict)
+    samples: int = 0
+
+
+def quantize(
+    model: str | os.PathLike | onnx.ModelProto,
+    calibration: DataSource,
+    config: QuantConfig | None = None,
+    *,
+    preprocess: Preprocess | None = None,
+    progress: Progress | None = None,
+) -> QuantResult:
+    """Quantize a float model with calibration data into a QDQ model onnxruntime runs on integers."""
+    config = config or QuantConfig()
+    progress = progress or Silent()
+    proto = load_model(model) if isinstance(model, str | os.PathLike) else model
+    inputs = model_inputs(proto)
+    stream = batches(
+        calibration,
+        inputs,
+        preprocess=preprocess,
+        batch_size=config.batch_size,
+        max_samples=config.max_samples,
+    )
+    sample, stream = first_batch(stream)
+    notes: list[str] = []
+
+    proto = _supported_opset(proto)
+    if config.simplify:
+        progress.stage("simplify")
+        proto, note = simplify(proto, sample)
+        notes.append(note)
+    graph_model = to_ir(proto)
+    constants_to_initializers(graph_model.graph)
+    fold = fold_batchnorm(graph_model.graph)
+    if fold.folded:
+        notes.append(f"folded {len(fold.folded)} BatchNormalization nodes")
+    float_model = to_proto(graph_model)
+
+    plan = plan_quantization(graph_model.graph, config)
+    if not plan.weights and not plan.activations:
+        raise OnnxqError("nothing to quantize: the model has no Conv, Gemm or MatMul with constant weights")
+    progress.stage(f"calibrate ({config.calibration.value})", total=config.max_samples)
+    observer = _observer_factory(config)
+    ranges, samples = collect_ranges(float_model, plan.observed_tensors(), stream, observer, progress)
+
+    choice = choose_weight_range(config.weight_range)
+    progress.stage("insert Q/DQ")
+    params = activation_params(plan, ranges, P.IntRange.unsigned(config.activation_bits))
+    insert_qdq(graph_model.graph, plan, params, P.IntRange.signed(choice.bits))
+    quantized = to_proto(graph_model)
+    quantized.ir_version = min(quantized.ir_version, TARGET_IR_VERSION) or TARGET_IR_VERSION
+    _write_metadata(quantized, config, choice.reason)
+
+    progress.stage("validate")
+    validate(quantized, sample)
+    return QuantResult(quantized, notes, choice.reason, len(plan.quantized_nodes), plan.float_nodes, samples)
+
+
+def quantize_file(
+    source: str | os.PathLike,
+    target: str | os.PathLike,
+    calibration: DataSource,
+    config: QuantConfig | None = None,
+    **kwargs,
+) -> QuantResult:
+    """quantize() and save atomically: the output file appears only when complete."""
+    target = Path(target)
+    if target.parent and not target.parent.is_dir():
+        raise OnnxqError(f"cannot write {target}: folder {target.parent} does not exist")
+    result = quantize(source, calibration, config, **kwargs)
+    save_model(result.model, target)
+    return result
+
+
+def validate(model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> None:
+    """The onnx checker and one onnxruntime run on real data must both accept the model."""
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as err:
+        raise OnnxqError(
+            f"internal error: the quantized model is invalid ({str(err).splitlines()[0]})"
+        ) from None
+    outputs = session(model).run(None, sample)
+    if not all(np.isfinite(o).all() for o in outputs if o.dtype.kind == "f"):
+        raise OnnxqError("internal error: the quantized model produces NaN or infinite values")
+
+
+def _supported_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if version >= MIN_OPSET:
+        return model
+    try:
+        return version_converter.convert_version(model, MIN_OPSET)
+    except Exception as err:  # the converter raises plain RuntimeError and C++ errors
+        raise OnnxqError(f"cannot upgrade the model from opset {version} to {MIN_OPSET}: {err}") from None
+
+
+def _observer_factory(config: QuantConfig):
+    if config.calibration is CalibrationMethod.MINMAX:
+        return MinMaxObserver
+    return lambda: HistogramObserver(config.percentile)
+
+
+def _write_metadata(model: onnx.ModelProto, config: QuantConfig, weight_reason: str) -> None:
+    settings = {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(config).items()}
+    settings["op_types"] = sorted(config.op_types)
+    entries = {
+        "onnxq.version": onnxq.__version__,
+        "onnxq.config": json.dumps(settings, sort_keys=True),
+        "onnxq.weight_range": weight_reason,
+    }
+    kept = [p for p in model.metadata_props if p.key not in entries]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in entries.items():
+        model.metadata_props.add(key=key, value=value)

@@ -1,0 +1,1 @@
+"""What gets quantized how (plan), the numpy reference (primitives), and kernel facts (kernels)."""

@@ -1,0 +1,247 @@
+"""Decide what gets quantized how, before any range is known ("mark first, build later").
+
+The plan names tensors only; calibration fills in ranges and insert_qdq builds the nodes.
+Placement follows what onnxruntime's CPU provider fuses into integer kernels:
+- Conv/ConvTranspose/Gemm/MatMul: activation inputs, constant weights (per output channel) and
+  bias (int32, scale s_in·s_w), and the output → QLinearConv, QLinearMatMul, QGemm.
+- Add, Concat, AveragePool, GlobalAveragePool: inputs and output → QLinearAdd, QLinearConcat, ...
+- MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Slice, constant Pad: the output
+  shares the input's scale and zero point, so onnxruntime drops the Q/DQ pair and runs them on
+  integers as they are.
+- Relu, and Clip with min 0, right after such a node are absorbed: the producer's output is
+  quantized with the range observed after the activation and zero point at the bottom of the
+  unsigned range, so QuantizeLinear itself clamps at 0 (and below the Clip's max), exactly.
+Graph outputs stay float, so the logits lose no precision to a final QuantizeLinear.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq.config import Granularity, QuantConfig
+from onnxq.passes.graph_utils import attribute, constant, single_consumer
+
+OWN_SCALE_OPS = frozenset({"Add", "Concat", "AveragePool", "GlobalAveragePool"})
+SHARED_SCALE_OPS = frozenset(
+    {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Pad"}
+)
+ABSORBABLE_OPS = frozenset({"Relu", "Clip"})
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """A float tensor that gets QuantizeLinear → DequantizeLinear.
+
+    observed: the float tensor whose statistics set the range (the Relu/Clip output when absorbed).
+    shares: another activation whose scale and zero point this one reuses (shape-only ops).
+    """
+
+    tensor: str
+    observed: str
+    shares: str | None = None
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """A constant weight stored as integers with a DequantizeLinear; axis None = one scale."""
+
+    name: str
+    axis: int | None
+
+
+@dataclass(frozen=True)
+class BiasSpec:
+    """A constant bias stored as int32 with scale s_activation · s_weight, zero point 0."""
+
+    name: str
+    activation: str
+    weight: str
+
+
+@dataclass
+class QuantPlan:
+    activations: dict[str, ActivationSpec] = field(default_factory=dict)
+    weights: dict[str, WeightSpec] = field(default_factory=dict)
+    biases: dict[str, BiasSpec] = field(default_factory=dict)
+    absorbed: dict[str, str] = field(default_factory=dict)  # Relu/Clip node → the tensor it reads
+    quantized_nodes: list[str] = field(default_factory=list)
+    float_nodes: dict[str, str] = field(default_factory=dict)  # node → why it stays float
+
+    def observed_tensors(self) -> list[str]:
+        """Float tensors whose ranges calibration must measure."""
+        return sorted({a.observed for a in self.activations.values() if a.shares is None})
+
+    def root(self, tensor: str) -> str:
+        """The activation whose parameters `tensor` uses (itself unless it shares)."""
+        spec = self.activations[tensor]
+        while spec.shares is not None:
+            spec = self.activations[spec.shares]
+        return spec.tensor
+
+
+def plan_quantization(graph: ir.Graph, config: QuantConfig) -> QuantPlan:
+    """Walk the graph in order and mark every tensor, weight and bias to quantize."""
+    plan = QuantPlan()
+    alias = _absorbed_activations(graph, config, plan)
+    for node in graph:
+        name = _node_name(node)
+        if node.name in plan.absorbed:
+            continue
+        role = _role(node, config)
+        if role is None:
+            continue
+        if role == "compute":
+            reason = _plan_compute(node, config, plan, alias)
+        elif role == "own":
+            reason = _plan_own_scale(node, plan, alias)
+        else:
+            reason = _plan_shared(node, plan, alias)
+        if reason:
+            plan.float_nodes[name] = reason
+        else:
+            plan.quantized_nodes.append(name)
+    return plan
+
+
+def _role(node: ir.Node, config: QuantConfig) -> str | None:
+    if node.domain != "":
+        return None
+    if node.op_type in config.op_types:
+        return "compute"
+    if node.op_type in OWN_SCALE_OPS:
+        return "own"
+    if node.op_type in SHARED_SCALE_OPS:
+        return "shared"
+    return None
+
+
+def _absorbed_activations(graph: ir.Graph, config: QuantConfig, plan: QuantPlan) -> dict[str, str]:
+    """Relu/Clip(min 0) nodes folded into the quantizer of the node before them.
+
+    Returns tensor aliases: the activation's output name → the producer's output name.
+    """
+    alias: dict[str, str] = {}
+    for node in graph:
+        if node.op_type not in ABSORBABLE_OPS or node.domain != "" or node.inputs[0] is None:
+            continue
+        source = node.inputs[0]
+        producer = source.producer()
+        if producer is None or _role(producer, config) not in ("compute", "own"):
+            continue
+        if single_consumer(source) is not node or node.outputs[0].is_graph_output():
+            continue
+        if node.op_type == "Clip" and not _clips_at_zero(node):
+            continue
+        node.name = _node_name(node)
+        plan.absorbed[node.name] = source.name
+        alias[node.outputs[0].name] = source.name
+        plan.activations[source.name] = ActivationSpec(source.name, observed=node.outputs[0].name)
+    return alias
+
+
+def _clips_at_zero(node: ir.Node) -> bool:
+    low = constant(node.inputs[1]) if len(node.inputs) > 1 else attribute(node, "min", None)
+    return low is not None and float(np.asarray(low)) == 0.0
+
+
+def _plan_compute(node: ir.Node, config: QuantConfig, plan: QuantPlan, alias: dict[str, str]) -> str | None:
+    weight_value = node.inputs[1] if len(node.inputs) > 1 else None
+    weight = constant(weight_value)
+    if weight is None or weight.dtype != np.float32:
+        return "weights are not float32 constants"
+    if weight_value.producer() is not None:
+        return "weights come from a node, not an initializer"
+    activation = node.inputs[0]
+    if activation is None or activation.is_initializer():
+        return "first input is a constant"
+    axis = _weight_axis(node, weight) if config.granularity is Granularity.CHANNEL else None
+    _mark_input(activation, plan, alias)
+    plan.weights.setdefault(weight_value.name, WeightSpec(weight_value.name, axis))
+    bias_value = node.inputs[2] if len(node.inputs) > 2 else None
+    if bias_value is not None and _bias_is_quantizable(node, bias_value, weight, axis):
+        plan.biases[bias_value.name] = BiasSpec(
+            bias_value.name, _resolve(activation.name, alias), weight_value.name
+        )
+    _mark_output(node, plan)
+    return None
+
+
+def _weight_axis(node: ir.Node, weight: np.ndarray) -> int | None:
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1 if attribute(node, "group", 1) == 1 else None
+    if node.op_type == "Gemm":
+        return 0 if attribute(node, "transB", 0) else 1
+    return weight.ndim - 1  # MatMul: one scale per output column
+
+
+def _bias_is_quantizable(node: ir.Node, bias: ir.Value, weight: np.ndarray, axis: int | None) -> bool:
+    values = constant(bias)
+    if values is None or bias.producer() is not None or len(bias.uses()) != 1 or values.ndim != 1:
+        return False
+    if node.op_type == "Gemm" and (
+        attribute(node, "alpha", 1.0) != 1.0 or attribute(node, "beta", 1.0) != 1.0
+    ):
+        return False
+    channels = weight.shape[axis] if axis is not None else None
+    return channels is None or values.size == channels
+
+
+def _plan_own_scale(node: ir.Node, plan: QuantPlan, alias: dict[str, str]) -> str | None:
+    inputs = node.inputs[:1] if node.op_type.endswith("Pool") else node.inputs
+    if any(v is None or constant(v) is not None for v in inputs):
+        return "an input is a constant"
+    for value in inputs:
+        _mark_input(value, plan, alias)
+    _mark_output(node, plan)
+    return None
+
+
+def _plan_shared(node: ir.Node, plan: QuantPlan, alias: dict[str, str]) -> str | None:
+    source = node.inputs[0]
+    if source is None or _resolve(source.name, alias) not in plan.activations:
+        return "input is not quantized"
+    if node.op_type == "Pad" and not _pads_with_zero(node):
+        return "Pad is not constant-zero padding"
+    output = node.outputs[0]
+    if output.is_graph_output():
+        return "output is a graph output"
+    root = plan.root(_resolve(source.name, alias))
+    target = plan.activations.get(output.name)
+    observed = target.observed if target else output.name
+    plan.activations[output.name] = ActivationSpec(output.name, observed=observed, shares=root)
+    return None
+
+
+def _pads_with_zero(node: ir.Node) -> bool:
+    if attribute(node, "mode", "constant") not in ("constant", b"constant"):
+        return False
+    value = constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    return value is None or float(np.asarray(value).ravel()[0]) == 0.0
+
+
+def _mark_input(value: ir.Value, plan: QuantPlan, alias: dict[str, str]) -> None:
+    name = _resolve(value.name, alias)
+    if name not in plan.activations:
+        plan.activations[name] = ActivationSpec(name, observed=name)
+
+
+def _mark_output(node: ir.Node, plan: QuantPlan) -> None:
+    output = node.outputs[0]
+    if output.is_graph_output() or not output.uses() or output.name in plan.activations:
+        return
+    plan.activations[output.name] = ActivationSpec(output.name, observed=output.name)
+
+
+def _resolve(name: str, alias: dict[str, str]) -> str:
+    return alias.get(name, name)
+
+
+def _node_name(node: ir.Node) -> str:
+    if not node.name:
+        node.name = f"{node.op_type}_{node.outputs[0].name}"
+    return node.name
