@@ -47,6 +47,7 @@ class RichProgress:
             TimeElapsedColumn(),
             console=self.console,
             transient=True,
+            disable=not self.console.is_terminal,
         )
         self._task = None
 

@@ -1,0 +1,31 @@
+# `make demo` and `make test` work on a fresh machine: each creates .venv when it is missing.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO := build/demo
+
+.PHONY: demo test lint bench clean
+
+$(BIN)/onnxq: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: $(BIN)/onnxq
+	mkdir -p $(DEMO)
+	$(BIN)/onnxq quantize models/mobilenet_v2.onnx -o $(DEMO)/mobilenet_v2.w8a8.onnx \
+		--calib models/imagenet20/calib --preset imagenet
+	$(BIN)/onnxq eval models/mobilenet_v2.onnx $(DEMO)/mobilenet_v2.w8a8.onnx \
+		--data models/imagenet20/eval --preset imagenet
+
+test: $(BIN)/onnxq
+	$(BIN)/ruff check onnxq tests tools
+	$(BIN)/ruff format --check onnxq tests tools
+	$(BIN)/pytest
+
+bench: $(BIN)/onnxq
+	$(BIN)/python tools/bench.py
+
+clean:
+	rm -rf $(VENV) build

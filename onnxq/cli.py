@@ -1,0 +1,165 @@
+"""The `onnxq` command: parses flags into config objects and calls the pipeline; no logic here."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from onnxq.config import CalibrationMethod, Granularity, Preprocess, QuantConfig, WeightRange
+from onnxq.errors import OnnxqError
+
+
+def _reports_errors(command):
+    """Bad input ends with one line on stderr and exit status 1, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except OnnxqError as err:
+            click.echo(f"onnxq: error: {err}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("onnxq: interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _floats(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def preprocess_options(command):
+    """Options describing how images or uint8 arrays become model input."""
+    options = [
+        click.option(
+            "--preset", type=click.Choice(["imagenet", "cifar10", "none"]), help="Preprocessing recipe."
+        ),
+        click.option("--resize", type=int, help="Resize the short side of images to this size (bilinear)."),
+        click.option("--crop", type=int, help="Centre-crop images to this square size."),
+        click.option("--mean", help="Per-channel mean after scaling, e.g. 0.485,0.456,0.406."),
+        click.option("--std", help="Per-channel std after scaling, e.g. 0.229,0.224,0.225."),
+        click.option("--scale", type=float, help="Multiply pixel values by this first (default 1/255)."),
+        click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), help="Model input layout."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def build_preprocess(preset, resize, crop, mean, std, scale, layout) -> Preprocess | None:
+    """A Preprocess from a preset overridden by explicit flags; None when nothing was given."""
+    given = {"resize": resize, "crop": crop, "mean": _floats(mean), "std": _floats(std), "scale": scale}
+    given["layout"] = layout
+    given = {k: v for k, v in given.items() if v is not None}
+    if preset is None and not given:
+        return None
+    base = Preprocess.preset(preset or "none")
+    fields = {f: getattr(base, f) for f in ("resize", "crop", "scale", "mean", "std", "layout")}
+    return Preprocess(**{**fields, **given})
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="onnxq")
+def main() -> None:
+    """Post-training quantization of ONNX models into QDQ models for onnxruntime."""
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Quantized model path.")
+@click.option("--calib", "calib", required=True, help="Calibration data: .npy, .npz or a folder of images.")
+@click.option(
+    "--calibration",
+    type=click.Choice([m.value for m in CalibrationMethod]),
+    default=QuantConfig.calibration.value,
+    show_default=True,
+    help="How activation ranges are chosen.",
+)
+@click.option("--percentile", type=float, default=QuantConfig.percentile, show_default=True)
+@click.option(
+    "--granularity",
+    type=click.Choice([g.value for g in Granularity]),
+    default=QuantConfig.granularity.value,
+    show_default=True,
+    help="One weight scale per tensor or per output channel.",
+)
+@click.option(
+    "--weight-range",
+    type=click.Choice([w.value for w in WeightRange]),
+    default=QuantConfig.weight_range.value,
+    show_default=True,
+    help="auto: 7-bit weights where onnxruntime's int8 kernels would saturate (x86 without VNNI).",
+)
+@click.option("--max-samples", type=int, default=QuantConfig.max_samples, show_default=True)
+@click.option("--batch-size", type=int, default=QuantConfig.batch_size, show_default=True)
+@click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
+@preprocess_options
+@_reports_errors
+def quantize(model, output, calib, calibration, percentile, granularity, weight_range, max_samples, **rest):
+    """Quantize MODEL to 8-bit QDQ, calibrated on --calib data."""
+    from onnxq.pipeline import quantize_file
+    from onnxq.progress import RichProgress
+
+    config = QuantConfig(
+        calibration=CalibrationMethod(calibration),
+        percentile=percentile,
+        granularity=Granularity(granularity),
+        weight_range=WeightRange(weight_range),
+        max_samples=max_samples,
+        batch_size=rest.pop("batch_size"),
+        simplify=not rest.pop("no_simplify"),
+    )
+    preprocess = build_preprocess(**rest)
+    with RichProgress() as progress:
+        result = quantize_file(model, output, calib, config, preprocess=preprocess, progress=progress)
+    for note in result.notes:
+        click.echo(f"  {note}")
+    click.echo(f"  weights: {result.weight_range}")
+    click.echo(f"  calibrated on {result.samples} samples; {result.quantized_nodes} nodes quantized")
+    for node, reason in result.float_nodes.items():
+        click.echo(f"  kept in float: {node} ({reason})")
+    click.echo(f"wrote {output}")
+
+
+@main.command(name="eval")
+@click.argument("float_model", type=click.Path(path_type=Path))
+@click.argument("quantized", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--data", required=True, help="Evaluation data: .npy, .npz or a folder of images.")
+@click.option("--labels", help="Labels: .npy, .txt or .npz (y); image folders supply their own.")
+@click.option("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = its default).")
+@click.option("--max-samples", type=int)
+@preprocess_options
+@_reports_errors
+def evaluate_command(float_model, quantized, data, labels, threads, max_samples, **rest):
+    """Compare QUANTIZED models with FLOAT_MODEL: accuracy, agreement, KL, SQNR, size, latency."""
+    from onnxq.calib.data import folder_labels, load_labels
+    from onnxq.evaluate import evaluate
+    from onnxq.report import print_reports
+
+    label_array = load_labels(labels) if labels else None
+    if label_array is None and Path(data).is_dir():
+        label_array = folder_labels(data)
+    reports = evaluate(
+        float_model,
+        list(quantized),
+        data,
+        labels=label_array,
+        preprocess=build_preprocess(**rest),
+        threads=threads,
+        max_samples=max_samples,
+    )
+    print_reports(reports)
+
+
+if __name__ == "__main__":
+    main()

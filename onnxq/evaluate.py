@@ -1,0 +1,172 @@
+"""Compare quantized models with their float original on the same data, as users deploy them.
+
+Every model runs at onnxruntime's default optimization level, so integer kernels are used where
+onnxruntime fuses them; the report says which kernels ran.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxq.calib.data import DataSource, batches, model_inputs
+from onnxq.config import Preprocess
+from onnxq.errors import OnnxqError
+from onnxq.io import load_model, session
+
+INTEGER_OPS = (
+    "QLinearConv",
+    "QLinearMatMul",
+    "QGemm",
+    "ConvInteger",
+    "MatMulInteger",
+    "MatMulIntegerToFloat",
+)
+FLOAT_COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul")
+
+
+@dataclass(frozen=True)
+class ModelReport:
+    name: str
+    samples: int
+    top1: float | None
+    agreement: float | None
+    kl: float | None
+    sqnr_db: float | None
+    size_bytes: int
+    latency_ms: float
+    kernels: str
+
+
+class _Scores:
+    """Running sums for one model over streamed batches."""
+
+    def __init__(self) -> None:
+        self.correct = self.agree = self.count = 0
+        self.kl = 0.0
+        self.signal = self.noise = 0.0
+
+    def add(self, logits: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) -> None:
+        logits, reference = logits.reshape(len(logits), -1), reference.reshape(len(reference), -1)
+        predicted = logits.argmax(1)
+        if labels is not None:
+            self.correct += int((predicted == labels).sum())
+        self.agree += int((predicted == reference.argmax(1)).sum())
+        self.kl += float(kl_divergence(reference, logits).sum())
+        self.signal += float(np.square(reference.astype(np.float64)).sum())
+        self.noise += float(np.square(reference.astype(np.float64) - logits).sum())
+        self.count += len(logits)
+
+
+def kl_divergence(reference_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """KL(p_ref || p) per sample between the softmaxes of two logit arrays."""
+    log_p = _log_softmax(reference_logits.astype(np.float64))
+    log_q = _log_softmax(logits.astype(np.float64))
+    return (np.exp(log_p) * (log_p - log_q)).sum(axis=1)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - x.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def evaluate(
+    float_model: str | os.PathLike,
+    quantized: list[str | os.PathLike],
+    data: DataSource,
+    *,
+    labels: np.ndarray | None = None,
+    preprocess: Preprocess | None = None,
+    threads: int = 0,
+    max_samples: int | None = None,
+    latency_runs: int = 50,
+) -> list[ModelReport]:
+    """Score the float model and each quantized model on `data` (first output = logits)."""
+    paths = [Path(float_model), *(Path(p) for p in quantized)]
+    models = [load_model(p) for p in paths]
+    inputs = model_inputs(models[0])
+    for path, model in zip(paths[1:], models[1:], strict=True):
+        if [s.name for s in model_inputs(model)] != [s.name for s in inputs]:
+            raise OnnxqError(f"{path} has other inputs than {paths[0]}")
+    if labels is not None and max_samples is not None:
+        labels = labels[:max_samples]
+    sessions = [session(m, threads=threads) for m in models]
+    scores = [_Scores() for _ in models]
+    first = None
+    for batch in batches(data, inputs, preprocess=preprocess, batch_size=32, max_samples=max_samples):
+        first = first or {k: v[:1] for k, v in batch.items()}
+        outputs = [s.run(None, batch)[0] for s in sessions]
+        batch_labels = _labels_for(labels, scores[0].count, len(outputs[0]))
+        for score, output in zip(scores, outputs, strict=True):
+            score.add(output, outputs[0], batch_labels)
+    if labels is not None and scores[0].count != len(labels):
+        raise OnnxqError(f"{len(labels)} labels for {scores[0].count} samples")
+    return [
+        _report(path, model, sess, score, labels is not None, first, latency_runs)
+        for path, model, sess, score in zip(paths, models, sessions, scores, strict=True)
+    ]
+
+
+def _labels_for(labels: np.ndarray | None, start: int, count: int) -> np.ndarray | None:
+    if labels is None:
+        return None
+    if start + count > len(labels):
+        raise OnnxqError(f"{len(labels)} labels for more samples than that")
+    return labels[start : start + count]
+
+
+def _report(path, model, sess, score: _Scores, labelled: bool, sample, runs: int) -> ModelReport:
+    n = max(score.count, 1)
+    sqnr = 10 * np.log10(score.signal / score.noise) if score.noise > 0 else float("inf")
+    return ModelReport(
+        name=path.name,
+        samples=score.count,
+        top1=score.correct / n if labelled else None,
+        agreement=score.agree / n,
+        kl=score.kl / n,
+        sqnr_db=float(sqnr),
+        size_bytes=_file_size(path),
+        latency_ms=latency_ms(sess, sample, runs),
+        kernels=kernel_summary(model),
+    )
+
+
+def latency_ms(sess: ort.InferenceSession, feed: dict[str, np.ndarray], runs: int = 50) -> float:
+    """Median wall time of one run on `feed` (batch 1) after a warm-up."""
+    for _ in range(max(3, runs // 10)):
+        sess.run(None, feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+def kernel_summary(model: onnx.ModelProto) -> str:
+    """Which compute kernels onnxruntime runs after its own optimizations: integer or float."""
+    with tempfile.TemporaryDirectory() as folder:
+        optimized = os.path.join(folder, "optimized.onnx")
+        session(model, optimized_path=optimized)
+        counts = Counter(n.op_type for n in onnx.load(optimized).graph.node)
+    integer = sum(counts[op] for op in INTEGER_OPS)
+    floating = sum(counts[op] for op in FLOAT_COMPUTE_OPS)
+    if integer and not floating:
+        return f"integer ({integer} layers)"
+    if integer:
+        return f"mixed ({integer} integer, {floating} float layers)"
+    return "float" if not counts["DequantizeLinear"] else f"float, simulated ({floating} layers)"
+
+
+def _file_size(path: Path) -> int:
+    size = path.stat().st_size
+    data = path.with_name(path.name + ".data")
+    return size + (data.stat().st_size if data.exists() else 0)

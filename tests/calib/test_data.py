@@ -1,0 +1,83 @@
+"""Every data source yields checked batches; bad data is refused with a message naming it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from onnxq.calib.data import InputSpec, batches, folder_labels, load_labels
+from onnxq.config import Preprocess
+from onnxq.errors import OnnxqError
+
+SPEC = [InputSpec("input", np.dtype(np.float32), (None, 3, 8, 8))]
+
+
+def collect(source, **kwargs):
+    return list(batches(source, SPEC, **kwargs))
+
+
+def test_arrays_are_batched_and_limited():
+    data = np.zeros((20, 3, 8, 8), np.float32)
+    out = collect(data, batch_size=8, max_samples=18)
+    assert [len(b["input"]) for b in out] == [8, 8, 2]
+
+
+def test_npz_by_input_name_or_single_array(tmp_path):
+    np.savez(tmp_path / "named.npz", input=np.ones((4, 3, 8, 8), np.float32))
+    np.savez(tmp_path / "xy.npz", x=np.ones((4, 3, 8, 8), np.uint8), y=np.arange(4))
+    assert collect(tmp_path / "named.npz")[0]["input"].shape == (4, 3, 8, 8)
+    converted = collect(tmp_path / "xy.npz", preprocess=Preprocess(mean=(0.5,) * 3, std=(0.5,) * 3))
+    np.testing.assert_allclose(converted[0]["input"], (1 / 255 - 0.5) / 0.5, rtol=1e-6)
+    np.testing.assert_array_equal(load_labels(tmp_path / "xy.npz"), np.arange(4))
+
+
+def test_calibration_data_reader_of_onnxruntime():
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter([{"input": np.ones((1, 3, 8, 8), np.float32)}] * 5)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    assert [len(b["input"]) for b in collect(Reader(), batch_size=2)] == [2, 2, 1]
+
+
+def test_image_folder_with_class_subfolders(tmp_path):
+    for cls, color in (("a_cat", 10), ("b_dog", 200)):
+        (tmp_path / cls).mkdir()
+        Image.new("RGB", (12, 10), (color, color, color)).save(tmp_path / cls / "img.png")
+    pre = Preprocess(resize=9, crop=8)
+    (batch,) = collect(tmp_path, preprocess=pre, batch_size=4)
+    assert batch["input"].shape == (2, 3, 8, 8)
+    np.testing.assert_allclose(batch["input"][1], 200 / 255, rtol=1e-6)
+    np.testing.assert_array_equal(folder_labels(tmp_path), [0, 1])
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (np.zeros((2, 3, 9, 8), np.float32), "has shape [2, 3, 9, 8], the model expects ?×3×8×8"),
+        (np.zeros((2, 3, 8, 8), np.float64), "is float64, the model expects float32"),
+        (np.zeros((2, 3, 8, 8), np.uint8), "--preset"),
+        (np.full((2, 3, 8, 8), np.nan, np.float32), "NaN"),
+        (np.zeros((0, 3, 8, 8), np.float32), "no samples"),
+    ],
+)
+def test_bad_arrays_are_refused(data, message):
+    with pytest.raises(OnnxqError, match=None) as err:
+        collect(data)
+    assert message in str(err.value)
+
+
+def test_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(OnnxqError, match="not found"):
+        collect(tmp_path / "missing.npy")
+    (tmp_path / "bad.npy").write_text("not numpy")
+    with pytest.raises(OnnxqError, match="cannot read"):
+        collect(tmp_path / "bad.npy")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(OnnxqError, match="no images"):
+        collect(tmp_path / "empty")

@@ -1,0 +1,43 @@
+"""Streaming observers against numpy computed over all the data at once."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from onnxq.calib.observers import HistogramObserver, MinMaxObserver
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), batches=st.integers(1, 6), spread=st.floats(0.01, 100.0))
+def test_histogram_clips_at_most_the_tail_and_is_tight_to_one_bin(seed, batches, spread):
+    rng = np.random.default_rng(seed)
+    parts = [rng.standard_normal(5000).astype(np.float32) * spread * (1 + i) for i in range(batches)]
+    observer = HistogramObserver(percentile=99.9)
+    for part in parts:
+        observer.update(part)
+    data = np.concatenate(parts).astype(np.float64)
+    low, high = observer.range()
+    width = 2 * observer.limit / observer.bins
+    tail = data.size * 0.001
+    slack = 1  # a value on a bin edge may fall either side in float arithmetic
+    assert (data < low).sum() <= tail + slack
+    assert (data > high).sum() <= tail + slack
+    assert (data < low + width).sum() > tail - slack
+    assert (data > high - width).sum() > tail - slack
+    assert observer.counts.sum() == data.size
+
+
+def test_histogram_at_100_percent_is_min_max():
+    observer = HistogramObserver(percentile=100.0)
+    data = np.array([-3.0, 0.5, 7.25], np.float32)
+    observer.update(data)
+    assert observer.range() == (-3.0, 7.25)
+
+
+def test_min_max_over_batches():
+    observer = MinMaxObserver()
+    for part in (np.array([1.0, 2.0]), np.array([-4.0, 0.0]), np.array([9.0])):
+        observer.update(part)
+    assert observer.range() == (-4.0, 9.0)

@@ -1,0 +1,68 @@
+"""The command line: quantize and eval work, and bad input gives one line and exit status 1."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from onnxq.cli import main
+
+
+@pytest.fixture
+def calib_file(tmp_path, calibration_data):
+    path = tmp_path / "calib.npy"
+    np.save(path, calibration_data)
+    return path
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_quantize_then_eval(tmp_path, small_model_path, calib_file):
+    out = tmp_path / "small.int8.onnx"
+    result = run("quantize", small_model_path, "-o", out, "--calib", calib_file, "--calibration", "minmax")
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and "weights:" in result.output
+    onnx.checker.check_model(onnx.load(out))
+    labels = tmp_path / "labels.npy"
+    np.save(labels, np.zeros(48, np.int64))
+    result = run("eval", small_model_path, out, "--data", calib_file, "--labels", labels)
+    assert result.exit_code == 0, result.output
+    assert "agreement" in result.output and "integer" in result.output
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("not_onnx", "is not a readable ONNX model"),
+        ("missing_model", "model file not found"),
+        ("missing_data", "data not found"),
+        ("bad_shape", "has shape"),
+        ("nan", "NaN"),
+        ("bad_folder", "does not exist"),
+    ],
+)
+def test_bad_input_gives_one_line_and_no_output(tmp_path, small_model_path, calib_file, setup, message):
+    model, calib, out = small_model_path, calib_file, tmp_path / "out.onnx"
+    if setup == "not_onnx":
+        model = tmp_path / "text.onnx"
+        model.write_text("hello")
+    elif setup == "missing_model":
+        model = tmp_path / "nope.onnx"
+    elif setup == "missing_data":
+        calib = tmp_path / "nope.npy"
+    elif setup == "bad_shape":
+        np.save(calib, np.zeros((4, 3, 5, 5), np.float32))
+    elif setup == "nan":
+        np.save(calib, np.full((4, 3, 16, 16), np.nan, np.float32))
+    elif setup == "bad_folder":
+        out = tmp_path / "no" / "such" / "out.onnx"
+    result = CliRunner().invoke(main, ["quantize", str(model), "-o", str(out), "--calib", str(calib)])
+    assert result.exit_code == 1
+    assert result.output.strip().count("\n") == 0, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.onnx.*"))

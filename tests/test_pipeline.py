@@ -1,0 +1,123 @@
+"""End to end: the QDQ model matches the numpy reference and runs on onnxruntime's integer kernels."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import onnxq
+from onnxq.evaluate import kernel_summary
+from onnxq.io import session
+from onnxq.quant import primitives as P
+from tests.conftest import needs_shared
+
+
+def optimized_ops(model: onnx.ModelProto, tmp_path) -> Counter:
+    path = os.path.join(tmp_path, "optimized.onnx")
+    session(model, optimized_path=path)
+    return Counter(n.op_type for n in onnx.load(path).graph.node)
+
+
+@pytest.fixture(scope="module")
+def quantized(small_model, calibration_data):
+    return onnxq.quantize(
+        small_model, calibration_data, onnxq.QuantConfig(calibration=onnxq.CalibrationMethod.MINMAX)
+    )
+
+
+def test_onnxruntime_fuses_every_layer_into_integer_kernels(quantized, tmp_path):
+    ops = optimized_ops(quantized.model, tmp_path)
+    assert ops["QLinearConv"] == 3
+    assert ops["QLinearAdd"] == 1
+    assert ops["QGemm"] == 1
+    assert ops["QLinearGlobalAveragePool"] == 1
+    assert not {"Conv", "Gemm", "FusedConv", "Relu", "Clip", "MaxPool"} & {op for op in ops if ops[op]}
+    assert kernel_summary(quantized.model).startswith("integer")
+
+
+def test_weights_and_biases_match_the_numpy_reference(small_model, quantized):
+    inits = {t.name: numpy_helper.to_array(t) for t in quantized.model.graph.initializer}
+    nodes = {o: n for n in quantized.model.graph.node for o in n.output}
+    convs = [n for n in quantized.model.graph.node if n.op_type == "Conv"]
+    float_inits = {t.name: numpy_helper.to_array(t) for t in small_model.graph.initializer}
+    target = P.IntRange.signed(8 if "full" in quantized.weight_range else 7)
+    for conv in convs:
+        w_dq = nodes[conv.input[1]]
+        q, scale, zp = (inits[name] for name in w_dq.input)
+        assert q.dtype == np.int8 and scale.shape == (q.shape[0],) and not zp.any()
+        original = float_inits.get(w_dq.input[0].removesuffix("_quantized"))
+        if original is not None:  # the stem's weight is renamed by folding; the others keep their name
+            expected = P.symmetric_scale(P.weight_absmax(original, 0), target)
+            np.testing.assert_array_equal(scale, expected)
+            np.testing.assert_array_equal(q, P.quantize(original, expected, zp, target, axis=0))
+        b_q, b_scale, _ = (inits[name] for name in nodes[conv.input[2]].input)
+        x_scale = inits[nodes[conv.input[0]].input[1]]
+        assert b_q.dtype == np.int32
+        np.testing.assert_allclose(b_scale, x_scale * scale, rtol=1e-6)
+
+
+def test_integer_kernels_compute_what_the_qdq_graph_says(quantized, calibration_data):
+    reference = session(quantized.model, optimize=False).run(None, {"input": calibration_data})[0]
+    deployed = session(quantized.model).run(None, {"input": calibration_data})[0]
+    assert np.abs(reference - deployed).max() <= 0.05 * np.abs(reference).max()
+
+
+def test_quantized_model_stays_close_to_float(small_model, quantized, calibration_data):
+    expected = session(small_model).run(None, {"input": calibration_data})[0]
+    got = session(quantized.model).run(None, {"input": calibration_data})[0]
+    assert (expected.argmax(1) == got.argmax(1)).mean() >= 0.9
+    assert np.abs(expected - got).max() <= 0.1 * np.abs(expected).max()
+
+
+def test_batchnorm_export_gives_the_same_quantized_model(small_model_bn, quantized, calibration_data):
+    config = onnxq.QuantConfig(calibration=onnxq.CalibrationMethod.MINMAX)
+    from_bn = onnxq.quantize(small_model_bn, calibration_data, config)
+    a = session(quantized.model).run(None, {"input": calibration_data})[0]
+    b = session(from_bn.model).run(None, {"input": calibration_data})[0]
+    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.95
+
+
+def test_metadata_records_the_config_and_weight_range(quantized):
+    meta = {p.key: p.value for p in quantized.model.metadata_props}
+    assert json.loads(meta["onnxq.config"])["calibration"] == "minmax"
+    assert "weight range" in meta["onnxq.weight_range"] or "int8 range" in meta["onnxq.weight_range"]
+
+
+def test_saturating_kernels_get_seven_bit_weights(monkeypatch, small_model, calibration_data):
+    import onnxq.quant.kernels as kernels
+
+    monkeypatch.setattr(kernels, "int8_kernels_saturate", lambda: True)
+    result = onnxq.quantize(small_model, calibration_data[:8])
+    assert "[-63, 63]" in result.weight_range
+    weights = [
+        numpy_helper.to_array(t)
+        for t in result.model.graph.initializer
+        if t.data_type == onnx.TensorProto.INT8
+    ]
+    assert max(np.abs(w).max() for w in weights) == 63
+
+
+def test_saturation_probe_agrees_with_an_exact_integer_sum():
+    from onnxq.quant.kernels import int8_kernels_saturate
+
+    assert isinstance(int8_kernels_saturate(), bool)
+
+
+def test_resnet20_from_shared_keeps_its_accuracy():
+    model = needs_shared("models", "resnet20_cifar10.onnx")
+    data = np.load(needs_shared("data", "cifar10", "train-1017.npz"))["x"][:256]
+    test = np.load(needs_shared("data", "cifar10", "test-1017.npz"))
+    pre = onnxq.Preprocess.preset("cifar10")
+    result = onnxq.quantize(model, data, onnxq.QuantConfig(max_samples=256), preprocess=pre)
+    from onnxq.calib.data import batches, model_inputs
+
+    x = next(batches(test["x"][:300], model_inputs(result.model), preprocess=pre, batch_size=300))["input"]
+    expected = session(onnxq.load_model(model)).run(None, {"input": x})[0].argmax(1)
+    got = session(result.model).run(None, {"input": x})[0].argmax(1)
+    assert (expected == got).mean() >= 0.97
