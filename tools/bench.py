@@ -74,8 +74,13 @@ def run_onnxq(path: Path, calib: np.ndarray, config: onnxq.QuantConfig) -> tuple
 
 def run_onnxruntime(path: Path, calib: np.ndarray, method: str) -> tuple[onnx.ModelProto, float]:
     """onnxruntime's own quantize_static: QDQ, per-channel int8 weights, uint8 activations."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
-    from onnxruntime.quantization import quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -101,8 +106,12 @@ def run_onnxruntime(path: Path, calib: np.ndarray, method: str) -> tuple[onnx.Mo
         return onnx.load(out), seconds
 
 
-def score(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, reference: np.ndarray) -> tuple[float, float, float]:
-    logits = np.concatenate([session(model).run(None, {"input": x[i : i + 50]})[0] for i in range(0, len(x), 50)])
+def score(
+    model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, reference: np.ndarray
+) -> tuple[float, float, float]:
+    logits = np.concatenate(
+        [session(model).run(None, {"input": x[i : i + 50]})[0] for i in range(0, len(x), 50)]
+    )
     top1 = float((logits.argmax(1) == y).mean())
     agreement = float((logits.argmax(1) == reference.argmax(1)).mean())
     return top1, agreement, float(kl_divergence(reference, logits).mean())
@@ -145,7 +154,10 @@ def bench_model(name: str) -> tuple[float, list[Row]]:
         rows.append(
             Row(setting, top1, agreement, kl, seconds, quant_latency / float_latency, kernel_summary(model))
         )
-        print(f"    top-1 {100 * top1:.2f} (float {100 * float_top1:.2f}), agreement {100 * agreement:.2f}", flush=True)
+        print(
+            f"    top-1 {100 * top1:.2f} (float {100 * float_top1:.2f}), agreement {100 * agreement:.2f}",
+            flush=True,
+        )
     return float_top1, rows
 
 
@@ -166,13 +178,14 @@ def markdown(results: dict[str, tuple[float, list[Row]]], machine: str) -> str:
         lines += [
             f"## {name} (float top-1 {100 * float_top1:.2f} %)",
             "",
-            "| setting | top-1 % | Δ vs float | agreement % | KL | calibration s | latency ×float | kernels |",
+            "| setting | top-1 % | Δ float | agreement % | KL | calib. s | latency ×float | kernels |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
         ]
         for r in rows:
             lines.append(
                 f"| {r.setting} | {100 * r.top1:.2f} | {100 * (r.top1 - float_top1):+.2f} | "
-                f"{100 * r.agreement:.2f} | {r.kl:.4f} | {r.calib_s:.1f} | {r.latency_ratio:.2f} | {r.kernels} |"
+                f"{100 * r.agreement:.2f} | {r.kl:.4f} | {r.calib_s:.1f} | {r.latency_ratio:.2f} | "
+                f"{r.kernels} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -184,11 +197,18 @@ def machine_description() -> str:
     from onnxq.quant.kernels import int8_kernels_saturate
 
     cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line),
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
+        ),
         "unknown CPU",
     )
     saturate = "saturate" if int8_kernels_saturate() else "do not saturate"
-    return f"{cpu}, {os.cpu_count()} cores, onnxruntime {onnxruntime.__version__}; its int8 kernels here {saturate} with full-range weights"
+    runtime = f"onnxruntime {onnxruntime.__version__}"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {runtime}; its int8 kernels here {saturate} with full-range weights"
+    )
 
 
 def main() -> None:

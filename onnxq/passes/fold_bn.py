@@ -19,6 +19,7 @@ from onnxq.passes.graph_utils import (
     bypass,
     constant,
     drop_unused_initializers,
+    output_channel_axis,
     set_initializer,
     single_consumer,
 )
@@ -59,7 +60,7 @@ def _fold_one(graph: ir.Graph, bn: ir.Node) -> str | None:
         return "weights or statistics are not constants"
     if len(layer.inputs[1].uses()) != 1:
         return "weights shared with another node"
-    axis = _output_channel_axis(layer, weight)
+    axis = output_channel_axis(layer, weight)
     if axis is None:
         return "grouped ConvTranspose"
     gamma, beta, mean, var = (np.asarray(p, np.float64) for p in params)
@@ -87,11 +88,3 @@ def _fold_one(graph: ir.Graph, bn: ir.Node) -> str | None:
     layer.replace_input_with(2, bias_input)
     bypass(graph, bn, layer.outputs[0])
     return None
-
-
-def _output_channel_axis(layer: ir.Node, weight: np.ndarray) -> int | None:
-    if layer.op_type == "Conv":
-        return 0
-    if layer.op_type == "ConvTranspose":
-        return 1 if attribute(layer, "group", 1) == 1 else None
-    return 0 if attribute(layer, "transB", 0) else 1

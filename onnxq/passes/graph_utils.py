@@ -20,6 +20,17 @@ def attribute(node: ir.Node, name: str, default):
     return default if attr is None else attr.value
 
 
+def output_channel_axis(node: ir.Node, weight: np.ndarray) -> int | None:
+    """The weight axis indexing output channels (None: grouped ConvTranspose has no single one)."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1 if attribute(node, "group", 1) == 1 else None
+    if node.op_type == "Gemm":
+        return 0 if attribute(node, "transB", 0) else 1
+    return weight.ndim - 1  # MatMul: one output per column
+
+
 def set_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """Register a new initializer named `name` (made unique if taken) holding `array`."""
     unique, index = name, 1

@@ -22,7 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.config import Granularity, QuantConfig
-from onnxq.passes.graph_utils import attribute, constant, single_consumer
+from onnxq.passes.graph_utils import attribute, constant, output_channel_axis, single_consumer
 
 OWN_SCALE_OPS = frozenset({"Add", "Concat", "AveragePool", "GlobalAveragePool"})
 SHARED_SCALE_OPS = frozenset(
@@ -157,7 +157,7 @@ def _plan_compute(node: ir.Node, config: QuantConfig, plan: QuantPlan, alias: di
     activation = node.inputs[0]
     if activation is None or activation.is_initializer():
         return "first input is a constant"
-    axis = _weight_axis(node, weight) if config.granularity is Granularity.CHANNEL else None
+    axis = output_channel_axis(node, weight) if config.granularity is Granularity.CHANNEL else None
     _mark_input(activation, plan, alias)
     plan.weights.setdefault(weight_value.name, WeightSpec(weight_value.name, axis))
     bias_value = node.inputs[2] if len(node.inputs) > 2 else None
@@ -167,16 +167,6 @@ def _plan_compute(node: ir.Node, config: QuantConfig, plan: QuantPlan, alias: di
         )
     _mark_output(node, plan)
     return None
-
-
-def _weight_axis(node: ir.Node, weight: np.ndarray) -> int | None:
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "ConvTranspose":
-        return 1 if attribute(node, "group", 1) == 1 else None
-    if node.op_type == "Gemm":
-        return 0 if attribute(node, "transB", 0) else 1
-    return weight.ndim - 1  # MatMul: one scale per output column
 
 
 def _bias_is_quantizable(node: ir.Node, bias: ir.Value, weight: np.ndarray, axis: int | None) -> bool:

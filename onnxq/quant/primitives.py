@@ -33,10 +33,14 @@ class IntRange:
 
 
 def symmetric_scale(absmax: np.ndarray, target: IntRange) -> np.ndarray:
-    """Scale mapping ±absmax onto ±qmax; an all-zero channel gets scale 1 (any scale is exact)."""
+    """Scale mapping ±absmax onto ±qmax.
+
+    A channel whose scale would be zero or subnormal (all-zero or denormal weights) gets scale 1:
+    its weights quantize to 0, and a zero scale would divide by zero in QuantizeLinear.
+    """
     absmax = np.asarray(absmax, np.float32)
     scale = absmax / np.float32(target.qmax)
-    return np.where(absmax > 0, scale, np.float32(1.0)).astype(np.float32)
+    return np.where(scale >= np.finfo(np.float32).tiny, scale, np.float32(1.0)).astype(np.float32)
 
 
 def affine_params(low: float, high: float, target: IntRange) -> tuple[np.float32, np.integer]:
