@@ -1,6 +1,7 @@
 """The quantization pipeline, top to bottom:
 
-load → simplify (guarded) → fold BatchNormalization → plan → calibrate → insert Q/DQ → validate.
+load → simplify (guarded) → fold BatchNormalization → fuse branches → plan → calibrate →
+insert Q/DQ → validate. `fuse()` is the first half on its own (what `onnxq fuse` runs).
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import onnx
 from onnx import version_converter
 
 import onnxq
-from onnxq.calib.data import DataSource, batches, first_batch, model_inputs
+from onnxq.calib.data import DataSource, batches, first_batch, model_inputs, random_sample
 from onnxq.calib.observers import HistogramObserver, MinMaxObserver
 from onnxq.calib.runner import collect_ranges
 from onnxq.config import CalibrationMethod, Preprocess, QuantConfig
 from onnxq.errors import OnnxqError
 from onnxq.io import load_model, save_model, session, to_ir, to_proto
-from onnxq.passes.fold_bn import fold_batchnorm
+from onnxq.passes.fold_bn import FoldReport, fold_batchnorm
+from onnxq.passes.fuse_branches import FuseReport, fuse_branches
 from onnxq.passes.graph_utils import constants_to_initializers
 from onnxq.passes.insert_qdq import activation_params, insert_qdq
 from onnxq.passes.simplify import simplify
@@ -32,6 +34,16 @@ from onnxq.quant.plan import plan_quantization
 
 MIN_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear
 TARGET_IR_VERSION = 8  # onnxruntime rejects IR versions newer than it knows
+
+
+@dataclass
+class FuseResult:
+    """The float model with BatchNormalization folded and re-parameterized branches merged."""
+
+    model: onnx.ModelProto
+    folded: FoldReport
+    fused: FuseReport
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -69,17 +81,10 @@ def quantize(
     sample, stream = first_batch(stream)
     notes: list[str] = []
 
-    proto = _supported_opset(proto)
-    if config.simplify:
-        progress.stage("simplify")
-        proto, note = simplify(proto, sample)
-        notes.append(note)
-    graph_model = to_ir(proto)
-    constants_to_initializers(graph_model.graph)
-    fold = fold_batchnorm(graph_model.graph)
-    if fold.folded:
-        notes.append(f"folded {len(fold.folded)} BatchNormalization nodes")
-    float_model = to_proto(graph_model)
+    prepared = fuse(proto, sample=sample, simplify_first=config.simplify, progress=progress)
+    notes += prepared.notes
+    float_model = prepared.model
+    graph_model = to_ir(float_model)
 
     plan = plan_quantization(graph_model.graph, config)
     if not plan.weights and not plan.activations:
@@ -99,6 +104,47 @@ def quantize(
     progress.stage("validate")
     validate(quantized, sample)
     return QuantResult(quantized, notes, choice.reason, len(plan.quantized_nodes), plan.float_nodes, samples)
+
+
+def fuse(
+    model: str | os.PathLike | onnx.ModelProto,
+    *,
+    sample: dict[str, np.ndarray] | None = None,
+    simplify_first: bool = True,
+    progress: Progress | None = None,
+) -> FuseResult:
+    """Simplify (guarded by `sample`, random data when None), fold BatchNormalization, merge branches.
+
+    The result computes what the input computes (to float rounding); every merge the passes
+    refused is in the reports with its reason.
+    """
+    progress = progress or Silent()
+    proto = load_model(model) if isinstance(model, str | os.PathLike) else model
+    proto = _supported_opset(proto)
+    notes: list[str] = []
+    if simplify_first:
+        progress.stage("simplify")
+        proto, note = simplify(proto, sample if sample is not None else random_sample(model_inputs(proto)))
+        notes.append(note)
+    progress.stage("fold and fuse")
+    graph_model = to_ir(proto)
+    constants_to_initializers(graph_model.graph)
+    folded = fold_batchnorm(graph_model.graph)
+    if folded.folded:
+        notes.append(f"folded {len(folded.folded)} BatchNormalization nodes")
+    fused = fuse_branches(graph_model.graph)
+    if fused.merged:
+        notes.append(f"merged {fused.branches_merged} branches into {len(fused.merged)} Conv nodes")
+    result = to_proto(graph_model)
+    result.ir_version = min(result.ir_version, TARGET_IR_VERSION) or TARGET_IR_VERSION
+    return FuseResult(result, folded, fused, notes)
+
+
+def fuse_file(source: str | os.PathLike, target: str | os.PathLike, **kwargs) -> FuseResult:
+    """fuse() and save atomically."""
+    result = fuse(source, **kwargs)
+    save_model(result.model, target)
+    return result
 
 
 def quantize_file(

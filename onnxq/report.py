@@ -6,11 +6,62 @@ from rich.console import Console
 from rich.table import Table
 
 from onnxq.evaluate import ModelReport
+from onnxq.passes.fuse_branches import FuseReport
+from onnxq.weight_stats import LayerWeights
+
+
+def _console() -> Console:
+    return Console(width=None if Console().is_terminal else 140)
+
+
+def print_fuse_report(report: FuseReport, console: Console | None = None) -> None:
+    """What `onnxq fuse` merged, branch by branch, and what it refused and why."""
+    console = console or _console()
+    if report.merged:
+        table = Table(title="re-parameterized blocks")
+        for column in ("block output", "branches", "parameters before", "after"):
+            table.add_column(column, justify="right" if "param" in column or column == "after" else "left")
+        for block in report.merged:
+            table.add_row(
+                block.output,
+                " + ".join(block.branches),
+                f"{block.parameters_before:,}",
+                f"{block.parameters_after:,}",
+            )
+        table.add_row(
+            "total",
+            "",
+            f"{sum(b.parameters_before for b in report.merged):,}",
+            f"{sum(b.parameters_after for b in report.merged):,}",
+        )
+        console.print(table)
+    else:
+        console.print("no re-parameterized branches found to merge")
+    for where, reason in report.refused.items():
+        console.print(f"  not merged: {where} ({reason})")
+
+
+def print_weight_statistics(stats: list[LayerWeights], console: Console | None = None) -> None:
+    """Per-layer max|w|, worst channel's peak-to-std and the spread of peaks across channels."""
+    console = console or _console()
+    table = Table(title="weights per layer (large peak/std or spread: hard to quantize)")
+    for column in ("layer", "op", "shape", "max |w|", "peak/std (worst channel)", "channel spread"):
+        table.add_column(column, justify="left" if column in ("layer", "op", "shape") else "right")
+    for row in stats:
+        table.add_row(
+            row.layer,
+            row.op_type,
+            "×".join(str(d) for d in row.shape),
+            f"{row.absmax:.3g}",
+            f"{row.peak_to_std:.1f}",
+            f"{row.channel_spread:.1f}",
+        )
+    console.print(table)
 
 
 def print_reports(reports: list[ModelReport], console: Console | None = None) -> None:
     """One row per model; the first is the float reference."""
-    console = console or Console(width=None if Console().is_terminal else 140)
+    console = console or _console()
     table = Table(title=f"onnxq eval ({reports[0].samples} samples)")
     for column in ("model", "top-1", "agreement", "KL", "SQNR dB", "size MB", "latency ms", "kernels"):
         table.add_column(column, justify="left" if column in ("model", "kernels") else "right")

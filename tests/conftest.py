@@ -12,7 +12,9 @@ import pytest
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 
 
-def export(module, example, *, keep_bn: bool = False, dynamic_batch: bool = True) -> onnx.ModelProto:
+def export(
+    module, example, *, keep_bn: bool = False, dynamic_batch: bool = True, outputs=("logits",)
+) -> onnx.ModelProto:
     """Export a torch module (eval mode) with the TorchScript exporter, as users' files are made."""
     import torch
 
@@ -23,8 +25,8 @@ def export(module, example, *, keep_bn: bool = False, dynamic_batch: bool = True
         (example,),
         buffer,
         input_names=["input"],
-        output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None,
+        output_names=list(outputs),
+        dynamic_axes={name: {0: "batch"} for name in ("input", *outputs)} if dynamic_batch else None,
         opset_version=17,
         training=torch.onnx.TrainingMode.PRESERVE if keep_bn else torch.onnx.TrainingMode.EVAL,
         do_constant_folding=not keep_bn,

@@ -66,3 +66,31 @@ def test_bad_input_gives_one_line_and_no_output(tmp_path, small_model_path, cali
     assert message in result.output and "Traceback" not in result.output
     assert not out.exists()
     assert not list(tmp_path.glob(".out.onnx.*"))
+
+
+def test_fuse_prints_what_it_merged_and_weight_statistics(tmp_path):
+    torch = pytest.importorskip("torch")
+    from tests.conftest import export, randomise_batchnorm
+    from tests.passes.test_fuse_branches import family
+
+    torch.manual_seed(0)
+    module, example, _ = family("repvgg")
+    randomise_batchnorm(module)
+    source, out = tmp_path / "repvgg.onnx", tmp_path / "repvgg.fused.onnx"
+    onnx.save(export(module, example, keep_bn=True), source)
+    result = run("fuse", source, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "merged 3 branches into 1 Conv" in result.output
+    assert "peak/std" in result.output and "wrote" in result.output
+    assert [n.op_type for n in onnx.load(out).graph.node] == ["Conv", "Relu"]
+
+
+@pytest.mark.parametrize(("setup", "message"), [("not_onnx", "not a readable"), ("missing", "not found")])
+def test_fuse_bad_input(tmp_path, setup, message):
+    source, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    if setup == "not_onnx":
+        source.write_text("hello")
+    result = run("fuse", source, "-o", out)
+    assert result.exit_code == 1 and message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob(".out.onnx*"))

@@ -56,6 +56,16 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
 DataSource = str | Path | np.ndarray | dict[str, np.ndarray] | DataReader
 
 
+def random_sample(inputs: list[InputSpec], batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    """Standard-normal inputs (unknown sizes set to `batch`): enough to compare two graphs' outputs."""
+    rng = np.random.default_rng(seed)
+    sample = {}
+    for spec in inputs:
+        shape = tuple(batch if d is None or d <= 0 else d for d in spec.shape)
+        sample[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+    return sample
+
+
 def batches(
     source: DataSource,
     inputs: list[InputSpec],
