@@ -7,20 +7,35 @@
 
 __version__ = "0.1.0"
 
-from onnxq.config import CalibrationMethod, Granularity, Preprocess, QuantConfig, WeightRange
+from onnxq.config import (
+    CalibrationMethod,
+    Granularity,
+    LayerOverride,
+    Preprocess,
+    QuantConfig,
+    RangeRule,
+    WeightRange,
+    load_overrides,
+)
 from onnxq.errors import OnnxqError
 from onnxq.io import load_model, save_model
-from onnxq.pipeline import QuantResult, quantize, quantize_file
+from onnxq.pipeline import FuseResult, QuantResult, fuse, fuse_file, quantize, quantize_file
 
 __all__ = [
     "CalibrationMethod",
+    "FuseResult",
     "Granularity",
+    "LayerOverride",
     "OnnxqError",
     "Preprocess",
     "QuantConfig",
     "QuantResult",
+    "RangeRule",
     "WeightRange",
+    "fuse",
+    "fuse_file",
     "load_model",
+    "load_overrides",
     "quantize",
     "quantize_file",
     "save_model",

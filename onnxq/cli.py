@@ -8,7 +8,15 @@ from pathlib import Path
 
 import click
 
-from onnxq.config import CalibrationMethod, Granularity, Preprocess, QuantConfig, WeightRange
+from onnxq.config import (
+    CalibrationMethod,
+    Granularity,
+    Preprocess,
+    QuantConfig,
+    RangeRule,
+    WeightRange,
+    load_overrides,
+)
 from onnxq.errors import OnnxqError
 
 
@@ -78,6 +86,31 @@ def main() -> None:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Quantized model path.")
 @click.option("--calib", "calib", required=True, help="Calibration data: .npy, .npz or a folder of images.")
+@click.option("--w-bits", type=click.IntRange(2, 8), default=8, show_default=True, help="Weight bits.")
+@click.option("--a-bits", type=click.IntRange(2, 8), default=8, show_default=True, help="Activation bits.")
+@click.option(
+    "--granularity",
+    default="channel",
+    show_default=True,
+    help="Weight scales: tensor, channel, group:G (G output channels share one) or block:B "
+    "(blocks of B input channels).",
+)
+@click.option(
+    "--w-range",
+    default="minmax",
+    show_default=True,
+    help="Weight clipping per scale group: minmax, percentile:P, mse, mae or scaleclip[:K].",
+)
+@click.option("--w-asym", is_flag=True, help="Unsigned weights with a zero point (default: symmetric).")
+@click.option("--a-sym", is_flag=True, help="Signed activations with zero point 0 (default: asymmetric).")
+@click.option(
+    "--quantize-first-last", is_flag=True, help="Give the first and last layers the low widths too."
+)
+@click.option(
+    "--overrides",
+    type=click.Path(path_type=Path),
+    help="TOML file of per-layer settings ([[layer]] match/op → w_bits, a_bits, granularity, w_range).",
+)
 @click.option(
     "--calibration",
     type=click.Choice([m.value for m in CalibrationMethod]),
@@ -87,44 +120,45 @@ def main() -> None:
 )
 @click.option("--percentile", type=float, default=QuantConfig.percentile, show_default=True)
 @click.option(
-    "--granularity",
-    type=click.Choice([g.value for g in Granularity]),
-    default=QuantConfig.granularity.value,
-    show_default=True,
-    help="One weight scale per tensor or per output channel.",
-)
-@click.option(
-    "--weight-range",
+    "--int8-range",
     type=click.Choice([w.value for w in WeightRange]),
     default=QuantConfig.weight_range.value,
     show_default=True,
-    help="auto: 7-bit weights where onnxruntime's int8 kernels would saturate (x86 without VNNI).",
+    help="8-bit weights: auto uses [-63, 63] where onnxruntime's int8 kernels would saturate "
+    "(x86 without VNNI).",
 )
 @click.option("--max-samples", type=int, default=QuantConfig.max_samples, show_default=True)
 @click.option("--batch-size", type=int, default=QuantConfig.batch_size, show_default=True)
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
 @preprocess_options
 @_reports_errors
-def quantize(model, output, calib, calibration, percentile, granularity, weight_range, max_samples, **rest):
-    """Quantize MODEL to 8-bit QDQ, calibrated on --calib data."""
+def quantize(model, output, calib, **options):
+    """Quantize MODEL to QDQ (W8A8 by default), calibrated on --calib data."""
     from onnxq.pipeline import quantize_file
     from onnxq.progress import RichProgress
 
     config = QuantConfig(
-        calibration=CalibrationMethod(calibration),
-        percentile=percentile,
-        granularity=Granularity(granularity),
-        weight_range=WeightRange(weight_range),
-        max_samples=max_samples,
-        batch_size=rest.pop("batch_size"),
-        simplify=not rest.pop("no_simplify"),
+        weight_bits=options.pop("w_bits"),
+        activation_bits=options.pop("a_bits"),
+        granularity=Granularity.parse(options.pop("granularity")),
+        weight_rule=RangeRule.parse(options.pop("w_range")),
+        weight_symmetric=not options.pop("w_asym"),
+        activation_symmetric=options.pop("a_sym"),
+        first_last_8bit=not options.pop("quantize_first_last"),
+        overrides=load_overrides(overrides) if (overrides := options.pop("overrides")) else (),
+        calibration=CalibrationMethod(options.pop("calibration")),
+        percentile=options.pop("percentile"),
+        weight_range=WeightRange(options.pop("int8_range")),
+        max_samples=options.pop("max_samples"),
+        batch_size=options.pop("batch_size"),
+        simplify=not options.pop("no_simplify"),
     )
-    preprocess = build_preprocess(**rest)
+    preprocess = build_preprocess(**options)
     with RichProgress() as progress:
         result = quantize_file(model, output, calib, config, preprocess=preprocess, progress=progress)
     for note in result.notes:
         click.echo(f"  {note}")
-    click.echo(f"  weights: {result.weight_range}")
+    click.echo(f"  8-bit weights: {result.weight_range}")
     click.echo(f"  calibrated on {result.samples} samples; {result.quantized_nodes} nodes quantized")
     for node, reason in result.float_nodes.items():
         click.echo(f"  kept in float: {node} ({reason})")

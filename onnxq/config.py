@@ -6,16 +6,134 @@ The CLI only parses flags into these objects; every stage reads them, never a di
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+import fnmatch
+import os
+from dataclasses import dataclass, field, replace
 
 from onnxq.errors import OnnxqError
 
 
-class Granularity(enum.Enum):
-    """How many scales a weight tensor gets."""
+@dataclass(frozen=True)
+class Granularity:
+    """How many scales a weight tensor gets.
 
-    TENSOR = "tensor"
-    CHANNEL = "channel"
+    tensor: one; channel: one per output channel; group:G: consecutive groups of G output
+    channels share one (group-based quantization); block:B: each output channel's inputs in
+    blocks of B channels get one each (ONNX DequantizeLinear `block_size`).
+    """
+
+    kind: str
+    size: int = 0
+
+    KINDS = ("tensor", "channel", "group", "block")
+
+    def __post_init__(self) -> None:
+        if self.kind not in self.KINDS:
+            raise OnnxqError(f"granularity must be tensor, channel, group:G or block:B, got {self.kind!r}")
+        sized = self.kind in ("group", "block")
+        if sized and self.size < 1:
+            raise OnnxqError(f"granularity {self.kind} needs a size of at least 1, as {self.kind}:N")
+        if not sized and self.size:
+            raise OnnxqError(f"granularity {self.kind} takes no size")
+
+    @classmethod
+    def parse(cls, text: str) -> Granularity:
+        """'tensor', 'channel', 'group:8' or 'block:32'."""
+        kind, _, size = text.strip().partition(":")
+        try:
+            return cls(kind, int(size) if size else 0)
+        except ValueError:
+            raise OnnxqError(f"granularity size must be a whole number, got {text!r}") from None
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.size}" if self.size else self.kind
+
+
+Granularity.TENSOR = Granularity("tensor")
+Granularity.CHANNEL = Granularity("channel")
+
+
+# Scale-Clip's K (α = K·mean|W|) per weight bit width, chosen by tools/choose_scaleclip.py: the K
+# minimising the weight MSE summed over every layer of the benchmark models (weights only, no
+# evaluation data). 8 bits and above clip at the observed maximum instead.
+SCALECLIP_K = {2: 2.0, 3: 2.5, 4: 3.0, 5: 3.5, 6: 4.0, 7: 4.5}
+
+
+@dataclass(frozen=True)
+class RangeRule:
+    """How a weight scale group's clipping range is chosen.
+
+    minmax: the extremes; percentile:P: the P-th percentile of |w|; mse / mae: the clipping ratio
+    minimising the squared / absolute quantization error of the group's weights (grid search,
+    refined around the best); scaleclip:K: α = K·mean|w| of the group (Scale-Clip), K per bit
+    width from SCALECLIP_K when not given.
+    """
+
+    kind: str
+    value: float | None = None
+
+    KINDS = ("minmax", "percentile", "mse", "mae", "scaleclip")
+
+    def __post_init__(self) -> None:
+        if self.kind not in self.KINDS:
+            raise OnnxqError(
+                f"weight range must be minmax, percentile:P, mse, mae or scaleclip[:K], got {self.kind!r}"
+            )
+        if self.kind == "percentile" and not (self.value is not None and 50.0 < self.value <= 100.0):
+            raise OnnxqError("percentile:P needs P in (50, 100]")
+        if self.kind == "scaleclip" and self.value is not None and self.value <= 0:
+            raise OnnxqError("scaleclip:K needs K > 0")
+
+    @classmethod
+    def parse(cls, text: str) -> RangeRule:
+        kind, _, value = text.strip().partition(":")
+        try:
+            return cls(kind, float(value) if value else None)
+        except ValueError:
+            raise OnnxqError(f"weight range value must be a number, got {text!r}") from None
+
+    def clip_factor(self, bits: int) -> float:
+        """Scale-Clip's K for this bit width."""
+        return self.value if self.value is not None else SCALECLIP_K.get(bits, 0.0)
+
+    def __str__(self) -> str:
+        return self.kind if self.value is None else f"{self.kind}:{self.value:g}"
+
+
+@dataclass(frozen=True)
+class LayerSettings:
+    """The quantization one layer gets: its weights, and the activations it reads."""
+
+    weight_bits: int
+    activation_bits: int
+    granularity: Granularity
+    weight_rule: RangeRule
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """Settings for the layers whose node name (fnmatch pattern) or op type matches.
+
+    Later overrides win over earlier ones; unset fields keep the global setting.
+    """
+
+    pattern: str = "*"
+    op_type: str | None = None
+    weight_bits: int | None = None
+    activation_bits: int | None = None
+    granularity: Granularity | None = None
+    weight_rule: RangeRule | None = None
+
+    def matches(self, name: str, op_type: str) -> bool:
+        return fnmatch.fnmatchcase(name, self.pattern) and self.op_type in (None, op_type)
+
+    def apply(self, settings: LayerSettings) -> LayerSettings:
+        changes = {
+            f: getattr(self, f)
+            for f in ("weight_bits", "activation_bits", "granularity", "weight_rule")
+            if getattr(self, f) is not None
+        }
+        return replace(settings, **changes)
 
 
 class CalibrationMethod(enum.Enum):
@@ -73,14 +191,25 @@ class Preprocess:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """What to quantize and how; the defaults give W8A8 that runs on onnxruntime's int8 kernels."""
+    """What to quantize and how; the defaults give W8A8 that runs on onnxruntime's int8 kernels.
+
+    Weights are symmetric and signed by default (zero point 0); `weight_symmetric=False` gives
+    unsigned weights with a zero point per scale. Activations are asymmetric and unsigned by
+    default (a ReLU output gets zero point 0); `activation_symmetric=True` gives signed ones
+    with zero point 0, except tensors that are never negative, which stay unsigned.
+    """
 
     weight_bits: int = 8
     activation_bits: int = 8
     granularity: Granularity = Granularity.CHANNEL
+    weight_rule: RangeRule = RangeRule("minmax")
+    weight_symmetric: bool = True
+    activation_symmetric: bool = False
     calibration: CalibrationMethod = CalibrationMethod.PERCENTILE
     percentile: float = 99.999
     weight_range: WeightRange = WeightRange.AUTO
+    first_last_8bit: bool = True
+    overrides: tuple[LayerOverride, ...] = ()
     simplify: bool = True
     max_samples: int | None = 512
     batch_size: int = 8
@@ -90,11 +219,70 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "activation_bits"):
-            if getattr(self, name) != 8:
-                raise OnnxqError(f"{name} must be 8 for now (got {getattr(self, name)})")
+            _check_bits(getattr(self, name), name.replace("_", " "))
+        for override in self.overrides:
+            for name in ("weight_bits", "activation_bits"):
+                if getattr(override, name) is not None:
+                    _check_bits(getattr(override, name), f"override {override.pattern!r} {name}")
         if not 50.0 < self.percentile <= 100.0:
             raise OnnxqError(f"percentile must be in (50, 100], got {self.percentile}")
         if self.batch_size < 1:
             raise OnnxqError("batch size must be at least 1")
         if self.max_samples is not None and self.max_samples < 1:
             raise OnnxqError("max samples must be at least 1")
+
+    def layer_settings(self, name: str, op_type: str, *, edge: bool = False) -> LayerSettings:
+        """The settings of one layer: global, 8 bits for the first/last layer, then overrides."""
+        settings = LayerSettings(self.weight_bits, self.activation_bits, self.granularity, self.weight_rule)
+        if edge and self.first_last_8bit:
+            settings = replace(settings, weight_bits=8, activation_bits=max(8, settings.activation_bits))
+        for override in self.overrides:
+            if override.matches(name, op_type):
+                settings = override.apply(settings)
+        return settings
+
+
+def _check_bits(bits: int, what: str) -> None:
+    if not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise OnnxqError(f"{what} must be a whole number from 2 to 8, got {bits!r}")
+
+
+def load_overrides(path: str | os.PathLike) -> tuple[LayerOverride, ...]:
+    """Per-layer overrides from a TOML file:
+
+    [[layer]]
+    match = "/body/body.1*"      # fnmatch pattern on the node name (default "*")
+    op = "Conv"                  # only nodes of this op type (optional)
+    w_bits = 8
+    a_bits = 8
+    granularity = "channel"
+    w_range = "mse"
+    """
+    import tomllib
+
+    try:
+        with open(path, "rb") as handle:
+            document = tomllib.load(handle)
+    except FileNotFoundError:
+        raise OnnxqError(f"override file not found: {path}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise OnnxqError(f"{path} is not valid TOML ({err})") from None
+    known = {"match", "op", "w_bits", "a_bits", "granularity", "w_range"}
+    overrides = []
+    for index, entry in enumerate(document.get("layer", [])):
+        unknown = set(entry) - known
+        if unknown:
+            raise OnnxqError(f"{path}: [[layer]] {index + 1} has unknown keys {sorted(unknown)}")
+        overrides.append(
+            LayerOverride(
+                pattern=str(entry.get("match", "*")),
+                op_type=entry.get("op"),
+                weight_bits=entry.get("w_bits"),
+                activation_bits=entry.get("a_bits"),
+                granularity=Granularity.parse(entry["granularity"]) if "granularity" in entry else None,
+                weight_rule=RangeRule.parse(entry["w_range"]) if "w_range" in entry else None,
+            )
+        )
+    if not overrides:
+        raise OnnxqError(f"{path} has no [[layer]] entries")
+    return tuple(overrides)

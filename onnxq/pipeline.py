@@ -25,15 +25,13 @@ from onnxq.io import load_model, save_model, session, to_ir, to_proto
 from onnxq.passes.fold_bn import FoldReport, fold_batchnorm
 from onnxq.passes.fuse_branches import FuseReport, fuse_branches
 from onnxq.passes.graph_utils import constants_to_initializers
-from onnxq.passes.insert_qdq import activation_params, insert_qdq
+from onnxq.passes.insert_qdq import activation_params, insert_qdq, required_opset
 from onnxq.passes.simplify import simplify
 from onnxq.progress import Progress, Silent
-from onnxq.quant import primitives as P
 from onnxq.quant.kernels import choose_weight_range
 from onnxq.quant.plan import plan_quantization
 
 MIN_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear
-TARGET_IR_VERSION = 8  # onnxruntime rejects IR versions newer than it knows
 
 
 @dataclass
@@ -85,20 +83,31 @@ def quantize(
     notes += prepared.notes
     float_model = prepared.model
     graph_model = to_ir(float_model)
-
     plan = plan_quantization(graph_model.graph, config)
     if not plan.weights and not plan.activations:
         raise OnnxqError("nothing to quantize: the model has no Conv, Gemm or MatMul with constant weights")
+    opset = required_opset(plan)
+    if opset > _opset(float_model):
+        float_model = _convert_opset(float_model, opset)
+        notes.append(f"opset raised to {opset} for the integer types in use")
+        graph_model = to_ir(float_model)
+        plan = plan_quantization(graph_model.graph, config)
     progress.stage(f"calibrate ({config.calibration.value})", total=config.max_samples)
     observer = _observer_factory(config)
     ranges, samples = collect_ranges(float_model, plan.observed_tensors(), stream, observer, progress)
 
     choice = choose_weight_range(config.weight_range)
     progress.stage("insert Q/DQ")
-    params = activation_params(plan, ranges, P.IntRange.unsigned(config.activation_bits))
-    insert_qdq(graph_model.graph, plan, params, P.IntRange.signed(choice.bits))
+    params = activation_params(plan, ranges, symmetric=config.activation_symmetric)
+    insert_qdq(
+        graph_model.graph,
+        plan,
+        params,
+        symmetric_weights=config.weight_symmetric,
+        reduced_8bit_weights=choice.bits == 7,
+    )
     quantized = to_proto(graph_model)
-    quantized.ir_version = min(quantized.ir_version, TARGET_IR_VERSION) or TARGET_IR_VERSION
+    quantized.ir_version = _ir_version(quantized)
     _write_metadata(quantized, config, choice.reason)
 
     progress.stage("validate")
@@ -136,7 +145,7 @@ def fuse(
     if fused.merged:
         notes.append(f"merged {fused.branches_merged} branches into {len(fused.merged)} Conv nodes")
     result = to_proto(graph_model)
-    result.ir_version = min(result.ir_version, TARGET_IR_VERSION) or TARGET_IR_VERSION
+    result.ir_version = _ir_version(result)
     return FuseResult(result, folded, fused, notes)
 
 
@@ -176,14 +185,28 @@ def validate(model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> None:
         raise OnnxqError("internal error: the quantized model produces NaN or infinite values")
 
 
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _ir_version(model: onnx.ModelProto) -> int:
+    """The oldest IR version that allows the model's opsets: onnxruntime rejects newer ones."""
+    return onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+
+
 def _supported_opset(model: onnx.ModelProto) -> onnx.ModelProto:
-    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if version >= MIN_OPSET:
-        return model
+    return model if _opset(model) >= MIN_OPSET else _convert_opset(model, MIN_OPSET)
+
+
+def _convert_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    version = _opset(model)
     try:
-        return version_converter.convert_version(model, MIN_OPSET)
+        converted = version_converter.convert_version(model, target)
     except Exception as err:  # the converter raises plain RuntimeError and C++ errors
-        raise OnnxqError(f"cannot upgrade the model from opset {version} to {MIN_OPSET}: {err}") from None
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise OnnxqError(f"cannot upgrade the model from opset {version} to {target}: {first}") from None
+    converted.ir_version = _ir_version(converted)
+    return converted
 
 
 def _observer_factory(config: QuantConfig):

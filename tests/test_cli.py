@@ -94,3 +94,33 @@ def test_fuse_bad_input(tmp_path, setup, message):
     assert result.exit_code == 1 and message in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not out.exists() and not list(tmp_path.glob(".out.onnx*"))
+
+
+def test_low_bit_flags_and_overrides(tmp_path, small_model_path, calib_file):
+    overrides = tmp_path / "mixed.toml"
+    overrides.write_text('[[layer]]\nop = "Gemm"\nw_bits = 8\ngranularity = "tensor"\n')
+    out = tmp_path / "small.w4a6.onnx"
+    args = ["--w-bits", "4", "--a-bits", "6", "--granularity", "group:4", "--w-range", "mse"]
+    result = run(
+        "quantize", small_model_path, "-o", out, "--calib", calib_file, *args, "--overrides", overrides
+    )
+    assert result.exit_code == 0, result.output
+    model = onnx.load(out)
+    assert next(o.version for o in model.opset_import if o.domain == "") == 21
+    types = {t.data_type for t in model.graph.initializer if t.name.endswith("_quantized")}
+    assert onnx.TensorProto.INT4 in types and onnx.TensorProto.INT8 in types
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--granularity", "group"], "needs a size"),
+        (["--w-range", "percentile:20"], "percentile"),
+        (["--overrides", "missing.toml"], "override file not found"),
+    ],
+)
+def test_bad_low_bit_options_give_one_line(tmp_path, small_model_path, calib_file, args, message):
+    out = tmp_path / "out.onnx"
+    result = run("quantize", small_model_path, "-o", out, "--calib", calib_file, *args)
+    assert result.exit_code == 1 and message in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not out.exists()

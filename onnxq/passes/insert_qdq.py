@@ -15,9 +15,10 @@ import onnx_ir as ir
 
 from onnxq.passes.graph_utils import bypass, constant, drop_unused_initializers, set_initializer
 from onnxq.quant import primitives as P
-from onnxq.quant.plan import QuantPlan
+from onnxq.quant.plan import QuantPlan, WeightSpec
+from onnxq.quant.weights import quantize_weight
 
-ActivationParams = dict[str, tuple[np.float32, np.integer]]
+ActivationParams = dict[str, tuple[np.float32, np.integer, P.IntRange]]
 
 
 @dataclass(frozen=True)
@@ -29,40 +30,78 @@ class QdqSummary:
 
 
 def activation_params(
-    plan: QuantPlan, ranges: dict[str, tuple[float, float]], target: P.IntRange
+    plan: QuantPlan, ranges: dict[str, tuple[float, float]], *, symmetric: bool = False
 ) -> ActivationParams:
-    """Scale and zero point for every activation that owns its parameters."""
+    """Scale, zero point and integer range for every activation that owns its parameters.
+
+    Asymmetric: unsigned with a zero point (0 after a ReLU). Symmetric: signed with zero point 0,
+    or unsigned with zero point 0 where the tensor is never negative.
+    """
     params = {}
     for spec in plan.activations.values():
         if spec.shares is None:
-            params[spec.tensor] = P.affine_params(*ranges[spec.observed], target)
+            low, high = ranges[spec.observed]
+            params[spec.tensor] = activation_quantizer(low, high, spec.bits, symmetric)
     return params
+
+
+def activation_quantizer(
+    low: float, high: float, bits: int, symmetric: bool
+) -> tuple[np.float32, np.integer, P.IntRange]:
+    """(scale, zero point, range) covering [low, high] at `bits`."""
+    if not symmetric or low >= 0:
+        target = P.IntRange.unsigned(bits)
+        return (*P.affine_params(low, high, target), target)
+    target = P.IntRange.signed(bits, narrow=False)
+    scale = P.symmetric_scale(max(abs(low), abs(high)), P.IntRange.signed(bits))
+    return np.float32(scale), target.dtype(0), target
+
+
+def required_opset(plan: QuantPlan) -> int:
+    """The opset whose QuantizeLinear/DequantizeLinear can hold every type and scale the plan uses.
+
+    INT4/UINT4 and block_size need 21, INT2/UINT2 need 25; 8-bit per-axis needs 13.
+    """
+    widths = [spec.bits for spec in plan.weights.values()]  # activations always use 8-bit types
+    if any(bits <= 2 for bits in widths):
+        return 25
+    if any(bits <= 4 for bits in widths) or any(s.granularity.kind == "block" for s in plan.weights.values()):
+        return 21
+    return 13
 
 
 def insert_qdq(
     graph: ir.Graph,
     plan: QuantPlan,
     params: ActivationParams,
-    weight_target: P.IntRange,
+    *,
+    symmetric_weights: bool = True,
+    reduced_8bit_weights: bool = False,
 ) -> QdqSummary:
-    """Rewrite `graph` in place into its QDQ form."""
+    """Rewrite `graph` in place into its QDQ form.
+
+    `reduced_8bit_weights` keeps 8-bit weights within [-63, 63] (for int8 kernels that saturate).
+    """
     _remove_absorbed(graph, plan)
     values = _values_by_name(graph)
-    weight_scales = {
-        name: _quantize_weight(graph, values[name], spec.axis, weight_target)
-        for name, spec in plan.weights.items()
-    }
+    weight_scales = {}
+    for name, spec in plan.weights.items():
+        target = _weight_target(spec, symmetric_weights, reduced_8bit_weights)
+        weight_scales[name] = _quantize_weight(graph, values[name], spec, target)
     for spec in plan.biases.values():
-        activation_scale = params[plan.root(spec.activation)][0]
-        _quantize_bias(graph, values[spec.name], activation_scale * weight_scales[spec.weight])
-    shared: dict[str, tuple[ir.Value, ir.Value]] = {}
+        weight_scale = weight_scales[spec.weight]
+        if weight_scale is not None:
+            activation_scale = params[plan.root(spec.activation)][0]
+            _quantize_bias(graph, values[spec.name], activation_scale * weight_scale)
+    shared: dict[str, tuple[ir.Value, ir.Value, P.IntRange]] = {}
     for spec in plan.activations.values():
         root = plan.root(spec.tensor)
         if root not in shared:
-            scale, zero_point = params[root]
+            scale, zero_point, target = params[root]
             shared[root] = (
                 set_initializer(graph, f"{root}_scale", np.asarray(scale, np.float32)),
-                set_initializer(graph, f"{root}_zero_point", np.asarray(zero_point)),
+                set_initializer(graph, f"{root}_zero_point", _activation_container(zero_point, target)),
+                target,
             )
         _quantize_activation(graph, values[spec.tensor], *shared[root])
     graph.sort()
@@ -83,13 +122,50 @@ def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
     return values
 
 
-def _quantize_weight(graph: ir.Graph, value: ir.Value, axis: int | None, target: P.IntRange) -> np.ndarray:
-    weight = constant(value)
-    scale = P.symmetric_scale(P.weight_absmax(weight, axis), target)
-    zero_point = np.zeros(scale.shape, target.dtype)
-    integers = P.quantize(weight, scale, zero_point, target, axis)
-    _dequantized_constant(graph, value, integers, scale, zero_point, axis)
-    return scale
+def _weight_target(spec: WeightSpec, symmetric: bool, reduced_8bit: bool) -> P.IntRange:
+    if not symmetric:
+        return P.IntRange.unsigned(spec.bits)
+    return P.IntRange.signed(7 if spec.bits == 8 and reduced_8bit else spec.bits)
+
+
+def _container(values: np.ndarray, target: P.IntRange) -> np.ndarray:
+    """Integers in the ONNX type that stores `target` (INT2/INT4/INT8 or unsigned)."""
+    bits = target.container_bits
+    if bits == 32:
+        return values.astype(np.int32)
+    name = ("INT" if target.signed_type else "UINT") + str(bits)
+    return values.astype(getattr(ir.DataType, name).numpy())
+
+
+def _activation_container(zero_point: np.integer, target: P.IntRange) -> np.ndarray:
+    """Activations are always stored in 8-bit types; narrower widths get a Clip (see below).
+
+    onnxruntime's QDQ rewrites mishandle 4- and 2-bit activations (its Clip→QuantizeLinear
+    rewrite rejects UINT4 zero points, and it fuses UINT4 inputs into QLinearConv, which then
+    fails to load), while activations are never stored, so the container costs nothing.
+    """
+    return np.asarray(zero_point).astype(np.int8 if target.signed_type else np.uint8)
+
+
+def _needs_clip(target: P.IntRange) -> bool:
+    return (target.qmin, target.qmax) not in ((0, 255), (-128, 127))
+
+
+def _quantize_weight(
+    graph: ir.Graph, value: ir.Value, spec: WeightSpec, target: P.IntRange
+) -> np.ndarray | None:
+    """Store the weight as integers + DequantizeLinear; returns its per-output-channel scale if any."""
+    quantized = quantize_weight(constant(value), spec.layout, spec.granularity, spec.rule, target)
+    _dequantized_constant(
+        graph,
+        value,
+        _container(quantized.integers, target),
+        quantized.scale,
+        _container(quantized.zero_point, target),
+        quantized.axis,
+        quantized.block_size,
+    )
+    return quantized.per_output_channel_scale
 
 
 def _quantize_bias(graph: ir.Graph, value: ir.Value, scale: np.ndarray) -> None:
@@ -98,7 +174,7 @@ def _quantize_bias(graph: ir.Graph, value: ir.Value, scale: np.ndarray) -> None:
     scale[scale == 0] = 1.0
     target = P.IntRange(-(2**31) + 1, 2**31 - 1, np.int32)
     integers = P.quantize(bias, scale, np.zeros(1, np.int32), target, axis=0)
-    _dequantized_constant(graph, value, integers, scale, np.zeros(bias.shape, np.int32), axis=0)
+    _dequantized_constant(graph, value, integers, scale, np.zeros(bias.shape, np.int32), 0, None)
 
 
 def _dequantized_constant(
@@ -108,6 +184,7 @@ def _dequantized_constant(
     scale: np.ndarray,
     zero_point: np.ndarray,
     axis: int | None,
+    block_size: int | None,
 ) -> None:
     """Replace a float initializer by integers + DequantizeLinear, for every reader."""
     name = value.name
@@ -116,7 +193,9 @@ def _dequantized_constant(
         set_initializer(graph, f"{name}_scale", scale),
         set_initializer(graph, f"{name}_zero_point", zero_point),
     ]
-    attributes = {"axis": axis} if axis is not None and scale.ndim == 1 else {}
+    attributes = {"axis": axis} if axis is not None and scale.ndim >= 1 else {}
+    if block_size:
+        attributes["block_size"] = block_size
     dequantize = ir.node("DequantizeLinear", inputs, attributes, name=f"{name}_DequantizeLinear")
     dequantize.outputs[0].name = f"{name}_dequantized"
     dequantize.outputs[0].dtype = ir.DataType.FLOAT
@@ -125,10 +204,29 @@ def _dequantized_constant(
     graph.insert_before(next(iter(graph)), dequantize)
 
 
-def _quantize_activation(graph: ir.Graph, value: ir.Value, scale: ir.Value, zero_point: ir.Value) -> None:
+def _quantize_activation(
+    graph: ir.Graph, value: ir.Value, scale: ir.Value, zero_point: ir.Value, target: P.IntRange
+) -> None:
+    """QuantizeLinear → DequantizeLinear after `value`, read by all its consumers.
+
+    Widths under 8 bits get a Clip first, to the range's float bounds, so the dequantized tensor
+    takes at most 2^bits values.
+    """
     uses = list(value.uses())
     name = value.name
-    quantize = ir.node("QuantizeLinear", [value, scale, zero_point], name=f"{name}_QuantizeLinear")
+    nodes = []
+    source = value
+    if _needs_clip(target):
+        step, zero = float(scale.const_value.numpy()), int(zero_point.const_value.numpy().astype(np.int64))
+        bounds = [
+            set_initializer(graph, f"{name}_clip_{side}", np.asarray(np.float32(step) * np.float32(q - zero)))
+            for side, q in (("min", target.qmin), ("max", target.qmax))
+        ]
+        clip = ir.node("Clip", [value, *bounds], name=f"{name}_Clip")
+        clip.outputs[0].name = f"{name}_clipped"
+        nodes.append(clip)
+        source = clip.outputs[0]
+    quantize = ir.node("QuantizeLinear", [source, scale, zero_point], name=f"{name}_QuantizeLinear")
     quantize.outputs[0].name = f"{name}_quantized"
     dequantize = ir.node(
         "DequantizeLinear",
@@ -140,8 +238,9 @@ def _quantize_activation(graph: ir.Graph, value: ir.Value, scale: ir.Value, zero
     dequantized.dtype, dequantized.shape = value.dtype, value.shape
     for user, index in uses:
         user.replace_input_with(index, dequantized)
+    nodes += [quantize, dequantize]
     producer = value.producer()
     if producer is None:
-        graph.insert_before(next(iter(graph)), [quantize, dequantize])
+        graph.insert_before(next(iter(graph)), nodes)
     else:
-        graph.insert_after(producer, [quantize, dequantize])
+        graph.insert_after(producer, nodes)

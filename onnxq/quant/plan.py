@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.config import Granularity, QuantConfig
+from onnxq.config import Granularity, LayerSettings, QuantConfig, RangeRule
 from onnxq.passes.graph_utils import attribute, constant, output_channel_axis, single_consumer
+from onnxq.quant.weights import WeightLayout
 
 OWN_SCALE_OPS = frozenset({"Add", "Concat", "AveragePool", "GlobalAveragePool"})
 SHARED_SCALE_OPS = frozenset(
@@ -42,14 +43,18 @@ class ActivationSpec:
     tensor: str
     observed: str
     shares: str | None = None
+    bits: int = 8
 
 
 @dataclass(frozen=True)
 class WeightSpec:
-    """A constant weight stored as integers with a DequantizeLinear; axis None = one scale."""
+    """A constant weight stored as integers with a DequantizeLinear, and how it is cut into scales."""
 
     name: str
-    axis: int | None
+    layout: WeightLayout
+    bits: int
+    granularity: Granularity
+    rule: RangeRule
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,7 @@ class QuantPlan:
     absorbed: dict[str, str] = field(default_factory=dict)  # Relu/Clip node → the tensor it reads
     quantized_nodes: list[str] = field(default_factory=list)
     float_nodes: dict[str, str] = field(default_factory=dict)  # node → why it stays float
+    layers: dict[str, LayerSettings] = field(default_factory=dict)  # compute node → its settings
 
     def observed_tensors(self) -> list[str]:
         """Float tensors whose ranges calibration must measure."""
@@ -86,6 +92,8 @@ def plan_quantization(graph: ir.Graph, config: QuantConfig) -> QuantPlan:
     """Walk the graph in order and mark every tensor, weight and bias to quantize."""
     plan = QuantPlan()
     alias = _absorbed_activations(graph, config, plan)
+    compute = [n for n in graph if _role(n, config) == "compute"]
+    edges = {id(compute[0]), id(compute[-1])} if compute else set()
     for node in graph:
         name = _node_name(node)
         if node.name in plan.absorbed:
@@ -94,7 +102,8 @@ def plan_quantization(graph: ir.Graph, config: QuantConfig) -> QuantPlan:
         if role is None:
             continue
         if role == "compute":
-            reason = _plan_compute(node, config, plan, alias)
+            settings = config.layer_settings(name, node.op_type, edge=id(node) in edges)
+            reason = _plan_compute(node, settings, plan, alias)
         elif role == "own":
             reason = _plan_own_scale(node, plan, alias)
         else:
@@ -103,7 +112,30 @@ def plan_quantization(graph: ir.Graph, config: QuantConfig) -> QuantPlan:
             plan.float_nodes[name] = reason
         else:
             plan.quantized_nodes.append(name)
+    _assign_activation_bits(graph, plan, config, alias)
     return plan
+
+
+def _assign_activation_bits(graph: ir.Graph, plan: QuantPlan, config: QuantConfig, alias) -> None:
+    """Each activation gets the most bits any layer reading it asks for; sharers follow their root."""
+    wanted: dict[str, int] = {}
+    for node in graph:
+        bits = plan.layers[node.name].activation_bits if node.name in plan.layers else None
+        for value in node.inputs:
+            if value is None:
+                continue
+            name = _resolve(value.name, alias)
+            if name in plan.activations:
+                default = config.activation_bits if bits is None else bits
+                wanted[name] = max(wanted.get(name, 0), default)
+    roots: dict[str, int] = {}
+    for name in plan.activations:
+        root = plan.root(name)
+        roots[root] = max(roots.get(root, 0), wanted.get(name, config.activation_bits))
+    for name, spec in list(plan.activations.items()):
+        plan.activations[name] = ActivationSpec(
+            spec.tensor, spec.observed, spec.shares, roots[plan.root(name)]
+        )
 
 
 def _role(node: ir.Node, config: QuantConfig) -> str | None:
@@ -147,7 +179,9 @@ def _clips_at_zero(node: ir.Node) -> bool:
     return low is not None and float(np.asarray(low)) == 0.0
 
 
-def _plan_compute(node: ir.Node, config: QuantConfig, plan: QuantPlan, alias: dict[str, str]) -> str | None:
+def _plan_compute(
+    node: ir.Node, settings: LayerSettings, plan: QuantPlan, alias: dict[str, str]
+) -> str | None:
     weight_value = node.inputs[1] if len(node.inputs) > 1 else None
     weight = constant(weight_value)
     if weight is None or weight.dtype != np.float32:
@@ -157,16 +191,46 @@ def _plan_compute(node: ir.Node, config: QuantConfig, plan: QuantPlan, alias: di
     activation = node.inputs[0]
     if activation is None or activation.is_initializer():
         return "first input is a constant"
-    axis = output_channel_axis(node, weight) if config.granularity is Granularity.CHANNEL else None
+    layout = _weight_layout(node, weight)
+    if layout is None and settings.granularity != Granularity.TENSOR:
+        return "grouped ConvTranspose has no single output-channel axis"
+    if settings.granularity.kind == "block" and node.op_type == "ConvTranspose":
+        return "block-wise scales are not supported for ConvTranspose"
+    if weight_value.name in plan.weights and plan.weights[weight_value.name].bits != settings.weight_bits:
+        return "weights shared with a layer quantized at another width"
     _mark_input(activation, plan, alias)
-    plan.weights.setdefault(weight_value.name, WeightSpec(weight_value.name, axis))
+    plan.layers[node.name] = settings
+    spec = WeightSpec(
+        weight_value.name,
+        layout or WeightLayout(0, 1),
+        settings.weight_bits,
+        settings.granularity,
+        settings.weight_rule,
+    )
+    plan.weights.setdefault(weight_value.name, spec)
     bias_value = node.inputs[2] if len(node.inputs) > 2 else None
-    if bias_value is not None and _bias_is_quantizable(node, bias_value, weight, axis):
+    per_channel = settings.granularity.kind in ("channel", "group")
+    axis = layout.out_axis if per_channel and layout else None
+    if (
+        bias_value is not None
+        and settings.granularity.kind != "block"
+        and _bias_is_quantizable(node, bias_value, weight, axis)
+    ):
         plan.biases[bias_value.name] = BiasSpec(
             bias_value.name, _resolve(activation.name, alias), weight_value.name
         )
     _mark_output(node, plan)
     return None
+
+
+def _weight_layout(node: ir.Node, weight: np.ndarray) -> WeightLayout | None:
+    """The weight's output- and input-channel axes (None for grouped ConvTranspose)."""
+    out_axis = output_channel_axis(node, weight)
+    if out_axis is None:
+        return None
+    if node.op_type in ("Conv", "ConvTranspose"):
+        return WeightLayout(out_axis, 1 - out_axis)
+    return WeightLayout(out_axis, 1 - out_axis if weight.ndim == 2 else weight.ndim - 2)
 
 
 def _bias_is_quantizable(node: ir.Node, bias: ir.Value, weight: np.ndarray, axis: int | None) -> bool:

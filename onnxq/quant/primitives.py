@@ -15,7 +15,12 @@ _TINY = np.float32(1e-12)
 
 @dataclass(frozen=True)
 class IntRange:
-    """The integers a quantized tensor may take, and its numpy storage type."""
+    """The integers a quantized tensor may take, and its numpy type in this reference.
+
+    `container_bits` is the ONNX integer type that stores it: 2 (INT2/UINT2, opset 25), 4
+    (INT4/UINT4, opset 21) or 8; widths without a type of their own (3, 5, 6, 7) use the next
+    larger one, with values kept inside the narrower range.
+    """
 
     qmin: int
     qmax: int
@@ -30,6 +35,22 @@ class IntRange:
     @classmethod
     def unsigned(cls, bits: int) -> IntRange:
         return cls(0, 2**bits - 1, np.uint8 if bits <= 8 else np.uint32)
+
+    @property
+    def signed_type(self) -> bool:
+        return self.qmin < 0
+
+    @property
+    def bits(self) -> int:
+        """The narrowest width holding [qmin, qmax]."""
+        levels = self.qmax - self.qmin + 1
+        return max(1, int(np.ceil(np.log2(levels))))
+
+    @property
+    def container_bits(self) -> int:
+        if self.dtype in (np.int32, np.uint32):
+            return 32
+        return next(c for c in (2, 4, 8) if c >= self.bits)
 
 
 def symmetric_scale(absmax: np.ndarray, target: IntRange) -> np.ndarray:

@@ -1,0 +1,176 @@
+"""Every width 2-8, granularity and range rule: the QDQ graph onnxq writes, run by onnxruntime,
+matches the numpy reference exactly, and activations take at most 2^bits values."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxq.config import Granularity, QuantConfig, RangeRule
+from onnxq.io import session, to_ir, to_proto
+from onnxq.passes.insert_qdq import activation_params, activation_quantizer, insert_qdq, required_opset
+from onnxq.quant import primitives as P
+from onnxq.quant.plan import plan_quantization
+from onnxq.quant.weights import WeightLayout, quantize_weight
+
+GRANULARITIES = ["tensor", "channel", "group:1", "group:3", "block:1", "block:2", "block:4"]
+RULES = ["minmax", "percentile:99", "mse", "mae", "scaleclip", "scaleclip:1.5"]
+
+
+def conv_model(weight: np.ndarray, opset: int = 17) -> onnx.ModelProto:
+    """x → Conv(weight) → y, with the input shape the weight needs."""
+    channels = weight.shape[1]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, channels, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, weight.shape[0], 5, 5])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+def quantize_conv(weight, config: QuantConfig, low: float = -1.0, high: float = 3.0):
+    """Run onnxq's plan and Q/DQ writer on the one-Conv model; expose the dequantized tensors."""
+    graph_model = to_ir(conv_model(weight))
+    plan = plan_quantization(graph_model.graph, config)
+    opset = max(required_opset(plan), 17)
+    graph_model = to_ir(conv_model(weight, opset))
+    plan = plan_quantization(graph_model.graph, config)
+    params = activation_params(plan, {"x": (low, high)}, symmetric=config.activation_symmetric)
+    insert_qdq(graph_model.graph, plan, params, symmetric_weights=config.weight_symmetric)
+    graph = graph_model.graph
+    for name in ("w_dequantized", "x_dequantized"):
+        value = next(v for n in graph for v in n.outputs if v.name == name)
+        graph.outputs.append(value)
+    model = to_proto(graph_model)
+    model.ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import), True)
+    onnx.checker.check_model(model)
+    return model, plan
+
+
+weights = arrays(
+    np.float32,
+    st.tuples(st.integers(1, 6), st.integers(1, 7), st.sampled_from([1, 3]), st.sampled_from([1, 3])),
+    elements=st.floats(-4, 4, width=32, allow_nan=False),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    weight=weights,
+    bits=st.integers(2, 8),
+    granularity=st.sampled_from(GRANULARITIES),
+    rule=st.sampled_from(RULES),
+    symmetric=st.booleans(),
+)
+def test_weights_in_onnxruntime_match_the_numpy_reference(weight, bits, granularity, rule, symmetric):
+    config = QuantConfig(
+        weight_bits=bits,
+        granularity=Granularity.parse(granularity),
+        weight_rule=RangeRule.parse(rule),
+        weight_symmetric=symmetric,
+        first_last_8bit=False,
+    )
+    model, _ = quantize_conv(weight, config)
+    target = P.IntRange.signed(bits) if symmetric else P.IntRange.unsigned(bits)
+    reference = quantize_weight(weight, WeightLayout(0, 1), config.granularity, config.weight_rule, target)
+    assert reference.integers.min() >= target.qmin and reference.integers.max() <= target.qmax
+    x = np.zeros((2, weight.shape[1], 5, 5), np.float32)
+    _, dequantized, _ = session(model, optimize=False).run(None, {"x": x})
+    np.testing.assert_array_equal(dequantized, reference.dequantize())
+    stored = _stored_integers(model)
+    np.testing.assert_array_equal(stored, reference.integers.astype(np.int64))
+
+
+def _stored_integers(model: onnx.ModelProto) -> np.ndarray:
+    initializer = next(t for t in model.graph.initializer if t.name == "w_quantized")
+    return numpy_helper.to_array(initializer).astype(np.int64)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    x=arrays(np.float32, (2, 3, 5, 5), elements=st.floats(-6, 6, width=32, allow_nan=False)),
+    bits=st.integers(2, 8),
+    symmetric=st.booleans(),
+    low=st.floats(-3, 0),
+    high=st.floats(0.5, 4),
+)
+def test_activations_take_at_most_2_to_the_bits_values(x, bits, symmetric, low, high):
+    config = QuantConfig(activation_bits=bits, activation_symmetric=symmetric, first_last_8bit=False)
+    weight = np.ones((2, 3, 3, 3), np.float32)
+    model, _ = quantize_conv(weight, config, low, high)
+    _, _, dequantized = session(model, optimize=False).run(None, {"x": x})
+    scale, zero_point, target = activation_quantizer(low, high, bits, symmetric)
+    q = np.clip(np.rint(x / scale) + int(zero_point), target.qmin, target.qmax)
+    np.testing.assert_array_equal(dequantized, ((q - int(zero_point)) * scale).astype(np.float32))
+    assert len(np.unique(dequantized)) <= 2**bits
+
+
+@pytest.mark.parametrize(
+    ("bits", "granularity", "opset", "data_type"),
+    [
+        (4, "channel", 21, TensorProto.INT4),
+        (3, "channel", 21, TensorProto.INT4),
+        (2, "channel", 25, TensorProto.INT2),
+        (8, "block:2", 21, TensorProto.INT8),
+        (6, "group:2", 17, TensorProto.INT8),
+    ],
+)
+def test_storage_type_and_opset_follow_the_width(bits, granularity, opset, data_type):
+    weight = np.random.default_rng(0).standard_normal((4, 4, 3, 3)).astype(np.float32)
+    config = QuantConfig(weight_bits=bits, granularity=Granularity.parse(granularity), first_last_8bit=False)
+    model, _ = quantize_conv(weight, config)
+    stored = next(t for t in model.graph.initializer if t.name == "w_quantized")
+    assert stored.data_type == data_type
+    assert next(o.version for o in model.opset_import if o.domain == "") == opset
+
+
+def test_packed_4bit_weights_take_an_eighth_of_their_float_bytes():
+    weight = np.random.default_rng(0).standard_normal((64, 64, 3, 3)).astype(np.float32)
+    model, _ = quantize_conv(weight, QuantConfig(weight_bits=4, first_last_8bit=False))
+    stored = next(t for t in model.graph.initializer if t.name == "w_quantized")
+    assert len(stored.raw_data) == weight.size // 2 == weight.nbytes // 8
+
+
+def test_first_and_last_layers_stay_at_8_bits_unless_asked(small_model):
+    graph = to_ir(small_model).graph
+    plan = plan_quantization(graph, QuantConfig(weight_bits=4, activation_bits=4))
+    bits = sorted(spec.bits for spec in plan.weights.values())
+    assert bits == [4, 4, 8, 8]
+    lowered = plan_quantization(to_ir(small_model).graph, QuantConfig(weight_bits=4, first_last_8bit=False))
+    assert {spec.bits for spec in lowered.weights.values()} == {4}
+    assert plan.activations["input"].bits == 8
+
+
+def test_override_file_sets_bits_per_layer(tmp_path, small_model):
+    from onnxq.config import load_overrides
+
+    path = tmp_path / "mixed.toml"
+    path.write_text('[[layer]]\nop = "Gemm"\nw_bits = 2\n\n[[layer]]\nmatch = "*depthwise*"\nw_bits = 6\n')
+    config = QuantConfig(weight_bits=4, overrides=load_overrides(path))
+    plan = plan_quantization(to_ir(small_model).graph, config)
+    by_op = {name: settings.weight_bits for name, settings in plan.layers.items()}
+    assert [bits for name, bits in by_op.items() if "head" in name or "Gemm" in name] == [2]
+    assert [bits for name, bits in by_op.items() if "depthwise" in name] == [6]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("[[layer]]\nw_bits = 9\n", "from 2 to 8"), ("[[layer]]\ncolour = 1\n", "unknown keys"), ("x", "TOML")],
+)
+def test_bad_override_files_are_refused(tmp_path, text, message):
+    from onnxq.config import load_overrides
+    from onnxq.errors import OnnxqError
+
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(OnnxqError, match=message):
+        QuantConfig(overrides=load_overrides(path))
