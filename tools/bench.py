@@ -1,11 +1,16 @@
-"""Benchmark onnxq against onnxruntime's quantize_static on ../shared/models; writes BENCHMARKS.md.
+"""Benchmark onnxq against onnxruntime's quantize_static; writes one section of BENCHMARKS.md.
 
 Protocol (../shared/data/README.md): CIFAR-10 models calibrate on train-1017.npz and evaluate on
 test-1017.npz; ImageNet models calibrate on the even-class half of imagenet-sample and evaluate
 on the odd-class half. Every model runs at onnxruntime's default optimization level (the integer
 kernels users deploy); latency is batch 1 on 2 threads, float and quantized in the same run.
 
-    .venv/bin/python tools/bench.py [--models resnet20_cifar10 ...] [--out BENCHMARKS.md]
+Suites (each rewrites only its own section of BENCHMARKS.md):
+    w8a8     W8A8 on ../shared/models against onnxruntime (issue 2)
+    reparam  the re-parameterized models of models/: unfused, fused, W8A8 (issue 3)
+    lowbit   2-8 bits x granularity x weight range rule (issue 4)
+
+    .venv/bin/python tools/bench.py w8a8 [--models resnet20_cifar10 ...] [--out BENCHMARKS.md]
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +30,7 @@ import onnx
 
 import onnxq
 from onnxq.calib.data import load_image
+from onnxq.config import Granularity, RangeRule
 from onnxq.evaluate import kernel_summary, kl_divergence, latency_ms
 from onnxq.io import session
 
@@ -30,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 THREADS = 2
 CALIBRATION_SAMPLES = 512
+LOW_BIT_SAMPLES = 256
 
 
 @dataclass
@@ -38,12 +47,26 @@ class Row:
     top1: float
     agreement: float
     kl: float
-    calib_s: float
-    latency_ratio: float
-    kernels: str
+    size_kb: float
+    calib_s: float | None = None
+    latency_ratio: float | None = None
+    kernels: str = ""
 
 
-def cifar_split() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+@dataclass
+class Split:
+    calib: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+
+
+def model_path(name: str) -> Path:
+    """models/ (re-parameterized models trained here) first, then ../shared/models."""
+    local = ROOT / "models" / f"{name}.onnx"
+    return local if local.exists() else SHARED / "models" / f"{name}.onnx"
+
+
+def cifar_split(samples: int = CALIBRATION_SAMPLES) -> Split:
     pre = onnxq.Preprocess.preset("cifar10")
     mean = np.asarray(pre.mean, np.float32).reshape(1, 3, 1, 1)
     std = np.asarray(pre.std, np.float32).reshape(1, 3, 1, 1)
@@ -53,27 +76,33 @@ def cifar_split() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     def prep(x):
         return ((x.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
 
-    return prep(train["x"][:CALIBRATION_SAMPLES]), prep(test["x"]), test["y"]
+    return Split(prep(train["x"][:samples]), prep(test["x"]), test["y"])
 
 
-def imagenet_split() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def imagenet_split(samples: int = 500) -> Split:
     root = SHARED / "data/imagenet-sample"
     pre = onnxq.Preprocess.preset("imagenet")
     synsets = sorted(p.name for p in root.iterdir() if p.is_dir())
     images = [load_image(sorted((root / s).iterdir())[0], pre) for s in synsets]
     x = np.stack(images).astype(np.float32)
     labels = np.arange(len(synsets))
-    return x[0::2], x[1::2], labels[1::2]
+    return Split(x[0::2][:samples], x[1::2], labels[1::2])
 
 
-def run_onnxq(path: Path, calib: np.ndarray, config: onnxq.QuantConfig) -> tuple[onnx.ModelProto, float]:
+def split_for(name: str, samples: int) -> Split:
+    return cifar_split(samples) if "cifar" in name else imagenet_split(samples)
+
+
+def run_onnxq(path, calib: np.ndarray, config: onnxq.QuantConfig) -> tuple[onnx.ModelProto, float]:
     start = time.perf_counter()
     result = onnxq.quantize(path, calib, config)
     return result.model, time.perf_counter() - start
 
 
-def run_onnxruntime(path: Path, calib: np.ndarray, method: str) -> tuple[onnx.ModelProto, float]:
-    """onnxruntime's own quantize_static: QDQ, per-channel int8 weights, uint8 activations."""
+def run_onnxruntime(
+    path: Path, calib: np.ndarray, method: str, weight_type: str = "QInt8", activation_type: str = "QUInt8"
+) -> tuple[onnx.ModelProto, float]:
+    """onnxruntime's own quantize_static: QDQ, per-channel weights."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -98,97 +127,237 @@ def run_onnxruntime(path: Path, calib: np.ndarray, method: str) -> tuple[onnx.Mo
             Reader(),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
+            activation_type=getattr(QuantType, activation_type),
+            weight_type=getattr(QuantType, weight_type),
             calibrate_method=getattr(CalibrationMethod, method),
         )
         seconds = time.perf_counter() - start
         return onnx.load(out), seconds
 
 
-def score(
-    model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, reference: np.ndarray
-) -> tuple[float, float, float]:
-    logits = np.concatenate(
-        [session(model).run(None, {"input": x[i : i + 50]})[0] for i in range(0, len(x), 50)]
-    )
-    top1 = float((logits.argmax(1) == y).mean())
-    agreement = float((logits.argmax(1) == reference.argmax(1)).mean())
-    return top1, agreement, float(kl_divergence(reference, logits).mean())
+def logits(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    run = session(model).run
+    return np.concatenate([run(None, {"input": x[i : i + 50]})[0] for i in range(0, len(x), 50)])
 
 
-def bench_model(name: str) -> tuple[float, list[Row]]:
-    path = SHARED / "models" / f"{name}.onnx"
-    calib, x, y = cifar_split() if "cifar" in name else imagenet_split()
+def score(model: onnx.ModelProto, split: Split, reference: np.ndarray) -> tuple[float, float, float]:
+    out = logits(model, split.x)
+    top1 = float((out.argmax(1) == split.y).mean())
+    agreement = float((out.argmax(1) == reference.argmax(1)).mean())
+    return top1, agreement, float(kl_divergence(reference, out).mean())
+
+
+def measure(
+    name: str, settings: dict[str, Callable], *, samples: int, latency: bool
+) -> tuple[float, list[Row]]:
+    """Build each setting's model, score it against the float model on the evaluation split."""
+    path = model_path(name)
+    split = split_for(name, samples)
     float_model = onnx.load(path)
-    reference = np.concatenate(
-        [session(float_model).run(None, {"input": x[i : i + 50]})[0] for i in range(0, len(x), 50)]
-    )
-    float_top1 = float((reference.argmax(1) == y).mean())
-    sample = {"input": x[:1]}
-    float_latency = latency_ms(session(float_model, threads=THREADS), sample, runs=100)
-    # onnxruntime's histogram calibrator keeps every activation of every sample: with the 500
-    # ImageNet images it exhausts this machine's 24 GB on MobileNetV2 (killed, measured), so it
-    # gets 128 of them there. onnxq streams and calibrates on all of them.
-    percentile_samples = len(calib) if "cifar" in name else 128
-    percentile_label = "onnxruntime quantize_static Percentile" + (
-        "" if percentile_samples == len(calib) else f" ({percentile_samples} calibration images)"
-    )
-    settings = {
-        "onnxq W8A8 percentile (default)": lambda: run_onnxq(path, calib, onnxq.QuantConfig()),
-        "onnxq W8A8 minmax": lambda: run_onnxq(
-            path, calib, onnxq.QuantConfig(calibration=onnxq.CalibrationMethod.MINMAX)
-        ),
-        "onnxq W8A8 percentile, 7-bit weights": lambda: run_onnxq(
-            path, calib, onnxq.QuantConfig(weight_range=onnxq.WeightRange.REDUCED)
-        ),
-        "onnxruntime quantize_static MinMax": lambda: run_onnxruntime(path, calib, "MinMax"),
-        percentile_label: lambda: run_onnxruntime(path, calib[:percentile_samples], "Percentile"),
-    }
+    reference = logits(float_model, split.x)
+    float_top1 = float((reference.argmax(1) == split.y).mean())
+    sample = {"input": split.x[:1]}
+    float_latency = latency_ms(session(float_model, threads=THREADS), sample, runs=100) if latency else 0.0
     rows = []
     for setting, build in settings.items():
         print(f"  {name}: {setting}", flush=True)
-        model, seconds = build()
-        top1, agreement, kl = score(model, x, y, reference)
-        quant_latency = latency_ms(session(model, threads=THREADS), sample, runs=100)
-        rows.append(
-            Row(setting, top1, agreement, kl, seconds, quant_latency / float_latency, kernel_summary(model))
+        try:
+            model, seconds = build(path, split.calib)
+        except Exception as err:  # a baseline that cannot do this width is a result, not a crash
+            print(f"    failed: {str(err).splitlines()[0][:160]}", flush=True)
+            rows.append(Row(f"{setting} (failed: {str(err).splitlines()[0][:80]})", *([float("nan")] * 4)))
+            continue
+        top1, agreement, kl = score(model, split, reference)
+        ratio = (
+            latency_ms(session(model, threads=THREADS), sample, runs=100) / float_latency if latency else None
         )
-        print(
-            f"    top-1 {100 * top1:.2f} (float {100 * float_top1:.2f}), agreement {100 * agreement:.2f}",
-            flush=True,
-        )
+        size = len(model.SerializeToString()) / 1024
+        rows.append(Row(setting, top1, agreement, kl, size, seconds, ratio, kernel_summary(model)))
+        print(f"    top-1 {100 * top1:.2f} (float {100 * float_top1:.2f}), agreement {100 * agreement:.2f}")
     return float_top1, rows
 
 
-def markdown(results: dict[str, tuple[float, list[Row]]], machine: str) -> str:
-    lines = [
-        "# Benchmarks",
-        "",
-        "Written by `tools/bench.py` (do not edit by hand). Protocol: ../shared/data/README.md; "
-        f"calibration on {CALIBRATION_SAMPLES} CIFAR-10 training images or the 500 even-class "
-        "imagenet-sample images; evaluation on test-1017 or the 500 odd-class images. All models run at "
-        "onnxruntime's default optimization level. Latency: batch 1, 2 threads, quantized over float, "
-        "measured in the same run (compare ratios, not milliseconds, across runs).",
-        "",
-        f"Machine: {machine}",
-        "",
-    ]
+# ----------------------------------------------------------------------------- suites
+
+
+def w8a8_settings(name: str) -> dict[str, Callable]:
+    # onnxruntime's histogram calibrator keeps every activation of every sample: with the 500
+    # ImageNet images it exhausts this machine's 24 GB on MobileNetV2 (killed, measured), so it
+    # gets 128 of them there. onnxq streams and calibrates on all of them.
+    few = "cifar" not in name
+    percentile_label = "onnxruntime quantize_static Percentile" + (" (128 calibration images)" if few else "")
+    return {
+        "onnxq W8A8 percentile (default)": lambda p, c: run_onnxq(p, c, onnxq.QuantConfig()),
+        "onnxq W8A8 minmax": lambda p, c: run_onnxq(
+            p, c, onnxq.QuantConfig(calibration=onnxq.CalibrationMethod.MINMAX)
+        ),
+        "onnxq W8A8 percentile, 7-bit weights": lambda p, c: run_onnxq(
+            p, c, onnxq.QuantConfig(weight_range=onnxq.WeightRange.REDUCED)
+        ),
+        "onnxruntime quantize_static MinMax": lambda p, c: run_onnxruntime(p, c, "MinMax"),
+        percentile_label: lambda p, c: run_onnxruntime(p, c[:128] if few else c, "Percentile"),
+    }
+
+
+def reparam_settings(name: str) -> dict[str, Callable]:
+    def fused(path, calib):
+        start = time.perf_counter()
+        return onnxq.fuse(path).model, time.perf_counter() - start
+
+    def quantize_fused(path, calib):
+        return run_onnxq(onnxq.fuse(path).model, calib, onnxq.QuantConfig())
+
+    return {
+        "fused float (onnxq fuse)": fused,
+        "onnxq W8A8 (default), unfused input": lambda p, c: run_onnxq(p, c, onnxq.QuantConfig()),
+        "onnxq W8A8 (default), fused input": quantize_fused,
+        "onnxruntime quantize_static MinMax, unfused input": lambda p, c: run_onnxruntime(p, c, "MinMax"),
+    }
+
+
+LOW_BIT_WIDTHS = [(8, 8), (6, 6), (4, 8), (4, 4), (3, 3), (2, 4)]
+RULES_AT_W4A8 = ["mse", "mae", "scaleclip", "percentile:99.9"]
+
+
+def lowbit_config(w: int, a: int, granularity: str, rule: str) -> onnxq.QuantConfig:
+    return onnxq.QuantConfig(
+        weight_bits=w,
+        activation_bits=a,
+        granularity=Granularity.parse(granularity),
+        weight_rule=RangeRule.parse(rule),
+        calibration=onnxq.CalibrationMethod.MINMAX,
+    )
+
+
+def lowbit_settings(name: str) -> dict[str, Callable]:
+    settings = {}
+    for w, a in LOW_BIT_WIDTHS:
+        rules = ["minmax", *RULES_AT_W4A8] if (w, a) == (4, 8) else ["minmax", "mse", "scaleclip"]
+        for granularity in ("channel", "group:8"):
+            for rule in rules if granularity == "channel" else ["minmax"]:
+                config = lowbit_config(w, a, granularity, rule)
+                label = f"onnxq W{w}A{a} {granularity} {rule}"
+                settings[label] = lambda p, c, config=config: run_onnxq(p, c, config)
+    for weight_type, activation_type, label in [
+        ("QInt4", "QUInt8", "W4A8"),
+        ("QInt4", "QUInt4", "W4A4"),
+    ]:
+        settings[f"onnxruntime quantize_static MinMax {label} (per-channel)"] = (
+            lambda p, c, w=weight_type, a=activation_type: run_onnxruntime(p, c, "MinMax", w, a)
+        )
+    return settings
+
+
+SUITES = {
+    "w8a8": (w8a8_settings, CALIBRATION_SAMPLES, True),
+    "reparam": (reparam_settings, CALIBRATION_SAMPLES, True),
+    "lowbit": (lowbit_settings, LOW_BIT_SAMPLES, False),
+}
+DEFAULT_MODELS = {
+    "w8a8": [
+        "mobilenet_v2",
+        "mobilenet_v2_bn",
+        "resnet20_cifar10",
+        "resnet20_cifar10_bn",
+        "resnet56_cifar10",
+        "resnet56_cifar10_bn",
+    ],
+    "reparam": ["repvgg_cifar10", "mobileone_cifar10"],
+    "lowbit": ["resnet20_cifar10", "mobilenet_v2", "repvgg_cifar10", "mobileone_cifar10"],
+}
+SUITE_TITLES = {
+    "w8a8": "W8A8 against onnxruntime (issue 2)",
+    "reparam": "Re-parameterized models: unfused, fused, W8A8 (issue 3)",
+    "lowbit": "Low bit widths, granularity and weight range rules (issue 4)",
+}
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+def fusion_check(name: str) -> str:
+    """How far onnxq fuse moves the logits on the evaluation split, and what it did to the graph."""
+    path = model_path(name)
+    split = split_for(name, CALIBRATION_SAMPLES)
+    original = onnx.load(path)
+    result = onnxq.fuse(path)
+    before = logits(original, split.x)
+    after = logits(result.model, split.x)
+    relative = float(np.abs(after - before).max() / np.abs(before).max())
+    same = bool((after.argmax(1) == before.argmax(1)).all())
+    ops = ", ".join(
+        f"{op} {sum(n.op_type == op for n in original.graph.node)} → "
+        f"{sum(n.op_type == op for n in result.model.graph.node)}"
+        for op in ("Conv", "BatchNormalization", "Add")
+    )
+    return (
+        f"onnxq fuse: {result.fused.branches_merged} branches merged into {len(result.fused.merged)} Conv "
+        f"nodes ({ops}); max |fused − unfused| over max |unfused| logits on the evaluation split: "
+        f"{relative:.1e}; top-1 identical on every image: {'yes' if same else 'NO'}."
+    )
+
+
+def markdown(
+    suite: str, results: dict[str, tuple[float, list[Row]]], samples: int, extra: dict[str, str]
+) -> str:
+    latency = SUITES[suite][2]
+    notes = {
+        "w8a8": f"Calibration: {samples} CIFAR-10 training images or the 500 even-class ImageNet images.",
+        "reparam": f"Calibration: {samples} CIFAR-10 training images. Fused rows must equal the float model.",
+        "lowbit": f"Calibration: {samples} CIFAR-10 training images or {samples} even-class ImageNet "
+        "images; activation ranges min-max. First and last layers stay at 8 bits.",
+    }
+    lines = [f"## {SUITE_TITLES[suite]}", "", notes[suite], ""]
+    header = "| setting | top-1 % | Δ float | agreement % | KL | size KB | calib. s |"
+    rule = "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+    if latency:
+        header += " latency ×float |"
+        rule += " ---: |"
+    header += " kernels |"
+    rule += " --- |"
     for name, (float_top1, rows) in results.items():
-        lines += [
-            f"## {name} (float top-1 {100 * float_top1:.2f} %)",
-            "",
-            "| setting | top-1 % | Δ float | agreement % | KL | calib. s | latency ×float | kernels |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
-        ]
+        lines += [f"### {name} (float top-1 {100 * float_top1:.2f} %)", ""]
+        lines += [extra[name], ""] if name in extra else []
+        lines += [header, rule]
         for r in rows:
-            lines.append(
-                f"| {r.setting} | {100 * r.top1:.2f} | {100 * (r.top1 - float_top1):+.2f} | "
-                f"{100 * r.agreement:.2f} | {r.kl:.4f} | {r.calib_s:.1f} | {r.latency_ratio:.2f} | "
-                f"{r.kernels} |"
-            )
+            cells = [
+                r.setting,
+                f"{100 * r.top1:.2f}",
+                f"{100 * (r.top1 - float_top1):+.2f}",
+                f"{100 * r.agreement:.2f}",
+                f"{r.kl:.4f}",
+                f"{r.size_kb:.0f}",
+                "" if r.calib_s is None else f"{r.calib_s:.1f}",
+            ]
+            if latency:
+                cells.append("" if r.latency_ratio is None else f"{r.latency_ratio:.2f}")
+            cells.append(r.kernels)
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+HEADER = """# Benchmarks
+
+Written by `tools/bench.py` (do not edit by hand; each suite rewrites its own section). Protocol:
+../shared/data/README.md; evaluation on test-1017 (CIFAR-10) or the 500 odd-class imagenet-sample
+images. All models run at onnxruntime's default optimization level. Latency: batch 1, 2 threads,
+quantized over float, measured in the same run (compare ratios, not milliseconds, across runs).
+"""
+
+
+def write_section(path: Path, suite: str, text: str, machine: str) -> None:
+    """Replace this suite's section of the file (or append it), keeping the others."""
+    begin, end = f"<!-- suite: {suite} -->", f"<!-- end suite: {suite} -->"
+    section = f"{begin}\n{text}\nMachine: {machine}\n{end}"
+    current = path.read_text() if path.exists() else HEADER
+    if begin not in current and "<!-- suite:" not in current:
+        current = HEADER  # an old single-table file: start over
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    updated = (
+        pattern.sub(lambda _: section, current) if begin in current else current.rstrip() + "\n\n" + section
+    )
+    path.write_text(updated.rstrip() + "\n")
 
 
 def machine_description() -> str:
@@ -213,14 +382,18 @@ def machine_description() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default_models = sorted(p.stem for p in (SHARED / "models").glob("*.onnx"))
-    parser.add_argument("--models", nargs="*", default=default_models)
+    parser.add_argument("suite", choices=sorted(SUITES))
+    parser.add_argument("--models", nargs="*")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     args = parser.parse_args()
     if not SHARED.is_dir():
         raise SystemExit(f"{SHARED} is missing: the benchmark needs ../shared")
-    results = {name: bench_model(name) for name in args.models}
-    args.out.write_text(markdown(results, machine_description()))
+    make_settings, samples, latency = SUITES[args.suite]
+    models = args.models or DEFAULT_MODELS[args.suite]
+    results = {name: measure(name, make_settings(name), samples=samples, latency=latency) for name in models}
+    extra = {name: fusion_check(name) for name in models} if args.suite == "reparam" else {}
+    text = markdown(args.suite, results, samples, extra)
+    write_section(args.out, args.suite, text, machine_description())
     print("wrote", args.out)
 
 
