@@ -25,7 +25,9 @@ test: $(BIN)/onnxq
 	$(BIN)/pytest
 
 bench: $(BIN)/onnxq
-	$(BIN)/python tools/bench.py
+	$(BIN)/python tools/bench.py w8a8
+	$(BIN)/python tools/bench.py reparam
+	$(BIN)/python tools/bench.py lowbit
 
 clean:
 	rm -rf $(VENV) build

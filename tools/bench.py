@@ -207,24 +207,34 @@ def reparam_settings(name: str) -> dict[str, Callable]:
     def quantize_fused(path, calib):
         return run_onnxq(onnxq.fuse(path).model, calib, onnxq.QuantConfig())
 
-    return {
+    settings = {
         "fused float (onnxq fuse)": fused,
         "onnxq W8A8 (default), unfused input": lambda p, c: run_onnxq(p, c, onnxq.QuantConfig()),
-        "onnxq W8A8 (default), fused input": quantize_fused,
-        "onnxruntime quantize_static MinMax, unfused input": lambda p, c: run_onnxruntime(p, c, "MinMax"),
+        "onnxq W8A8 (default), input fused by onnxq fuse": quantize_fused,
     }
+    deployed = ROOT / "build" / f"{name}_deployed.onnx"  # torch's own re-parameterization
+    if deployed.exists():
+        settings["torch's deployed export (float)"] = lambda p, c: (onnx.load(deployed), 0.0)
+        settings["onnxq W8A8 (default), torch's deployed export"] = lambda p, c: run_onnxq(
+            deployed, c, onnxq.QuantConfig()
+        )
+    settings["onnxruntime quantize_static MinMax, unfused input"] = lambda p, c: run_onnxruntime(
+        p, c, "MinMax"
+    )
+    return settings
 
 
 LOW_BIT_WIDTHS = [(8, 8), (6, 6), (4, 8), (4, 4), (3, 3), (2, 4)]
 RULES_AT_W4A8 = ["mse", "mae", "scaleclip", "percentile:99.9"]
 
 
-def lowbit_config(w: int, a: int, granularity: str, rule: str) -> onnxq.QuantConfig:
+def lowbit_config(w: int, a: int, granularity: str, rule: str, symmetric: bool = True) -> onnxq.QuantConfig:
     return onnxq.QuantConfig(
         weight_bits=w,
         activation_bits=a,
         granularity=Granularity.parse(granularity),
         weight_rule=RangeRule.parse(rule),
+        weight_symmetric=symmetric,
         calibration=onnxq.CalibrationMethod.MINMAX,
     )
 
@@ -237,6 +247,11 @@ def lowbit_settings(name: str) -> dict[str, Callable]:
             for rule in rules if granularity == "channel" else ["minmax"]:
                 config = lowbit_config(w, a, granularity, rule)
                 label = f"onnxq W{w}A{a} {granularity} {rule}"
+                settings[label] = lambda p, c, config=config: run_onnxq(p, c, config)
+        if (w, a) == (4, 8):
+            for rule in ("minmax", "mse", "scaleclip"):
+                config = lowbit_config(w, a, "channel", rule, symmetric=False)
+                label = f"onnxq W{w}A{a} channel {rule}, asymmetric weights"
                 settings[label] = lambda p, c, config=config: run_onnxq(p, c, config)
     for weight_type, activation_type, label in [
         ("QInt4", "QUInt8", "W4A8"),
@@ -297,44 +312,38 @@ def fusion_check(name: str) -> str:
     )
 
 
-def markdown(
-    suite: str, results: dict[str, tuple[float, list[Row]]], samples: int, extra: dict[str, str]
-) -> str:
-    latency = SUITES[suite][2]
+def markdown(suite: str, name: str, float_top1: float, rows: list[Row], samples: int, extra: str) -> str:
+    """One model's table for one suite."""
     notes = {
         "w8a8": f"Calibration: {samples} CIFAR-10 training images or the 500 even-class ImageNet images.",
         "reparam": f"Calibration: {samples} CIFAR-10 training images. Fused rows must equal the float model.",
         "lowbit": f"Calibration: {samples} CIFAR-10 training images or {samples} even-class ImageNet "
         "images; activation ranges min-max. First and last layers stay at 8 bits.",
     }
-    lines = [f"## {SUITE_TITLES[suite]}", "", notes[suite], ""]
+    latency = SUITES[suite][2]
+    lines = [f"## {SUITE_TITLES[suite]}: {name} (float top-1 {100 * float_top1:.2f} %)", "", notes[suite], ""]
+    lines += [extra, ""] if extra else []
     header = "| setting | top-1 % | Δ float | agreement % | KL | size KB | calib. s |"
     rule = "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
     if latency:
         header += " latency ×float |"
         rule += " ---: |"
-    header += " kernels |"
-    rule += " --- |"
-    for name, (float_top1, rows) in results.items():
-        lines += [f"### {name} (float top-1 {100 * float_top1:.2f} %)", ""]
-        lines += [extra[name], ""] if name in extra else []
-        lines += [header, rule]
-        for r in rows:
-            cells = [
-                r.setting,
-                f"{100 * r.top1:.2f}",
-                f"{100 * (r.top1 - float_top1):+.2f}",
-                f"{100 * r.agreement:.2f}",
-                f"{r.kl:.4f}",
-                f"{r.size_kb:.0f}",
-                "" if r.calib_s is None else f"{r.calib_s:.1f}",
-            ]
-            if latency:
-                cells.append("" if r.latency_ratio is None else f"{r.latency_ratio:.2f}")
-            cells.append(r.kernels)
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
-    return "\n".join(lines)
+    lines += [header + " kernels |", rule + " --- |"]
+    for r in rows:
+        cells = [
+            r.setting,
+            f"{100 * r.top1:.2f}",
+            f"{100 * (r.top1 - float_top1):+.2f}",
+            f"{100 * r.agreement:.2f}",
+            f"{r.kl:.4f}",
+            f"{r.size_kb:.0f}",
+            "" if r.calib_s is None else f"{r.calib_s:.1f}",
+        ]
+        if latency:
+            cells.append("" if r.latency_ratio is None else f"{r.latency_ratio:.2f}")
+        cells.append(r.kernels)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 HEADER = """# Benchmarks
