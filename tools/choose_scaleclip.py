@@ -30,7 +30,7 @@ from onnxq.evaluate import kl_divergence
 from onnxq.quant import primitives as P
 from onnxq.quant.weights import WeightLayout, quantize_weight
 
-CANDIDATES = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0)
+CANDIDATES = (1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 16.0)
 WIDTHS = (2, 3, 4, 5, 6)
 SAMPLES = 256
 
