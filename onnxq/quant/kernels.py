@@ -44,7 +44,7 @@ def choose_weight_range(requested: WeightRange) -> WeightRangeChoice:
     return WeightRangeChoice(
         8,
         "full int8 range [-127, 127]: onnxruntime's int8 kernels on this CPU do not saturate; "
-        "pass --weight-range reduced for models deployed on x86 CPUs without VNNI",
+        "pass --int8-range reduced for models deployed on x86 CPUs without VNNI",
     )
 
 
