@@ -444,7 +444,11 @@ def _fuse_tree(graph: ir.Graph, top: ir.Node, report: FuseReport) -> MergedBlock
 
 def _merge_group(graph, top, sums, group, constants, branches, report) -> MergedBlock | None:
     name = top.outputs[0].name
-    channels, rank = _input_layout(group)
+    try:
+        channels, rank = _input_layout(group)
+    except Refused as why:
+        report.refused[name] = str(why)
+        return None
     maps, kept = [], []
     for branch in group:
         try:
@@ -482,17 +486,25 @@ def _merge_group(graph, top, sums, group, constants, branches, report) -> Merged
 
 
 def _input_layout(group: list[Branch]) -> tuple[int, int]:
-    """(channels, spatial rank) of the branches' shared input, read from the first Conv's weight."""
-    for branch in group:
-        for node in branch.nodes:
-            if node.op_type == "Conv":
-                weight = constant(node.inputs[1])
-                if weight is not None:
-                    if node is branch.nodes[0]:
-                        return weight.shape[1] * attribute(node, "group", 1), weight.ndim - 2
-                    shape = group[0].root.shape
-                    if shape is not None and isinstance(shape[1], int):
-                        return shape[1], weight.ndim - 2
+    """(channels, spatial rank) of the branches' shared input.
+
+    The channel count comes from the input's shape, or else from a branch that starts with a
+    Conv (C_in = weight.shape[1] · group) or a BatchNormalization (its scale's length); the rank
+    from any Conv's weight.
+    """
+    convs = [n for b in group for n in b.nodes if n.op_type == "Conv" and constant(n.inputs[1]) is not None]
+    if not convs:
+        raise Refused("no Conv with constant weights among the branches")
+    rank = constant(convs[0].inputs[1]).ndim - 2
+    shape = group[0].root.shape
+    if shape is not None and len(shape) == rank + 2 and isinstance(shape[1], int):
+        return shape[1], rank
+    for first in (b.nodes[0] for b in group if b.nodes):
+        parameter = constant(first.inputs[1]) if len(first.inputs) > 1 else None
+        if parameter is not None and first.op_type == "Conv":
+            return parameter.shape[1] * attribute(first, "group", 1), rank
+        if parameter is not None and first.op_type == "BatchNormalization":
+            return parameter.size, rank
     raise Refused("the branches' input channel count is unknown")
 
 
