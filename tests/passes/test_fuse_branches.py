@@ -313,3 +313,46 @@ def test_random_branch_layouts_fuse_exactly(layout, seed):
     assert max_relative_difference(model, result.model, _sample(example, seed)) <= TOLERANCE
     if not groups_differ:
         assert _op_types(result.model) == ["Conv", "Relu"], result.fused.refused
+
+
+def test_fuses_when_the_shared_input_has_no_shape_information():
+    """The branches read an intermediate tensor the exporter gave no value_info: channels come from
+    the weights (a Conv's input channels, a BatchNormalization's scale)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def init(name, *shape, positive=False):
+        array = rng.random(shape) + 0.5 if positive else rng.standard_normal(shape)
+        return numpy_helper.from_array(array.astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Relu", ["input"], ["r"]),
+        helper.make_node("BatchNormalization", ["r", "g", "b", "m", "v"], ["n"]),
+        helper.make_node("Conv", ["n", "w1", "b1"], ["a"]),
+        helper.make_node("Conv", ["r", "w3"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["a", "c"], ["s"]),
+        helper.make_node("Add", ["s", "r"], ["logits"]),
+    ]
+    initializers = [
+        init("g", 4),
+        init("b", 4),
+        init("m", 4),
+        init("v", 4, positive=True),
+        init("w3", 4, 4, 3, 3),
+        init("w1", 4, 4, 1, 1),
+        init("b1", 4),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "no_shapes",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4, 6, 6])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4, 6, 6])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    result = fuse(model, simplify_first=False)
+    assert _op_types(result.model) == ["Relu", "Conv"], result.fused.refused
+    sample = {"input": rng.standard_normal((2, 4, 6, 6)).astype(np.float32)}
+    assert max_relative_difference(model, result.model, sample) <= TOLERANCE
