@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+
+from onnxq.io import to_ir
+from onnxq.passes.graph_utils import constant, output_channel_axis
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -27,23 +29,22 @@ class LayerWeights:
 
 
 def weight_statistics(model: onnx.ModelProto, layers: set[str] | None = None) -> list[LayerWeights]:
-    """Statistics of every Conv/Gemm/MatMul with an initializer weight (or only `layers`)."""
-    initializers = {t.name: t for t in model.graph.initializer}
+    """Statistics of every Conv/Gemm/MatMul with a constant weight (or only `layers`)."""
     stats = []
-    for node in model.graph.node:
-        if node.op_type not in WEIGHTED_OPS or len(node.input) < 2 or node.input[1] not in initializers:
+    for node in to_ir(model).graph:
+        weight = constant(node.inputs[1]) if node.op_type in WEIGHTED_OPS and len(node.inputs) > 1 else None
+        if weight is None or (layers is not None and node.name not in layers):
             continue
-        if layers is not None and node.name not in layers:
-            continue
-        weight = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float64)
-        channels = _by_output_channel(node, weight)
-        peaks = np.abs(channels).max(axis=1)
-        stds = channels.std(axis=1)
+        axis = output_channel_axis(node, weight)  # None (grouped ConvTranspose): one row
+        by_channel = weight[None] if axis is None else np.moveaxis(weight, axis, 0)
+        rows = by_channel.reshape(by_channel.shape[0], -1).astype(np.float64)
+        peaks = np.abs(rows).max(axis=1)
+        stds = rows.std(axis=1)
         ratio = np.where(stds > 0, peaks / np.maximum(stds, 1e-30), 0.0)
         median = float(np.median(peaks))
         stats.append(
             LayerWeights(
-                node.name or node.output[0],
+                node.name or node.outputs[0].name,
                 node.op_type,
                 tuple(weight.shape),
                 float(peaks.max()),
@@ -52,16 +53,3 @@ def weight_statistics(model: onnx.ModelProto, layers: set[str] | None = None) ->
             )
         )
     return stats
-
-
-def _by_output_channel(node: onnx.NodeProto, weight: np.ndarray) -> np.ndarray:
-    """The weight as rows of one output channel each."""
-    if node.op_type == "Conv" or (node.op_type == "Gemm" and _trans_b(node)):
-        return weight.reshape(weight.shape[0], -1)
-    if node.op_type == "ConvTranspose":
-        return np.moveaxis(weight, 1, 0).reshape(weight.shape[1], -1)
-    return weight.reshape(-1, weight.shape[-1]).T  # Gemm without transB, MatMul: one column each
-
-
-def _trans_b(node: onnx.NodeProto) -> bool:
-    return any(a.name == "transB" and a.i for a in node.attribute)

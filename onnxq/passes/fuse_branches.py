@@ -118,15 +118,13 @@ class FuseReport:
 def fuse_branches(graph: ir.Graph) -> FuseReport:
     """Merge every re-parameterizable block of `graph` in place; returns what was merged and refused."""
     report = FuseReport()
-    changed = True
-    while changed:
-        changed = False
-        for top in _sum_trees(graph):
-            block = _fuse_tree(graph, top, report)
-            if block is not None:
-                report.merged.append(block)
-                changed = True
-                break  # the graph changed under the iteration: look again
+    while True:
+        # A merge touches only its own tree and branch nodes, so the other trees found before it
+        # stay valid; a tree with several mergeable groups is merged one group per pass.
+        merged = [block for top in _sum_trees(graph) if (block := _fuse_tree(graph, top, report))]
+        report.merged += merged
+        if not merged:
+            break
     drop_unused_initializers(graph)
     return report
 
@@ -261,7 +259,7 @@ def _channel_affine(node: ir.Node, channels: int, rank: int) -> tuple[np.ndarray
         gamma, beta, mean, var = (p.astype(np.float64) for p in params)
         scale = gamma / np.sqrt(var + attribute(node, "epsilon", 1e-5))
         return scale, beta - mean * scale
-    operand = next(constant(v) for v in node.inputs if constant(v) is not None)
+    operand = next(array for array in map(constant, node.inputs) if array is not None)
     per_channel = _per_channel(operand, channels, rank, f"{node.op_type} {node.name!r}")
     if node.op_type == "Mul":
         return per_channel, np.zeros(channels)
@@ -388,9 +386,10 @@ def _sum_maps(maps: list[LinearMap]) -> LinearMap:
         raise Refused(f"different groups {sorted(group_counts)}")
     groups = group_counts.pop() if group_counts else maps[0].out_channels
 
-    begin, end, kernel = [], [], []
+    starts, begin, end, kernel = [], [], [], []
     for axis in range(rank):
         start = max(m.pads[axis] for m in maps)
+        starts.append(start)
         offsets = []
         for m in maps:
             shift, remainder = divmod(start - m.pads[axis], dilation[axis])
@@ -417,7 +416,7 @@ def _sum_maps(maps: list[LinearMap]) -> LinearMap:
         )
         weight[(slice(None), slice(None), *window)] += w
     bias = np.sum([m.bias for m in maps], axis=0)
-    pads = tuple(max(m.pads[axis] for m in maps) for axis in range(rank)) + tuple(end)
+    pads = (*starts, *end)
     return LinearMap(weight, bias, groups, maps[0].strides, pads, dilation)
 
 

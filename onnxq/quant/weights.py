@@ -41,15 +41,14 @@ class QuantizedWeight:
 
     def dequantize(self) -> np.ndarray:
         """DequantizeLinear as the ONNX specification defines it, blocked scales included."""
-        scale, zero_point = self.scale, self.zero_point
-        if self.block_size:
-            length = self.integers.shape[self.axis]
-            scale = np.repeat(scale, self.block_size, axis=self.axis).take(range(length), axis=self.axis)
-            zero_point = np.repeat(zero_point, self.block_size, axis=self.axis).take(
-                range(length), axis=self.axis
-            )
-            return ((self.integers.astype(np.int64) - zero_point.astype(np.int64)) * scale).astype(np.float32)
-        return P.dequantize(self.integers, scale, zero_point, self.axis)
+        if not self.block_size:
+            return P.dequantize(self.integers, self.scale, self.zero_point, self.axis)
+        length = self.integers.shape[self.axis]
+
+        def per_element(param: np.ndarray) -> np.ndarray:
+            return np.repeat(param, self.block_size, axis=self.axis).take(range(length), axis=self.axis)
+
+        return P.dequantize(self.integers, per_element(self.scale), per_element(self.zero_point))
 
     @property
     def per_output_channel_scale(self) -> np.ndarray | None:
