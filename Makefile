@@ -28,6 +28,7 @@ bench: $(BIN)/onnxq
 	$(BIN)/python tools/bench.py w8a8
 	$(BIN)/python tools/bench.py reparam
 	$(BIN)/python tools/bench.py lowbit
+	$(BIN)/python tools/bench.py calib
 
 clean:
 	rm -rf $(VENV) build

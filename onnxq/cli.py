@@ -99,7 +99,8 @@ def main() -> None:
     "--w-range",
     default="minmax",
     show_default=True,
-    help="Weight clipping per scale group: minmax, percentile:P, mse, mae or scaleclip[:K].",
+    help="Weight clipping per scale group: minmax, percentile:P, mse, mae, scaleclip[:K], or "
+    "output (by the layer's output error on the calibration data).",
 )
 @click.option("--w-asym", is_flag=True, help="Unsigned weights with a zero point (default: symmetric).")
 @click.option("--a-sym", is_flag=True, help="Signed activations with zero point 0 (default: asymmetric).")
@@ -112,12 +113,30 @@ def main() -> None:
     help="TOML file of per-layer settings ([[layer]] match/op → w_bits, a_bits, granularity, w_range).",
 )
 @click.option(
+    "--calib-method",
     "--calibration",
+    "calibration",
     type=click.Choice([m.value for m in CalibrationMethod]),
     default=QuantConfig.calibration.value,
     show_default=True,
-    help="How activation ranges are chosen.",
+    help="How scales are chosen: minmax/percentile statistics, or searched by the error they cause "
+    "(mse, mae) or by the prediction difference at the output (pd).",
 )
+@click.option(
+    "--bias-correction/--no-bias-correction",
+    default=None,
+    help="Correct each layer's bias by its mean output error [default: on for mse, mae, pd].",
+)
+@click.option("--seed", type=int, default=QuantConfig.seed, show_default=True, help="Seed of the search.")
+@click.option(
+    "--holdout",
+    type=float,
+    default=QuantConfig.holdout,
+    show_default=True,
+    help="Part of the calibration data pd keeps out of its search, to report over-fitting.",
+)
+@click.option("--pd-lambda", type=float, default=QuantConfig.pd_lambda, show_default=True)
+@click.option("--time-budget", type=float, help="Seconds for the search; the rest keeps min-max ranges.")
 @click.option("--percentile", type=float, default=QuantConfig.percentile, show_default=True)
 @click.option(
     "--int8-range",
@@ -152,6 +171,11 @@ def quantize(model, output, calib, **options):
         max_samples=options.pop("max_samples"),
         batch_size=options.pop("batch_size"),
         simplify=not options.pop("no_simplify"),
+        bias_correction=options.pop("bias_correction"),
+        seed=options.pop("seed"),
+        holdout=options.pop("holdout"),
+        pd_lambda=options.pop("pd_lambda"),
+        time_budget=options.pop("time_budget"),
     )
     preprocess = build_preprocess(**options)
     with RichProgress() as progress:

@@ -68,18 +68,21 @@ class RangeRule:
     minmax: the extremes; percentile:P: the P-th percentile of |w|; mse / mae: the clipping ratio
     minimising the squared / absolute quantization error of the group's weights (grid search,
     refined around the best); scaleclip:K: α = K·mean|w| of the group (Scale-Clip), K per bit
-    width from SCALECLIP_K when not given.
+    width from SCALECLIP_K when not given; output: the clipping ratio minimising the squared error
+    of the layer's output on the calibration data, measured in onnxruntime (what the mse, mae and
+    pd calibration methods do for every layer).
     """
 
     kind: str
     value: float | None = None
 
-    KINDS = ("minmax", "percentile", "mse", "mae", "scaleclip")
+    KINDS = ("minmax", "percentile", "mse", "mae", "scaleclip", "output")
 
     def __post_init__(self) -> None:
         if self.kind not in self.KINDS:
             raise OnnxqError(
-                f"weight range must be minmax, percentile:P, mse, mae or scaleclip[:K], got {self.kind!r}"
+                "weight range must be minmax, percentile:P, mse, mae, scaleclip[:K] or output, "
+                f"got {self.kind!r}"
             )
         if self.kind == "percentile" and not (self.value is not None and 50.0 < self.value <= 100.0):
             raise OnnxqError("percentile:P needs P in (50, 100]")
@@ -138,11 +141,29 @@ class LayerOverride:
         return replace(settings, **changes)
 
 
+# λ of the PD regulariser (normalised MSE of each item's outputs), chosen on held-out
+# calibration samples by tools/choose_pd_lambda.py; table in BENCHMARKS.md.
+PD_LAMBDA = 10.0
+
+
 class CalibrationMethod(enum.Enum):
-    """How activation ranges are derived from the calibration data."""
+    """How scales are chosen from the calibration data.
+
+    MINMAX and PERCENTILE set activation ranges from float statistics (weights follow their
+    range rule). MSE, MAE and PD search every weight and activation scale by the error it
+    causes, in onnxruntime, layer by layer on the quantized model's own activations; PD then
+    refines them by the prediction difference at the output (PD-Quant).
+    """
 
     MINMAX = "minmax"
     PERCENTILE = "percentile"
+    MSE = "mse"
+    MAE = "mae"
+    PD = "pd"
+
+    @property
+    def searched(self) -> bool:
+        return self in (CalibrationMethod.MSE, CalibrationMethod.MAE, CalibrationMethod.PD)
 
 
 class WeightRange(enum.Enum):
@@ -215,6 +236,11 @@ class QuantConfig:
     simplify: bool = True
     max_samples: int | None = 512
     batch_size: int = 8
+    bias_correction: bool | None = None  # None: on for the searched methods
+    seed: int = 0
+    holdout: float = 0.2  # part of the calibration data kept out of the search, to report on
+    pd_lambda: float = PD_LAMBDA
+    time_budget: float | None = None  # seconds for the search; what is left keeps simple ranges
     op_types: frozenset[str] = field(
         default_factory=lambda: frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
     )
@@ -232,6 +258,16 @@ class QuantConfig:
             raise OnnxqError("batch size must be at least 1")
         if self.max_samples is not None and self.max_samples < 1:
             raise OnnxqError("max samples must be at least 1")
+        if not 0.0 <= self.holdout < 1.0:
+            raise OnnxqError(f"holdout must be in [0, 1), got {self.holdout}")
+        if self.pd_lambda < 0:
+            raise OnnxqError(f"pd lambda must be non-negative, got {self.pd_lambda}")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise OnnxqError(f"time budget must be positive, got {self.time_budget}")
+
+    @property
+    def corrects_bias(self) -> bool:
+        return self.calibration.searched if self.bias_correction is None else self.bias_correction
 
     def layer_settings(self, name: str, op_type: str, *, edge: bool = False) -> LayerSettings:
         """The settings of one layer: global, 8 bits for the first/last layer, then overrides."""

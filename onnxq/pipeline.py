@@ -19,6 +19,8 @@ import onnxq
 from onnxq.calib.data import DataSource, batches, first_batch, model_inputs, random_sample
 from onnxq.calib.observers import HistogramObserver, MinMaxObserver
 from onnxq.calib.runner import collect_ranges
+from onnxq.calib.search import SearchResult, SearchSettings, search_parameters
+from onnxq.calib.simulate import build_simulation
 from onnxq.config import CalibrationMethod, Preprocess, QuantConfig
 from onnxq.errors import OnnxqError
 from onnxq.io import load_model, save_model, session, to_ir, to_proto
@@ -54,6 +56,7 @@ class QuantResult:
     quantized_nodes: int = 0
     float_nodes: dict[str, str] = field(default_factory=dict)
     samples: int = 0
+    calibration: SearchResult | None = None
 
 
 def quantize(
@@ -92,11 +95,20 @@ def quantize(
         notes.append(f"opset raised to {opset} for the integer types in use")
         graph_model = to_ir(float_model)
         plan = plan_quantization(graph_model.graph, config)
-    progress.stage(f"calibrate ({config.calibration.value})", total=config.max_samples)
-    observer = _observer_factory(config)
-    ranges, samples = collect_ranges(float_model, plan.observed_tensors(), stream, observer, progress)
-
     choice = choose_weight_range(config.weight_range)
+    search = None
+    output_rule = any(spec.rule.kind == "output" for spec in plan.weights.values())
+    if config.calibration.searched or config.corrects_bias or output_rule:
+        data, samples = _gather(stream)
+        ranges = {}
+        if not config.calibration.searched:
+            ranges, _ = _observe(float_model, plan, _as_batches(data, config.batch_size), config, progress)
+        search = _search(float_model, plan, data, ranges, config, choice.bits == 7, progress)
+        ranges = {plan.activations[root].observed: r for root, r in search.ranges.items()}
+        notes += _search_notes(search)
+    else:
+        ranges, samples = _observe(float_model, plan, stream, config, progress)
+
     progress.stage("insert Q/DQ")
     params = activation_params(plan, ranges, symmetric=config.activation_symmetric)
     insert_qdq(
@@ -105,6 +117,8 @@ def quantize(
         params,
         symmetric_weights=config.weight_symmetric,
         reduced_8bit_weights=choice.bits == 7,
+        weight_ratios=search.weight_ratios if search else None,
+        biases=search.biases if search else None,
     )
     quantized = to_proto(graph_model)
     quantized.ir_version = _ir_version(quantized)
@@ -112,7 +126,63 @@ def quantize(
 
     progress.stage("validate")
     validate(quantized, sample)
-    return QuantResult(quantized, notes, choice.reason, len(plan.quantized_nodes), plan.float_nodes, samples)
+    return QuantResult(
+        quantized, notes, choice.reason, len(plan.quantized_nodes), plan.float_nodes, samples, search
+    )
+
+
+def _observe(float_model, plan, stream, config: QuantConfig, progress: Progress):
+    """Float activation ranges by min-max or percentile statistics."""
+    progress.stage(f"calibrate ({config.calibration.value})", total=config.max_samples)
+    return collect_ranges(float_model, plan.observed_tensors(), stream, _observer_factory(config), progress)
+
+
+def _gather(stream) -> tuple[dict[str, np.ndarray], int]:
+    """All calibration batches in memory: the search revisits them many times."""
+    parts = list(stream)
+    data = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    return data, len(next(iter(data.values())))
+
+
+def _as_batches(data: dict[str, np.ndarray], size: int):
+    total = len(next(iter(data.values())))
+    return ({k: v[i : i + size] for k, v in data.items()} for i in range(0, total, size))
+
+
+def _search(float_model, plan, data, ranges, config: QuantConfig, reduced: bool, progress) -> SearchResult:
+    """Scales chosen by error in onnxruntime (or fixed ranges with bias correction only)."""
+    method = config.calibration.value if config.calibration.searched else "fixed"
+    settings = SearchSettings(
+        method=method,
+        bias_correction=config.corrects_bias,
+        symmetric_weights=config.weight_symmetric,
+        symmetric_activations=config.activation_symmetric,
+        reduced_8bit_weights=reduced,
+        pd_lambda=config.pd_lambda,
+        holdout=config.holdout if method == "pd" else 0.0,
+        seed=config.seed,
+        time_budget=config.time_budget,
+    )
+    fixed = {
+        spec.tensor: ranges[spec.observed] for spec in plan.activations.values() if spec.observed in ranges
+    }
+    return search_parameters(build_simulation(float_model, plan), plan, data, settings, progress, fixed)
+
+
+def _search_notes(search: SearchResult) -> list[str]:
+    notes = [f"calibration search: {search.samples} samples, {search.seconds:.1f} s"]
+    if search.pd_loss:
+        losses = ", ".join(f"{k} {v:.4g}" for k, v in search.pd_loss.items())
+        notes.append(f"prediction difference (KL): {losses}")
+    local = [name for name in search.skipped if not name.endswith(" (pd)")]
+    refined = [name for name in search.skipped if name.endswith(" (pd)")]
+    if local:
+        notes.append(
+            f"time budget reached: {len(local)} items kept min-max ranges and their bias (first: {local[0]})"
+        )
+    if refined:
+        notes.append(f"time budget reached: pd skipped {len(refined)} items, which keep their mse choice")
+    return notes
 
 
 def fuse(

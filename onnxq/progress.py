@@ -12,6 +12,8 @@ class Progress(Protocol):
 
     def note(self, message: str) -> None: ...
 
+    def status(self, message: str) -> None: ...
+
 
 class Silent:
     """Reports nothing; library calls stay quiet unless the caller asks."""
@@ -23,6 +25,9 @@ class Silent:
         pass
 
     def note(self, message: str) -> None:
+        pass
+
+    def status(self, message: str) -> None:
         pass
 
 
@@ -45,6 +50,7 @@ class RichProgress:
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
+            TextColumn("[dim]{task.fields[status]}"),
             console=self.console,
             transient=True,
             disable=not self.console.is_terminal,
@@ -61,7 +67,7 @@ class RichProgress:
     def stage(self, name: str, total: int | None = None) -> None:
         if self._task is not None:
             self._bar.remove_task(self._task)
-        self._task = self._bar.add_task(name, total=total)
+        self._task = self._bar.add_task(name, total=total, status="")
         self.console.print(f"[dim]·[/dim] {name}")
 
     def advance(self, completed: int) -> None:
@@ -70,3 +76,8 @@ class RichProgress:
 
     def note(self, message: str) -> None:
         self.console.print(f"  {message}")
+
+    def status(self, message: str) -> None:
+        """What the stage is on now (layer, loss): shown on the live line only."""
+        if self._task is not None:
+            self._bar.update(self._task, status=message)

@@ -111,12 +111,25 @@ def test_low_bit_flags_and_overrides(tmp_path, small_model_path, calib_file):
     assert onnx.TensorProto.INT4 in types and onnx.TensorProto.INT8 in types
 
 
+def test_searched_calibration_reports_its_losses(tmp_path, small_model_path, calib_file):
+    out = tmp_path / "small.w4a4.pd.onnx"
+    args = ["--w-bits", "4", "--a-bits", "4", "--calib-method", "pd", "--seed", "1"]
+    result = run("quantize", small_model_path, "-o", out, "--calib", calib_file, *args)
+    assert result.exit_code == 0, result.output
+    assert "prediction difference (KL): calibration before pd" in result.output
+    assert "held-out" in result.output
+    assert onnx.load(out).graph.node
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--granularity", "group"], "needs a size"),
         (["--w-range", "percentile:20"], "percentile"),
         (["--overrides", "missing.toml"], "override file not found"),
+        (["--calib-method", "pd", "--holdout", "1.5"], "holdout must be in [0, 1)"),
+        (["--calib-method", "mse", "--time-budget", "0"], "time budget must be positive"),
+        (["--w-range", "outputs"], "weight range must be"),
     ],
 )
 def test_bad_low_bit_options_give_one_line(tmp_path, small_model_path, calib_file, args, message):

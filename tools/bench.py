@@ -19,6 +19,8 @@ import argparse
 import contextlib
 import os
 import re
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -51,6 +53,7 @@ class Row:
     calib_s: float | None = None
     latency_ratio: float | None = None
     kernels: str = ""
+    peak_mb: float | None = None
 
 
 @dataclass
@@ -162,7 +165,7 @@ def measure(
     for setting, build in settings.items():
         print(f"  {name}: {setting}", flush=True)
         try:
-            model, seconds = build(path, split.calib)
+            model, seconds, *peak = build(path, split.calib)
         except Exception as err:  # a baseline that cannot do this width is a result, not a crash
             print(f"    failed: {str(err).splitlines()[0][:160]}", flush=True)
             rows.append(Row(f"{setting} (failed: {str(err).splitlines()[0][:80]})", *([float("nan")] * 4)))
@@ -172,7 +175,7 @@ def measure(
             latency_ms(session(model, threads=THREADS), sample, runs=100) / float_latency if latency else None
         )
         size = len(model.SerializeToString()) / 1024
-        rows.append(Row(setting, top1, agreement, kl, size, seconds, ratio, kernel_summary(model)))
+        rows.append(Row(setting, top1, agreement, kl, size, seconds, ratio, kernel_summary(model), *peak))
         print(f"    top-1 {100 * top1:.2f} (float {100 * float_top1:.2f}), agreement {100 * agreement:.2f}")
     return float_top1, rows
 
@@ -225,7 +228,7 @@ def reparam_settings(name: str) -> dict[str, Callable]:
 
 
 LOW_BIT_WIDTHS = [(8, 8), (6, 6), (4, 8), (4, 4), (3, 3), (2, 4)]
-RULES_AT_W4A8 = ["mse", "mae", "scaleclip", "percentile:99.9"]
+RULES_AT_W4A8 = ["mse", "mae", "scaleclip", "percentile:99.9", "output"]
 
 
 def lowbit_config(w: int, a: int, granularity: str, rule: str, symmetric: bool = True) -> onnxq.QuantConfig:
@@ -263,7 +266,61 @@ def lowbit_settings(name: str) -> dict[str, Callable]:
     return settings
 
 
+CALIB_WIDTHS = {
+    "resnet20_cifar10": [(8, 8), (4, 8), (4, 4), (2, 4)],
+    "resnet56_cifar10": [(4, 8), (4, 4)],
+    "mobilenet_v2": [(8, 8), (4, 8)],
+    "repvgg_cifar10": [(4, 8)],
+    "mobileone_cifar10": [(4, 8)],
+}
+CALIB_METHODS = [
+    ("minmax", False),
+    ("minmax", True),
+    ("mse", False),
+    ("mse", True),
+    ("mae", False),
+    ("mae", True),
+    ("pd", True),
+]
+ORT_TYPES = {(8, 8): ("QInt8", "QUInt8"), (4, 8): ("QInt4", "QUInt8"), (4, 4): ("QInt4", "QUInt4")}
+
+
+def run_onnxq_cli(path: Path, calib: np.ndarray, flags: list[str]) -> tuple[onnx.ModelProto, float, float]:
+    """`onnxq quantize` in its own process: (model, wall seconds, peak resident MB of that process)."""
+    with tempfile.TemporaryDirectory() as folder:
+        data, out = os.path.join(folder, "calib.npy"), os.path.join(folder, "quantized.onnx")
+        np.save(data, calib)
+        command = [sys.executable, "-m", "onnxq", "quantize", str(path), "--calib", data, "-o", out, *flags]
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - start
+        if status != 0:
+            raise RuntimeError(process.stderr.read().decode().strip().splitlines()[-1])
+        return onnx.load(out), seconds, usage.ru_maxrss / 1024
+
+
+def calib_settings(name: str) -> dict[str, Callable]:
+    settings = {}
+    for w, a in CALIB_WIDTHS.get(name, [(4, 8), (4, 4)]):
+        for method, corrected in CALIB_METHODS:
+            flags = ["--w-bits", str(w), "--a-bits", str(a), "--calib-method", method, "--max-samples", "256"]
+            flags.append("--bias-correction" if corrected else "--no-bias-correction")
+            label = f"onnxq W{w}A{a} {method}" + (", bias correction" if corrected else "")
+            settings[label] = lambda p, c, flags=flags: run_onnxq_cli(p, c, flags)
+        if (w, a) in ORT_TYPES:
+            weight_type, activation_type = ORT_TYPES[(w, a)]
+            for method in ("MinMax", "Percentile"):
+                few = method == "Percentile" and "cifar" not in name  # its histograms exhaust memory
+                label = f"onnxruntime quantize_static {method} W{w}A{a}" + (" (128 images)" if few else "")
+                settings[label] = lambda p, c, m=method, wt=weight_type, at=activation_type, few=few: (
+                    run_onnxruntime(p, c[:128] if few else c, m, wt, at)
+                )
+    return settings
+
+
 SUITES = {
+    "calib": (calib_settings, LOW_BIT_SAMPLES, False),
     "w8a8": (w8a8_settings, CALIBRATION_SAMPLES, True),
     "reparam": (reparam_settings, CALIBRATION_SAMPLES, True),
     "lowbit": (lowbit_settings, LOW_BIT_SAMPLES, False),
@@ -279,11 +336,13 @@ DEFAULT_MODELS = {
     ],
     "reparam": ["repvgg_cifar10", "mobileone_cifar10"],
     "lowbit": ["resnet20_cifar10", "mobilenet_v2", "repvgg_cifar10", "mobileone_cifar10"],
+    "calib": list(CALIB_WIDTHS),
 }
 SUITE_TITLES = {
     "w8a8": "W8A8 against onnxruntime (issue 2)",
     "reparam": "Re-parameterized models: unfused, fused, W8A8 (issue 3)",
     "lowbit": "Low bit widths, granularity and weight range rules (issue 4)",
+    "calib": "Scales chosen by error: mse, mae, pd, bias correction (issue 5)",
 }
 
 
@@ -319,12 +378,19 @@ def markdown(suite: str, name: str, float_top1: float, rows: list[Row], samples:
         "reparam": f"Calibration: {samples} CIFAR-10 training images. Fused rows must equal the float model.",
         "lowbit": f"Calibration: {samples} CIFAR-10 training images or {samples} even-class ImageNet "
         "images; activation ranges min-max. First and last layers stay at 8 bits.",
+        "calib": f"Calibration: {samples} CIFAR-10 training images or {samples} even-class ImageNet images; "
+        "per-channel symmetric weights, first and last layers at 8 bits. onnxq rows run `onnxq quantize` "
+        "in its own process: calib. s is that process's wall time (imports and saving included) and "
+        "peak MB its peak resident memory. pd keeps 20 % of the calibration images out of its search.",
     }
     latency = SUITES[suite][2]
     lines = [f"## {SUITE_TITLES[suite]}: {name} (float top-1 {100 * float_top1:.2f} %)", "", notes[suite], ""]
     lines += [extra, ""] if extra else []
     header = "| setting | top-1 % | Δ float | agreement % | KL | size KB | calib. s |"
     rule = "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+    if suite == "calib":
+        header += " peak MB |"
+        rule += " ---: |"
     if latency:
         header += " latency ×float |"
         rule += " ---: |"
@@ -339,6 +405,8 @@ def markdown(suite: str, name: str, float_top1: float, rows: list[Row], samples:
             f"{r.size_kb:.0f}",
             "" if r.calib_s is None else f"{r.calib_s:.1f}",
         ]
+        if suite == "calib":
+            cells.append("" if r.peak_mb is None else f"{r.peak_mb:.0f}")
         if latency:
             cells.append("" if r.latency_ratio is None else f"{r.latency_ratio:.2f}")
         cells.append(r.kernels)

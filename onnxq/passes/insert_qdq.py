@@ -77,17 +77,24 @@ def insert_qdq(
     *,
     symmetric_weights: bool = True,
     reduced_8bit_weights: bool = False,
+    weight_ratios: dict[str, np.ndarray] | None = None,
+    biases: dict[str, np.ndarray] | None = None,
 ) -> QdqSummary:
     """Rewrite `graph` in place into its QDQ form.
 
     `reduced_8bit_weights` keeps 8-bit weights within [-63, 63] (for int8 kernels that saturate).
+    `weight_ratios` (per weight, one per scale group) and `biases` (corrected float biases) are
+    what calibration chose; weights without a ratio use their range rule as it is.
     """
+    weight_ratios, biases = weight_ratios or {}, biases or {}
     _remove_absorbed(graph, plan)
     values = _values_by_name(graph)
+    for name, bias in biases.items():
+        values[name].const_value = ir.tensor(bias.astype(np.float32), name=name)
     weight_scales = {}
     for name, spec in plan.weights.items():
-        target = _weight_target(spec, symmetric_weights, reduced_8bit_weights)
-        weight_scales[name] = _quantize_weight(graph, values[name], spec, target)
+        target = weight_target(spec, symmetric_weights, reduced_8bit_weights)
+        weight_scales[name] = _quantize_weight(graph, values[name], spec, target, weight_ratios.get(name))
     for spec in plan.biases.values():
         weight_scale = weight_scales[spec.weight]
         if weight_scale is not None:
@@ -122,7 +129,7 @@ def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
     return values
 
 
-def _weight_target(spec: WeightSpec, symmetric: bool, reduced_8bit: bool) -> P.IntRange:
+def weight_target(spec: WeightSpec, symmetric: bool, reduced_8bit: bool) -> P.IntRange:
     if not symmetric:
         return P.IntRange.unsigned(spec.bits)
     return P.IntRange.signed(7 if spec.bits == 8 and reduced_8bit else spec.bits)
@@ -152,10 +159,10 @@ def _needs_clip(target: P.IntRange) -> bool:
 
 
 def _quantize_weight(
-    graph: ir.Graph, value: ir.Value, spec: WeightSpec, target: P.IntRange
+    graph: ir.Graph, value: ir.Value, spec: WeightSpec, target: P.IntRange, ratios: np.ndarray | None
 ) -> np.ndarray | None:
     """Store the weight as integers + DequantizeLinear; returns its per-output-channel scale if any."""
-    quantized = quantize_weight(constant(value), spec.layout, spec.granularity, spec.rule, target)
+    quantized = quantize_weight(constant(value), spec.layout, spec.granularity, spec.rule, target, ratios)
     _dequantized_constant(
         graph,
         value,
@@ -168,13 +175,19 @@ def _quantize_weight(
     return quantized.per_output_channel_scale
 
 
-def _quantize_bias(graph: ir.Graph, value: ir.Value, scale: np.ndarray) -> None:
-    bias = constant(value)
+BIAS_RANGE = P.IntRange(-(2**31) + 1, 2**31 - 1, np.int32)
+
+
+def bias_quantization(bias: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(int32 values, scale) of a bias stored at scale s_in·s_w (a zero scale becomes 1)."""
     scale = np.broadcast_to(np.asarray(scale, np.float32), bias.shape).copy()
     scale[scale == 0] = 1.0
-    target = P.IntRange(-(2**31) + 1, 2**31 - 1, np.int32)
-    integers = P.quantize(bias, scale, np.zeros(1, np.int32), target, axis=0)
-    _dequantized_constant(graph, value, integers, scale, np.zeros(bias.shape, np.int32), 0, None)
+    return P.quantize(bias, scale, np.zeros(1, np.int32), BIAS_RANGE, axis=0), scale
+
+
+def _quantize_bias(graph: ir.Graph, value: ir.Value, scale: np.ndarray) -> None:
+    integers, scale = bias_quantization(constant(value), scale)
+    _dequantized_constant(graph, value, integers, scale, np.zeros(integers.shape, np.int32), 0, None)
 
 
 def _dequantized_constant(

@@ -62,11 +62,18 @@ def quantize_weight(
     granularity: Granularity,
     rule: RangeRule,
     target: P.IntRange,
+    ratios: np.ndarray | None = None,
 ) -> QuantizedWeight:
-    """Quantize a float weight: symmetric when `target` is signed, else with a zero point per group."""
+    """Quantize a float weight: symmetric when `target` is signed, else with a zero point per group.
+
+    `ratios` (one per scale group) shrinks each group's range further: the calibration search
+    picks them by the error the layer's output shows.
+    """
     weight = weight.astype(np.float32)
     rows, index = _group_rows(weight, layout, granularity)
     low, high = _clip_ranges(rows, rule, target)
+    if ratios is not None:
+        low, high = low * ratios, high * ratios
     scale, zero_point = _group_params(low, high, target)
     element_scale, element_zero = scale[index], zero_point[index]
     integers = np.clip(np.rint(weight / element_scale) + element_zero, target.qmin, target.qmax)
@@ -75,6 +82,20 @@ def quantize_weight(
 
 
 # ----------------------------------------------------------------------------- scale groups
+
+
+def group_membership(weight: np.ndarray, layout: WeightLayout, granularity: Granularity) -> np.ndarray:
+    """(groups, output channels) boolean: which output channels each scale group touches.
+
+    A per-channel loss summed through it gives each group's loss (a block group takes its
+    channel's loss, so all blocks of a channel pick the same ratio).
+    """
+    _, index = _group_rows(weight, layout, granularity)
+    channels = np.moveaxis(index, layout.out_axis, 0).reshape(weight.shape[layout.out_axis], -1)
+    membership = np.zeros((int(index.max()) + 1, channels.shape[0]), bool)
+    for channel, groups in enumerate(channels):
+        membership[np.unique(groups), channel] = True
+    return membership
 
 
 def _group_rows(
@@ -119,7 +140,7 @@ def _clip_ranges(rows: np.ndarray, rule: RangeRule, target: P.IntRange) -> tuple
     if symmetric:
         high = np.maximum(np.abs(low), np.abs(high))
         low = -high
-    if rule.kind == "minmax":
+    if rule.kind in ("minmax", "output"):  # output: the search scales min-max by its ratios
         return low, high
     if rule.kind == "percentile":
         if symmetric:

@@ -1,0 +1,556 @@
+"""Choose every scale by the error it causes, measured in onnxruntime (mse, mae, pd).
+
+One sweep walks the simulation's segments in graph order with two frontiers: the float model's
+tensors and the quantized model's own tensors (everything before the cut already quantized with
+what was chosen). At each item:
+- weights: a grid of clipping ratios per scale group; each candidate runs the layer (and its
+  absorbed Relu/Clip) in onnxruntime on the quantized input, and each group keeps the ratio whose
+  output is closest to the float layer's output (squared or absolute error). With bias
+  correction the candidate's output is first shifted by its own mean error per channel.
+- activations: a grid of clipping ratios of the observed range, scored on a fixed random subset
+  of positions against the float tensor.
+`pd` then sweeps again: each item tries a few multipliers around its choice, scored by the KL
+divergence of the quantized from the float softmax at the model output (later items quantized as
+chosen so far) plus λ times the normalised MSE of the item's own outputs (PD-Quant's
+regulariser against fitting the small calibration set).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnxq.calib.simulate import Arrays, Item, Segment, Simulation, fake_quant_feed, param_names
+from onnxq.io import session
+from onnxq.passes.insert_qdq import activation_quantizer, bias_quantization, weight_target
+from onnxq.progress import Progress
+from onnxq.quant.plan import QuantPlan
+from onnxq.quant.weights import group_membership, quantize_weight
+
+COARSE = np.linspace(0.05, 1.0, 20)  # clipping ratios, step 0.05
+FINE = np.array([-0.03, -0.015, 0.015, 0.03])
+PD_WEIGHT_STEPS = (0.9, 0.95, 1.05)
+PD_ACTIVATION_STEPS = (0.8, 0.9, 1.1)
+ACTIVATION_POSITIONS = 1 << 20  # positions per tensor the activation search scores
+BIAS_SAMPLES = 64  # samples that estimate a candidate's mean output shift
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    method: str  # "fixed" (given ranges; only "output" weights searched), "mse", "mae" or "pd"
+    bias_correction: bool = True
+    symmetric_weights: bool = True
+    symmetric_activations: bool = False
+    reduced_8bit_weights: bool = False
+    pd_lambda: float = 0.1
+    holdout: float = 0.2
+    seed: int = 0
+    time_budget: float | None = None
+    batch_size: int = 32
+    memory_budget: float = 1.5e9  # bytes of cached tensors (float and quantized frontiers)
+
+
+@dataclass
+class SearchResult:
+    ranges: dict[str, tuple[float, float]]  # activation (root) → clipping range
+    weight_ratios: dict[str, np.ndarray]
+    biases: dict[str, np.ndarray]
+    samples: int  # used by the search
+    held_out: int
+    pd_loss: dict[str, float] = field(default_factory=dict)  # "calibration"/"held-out" (+ before pd)
+    skipped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    feed: Arrays = field(default_factory=dict)  # the simulation's parameters for the chosen model
+
+
+def search_parameters(
+    sim: Simulation,
+    plan: QuantPlan,
+    data: Arrays,
+    settings: SearchSettings,
+    progress: Progress,
+    fixed_ranges: dict[str, tuple[float, float]] | None = None,
+) -> SearchResult:
+    """Walk the items in order and choose each one's scale (see module docstring)."""
+    started = time.perf_counter()
+    search, held = _split(data, settings)
+    search = _fit_memory(sim, search, settings)
+    sweep = _Sweep(sim, plan, settings, fixed_ranges or {}, started)
+    progress.stage(f"calibrate ({settings.method}): {_count(search)} samples", total=len(_items(sim)))
+    sweep.local(search, progress)
+    result = SearchResult(sweep.ranges, sweep.ratios, sweep.biases, _count(search), _count(held))
+    if settings.method == "pd" or _count(held):
+        targets = {
+            name: sweep.float_logits(part) for name, part in (("calibration", search), ("held-out", held))
+        }
+    if settings.method == "pd":
+        for name, part in (("calibration", search), ("held-out", held)):
+            if _count(part):
+                result.pd_loss[f"{name} before pd"] = sweep.prediction_loss(part, targets[name])
+        progress.stage(f"calibrate (pd, λ={settings.pd_lambda:g})", total=len(_items(sim)))
+        sweep.prediction_difference(search, targets["calibration"], progress)
+    for name, part in (("calibration", search), ("held-out", held)):
+        if _count(part) and (settings.method == "pd" or _count(held)):
+            result.pd_loss[name] = sweep.prediction_loss(part, targets[name])
+    result.skipped = sweep.skipped
+    result.feed = sweep.params
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _count(data: Arrays) -> int:
+    return len(next(iter(data.values()))) if data else 0
+
+
+def _split(data: Arrays, settings: SearchSettings) -> tuple[Arrays, Arrays]:
+    """A seeded held-out part of the calibration data (none when holdout is 0 or data is tiny)."""
+    total = _count(data)
+    held = round(total * settings.holdout) if total >= 10 else 0
+    order = np.random.default_rng(settings.seed).permutation(total)
+    keep, out = np.sort(order[held:]), np.sort(order[:held])
+    return {k: v[keep] for k, v in data.items()}, {k: v[out] for k, v in data.items()}
+
+
+def _fit_memory(sim: Simulation, data: Arrays, settings: SearchSettings) -> Arrays:
+    """Fewer samples when the two cached frontiers would not fit the memory budget."""
+    one = {k: v[:1] for k, v in data.items()}
+    peak = 0
+    for segment in sim.segments:
+        one = sim.run([segment], one, sim.float_params)
+        peak = max(peak, sum(v.nbytes for v in one.values()))
+    fits = max(16, int(settings.memory_budget // max(1, 2 * peak)))
+    return {k: v[:fits] for k, v in data.items()}
+
+
+def _batches(data: Arrays, size: int):
+    total = _count(data)
+    for start in range(0, total, size):
+        yield {k: v[start : start + size] for k, v in data.items()}
+
+
+def _items(sim: Simulation) -> list[Item]:
+    return [s.item for s in sim.segments if s.item is not None]
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+class _Sweep:
+    """Chosen parameters so far, and the machinery to score candidates for the next item."""
+
+    def __init__(self, sim, plan, settings, fixed_ranges, started):
+        self.sim, self.plan, self.settings = sim, plan, settings
+        self.fixed_ranges = fixed_ranges
+        self.started = started
+        self.params: Arrays = dict(sim.float_params)
+        self.ranges: dict[str, tuple[float, float]] = {}
+        self.ratios: dict[str, np.ndarray] = {}
+        self.biases: dict[str, np.ndarray] = {}
+        self.skipped: list[str] = []
+        self.observed: dict[str, tuple[float, float]] = {}
+        self.layers = {node.name: node for node in sim.model.graph.node}
+        self.rng = np.random.default_rng(settings.seed)
+
+    # -- running ------------------------------------------------------------------
+
+    def advance(self, segment: Segment, frontier: Arrays, params: Arrays) -> Arrays:
+        parts = [
+            self.sim.run([segment], batch, params) for batch in _batches(frontier, self.settings.batch_size)
+        ]
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+    def out_of_time(self) -> bool:
+        budget = self.settings.time_budget
+        return budget is not None and time.perf_counter() - self.started > budget
+
+    # -- local sweep --------------------------------------------------------------
+
+    def local(self, data: Arrays, progress: Progress) -> None:
+        quantized, floating = data, data
+        done = 0
+        for segment in self.sim.segments:
+            item = segment.item
+            if item is not None:
+                if self.out_of_time() and self.settings.method != "fixed":
+                    self.skipped.append(item.name)
+                    self._fallback(item, quantized)
+                elif item.kind == "weight":
+                    loss = self._choose_weights(item, quantized, floating)
+                    progress.status(f"{item.node}: output {self._loss_name()} {loss:.3g}")
+                else:
+                    loss = self._choose_activation(item, quantized, floating)
+                    progress.status(f"{item.name}: {self._loss_name()} {loss:.3g}")
+                done += 1
+                progress.advance(done)
+            quantized = self.advance(segment, quantized, self.params)
+            floating = self.advance(segment, floating, self.sim.float_params)
+
+    def _loss_name(self) -> str:
+        return "mae" if self.settings.method == "mae" else "mse"
+
+    def _fallback(self, item: Item, quantized: Arrays) -> None:
+        """Out of time: min-max ranges, rule-based weights, no bias correction."""
+        if item.kind == "activation":
+            values = quantized[self.plan.activations[item.name].observed]
+            self._set_activation(item.name, float(values.min()), float(values.max()))
+        else:
+            self._set_weights(self.layers[item.node], None, None)
+
+    # -- activations --------------------------------------------------------------
+
+    def _choose_activation(self, item: Item, quantized: Arrays, floating: Arrays) -> float:
+        spec = self.plan.activations[item.name]
+        values, reference = quantized[spec.observed], floating[spec.observed]
+        low, high = float(values.min()), float(values.max())
+        self.observed[item.name] = (low, high)
+        if self.settings.method == "fixed":
+            low, high = self.fixed_ranges.get(item.name, (low, high))
+            self._set_activation(item.name, low, high)
+            return float("nan")
+        picks = self._positions(values.size)
+        x, target = values.reshape(-1)[picks], reference.reshape(-1)[picks]
+
+        def error(ratio: float) -> float:
+            scale, zero, bounds = activation_quantizer(low * ratio, high * ratio, spec.bits, self.sym_act)
+            q = np.clip(np.rint(x / scale) + np.float32(zero), bounds.qmin, bounds.qmax)
+            difference = (q - np.float32(zero)) * scale - target
+            return float(np.mean(difference**2) if self._squared else np.mean(np.abs(difference)))
+
+        best = min(COARSE, key=error)
+        best = min([best, *np.clip(best + FINE, 0.01, 1.0)], key=error)
+        self._set_activation(item.name, low * best, high * best)
+        return error(best)
+
+    @property
+    def sym_act(self) -> bool:
+        return self.settings.symmetric_activations
+
+    @property
+    def _squared(self) -> bool:
+        return self.settings.method != "mae"
+
+    def _positions(self, size: int) -> np.ndarray:
+        if size <= ACTIVATION_POSITIONS:
+            return np.arange(size)
+        return np.sort(self.rng.choice(size, ACTIVATION_POSITIONS, replace=False))
+
+    def _set_activation(self, tensor: str, low: float, high: float) -> None:
+        bits = self.plan.activations[tensor].bits
+        scale, zero, bounds = activation_quantizer(low, high, bits, self.sym_act)
+        self.ranges[tensor] = (low, high)
+        self.params.update(fake_quant_feed(tensor, float(scale), float(zero), bounds.qmin, bounds.qmax))
+
+    # -- weights ------------------------------------------------------------------
+
+    def _choose_weights(self, item: Item, quantized: Arrays, floating: Arrays) -> float:
+        node = self.layers[item.node]
+        layer = _Layer(self, node)
+        if self.settings.method == "fixed" and layer.spec.rule.kind != "output":
+            return self._set_weights(node, None, quantized, floating, layer)
+        membership = group_membership(layer.weight, layer.spec.layout, layer.spec.granularity)
+        groups = membership.shape[0]
+        coarse = [np.full(groups, r) for r in COARSE]
+        losses = layer.losses(coarse, quantized, floating) @ membership.T  # (candidates, groups)
+        best = COARSE[losses.argmin(axis=0)]
+        fine = [best, *(np.clip(best + step, 0.01, 1.0) for step in FINE)]
+        losses = layer.losses(fine, quantized, floating) @ membership.T
+        chosen = np.stack(fine)[losses.argmin(axis=0), np.arange(groups)]
+        self._set_weights(node, chosen, quantized, floating, layer)
+        return float(losses.min(axis=0).sum() / max(1, layer.positions))
+
+    def _set_weights(self, node, ratios, quantized, floating=None, layer=None) -> float:
+        layer = layer or _Layer(self, node)
+        if ratios is not None:
+            self.ratios[layer.spec.name] = ratios
+        dequantized, bias = layer.candidate(ratios, layer.float_bias)
+        if self.settings.bias_correction and layer.bias_name and quantized is not None:
+            shift = layer.mean_shift(dequantized, bias, quantized, floating)
+            self.biases[layer.bias_name] = (layer.float_bias + shift).astype(np.float32)
+            dequantized, bias = layer.candidate(ratios)
+        self.params[layer.spec.name] = dequantized
+        if layer.bias_name:
+            self.params[layer.bias_name] = bias
+        return float("nan")
+
+    # -- prediction difference ----------------------------------------------------
+
+    def float_logits(self, data: Arrays) -> np.ndarray | None:
+        if not _count(data):
+            return None
+        return self._outputs(self.sim.segments, data, self.sim.float_params)
+
+    def _outputs(self, segments, data: Arrays, params: Arrays) -> np.ndarray:
+        name = self.sim.model.graph.output[0].name
+        parts = [
+            self.sim.run(segments, batch, params)[name] for batch in _batches(data, self.settings.batch_size)
+        ]
+        return np.concatenate(parts)
+
+    def prediction_loss(self, data: Arrays, target: np.ndarray) -> float:
+        return prediction_difference(target, self._outputs(self.sim.segments, data, self.params))
+
+    def prediction_difference(self, data: Arrays, target: np.ndarray, progress: Progress) -> None:
+        quantized, floating = data, data
+        done = 0
+        for index, segment in enumerate(self.sim.segments):
+            following = self.sim.segments[index:]
+            floating_next = self.advance(segment, floating, self.sim.float_params)
+            item = segment.item
+            if item is not None:
+                if self.out_of_time():
+                    self.skipped.append(f"{item.name} (pd)")
+                else:
+                    loss = self._pd_item(item, following, quantized, floating, floating_next, target)
+                    progress.status(f"{item.name}: pd loss {loss:.4g}")
+                done += 1
+                progress.advance(done)
+            quantized = self.advance(segment, quantized, self.params)
+            floating = floating_next
+
+    def _pd_item(self, item, following, quantized, floating, floating_next, target) -> float:
+        if item.kind == "weight":  # its input's scale may have moved: requantize the bias
+            layer = _Layer(self, self.layers[item.node])
+            weight, bias = layer.candidate(self.ratios.get(layer.spec.name))
+            self.params[layer.spec.name] = weight
+            if layer.bias_name:
+                self.params[layer.bias_name] = bias
+
+        def score(params: Arrays) -> float:
+            return self._pd_score(following, quantized, floating_next, target, params)
+
+        current = score(self.params)
+        best, best_loss = None, current
+        for candidate in self._pd_candidates(item, quantized, floating):
+            params = {**self.params, **candidate[0]}
+            loss = score(params)
+            if loss < best_loss - 1e-12:
+                best, best_loss = candidate, loss
+        if best is not None:
+            params, commit = best
+            self.params.update(params)
+            commit()
+        return best_loss
+
+    def _pd_candidates(self, item: Item, quantized: Arrays, floating: Arrays):
+        """(parameter feed, commit) pairs around the item's current choice."""
+        if item.kind == "activation":
+            low, high = self.ranges[item.name]
+            seen_low, seen_high = self.observed.get(item.name, (low, high))
+            bits = self.plan.activations[item.name].bits
+            for step in PD_ACTIVATION_STEPS:
+                new_low, new_high = max(low * step, seen_low), min(high * step, seen_high)
+                scale, zero, bounds = activation_quantizer(new_low, new_high, bits, self.sym_act)
+                feed = fake_quant_feed(item.name, float(scale), float(zero), bounds.qmin, bounds.qmax)
+
+                def commit(new=(new_low, new_high)):
+                    self.ranges[item.name] = new
+
+                yield feed, commit
+            return
+        node = self.layers[item.node]
+        layer = _Layer(self, node)
+        groups = group_membership(layer.weight, layer.spec.layout, layer.spec.granularity).shape[0]
+        base = self.ratios.get(layer.spec.name, np.ones(groups))
+        for step in PD_WEIGHT_STEPS:
+            ratios = np.clip(base * step, 0.01, 1.0)
+            dequantized, bias = layer.candidate(ratios, layer.float_bias)
+            feed = {layer.spec.name: dequantized}
+            corrected = None
+            if self.settings.bias_correction and layer.bias_name:
+                shift = layer.mean_shift(dequantized, bias, quantized, floating, samples=BIAS_SAMPLES)
+                corrected = (layer.float_bias + shift).astype(np.float32)
+                dequantized, bias = layer.candidate(ratios, corrected)
+            if layer.bias_name:
+                feed[layer.bias_name] = bias
+
+            def commit(ratios=ratios, corrected=corrected):
+                self.ratios[layer.spec.name] = ratios
+                if corrected is not None:
+                    self.biases[layer.bias_name] = corrected
+
+            yield feed, commit
+
+    def _pd_score(self, following, quantized, floating_next, target, params) -> float:
+        name = self.sim.model.graph.output[0].name
+        first = following[0]
+        regulariser, outputs, start = 0.0, [], 0
+        for batch in _batches(quantized, self.settings.batch_size):
+            count = _count(batch)
+            after_first = self.sim.run(following[:1], batch, params)
+            for tensor in first.outputs:
+                reference = floating_next[tensor][start : start + count]
+                regulariser += float(
+                    np.sum((after_first[tensor] - reference) ** 2) / _power(floating_next[tensor])
+                )
+            outputs.append(self.sim.run(following[1:], after_first, params)[name])
+            start += count
+        kl = prediction_difference(target, np.concatenate(outputs))
+        return kl + self.settings.pd_lambda * regulariser / max(1, start)
+
+
+def _power(values: np.ndarray) -> float:
+    """Mean square per sample, the regulariser's normaliser (never 0)."""
+    return max(float(np.mean(values.astype(np.float64) ** 2)) * values[0].size, 1e-12)
+
+
+def prediction_difference(reference: np.ndarray, quantized: np.ndarray) -> float:
+    """KL(float ‖ quantized) of the softmax over the class axis, averaged over samples.
+
+    Outputs that are not (samples, classes) are compared by normalised MSE instead.
+    """
+    if reference.ndim != 2:
+        return float(np.mean((reference - quantized) ** 2) / max(np.mean(reference**2), 1e-12))
+    log_p = _log_softmax(reference.astype(np.float64))
+    log_q = _log_softmax(quantized.astype(np.float64))
+    return float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=1)))
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+# ----------------------------------------------------------------------------- one layer
+
+
+class _Layer:
+    """One compute node (and its absorbed Relu/Clip) as a small onnxruntime session."""
+
+    def __init__(self, sweep: _Sweep, node: onnx.NodeProto):
+        self.sweep = sweep
+        self.node = node
+        plan = sweep.plan
+        self.spec = plan.weights[node.input[1]]
+        self.weight = sweep.sim.float_params[self.spec.name]
+        self.target = weight_target(
+            self.spec, sweep.settings.symmetric_weights, sweep.settings.reduced_8bit_weights
+        )
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] in sweep.sim.float_params else ""
+        self.bias_name = bias
+        self.float_bias = sweep.sim.float_params[bias] if bias else None
+        self.quantized_bias = bias in plan.biases
+        self.channel_axis = 1 if node.op_type in ("Conv", "ConvTranspose") else -1
+        self.activation = _absorbed_after(sweep.sim.model.graph, node, plan)
+        self.positions = 0
+        self._runner = None
+
+    @property
+    def runner(self):
+        if self._runner is None:
+            self._runner = session(_layer_model(self.sweep.sim.model, self.node, self.activation))
+        return self._runner
+
+    def candidate(self, ratios: np.ndarray | None, bias: np.ndarray | None = None):
+        """(dequantized weight, the bias as the deployed model holds it) for these ratios."""
+        spec = self.spec
+        quantized = quantize_weight(
+            self.weight, spec.layout, spec.granularity, spec.rule, self.target, ratios
+        )
+        if not self.bias_name:
+            return quantized.dequantize(), None
+        if bias is None:
+            bias = self.sweep.biases.get(self.bias_name, self.float_bias)
+        weight_scale = quantized.per_output_channel_scale
+        if self.quantized_bias and weight_scale is not None:
+            source = self.sweep.plan.root(self.sweep.plan.biases[self.bias_name].activation)
+            input_scale = self.sweep.params[param_names(source)["scale"]]
+            integers, scale = bias_quantization(bias, input_scale * weight_scale)
+            bias = (integers.astype(np.float64) * scale).astype(np.float32)
+        return quantized.dequantize(), bias
+
+    def _run(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None):
+        feed = {"x": x, "w": weight}
+        if self.bias_name:
+            feed["b"] = bias
+        return self.runner.run(None, feed)
+
+    def mean_shift(self, weight, bias, quantized, floating, samples: int | None = None) -> np.ndarray:
+        """Per output channel, mean(float output − quantized output) before the activation,
+        over the first `samples` samples (all when None)."""
+        x_name = self.node.input[0]
+        limit = samples or len(quantized[x_name])
+        size = self.sweep.settings.batch_size
+        total, positions = 0.0, 0
+        for start in range(0, limit, size):
+            stop = min(start + size, limit)
+            reference = self._run(floating[x_name][start:stop], self.weight, self.float_bias)[0]
+            output = self._run(quantized[x_name][start:stop], weight, bias)[0]
+            total = total + _channel_sums(reference - output, self.channel_axis)
+            positions += reference.size // reference.shape[self.channel_axis]
+        return (total / max(positions, 1)).astype(np.float32)
+
+    def losses(self, candidates: list[np.ndarray], quantized: Arrays, floating: Arrays) -> np.ndarray:
+        """(candidates, output channels) summed output error, each candidate bias-corrected."""
+        settings = self.sweep.settings
+        squared = settings.method != "mae"
+        weights = [self.candidate(r, self.float_bias) for r in candidates]
+        if settings.bias_correction and self.bias_name:
+            corrected = []
+            for ratios, (weight, bias) in zip(candidates, weights, strict=True):
+                shift = self.mean_shift(weight, bias, quantized, floating, samples=BIAS_SAMPLES)
+                corrected.append(self.candidate(ratios, (self.float_bias + shift).astype(np.float32)))
+            weights = corrected
+        x_name = self.node.input[0]
+        totals = np.zeros((len(candidates), self.weight.shape[self.spec.layout.out_axis]))
+        self.positions = 0
+        for q_batch, f_batch in zip(
+            _batches({"x": quantized[x_name]}, settings.batch_size),
+            _batches({"x": floating[x_name]}, settings.batch_size),
+            strict=True,
+        ):
+            reference = self._run(f_batch["x"], self.weight, self.float_bias)[-1]
+            self.positions += reference.size
+            for k, (weight, bias) in enumerate(weights):
+                difference = self._run(q_batch["x"], weight, bias)[-1] - reference
+                totals[k] += _channel_sums(
+                    difference**2 if squared else np.abs(difference), self.channel_axis
+                )
+        return totals
+
+
+def _channel_sums(values: np.ndarray, axis: int) -> np.ndarray:
+    moved = np.moveaxis(values, axis, 0)
+    return moved.reshape(moved.shape[0], -1).sum(axis=1, dtype=np.float64)
+
+
+def _absorbed_after(graph: onnx.GraphProto, node: onnx.NodeProto, plan: QuantPlan) -> onnx.NodeProto | None:
+    output = node.output[0]
+    return next((n for n in graph.node if n.name in plan.absorbed and n.input[0] == output), None)
+
+
+def _layer_model(model: onnx.ModelProto, node: onnx.NodeProto, activation: onnx.NodeProto | None):
+    """x, w (, b) → (pre-activation output, post-activation output)."""
+    layer = onnx.NodeProto()
+    layer.CopyFrom(node)
+    names = ["x", "w", "b"][: len(node.input)]
+    del layer.input[:]
+    layer.input.extend(names)
+    del layer.output[:]
+    layer.output.append("pre")
+    nodes, outputs = [layer], ["pre"]
+    initializers = []
+    if activation is not None:
+        act = onnx.NodeProto()
+        act.CopyFrom(activation)
+        act.input[0] = "pre"
+        del act.output[:]
+        act.output.append("post")
+        nodes.append(act)
+        outputs.append("post")
+        known = {t.name: t for t in model.graph.initializer}
+        initializers = [known[n] for n in act.input[1:] if n in known]
+    graph = helper.make_graph(
+        nodes,
+        "layer",
+        [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names],
+        [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in outputs],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)

@@ -1,0 +1,238 @@
+"""The float model with every quantizer made tunable, cut into onnxruntime sessions.
+
+Calibration searches scales by running candidates, so nothing it varies may be baked into a
+session. This module rewrites the float model once:
+- every planned weight and bias becomes a graph input (fed float, or dequantized candidates);
+- every planned activation gets a fake quantizer y = (clip(round(x/s) + z, qmin, qmax) − z)·s
+  whose s, z, qmin and qmax are graph inputs. Feeding s = 2^-30, z = 0 and an unbounded range
+  makes it the identity to within 2^-31, so the same sessions also compute the float model.
+Absorbed Relu/Clip nodes stay: with zero point 0 the quantizer clamps at 0 anyway, and in float
+mode they are needed.
+
+The graph is then cut before every tunable item (a layer's weights, an activation's quantizer)
+into segments, one onnxruntime session each. A search walks the segments in order keeping only
+the tensors that cross the current cut, so each item sees the already-quantized model before it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnxq.io import session
+from onnxq.quant.plan import QuantPlan
+
+FLOAT_SCALE = np.float32(2.0**-30)  # a power of two: x / s · s is exact
+UNBOUNDED = np.float32(3.0e38)
+PARAM_SUFFIXES = ("scale", "zero", "qmin", "qmax")
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Item:
+    """Something calibration chooses: a layer's weights ("weight") or an activation's range."""
+
+    kind: str
+    name: str  # weight initializer, or the activation tensor whose quantizer this is
+    node: str  # the compute node (weights) or the quantizer's first node (activations)
+
+
+@dataclass
+class Segment:
+    """Nodes between two cuts, run as one session: frontier in → frontier out."""
+
+    runner: object
+    inputs: list[str]  # frontier tensors the segment reads
+    params: list[str]  # tunable parameters it reads
+    outputs: list[str]  # tensors it makes that are needed later
+    carried: list[str]  # frontier tensors passed on untouched
+    item: Item | None = None
+
+
+@dataclass
+class Simulation:
+    model: onnx.ModelProto
+    segments: list[Segment]
+    data_inputs: list[str]
+    float_params: Arrays = field(default_factory=dict)
+
+    def run(self, segments: Iterable[Segment], frontier: Arrays, params: Arrays) -> Arrays:
+        """Run consecutive segments on one batch; returns the frontier after the last."""
+        for segment in segments:
+            feed = {name: frontier[name] for name in segment.inputs}
+            feed.update({name: params[name] for name in segment.params})
+            values = segment.runner.run(segment.outputs, feed)
+            carried = {name: frontier[name] for name in segment.carried}
+            frontier = carried | dict(zip(segment.outputs, values, strict=True))
+        return frontier
+
+
+def param_names(tensor: str) -> dict[str, str]:
+    """Graph-input names of the fake quantizer's parameters for `tensor`."""
+    return {suffix: f"{tensor}::{suffix}" for suffix in PARAM_SUFFIXES}
+
+
+def fake_quant_feed(tensor: str, scale: float, zero: float, qmin: float, qmax: float) -> Arrays:
+    names = param_names(tensor)
+    values = (scale, zero, qmin, qmax)
+    return {names[s]: np.asarray(v, np.float32) for s, v in zip(PARAM_SUFFIXES, values, strict=True)}
+
+
+def identity_feed(tensor: str) -> Arrays:
+    return fake_quant_feed(tensor, FLOAT_SCALE, 0.0, -UNBOUNDED, UNBOUNDED)
+
+
+def build_simulation(model: onnx.ModelProto, plan: QuantPlan) -> Simulation:
+    """The tunable model and its segments; float_params reproduces the float model."""
+    tunable = onnx.ModelProto()
+    tunable.CopyFrom(model)
+    graph = tunable.graph
+    float_params = _lift_constants(graph, [*plan.weights, *plan.biases])
+    starts = _insert_fake_quantizers(graph, plan, float_params)
+    items = _items(graph, plan, starts)
+    types = _element_types(tunable)
+    segments = _segments(tunable, items, set(float_params), types)
+    data_inputs = [i.name for i in graph.input if i.name not in float_params]
+    return Simulation(tunable, segments, data_inputs, float_params)
+
+
+def _lift_constants(graph: onnx.GraphProto, names: list[str]) -> Arrays:
+    """Turn initializers into graph inputs; returns their float values."""
+    wanted = set(names)
+    kept, lifted = [], {}
+    for tensor in graph.initializer:
+        if tensor.name in wanted:
+            lifted[tensor.name] = onnx.numpy_helper.to_array(tensor).astype(np.float32)
+            graph.input.append(
+                helper.make_tensor_value_info(tensor.name, onnx.TensorProto.FLOAT, tensor.dims)
+            )
+        else:
+            kept.append(tensor)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return lifted
+
+
+def _insert_fake_quantizers(graph: onnx.GraphProto, plan: QuantPlan, params: Arrays) -> dict[str, str]:
+    """Put a fake quantizer after each planned activation's observed tensor.
+
+    Sharers (outputs of shape-only ops) read their root's parameters. Returns each quantized
+    tensor → the name of its quantizer's first node.
+    """
+    nodes = list(graph.node)
+    produced_at = {out: i for i, node in enumerate(nodes) for out in node.output}
+    inserts: dict[int, list[onnx.NodeProto]] = {}
+    starts = {}
+    renames = {}
+    for spec in plan.activations.values():
+        observed = spec.observed
+        root = plan.root(spec.tensor)
+        names = param_names(root)
+        if root == spec.tensor:
+            for graph_input in (names[s] for s in PARAM_SUFFIXES):
+                graph.input.append(helper.make_tensor_value_info(graph_input, onnx.TensorProto.FLOAT, []))
+            params.update(identity_feed(root))
+        out = f"{observed}::fq"
+        steps = [
+            helper.make_node("Div", [observed, names["scale"]], [f"{out}_div"], name=f"{observed}::fq_div"),
+            helper.make_node("Round", [f"{out}_div"], [f"{out}_round"], name=f"{observed}::fq_round"),
+            helper.make_node(
+                "Add", [f"{out}_round", names["zero"]], [f"{out}_add"], name=f"{observed}::fq_add"
+            ),
+            helper.make_node(
+                "Clip",
+                [f"{out}_add", names["qmin"], names["qmax"]],
+                [f"{out}_clip"],
+                name=f"{observed}::fq_clip",
+            ),
+            helper.make_node(
+                "Sub", [f"{out}_clip", names["zero"]], [f"{out}_sub"], name=f"{observed}::fq_sub"
+            ),
+            helper.make_node("Mul", [f"{out}_sub", names["scale"]], [out], name=f"{observed}::fq_mul"),
+        ]
+        inserts.setdefault(produced_at.get(observed, -1), []).extend(steps)
+        starts[spec.tensor] = steps[0].name
+        renames[observed] = out
+    ordered = list(inserts.get(-1, []))
+    for i, node in enumerate(nodes):
+        for j, name in enumerate(node.input):
+            if name in renames:
+                node.input[j] = renames[name]
+        ordered.append(node)
+        ordered += inserts.get(i, [])
+    del graph.node[:]
+    graph.node.extend(ordered)
+    return starts
+
+
+def _items(graph: onnx.GraphProto, plan: QuantPlan, starts: dict[str, str]) -> dict[str, Item]:
+    """Tunable items keyed by the node they start at."""
+    items = {}
+    compute = {node: settings for node, settings in plan.layers.items()}
+    for node in graph.node:
+        if node.name in compute and len(node.input) > 1 and node.input[1] in plan.weights:
+            items[node.name] = Item("weight", node.input[1], node.name)
+    for tensor, start in starts.items():
+        if plan.root(tensor) == tensor:
+            items[start] = Item("activation", tensor, start)
+    return items
+
+
+def _element_types(model: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    types = {}
+    for info in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        types[info.name] = info.type.tensor_type.elem_type
+    return types
+
+
+def _segments(
+    model: onnx.ModelProto, items: dict[str, Item], param_inputs: set[str], types: dict[str, int]
+) -> list[Segment]:
+    graph = model.graph
+    nodes = list(graph.node)
+    cuts = sorted({0, *(i for i, n in enumerate(nodes) if n.name in items), len(nodes)})
+    initializers = {t.name: t for t in graph.initializer}
+    param_inputs = param_inputs | {i.name for i in graph.input if "::" in i.name}
+    outputs = [o.name for o in graph.output]
+    last_use: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        for name in node.input:
+            last_use[name] = i
+    available = [i.name for i in graph.input if i.name not in param_inputs]
+    segments = []
+    for begin, end in itertools.pairwise(cuts):
+        part = nodes[begin:end]
+        made = [out for node in part for out in node.output if out]
+        needed = {n for n in [*available, *made] if last_use.get(n, -1) >= end or n in outputs}
+        read = {name for node in part for name in node.input if name}
+        inputs = [n for n in available if n in read]
+        params = sorted(n for n in read if n in param_inputs)
+        consts = [initializers[n] for n in sorted(read) if n in initializers]
+        segment_model = helper.make_model(
+            helper.make_graph(
+                part,
+                f"segment_{begin}",
+                [_info(n, types) for n in [*inputs, *params]],
+                [_info(n, types) for n in made if n in needed],
+                consts,
+            ),
+            opset_imports=list(model.opset_import),
+            ir_version=model.ir_version,
+        )
+        item = items.get(part[0].name)
+        produced = [n for n in made if n in needed]
+        carried = [n for n in available if n in needed]
+        segments.append(Segment(session(segment_model), inputs, params, produced, carried, item))
+        available = [*carried, *produced]
+    return segments
+
+
+def _info(name: str, types: dict[str, int]) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, types.get(name) or onnx.TensorProto.FLOAT, None)

@@ -1,0 +1,206 @@
+"""Scale search in onnxruntime: the simulation is exact, choices lower the error they target."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import onnxq
+from onnxq.calib.search import SearchSettings, prediction_difference, search_parameters
+from onnxq.calib.simulate import build_simulation, fake_quant_feed
+from onnxq.config import CalibrationMethod, QuantConfig
+from onnxq.io import session, to_ir
+from onnxq.passes.insert_qdq import activation_quantizer
+from onnxq.progress import Silent
+from onnxq.quant import primitives as P
+from onnxq.quant.plan import plan_quantization
+
+
+def _prepared(model: onnx.ModelProto, config: QuantConfig):
+    fused = onnxq.fuse(model).model
+    return fused, plan_quantization(to_ir(fused).graph, config)
+
+
+def _reference(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return session(model, optimize=False).run(None, {"input": x})[0]
+
+
+def test_simulation_with_float_parameters_is_the_float_model(small_model, calibration_data):
+    fused, plan = _prepared(small_model, QuantConfig(weight_bits=4, activation_bits=4))
+    simulation = build_simulation(fused, plan)
+    out = simulation.run(simulation.segments, {"input": calibration_data}, simulation.float_params)
+    expected = _reference(fused, calibration_data)
+    np.testing.assert_allclose(out["logits"], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    assert len(simulation.segments) > len(plan.weights)  # cut at every weight and activation
+
+
+@pytest.mark.parametrize("method", ["mse", "pd"])
+def test_simulated_choice_is_what_the_saved_model_computes(small_model, calibration_data, method):
+    config = QuantConfig(weight_bits=4, activation_bits=4, calibration=CalibrationMethod(method))
+    result = onnxq.quantize(small_model, calibration_data, config)
+    fused, plan = _prepared(small_model, config)
+    fused = onnx.version_converter.convert_version(fused, 21)
+    plan = plan_quantization(to_ir(fused).graph, config)
+    simulation = build_simulation(fused, plan)
+    simulated = simulation.run(simulation.segments, {"input": calibration_data}, result.calibration.feed)
+    deployed = _reference(result.model, calibration_data)
+    scale = np.abs(deployed).max()
+    assert np.abs(simulated["logits"] - deployed).max() <= 1e-3 * scale
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    bits=st.integers(2, 8),
+    symmetric=st.booleans(),
+    low=st.floats(-4.0, 0.0),
+    high=st.floats(0.1, 4.0),
+    seed=st.integers(0, 2**16),
+)
+def test_fake_quantizer_matches_numpy_reference(bits, symmetric, low, high, seed):
+    """The simulation's quantizer gives exactly QuantizeLinear → DequantizeLinear of the reference."""
+    x = np.random.default_rng(seed).uniform(2 * low - 0.5, 2 * high + 0.5, (4, 3, 5, 5)).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["input"], ["r"]), onnx.helper.make_node("Neg", ["r"], ["y"])],
+        "g",
+        [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, None)],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+    plan = plan_quantization(to_ir(model).graph, QuantConfig())
+    plan.activations.clear()
+    from onnxq.quant.plan import ActivationSpec
+
+    plan.activations["input"] = ActivationSpec("input", "input", bits=bits)
+    simulation = build_simulation(model, plan)
+    scale, zero, target = activation_quantizer(low, high, bits, symmetric)
+    feed = {**simulation.float_params, **fake_quant_feed("input", scale, zero, target.qmin, target.qmax)}
+    out = simulation.run(simulation.segments, {"input": x}, feed)["y"]
+    expected = -np.maximum(P.dequantize(P.quantize(x, scale, zero, target), scale, zero), 0)
+    np.testing.assert_array_equal(out, expected)
+
+
+def _single_conv(depthwise: bool) -> onnx.ModelProto:
+    import torch
+
+    from tests.conftest import export
+
+    torch.manual_seed(1)
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8 if depthwise else 1)
+    with torch.no_grad():
+        conv.weight[:, :, 0, 0] *= 6  # an outlier tap per filter: min-max scales are too coarse
+        conv.bias.normal_()
+    return export(torch.nn.Sequential(conv), torch.zeros(1, 8, 8, 8))
+
+
+def _layer_error(model, data, ratios, biases, plan) -> tuple[float, np.ndarray]:
+    """Output MSE and per-channel mean error of the one-layer model with these choices."""
+    from onnxq.passes.insert_qdq import weight_target
+    from onnxq.quant.weights import quantize_weight
+
+    ((name, spec),) = plan.weights.items()
+    weight = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
+    bias_name = next(iter(plan.biases))
+    bias = biases.get(
+        bias_name, onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == bias_name))
+    )
+    dequantized = quantize_weight(
+        weight, spec.layout, spec.granularity, spec.rule, weight_target(spec, True, False), ratios.get(name)
+    ).dequantize()
+    edited = onnx.ModelProto()
+    edited.CopyFrom(model)
+    for tensor in edited.graph.initializer:
+        if tensor.name == name:
+            tensor.CopyFrom(onnx.numpy_helper.from_array(dequantized, name))
+        if tensor.name == bias_name:
+            tensor.CopyFrom(onnx.numpy_helper.from_array(bias.astype(np.float32), bias_name))
+    error = _reference(edited, data) - _reference(model, data)
+    return float(np.mean(error**2)), error.mean(axis=(0, 2, 3))
+
+
+@pytest.mark.parametrize("method", ["mse", "mae"])
+def test_searched_weights_and_bias_correction_reduce_the_output_error(method):
+    model = _single_conv(depthwise=True)
+    config = QuantConfig(weight_bits=3, activation_bits=8, first_last_8bit=False)
+    fused, plan = _prepared(model, config)
+    # non-negative inputs (as after a ReLU): weight rounding errors shift the output's mean
+    data = np.random.default_rng(0).uniform(0, 2, (64, 8, 8, 8)).astype(np.float32)
+    simulation = build_simulation(fused, plan)
+    feed = {"input": data}
+    plain = search_parameters(
+        simulation, plan, feed, SearchSettings("fixed", bias_correction=False), Silent()
+    )
+    searched = search_parameters(
+        simulation, plan, feed, SearchSettings(method, bias_correction=False), Silent()
+    )
+    corrected = search_parameters(
+        simulation, plan, feed, SearchSettings(method, bias_correction=True), Silent()
+    )
+    base, _ = _layer_error(fused, data, plain.weight_ratios, plain.biases, plan)
+    better, shift = _layer_error(fused, data, searched.weight_ratios, searched.biases, plan)
+    best, corrected_shift = _layer_error(fused, data, corrected.weight_ratios, corrected.biases, plan)
+    assert better < base
+    (ratios,) = searched.weight_ratios.values()
+    assert ratios.shape == (8,) and (ratios < 1).any() and (ratios <= 1).all()
+    assert np.abs(corrected_shift).max() < 0.2 * np.abs(shift).max() + 1e-4
+    assert best <= better * 1.05
+
+
+def test_same_seed_gives_byte_identical_models(small_model, calibration_data):
+    config = QuantConfig(weight_bits=4, activation_bits=4, calibration=CalibrationMethod.PD, seed=3)
+    first = onnxq.quantize(small_model, calibration_data, config).model.SerializeToString()
+    second = onnxq.quantize(small_model, calibration_data, config).model.SerializeToString()
+    assert first == second
+
+
+def test_pd_reports_calibration_and_held_out_losses(small_model, calibration_data):
+    config = QuantConfig(weight_bits=4, activation_bits=4, calibration=CalibrationMethod.PD, holdout=0.25)
+    result = onnxq.quantize(small_model, calibration_data, config).calibration
+    assert result.samples == 36 and result.held_out == 12
+    assert set(result.pd_loss) == {"calibration", "held-out", "calibration before pd", "held-out before pd"}
+    assert all(np.isfinite(v) and v >= 0 for v in result.pd_loss.values())
+
+
+def test_time_budget_keeps_simple_ranges_and_says_so(small_model, calibration_data):
+    config = QuantConfig(
+        weight_bits=4, activation_bits=4, calibration=CalibrationMethod.MSE, time_budget=1e-6
+    )
+    result = onnxq.quantize(small_model, calibration_data, config)
+    assert result.calibration.skipped
+    assert any("time budget" in note for note in result.notes)
+    session(result.model).run(None, {"input": calibration_data[:2]})
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), classes=st.integers(2, 12))
+def test_prediction_difference_is_the_softmax_kl(seed, classes):
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(0, 3, (5, classes)), rng.normal(0, 3, (5, classes))
+    p = np.exp(a) / np.exp(a).sum(1, keepdims=True)
+    q = np.exp(b) / np.exp(b).sum(1, keepdims=True)
+    expected = np.mean(np.sum(p * np.log(p / q), axis=1))
+    assert prediction_difference(a, b) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert prediction_difference(a, a) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_output_weight_rule_beats_min_max_weights_with_fixed_activation_ranges():
+    """--w-range output searches weights only; activations keep their statistics-based ranges."""
+    from onnxq.config import RangeRule
+
+    model = _single_conv(depthwise=False)
+    data = np.random.default_rng(2).uniform(0, 2, (64, 8, 8, 8)).astype(np.float32)
+    reference = _reference(model, data)
+    errors = {}
+    for rule in ("minmax", "output"):
+        config = QuantConfig(
+            weight_bits=3,
+            weight_rule=RangeRule(rule),
+            calibration=CalibrationMethod.MINMAX,
+            first_last_8bit=False,
+        )
+        result = onnxq.quantize(model, data, config)
+        assert (result.calibration is None) == (rule == "minmax")
+        errors[rule] = float(np.mean((_reference(result.model, data) - reference) ** 2))
+    assert errors["output"] < errors["minmax"]
