@@ -149,6 +149,12 @@ def main() -> None:
 @click.option("--max-samples", type=int, default=QuantConfig.max_samples, show_default=True)
 @click.option("--batch-size", type=int, default=QuantConfig.batch_size, show_default=True)
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
+@click.option(
+    "--fuse-branches/--no-fuse-branches",
+    default=None,
+    help="Merge re-parameterized branches before quantizing [default: only when all weights are "
+    "8-bit; below that each branch keeps its own scale, which is far more accurate].",
+)
 @preprocess_options
 @_reports_errors
 def quantize(model, output, calib, **options):
@@ -171,6 +177,7 @@ def quantize(model, output, calib, **options):
         max_samples=options.pop("max_samples"),
         batch_size=options.pop("batch_size"),
         simplify=not options.pop("no_simplify"),
+        fuse_branches=options.pop("fuse_branches"),
         bias_correction=options.pop("bias_correction"),
         seed=options.pop("seed"),
         holdout=options.pop("holdout"),

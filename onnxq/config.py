@@ -142,7 +142,9 @@ class LayerOverride:
 
 
 # λ of the PD regulariser (normalised MSE of each item's outputs), chosen on held-out
-# calibration samples by tools/choose_pd_lambda.py; table in BENCHMARKS.md.
+# calibration images only: resnet20 W4A4, 205 search / 51 held-out images, λ = 0.1 / 1 / 10 gave
+# held-out KL 0.049 / 0.077 / 0.024 (0.092 before pd). tools/choose_pd_lambda.py repeats this over
+# two models and seeds.
 PD_LAMBDA = 10.0
 
 
@@ -234,6 +236,10 @@ class QuantConfig:
     first_last_8bit: bool = True
     overrides: tuple[LayerOverride, ...] = ()
     simplify: bool = True
+    # Merge re-parameterized branches before quantizing? None: only when every weight is 8-bit.
+    # Below 8 bits a merged kernel's identity tap is an outlier one scale cannot serve, and each
+    # branch quantized on its own is far more accurate (BENCHMARKS.md, calib suite).
+    fuse_branches: bool | None = None
     max_samples: int | None = 512
     batch_size: int = 8
     bias_correction: bool | None = None  # None: on for the searched methods
@@ -264,6 +270,13 @@ class QuantConfig:
             raise OnnxqError(f"pd lambda must be non-negative, got {self.pd_lambda}")
         if self.time_budget is not None and self.time_budget <= 0:
             raise OnnxqError(f"time budget must be positive, got {self.time_budget}")
+
+    @property
+    def merges_branches(self) -> bool:
+        if self.fuse_branches is not None:
+            return self.fuse_branches
+        widths = [self.weight_bits, *(o.weight_bits for o in self.overrides if o.weight_bits is not None)]
+        return min(widths) >= 8
 
     @property
     def corrects_bias(self) -> bool:

@@ -86,9 +86,16 @@ def session(
     optimize: bool = True,
     threads: int = 0,
     optimized_path: str | None = None,
+    arena: bool = True,
 ) -> ort.InferenceSession:
-    """A CPU session. optimize=False is the float-exact reference (no fusions, no int8 kernels)."""
+    """A CPU session. optimize=False is the float-exact reference (no fusions, no int8 kernels).
+
+    arena=False returns memory after each run: calibration holds a hundred small sessions, and
+    each arena would otherwise keep its largest batch's tensors for good.
+    """
     options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = arena
+    options.enable_mem_pattern = arena
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )

@@ -82,7 +82,13 @@ def quantize(
     sample, stream = first_batch(stream)
     notes: list[str] = []
 
-    prepared = fuse(proto, sample=sample, simplify_first=config.simplify, progress=progress)
+    prepared = fuse(
+        proto,
+        sample=sample,
+        simplify_first=config.simplify,
+        merge_branches=config.merges_branches,
+        progress=progress,
+    )
     notes += prepared.notes
     float_model = prepared.model
     graph_model = to_ir(float_model)
@@ -190,6 +196,7 @@ def fuse(
     *,
     sample: dict[str, np.ndarray] | None = None,
     simplify_first: bool = True,
+    merge_branches: bool = True,
     progress: Progress | None = None,
 ) -> FuseResult:
     """Simplify (guarded by `sample`, random data when None), fold BatchNormalization, merge branches.
@@ -211,7 +218,7 @@ def fuse(
     folded = fold_batchnorm(graph_model.graph)
     if folded.folded:
         notes.append(f"folded {len(folded.folded)} BatchNormalization nodes")
-    fused = fuse_branches(graph_model.graph)
+    fused = fuse_branches(graph_model.graph) if merge_branches else FuseReport()
     if fused.merged:
         notes.append(f"merged {fused.branches_merged} branches into {len(fused.merged)} Conv nodes")
     result = to_proto(graph_model)

@@ -71,3 +71,15 @@ def test_quantizing_unfused_equals_quantizing_fused(trained):
     from_unfused = onnxq.quantize(original, calib, config).model
     from_fused = onnxq.quantize(fused.model, calib, config).model
     assert from_unfused.graph.SerializeToString() == from_fused.graph.SerializeToString()
+
+
+def test_low_bit_weights_keep_branches_apart_unless_asked(trained):
+    """Below 8 bits each branch gets its own scales by default; --fuse-branches still merges."""
+    original, _ = trained
+    calib = _inputs()[:16]
+    low = {"weight_bits": 4, "calibration": onnxq.CalibrationMethod.MINMAX}
+    separate = onnxq.quantize(original, calib, onnxq.QuantConfig(**low)).model
+    merged = onnxq.quantize(original, calib, onnxq.QuantConfig(**low, fuse_branches=True)).model
+    adds = [sum(n.op_type == "Add" for n in m.graph.node) for m in (separate, merged)]
+    assert adds[0] > 0 and adds[1] == 0
+    assert onnxq.QuantConfig().merges_branches and not onnxq.QuantConfig(weight_bits=4).merges_branches

@@ -308,6 +308,12 @@ def calib_settings(name: str) -> dict[str, Callable]:
             flags.append("--bias-correction" if corrected else "--no-bias-correction")
             label = f"onnxq W{w}A{a} {method}" + (", bias correction" if corrected else "")
             settings[label] = lambda p, c, flags=flags: run_onnxq_cli(p, c, flags)
+        if w < 8 and name in DEFAULT_MODELS["reparam"]:  # branches merged first (the 8-bit default)
+            for method in ("mse", "mae"):
+                flags = ["--w-bits", str(w), "--a-bits", str(a), "--calib-method", method, "--fuse-branches"]
+                settings[f"onnxq W{w}A{a} {method}, bias correction, branches merged"] = (
+                    lambda p, c, flags=flags: run_onnxq_cli(p, c, [*flags, "--max-samples", "256"])
+                )
         if (w, a) in ORT_TYPES:
             weight_type, activation_type = ORT_TYPES[(w, a)]
             for method in ("MinMax", "Percentile"):
@@ -381,7 +387,8 @@ def markdown(suite: str, name: str, float_top1: float, rows: list[Row], samples:
         "calib": f"Calibration: {samples} CIFAR-10 training images or {samples} even-class ImageNet images; "
         "per-channel symmetric weights, first and last layers at 8 bits. onnxq rows run `onnxq quantize` "
         "in its own process: calib. s is that process's wall time (imports and saving included) and "
-        "peak MB its peak resident memory. pd keeps 20 % of the calibration images out of its search.",
+        "peak MB its peak resident memory. pd keeps 20 % of the calibration images out of its search. "
+        "Re-parameterized models: below 8 bits branches are quantized one by one unless merged.",
     }
     latency = SUITES[suite][2]
     lines = [f"## {SUITE_TITLES[suite]}: {name} (float top-1 {100 * float_top1:.2f} %)", "", notes[suite], ""]
@@ -462,6 +469,9 @@ def main() -> None:
     parser.add_argument("suite", choices=sorted(SUITES))
     parser.add_argument("--models", nargs="*")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument(
+        "--only", nargs="*", help="Run only the settings whose label contains one of these (own section)."
+    )
     args = parser.parse_args()
     if not SHARED.is_dir():
         raise SystemExit(f"{SHARED} is missing: the benchmark needs ../shared")
@@ -469,10 +479,15 @@ def main() -> None:
     models = args.models or DEFAULT_MODELS[args.suite]
     machine = machine_description()
     for name in models:  # each model's table is its own section, so suites can run model by model
-        float_top1, rows = measure(name, make_settings(name), samples=samples, latency=latency)
+        settings = make_settings(name)
+        section = f"{args.suite}/{name}"
+        if args.only:
+            settings = {k: v for k, v in settings.items() if any(part in k for part in args.only)}
+            section += " (" + ", ".join(args.only) + ")"
+        float_top1, rows = measure(name, settings, samples=samples, latency=latency)
         extra = fusion_check(name) if args.suite == "reparam" else ""
-        text = markdown(args.suite, name, float_top1, rows, samples, extra)
-        write_section(args.out, f"{args.suite}/{name}", text, machine)
+        text = markdown(args.suite, section.split("/", 1)[1], float_top1, rows, samples, extra)
+        write_section(args.out, section, text, machine)
         print("wrote", name, "to", args.out, flush=True)
 
 

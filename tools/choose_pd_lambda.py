@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402
+import bench
 
-import onnxq  # noqa: E402
-from onnxq.config import CalibrationMethod, QuantConfig  # noqa: E402
+import onnxq
+from onnxq.config import CalibrationMethod, QuantConfig
 
 LAMBDAS = [0.0, 0.1, 1.0, 10.0, 100.0]
 SETTINGS = {"resnet20_cifar10": (4, 4), "mobileone_cifar10": (4, 8)}

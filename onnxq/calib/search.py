@@ -9,10 +9,11 @@ what was chosen). At each item:
   correction the candidate's output is first shifted by its own mean error per channel.
 - activations: a grid of clipping ratios of the observed range, scored on a fixed random subset
   of positions against the float tensor.
-`pd` then sweeps again: each item tries a few multipliers around its choice, scored by the KL
-divergence of the quantized from the float softmax at the model output (later items quantized as
-chosen so far) plus λ times the normalised MSE of the item's own outputs (PD-Quant's
-regulariser against fitting the small calibration set).
+`pd` then sweeps again over the items narrower than 8 bits (at 8 bits the local choice holds):
+each tries a few multipliers around its choice, scored by the KL divergence of the quantized
+from the float softmax at the model output (later items quantized as chosen so far) plus λ
+times the normalised MSE of the item's own outputs (PD-Quant's regulariser against fitting the
+small calibration set).
 """
 
 from __future__ import annotations
@@ -91,7 +92,9 @@ def search_parameters(
         for name, part in (("calibration", search), ("held-out", held)):
             if _count(part):
                 result.pd_loss[f"{name} before pd"] = sweep.prediction_loss(part, targets[name])
-        progress.stage(f"calibrate (pd, λ={settings.pd_lambda:g})", total=len(_items(sim)))
+        progress.stage(
+            f"calibrate (pd, λ={settings.pd_lambda:g})", total=sum(sweep.bits(i) < 8 for i in _items(sim))
+        )
         sweep.prediction_difference(search, targets["calibration"], progress)
     for name, part in (("calibration", search), ("held-out", held)):
         if _count(part) and (settings.method == "pd" or _count(held)):
@@ -303,7 +306,7 @@ class _Sweep:
             following = self.sim.segments[index:]
             floating_next = self.advance(segment, floating, self.sim.float_params)
             item = segment.item
-            if item is not None:
+            if item is not None and self.bits(item) < 8:  # 8-bit items: the local choice holds
                 if self.out_of_time():
                     self.skipped.append(f"{item.name} (pd)")
                 else:
@@ -313,6 +316,10 @@ class _Sweep:
                 progress.advance(done)
             quantized = self.advance(segment, quantized, self.params)
             floating = floating_next
+
+    def bits(self, item: Item) -> int:
+        specs = self.plan.weights if item.kind == "weight" else self.plan.activations
+        return specs[item.name].bits
 
     def _pd_item(self, item, following, quantized, floating, floating_next, target) -> float:
         if item.kind == "weight":  # its input's scale may have moved: requantize the bias
@@ -444,7 +451,9 @@ class _Layer:
     @property
     def runner(self):
         if self._runner is None:
-            self._runner = session(_layer_model(self.sweep.sim.model, self.node, self.activation))
+            self._runner = session(
+                _layer_model(self.sweep.sim.model, self.node, self.activation), arena=False
+            )
         return self._runner
 
     def candidate(self, ratios: np.ndarray | None, bias: np.ndarray | None = None):

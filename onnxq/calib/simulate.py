@@ -229,7 +229,7 @@ def _segments(
         item = items.get(part[0].name)
         produced = [n for n in made if n in needed]
         carried = [n for n in available if n in needed]
-        segments.append(Segment(session(segment_model), inputs, params, produced, carried, item))
+        segments.append(Segment(session(segment_model, arena=False), inputs, params, produced, carried, item))
         available = [*carried, *produced]
     return segments
 
