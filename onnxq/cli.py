@@ -125,7 +125,8 @@ def main() -> None:
 @click.option(
     "--bias-correction/--no-bias-correction",
     default=None,
-    help="Correct each layer's bias by its mean output error [default: on for mse, mae, pd].",
+    help="Correct each layer's bias by its mean output error [default: on with minmax/percentile "
+    "below 8-bit weights, off for mse, mae, pd].",
 )
 @click.option("--seed", type=int, default=QuantConfig.seed, show_default=True, help="Seed of the search.")
 @click.option(

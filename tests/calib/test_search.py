@@ -199,8 +199,16 @@ def test_output_weight_rule_beats_min_max_weights_with_fixed_activation_ranges()
             weight_rule=RangeRule(rule),
             calibration=CalibrationMethod.MINMAX,
             first_last_8bit=False,
+            bias_correction=False,
         )
         result = onnxq.quantize(model, data, config)
         assert (result.calibration is None) == (rule == "minmax")
         errors[rule] = float(np.mean((_reference(result.model, data) - reference) ** 2))
     assert errors["output"] < errors["minmax"]
+
+
+def test_bias_correction_defaults_follow_the_benchmark():
+    assert QuantConfig(weight_bits=4).corrects_bias  # percentile ranges below 8 bits
+    assert not QuantConfig().corrects_bias
+    assert not QuantConfig(weight_bits=4, calibration=CalibrationMethod.MSE).corrects_bias
+    assert QuantConfig(weight_bits=4, calibration=CalibrationMethod.PD, bias_correction=True).corrects_bias
