@@ -239,6 +239,7 @@ def lowbit_config(w: int, a: int, granularity: str, rule: str, symmetric: bool =
         weight_rule=RangeRule.parse(rule),
         weight_symmetric=symmetric,
         calibration=onnxq.CalibrationMethod.MINMAX,
+        bias_correction=False,  # the issue-4 baseline: ranges only (calib suite has the rest)
     )
 
 
