@@ -290,15 +290,19 @@ def run_onnxq_cli(path: Path, calib: np.ndarray, flags: list[str]) -> tuple[onnx
     """`onnxq quantize` in its own process: (model, wall seconds, peak resident MB of that process)."""
     with tempfile.TemporaryDirectory() as folder:
         data, out = os.path.join(folder, "calib.npy"), os.path.join(folder, "quantized.onnx")
+        memory = os.path.join(folder, "peak_kb")
         np.save(data, calib)
         command = [sys.executable, "-m", "onnxq", "quantize", str(path), "--calib", data, "-o", out, *flags]
+        # GNU time reports its own child's peak: a child forked straight from this (large) process
+        # would report this process's resident size too (Linux keeps the high-water mark on exec).
+        command = ["/usr/bin/time", "-f", "%M", "-o", memory, *command]
         start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _, status, usage = os.wait4(process.pid, 0)
+        finished = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
         seconds = time.perf_counter() - start
-        if status != 0:
-            raise RuntimeError(process.stderr.read().decode().strip().splitlines()[-1])
-        return onnx.load(out), seconds, usage.ru_maxrss / 1024
+        if finished.returncode != 0:
+            raise RuntimeError(finished.stderr.decode().strip().splitlines()[-1])
+        peak_mb = int(Path(memory).read_text().split()[-1]) / 1024
+        return onnx.load(out), seconds, peak_mb
 
 
 def calib_settings(name: str) -> dict[str, Callable]:
