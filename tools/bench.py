@@ -316,8 +316,8 @@ def calib_settings(name: str) -> dict[str, Callable]:
         if w < 8 and name in DEFAULT_MODELS["reparam"]:  # branches merged first (the 8-bit default)
             for method in ("mse", "mae"):
                 flags = ["--w-bits", str(w), "--a-bits", str(a), "--calib-method", method, "--fuse-branches"]
-                settings[f"onnxq W{w}A{a} {method}, bias correction, branches merged"] = (
-                    lambda p, c, flags=flags: run_onnxq_cli(p, c, [*flags, "--max-samples", "256"])
+                settings[f"onnxq W{w}A{a} {method}, branches merged"] = lambda p, c, flags=flags: (
+                    run_onnxq_cli(p, c, [*flags, "--max-samples", "256"])
                 )
         if (w, a) in ORT_TYPES:
             weight_type, activation_type = ORT_TYPES[(w, a)]
