@@ -23,21 +23,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper
 
-from onnxq.calib.simulate import Arrays, Item, Segment, Simulation, fake_quant_feed, param_names
-from onnxq.io import session
-from onnxq.passes.insert_qdq import activation_quantizer, bias_quantization, weight_target
+from onnxq.calib.layer import BIAS_SAMPLES, LayerProbe, batches, count
+from onnxq.calib.simulate import Arrays, Item, Segment, Simulation, fake_quant_feed
+from onnxq.passes.insert_qdq import activation_quantizer
 from onnxq.progress import Progress
 from onnxq.quant.plan import QuantPlan
-from onnxq.quant.weights import group_membership, quantize_weight
+from onnxq.quant.weights import group_membership
 
 COARSE = np.linspace(0.05, 1.0, 20)  # clipping ratios, step 0.05
 FINE = np.array([-0.03, -0.015, 0.015, 0.03])
 PD_WEIGHT_STEPS = (0.9, 0.95, 1.05)
 PD_ACTIVATION_STEPS = (0.8, 0.9, 1.1)
 ACTIVATION_POSITIONS = 1 << 20  # positions per tensor the activation search scores
-BIAS_SAMPLES = 64  # samples that estimate a candidate's mean output shift
 
 
 @dataclass(frozen=True)
@@ -81,23 +79,23 @@ def search_parameters(
     search, held = _split(data, settings)
     search = _fit_memory(sim, search, settings)
     sweep = _Sweep(sim, plan, settings, fixed_ranges or {}, started)
-    progress.stage(f"calibrate ({settings.method}): {_count(search)} samples", total=len(_items(sim)))
+    progress.stage(f"calibrate ({settings.method}): {count(search)} samples", total=len(_items(sim)))
     sweep.local(search, progress)
-    result = SearchResult(sweep.ranges, sweep.ratios, sweep.biases, _count(search), _count(held))
-    if settings.method == "pd" or _count(held):
+    result = SearchResult(sweep.ranges, sweep.ratios, sweep.biases, count(search), count(held))
+    if settings.method == "pd" or count(held):
         targets = {
             name: sweep.float_logits(part) for name, part in (("calibration", search), ("held-out", held))
         }
     if settings.method == "pd":
         for name, part in (("calibration", search), ("held-out", held)):
-            if _count(part):
+            if count(part):
                 result.pd_loss[f"{name} before pd"] = sweep.prediction_loss(part, targets[name])
         progress.stage(
             f"calibrate (pd, λ={settings.pd_lambda:g})", total=sum(sweep.bits(i) < 8 for i in _items(sim))
         )
         sweep.prediction_difference(search, targets["calibration"], progress)
     for name, part in (("calibration", search), ("held-out", held)):
-        if _count(part) and (settings.method == "pd" or _count(held)):
+        if count(part) and (settings.method == "pd" or count(held)):
             result.pd_loss[name] = sweep.prediction_loss(part, targets[name])
     result.skipped = sweep.skipped
     result.feed = sweep.params
@@ -108,13 +106,9 @@ def search_parameters(
 # ----------------------------------------------------------------------------- data
 
 
-def _count(data: Arrays) -> int:
-    return len(next(iter(data.values()))) if data else 0
-
-
 def _split(data: Arrays, settings: SearchSettings) -> tuple[Arrays, Arrays]:
     """A seeded held-out part of the calibration data (none when holdout is 0 or data is tiny)."""
-    total = _count(data)
+    total = count(data)
     held = round(total * settings.holdout) if total >= 10 else 0
     order = np.random.default_rng(settings.seed).permutation(total)
     keep, out = np.sort(order[held:]), np.sort(order[:held])
@@ -130,12 +124,6 @@ def _fit_memory(sim: Simulation, data: Arrays, settings: SearchSettings) -> Arra
         peak = max(peak, sum(v.nbytes for v in one.values()))
     fits = max(16, int(settings.memory_budget // max(1, 2 * peak)))
     return {k: v[:fits] for k, v in data.items()}
-
-
-def _batches(data: Arrays, size: int):
-    total = _count(data)
-    for start in range(0, total, size):
-        yield {k: v[start : start + size] for k, v in data.items()}
 
 
 def _items(sim: Simulation) -> list[Item]:
@@ -160,14 +148,21 @@ class _Sweep:
         self.observed: dict[str, tuple[float, float]] = {}
         self.layers = {node.name: node for node in sim.model.graph.node}
         self.rng = np.random.default_rng(settings.seed)
+        self._probes: dict[str, LayerProbe] = {}
 
     # -- running ------------------------------------------------------------------
 
     def advance(self, segment: Segment, frontier: Arrays, params: Arrays) -> Arrays:
         parts = [
-            self.sim.run([segment], batch, params) for batch in _batches(frontier, self.settings.batch_size)
+            self.sim.run([segment], batch, params) for batch in batches(frontier, self.settings.batch_size)
         ]
         return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+    def layer(self, node: onnx.NodeProto) -> LayerProbe:
+        """The node's probe, built once: its session is reused by every later candidate."""
+        if node.name not in self._probes:
+            self._probes[node.name] = LayerProbe(self, node)
+        return self._probes[node.name]
 
     def out_of_time(self) -> bool:
         budget = self.settings.time_budget
@@ -254,7 +249,7 @@ class _Sweep:
 
     def _choose_weights(self, item: Item, quantized: Arrays, floating: Arrays) -> float:
         node = self.layers[item.node]
-        layer = _Layer(self, node)
+        layer = self.layer(node)
         if self.settings.method == "fixed" and layer.spec.rule.kind != "output":
             return self._set_weights(node, None, quantized, floating, layer)
         membership = group_membership(layer.weight, layer.spec.layout, layer.spec.granularity)
@@ -269,7 +264,7 @@ class _Sweep:
         return float(losses.min(axis=0).sum() / max(1, layer.positions))
 
     def _set_weights(self, node, ratios, quantized, floating=None, layer=None) -> float:
-        layer = layer or _Layer(self, node)
+        layer = layer or self.layer(node)
         if ratios is not None:
             self.ratios[layer.spec.name] = ratios
         dequantized, bias = layer.candidate(ratios, layer.float_bias)
@@ -285,14 +280,14 @@ class _Sweep:
     # -- prediction difference ----------------------------------------------------
 
     def float_logits(self, data: Arrays) -> np.ndarray | None:
-        if not _count(data):
+        if not count(data):
             return None
         return self._outputs(self.sim.segments, data, self.sim.float_params)
 
     def _outputs(self, segments, data: Arrays, params: Arrays) -> np.ndarray:
         name = self.sim.model.graph.output[0].name
         parts = [
-            self.sim.run(segments, batch, params)[name] for batch in _batches(data, self.settings.batch_size)
+            self.sim.run(segments, batch, params)[name] for batch in batches(data, self.settings.batch_size)
         ]
         return np.concatenate(parts)
 
@@ -323,7 +318,7 @@ class _Sweep:
 
     def _pd_item(self, item, following, quantized, floating, floating_next, target) -> float:
         if item.kind == "weight":  # its input's scale may have moved: requantize the bias
-            layer = _Layer(self, self.layers[item.node])
+            layer = self.layer(self.layers[item.node])
             weight, bias = layer.candidate(self.ratios.get(layer.spec.name))
             self.params[layer.spec.name] = weight
             if layer.bias_name:
@@ -362,7 +357,7 @@ class _Sweep:
                 yield feed, commit
             return
         node = self.layers[item.node]
-        layer = _Layer(self, node)
+        layer = self.layer(node)
         groups = group_membership(layer.weight, layer.spec.layout, layer.spec.granularity).shape[0]
         base = self.ratios.get(layer.spec.name, np.ones(groups))
         for step in PD_WEIGHT_STEPS:
@@ -388,16 +383,16 @@ class _Sweep:
         name = self.sim.model.graph.output[0].name
         first = following[0]
         regulariser, outputs, start = 0.0, [], 0
-        for batch in _batches(quantized, self.settings.batch_size):
-            count = _count(batch)
+        for batch in batches(quantized, self.settings.batch_size):
+            size = count(batch)
             after_first = self.sim.run(following[:1], batch, params)
             for tensor in first.outputs:
-                reference = floating_next[tensor][start : start + count]
+                reference = floating_next[tensor][start : start + size]
                 regulariser += float(
                     np.sum((after_first[tensor] - reference) ** 2) / _power(floating_next[tensor])
                 )
             outputs.append(self.sim.run(following[1:], after_first, params)[name])
-            start += count
+            start += size
         kl = prediction_difference(target, np.concatenate(outputs))
         return kl + self.settings.pd_lambda * regulariser / max(1, start)
 
@@ -422,144 +417,3 @@ def prediction_difference(reference: np.ndarray, quantized: np.ndarray) -> float
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-
-
-# ----------------------------------------------------------------------------- one layer
-
-
-class _Layer:
-    """One compute node (and its absorbed Relu/Clip) as a small onnxruntime session."""
-
-    def __init__(self, sweep: _Sweep, node: onnx.NodeProto):
-        self.sweep = sweep
-        self.node = node
-        plan = sweep.plan
-        self.spec = plan.weights[node.input[1]]
-        self.weight = sweep.sim.float_params[self.spec.name]
-        self.target = weight_target(
-            self.spec, sweep.settings.symmetric_weights, sweep.settings.reduced_8bit_weights
-        )
-        bias = node.input[2] if len(node.input) > 2 and node.input[2] in sweep.sim.float_params else ""
-        self.bias_name = bias
-        self.float_bias = sweep.sim.float_params[bias] if bias else None
-        self.quantized_bias = bias in plan.biases
-        self.channel_axis = 1 if node.op_type in ("Conv", "ConvTranspose") else -1
-        self.activation = _absorbed_after(sweep.sim.model.graph, node, plan)
-        self.positions = 0
-        self._runner = None
-
-    @property
-    def runner(self):
-        if self._runner is None:
-            self._runner = session(
-                _layer_model(self.sweep.sim.model, self.node, self.activation), arena=False
-            )
-        return self._runner
-
-    def candidate(self, ratios: np.ndarray | None, bias: np.ndarray | None = None):
-        """(dequantized weight, the bias as the deployed model holds it) for these ratios."""
-        spec = self.spec
-        quantized = quantize_weight(
-            self.weight, spec.layout, spec.granularity, spec.rule, self.target, ratios
-        )
-        if not self.bias_name:
-            return quantized.dequantize(), None
-        if bias is None:
-            bias = self.sweep.biases.get(self.bias_name, self.float_bias)
-        weight_scale = quantized.per_output_channel_scale
-        if self.quantized_bias and weight_scale is not None:
-            source = self.sweep.plan.root(self.sweep.plan.biases[self.bias_name].activation)
-            input_scale = self.sweep.params[param_names(source)["scale"]]
-            integers, scale = bias_quantization(bias, input_scale * weight_scale)
-            bias = (integers.astype(np.float64) * scale).astype(np.float32)
-        return quantized.dequantize(), bias
-
-    def _run(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None):
-        feed = {"x": x, "w": weight}
-        if self.bias_name:
-            feed["b"] = bias
-        return self.runner.run(None, feed)
-
-    def mean_shift(self, weight, bias, quantized, floating, samples: int | None = None) -> np.ndarray:
-        """Per output channel, mean(float output − quantized output) before the activation,
-        over the first `samples` samples (all when None)."""
-        x_name = self.node.input[0]
-        limit = samples or len(quantized[x_name])
-        size = self.sweep.settings.batch_size
-        total, positions = 0.0, 0
-        for start in range(0, limit, size):
-            stop = min(start + size, limit)
-            reference = self._run(floating[x_name][start:stop], self.weight, self.float_bias)[0]
-            output = self._run(quantized[x_name][start:stop], weight, bias)[0]
-            total = total + _channel_sums(reference - output, self.channel_axis)
-            positions += reference.size // reference.shape[self.channel_axis]
-        return (total / max(positions, 1)).astype(np.float32)
-
-    def losses(self, candidates: list[np.ndarray], quantized: Arrays, floating: Arrays) -> np.ndarray:
-        """(candidates, output channels) summed output error, each candidate bias-corrected."""
-        settings = self.sweep.settings
-        squared = settings.method != "mae"
-        weights = [self.candidate(r, self.float_bias) for r in candidates]
-        if settings.bias_correction and self.bias_name:
-            corrected = []
-            for ratios, (weight, bias) in zip(candidates, weights, strict=True):
-                shift = self.mean_shift(weight, bias, quantized, floating, samples=BIAS_SAMPLES)
-                corrected.append(self.candidate(ratios, (self.float_bias + shift).astype(np.float32)))
-            weights = corrected
-        x_name = self.node.input[0]
-        totals = np.zeros((len(candidates), self.weight.shape[self.spec.layout.out_axis]))
-        self.positions = 0
-        for q_batch, f_batch in zip(
-            _batches({"x": quantized[x_name]}, settings.batch_size),
-            _batches({"x": floating[x_name]}, settings.batch_size),
-            strict=True,
-        ):
-            reference = self._run(f_batch["x"], self.weight, self.float_bias)[-1]
-            self.positions += reference.size
-            for k, (weight, bias) in enumerate(weights):
-                difference = self._run(q_batch["x"], weight, bias)[-1] - reference
-                totals[k] += _channel_sums(
-                    difference**2 if squared else np.abs(difference), self.channel_axis
-                )
-        return totals
-
-
-def _channel_sums(values: np.ndarray, axis: int) -> np.ndarray:
-    moved = np.moveaxis(values, axis, 0)
-    return moved.reshape(moved.shape[0], -1).sum(axis=1, dtype=np.float64)
-
-
-def _absorbed_after(graph: onnx.GraphProto, node: onnx.NodeProto, plan: QuantPlan) -> onnx.NodeProto | None:
-    output = node.output[0]
-    return next((n for n in graph.node if n.name in plan.absorbed and n.input[0] == output), None)
-
-
-def _layer_model(model: onnx.ModelProto, node: onnx.NodeProto, activation: onnx.NodeProto | None):
-    """x, w (, b) → (pre-activation output, post-activation output)."""
-    layer = onnx.NodeProto()
-    layer.CopyFrom(node)
-    names = ["x", "w", "b"][: len(node.input)]
-    del layer.input[:]
-    layer.input.extend(names)
-    del layer.output[:]
-    layer.output.append("pre")
-    nodes, outputs = [layer], ["pre"]
-    initializers = []
-    if activation is not None:
-        act = onnx.NodeProto()
-        act.CopyFrom(activation)
-        act.input[0] = "pre"
-        del act.output[:]
-        act.output.append("post")
-        nodes.append(act)
-        outputs.append("post")
-        known = {t.name: t for t in model.graph.initializer}
-        initializers = [known[n] for n in act.input[1:] if n in known]
-    graph = helper.make_graph(
-        nodes,
-        "layer",
-        [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names],
-        [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in outputs],
-        initializers,
-    )
-    return helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)

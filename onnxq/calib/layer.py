@@ -1,0 +1,172 @@
+"""One compute layer as a small onnxruntime session: its weight candidates and their errors.
+
+The search asks a probe for a layer's output under a candidate weight (and its absorbed
+Relu/Clip), on the quantized model's inputs, against the float layer on the float inputs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnxq.calib.simulate import Arrays, param_names
+from onnxq.io import session
+from onnxq.passes.insert_qdq import bias_quantization, weight_target
+from onnxq.quant.plan import QuantPlan
+from onnxq.quant.weights import quantize_weight
+
+if TYPE_CHECKING:
+    from onnxq.calib.search import _Sweep
+
+BIAS_SAMPLES = 64  # samples that estimate a candidate's mean output shift
+
+
+def count(data: Arrays) -> int:
+    return len(next(iter(data.values()))) if data else 0
+
+
+def batches(data: Arrays, size: int):
+    total = count(data)
+    for start in range(0, total, size):
+        yield {k: v[start : start + size] for k, v in data.items()}
+
+
+class LayerProbe:
+    """One compute node (and its absorbed Relu/Clip) as a small onnxruntime session."""
+
+    def __init__(self, sweep: _Sweep, node: onnx.NodeProto):
+        self.sweep = sweep
+        self.node = node
+        plan = sweep.plan
+        self.spec = plan.weights[node.input[1]]
+        self.weight = sweep.sim.float_params[self.spec.name]
+        self.target = weight_target(
+            self.spec, sweep.settings.symmetric_weights, sweep.settings.reduced_8bit_weights
+        )
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] in sweep.sim.float_params else ""
+        self.bias_name = bias
+        self.float_bias = sweep.sim.float_params[bias] if bias else None
+        self.quantized_bias = bias in plan.biases
+        self.channel_axis = 1 if node.op_type in ("Conv", "ConvTranspose") else -1
+        self.activation = _absorbed_after(sweep.sim.model.graph, node, plan)
+        self.positions = 0
+        self._runner = None
+
+    @property
+    def runner(self):
+        if self._runner is None:
+            self._runner = session(
+                _layer_model(self.sweep.sim.model, self.node, self.activation), arena=False
+            )
+        return self._runner
+
+    def candidate(self, ratios: np.ndarray | None, bias: np.ndarray | None = None):
+        """(dequantized weight, the bias as the deployed model holds it) for these ratios."""
+        spec = self.spec
+        quantized = quantize_weight(
+            self.weight, spec.layout, spec.granularity, spec.rule, self.target, ratios
+        )
+        if not self.bias_name:
+            return quantized.dequantize(), None
+        if bias is None:
+            bias = self.sweep.biases.get(self.bias_name, self.float_bias)
+        weight_scale = quantized.per_output_channel_scale
+        if self.quantized_bias and weight_scale is not None:
+            source = self.sweep.plan.root(self.sweep.plan.biases[self.bias_name].activation)
+            input_scale = self.sweep.params[param_names(source)["scale"]]
+            integers, scale = bias_quantization(bias, input_scale * weight_scale)
+            bias = (integers.astype(np.float64) * scale).astype(np.float32)
+        return quantized.dequantize(), bias
+
+    def _run(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None):
+        feed = {"x": x, "w": weight}
+        if self.bias_name:
+            feed["b"] = bias
+        return self.runner.run(None, feed)
+
+    def mean_shift(self, weight, bias, quantized, floating, samples: int | None = None) -> np.ndarray:
+        """Per output channel, mean(float output − quantized output) before the activation,
+        over the first `samples` samples (all when None)."""
+        x_name = self.node.input[0]
+        limit = samples or len(quantized[x_name])
+        size = self.sweep.settings.batch_size
+        total, positions = 0.0, 0
+        for start in range(0, limit, size):
+            stop = min(start + size, limit)
+            reference = self._run(floating[x_name][start:stop], self.weight, self.float_bias)[0]
+            output = self._run(quantized[x_name][start:stop], weight, bias)[0]
+            total = total + _channel_sums(reference - output, self.channel_axis)
+            positions += reference.size // reference.shape[self.channel_axis]
+        return (total / max(positions, 1)).astype(np.float32)
+
+    def losses(self, candidates: list[np.ndarray], quantized: Arrays, floating: Arrays) -> np.ndarray:
+        """(candidates, output channels) summed output error, each candidate bias-corrected."""
+        settings = self.sweep.settings
+        squared = settings.method != "mae"
+        weights = [self.candidate(r, self.float_bias) for r in candidates]
+        if settings.bias_correction and self.bias_name:
+            corrected = []
+            for ratios, (weight, bias) in zip(candidates, weights, strict=True):
+                shift = self.mean_shift(weight, bias, quantized, floating, samples=BIAS_SAMPLES)
+                corrected.append(self.candidate(ratios, (self.float_bias + shift).astype(np.float32)))
+            weights = corrected
+        x_name = self.node.input[0]
+        totals = np.zeros((len(candidates), self.weight.shape[self.spec.layout.out_axis]))
+        self.positions = 0
+        for q_batch, f_batch in zip(
+            batches({"x": quantized[x_name]}, settings.batch_size),
+            batches({"x": floating[x_name]}, settings.batch_size),
+            strict=True,
+        ):
+            reference = self._run(f_batch["x"], self.weight, self.float_bias)[-1]
+            self.positions += reference.size
+            for k, (weight, bias) in enumerate(weights):
+                difference = self._run(q_batch["x"], weight, bias)[-1] - reference
+                totals[k] += _channel_sums(
+                    difference**2 if squared else np.abs(difference), self.channel_axis
+                )
+        return totals
+
+
+def _channel_sums(values: np.ndarray, axis: int) -> np.ndarray:
+    moved = np.moveaxis(values, axis, 0)
+    return moved.reshape(moved.shape[0], -1).sum(axis=1, dtype=np.float64)
+
+
+def _absorbed_after(graph: onnx.GraphProto, node: onnx.NodeProto, plan: QuantPlan) -> onnx.NodeProto | None:
+    output = node.output[0]
+    return next((n for n in graph.node if n.name in plan.absorbed and n.input[0] == output), None)
+
+
+def _layer_model(model: onnx.ModelProto, node: onnx.NodeProto, activation: onnx.NodeProto | None):
+    """x, w (, b) → (pre-activation output, post-activation output)."""
+    layer = onnx.NodeProto()
+    layer.CopyFrom(node)
+    names = ["x", "w", "b"][: len(node.input)]
+    del layer.input[:]
+    layer.input.extend(names)
+    del layer.output[:]
+    layer.output.append("pre")
+    nodes, outputs = [layer], ["pre"]
+    initializers = []
+    if activation is not None:
+        act = onnx.NodeProto()
+        act.CopyFrom(activation)
+        act.input[0] = "pre"
+        del act.output[:]
+        act.output.append("post")
+        nodes.append(act)
+        outputs.append("post")
+        known = {t.name: t for t in model.graph.initializer}
+        initializers = [known[n] for n in act.input[1:] if n in known]
+    graph = helper.make_graph(
+        nodes,
+        "layer",
+        [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names],
+        [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in outputs],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
