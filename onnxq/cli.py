@@ -138,6 +138,20 @@ def main() -> None:
 )
 @click.option("--pd-lambda", type=float, default=QuantConfig.pd_lambda, show_default=True)
 @click.option("--time-budget", type=float, help="Seconds for the search; the rest keeps min-max ranges.")
+@click.option(
+    "--search-memory",
+    type=float,
+    default=QuantConfig.search_memory_gb,
+    show_default=True,
+    help="GB of activations the mse/mae/pd search may cache; beyond it, it uses fewer samples.",
+)
+@click.option(
+    "--search-cache",
+    type=click.Choice(["float16", "float32"]),
+    default="float16" if QuantConfig.search_cache_half else "float32",
+    show_default=True,
+    help="Precision of the search's cached activations (float16: twice the samples per GB).",
+)
 @click.option("--percentile", type=float, default=QuantConfig.percentile, show_default=True)
 @click.option(
     "--int8-range",
@@ -184,6 +198,8 @@ def quantize(model, output, calib, **options):
         holdout=options.pop("holdout"),
         pd_lambda=options.pop("pd_lambda"),
         time_budget=options.pop("time_budget"),
+        search_memory_gb=options.pop("search_memory"),
+        search_cache_half=options.pop("search_cache") == "float16",
     )
     preprocess = build_preprocess(**options)
     with RichProgress() as progress:

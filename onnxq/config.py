@@ -247,6 +247,8 @@ class QuantConfig:
     holdout: float = 0.2  # part of the calibration data kept out of the search, to report on
     pd_lambda: float = PD_LAMBDA
     time_budget: float | None = None  # seconds for the search; what is left keeps simple ranges
+    search_memory_gb: float = 1.5  # cached activations of mse/mae/pd; beyond it, fewer samples
+    search_cache_half: bool = True  # cache them in float16 (BENCHMARKS.md: costs no accuracy)
     op_types: frozenset[str] = field(
         default_factory=lambda: frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
     )
@@ -270,6 +272,8 @@ class QuantConfig:
             raise OnnxqError(f"pd lambda must be non-negative, got {self.pd_lambda}")
         if self.time_budget is not None and self.time_budget <= 0:
             raise OnnxqError(f"time budget must be positive, got {self.time_budget}")
+        if self.search_memory_gb <= 0:
+            raise OnnxqError(f"search memory must be positive, got {self.search_memory_gb} GB")
 
     @property
     def lowest_weight_bits(self) -> int:

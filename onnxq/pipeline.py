@@ -168,6 +168,8 @@ def _search(float_model, plan, data, ranges, config: QuantConfig, reduced: bool,
         holdout=config.holdout if method == "pd" else 0.0,
         seed=config.seed,
         time_budget=config.time_budget,
+        memory_budget=config.search_memory_gb * 1e9,
+        half_cache=config.search_cache_half,
     )
     fixed = {
         spec.tensor: ranges[spec.observed] for spec in plan.activations.values() if spec.observed in ranges
@@ -176,7 +178,13 @@ def _search(float_model, plan, data, ranges, config: QuantConfig, reduced: bool,
 
 
 def _search_notes(search: SearchResult) -> list[str]:
-    notes = [f"calibration search: {search.samples} samples, {search.seconds:.1f} s"]
+    spent = f"{search.seconds:.1f} s"
+    if search.pd_seconds:
+        pruned, candidates = search.pd_pruned
+        spent += (
+            f" (pd {search.pd_seconds:.1f} s; {pruned} of {candidates} candidates ruled out by λ·regulariser)"
+        )
+    notes = [f"calibration search: {search.samples} samples, {spent}"]
     if search.pd_loss:
         losses = ", ".join(f"{k} {v:.4g}" for k, v in search.pd_loss.items())
         notes.append(f"prediction difference (KL): {losses}")

@@ -281,6 +281,7 @@ CALIB_METHODS = [
     ("mse", True),
     ("mae", False),
     ("mae", True),
+    ("pd", False),
     ("pd", True),
 ]
 ORT_TYPES = {(8, 8): ("QInt8", "QUInt8"), (4, 8): ("QInt4", "QUInt8"), (4, 4): ("QInt4", "QUInt4")}

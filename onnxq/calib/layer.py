@@ -82,7 +82,7 @@ class LayerProbe:
         return quantized.dequantize(), bias
 
     def _run(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None):
-        feed = {"x": x, "w": weight}
+        feed = {"x": x.astype(np.float32, copy=False), "w": weight}  # the cache may be float16
         if self.bias_name:
             feed["b"] = bias
         return self.runner.run(None, feed)
@@ -121,10 +121,11 @@ class LayerProbe:
             batches({"x": floating[x_name]}, settings.batch_size),
             strict=True,
         ):
+            x = q_batch["x"].astype(np.float32, copy=False)  # widened once, not per candidate
             reference = self._run(f_batch["x"], self.weight, self.float_bias)[-1]
             self.positions += reference.size
             for k, (weight, bias) in enumerate(weights):
-                difference = self._run(q_batch["x"], weight, bias)[-1] - reference
+                difference = self._run(x, weight, bias)[-1] - reference
                 totals[k] += _channel_sums(
                     difference**2 if squared else np.abs(difference), self.channel_axis
                 )

@@ -19,7 +19,7 @@ small calibration set).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -36,6 +36,8 @@ FINE = np.array([-0.03, -0.015, 0.015, 0.03])
 PD_WEIGHT_STEPS = (0.9, 0.95, 1.05)
 PD_ACTIVATION_STEPS = (0.8, 0.9, 1.1)
 ACTIVATION_POSITIONS = 1 << 20  # positions per tensor the activation search scores
+HALF_LIMIT = 6.0e4  # float16's largest finite value is 65504
+BATCH_BYTES = 64 << 20  # largest float32 tensor of one batch: bounds onnxruntime's transient memory
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,9 @@ class SearchSettings:
     holdout: float = 0.2
     seed: int = 0
     time_budget: float | None = None
-    batch_size: int = 32
+    batch_size: int = 32  # at most; fewer where one batch's tensors would pass BATCH_BYTES
     memory_budget: float = 1.5e9  # bytes of cached tensors (float and quantized frontiers)
+    half_cache: bool = True  # keep cached float32 tensors in float16 (half the memory)
 
 
 @dataclass
@@ -63,6 +66,8 @@ class SearchResult:
     pd_loss: dict[str, float] = field(default_factory=dict)  # "calibration"/"held-out" (+ before pd)
     skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    pd_seconds: float = 0.0  # of which the prediction-difference sweep
+    pd_pruned: tuple[int, int] = (0, 0)  # pd candidates skipped by the regulariser bound, of all
     feed: Arrays = field(default_factory=dict)  # the simulation's parameters for the chosen model
 
 
@@ -77,7 +82,7 @@ def search_parameters(
     """Walk the items in order and choose each one's scale (see module docstring)."""
     started = time.perf_counter()
     search, held = _split(data, settings)
-    search = _fit_memory(sim, search, settings)
+    search, settings = _fit_memory(sim, search, settings)
     sweep = _Sweep(sim, plan, settings, fixed_ranges or {}, started)
     progress.stage(f"calibrate ({settings.method}): {count(search)} samples", total=len(_items(sim)))
     sweep.local(search, progress)
@@ -93,7 +98,10 @@ def search_parameters(
         progress.stage(
             f"calibrate (pd, λ={settings.pd_lambda:g})", total=sum(sweep.bits(i) < 8 for i in _items(sim))
         )
+        pd_started = time.perf_counter()
         sweep.prediction_difference(search, targets["calibration"], progress)
+        result.pd_seconds = time.perf_counter() - pd_started
+        result.pd_pruned = (sweep.pd_pruned, sweep.pd_candidates)
     for name, part in (("calibration", search), ("held-out", held)):
         if count(part) and (settings.method == "pd" or count(held)):
             result.pd_loss[name] = sweep.prediction_loss(part, targets[name])
@@ -115,15 +123,37 @@ def _split(data: Arrays, settings: SearchSettings) -> tuple[Arrays, Arrays]:
     return {k: v[keep] for k, v in data.items()}, {k: v[out] for k, v in data.items()}
 
 
-def _fit_memory(sim: Simulation, data: Arrays, settings: SearchSettings) -> Arrays:
-    """Fewer samples when the two cached frontiers would not fit the memory budget."""
+def _fit_memory(sim: Simulation, data: Arrays, settings: SearchSettings) -> tuple[Arrays, SearchSettings]:
+    """Fewer samples when the cached frontiers would not fit the memory budget, and smaller
+    batches where one batch's tensors would be large (onnxruntime holds a run's intermediates).
+
+    At a cut the search holds the float and the quantized frontier before it and after it.
+    """
     one = {k: v[:1] for k, v in data.items()}
-    peak = 0
+    peak, largest = 0, 1
     for segment in sim.segments:
-        one = sim.run([segment], one, sim.float_params)
-        peak = max(peak, sum(v.nbytes for v in one.values()))
+        after = sim.run([segment], one, sim.float_params)
+        peak = max(peak, _cached_bytes(one, settings) + _cached_bytes(after, settings))
+        largest = max(largest, *(v.size * 4 for v in after.values()))
+        one = after
     fits = max(16, int(settings.memory_budget // max(1, 2 * peak)))
-    return {k: v[:fits] for k, v in data.items()}
+    batch_size = max(1, min(settings.batch_size, BATCH_BYTES // largest))
+    return {k: v[:fits] for k, v in data.items()}, replace(settings, batch_size=batch_size)
+
+
+def _cached_bytes(frontier: Arrays, settings: SearchSettings) -> int:
+    return sum(v.size * _cache_dtype(v, settings).itemsize for v in frontier.values())
+
+
+def _cache_dtype(values: np.ndarray, settings: SearchSettings) -> np.dtype:
+    """float16 for float32 tensors when the cache is halved (while their values fit)."""
+    if settings.half_cache and values.dtype == np.float32 and _fits_half(values):
+        return np.dtype(np.float16)
+    return values.dtype
+
+
+def _fits_half(values: np.ndarray) -> bool:
+    return not values.size or max(float(values.max()), -float(values.min())) < HALF_LIMIT
 
 
 def _items(sim: Simulation) -> list[Item]:
@@ -149,14 +179,29 @@ class _Sweep:
         self.layers = {node.name: node for node in sim.model.graph.node}
         self.rng = np.random.default_rng(settings.seed)
         self._probes: dict[str, LayerProbe] = {}
+        self.pd_candidates = 0  # scored by pd, and of those
+        self.pd_pruned = 0  # skipped: their regulariser alone exceeded the best loss
 
     # -- running ------------------------------------------------------------------
 
     def advance(self, segment: Segment, frontier: Arrays, params: Arrays) -> Arrays:
-        parts = [
-            self.sim.run([segment], batch, params) for batch in batches(frontier, self.settings.batch_size)
-        ]
-        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        """The frontier after `segment`, written batch by batch into the cache (no concatenation:
+        it would hold every tensor twice). Carried tensors are shared, not copied."""
+        total = count(frontier)
+        after: Arrays = {name: frontier[name] for name in segment.carried}
+        start = 0
+        for batch in batches(frontier, self.settings.batch_size):
+            values = self.sim.run([segment], batch, params)
+            for name in segment.outputs:
+                value = values[name]
+                if name not in after:
+                    dtype = _cache_dtype(value, self.settings)
+                    after[name] = np.empty((total, *value.shape[1:]), dtype)
+                elif after[name].dtype == np.float16 and not _fits_half(value):
+                    after[name] = after[name].astype(np.float32)  # a later batch outgrew float16
+                after[name][start : start + len(value)] = value
+            start += count(batch)
+        return after
 
     def layer(self, node: onnx.NodeProto) -> LayerProbe:
         """The node's probe, built once: its session is reused by every later candidate."""
@@ -213,7 +258,8 @@ class _Sweep:
             self._set_activation(item.name, low, high)
             return float("nan")
         picks = self._positions(values.size)
-        x, target = values.reshape(-1)[picks], reference.reshape(-1)[picks]
+        x = values.reshape(-1)[picks].astype(np.float32)
+        target = reference.reshape(-1)[picks].astype(np.float32)
 
         def error(ratio: float) -> float:
             scale, zero, bounds = activation_quantizer(low * ratio, high * ratio, spec.bits, self.sym_act)
@@ -324,14 +370,24 @@ class _Sweep:
             if layer.bias_name:
                 self.params[layer.bias_name] = bias
 
-        def score(params: Arrays) -> float:
-            return self._pd_score(following, quantized, floating_next, target, params)
+        powers = {name: _power(floating_next[name]) for name in following[0].outputs}
+        lam = self.settings.pd_lambda
 
-        current = score(self.params)
-        best, best_loss = None, current
+        def regulariser(params: Arrays) -> float:
+            return lam * self._pd_regulariser(following[0], quantized, floating_next, powers, params)
+
+        best, best_loss = (
+            None,
+            self._pd_kl(following, quantized, target, self.params) + regulariser(self.params),
+        )
         for candidate in self._pd_candidates(item, quantized, floating):
             params = {**self.params, **candidate[0]}
-            loss = score(params)
+            penalty = regulariser(params)
+            self.pd_candidates += 1
+            if penalty >= best_loss:  # KL ≥ 0: it cannot win, skip running the rest of the model
+                self.pd_pruned += 1
+                continue
+            loss = self._pd_kl(following, quantized, target, params) + penalty
             if loss < best_loss - 1e-12:
                 best, best_loss = candidate, loss
         if best is not None:
@@ -379,27 +435,35 @@ class _Sweep:
 
             yield feed, commit
 
-    def _pd_score(self, following, quantized, floating_next, target, params) -> float:
-        name = self.sim.model.graph.output[0].name
-        first = following[0]
-        regulariser, outputs, start = 0.0, [], 0
+    def _pd_regulariser(self, first: Segment, quantized, floating_next, powers, params) -> float:
+        """Normalised MSE of the item's own outputs against the float model's, per sample."""
+        total, start = 0.0, 0
         for batch in batches(quantized, self.settings.batch_size):
             size = count(batch)
-            after_first = self.sim.run(following[:1], batch, params)
+            outputs = self.sim.run([first], batch, params)
             for tensor in first.outputs:
                 reference = floating_next[tensor][start : start + size]
-                regulariser += float(
-                    np.sum((after_first[tensor] - reference) ** 2) / _power(floating_next[tensor])
-                )
-            outputs.append(self.sim.run(following[1:], after_first, params)[name])
+                total += float(np.sum((outputs[tensor] - reference) ** 2) / powers[tensor])
             start += size
-        kl = prediction_difference(target, np.concatenate(outputs))
-        return kl + self.settings.pd_lambda * regulariser / max(1, start)
+        return total / max(1, start)
+
+    def _pd_kl(self, following, quantized, target, params) -> float:
+        """KL of the quantized from the float softmax at the output, running the rest of the model."""
+        name = self.sim.model.graph.output[0].name
+        outputs = [
+            self.sim.run(following, b, params)[name] for b in batches(quantized, self.settings.batch_size)
+        ]
+        return prediction_difference(target, np.concatenate(outputs))
 
 
-def _power(values: np.ndarray) -> float:
-    """Mean square per sample, the regulariser's normaliser (never 0)."""
-    return max(float(np.mean(values.astype(np.float64) ** 2)) * values[0].size, 1e-12)
+def _power(values: np.ndarray, chunk: int = 16) -> float:
+    """Mean square per sample, the regulariser's normaliser (never 0); a few samples at a time,
+    so that no float64 copy of a whole cached tensor is ever made."""
+    total = 0.0
+    for start in range(0, len(values), chunk):
+        part = values[start : start + chunk].astype(np.float32)
+        total += float(np.vdot(part, part))
+    return max(total / max(len(values), 1), 1e-12)
 
 
 def prediction_difference(reference: np.ndarray, quantized: np.ndarray) -> float:

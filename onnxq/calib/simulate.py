@@ -53,6 +53,7 @@ class Segment:
     outputs: list[str]  # tensors it makes that are needed later
     carried: list[str]  # frontier tensors passed on untouched
     item: Item | None = None
+    float_inputs: frozenset[str] = frozenset()  # declared float32: a half-precision cache is widened
 
 
 @dataclass
@@ -65,12 +66,17 @@ class Simulation:
     def run(self, segments: Iterable[Segment], frontier: Arrays, params: Arrays) -> Arrays:
         """Run consecutive segments on one batch; returns the frontier after the last."""
         for segment in segments:
-            feed = {name: frontier[name] for name in segment.inputs}
+            feed = {name: _widened(frontier[name], name in segment.float_inputs) for name in segment.inputs}
             feed.update({name: params[name] for name in segment.params})
             values = segment.runner.run(segment.outputs, feed)
             carried = {name: frontier[name] for name in segment.carried}
             frontier = carried | dict(zip(segment.outputs, values, strict=True))
         return frontier
+
+
+def _widened(values: np.ndarray, declared_float: bool) -> np.ndarray:
+    """A float32 input kept in a float16 cache goes back to float32 for onnxruntime."""
+    return values.astype(np.float32) if declared_float and values.dtype == np.float16 else values
 
 
 def param_names(tensor: str) -> dict[str, str]:
@@ -229,7 +235,11 @@ def _segments(
         item = items.get(part[0].name)
         produced = [n for n in made if n in needed]
         carried = [n for n in available if n in needed]
-        segments.append(Segment(session(segment_model, arena=False), inputs, params, produced, carried, item))
+        runner = session(segment_model, arena=False)
+        declared_float = frozenset(
+            n for n in inputs if types.get(n, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT
+        )
+        segments.append(Segment(runner, inputs, params, produced, carried, item, declared_float))
         available = [*carried, *produced]
     return segments
 

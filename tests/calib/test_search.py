@@ -163,6 +163,22 @@ def test_pd_reports_calibration_and_held_out_losses(small_model, calibration_dat
     assert all(np.isfinite(v) and v >= 0 for v in result.pd_loss.values())
 
 
+@pytest.mark.parametrize("pd_lambda", [0.0, 1e9])
+def test_pd_skips_only_candidates_the_regulariser_rules_out(small_model, calibration_data, pd_lambda):
+    """A candidate whose λ·regulariser alone exceeds the best loss cannot win (KL ≥ 0): with λ = 0
+    none is skipped; with a huge λ only those that lower the item's own error still run."""
+    config = QuantConfig(
+        weight_bits=4, activation_bits=4, calibration=CalibrationMethod.PD, pd_lambda=pd_lambda
+    )
+    result = onnxq.quantize(small_model, calibration_data, config).calibration
+    pruned, candidates = result.pd_pruned
+    assert candidates > 0
+    if pd_lambda:
+        assert candidates // 2 < pruned <= candidates
+    else:
+        assert pruned == 0
+
+
 def test_time_budget_keeps_simple_ranges_and_says_so(small_model, calibration_data):
     config = QuantConfig(
         weight_bits=4, activation_bits=4, calibration=CalibrationMethod.MSE, time_budget=1e-6
@@ -212,3 +228,23 @@ def test_bias_correction_defaults_follow_the_benchmark():
     assert not QuantConfig().corrects_bias
     assert not QuantConfig(weight_bits=4, calibration=CalibrationMethod.MSE).corrects_bias
     assert QuantConfig(weight_bits=4, calibration=CalibrationMethod.PD, bias_correction=True).corrects_bias
+
+
+@pytest.mark.parametrize("magnitude", [1.0, 1e6])
+def test_half_precision_cache_costs_no_accuracy(small_model, calibration_data, magnitude):
+    """The float16 cache rounds what the search sees by 2^-11 at most: its choices may land on a
+    neighbouring grid point, but the model's error stays that of the float32 cache. Tensors beyond
+    float16's range (inputs scaled by 10^6) stay float32 rather than overflow."""
+    config = QuantConfig(weight_bits=4, activation_bits=4)
+    fused, plan = _prepared(small_model, config)
+    simulation = build_simulation(fused, plan)
+    feed = {"input": calibration_data * np.float32(magnitude)}
+    reference = simulation.run(simulation.segments, feed, simulation.float_params)["logits"]
+
+    def output_error(half: bool) -> float:
+        result = search_parameters(simulation, plan, feed, SearchSettings("mse", half_cache=half), Silent())
+        assert all(np.isfinite(r).all() for r in result.ranges.values())
+        logits = simulation.run(simulation.segments, feed, result.feed)["logits"]
+        return float(np.mean((logits - reference) ** 2))
+
+    assert output_error(half=True) <= 1.1 * output_error(half=False)
