@@ -470,6 +470,10 @@ def machine_description() -> str:
     )
 
 
+def _selected(label: str, wanted: list[str], exact: bool) -> bool:
+    return label in wanted if exact else any(part in label for part in wanted)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("suite", choices=sorted(SUITES))
@@ -478,6 +482,7 @@ def main() -> None:
     parser.add_argument(
         "--only", nargs="*", help="Run only the settings whose label contains one of these (own section)."
     )
+    parser.add_argument("--exact", action="store_true", help="--only names whole labels.")
     args = parser.parse_args()
     if not SHARED.is_dir():
         raise SystemExit(f"{SHARED} is missing: the benchmark needs ../shared")
@@ -488,7 +493,7 @@ def main() -> None:
         settings = make_settings(name)
         section = f"{args.suite}/{name}"
         if args.only:
-            settings = {k: v for k, v in settings.items() if any(part in k for part in args.only)}
+            settings = {k: v for k, v in settings.items() if _selected(k, args.only, args.exact)}
             section += " (" + ", ".join(args.only) + ")"
         float_top1, rows = measure(name, settings, samples=samples, latency=latency)
         extra = fusion_check(name) if args.suite == "reparam" else ""

@@ -181,6 +181,7 @@ class _Sweep:
         self._probes: dict[str, LayerProbe] = {}
         self.pd_candidates = 0  # scored by pd, and of those
         self.pd_pruned = 0  # skipped: their regulariser alone exceeded the best loss
+        self._kl_now: float | None = None  # KL of the model as chosen so far, once measured in pd
 
     # -- running ------------------------------------------------------------------
 
@@ -366,9 +367,7 @@ class _Sweep:
         if item.kind == "weight":  # its input's scale may have moved: requantize the bias
             layer = self.layer(self.layers[item.node])
             weight, bias = layer.candidate(self.ratios.get(layer.spec.name))
-            self.params[layer.spec.name] = weight
-            if layer.bias_name:
-                self.params[layer.bias_name] = bias
+            self._update({layer.spec.name: weight} | ({layer.bias_name: bias} if layer.bias_name else {}))
 
         powers = {name: _power(floating_next[name]) for name in following[0].outputs}
         lam = self.settings.pd_lambda
@@ -376,10 +375,10 @@ class _Sweep:
         def regulariser(params: Arrays) -> float:
             return lam * self._pd_regulariser(following[0], quantized, floating_next, powers, params)
 
-        best, best_loss = (
-            None,
-            self._pd_kl(following, quantized, target, self.params) + regulariser(self.params),
-        )
+        if self._kl_now is None:  # else: the model is unchanged since the last item measured it
+            self._kl_now = self._pd_kl(following, quantized, target, self.params)
+        best, best_kl = None, self._kl_now
+        best_loss = best_kl + regulariser(self.params)
         for candidate in self._pd_candidates(item, quantized, floating):
             params = {**self.params, **candidate[0]}
             penalty = regulariser(params)
@@ -387,14 +386,22 @@ class _Sweep:
             if penalty >= best_loss:  # KL ≥ 0: it cannot win, skip running the rest of the model
                 self.pd_pruned += 1
                 continue
-            loss = self._pd_kl(following, quantized, target, params) + penalty
-            if loss < best_loss - 1e-12:
-                best, best_loss = candidate, loss
+            kl = self._pd_kl(following, quantized, target, params)
+            if kl + penalty < best_loss - 1e-12:
+                best, best_kl, best_loss = candidate, kl, kl + penalty
         if best is not None:
             params, commit = best
             self.params.update(params)
             commit()
+            self._kl_now = best_kl
         return best_loss
+
+    def _update(self, params: Arrays) -> None:
+        """Set parameters; the model's KL is re-measured only if one of them changed."""
+        for name, value in params.items():
+            if not np.array_equal(self.params[name], value):
+                self.params[name] = value
+                self._kl_now = None
 
     def _pd_candidates(self, item: Item, quantized: Arrays, floating: Arrays):
         """(parameter feed, commit) pairs around the item's current choice."""
