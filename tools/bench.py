@@ -284,6 +284,7 @@ CALIB_METHODS = [
     ("pd", False),
     ("pd", True),
 ]
+CACHE_WIDTHS = {"resnet20_cifar10": (4, 4), "mobilenet_v2": (4, 8)}
 ORT_TYPES = {(8, 8): ("QInt8", "QUInt8"), (4, 8): ("QInt4", "QUInt8"), (4, 4): ("QInt4", "QUInt4")}
 
 
@@ -319,6 +320,13 @@ def calib_settings(name: str) -> dict[str, Callable]:
                 flags = ["--w-bits", str(w), "--a-bits", str(a), "--calib-method", method, "--fuse-branches"]
                 settings[f"onnxq W{w}A{a} {method}, branches merged"] = lambda p, c, flags=flags: (
                     run_onnxq_cli(p, c, [*flags, "--max-samples", "256"])
+                )
+        if (w, a) == CACHE_WIDTHS.get(name):  # what the float16 search cache costs, same samples
+            for cache in ("float16", "float32"):
+                flags = ["--w-bits", str(w), "--a-bits", str(a), "--calib-method", "mse"]
+                flags += ["--search-cache", cache, "--search-memory", "8", "--max-samples", "256"]
+                settings[f"onnxq W{w}A{a} mse, {cache} search cache (8 GB)"] = lambda p, c, flags=flags: (
+                    run_onnxq_cli(p, c, flags)
                 )
         if (w, a) in ORT_TYPES:
             weight_type, activation_type = ORT_TYPES[(w, a)]
