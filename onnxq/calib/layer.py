@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from onnxq.calib.frontier import batches
 from onnxq.calib.simulate import Arrays, param_names
 from onnxq.io import session
 from onnxq.passes.insert_qdq import bias_quantization, weight_target
@@ -22,16 +23,6 @@ if TYPE_CHECKING:
     from onnxq.calib.search import _Sweep
 
 BIAS_SAMPLES = 64  # samples that estimate a candidate's mean output shift
-
-
-def count(data: Arrays) -> int:
-    return len(next(iter(data.values()))) if data else 0
-
-
-def batches(data: Arrays, size: int):
-    total = count(data)
-    for start in range(0, total, size):
-        yield {k: v[start : start + size] for k, v in data.items()}
 
 
 class LayerProbe:

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
-from onnxq.calib.layer import BIAS_SAMPLES, LayerProbe, batches, count
+from onnxq.calib.frontier import advance, batches, count, fit_memory
+from onnxq.calib.layer import BIAS_SAMPLES, LayerProbe
 from onnxq.calib.simulate import Arrays, Item, Segment, Simulation, fake_quant_feed
 from onnxq.passes.insert_qdq import activation_quantizer
 from onnxq.progress import Progress
@@ -36,8 +37,6 @@ FINE = np.array([-0.03, -0.015, 0.015, 0.03])
 PD_WEIGHT_STEPS = (0.9, 0.95, 1.05)
 PD_ACTIVATION_STEPS = (0.8, 0.9, 1.1)
 ACTIVATION_POSITIONS = 1 << 20  # positions per tensor the activation search scores
-HALF_LIMIT = 6.0e4  # float16's largest finite value is 65504
-BATCH_BYTES = 64 << 20  # largest float32 tensor of one batch: bounds onnxruntime's transient memory
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,7 @@ class SearchSettings:
     holdout: float = 0.2
     seed: int = 0
     time_budget: float | None = None
-    batch_size: int = 32  # at most; fewer where one batch's tensors would pass BATCH_BYTES
+    batch_size: int = 32  # at most; fewer where one batch's tensors would pass frontier.BATCH_BYTES
     memory_budget: float = 1.5e9  # bytes of cached tensors (float and quantized frontiers)
     half_cache: bool = True  # keep cached float32 tensors in float16 (half the memory)
 
@@ -82,7 +81,8 @@ def search_parameters(
     """Walk the items in order and choose each one's scale (see module docstring)."""
     started = time.perf_counter()
     search, held = _split(data, settings)
-    search, settings = _fit_memory(sim, search, settings)
+    search, batch_size = fit_memory(sim, search, settings.memory_budget, settings.half_cache)
+    settings = replace(settings, batch_size=min(settings.batch_size, batch_size))
     sweep = _Sweep(sim, plan, settings, fixed_ranges or {}, started)
     progress.stage(f"calibrate ({settings.method}): {count(search)} samples", total=len(_items(sim)))
     sweep.local(search, progress)
@@ -123,39 +123,6 @@ def _split(data: Arrays, settings: SearchSettings) -> tuple[Arrays, Arrays]:
     return {k: v[keep] for k, v in data.items()}, {k: v[out] for k, v in data.items()}
 
 
-def _fit_memory(sim: Simulation, data: Arrays, settings: SearchSettings) -> tuple[Arrays, SearchSettings]:
-    """Fewer samples when the cached frontiers would not fit the memory budget, and smaller
-    batches where one batch's tensors would be large (onnxruntime holds a run's intermediates).
-
-    At a cut the search holds the float and the quantized frontier before it and after it.
-    """
-    one = {k: v[:1] for k, v in data.items()}
-    peak, largest = 0, 1
-    for segment in sim.segments:
-        after = sim.run([segment], one, sim.float_params)
-        peak = max(peak, _cached_bytes(one, settings) + _cached_bytes(after, settings))
-        largest = max(largest, *(v.size * 4 for v in after.values()))
-        one = after
-    fits = max(16, int(settings.memory_budget // max(1, 2 * peak)))
-    batch_size = max(1, min(settings.batch_size, BATCH_BYTES // largest))
-    return {k: v[:fits] for k, v in data.items()}, replace(settings, batch_size=batch_size)
-
-
-def _cached_bytes(frontier: Arrays, settings: SearchSettings) -> int:
-    return sum(v.size * _cache_dtype(v, settings).itemsize for v in frontier.values())
-
-
-def _cache_dtype(values: np.ndarray, settings: SearchSettings) -> np.dtype:
-    """float16 for float32 tensors when the cache is halved (while their values fit)."""
-    if settings.half_cache and values.dtype == np.float32 and _fits_half(values):
-        return np.dtype(np.float16)
-    return values.dtype
-
-
-def _fits_half(values: np.ndarray) -> bool:
-    return not values.size or max(float(values.max()), -float(values.min())) < HALF_LIMIT
-
-
 def _items(sim: Simulation) -> list[Item]:
     return [s.item for s in sim.segments if s.item is not None]
 
@@ -186,23 +153,9 @@ class _Sweep:
     # -- running ------------------------------------------------------------------
 
     def advance(self, segment: Segment, frontier: Arrays, params: Arrays) -> Arrays:
-        """The frontier after `segment`, written batch by batch into the cache (no concatenation:
-        it would hold every tensor twice). Carried tensors are shared, not copied."""
-        total = count(frontier)
-        after: Arrays = {name: frontier[name] for name in segment.carried}
-        start = 0
-        for batch in batches(frontier, self.settings.batch_size):
-            values = self.sim.run([segment], batch, params)
-            for name in segment.outputs:
-                value = values[name]
-                if name not in after:
-                    dtype = _cache_dtype(value, self.settings)
-                    after[name] = np.empty((total, *value.shape[1:]), dtype)
-                elif after[name].dtype == np.float16 and not _fits_half(value):
-                    after[name] = after[name].astype(np.float32)  # a later batch outgrew float16
-                after[name][start : start + len(value)] = value
-            start += count(batch)
-        return after
+        return advance(
+            self.sim, segment, frontier, params, self.settings.batch_size, self.settings.half_cache
+        )
 
     def layer(self, node: onnx.NodeProto) -> LayerProbe:
         """The node's probe, built once: its session is reused by every later candidate."""

@@ -1,0 +1,80 @@
+"""The tensors that cross a cut of the simulation, cached for every calibration sample.
+
+A search holds the float and the quantized frontier on both sides of the current cut; this
+module sizes that cache to a memory budget and fills it batch by batch. Float32 tensors may be
+kept in float16 (half the memory; values beyond float16's range stay float32).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxq.calib.simulate import Arrays, Segment, Simulation
+
+HALF_LIMIT = 6.0e4  # float16's largest finite value is 65504
+BATCH_BYTES = 64 << 20  # largest float32 tensor of one batch: bounds onnxruntime's transient memory
+
+
+def count(data: Arrays) -> int:
+    return len(next(iter(data.values()))) if data else 0
+
+
+def batches(data: Arrays, size: int):
+    total = count(data)
+    for start in range(0, total, size):
+        yield {k: v[start : start + size] for k, v in data.items()}
+
+
+def fit_memory(sim: Simulation, data: Arrays, budget: float, half: bool) -> tuple[Arrays, int]:
+    """(the samples whose cached frontiers fit `budget` bytes, the largest batch size whose
+    biggest tensor stays under BATCH_BYTES: onnxruntime holds a run's intermediates).
+
+    At a cut the search holds the float and the quantized frontier before it and after it.
+    """
+    one = {k: v[:1] for k, v in data.items()}
+    before = cached_bytes(one, half)
+    peak, largest = 0, 1
+    for segment in sim.segments:
+        after = sim.run([segment], one, sim.float_params)
+        after_bytes = cached_bytes(after, half)
+        peak = max(peak, before + after_bytes)
+        largest = max(largest, *(v.size * 4 for v in after.values()))
+        one, before = after, after_bytes
+    fits = max(16, int(budget // max(1, 2 * peak)))
+    return {k: v[:fits] for k, v in data.items()}, max(1, BATCH_BYTES // largest)
+
+
+def cached_bytes(frontier: Arrays, half: bool) -> int:
+    return sum(v.size * cache_dtype(v, half).itemsize for v in frontier.values())
+
+
+def cache_dtype(values: np.ndarray, half: bool) -> np.dtype:
+    """float16 for float32 tensors when the cache is halved (while their values fit)."""
+    if half and values.dtype == np.float32 and fits_half(values):
+        return np.dtype(np.float16)
+    return values.dtype
+
+
+def fits_half(values: np.ndarray) -> bool:
+    return not values.size or max(float(values.max()), -float(values.min())) < HALF_LIMIT
+
+
+def advance(
+    sim: Simulation, segment: Segment, frontier: Arrays, params: Arrays, batch_size: int, half: bool
+) -> Arrays:
+    """The frontier after `segment`, written batch by batch into the cache (no concatenation:
+    it would hold every tensor twice). Carried tensors are shared, not copied."""
+    total = count(frontier)
+    after: Arrays = {name: frontier[name] for name in segment.carried}
+    start = 0
+    for batch in batches(frontier, batch_size):
+        values = sim.run([segment], batch, params)
+        for name in segment.outputs:
+            value = values[name]
+            if name not in after:
+                after[name] = np.empty((total, *value.shape[1:]), cache_dtype(value, half))
+            elif after[name].dtype == np.float16 and not fits_half(value):
+                after[name] = after[name].astype(np.float32)  # a later batch outgrew float16
+            after[name][start : start + len(value)] = value
+        start += count(batch)
+    return after
