@@ -55,10 +55,10 @@ Granularity.CHANNEL = Granularity("channel")
 
 # Scale-Clip's K (α = K·mean|W|) per weight bit width, chosen by tools/choose_scaleclip.py on
 # calibration data only (lowest mean log-KL of the weight-only quantized softmax over ResNet-20,
-# RepVGG and MobileNetV2; table in BENCHMARKS.md). From 4 bits up every K that clips hurt at
-# least one model (RepVGG's merged identity taps are 20-36 standard deviations out), so the
-# chosen K=16 there clips almost nothing: Scale-Clip only helps at 2 and 3 bits on these models.
-SCALECLIP_K = {2: 1.5, 3: 4.0, 4: 16.0, 5: 16.0, 6: 16.0, 7: 16.0}
+# MobileNetV2, RepVGG and MobileOne, branches unmerged as quantized below 8 bits; table in
+# BENCHMARKS.md). At 4 and 6 bits every K that clips hurts some model, so K=16 there clips almost
+# nothing; 7 bits follows 6. Scale-Clip helps most at 2 and 3 bits on these models.
+SCALECLIP_K = {2: 2.5, 3: 4.0, 4: 16.0, 5: 8.0, 6: 16.0, 7: 16.0}
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import onnx
 from onnx import version_converter
 
 import onnxq
+from onnxq.calib import frontier
 from onnxq.calib.data import DataSource, batches, first_batch, model_inputs, random_sample
 from onnxq.calib.observers import HistogramObserver, MinMaxObserver
 from onnxq.calib.runner import collect_ranges
@@ -108,7 +109,9 @@ def quantize(
         data, samples = _gather(stream)
         ranges = {}
         if not config.calibration.searched:
-            ranges, _ = _observe(float_model, plan, _as_batches(data, config.batch_size), config, progress)
+            ranges, _ = _observe(
+                float_model, plan, frontier.batches(data, config.batch_size), config, progress
+            )
         search = _search(float_model, plan, data, ranges, config, choice.bits == 7, progress)
         ranges = {plan.activations[root].observed: r for root, r in search.ranges.items()}
         notes += _search_notes(search)
@@ -148,11 +151,6 @@ def _gather(stream) -> tuple[dict[str, np.ndarray], int]:
     parts = list(stream)
     data = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
     return data, len(next(iter(data.values())))
-
-
-def _as_batches(data: dict[str, np.ndarray], size: int):
-    total = len(next(iter(data.values())))
-    return ({k: v[i : i + size] for k, v in data.items()} for i in range(0, total, size))
 
 
 def _search(float_model, plan, data, ranges, config: QuantConfig, reduced: bool, progress) -> SearchResult:

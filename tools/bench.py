@@ -151,11 +151,13 @@ def score(model: onnx.ModelProto, split: Split, reference: np.ndarray) -> tuple[
 
 
 def measure(
-    name: str, settings: dict[str, Callable], *, samples: int, latency: bool
+    name: str, settings: dict[str, Callable], *, samples: int, latency: bool, split: Split | None = None
 ) -> tuple[float, list[Row]]:
-    """Build each setting's model, score it against the float model on the evaluation split."""
+    """Build each setting's model, score it against the float model on the evaluation split.
+
+    `split` replaces the protocol's default split (the first `samples` calibration images)."""
     path = model_path(name)
-    split = split_for(name, samples)
+    split = split or split_for(name, samples)
     float_model = onnx.load(path)
     reference = logits(float_model, split.x)
     float_top1 = float((reference.argmax(1) == split.y).mean())

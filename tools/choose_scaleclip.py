@@ -3,9 +3,11 @@
 For each model, width and candidate K, every Conv/Gemm weight except the first and last layer's
 (which onnxq keeps at 8 bits) is quantized per output channel with the numpy reference and written
 back as float, and the model's softmax on the calibration split is compared with the float
-model's (mean KL divergence). Activations stay float, so the figure isolates the weight rule. The
-K with the lowest mean log-KL across models wins; the evaluation split is never read. Writes the
-"scaleclip" section of BENCHMARKS.md and prints the table to paste into onnxq/config.py.
+model's (mean KL divergence). BatchNormalization is folded and re-parameterized branches stay
+unmerged, as onnxq quantizes them below 8 bits. Activations stay float, so the figure isolates
+the weight rule. The K with the lowest mean log-KL across models wins; the evaluation split is
+never read. Writes the "scaleclip" section of BENCHMARKS.md and prints the table to paste into
+onnxq/config.py.
 
     .venv/bin/python tools/choose_scaleclip.py [--models resnet20_cifar10 mobilenet_v2 ...]
 """
@@ -53,7 +55,7 @@ def fake_quantized(model: onnx.ModelProto, bits: int, rule: RangeRule) -> onnx.M
 
 def calibration_kl(name: str) -> dict[tuple[int, float], float]:
     split = bench.split_for(name, SAMPLES)
-    model = onnxq.fuse(bench.model_path(name)).model
+    model = onnxq.fuse(bench.model_path(name), merge_branches=False).model
     reference = bench.logits(model, split.calib)
     table = {}
     for bits in WIDTHS:
@@ -67,7 +69,8 @@ def calibration_kl(name: str) -> dict[tuple[int, float], float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*", default=["resnet20_cifar10", "mobilenet_v2", "repvgg_cifar10"])
+    models = ["resnet20_cifar10", "mobilenet_v2", "repvgg_cifar10", "mobileone_cifar10"]
+    parser.add_argument("--models", nargs="*", default=models)
     parser.add_argument("--out", type=Path, default=bench.ROOT / "BENCHMARKS.md")
     args = parser.parse_args()
     tables = {name: calibration_kl(name) for name in args.models}
@@ -77,7 +80,8 @@ def main() -> None:
         "",
         f"Mean KL of the weight-only quantized model's softmax from the float one on {SAMPLES} "
         "calibration samples (never the evaluation split); per-channel symmetric weights, first and "
-        "last layers float, activations float. minmax is the reference. Chosen: lowest mean log-KL.",
+        "last layers float, activations float, re-parameterized branches unmerged (as quantized "
+        "below 8 bits). minmax is the reference. Chosen: lowest mean log-KL.",
         "",
     ]
     for bits in WIDTHS:
