@@ -28,6 +28,7 @@ from onnxq.io import load_model, save_model, session, to_ir, to_proto
 from onnxq.passes.fold_bn import FoldReport, fold_batchnorm
 from onnxq.passes.fuse_branches import FuseReport, fuse_branches
 from onnxq.passes.graph_utils import constants_to_initializers
+from onnxq.passes.infer_types import infer_types
 from onnxq.passes.insert_qdq import activation_params, insert_qdq, required_opset
 from onnxq.passes.simplify import simplify
 from onnxq.progress import Progress, Silent
@@ -54,6 +55,7 @@ class QuantResult:
     model: onnx.ModelProto
     notes: list[str] = field(default_factory=list)
     weight_range: str = ""
+    int8_weight_bits: int = 8  # 8: 8-bit weights use [-127, 127]; 7: [-63, 63] (saturating kernels)
     quantized_nodes: int = 0
     float_nodes: dict[str, str] = field(default_factory=dict)
     samples: int = 0
@@ -92,7 +94,7 @@ def quantize(
     )
     notes += prepared.notes
     float_model = prepared.model
-    graph_model = to_ir(float_model)
+    graph_model = to_ir(infer_types(float_model))
     plan = plan_quantization(graph_model.graph, config)
     if not plan.weights and not plan.activations:
         raise OnnxqError("nothing to quantize: the model has no Conv, Gemm or MatMul with constant weights")
@@ -100,7 +102,7 @@ def quantize(
     if opset > _opset(float_model):
         float_model = _convert_opset(float_model, opset)
         notes.append(f"opset raised to {opset} for the integer types in use")
-        graph_model = to_ir(float_model)
+        graph_model = to_ir(infer_types(float_model))
         plan = plan_quantization(graph_model.graph, config)
     choice = choose_weight_range(config.weight_range)
     search = None
@@ -136,7 +138,14 @@ def quantize(
     progress.stage("validate")
     validate(quantized, sample)
     return QuantResult(
-        quantized, notes, choice.reason, len(plan.quantized_nodes), plan.float_nodes, samples, search
+        quantized,
+        notes,
+        choice.reason,
+        choice.bits,
+        len(plan.quantized_nodes),
+        plan.float_nodes,
+        samples,
+        search,
     )
 
 
@@ -186,6 +195,8 @@ def _search_notes(search: SearchResult) -> list[str]:
     if search.pd_loss:
         losses = ", ".join(f"{k} {v:.4g}" for k, v in search.pd_loss.items())
         notes.append(f"prediction difference (KL): {losses}")
+    if search.pd_kept_start:
+        notes.append("pd found nothing better than the mse choice on the calibration KL: kept the mse choice")
     local = [name for name in search.skipped if not name.endswith(" (pd)")]
     refined = [name for name in search.skipped if name.endswith(" (pd)")]
     if local:
@@ -219,7 +230,7 @@ def fuse(
         proto, note = simplify(proto, sample if sample is not None else random_sample(model_inputs(proto)))
         notes.append(note)
     progress.stage("fold and fuse")
-    graph_model = to_ir(proto)
+    graph_model = to_ir(infer_types(proto))
     constants_to_initializers(graph_model.graph)
     folded = fold_batchnorm(graph_model.graph)
     if folded.folded:

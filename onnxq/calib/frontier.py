@@ -3,6 +3,10 @@
 A search holds the float and the quantized frontier on both sides of the current cut; this
 module sizes that cache to a memory budget and fills it batch by batch. Float32 tensors may be
 kept in float16 (half the memory; values beyond float16's range stay float32).
+
+Tensors without a batch axis (a scalar or a shape computed from the input's shape, which
+detector heads carry across layers) cannot be cut into samples: they are kept once per batch
+(`PerBatch`) and handed back whole with the batch they came from.
 """
 
 from __future__ import annotations
@@ -15,14 +19,35 @@ HALF_LIMIT = 6.0e4  # float16's largest finite value is 65504
 BATCH_BYTES = 64 << 20  # largest float32 tensor of one batch: bounds onnxruntime's transient memory
 
 
+class PerBatch(list):
+    """One value per batch of `size` samples, for a tensor with no batch axis."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+
 def count(data: Arrays) -> int:
-    return len(next(iter(data.values()))) if data else 0
+    batched = [v for v in data.values() if not isinstance(v, PerBatch)]
+    return len(batched[0]) if batched else 0
 
 
 def batches(data: Arrays, size: int):
     total = count(data)
-    for start in range(0, total, size):
-        yield {k: v[start : start + size] for k, v in data.items()}
+    for index, start in enumerate(range(0, total, size)):
+        yield {k: _batch_of(v, index, start, size) for k, v in data.items()}
+
+
+def _batch_of(values, index: int, start: int, size: int):
+    if isinstance(values, PerBatch):
+        if values.size != size:
+            raise ValueError(f"a tensor kept per batch of {values.size} was read in batches of {size}")
+        return values[index]
+    return values[start : start + size]
+
+
+def has_batch_axis(value: np.ndarray, samples: int) -> bool:
+    return value.ndim > 0 and value.shape[0] == samples
 
 
 def fit_memory(sim: Simulation, data: Arrays, budget: float, half: bool) -> tuple[Arrays, int]:
@@ -71,6 +96,9 @@ def advance(
         values = sim.run([segment], batch, params)
         for name in segment.outputs:
             value = values[name]
+            if not has_batch_axis(value, count(batch)) or isinstance(after.get(name), PerBatch):
+                after.setdefault(name, PerBatch(batch_size)).append(value)
+                continue
             if name not in after:
                 after[name] = np.empty((total, *value.shape[1:]), cache_dtype(value, half))
             elif after[name].dtype == np.float16 and not fits_half(value):

@@ -67,6 +67,7 @@ class SearchResult:
     seconds: float = 0.0
     pd_seconds: float = 0.0  # of which the prediction-difference sweep
     pd_pruned: tuple[int, int] = (0, 0)  # pd candidates skipped by the regulariser bound, of all
+    pd_kept_start: bool = False  # pd ended no better on the calibration KL: its start was kept
     feed: Arrays = field(default_factory=dict)  # the simulation's parameters for the chosen model
 
 
@@ -99,11 +100,18 @@ def search_parameters(
             f"calibrate (pd, λ={settings.pd_lambda:g})", total=sum(sweep.bits(i) < 8 for i in _items(sim))
         )
         pd_started = time.perf_counter()
+        start = sweep.snapshot()
         sweep.prediction_difference(search, targets["calibration"], progress)
+        before = result.pd_loss["calibration before pd"]
+        result.pd_loss["calibration"] = sweep.prediction_loss(search, targets["calibration"])
+        if result.pd_loss["calibration"] >= before:
+            sweep.restore(start)  # nothing better found: the search keeps its starting point
+            result.pd_kept_start = True
+            result.pd_loss["calibration"] = before
         result.pd_seconds = time.perf_counter() - pd_started
         result.pd_pruned = (sweep.pd_pruned, sweep.pd_candidates)
     for name, part in (("calibration", search), ("held-out", held)):
-        if count(part) and (settings.method == "pd" or count(held)):
+        if count(part) and (settings.method == "pd" or count(held)) and name not in result.pd_loss:
             result.pd_loss[name] = sweep.prediction_loss(part, targets[name])
     result.skipped = sweep.skipped
     result.feed = sweep.params
@@ -149,6 +157,19 @@ class _Sweep:
         self.pd_candidates = 0  # scored by pd, and of those
         self.pd_pruned = 0  # skipped: their regulariser alone exceeded the best loss
         self._kl_now: float | None = None  # KL of the model as chosen so far, once measured in pd
+
+    # -- state --------------------------------------------------------------------
+
+    def snapshot(self) -> tuple:
+        """Everything chosen so far, to return to if a later sweep ends worse."""
+        return dict(self.params), dict(self.ranges), dict(self.ratios), dict(self.biases)
+
+    def restore(self, state: tuple) -> None:
+        """In place: the result already holds these dicts."""
+        for current, saved in zip((self.params, self.ranges, self.ratios, self.biases), state, strict=True):
+            current.clear()
+            current.update(saved)
+        self._kl_now = None
 
     # -- running ------------------------------------------------------------------
 

@@ -63,7 +63,7 @@ def required_opset(plan: QuantPlan) -> int:
     INT4/UINT4 and block_size need 21, INT2/UINT2 need 25; 8-bit per-axis needs 13.
     """
     widths = [spec.bits for spec in plan.weights.values()]  # activations always use 8-bit types
-    if any(bits <= 2 for bits in widths):
+    if any(spec.bits <= 2 and not spec.container_bits for spec in plan.weights.values()):
         return 25
     if any(bits <= 4 for bits in widths) or any(s.granularity.kind == "block" for s in plan.weights.values()):
         return 21
@@ -135,9 +135,9 @@ def weight_target(spec: WeightSpec, symmetric: bool, reduced_8bit: bool) -> P.In
     return P.IntRange.signed(7 if spec.bits == 8 and reduced_8bit else spec.bits)
 
 
-def _container(values: np.ndarray, target: P.IntRange) -> np.ndarray:
-    """Integers in the ONNX type that stores `target` (INT2/INT4/INT8 or unsigned)."""
-    bits = target.container_bits
+def _container(values: np.ndarray, target: P.IntRange, at_least: int = 0) -> np.ndarray:
+    """Integers in the ONNX type that stores `target` (INT2/INT4/INT8 or unsigned), or a wider one."""
+    bits = max(target.container_bits, at_least)
     if bits == 32:
         return values.astype(np.int32)
     name = ("INT" if target.signed_type else "UINT") + str(bits)
@@ -166,9 +166,9 @@ def _quantize_weight(
     _dequantized_constant(
         graph,
         value,
-        _container(quantized.integers, target),
+        _container(quantized.integers, target, spec.container_bits),
         quantized.scale,
-        _container(quantized.zero_point, target),
+        _container(quantized.zero_point, target, spec.container_bits),
         quantized.axis,
         quantized.block_size,
     )

@@ -16,7 +16,7 @@ Graph outputs stay float, so the logits lose no precision to a final QuantizeLin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx_ir as ir
@@ -30,6 +30,7 @@ SHARED_SCALE_OPS = frozenset(
     {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Pad"}
 )
 ABSORBABLE_OPS = frozenset({"Relu", "Clip"})
+FLOAT_OUTPUT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "AveragePool", "GlobalAveragePool"})
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class WeightSpec:
     bits: int
     granularity: Granularity
     rule: RangeRule
+    container_bits: int = 0  # the ONNX integer type's width; 0: the narrowest that holds `bits`
 
 
 @dataclass(frozen=True)
@@ -99,8 +101,8 @@ def plan_quantization(graph: ir.Graph, config: QuantConfig) -> QuantPlan:
         if node.name in plan.absorbed:
             continue
         role = _role(node, config)
-        if role is None:
-            continue
+        if role is None or not is_float(node.outputs[0]):
+            continue  # shape arithmetic is not a candidate: not worth a "kept in float" line
         if role == "compute":
             settings = config.layer_settings(name, node.op_type, edge=id(node) in edges)
             reason = _plan_compute(node, settings, plan, alias)
@@ -113,7 +115,26 @@ def plan_quantization(graph: ir.Graph, config: QuantConfig) -> QuantPlan:
         else:
             plan.quantized_nodes.append(name)
     _assign_activation_bits(graph, plan, config, alias)
+    _widen_int2_containers(graph, plan)
     return plan
+
+
+def _widen_int2_containers(graph: ir.Graph, plan: QuantPlan) -> None:
+    """2-bit weights of layers onnxruntime may fuse into an integer kernel go in INT4 types.
+
+    onnxruntime fuses DequantizeLinear → Conv/Gemm/MatMul → QuantizeLinear (or a float graph
+    output) into QLinearConv, QGemm or QLinearMatMul, which reject INT2 weights. An output
+    quantized below 8 bits gets a Clip before its QuantizeLinear, which no fusion matches, so
+    only those layers keep INT2 storage; the values are 2-bit either way.
+    """
+    for node in graph:
+        weight = node.inputs[1] if node.name in plan.layers and len(node.inputs) > 1 else None
+        spec = plan.weights.get(weight.name) if weight is not None else None
+        if spec is None or spec.bits > 2:
+            continue
+        output = plan.activations.get(node.outputs[0].name)
+        if output is None or output.bits >= 8:
+            plan.weights[spec.name] = replace(spec, container_bits=4)
 
 
 def _assign_activation_bits(graph: ir.Graph, plan: QuantPlan, config: QuantConfig, alias) -> None:
@@ -191,6 +212,8 @@ def _plan_compute(
     activation = node.inputs[0]
     if activation is None or activation.is_initializer():
         return "first input is a constant"
+    if not is_float(activation):
+        return "input is not a float32 tensor"
     layout = _weight_layout(node, weight)
     if layout is None and settings.granularity != Granularity.TENSOR:
         return "grouped ConvTranspose has no single output-channel axis"
@@ -245,10 +268,24 @@ def _bias_is_quantizable(node: ir.Node, bias: ir.Value, weight: np.ndarray, axis
     return channels is None or values.size == channels
 
 
+def is_float(value: ir.Value) -> bool:
+    """Only float32 tensors are quantized: shape arithmetic (Shape → Gather → Concat) is int64.
+
+    Types come from the graph (shape inference runs before planning); a value left untyped is
+    taken as float only when its producer computes nothing but float.
+    """
+    if value.dtype is not None:
+        return value.dtype == ir.DataType.FLOAT
+    producer = value.producer()
+    return producer is not None and producer.op_type in FLOAT_OUTPUT_OPS
+
+
 def _plan_own_scale(node: ir.Node, plan: QuantPlan, alias: dict[str, str]) -> str | None:
     inputs = node.inputs[:1] if node.op_type.endswith("Pool") else node.inputs
     if any(v is None or constant(v) is not None for v in inputs):
         return "an input is a constant"
+    if not all(is_float(v) for v in [*inputs, node.outputs[0]]):
+        return "not a float32 tensor (shape arithmetic)"
     for value in inputs:
         _mark_input(value, plan, alias)
     _mark_output(node, plan)
@@ -264,6 +301,8 @@ def _plan_shared(node: ir.Node, plan: QuantPlan, alias: dict[str, str]) -> str |
     output = node.outputs[0]
     if output.is_graph_output():
         return "output is a graph output"
+    if not is_float(output):
+        return "not a float32 tensor"
     root = plan.root(_resolve(source.name, alias))
     target = plan.activations.get(output.name)
     observed = target.observed if target else output.name
@@ -287,6 +326,8 @@ def _mark_input(value: ir.Value, plan: QuantPlan, alias: dict[str, str]) -> None
 def _mark_output(node: ir.Node, plan: QuantPlan) -> None:
     output = node.outputs[0]
     if output.is_graph_output() or not output.uses() or output.name in plan.activations:
+        return
+    if not is_float(output):
         return
     plan.activations[output.name] = ActivationSpec(output.name, observed=output.name)
 

@@ -179,6 +179,42 @@ def test_pd_skips_only_candidates_the_regulariser_rules_out(small_model, calibra
         assert pruned == 0
 
 
+@pytest.mark.parametrize("pd_lambda", [0.1, 1e3])
+def test_pd_never_ends_worse_than_it_started(small_model, calibration_data, pd_lambda):
+    """A large λ lets the regulariser pick candidates that raise the KL; the search then returns
+    to its starting point, and says so."""
+    config = QuantConfig(
+        weight_bits=4, activation_bits=4, calibration=CalibrationMethod.PD, pd_lambda=pd_lambda
+    )
+    result = onnxq.quantize(small_model, calibration_data, config)
+    losses = result.calibration.pd_loss
+    assert losses["calibration"] <= losses["calibration before pd"]
+    if result.calibration.pd_kept_start:
+        assert losses["calibration"] == losses["calibration before pd"]
+        assert any("kept the mse choice" in note for note in result.notes)
+
+
+def test_pd_that_ends_worse_returns_to_its_start(monkeypatch, small_model, calibration_data):
+    """A sweep that spoils the model (every weight zeroed) is undone: the file is the one a pd
+    sweep that changed nothing writes."""
+    from onnxq.calib import search
+
+    config = QuantConfig(weight_bits=4, activation_bits=4, calibration=CalibrationMethod.PD)
+    monkeypatch.setattr(search._Sweep, "prediction_difference", lambda *args: None)
+    unchanged = onnxq.quantize(small_model, calibration_data, config)
+
+    def spoil(sweep, *args):
+        for name in sweep.plan.weights:
+            sweep.params[name] = np.zeros_like(sweep.params[name])
+            sweep.ratios[name] = np.full_like(sweep.ratios.get(name, np.ones(1)), 0.01)
+
+    monkeypatch.setattr(search._Sweep, "prediction_difference", spoil)
+    restored = onnxq.quantize(small_model, calibration_data, config)
+    assert restored.calibration.pd_kept_start
+    assert any("kept the mse choice" in note for note in restored.notes)
+    assert restored.model.SerializeToString() == unchanged.model.SerializeToString()
+
+
 def test_time_budget_keeps_simple_ranges_and_says_so(small_model, calibration_data):
     config = QuantConfig(
         weight_bits=4, activation_bits=4, calibration=CalibrationMethod.MSE, time_budget=1e-6

@@ -119,7 +119,7 @@ def test_activations_take_at_most_2_to_the_bits_values(x, bits, symmetric, low, 
     [
         (4, "channel", 21, TensorProto.INT4),
         (3, "channel", 21, TensorProto.INT4),
-        (2, "channel", 25, TensorProto.INT2),
+        (2, "channel", 21, TensorProto.INT4),  # a float output: onnxruntime may fuse the layer
         (8, "block:2", 21, TensorProto.INT8),
         (6, "group:2", 17, TensorProto.INT8),
     ],
@@ -131,6 +131,36 @@ def test_storage_type_and_opset_follow_the_width(bits, granularity, opset, data_
     stored = next(t for t in model.graph.initializer if t.name == "w_quantized")
     assert stored.data_type == data_type
     assert next(o.version for o in model.opset_import if o.domain == "") == opset
+
+
+@pytest.mark.parametrize(
+    ("a_bits", "first_last"),
+    [(8, False), (8, True), (4, True), (4, False)],
+    ids=["W2A8", "W2A8-first-last", "W2A4-first-last", "W2A4"],
+)
+def test_2bit_weights_run_on_onnxruntimes_default_level(small_model, calibration_data, a_bits, first_last):
+    """Integer kernels reject INT2: layers they may take keep 2-bit values in an INT4 type."""
+    import onnxq
+
+    config = QuantConfig(
+        weight_bits=2,
+        activation_bits=a_bits,
+        first_last_8bit=not first_last,
+        calibration=onnxq.CalibrationMethod.MINMAX,
+    )
+    result = onnxq.quantize(small_model, calibration_data[:16], config)
+    feed = {"input": calibration_data[:16]}
+    deployed = session(result.model).run(None, feed)[0]
+    reference = session(result.model, optimize=False).run(None, feed)[0]
+    np.testing.assert_allclose(deployed, reference, atol=1e-4 * np.abs(reference).max())
+    stored = {
+        t.name: (t.data_type, numpy_helper.to_array(t))
+        for t in result.model.graph.initializer
+        if t.data_type in (TensorProto.INT2, TensorProto.INT4)
+    }
+    assert stored and all(v.min() >= -1 and v.max() <= 1 for _, v in stored.values())
+    types = {t for t, _ in stored.values()}
+    assert (TensorProto.INT2 in types) == (a_bits == 4)  # outputs below 8 bits: nothing fuses
 
 
 def test_packed_4bit_weights_take_an_eighth_of_their_float_bytes():
