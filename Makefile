@@ -1,4 +1,5 @@
 # `make demo` and `make test` work on a fresh machine: each creates .venv when it is missing.
+# The demo installs onnxq alone (no torch); the tests add the dev extras (pytest, ruff, torch).
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,6 +10,10 @@ DEMO := build/demo
 $(BIN)/onnxq: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.dev: $(BIN)/onnxq
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
@@ -19,12 +24,12 @@ demo: $(BIN)/onnxq
 	$(BIN)/onnxq eval models/mobilenet_v2.onnx $(DEMO)/mobilenet_v2.w8a8.onnx \
 		--data models/imagenet20/eval --preset imagenet
 
-test: $(BIN)/onnxq
+test: $(VENV)/.dev
 	$(BIN)/ruff check onnxq tests tools
 	$(BIN)/ruff format --check onnxq tests tools
 	$(BIN)/pytest
 
-bench: $(BIN)/onnxq
+bench: $(VENV)/.dev
 	$(BIN)/python tools/bench.py w8a8
 	$(BIN)/python tools/bench.py reparam
 	$(BIN)/python tools/bench.py lowbit

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import functools
+import os
+import signal
 import sys
+import threading
+import traceback
 from pathlib import Path
 
 import click
@@ -20,19 +24,46 @@ from onnxq.config import (
 from onnxq.errors import OnnxqError
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every `finally` (temporary files) runs."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
+
+
 def _reports_errors(command):
     """Bad input ends with one line on stderr and exit status 1, never a traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
         try:
             return command(*args, **kwargs)
         except OnnxqError as err:
             click.echo(f"onnxq: error: {err}", err=True)
             sys.exit(1)
+        except _Terminated:
+            click.echo("onnxq: terminated", err=True)
+            sys.exit(128 + signal.SIGTERM)
         except KeyboardInterrupt:
             click.echo("onnxq: interrupted", err=True)
             sys.exit(130)
+        except Exception as err:
+            if os.environ.get("ONNXQ_DEBUG"):
+                raise
+            where = traceback.extract_tb(err.__traceback__)[-1]
+            message = (str(err).strip() or "no message").splitlines()[0]
+            click.echo(
+                f"onnxq: internal error: {type(err).__name__}: {message} "
+                f"({Path(where.filename).name}:{where.lineno}; ONNXQ_DEBUG=1 shows the traceback)",
+                err=True,
+            )
+            sys.exit(2)
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 
@@ -136,7 +167,13 @@ def main() -> None:
     show_default=True,
     help="Part of the calibration data pd keeps out of its search, to report over-fitting.",
 )
-@click.option("--pd-lambda", type=float, default=QuantConfig.pd_lambda, show_default=True)
+@click.option(
+    "--pd-lambda",
+    type=float,
+    default=QuantConfig.pd_lambda,
+    show_default=True,
+    help="Weight of pd's regulariser (the item's own output error) against the KL at the output.",
+)
 @click.option("--time-budget", type=float, help="Seconds for the search; the rest keeps min-max ranges.")
 @click.option(
     "--search-memory",
@@ -152,7 +189,13 @@ def main() -> None:
     show_default=True,
     help="Precision of the search's cached activations (float16: twice the samples per GB).",
 )
-@click.option("--percentile", type=float, default=QuantConfig.percentile, show_default=True)
+@click.option(
+    "--percentile",
+    type=float,
+    default=QuantConfig.percentile,
+    show_default=True,
+    help="Percentile of |activation| that sets the range with --calib-method percentile.",
+)
 @click.option(
     "--int8-range",
     type=click.Choice([w.value for w in WeightRange]),
@@ -161,8 +204,20 @@ def main() -> None:
     help="8-bit weights: auto uses [-63, 63] where onnxruntime's int8 kernels would saturate "
     "(x86 without VNNI).",
 )
-@click.option("--max-samples", type=int, default=QuantConfig.max_samples, show_default=True)
-@click.option("--batch-size", type=int, default=QuantConfig.batch_size, show_default=True)
+@click.option(
+    "--max-samples",
+    type=int,
+    default=QuantConfig.max_samples,
+    show_default=True,
+    help="Calibration samples read at most (the rest of --calib is ignored).",
+)
+@click.option(
+    "--batch-size",
+    type=int,
+    default=QuantConfig.batch_size,
+    show_default=True,
+    help="Samples per onnxruntime run while calibrating (memory grows with it).",
+)
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
 @click.option(
     "--fuse-branches/--no-fuse-branches",
@@ -207,7 +262,7 @@ def quantize(model, output, calib, **options):
     for note in result.notes:
         click.echo(f"  {note}")
     click.echo(f"  8-bit weights: {result.weight_range}")
-    click.echo(f"  calibrated on {result.samples} samples; {result.quantized_nodes} nodes quantized")
+    click.echo(f"  calibrated on {result.samples_text}; {result.quantized_nodes} nodes quantized")
     for node, reason in result.float_nodes.items():
         click.echo(f"  kept in float: {node} ({reason})")
     click.echo(f"wrote {output}")
@@ -240,7 +295,7 @@ def fuse(model, output, no_simplify, all_layers):
 @click.option("--data", required=True, help="Evaluation data: .npy, .npz or a folder of images.")
 @click.option("--labels", help="Labels: .npy, .txt or .npz (y); image folders supply their own.")
 @click.option("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = its default).")
-@click.option("--max-samples", type=int)
+@click.option("--max-samples", type=int, help="Evaluate on the first N samples only.")
 @preprocess_options
 @_reports_errors
 def evaluate_command(float_model, quantized, data, labels, threads, max_samples, **rest):

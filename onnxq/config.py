@@ -203,11 +203,11 @@ class Preprocess:
 
     @classmethod
     def preset(cls, name: str) -> Preprocess:
-        """Named recipes: 'imagenet' (256 → 224 crop) and 'cifar10' (32×32 as is)."""
+        """Named recipes: 'imagenet' (256 → 224 crop) and 'cifar10' (short side 32, 32 crop)."""
         mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
         presets = {
             "imagenet": cls(resize=256, crop=224, mean=mean, std=std),
-            "cifar10": cls(mean=mean, std=std),
+            "cifar10": cls(resize=32, crop=32, mean=mean, std=std),
             "none": cls(),
         }
         if name not in presets:

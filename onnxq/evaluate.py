@@ -20,7 +20,7 @@ import onnxruntime as ort
 from onnxq.calib.data import DataSource, batches, model_inputs
 from onnxq.config import Preprocess
 from onnxq.errors import OnnxqError
-from onnxq.io import load_model, session
+from onnxq.io import load_model, run, session
 
 INTEGER_OPS = (
     "QLinearConv",
@@ -94,8 +94,7 @@ def evaluate(
     models = [load_model(p) for p in paths]
     inputs = model_inputs(models[0])
     for path, model in zip(paths[1:], models[1:], strict=True):
-        if [s.name for s in model_inputs(model)] != [s.name for s in inputs]:
-            raise OnnxqError(f"{path} has other inputs than {paths[0]}")
+        _check_same_inputs(inputs, model_inputs(model), path, paths[0])
     if labels is not None and max_samples is not None:
         labels = labels[:max_samples]
     sessions = [session(m, threads=threads) for m in models]
@@ -103,16 +102,50 @@ def evaluate(
     first = None
     for batch in batches(data, inputs, preprocess=preprocess, batch_size=32, max_samples=max_samples):
         first = first or {k: v[:1] for k, v in batch.items()}
-        outputs = [s.run(None, batch)[0] for s in sessions]
+        outputs = [run(s, batch)[0] for s in sessions]
+        for path, output in zip(paths[1:], outputs[1:], strict=True):
+            if output.shape != outputs[0].shape:
+                raise OnnxqError(
+                    f"{path} gives an output of shape {list(output.shape)}, {paths[0]} one of "
+                    f"{list(outputs[0].shape)}"
+                )
         batch_labels = _labels_for(labels, scores[0].count, len(outputs[0]))
         for score, output in zip(scores, outputs, strict=True):
             score.add(output, outputs[0], batch_labels)
     if labels is not None and scores[0].count != len(labels):
         raise OnnxqError(f"{len(labels)} labels for {scores[0].count} samples")
     return [
-        _report(path, model, sess, score, labels is not None, first, latency_runs)
-        for path, model, sess, score in zip(paths, models, sessions, scores, strict=True)
+        _report(name, path, model, sess, score, labels is not None, first, latency_runs)
+        for name, path, model, sess, score in zip(
+            display_names([p.resolve() for p in paths]), paths, models, sessions, scores, strict=True
+        )
     ]
+
+
+def _check_same_inputs(inputs, others, path: Path, reference: Path) -> None:
+    """Both models must accept the same data: names, and every size both of them fix."""
+    if [s.name for s in others] != [s.name for s in inputs]:
+        raise OnnxqError(f"{path} has other inputs than {reference}")
+    for mine, theirs in zip(inputs, others, strict=True):
+        fixed_apart = any(a and b and a != b for a, b in zip(mine.shape, theirs.shape, strict=False))
+        if len(mine.shape) != len(theirs.shape) or fixed_apart:
+            raise OnnxqError(
+                f"input {mine.name!r} of {path} has shape {_shape(theirs.shape)}, of {reference} "
+                f"{_shape(mine.shape)}: they cannot be compared on the same data"
+            )
+
+
+def _shape(dims) -> str:
+    return "×".join("?" if d is None else str(d) for d in dims)
+
+
+def display_names(paths: list[Path]) -> list[str]:
+    """File names, with as many parent folders as it takes to tell apart files of one name."""
+    for depth in range(1, max(len(p.parts) for p in paths) + 1):
+        names = [str(Path(*p.parts[-depth:])) for p in paths]
+        if len(set(names)) == len(names) or depth == max(len(p.parts) for p in paths):
+            return names
+    return [str(p) for p in paths]
 
 
 def _labels_for(labels: np.ndarray | None, start: int, count: int) -> np.ndarray | None:
@@ -123,11 +156,11 @@ def _labels_for(labels: np.ndarray | None, start: int, count: int) -> np.ndarray
     return labels[start : start + count]
 
 
-def _report(path, model, sess, score: _Scores, labelled: bool, sample, runs: int) -> ModelReport:
+def _report(name, path, model, sess, score: _Scores, labelled: bool, sample, runs: int) -> ModelReport:
     n = max(score.count, 1)
     sqnr = 10 * np.log10(score.signal / score.noise) if score.noise > 0 else float("inf")
     return ModelReport(
-        name=path.name,
+        name=name,
         samples=score.count,
         top1=score.correct / n if labelled else None,
         agreement=score.agree / n,

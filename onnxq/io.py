@@ -6,6 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
@@ -23,6 +24,8 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise OnnxqError(f"model file not found: {path}")
     try:
         model = onnx.load(str(path), load_external_data=True)
+    except onnx.checker.ValidationError as err:  # an external-data file missing or outside the folder
+        raise OnnxqError(f"cannot read the weights of {path}: {_first_line(err)}") from None
     except (DecodeError, ValueError, RuntimeError) as err:
         raise OnnxqError(f"{path} is not a readable ONNX model ({_first_line(err)})") from None
     except OSError as err:
@@ -47,20 +50,41 @@ def model_bytes(model: ir.Model | onnx.ModelProto) -> bytes:
     return to_proto(model).SerializeToString()
 
 
-def save_model(model: ir.Model | onnx.ModelProto, path: str | os.PathLike) -> Path:
-    """Write atomically: a temporary file in the target folder, renamed when complete.
-
-    Models past protobuf's 2 GB limit keep their weights in `<name>.data` beside the file.
-    """
+def check_writable(path: str | os.PathLike, *, source: str | os.PathLike | None = None) -> Path:
+    """Refuse an output path before any work is done: a missing or read-only folder, a folder
+    in place of the file, or the input model itself."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise OnnxqError(f"cannot write {path}: folder {folder} does not exist")
+    if path.is_dir():
+        raise OnnxqError(f"cannot write {path}: it is a folder")
+    if not writable(folder):
+        raise OnnxqError(f"cannot write {path}: folder {folder} is not writable")
+    if source is not None and path.exists() and Path(source).exists() and path.samefile(source):
+        raise OnnxqError(f"the output {path} is the input model; choose another output path")
+    return path
+
+
+def writable(folder: Path) -> bool:
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def save_model(model: ir.Model | onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Write atomically: a temporary file in the target folder, renamed when complete.
+
+    The file gets the permissions a new file gets under the umask (or keeps those of the file
+    it replaces); mkstemp alone would leave it readable by its owner only. An interrupt or
+    SIGTERM (the CLI turns it into an exception) removes the temporary file.
+    Models past protobuf's 2 GB limit keep their weights in `<name>.data` beside the file.
+    """
+    path = check_writable(path)
     proto = to_proto(model)
     external = _weight_bytes(proto) > _PROTO_LIMIT
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
+    tmp_name = None
     try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         if external:
             onnx.save(
                 proto,
@@ -71,13 +95,23 @@ def save_model(model: ir.Model | onnx.ModelProto, path: str | os.PathLike) -> Pa
             )
         else:
             Path(tmp_name).write_bytes(proto.SerializeToString())
+        os.chmod(tmp_name, _file_mode(path))
         os.replace(tmp_name, path)
     except OSError as err:
         raise OnnxqError(f"cannot write {path}: {_first_line(err)}") from None
     finally:
-        if os.path.exists(tmp_name):
+        if tmp_name and os.path.exists(tmp_name):
             os.unlink(tmp_name)
     return path
+
+
+def _file_mode(path: Path) -> int:
+    """The replaced file's mode, or 0o666 less the umask, as open() would create it."""
+    if path.exists():
+        return path.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def session(
@@ -110,6 +144,16 @@ def session(
         return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises several private exception types
         raise OnnxqError(f"onnxruntime cannot run the model: {_first_line(err)}") from None
+
+
+def run(
+    runner: ort.InferenceSession, feed: dict[str, np.ndarray], outputs: list[str] | None = None
+) -> list[np.ndarray]:
+    """session.run, with onnxruntime's errors (a shape the model refuses) as one line."""
+    try:
+        return runner.run(outputs, feed)
+    except Exception as err:  # onnxruntime raises several private exception types
+        raise OnnxqError(f"onnxruntime cannot run the model on this data: {_first_line(err)}") from None
 
 
 def _weight_bytes(proto: onnx.ModelProto) -> int:

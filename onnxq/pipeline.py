@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -17,14 +16,22 @@ from onnx import version_converter
 
 import onnxq
 from onnxq.calib import frontier
-from onnxq.calib.data import DataSource, batches, first_batch, model_inputs, random_sample
+from onnxq.calib.data import (
+    DataSource,
+    DataStats,
+    batches,
+    describe_count,
+    first_batch,
+    model_inputs,
+    random_sample,
+)
 from onnxq.calib.observers import HistogramObserver, MinMaxObserver
 from onnxq.calib.runner import collect_ranges
 from onnxq.calib.search import SearchResult, SearchSettings, search_parameters
 from onnxq.calib.simulate import build_simulation
 from onnxq.config import CalibrationMethod, Preprocess, QuantConfig
 from onnxq.errors import OnnxqError
-from onnxq.io import load_model, save_model, session, to_ir, to_proto
+from onnxq.io import check_writable, load_model, run, save_model, session, to_ir, to_proto
 from onnxq.passes.fold_bn import FoldReport, fold_batchnorm
 from onnxq.passes.fuse_branches import FuseReport, fuse_branches
 from onnxq.passes.graph_utils import constants_to_initializers
@@ -59,6 +66,7 @@ class QuantResult:
     quantized_nodes: int = 0
     float_nodes: dict[str, str] = field(default_factory=dict)
     samples: int = 0
+    samples_text: str = ""  # how to say `samples` for this model's inputs
     calibration: SearchResult | None = None
 
 
@@ -75,12 +83,14 @@ def quantize(
     progress = progress or Silent()
     proto = load_model(model) if isinstance(model, str | os.PathLike) else model
     inputs = model_inputs(proto)
+    stats = DataStats()
     stream = batches(
         calibration,
         inputs,
         preprocess=preprocess,
         batch_size=config.batch_size,
         max_samples=config.max_samples,
+        stats=stats,
     )
     sample, stream = first_batch(stream)
     notes: list[str] = []
@@ -96,6 +106,7 @@ def quantize(
     float_model = prepared.model
     graph_model = to_ir(infer_types(float_model))
     plan = plan_quantization(graph_model.graph, config)
+    notes += [f"override {pattern!r} matches no layer" for pattern in plan.unmatched_overrides]
     if not plan.weights and not plan.activations:
         raise OnnxqError("nothing to quantize: the model has no Conv, Gemm or MatMul with constant weights")
     opset = required_opset(plan)
@@ -120,6 +131,7 @@ def quantize(
     else:
         ranges, samples = _observe(float_model, plan, stream, config, progress)
 
+    notes += stats.warnings()
     progress.stage("insert Q/DQ")
     params = activation_params(plan, ranges, symmetric=config.activation_symmetric)
     insert_qdq(
@@ -145,6 +157,7 @@ def quantize(
         len(plan.quantized_nodes),
         plan.float_nodes,
         samples,
+        describe_count(inputs, samples),
         search,
     )
 
@@ -245,6 +258,7 @@ def fuse(
 
 def fuse_file(source: str | os.PathLike, target: str | os.PathLike, **kwargs) -> FuseResult:
     """fuse() and save atomically."""
+    check_writable(target, source=source)
     result = fuse(source, **kwargs)
     save_model(result.model, target)
     return result
@@ -258,9 +272,7 @@ def quantize_file(
     **kwargs,
 ) -> QuantResult:
     """quantize() and save atomically: the output file appears only when complete."""
-    target = Path(target)
-    if target.parent and not target.parent.is_dir():
-        raise OnnxqError(f"cannot write {target}: folder {target.parent} does not exist")
+    target = check_writable(target, source=source)
     result = quantize(source, calibration, config, **kwargs)
     save_model(result.model, target)
     return result
@@ -274,7 +286,7 @@ def validate(model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> None:
         raise OnnxqError(
             f"internal error: the quantized model is invalid ({str(err).splitlines()[0]})"
         ) from None
-    outputs = session(model).run(None, sample)
+    outputs = run(session(model), sample)
     if not all(np.isfinite(o).all() for o in outputs if o.dtype.kind == "f"):
         raise OnnxqError("internal error: the quantized model produces NaN or infinite values")
 

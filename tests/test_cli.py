@@ -43,9 +43,17 @@ def test_quantize_then_eval(tmp_path, small_model_path, calib_file):
         ("bad_shape", "has shape"),
         ("nan", "NaN"),
         ("bad_folder", "does not exist"),
+        ("corrupt_npz", "cannot read data"),
+        ("zeros", "constant data"),
+        ("output_is_input", "is the input model"),
+        ("missing_external_data", "cannot read the weights"),
+        ("fixed_batch", "do not fill batches of 4"),
+        ("read_only_folder", "is not writable"),
     ],
 )
-def test_bad_input_gives_one_line_and_no_output(tmp_path, small_model_path, calib_file, setup, message):
+def test_bad_input_gives_one_line_and_no_output(
+    monkeypatch, tmp_path, small_model_path, calib_file, setup, message
+):
     model, calib, out = small_model_path, calib_file, tmp_path / "out.onnx"
     if setup == "not_onnx":
         model = tmp_path / "text.onnx"
@@ -60,12 +68,97 @@ def test_bad_input_gives_one_line_and_no_output(tmp_path, small_model_path, cali
         np.save(calib, np.full((4, 3, 16, 16), np.nan, np.float32))
     elif setup == "bad_folder":
         out = tmp_path / "no" / "such" / "out.onnx"
+    elif setup == "corrupt_npz":
+        calib = tmp_path / "calib.npz"
+        np.savez_compressed(calib, x=np.ones((4, 3, 16, 16), np.float32))
+        calib.write_bytes(calib.read_bytes()[:-40])
+    elif setup == "zeros":
+        np.save(calib, np.zeros((8, 3, 16, 16), np.float32))
+    elif setup == "output_is_input":
+        out = model
+    elif setup == "missing_external_data":
+        model = tmp_path / "external.onnx"
+        onnx.save(onnx.load(small_model_path), model, save_as_external_data=True, size_threshold=0)
+        next(tmp_path.glob("external.onnx.data"), tmp_path / "external.onnx.data").unlink(missing_ok=True)
+        for data in tmp_path.iterdir():
+            if data.suffix not in (".onnx", ".npy"):
+                data.unlink()
+    elif setup == "fixed_batch":
+        import torch
+
+        from tests.conftest import export, small_cnn
+
+        model = tmp_path / "fixed.onnx"
+        onnx.save(export(small_cnn(), torch.zeros(4, 3, 16, 16), dynamic_batch=False), model)
+        np.save(calib, np.random.default_rng(0).standard_normal((10, 3, 16, 16)).astype(np.float32))
+    elif setup == "read_only_folder":  # root may write anywhere: the folder's answer is simulated
+        monkeypatch.setattr("onnxq.io.writable", lambda folder: False)
+    before = out.read_bytes() if out.exists() else None
     result = CliRunner().invoke(main, ["quantize", str(model), "-o", str(out), "--calib", str(calib)])
     assert result.exit_code == 1
-    assert result.output.strip().count("\n") == 0, result.output
-    assert message in result.output and "Traceback" not in result.output
-    assert not out.exists()
-    assert not list(tmp_path.glob(".out.onnx.*"))
+    errors = [line for line in result.output.splitlines() if line.startswith("onnxq:")]
+    assert len(errors) == 1 and message in errors[0], result.output
+    assert "Traceback" not in result.output
+    assert (out.read_bytes() if out.exists() else None) == before
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_saved_model_follows_the_umask(tmp_path, small_model_path, calib_file):
+    import os
+
+    out = tmp_path / "small.int8.onnx"
+    previous = os.umask(0o022)
+    try:
+        result = run("quantize", small_model_path, "-o", out, "--calib", calib_file, "--max-samples", "8")
+    finally:
+        os.umask(previous)
+    assert result.exit_code == 0, result.output
+    assert out.stat().st_mode & 0o777 == 0o644
+
+
+def test_sigterm_while_writing_leaves_no_temporary_file(monkeypatch, tmp_path, small_model_path, calib_file):
+    import os
+    import signal
+    from pathlib import Path
+
+    write = Path.write_bytes
+
+    def terminated_mid_write(path, data):
+        write(path, data[: len(data) // 2])
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Path, "write_bytes", terminated_mid_write)
+    out = tmp_path / "out.onnx"
+    result = run("quantize", small_model_path, "-o", out, "--calib", calib_file, "--max-samples", "8")
+    assert result.exit_code == 128 + signal.SIGTERM and "terminated" in result.output
+    assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_eval_refuses_models_with_other_input_shapes(tmp_path, small_model_path, calib_file):
+    import torch
+
+    from tests.conftest import export, small_cnn
+
+    other = tmp_path / "other" / "small.onnx"
+    other.parent.mkdir()
+    onnx.save(export(small_cnn(), torch.zeros(1, 3, 8, 8), dynamic_batch=False), other)
+    result = run("eval", small_model_path, other, "--data", calib_file)
+    assert result.exit_code == 1 and "cannot be compared" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_eval_tells_files_of_one_name_apart(tmp_path, small_model_path, calib_file):
+    from onnxq.evaluate import display_names
+
+    copy = tmp_path / "copy" / small_model_path.name
+    copy.parent.mkdir()
+    copy.write_bytes(small_model_path.read_bytes())
+    assert display_names([small_model_path, copy]) == [
+        f"{small_model_path.parent.name}/{small_model_path.name}",
+        f"copy/{small_model_path.name}",
+    ]
+    result = run("eval", small_model_path, copy, "--data", calib_file, "--max-samples", "4")
+    assert result.exit_code == 0 and "copy/" in result.output
 
 
 def test_fuse_prints_what_it_merged_and_weight_statistics(tmp_path):
@@ -137,3 +230,59 @@ def test_bad_low_bit_options_give_one_line(tmp_path, small_model_path, calib_fil
     result = run("quantize", small_model_path, "-o", out, "--calib", calib_file, *args)
     assert result.exit_code == 1 and message in result.output
     assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_overrides_that_match_nothing_are_named(tmp_path, small_model_path, calib_file):
+    overrides = tmp_path / "typo.toml"
+    overrides.write_text('[[layer]]\nmatch = "/no/such/layer*"\nw_bits = 4\n')
+    out = tmp_path / "out.onnx"
+    result = run("quantize", small_model_path, "-o", out, "--calib", calib_file, "--overrides", overrides)
+    assert result.exit_code == 0, result.output
+    assert "override '/no/such/layer*' matches no layer" in result.output
+
+
+def test_lstm_is_named_as_kept_in_float_and_sequences_are_not_called_samples(tmp_path):
+    """An LSTM export with a fixed sequence length before a free batch axis: [steps, batch, features]."""
+    import io
+
+    import torch
+    from torch import nn
+
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = nn.LSTM(8, 16)
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.lstm(x)[0])
+
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        Tagger().eval(),
+        (torch.zeros(12, 2, 8),),
+        buffer,
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {1: "batch"}, "y": {1: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    model, data, out = tmp_path / "tagger.onnx", tmp_path / "seq.npy", tmp_path / "tagger.q.onnx"
+    model.write_bytes(buffer.getvalue())
+    np.save(data, np.random.default_rng(0).standard_normal((12, 64, 8)).astype(np.float32))
+    result = run("quantize", model, "-o", out, "--calib", data)
+    assert result.exit_code == 0, result.output
+    assert "kept in float" in result.output and "LSTM" in result.output
+    assert "calibrated on 1 run of input 'x' (first axis fixed at 12)" in result.output
+
+
+def test_cifar10_preset_sizes_images_to_32(tmp_path):
+    from PIL import Image
+
+    from onnxq.calib.data import load_image
+    from onnxq.config import Preprocess
+
+    path = tmp_path / "big.png"
+    Image.new("RGB", (96, 64), (128, 64, 32)).save(path)
+    assert load_image(path, Preprocess.preset("cifar10")).shape == (3, 32, 32)

@@ -8,8 +8,10 @@ more than one batch, so memory stays bounded whatever the data size.
 from __future__ import annotations
 
 import itertools
+import zipfile
+import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -66,6 +68,30 @@ def random_sample(inputs: list[InputSpec], batch: int = 2, seed: int = 0) -> dic
     return sample
 
 
+LARGE_VALUE = 1e6  # inputs beyond this are almost surely missing their preprocessing
+
+
+@dataclass
+class DataStats:
+    """What the stream saw, per input: extremes, for the checks made once it has ended."""
+
+    low: dict[str, float] = field(default_factory=dict)
+    high: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        if array.size and array.dtype.kind in "fiu":
+            self.low[name] = min(self.low.get(name, np.inf), float(array.min()))
+            self.high[name] = max(self.high.get(name, -np.inf), float(array.max()))
+
+    def warnings(self) -> list[str]:
+        return [
+            f"calibration values of input {name!r} reach {max(-self.low[name], high):.3g}: "
+            "check the preprocessing (--scale, --mean/--std); quantized ranges follow them"
+            for name, high in self.high.items()
+            if max(-self.low[name], high) > LARGE_VALUE
+        ]
+
+
 def batches(
     source: DataSource,
     inputs: list[InputSpec],
@@ -73,16 +99,33 @@ def batches(
     preprocess: Preprocess | None = None,
     batch_size: int = 8,
     max_samples: int | None = None,
+    stats: DataStats | None = None,
 ) -> Iterator[Batch]:
     """Checked batches of model input from any supported source.
 
-    A model whose batch dimension is fixed gets batches of exactly that size.
+    A model whose batch dimension is fixed gets batches of exactly that size. With `stats`
+    (calibration), data that is constant for an input is refused once the stream has ended:
+    it gives ranges of zero width and a model that computes nothing useful.
     """
     fixed = {spec.shape[0] for spec in inputs if spec.shape and spec.shape[0]}
+    batch_size = next(iter(fixed)) if fixed else batch_size
+    what = _describe(source)
+    hint = _image_hint(source, preprocess)
+    stream = _rebatch(_chunks(source, inputs, preprocess), batch_size, max_samples, hint)
     if fixed:
-        batch_size = fixed.pop()
-    chunks = _chunks(source, inputs, preprocess)
-    yield from _checked(_rebatch(chunks, batch_size, max_samples), inputs, _describe(source))
+        stream = _whole_batches(stream, batch_size, inputs, what)
+    yield from _checked(stream, inputs, what, hint, stats)
+
+
+def describe_count(inputs: list[InputSpec], samples: int) -> str:
+    """'N samples', or 'N runs' where the first axis is fixed but a later one is free (a fixed
+    sequence length before a free batch axis, as LSTM exports have): there the first axis
+    counts time steps, not samples."""
+    leading = inputs[0].shape if inputs else ()
+    if leading and leading[0] and any(d is None for d in leading[1:]):
+        runs = samples // leading[0]
+        return f"{runs} run{'s' * (runs != 1)} of input {inputs[0].name!r} (first axis fixed at {leading[0]})"
+    return f"{samples} samples"
 
 
 def first_batch(stream: Iterator[Batch]) -> tuple[Batch, Iterator[Batch]]:
@@ -106,7 +149,7 @@ def load_labels(path: str | Path) -> np.ndarray:
                     raise OnnxqError(f"{path} has no labels array (looked for {', '.join(LABEL_KEYS)})")
                 return np.asarray(archive[key]).astype(np.int64).ravel()
         return np.load(path).astype(np.int64).ravel()
-    except (ValueError, OSError) as err:
+    except UNREADABLE as err:
         raise OnnxqError(f"cannot read labels from {path}: {err}") from None
 
 
@@ -147,14 +190,22 @@ def _path_chunks(path: Path, inputs: list[InputSpec], pre: Preprocess | None) ->
         raise OnnxqError(f"unsupported data file {path}: expected .npy, .npz or a folder of images")
     try:
         loaded = np.load(path, mmap_mode="r" if path.suffix == ".npy" else None)
-    except (ValueError, OSError) as err:
-        raise OnnxqError(f"cannot read data from {path}: {err}") from None
-    if isinstance(loaded, np.ndarray):
-        yield from _sliced(loaded, inputs, pre, str(path))
-        return
-    with loaded:
-        arrays = _npz_arrays(loaded, inputs, path)
+        if isinstance(loaded, np.ndarray):
+            arrays = loaded
+        else:
+            with loaded:
+                arrays = _npz_arrays(loaded, inputs, path)
+    except UNREADABLE as err:
+        raise OnnxqError(f"cannot read data from {path}: {_first_line(err)}") from None
     yield from _sliced(arrays, inputs, pre, str(path))
+
+
+# what numpy raises on a truncated or corrupt .npy/.npz (a zip archive of compressed arrays)
+UNREADABLE = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip() or type(err).__name__).splitlines()[0]
 
 
 def _npz_arrays(archive: Any, inputs: list[InputSpec], path: Path) -> dict[str, np.ndarray]:
@@ -263,7 +314,33 @@ def _normalise(array: np.ndarray, pre: Preprocess, channel_axis: int) -> np.ndar
 # --- batching and checks -------------------------------------------------------------------------
 
 
-def _rebatch(chunks: Iterable[Batch], batch_size: int, max_samples: int | None) -> Iterator[Batch]:
+def _image_hint(source: DataSource, pre: Preprocess | None) -> str:
+    """Images decoded at their own size rarely fit a model: say how to size them."""
+    if isinstance(source, str | Path) and Path(source).is_dir() and not (pre and (pre.resize or pre.crop)):
+        return " (images are used at their own size: add --preset imagenet or --resize/--crop)"
+    return ""
+
+
+def _whole_batches(stream: Iterable[Batch], size: int, inputs: list[InputSpec], what: str):
+    """A model with a fixed batch dimension runs only on batches of exactly that size."""
+    total = 0
+    for batch in stream:
+        count = _count(batch)
+        if count != size:
+            name = inputs[0].name
+            usable = total + count - (total + count) % size
+            raise OnnxqError(
+                f"{what}: {total + count} samples do not fill batches of {size}, the fixed batch "
+                f"size of input {name!r}; give a multiple of {size} samples"
+                + (f" (e.g. --max-samples {usable})" if usable else "")
+            )
+        total += count
+        yield batch
+
+
+def _rebatch(
+    chunks: Iterable[Batch], batch_size: int, max_samples: int | None, hint: str = ""
+) -> Iterator[Batch]:
     pending: list[Batch] = []
     pending_count = total = 0
     for chunk in chunks:
@@ -277,41 +354,51 @@ def _rebatch(chunks: Iterable[Batch], batch_size: int, max_samples: int | None) 
         pending_count += count
         total += count
         while pending_count >= batch_size:
-            merged = _concat(pending)
+            merged = _concat(pending, hint)
             yield {k: v[:batch_size] for k, v in merged.items()}
             rest = {k: v[batch_size:] for k, v in merged.items()}
             pending, pending_count = [rest], pending_count - batch_size
         if max_samples is not None and total >= max_samples:
             break
     if pending_count:
-        yield _concat(pending)
+        yield _concat(pending, hint)
 
 
 def _count(batch: Batch) -> int:
     return min((len(v) if v.ndim else 1) for v in batch.values()) if batch else 0
 
 
-def _concat(parts: list[Batch]) -> Batch:
+def _concat(parts: list[Batch], hint: str = "") -> Batch:
     if len(parts) == 1:
         return parts[0]
     try:
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     except ValueError as err:
-        raise OnnxqError(f"calibration samples differ in shape: {err}") from None
+        raise OnnxqError(f"calibration samples differ in shape: {_first_line(err)}{hint}") from None
 
 
-def _checked(stream: Iterable[Batch], inputs: list[InputSpec], what: str) -> Iterator[Batch]:
+def _checked(
+    stream: Iterable[Batch], inputs: list[InputSpec], what: str, hint: str, stats: DataStats | None
+) -> Iterator[Batch]:
     seen = False
     for batch in stream:
         for spec in inputs:
-            _check_array(batch.get(spec.name), spec, what)
+            _check_array(batch.get(spec.name), spec, what, hint)
+            if stats is not None:
+                stats.add(spec.name, batch[spec.name])
         seen = True
         yield batch
     if not seen:
         raise OnnxqError(f"no samples in {what}")
+    if stats is not None and stats.low and all(low == stats.high[n] for n, low in stats.low.items()):
+        values = ", ".join(f"{name!r} is {low:g}" for name, low in stats.low.items())
+        raise OnnxqError(
+            f"{what}: every calibration value of input {values}; constant data gives no ranges to "
+            "quantize with"
+        )
 
 
-def _check_array(array: np.ndarray | None, spec: InputSpec, what: str) -> None:
+def _check_array(array: np.ndarray | None, spec: InputSpec, what: str, hint: str = "") -> None:
     if array is None:
         raise OnnxqError(f"{what}: no data for model input {spec.name!r}")
     if array.dtype != spec.dtype:
@@ -324,7 +411,8 @@ def _check_array(array: np.ndarray | None, spec: InputSpec, what: str) -> None:
     ):
         want = "×".join("?" if d is None else str(d) for d in spec.shape)
         raise OnnxqError(
-            f"{what}: data for input {spec.name!r} has shape {list(array.shape)}, the model expects {want}"
+            f"{what}: data for input {spec.name!r} has shape {list(array.shape)}, the model expects "
+            f"{want}{hint}"
         )
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise OnnxqError(f"{what}: data for input {spec.name!r} contains NaN or infinite values")

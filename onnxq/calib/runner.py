@@ -13,7 +13,7 @@ import onnx
 
 from onnxq.calib.data import Batch
 from onnxq.calib.observers import Observer
-from onnxq.io import session
+from onnxq.io import run, session
 from onnxq.progress import Progress
 
 
@@ -30,7 +30,7 @@ def collect_ranges(
     observers = {name: make_observer() for name in tensors}
     samples = 0
     for batch in stream:
-        values = runner.run(tensors, batch)
+        values = run(runner, batch, tensors)
         for name, array in zip(tensors, values, strict=False):
             observers[name].update(np.asarray(array))
         samples += len(next(iter(batch.values())))

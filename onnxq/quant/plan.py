@@ -30,7 +30,18 @@ SHARED_SCALE_OPS = frozenset(
     {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Pad"}
 )
 ABSORBABLE_OPS = frozenset({"Relu", "Clip"})
+# heavy float compute onnxq leaves alone; named in the "kept in float" lines so none goes unseen
+UNQUANTIZED_COMPUTE_OPS = frozenset(
+    {"LSTM", "GRU", "RNN", "Einsum", "ConvInteger", "MatMulInteger", "Attention", "LayerNormalization"}
+)
 FLOAT_OUTPUT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "AveragePool", "GlobalAveragePool"})
+TYPE_CHANGING_OPS = frozenset(
+    {
+        *("Shape", "Size", "Cast", "CastLike", "ArgMax", "ArgMin", "NonZero", "TopK", "Range"),
+        *("Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or", "Xor"),
+        *("IsNaN", "IsInf", "QuantizeLinear", "ConstantOfShape", "EyeLike", "RandomNormalLike"),
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,7 @@ class QuantPlan:
     absorbed: dict[str, str] = field(default_factory=dict)  # Relu/Clip node → the tensor it reads
     quantized_nodes: list[str] = field(default_factory=list)
     float_nodes: dict[str, str] = field(default_factory=dict)  # node → why it stays float
+    unmatched_overrides: list[str] = field(default_factory=list)  # override patterns no layer matched
     layers: dict[str, LayerSettings] = field(default_factory=dict)  # compute node → its settings
 
     def observed_tensors(self) -> list[str]:
@@ -101,6 +113,9 @@ def plan_quantization(graph: ir.Graph, config: QuantConfig) -> QuantPlan:
         if node.name in plan.absorbed:
             continue
         role = _role(node, config)
+        if node.op_type in UNQUANTIZED_COMPUTE_OPS and node.domain == "":
+            plan.float_nodes[name] = f"onnxq does not quantize {node.op_type}"
+            continue
         if role is None or not is_float(node.outputs[0]):
             continue  # shape arithmetic is not a candidate: not worth a "kept in float" line
         if role == "compute":
@@ -116,6 +131,11 @@ def plan_quantization(graph: ir.Graph, config: QuantConfig) -> QuantPlan:
             plan.quantized_nodes.append(name)
     _assign_activation_bits(graph, plan, config, alias)
     _widen_int2_containers(graph, plan)
+    plan.unmatched_overrides = [
+        f"{o.pattern}" + (f" (op {o.op_type})" if o.op_type else "")
+        for o in config.overrides
+        if not any(o.matches(_node_name(n), n.op_type) for n in compute)
+    ]
     return plan
 
 
@@ -271,13 +291,25 @@ def _bias_is_quantizable(node: ir.Node, bias: ir.Value, weight: np.ndarray, axis
 def is_float(value: ir.Value) -> bool:
     """Only float32 tensors are quantized: shape arithmetic (Shape → Gather → Concat) is int64.
 
-    Types come from the graph (shape inference runs before planning); a value left untyped is
-    taken as float only when its producer computes nothing but float.
+    Types come from the graph (the pipeline runs shape inference before planning). An untyped
+    value takes the type of its producer's first input, back to a typed value or a constant,
+    except behind ops whose output type is their own (Shape, Cast, comparisons, ...).
     """
-    if value.dtype is not None:
-        return value.dtype == ir.DataType.FLOAT
-    producer = value.producer()
-    return producer is not None and producer.op_type in FLOAT_OUTPUT_OPS
+    for _ in range(10_000):
+        if value.dtype is not None:
+            return value.dtype == ir.DataType.FLOAT
+        producer = value.producer()
+        if producer is None or producer.op_type in TYPE_CHANGING_OPS:
+            return False
+        if producer.op_type in FLOAT_OUTPUT_OPS:
+            return True
+        if producer.op_type == "Constant":
+            tensor = ir.convenience.get_const_tensor(value)
+            return tensor is not None and tensor.dtype == ir.DataType.FLOAT
+        value = next((v for v in producer.inputs if v is not None), None)
+        if value is None:
+            return False
+    return False
 
 
 def _plan_own_scale(node: ir.Node, plan: QuantPlan, alias: dict[str, str]) -> str | None:
