@@ -218,6 +218,12 @@ def main() -> None:
     show_default=True,
     help="Samples per onnxruntime run while calibrating (memory grows with it).",
 )
+@click.option(
+    "--min-sqnr",
+    type=float,
+    help="Fail (exit 1, nothing written) when an output's SQNR against the float model on "
+    "held-back calibration samples is below this many dB.",
+)
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
 @click.option(
     "--fuse-branches/--no-fuse-branches",
@@ -255,6 +261,7 @@ def quantize(model, output, calib, **options):
         time_budget=options.pop("time_budget"),
         search_memory_gb=options.pop("search_memory"),
         search_cache_half=options.pop("search_cache") == "float16",
+        min_sqnr=options.pop("min_sqnr"),
     )
     preprocess = build_preprocess(**options)
     with RichProgress() as progress:

@@ -250,6 +250,7 @@ class QuantConfig:
     time_budget: float | None = None  # seconds for the search; what is left keeps simple ranges
     search_memory_gb: float = 1.5  # cached activations of mse/mae/pd; beyond it, fewer samples
     search_cache_half: bool = True  # cache them in float16 (BENCHMARKS.md: costs no accuracy)
+    min_sqnr: float | None = None  # dB: an output below it on held-back samples is an error
     op_types: frozenset[str] = field(
         default_factory=lambda: frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
     )
@@ -280,6 +281,12 @@ class QuantConfig:
     def lowest_weight_bits(self) -> int:
         widths = [self.weight_bits, *(o.weight_bits for o in self.overrides if o.weight_bits is not None)]
         return min(widths)
+
+    @property
+    def lowest_bits(self) -> int:
+        """The narrowest weight or activation width anywhere in the plan."""
+        widths = [self.activation_bits, *(o.activation_bits for o in self.overrides if o.activation_bits)]
+        return min(self.lowest_weight_bits, *widths)
 
     @property
     def merges_branches(self) -> bool:

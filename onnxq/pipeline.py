@@ -15,6 +15,7 @@ import onnx
 from onnx import version_converter
 
 import onnxq
+from onnxq import fidelity
 from onnxq.calib import frontier
 from onnxq.calib.data import (
     DataSource,
@@ -31,6 +32,7 @@ from onnxq.calib.search import SearchResult, SearchSettings, search_parameters
 from onnxq.calib.simulate import build_simulation
 from onnxq.config import CalibrationMethod, Preprocess, QuantConfig
 from onnxq.errors import OnnxqError
+from onnxq.fidelity import Fidelity, HoldBack
 from onnxq.io import check_writable, load_model, run, save_model, session, to_ir, to_proto
 from onnxq.passes.fold_bn import FoldReport, fold_batchnorm
 from onnxq.passes.fuse_branches import FuseReport, fuse_branches
@@ -40,7 +42,7 @@ from onnxq.passes.insert_qdq import activation_params, insert_qdq, required_opse
 from onnxq.passes.simplify import simplify
 from onnxq.progress import Progress, Silent
 from onnxq.quant.kernels import choose_weight_range
-from onnxq.quant.plan import plan_quantization
+from onnxq.quant.plan import QuantPlan, plan_quantization
 
 MIN_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear
 
@@ -68,6 +70,7 @@ class QuantResult:
     samples: int = 0
     samples_text: str = ""  # how to say `samples` for this model's inputs
     calibration: SearchResult | None = None
+    fidelity: Fidelity | None = None
 
 
 def quantize(
@@ -93,6 +96,8 @@ def quantize(
         stats=stats,
     )
     sample, stream = first_batch(stream)
+    held = HoldBack()
+    stream = held.split(stream)
     notes: list[str] = []
 
     prepared = fuse(
@@ -133,6 +138,7 @@ def quantize(
 
     notes += stats.warnings()
     progress.stage("insert Q/DQ")
+    layers = _layer_tensors(graph_model.graph, plan)
     params = activation_params(plan, ranges, symmetric=config.activation_symmetric)
     insert_qdq(
         graph_model.graph,
@@ -149,6 +155,8 @@ def quantize(
 
     progress.stage("validate")
     validate(quantized, sample)
+    report = check_fidelity(float_model, quantized, held, sample, layers, config, progress)
+    notes += report.lines() + report.warnings()
     return QuantResult(
         quantized,
         notes,
@@ -159,7 +167,35 @@ def quantize(
         samples,
         describe_count(inputs, samples),
         search,
+        report,
     )
+
+
+def check_fidelity(float_model, quantized, held: HoldBack, sample, layers, config, progress) -> Fidelity:
+    """Outputs compared on held-back samples; the layers that lose most named when they fall
+    short; an error below `config.min_sqnr` (scripted use: nothing is saved)."""
+    progress.stage("check fidelity")
+    report = fidelity.measure(float_model, quantized, held.batches or [sample], config.lowest_bits)
+    report.held_back = held.held_back
+    if report.poor or (config.min_sqnr is not None and report.min_sqnr < config.min_sqnr):
+        report.worst_layers = fidelity.worst_layers(float_model, quantized, layers, held.batches or [sample])
+    if config.min_sqnr is not None and report.min_sqnr < config.min_sqnr:
+        worst = f"; loses most: {report.worst_layers[0][0]}" if report.worst_layers else ""
+        raise OnnxqError(
+            f"output SQNR {report.min_sqnr:.1f} dB is below --min-sqnr {config.min_sqnr:g} dB{worst}"
+        )
+    return report
+
+
+def _layer_tensors(graph, plan: QuantPlan) -> list[tuple[str, str, str]]:
+    """(node, input, output) of every quantized compute layer, named as in the float graph; an
+    input behind an absorbed Relu/Clip (removed from the QDQ graph) is read before it."""
+    before_absorbed = {n.outputs[0].name: n.inputs[0].name for n in graph if n.name in plan.absorbed}
+    return [
+        (node.name, before_absorbed.get(node.inputs[0].name, node.inputs[0].name), node.outputs[0].name)
+        for node in graph
+        if node.name in plan.layers and node.inputs and node.inputs[0] is not None
+    ]
 
 
 def _observe(float_model, plan, stream, config: QuantConfig, progress: Progress):

@@ -25,7 +25,7 @@ def collect_ranges(
     progress: Progress,
 ) -> tuple[dict[str, tuple[float, float]], int]:
     """Float range of each tensor over all batches, and the number of samples seen."""
-    probe = _with_outputs(model, tensors)
+    probe = with_outputs(model, tensors)
     runner = session(probe, optimize=True)
     observers = {name: make_observer() for name in tensors}
     samples = 0
@@ -38,7 +38,8 @@ def collect_ranges(
     return {name: observer.range() for name, observer in observers.items()}, samples
 
 
-def _with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+def with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    """A copy of the model that also returns the given float tensors."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     present = {o.name for o in probe.graph.output}

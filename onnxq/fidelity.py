@@ -1,0 +1,208 @@
+"""How closely the quantized model follows the float one, measured before anything is saved.
+
+Run on calibration samples held back from calibration, at onnxruntime's default optimization
+level (the integer kernels users deploy). Per output: SQNR, cosine and, where the output looks
+like class scores, top-1 agreement. When an output falls short, the layers that lose most are
+found by comparing every layer's float and quantized output tensors (the simulated QDQ graph):
+a layer's loss is how far its output's SQNR falls below that of its input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxq.calib.data import Batch, model_inputs
+from onnxq.calib.runner import with_outputs
+from onnxq.io import run, session
+
+HELD_BACK = 16  # samples kept out of calibration for the check
+MIN_CALIBRATION = 64  # below this many samples nothing is held back: the check runs in-sample
+WARN_SQNR_DB = {8: 20.0, 0: 8.0}  # warn below this output SQNR: all-8-bit plans, lower widths
+WARN_AGREEMENT = 0.9  # ... or below this top-1 agreement
+LAYER_SAMPLES = 4  # samples the per-layer search for the culprits runs on
+WORST_LAYERS = 3
+EXACT_DB = 60.0  # an input this close to float counts as exact when ranking the falls
+
+
+@dataclass(frozen=True)
+class OutputFidelity:
+    name: str
+    sqnr_db: float
+    cosine: float
+    agreement: float | None  # top-1 agreement where the output is (samples, classes)
+
+    def __str__(self) -> str:
+        text = f"output {self.name!r}: SQNR {self.sqnr_db:.1f} dB, cosine {self.cosine:.4f}"
+        return text + (
+            f", top-1 agreement {100 * self.agreement:.1f} %" if self.agreement is not None else ""
+        )
+
+
+@dataclass
+class Fidelity:
+    samples: int
+    held_back: bool  # False: measured on calibration samples (too few to hold any back)
+    outputs: list[OutputFidelity]
+    threshold_db: float
+    worst_layers: list[tuple[str, float, float]] = field(default_factory=list)  # layer, dB in, dB out
+
+    @property
+    def min_sqnr(self) -> float:
+        return min((o.sqnr_db for o in self.outputs), default=float("inf"))
+
+    @property
+    def poor(self) -> bool:
+        agreements = [o.agreement for o in self.outputs if o.agreement is not None]
+        return self.min_sqnr < self.threshold_db or any(a < WARN_AGREEMENT for a in agreements)
+
+    def lines(self) -> list[str]:
+        where = "held-back samples" if self.held_back else "calibration samples (too few to hold any back)"
+        return [f"fidelity on {self.samples} {where}: {o}" for o in self.outputs]
+
+    def warnings(self) -> list[str]:
+        if not self.poor:
+            return []
+        text = [
+            f"warning: the quantized model departs from the float model (lowest output SQNR "
+            f"{self.min_sqnr:.1f} dB; warned below {self.threshold_db:g} dB or {100 * WARN_AGREEMENT:g} % "
+            "agreement): check it on your own data before deploying"
+        ]
+        text += [
+            f"  loses most: {layer} (SQNR of its input {_db(before)}, of its output {after:.1f} dB)"
+            for layer, before, after in self.worst_layers
+        ]
+        return text
+
+
+def _db(value: float) -> str:
+    return "exact" if value == float("inf") else f"{value:.1f} dB"
+
+
+class HoldBack:
+    """Delays a stream by its last batches, which it keeps for the fidelity check.
+
+    Streams have no length up front: the last batches holding at least HELD_BACK samples are
+    withheld; if the stream ends with fewer than MIN_CALIBRATION samples, they are handed on
+    after all (calibration needs them more) and the check runs in-sample.
+    """
+
+    def __init__(self) -> None:
+        self.batches: list[Batch] = []
+        self.held_back = False
+
+    def split(self, stream: Iterable[Batch]) -> Iterator[Batch]:
+        queue: list[Batch] = []
+        total = 0
+        for batch in stream:
+            queue.append(batch)
+            total += _count(batch)
+            while len(queue) > 1 and sum(_count(b) for b in queue[1:]) >= HELD_BACK:
+                yield queue.pop(0)
+        if total < MIN_CALIBRATION:
+            yield from queue
+        else:
+            self.held_back = True
+        self.batches = queue
+
+
+def measure(
+    float_model: onnx.ModelProto, quantized: onnx.ModelProto, samples: list[Batch], lowest_bits: int
+) -> Fidelity:
+    """Per-output SQNR, cosine and agreement of `quantized` against `float_model` on `samples`."""
+    reference, deployed = session(float_model), session(quantized)
+    names = [o.name for o in float_model.graph.output]
+    sums = {name: _Sums() for name in names}
+    for batch in samples:
+        for name, want, got in zip(names, run(reference, batch), run(deployed, batch), strict=True):
+            sums[name].add(want, got)
+    outputs = [sums[name].result(name) for name in names if sums[name].count]
+    threshold = WARN_SQNR_DB[8] if lowest_bits >= 8 else WARN_SQNR_DB[0]
+    return Fidelity(sum(_count(b) for b in samples), False, outputs, threshold)
+
+
+def worst_layers(
+    float_model: onnx.ModelProto,
+    quantized: onnx.ModelProto,
+    layers: list[tuple[str, str, str]],
+    samples: list[Batch],
+) -> list[tuple[str, float, float]]:
+    """The layers (node, input tensor, output tensor) whose output SQNR falls most below their
+    input's, on a few samples, comparing float tensors of the float and the QDQ graph."""
+    tensors = sorted({t for _, source, target in layers for t in (source, target)})
+    sums = {t: _Sums() for t in tensors}
+    reference = session(with_outputs(float_model, tensors), optimize=False)
+    simulated = session(with_outputs(quantized, tensors), optimize=False)
+    fixed_batch = any(spec.shape and spec.shape[0] for spec in model_inputs(float_model))
+    for batch in _first_samples(samples, LAYER_SAMPLES, whole=fixed_batch):
+        for name, want, got in zip(
+            tensors, run(reference, batch, tensors), run(simulated, batch, tensors), strict=True
+        ):
+            sums[name].add(want, got)
+    losses = []
+    for node, source, target in layers:
+        before, after = sums[source].sqnr(), sums[target].sqnr()
+        if np.isfinite(after) and after < before:
+            losses.append((node, before, after))
+    losses.sort(key=lambda item: item[2] - min(item[1], EXACT_DB))  # largest fall first
+    return losses[:WORST_LAYERS]
+
+
+class _Sums:
+    """Running sums of one tensor's float and quantized values, over batches."""
+
+    def __init__(self) -> None:
+        self.signal = self.noise = self.dot = self.quantized = 0.0
+        self.agree = self.count = 0
+        self.classes = True
+
+    def add(self, want: np.ndarray, got: np.ndarray) -> None:
+        want, got = want.astype(np.float64), got.astype(np.float64)
+        self.signal += float(np.vdot(want, want))
+        self.noise += float(np.vdot(want - got, want - got))
+        self.dot += float(np.vdot(want, got))
+        self.quantized += float(np.vdot(got, got))
+        scores = want.reshape(len(want), -1) if want.ndim else want.reshape(1, -1)
+        self.classes = self.classes and _looks_like_scores(want)
+        if self.classes:
+            self.agree += int((scores.argmax(1) == got.reshape(scores.shape).argmax(1)).sum())
+        self.count += len(scores)
+
+    def sqnr(self) -> float:
+        if self.noise == 0:
+            return float("inf")
+        return 10 * np.log10(self.signal / self.noise) if self.signal > 0 else float("-inf")
+
+    def result(self, name: str) -> OutputFidelity:
+        norm = np.sqrt(self.signal * self.quantized)
+        cosine = self.dot / norm if norm > 0 else float(self.signal == self.quantized)
+        agreement = self.agree / self.count if self.classes else None
+        return OutputFidelity(name, self.sqnr(), float(cosine), agreement)
+
+
+def _looks_like_scores(values: np.ndarray) -> bool:
+    """(samples, classes) or (samples, classes, 1, 1) with a few classes at least."""
+    if values.ndim < 2 or any(d != 1 for d in values.shape[2:]):
+        return False
+    return values.shape[1] >= 2 and values.dtype.kind == "f"
+
+
+def _count(batch: Batch) -> int:
+    first = next(iter(batch.values()))
+    return len(first) if first.ndim else 1
+
+
+def _first_samples(batches: list[Batch], limit: int, whole: bool) -> Iterator[Batch]:
+    """One sample at a time (every layer's tensors are returned: keep that small), or whole
+    batches where the model's batch size is fixed."""
+    taken = 0
+    for batch in batches:
+        for start in [0] if whole else range(_count(batch)):
+            if taken >= limit:
+                return
+            part = batch if whole else {k: v[start : start + 1] for k, v in batch.items()}
+            taken += _count(part)
+            yield part

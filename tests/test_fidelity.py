@@ -1,0 +1,71 @@
+"""The fidelity check: held-back samples, the numbers against numpy, warnings and --min-sqnr."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
+
+import onnxq
+from onnxq import fidelity
+from onnxq.cli import main
+from onnxq.io import session
+
+
+@given(sizes=st.lists(st.integers(1, 20), min_size=1, max_size=30))
+def test_hold_back_keeps_the_last_batches_or_nothing(sizes):
+    stream = [{"x": np.full((n, 1), i, np.float32)} for i, n in enumerate(sizes)]
+    held = fidelity.HoldBack()
+    passed = list(held.split(iter(stream)))
+    if sum(sizes) < fidelity.MIN_CALIBRATION:
+        assert not held.held_back and len(passed) == len(stream)
+    else:
+        assert held.held_back and passed + held.batches == stream
+        assert sum(len(b["x"]) for b in held.batches) >= fidelity.HELD_BACK
+        assert sum(len(b["x"]) for b in held.batches[1:]) < fidelity.HELD_BACK
+
+
+def test_output_numbers_match_numpy(small_model, calibration_data):
+    result = onnxq.quantize(small_model, calibration_data, onnxq.QuantConfig(weight_bits=4))
+    batches = [{"input": calibration_data[i : i + 8]} for i in range(0, 48, 8)]
+    report = fidelity.measure(small_model, result.model, batches, lowest_bits=4)
+    want = session(small_model).run(None, {"input": calibration_data})[0].astype(np.float64)
+    got = session(result.model).run(None, {"input": calibration_data})[0].astype(np.float64)
+    (output,) = report.outputs
+    assert report.samples == 48
+    np.testing.assert_allclose(output.sqnr_db, 10 * np.log10((want**2).sum() / ((want - got) ** 2).sum()))
+    cosine = (want * got).sum() / np.sqrt((want**2).sum() * (got**2).sum())
+    np.testing.assert_allclose(output.cosine, cosine, rtol=1e-9)
+    assert output.agreement == (want.argmax(1) == got.argmax(1)).mean()
+
+
+def test_8bit_model_passes_quietly(small_model, calibration_data):
+    data = np.concatenate([calibration_data] * 2)  # 96 samples: 16 are held back
+    result = onnxq.quantize(small_model, data, onnxq.QuantConfig())
+    assert result.fidelity.held_back and result.fidelity.samples == 16
+    assert not result.fidelity.poor and result.fidelity.min_sqnr > 25
+    assert not any(note.startswith("warning") for note in result.notes)
+
+
+def test_poor_model_warns_and_names_the_layers_that_lose_most(small_model, calibration_data):
+    config = onnxq.QuantConfig(weight_bits=2, activation_bits=2, first_last_8bit=False)
+    result = onnxq.quantize(small_model, calibration_data, config)
+    assert result.fidelity.poor
+    warnings = [note for note in result.notes if "warning" in note or "loses most" in note]
+    layers = {node.name for node in small_model.graph.node}
+    assert warnings[0].startswith("warning: the quantized model departs")
+    named = [line.split("loses most: ")[1].split(" (")[0] for line in warnings[1:]]
+    assert named and set(named) <= layers
+
+
+def test_min_sqnr_fails_the_run_and_writes_nothing(tmp_path, small_model_path, calibration_data):
+    calib, out = tmp_path / "calib.npy", tmp_path / "out.onnx"
+    np.save(calib, calibration_data)
+    args = ["quantize", str(small_model_path), "-o", str(out), "--calib", str(calib), "--min-sqnr"]
+    result = CliRunner().invoke(main, [*args, "90"])
+    assert result.exit_code == 1 and "below --min-sqnr 90 dB" in result.output and not out.exists()
+    result = CliRunner().invoke(main, [*args, "10"])
+    assert result.exit_code == 0 and "fidelity on" in result.output
+    onnx.checker.check_model(onnx.load(out))
