@@ -84,3 +84,54 @@ def test_shape_arithmetic_stays_integer_and_the_model_runs(head, images, method,
     assert got.shape == expected.shape
     cosine = np.vdot(expected, got) / (np.linalg.norm(expected) * np.linalg.norm(got))
     assert cosine > (0.99 if w_bits == 8 else 0.9)
+
+
+def test_the_head_after_the_last_layer_stays_float(head):
+    """Box and score tensors concatenated and split after the last Conv: no Q/DQ there."""
+    from onnxq.io import to_ir
+    from onnxq.passes.infer_types import infer_types
+    from onnxq.quant.plan import plan_quantization
+
+    graph = to_ir(infer_types(head)).graph
+    plan = plan_quantization(graph, onnxq.QuantConfig())
+    producers = {v.name: n for n in graph for v in n.outputs}
+    quantized_by = {producers[name].name for name in plan.activations if name in producers}
+    assert quantized_by == {"/stem/stem.0/Conv", "/stem/stem.1/Mul", "/down/down.0/Conv", "/down/down.1/Mul"}
+    assert any("after the last quantized layer" in reason for reason in plan.float_nodes.values())
+
+
+def test_a_hardswish_written_out_gets_no_quantizer_inside():
+    """x · clip(x + 3, 0, 6) / 6 between two Convs, as paddle2onnx writes HardSwish: the Clip stays
+    (no Q/DQ absorbs it between two float ops), the Convs keep their quantized input and output."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxq.io import to_ir
+    from onnxq.quant.plan import plan_quantization
+
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["a"], name="conv1"),
+        helper.make_node("Add", ["a", "three"], ["a3"], name="add3"),
+        helper.make_node("Clip", ["a3", "zero", "six"], ["c"], name="clip"),
+        helper.make_node("Mul", ["a", "c"], ["m"], name="mul"),
+        helper.make_node("Div", ["m", "six"], ["h"], name="div"),
+        helper.make_node("Conv", ["h", "w2"], ["y"], name="conv2"),
+    ]
+    constants = {
+        "w1": rng.standard_normal((4, 3, 1, 1)),
+        "w2": rng.standard_normal((2, 4, 1, 1)),
+        "three": 3.0,
+        "zero": 0.0,
+        "six": 6.0,
+    }
+    graph = helper.make_graph(
+        nodes,
+        "hardswish",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])],
+        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in constants.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    plan = plan_quantization(to_ir(onnx.shape_inference.infer_shapes(model)).graph, onnxq.QuantConfig())
+    assert set(plan.activations) == {"x", "a", "h"}
+    assert not plan.absorbed

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
-from onnxq.calib.frontier import advance, batches, count, fit_memory
+from onnxq.calib.frontier import PerBatch, advance, batches, count, fit_memory
 from onnxq.calib.layer import BIAS_SAMPLES, LayerProbe
 from onnxq.calib.simulate import Arrays, Item, Segment, Simulation, fake_quant_feed
 from onnxq.passes.insert_qdq import activation_quantizer
@@ -343,7 +343,11 @@ class _Sweep:
             weight, bias = layer.candidate(self.ratios.get(layer.spec.name))
             self._update({layer.spec.name: weight} | ({layer.bias_name: bias} if layer.bias_name else {}))
 
-        powers = {name: _power(floating_next[name]) for name in following[0].outputs}
+        powers = {  # per-sample float tensors only: shapes carried per batch are not features
+            name: _power(floating_next[name])
+            for name in following[0].outputs
+            if not isinstance(floating_next[name], PerBatch) and floating_next[name].dtype.kind == "f"
+        }
         lam = self.settings.pd_lambda
 
         def regulariser(params: Arrays) -> float:
@@ -422,7 +426,7 @@ class _Sweep:
         for batch in batches(quantized, self.settings.batch_size):
             size = count(batch)
             outputs = self.sim.run([first], batch, params)
-            for tensor in first.outputs:
+            for tensor in powers:
                 reference = floating_next[tensor][start : start + size]
                 total += float(np.sum((outputs[tensor] - reference) ** 2) / powers[tensor])
             start += size

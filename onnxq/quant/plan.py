@@ -129,6 +129,7 @@ def plan_quantization(graph: ir.Graph, config: QuantConfig) -> QuantPlan:
             plan.float_nodes[name] = reason
         else:
             plan.quantized_nodes.append(name)
+    _drop_quantizers_that_do_not_pay(graph, plan)
     _assign_activation_bits(graph, plan, config, alias)
     _widen_int2_containers(graph, plan)
     plan.unmatched_overrides = [
@@ -155,6 +156,88 @@ def _widen_int2_containers(graph: ir.Graph, plan: QuantPlan) -> None:
         output = plan.activations.get(node.outputs[0].name)
         if output is None or output.bits >= 8:
             plan.weights[spec.name] = replace(spec, container_bits=4)
+
+
+def _drop_quantizers_that_do_not_pay(graph: ir.Graph, plan: QuantPlan) -> None:
+    """Remove Q/DQ pairs that only cost precision, and say which nodes stay float because of it.
+
+    - After the last quantized layer (a detector's decode, a probability map's Sigmoid, box and
+      score tensors concatenated across very different ranges) no integer kernel follows: one
+      8-bit scale would be shared by values that need their own (scores in [0, 1] beside box
+      coordinates in pixels), and the outputs users read lose most. The whole tail stays float.
+    - Between two float ops (inside a HardSwish written as x·clip(x+3, 0, 6)/6, around an Add
+      with a constant): neither side runs on integers, so the pair is pure loss and time.
+    """
+    feeds_layer = _nodes_feeding_a_layer(graph, plan)
+    planned = set(plan.quantized_nodes)
+    values = {v.name: v for v in graph.inputs} | {v.name: v for n in graph for v in n.outputs}
+    while True:
+        dropped = [
+            name
+            for name, spec in plan.activations.items()
+            if not _pays(values[spec.tensor], plan, planned, feeds_layer)
+        ]
+        if not dropped:
+            break
+        for name in dropped:
+            _drop_activation(plan, name)
+        for node in graph:
+            if node.name in planned and node.name not in plan.layers and not _output_planned(node, plan):
+                planned.discard(node.name)
+                plan.quantized_nodes.remove(node.name)
+                plan.float_nodes[node.name] = "after the last quantized layer, or between float ops"
+
+
+def _pays(value: ir.Value, plan: QuantPlan, planned: set[str], feeds_layer: set[str]) -> bool:
+    """A layer follows, and a quantized node produces or reads the tensor."""
+    integer_side = _produced_by(value, planned) or _read_by(value, plan, planned)
+    return _reaches(value, feeds_layer) and integer_side
+
+
+def _nodes_feeding_a_layer(graph: ir.Graph, plan: QuantPlan) -> set[str]:
+    """Names of the nodes from whose outputs some quantized layer can be reached."""
+    feeding: set[str] = set()
+    for node in reversed(list(graph)):
+        users = (user for value in node.outputs for user, _ in value.uses())
+        if node.name in plan.layers or any(user.name in feeding for user in users):
+            feeding.add(node.name)
+    return feeding
+
+
+def _reaches(value: ir.Value, feeds_layer: set[str]) -> bool:
+    return any(user.name in feeds_layer for user, _ in value.uses())
+
+
+def _produced_by(value: ir.Value, planned: set[str]) -> bool:
+    producer = value.producer()
+    return producer is None or producer.name in planned  # a graph input counts: QuantizeLinear starts
+
+
+def _read_by(value: ir.Value, plan: QuantPlan, planned: set[str]) -> bool:
+    """Whether a quantized node reads the tensor (through an absorbed Relu/Clip)."""
+    for user, _ in value.uses():
+        if user.name in plan.absorbed:
+            if _read_by(user.outputs[0], plan, planned):
+                return True
+        elif user.name in planned:
+            return True
+    return False
+
+
+def _output_planned(node: ir.Node, plan: QuantPlan) -> bool:
+    return any(v.name in plan.activations for v in node.outputs)
+
+
+def _drop_activation(plan: QuantPlan, name: str) -> None:
+    """Forget an activation, its sharers, and the Relu/Clip absorbed into it (which stays)."""
+    spec = plan.activations.pop(name, None)
+    if spec is None:
+        return
+    for node_name, source in list(plan.absorbed.items()):
+        if source == spec.tensor:
+            del plan.absorbed[node_name]
+    for other in [n for n, s in plan.activations.items() if s.shares == name]:
+        _drop_activation(plan, other)
 
 
 def _assign_activation_bits(graph: ir.Graph, plan: QuantPlan, config: QuantConfig, alias) -> None:
