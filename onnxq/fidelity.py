@@ -116,7 +116,8 @@ def measure(
     reference, deployed = session(float_model), session(quantized)
     names = [o.name for o in float_model.graph.output]
     sums = {name: _Sums() for name in names}
-    for batch in samples:
+    fixed = any(spec.shape and spec.shape[0] for spec in model_inputs(float_model))
+    for batch in _first_samples(samples, None, whole=fixed):
         for name, want, got in zip(names, run(reference, batch), run(deployed, batch), strict=True):
             sums[name].add(want, got)
     outputs = [sums[name].result(name) for name in names if sums[name].count]
@@ -136,8 +137,8 @@ def worst_layers(
     sums = {t: _Sums() for t in tensors}
     reference = session(with_outputs(float_model, tensors), optimize=False)
     simulated = session(with_outputs(quantized, tensors), optimize=False)
-    fixed_batch = any(spec.shape and spec.shape[0] for spec in model_inputs(float_model))
-    for batch in _first_samples(samples, LAYER_SAMPLES, whole=fixed_batch):
+    fixed = any(spec.shape and spec.shape[0] for spec in model_inputs(float_model))
+    for batch in _first_samples(samples, LAYER_SAMPLES, whole=fixed):
         for name, want, got in zip(
             tensors, run(reference, batch, tensors), run(simulated, batch, tensors), strict=True
         ):
@@ -195,13 +196,13 @@ def _count(batch: Batch) -> int:
     return len(first) if first.ndim else 1
 
 
-def _first_samples(batches: list[Batch], limit: int, whole: bool) -> Iterator[Batch]:
-    """One sample at a time (every layer's tensors are returned: keep that small), or whole
-    batches where the model's batch size is fixed."""
+def _first_samples(batches: list[Batch], limit: int | None, whole: bool) -> Iterator[Batch]:
+    """Up to `limit` samples (None: all), one at a time, so that a run holds one sample's
+    tensors (a 640×640 detector's are large), or whole batches where the batch size is fixed."""
     taken = 0
     for batch in batches:
         for start in [0] if whole else range(_count(batch)):
-            if taken >= limit:
+            if limit is not None and taken >= limit:
                 return
             part = batch if whole else {k: v[start : start + 1] for k, v in batch.items()}
             taken += _count(part)

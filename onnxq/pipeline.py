@@ -27,7 +27,7 @@ from onnxq.calib.data import (
     random_sample,
 )
 from onnxq.calib.observers import HistogramObserver, MinMaxObserver
-from onnxq.calib.runner import collect_ranges
+from onnxq.calib.runner import collect_ranges, fixed_batch
 from onnxq.calib.search import SearchResult, SearchSettings, search_parameters
 from onnxq.calib.simulate import build_simulation
 from onnxq.config import CalibrationMethod, Preprocess, QuantConfig
@@ -45,6 +45,7 @@ from onnxq.quant.kernels import choose_weight_range
 from onnxq.quant.plan import QuantPlan, plan_quantization
 
 MIN_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear
+CHECK_SAMPLES = 2  # samples the simplify and validate checks run (whole activations are held)
 
 
 @dataclass
@@ -95,7 +96,8 @@ def quantize(
         max_samples=config.max_samples,
         stats=stats,
     )
-    sample, stream = first_batch(stream)
+    first, stream = first_batch(stream)
+    sample = first if fixed_batch(proto) else {k: v[:CHECK_SAMPLES] for k, v in first.items()}
     held = HoldBack()
     stream = held.split(stream)
     notes: list[str] = []

@@ -26,16 +26,36 @@ def collect_ranges(
 ) -> tuple[dict[str, tuple[float, float]], int]:
     """Float range of each tensor over all batches, and the number of samples seen."""
     probe = with_outputs(model, tensors)
-    runner = session(probe, optimize=True)
+    runner = session(probe, optimize=True, arena=False)
     observers = {name: make_observer() for name in tensors}
-    samples = 0
+    samples, chunk = 0, None
     for batch in stream:
-        values = run(runner, batch, tensors)
-        for name, array in zip(tensors, values, strict=False):
-            observers[name].update(np.asarray(array))
-        samples += len(next(iter(batch.values())))
+        count = len(next(iter(batch.values())))
+        for part in _chunks(batch, count if fixed_batch(model) else chunk or 1):
+            values = run(runner, part, tensors)
+            if chunk is None:  # sized on the first sample: every observed tensor of a run is held
+                chunk = max(1, OBSERVED_BYTES // max(1, sum(v.nbytes for v in values)))
+            for name, array in zip(tensors, values, strict=False):
+                observers[name].update(np.asarray(array))
+            del values
+        samples += count
         progress.advance(samples)
     return {name: observer.range() for name, observer in observers.items()}, samples
+
+
+OBSERVED_BYTES = 256 << 20  # one run's observed tensors at most (a 640×640 detector: 1-2 samples)
+
+
+def fixed_batch(model: onnx.ModelProto) -> bool:
+    """Whether the model's first input has a fixed batch size (batches cannot be cut then)."""
+    dims = model.graph.input[0].type.tensor_type.shape.dim if model.graph.input else []
+    return bool(dims) and dims[0].HasField("dim_value") and dims[0].dim_value > 0
+
+
+def _chunks(batch: dict[str, np.ndarray], size: int):
+    count = len(next(iter(batch.values())))
+    for start in range(0, count, size):
+        yield {k: v[start : start + size] for k, v in batch.items()}
 
 
 def with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
