@@ -181,6 +181,8 @@ def _drop_quantizers_that_do_not_pay(graph: ir.Graph, plan: QuantPlan) -> None:
             break
         for name in dropped:
             _drop_activation(plan, name)
+        for bias in [b for b in plan.biases.values() if b.activation not in plan.activations]:
+            del plan.biases[bias.name]  # int32 bias needs the input's scale: it stays float
         for node in graph:
             if node.name in planned and node.name not in plan.layers and not _output_planned(node, plan):
                 planned.discard(node.name)
