@@ -270,9 +270,21 @@ def quantize(model, output, calib, **options):
         click.echo(f"  {note}")
     click.echo(f"  8-bit weights: {result.weight_range}")
     click.echo(f"  calibrated on {result.samples_text}; {result.quantized_nodes} nodes quantized")
-    for node, reason in result.float_nodes.items():
-        click.echo(f"  kept in float: {node} ({reason})")
+    for reason, nodes in _by_reason(result.float_nodes).items():
+        listed = ", ".join(nodes[:FLOAT_NODES_LISTED]) + (" ..." if len(nodes) > FLOAT_NODES_LISTED else "")
+        count = f"{len(nodes)} nodes: " if len(nodes) > 1 else ""
+        click.echo(f"  kept in float ({reason}): {count}{listed}")
     click.echo(f"wrote {output}")
+
+
+FLOAT_NODES_LISTED = 4  # names shown per reason; a paddle2onnx graph has dozens of constant Adds
+
+
+def _by_reason(float_nodes: dict[str, str]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for node, reason in float_nodes.items():
+        grouped.setdefault(reason, []).append(node)
+    return grouped
 
 
 @main.command()

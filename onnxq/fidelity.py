@@ -133,6 +133,8 @@ def worst_layers(
 ) -> list[tuple[str, float, float]]:
     """The layers (node, input tensor, output tensor) whose output SQNR falls most below their
     input's, on a few samples, comparing float tensors of the float and the QDQ graph."""
+    both = _tensor_names(float_model) & _tensor_names(quantized)
+    layers = [layer for layer in layers if layer[1] in both and layer[2] in both]
     tensors = sorted({t for _, source, target in layers for t in (source, target)})
     sums = {t: _Sums() for t in tensors}
     reference = session(with_outputs(float_model, tensors), optimize=False)
@@ -207,3 +209,7 @@ def _first_samples(batches: list[Batch], limit: int | None, whole: bool) -> Iter
             part = batch if whole else {k: v[start : start + 1] for k, v in batch.items()}
             taken += _count(part)
             yield part
+
+
+def _tensor_names(model: onnx.ModelProto) -> set[str]:
+    return {i.name for i in model.graph.input} | {o for n in model.graph.node for o in n.output}

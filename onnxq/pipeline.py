@@ -34,6 +34,7 @@ from onnxq.config import CalibrationMethod, Preprocess, QuantConfig
 from onnxq.errors import OnnxqError
 from onnxq.fidelity import Fidelity, HoldBack
 from onnxq.io import check_writable, load_model, run, save_model, session, to_ir, to_proto
+from onnxq.passes.fold_affine import fold_affine
 from onnxq.passes.fold_bn import FoldReport, fold_batchnorm
 from onnxq.passes.fuse_branches import FuseReport, fuse_branches
 from onnxq.passes.graph_utils import constants_to_initializers
@@ -286,6 +287,8 @@ def fuse(
     folded = fold_batchnorm(graph_model.graph)
     if folded.folded:
         notes.append(f"folded {len(folded.folded)} BatchNormalization nodes")
+    if affine := fold_affine(graph_model.graph):
+        notes.append(f"folded {len(affine)} constant Mul/Add nodes into the layers before them")
     fused = fuse_branches(graph_model.graph) if merge_branches else FuseReport()
     if fused.merged:
         notes.append(f"merged {fused.branches_merged} branches into {len(fused.merged)} Conv nodes")

@@ -20,6 +20,7 @@ from onnxq.passes.graph_utils import (
     constant,
     drop_unused_initializers,
     output_channel_axis,
+    scaled_gemm,
     set_initializer,
     single_consumer,
 )
@@ -69,9 +70,7 @@ def _fold_one(graph: ir.Graph, bn: ir.Node) -> str | None:
     bias = constant(bias_value)
     if bias_value is not None and (bias is None or len(bias_value.uses()) != 1):
         return "bias is not a constant of its own"
-    if layer.op_type == "Gemm" and (
-        attribute(layer, "alpha", 1.0) != 1.0 or attribute(layer, "beta", 1.0) != 1.0
-    ):
+    if scaled_gemm(layer):
         return "Gemm with alpha or beta other than 1"
     bias = np.zeros(weight.shape[axis]) if bias is None else np.broadcast_to(bias, factor.shape)
 

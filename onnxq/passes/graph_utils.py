@@ -20,6 +20,13 @@ def attribute(node: ir.Node, name: str, default):
     return default if attr is None else attr.value
 
 
+def scaled_gemm(node: ir.Node) -> bool:
+    """A Gemm with alpha or beta other than 1: its weights and bias are not W and b as stored."""
+    return node.op_type == "Gemm" and (
+        attribute(node, "alpha", 1.0) != 1.0 or attribute(node, "beta", 1.0) != 1.0
+    )
+
+
 def output_channel_axis(node: ir.Node, weight: np.ndarray) -> int | None:
     """The weight axis indexing output channels (None: grouped ConvTranspose has no single one)."""
     if node.op_type == "Conv":

@@ -22,7 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.config import Granularity, LayerSettings, QuantConfig, RangeRule
-from onnxq.passes.graph_utils import attribute, constant, output_channel_axis, single_consumer
+from onnxq.passes.graph_utils import attribute, constant, output_channel_axis, scaled_gemm, single_consumer
 from onnxq.quant.weights import WeightLayout
 
 OWN_SCALE_OPS = frozenset({"Add", "Concat", "AveragePool", "GlobalAveragePool"})
@@ -365,9 +365,7 @@ def _bias_is_quantizable(node: ir.Node, bias: ir.Value, weight: np.ndarray, axis
     values = constant(bias)
     if values is None or bias.producer() is not None or len(bias.uses()) != 1 or values.ndim != 1:
         return False
-    if node.op_type == "Gemm" and (
-        attribute(node, "alpha", 1.0) != 1.0 or attribute(node, "beta", 1.0) != 1.0
-    ):
+    if scaled_gemm(node):
         return False
     channels = weight.shape[axis] if axis is not None else None
     return channels is None or values.size == channels

@@ -1,0 +1,105 @@
+"""Fold a constant scale or shift right after a Conv, ConvTranspose or Gemm into its weights and bias.
+
+Some exporters write a layer's bias, or a learnable affine after it, as separate nodes
+(paddle2onnx: Conv → Add(bias); PP-LCNet's scale/shift blocks; tf2onnx's Mul/Add by constants).
+Left alone, the layer's output is quantized before the shift is added, so its 8-bit range
+covers the wrong values, and the Add runs in float between two Q/DQ pairs. With c a scalar or a
+per-output-channel constant:
+    Mul(y, c): W'[k] = W[k] · c[k], b'[k] = b[k] · c[k]        Div(y, c): the same with 1/c
+    Add(y, c): b'[k] = b[k] + c[k]                             Sub(y, c): the same with −c
+The fold is skipped when the layer's output is read elsewhere, its weights or bias are shared,
+or the constant does not broadcast per output channel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq.passes.graph_utils import (
+    bypass,
+    constant,
+    drop_unused_initializers,
+    output_channel_axis,
+    scaled_gemm,
+    set_initializer,
+    single_consumer,
+)
+
+LAYERS = ("Conv", "ConvTranspose", "Gemm")
+AFFINE = ("Mul", "Div", "Add", "Sub")
+
+
+def fold_affine(graph: ir.Graph) -> list[str]:
+    """Fold every foldable constant Mul/Div/Add/Sub after a layer, repeatedly; returns their names."""
+    folded: list[str] = []
+    while True:
+        done = [node for node in list(graph) if _fold_one(graph, node)]
+        if not done:
+            break
+        folded += [node.name or node.outputs[0].name for node in done]
+    drop_unused_initializers(graph)
+    return folded
+
+
+def _fold_one(graph: ir.Graph, node: ir.Node) -> bool:
+    if node.op_type not in AFFINE or node.domain != "" or len(node.inputs) != 2:
+        return False
+    layer, value = _layer_and_constant(node)
+    if layer is None or value is None:
+        return False
+    weight = constant(layer.inputs[1])
+    axis = output_channel_axis(layer, weight) if weight is not None else None
+    if weight is None or axis is None or len(layer.inputs[1].uses()) != 1:
+        return False
+    if scaled_gemm(layer):
+        return False
+    per_channel = _per_channel(value, weight.ndim if layer.op_type != "Gemm" else 2, weight.shape[axis])
+    bias_value = layer.inputs[2] if len(layer.inputs) > 2 else None
+    bias = constant(bias_value)
+    if per_channel is None or (bias_value is not None and (bias is None or len(bias_value.uses()) != 1)):
+        return False
+    bias = np.zeros(weight.shape[axis]) if bias is None else np.broadcast_to(bias, per_channel.shape)
+    if node.op_type in ("Div", "Mul"):
+        if node.op_type == "Div" and not np.all(per_channel):
+            return False
+        factor = 1.0 / per_channel if node.op_type == "Div" else per_channel
+        shape = [1] * weight.ndim
+        shape[axis] = -1
+        new_weight = (weight.astype(np.float64) * factor.reshape(shape)).astype(weight.dtype)
+        layer.replace_input_with(1, set_initializer(graph, layer.inputs[1].name, new_weight))
+        bias = bias * factor
+    else:
+        bias = bias + (per_channel if node.op_type == "Add" else -per_channel)
+    name = (bias_value.name if bias_value else layer.name) + "_folded_affine"
+    if len(layer.inputs) < 3:
+        layer.resize_inputs(3)
+    layer.replace_input_with(2, set_initializer(graph, name, bias.astype(weight.dtype)))
+    bypass(graph, node, layer.outputs[0])
+    return True
+
+
+def _layer_and_constant(node: ir.Node) -> tuple[ir.Node | None, np.ndarray | None]:
+    """The layer whose only reader is `node`, and the constant it is combined with."""
+    for index in (0, 1):
+        if node.op_type in ("Div", "Sub") and index == 1:
+            break  # c / y and c − y are not affine in the layer's output
+        source, other = node.inputs[index], node.inputs[1 - index]
+        layer = source.producer() if source is not None else None
+        if layer is not None and layer.op_type in LAYERS and layer.domain == "":
+            value = constant(other)
+            if value is not None and single_consumer(source) is node:
+                return layer, np.asarray(value, np.float64)
+    return None, None
+
+
+def _per_channel(value: np.ndarray, rank: int, channels: int) -> np.ndarray | None:
+    """The constant as one number per output channel (axis 1 of the layer's output), or None."""
+    if value.size == 1:
+        return np.full(channels, float(value.ravel()[0]))
+    if value.ndim > rank:
+        return None
+    shape = (1,) * (rank - value.ndim) + value.shape
+    if shape[1] != channels or any(d != 1 for i, d in enumerate(shape) if i != 1):
+        return None
+    return value.reshape(channels)
