@@ -6,6 +6,7 @@ insert Q/DQ → validate. `fuse()` is the first half on its own (what `onnxq fus
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -15,7 +16,7 @@ import onnx
 from onnx import version_converter
 
 import onnxq
-from onnxq import fidelity
+from onnxq import fidelity, speed
 from onnxq.calib import frontier
 from onnxq.calib.data import (
     DataSource,
@@ -37,7 +38,7 @@ from onnxq.io import check_writable, load_model, run, save_model, session, to_ir
 from onnxq.passes.fold_affine import fold_affine
 from onnxq.passes.fold_bn import FoldReport, fold_batchnorm
 from onnxq.passes.fuse_branches import FuseReport, fuse_branches
-from onnxq.passes.graph_utils import constants_to_initializers
+from onnxq.passes.graph_utils import constants_to_initializers, name_nodes
 from onnxq.passes.infer_types import infer_types
 from onnxq.passes.insert_qdq import activation_params, insert_qdq, required_opset
 from onnxq.passes.simplify import simplify
@@ -141,23 +142,14 @@ def quantize(
 
     notes += stats.warnings()
     progress.stage("insert Q/DQ")
-    layers = _layer_tensors(graph_model.graph, plan)
-    params = activation_params(plan, ranges, symmetric=config.activation_symmetric)
-    insert_qdq(
-        graph_model.graph,
-        plan,
-        params,
-        symmetric_weights=config.weight_symmetric,
-        reduced_8bit_weights=choice.bits == 7,
-        weight_ratios=search.weight_ratios if search else None,
-        biases=search.biases if search else None,
-    )
-    quantized = to_proto(graph_model)
-    quantized.ir_version = _ir_version(quantized)
-    _write_metadata(quantized, config, choice.reason)
+    build = functools.partial(_build, float_model, config, ranges, search, choice)
+    quantized, layers = build(plan)
 
     progress.stage("validate")
     validate(quantized, sample)
+    progress.stage("compare speed")
+    quantized, plan, layers, note = _never_slower(float_model, quantized, plan, layers, build, config, sample)
+    notes += [note] if note else []
     report = check_fidelity(float_model, quantized, held, sample, layers, config, progress)
     notes += report.lines() + report.warnings()
     return QuantResult(
@@ -172,6 +164,55 @@ def quantize(
         search,
         report,
     )
+
+
+def _build(float_model, config: QuantConfig, ranges, search, choice, plan: QuantPlan):
+    """The QDQ model for `plan`, and its layers' (node, input, output) tensors."""
+    graph_model = to_ir(infer_types(float_model))
+    layers = _layer_tensors(graph_model.graph, plan)
+    params = activation_params(plan, ranges, symmetric=config.activation_symmetric)
+    insert_qdq(
+        graph_model.graph,
+        plan,
+        params,
+        symmetric_weights=config.weight_symmetric,
+        reduced_8bit_weights=choice.bits == 7,
+        weight_ratios=search.weight_ratios if search else None,
+        biases=search.biases if search else None,
+    )
+    quantized = to_proto(graph_model)
+    quantized.ir_version = _ir_version(quantized)
+    _write_metadata(quantized, config, choice.reason)
+    return quantized, layers
+
+
+def _never_slower(float_model, quantized, plan, layers, build, config: QuantConfig, sample):
+    """Where the QDQ model runs slower than float at batch 1, rebuild it with the layers that
+    feed ops lacking an integer kernel kept float; keep whichever runs faster, and say so."""
+    one = sample if fixed_batch(float_model) else {k: v[:1] for k, v in sample.items()}
+    float_ms, quantized_ms = speed.compare([float_model, quantized], one)
+    if quantized_ms <= float_ms:
+        return quantized, plan, layers, None
+    lighter = plan_quantization(to_ir(infer_types(float_model)).graph, config, float_neighbours=True)
+    slower = f"speed: {quantized_ms:.2f} ms quantized, {float_ms:.2f} ms float"
+    if len(lighter.layers) == len(plan.layers):
+        return quantized, plan, layers, slower
+    candidate, candidate_layers = build(lighter)
+    validate(candidate, sample)
+    float_ms, quantized_ms, candidate_ms = speed.compare([float_model, quantized, candidate], one)
+    kept = len(plan.layers) - len(lighter.layers)
+    if candidate_ms >= quantized_ms:
+        return (
+            quantized,
+            plan,
+            layers,
+            f"{slower}; {kept} layers kept float did not help ({candidate_ms:.2f} ms)",
+        )
+    note = (
+        f"speed: {kept} layers that feed ops without integer kernels kept float: {candidate_ms:.2f} ms, "
+        f"all-integer {quantized_ms:.2f} ms, float {float_ms:.2f} ms"
+    )
+    return candidate, lighter, candidate_layers, note
 
 
 def check_fidelity(float_model, quantized, held: HoldBack, sample, layers, config, progress) -> Fidelity:
@@ -283,6 +324,7 @@ def fuse(
         notes.append(note)
     progress.stage("fold and fuse")
     graph_model = to_ir(infer_types(proto))
+    name_nodes(graph_model.graph)  # later stages rebuild the graph and refer to nodes by name
     constants_to_initializers(graph_model.graph)
     folded = fold_batchnorm(graph_model.graph)
     if folded.folded:

@@ -92,3 +92,16 @@ def constants_to_initializers(graph: ir.Graph) -> int:
         graph.remove(node, safe=True)
         moved += 1
     return moved
+
+
+def name_nodes(graph: ir.Graph) -> None:
+    """Give every unnamed node a name from its op and first output, unique in the graph."""
+    taken = {node.name for node in graph if node.name}
+    for node in graph:
+        if not node.name:
+            base = f"{node.op_type}_{node.outputs[0].name}" if node.outputs else node.op_type
+            name, index = base, 1
+            while name in taken:
+                name, index = f"{base}_{index}", index + 1
+            node.name = name
+            taken.add(name)

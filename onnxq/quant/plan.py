@@ -30,6 +30,7 @@ SHARED_SCALE_OPS = frozenset(
     {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Pad"}
 )
 ABSORBABLE_OPS = frozenset({"Relu", "Clip"})
+SHAPE_OPS = frozenset({"Shape", "Size"})
 # heavy float compute onnxq leaves alone; named in the "kept in float" lines so none goes unseen
 UNQUANTIZED_COMPUTE_OPS = frozenset(
     {"LSTM", "GRU", "RNN", "Einsum", "ConvInteger", "MatMulInteger", "Attention", "LayerNormalization"}
@@ -102,8 +103,13 @@ class QuantPlan:
         return spec.tensor
 
 
-def plan_quantization(graph: ir.Graph, config: QuantConfig) -> QuantPlan:
-    """Walk the graph in order and mark every tensor, weight and bias to quantize."""
+def plan_quantization(graph: ir.Graph, config: QuantConfig, *, float_neighbours: bool = False) -> QuantPlan:
+    """Walk the graph in order and mark every tensor, weight and bias to quantize.
+
+    float_neighbours: layers whose output feeds an op with no integer kernel (HardSwish,
+    Sigmoid·Mul, Tanh, ...) stay float, weights and all: onnxruntime then fuses the layer and its
+    activation into one float kernel, which can beat an integer layer wrapped in Q/DQ pairs.
+    """
     plan = QuantPlan()
     alias = _absorbed_activations(graph, config, plan)
     compute = [n for n in graph if _role(n, config) == "compute"]
@@ -129,6 +135,8 @@ def plan_quantization(graph: ir.Graph, config: QuantConfig) -> QuantPlan:
             plan.float_nodes[name] = reason
         else:
             plan.quantized_nodes.append(name)
+    if float_neighbours:
+        _keep_float_neighbours(graph, plan)
     _drop_quantizers_that_do_not_pay(graph, plan)
     _assign_activation_bits(graph, plan, config, alias)
     _widen_int2_containers(graph, plan)
@@ -156,6 +164,35 @@ def _widen_int2_containers(graph: ir.Graph, plan: QuantPlan) -> None:
         output = plan.activations.get(node.outputs[0].name)
         if output is None or output.bits >= 8:
             plan.weights[spec.name] = replace(spec, container_bits=4)
+
+
+def _keep_float_neighbours(graph: ir.Graph, plan: QuantPlan) -> None:
+    planned = set(plan.quantized_nodes)
+    for node in graph:
+        if node.name not in plan.layers:
+            continue
+        readers = _readers(node.outputs[0], plan)
+        float_ops = sorted(
+            {r.op_type for r in readers if r.name not in planned and r.op_type not in SHAPE_OPS}
+        )
+        if not float_ops:
+            continue
+        weight = node.inputs[1].name
+        del plan.layers[node.name]
+        if not any(n.name in plan.layers and n.inputs[1].name == weight for n in graph):
+            plan.weights.pop(weight, None)
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            plan.biases.pop(node.inputs[2].name, None)
+        plan.quantized_nodes.remove(node.name)
+        plan.float_nodes[node.name] = f"feeds {'/'.join(float_ops)} (no integer kernel): float is faster"
+
+
+def _readers(value: ir.Value, plan: QuantPlan) -> list[ir.Node]:
+    """The nodes reading a tensor, looking through absorbed Relu/Clip."""
+    found = []
+    for user, _ in value.uses():
+        found += _readers(user.outputs[0], plan) if user.name in plan.absorbed else [user]
+    return found
 
 
 def _drop_quantizers_that_do_not_pay(graph: ir.Graph, plan: QuantPlan) -> None:
@@ -217,13 +254,7 @@ def _produced_by(value: ir.Value, planned: set[str]) -> bool:
 
 def _read_by(value: ir.Value, plan: QuantPlan, planned: set[str]) -> bool:
     """Whether a quantized node reads the tensor (through an absorbed Relu/Clip)."""
-    for user, _ in value.uses():
-        if user.name in plan.absorbed:
-            if _read_by(user.outputs[0], plan, planned):
-                return True
-        elif user.name in planned:
-            return True
-    return False
+    return any(reader.name in planned for reader in _readers(value, plan))
 
 
 def _output_planned(node: ir.Node, plan: QuantPlan) -> bool:

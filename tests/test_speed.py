@@ -1,0 +1,77 @@
+"""A quantized model is never kept slower than its float model when a lighter plan runs faster."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+import onnxq
+from onnxq import speed
+from onnxq.io import to_ir
+from onnxq.passes.infer_types import infer_types
+from onnxq.quant.plan import plan_quantization
+from tests.conftest import export
+
+
+def hardswish_cnn() -> onnx.ModelProto:
+    """Conv → HardSwish → Conv → ReLU → Conv → pooled Linear head (a MobileNetV3-like stem)."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    module = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.Hardswish(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+    return export(module, torch.zeros(1, 3, 8, 8))
+
+
+def test_float_neighbours_keeps_only_the_layer_before_the_hardswish_float():
+    model = hardswish_cnn()
+    graph = to_ir(infer_types(model)).graph
+    full = plan_quantization(graph, onnxq.QuantConfig())
+    lighter = plan_quantization(to_ir(infer_types(model)).graph, onnxq.QuantConfig(), float_neighbours=True)
+    dropped = set(full.layers) - set(lighter.layers)
+    assert len(dropped) == 1
+    (name,) = dropped
+    assert "HardSwish" in lighter.float_nodes[name] or "HardSigmoid" in lighter.float_nodes[name]
+    assert len(lighter.weights) == len(full.weights) - 1
+
+
+def test_a_lighter_plan_that_runs_faster_is_kept_and_named(monkeypatch):
+    model = hardswish_cnn()
+    data = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    timings = iter([[1.0, 2.0], [1.0, 2.0, 1.5]])  # float, all-integer (, lighter)
+    monkeypatch.setattr(speed, "compare", lambda models, feed: next(timings))
+    result = onnxq.quantize(model, data, onnxq.QuantConfig())
+    assert any(
+        note.startswith("speed: 1 layers that feed ops without integer kernels") for note in result.notes
+    )
+    kept_float = [name for name, why in result.float_nodes.items() if "float is faster" in why]
+    assert len(kept_float) == 1
+    float_convs = [n for n in result.model.graph.node if n.name == kept_float[0]]
+    weights = {t.name for t in result.model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    assert float_convs and float_convs[0].input[1] in weights  # float weights, no DequantizeLinear
+
+
+def test_a_lighter_plan_that_does_not_help_is_dropped(monkeypatch):
+    model = hardswish_cnn()
+    data = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    timings = iter([[1.0, 2.0], [1.0, 2.0, 2.5]])
+    monkeypatch.setattr(speed, "compare", lambda models, feed: next(timings))
+    result = onnxq.quantize(model, data, onnxq.QuantConfig())
+    assert any("did not help" in note for note in result.notes)
+    assert not any("float is faster" in why for why in result.float_nodes.values())
+
+
+def test_compare_times_every_model():
+    model = hardswish_cnn()
+    feed = {"input": np.zeros((1, 3, 8, 8), np.float32)}
+    times = speed.compare([model, model], feed)
+    assert len(times) == 2 and all(t > 0 for t in times)
