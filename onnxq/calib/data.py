@@ -50,7 +50,8 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
             continue
         tensor_type = value.type.tensor_type
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+        # a dimension written as -1 or 0 (paddle2onnx does) is as free as a named one
+        dims = tuple(d.dim_value if d.dim_value > 0 else None for d in tensor_type.shape.dim)
         specs.append(InputSpec(value.name, dtype, dims))
     return specs
 

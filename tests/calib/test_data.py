@@ -81,3 +81,20 @@ def test_missing_and_unreadable_files(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(OnnxqError, match="no images"):
         collect(tmp_path / "empty")
+
+
+def test_a_batch_dimension_written_as_minus_one_is_free():
+    """paddle2onnx writes dynamic sizes as -1: they fix nothing."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from onnxq.calib.data import model_inputs
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, 0, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    (spec,) = model_inputs(helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]))
+    assert spec.shape == (None, 3, None, 8)
