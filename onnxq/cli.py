@@ -224,6 +224,13 @@ def main() -> None:
     help="Fail (exit 1, nothing written) when an output's SQNR against the float model on "
     "held-back calibration samples is below this many dB.",
 )
+@click.option(
+    "--fidelity-fallback/--no-fidelity-fallback",
+    default=QuantConfig.fidelity_fallback,
+    show_default=True,
+    help="Where outputs fall below the warning threshold, keep the layers that lose most float "
+    "(up to a tenth of them) while that helps.",
+)
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
 @click.option(
     "--fuse-branches/--no-fuse-branches",
@@ -262,6 +269,7 @@ def quantize(model, output, calib, **options):
         search_memory_gb=options.pop("search_memory"),
         search_cache_half=options.pop("search_cache") == "float16",
         min_sqnr=options.pop("min_sqnr"),
+        fidelity_fallback=options.pop("fidelity_fallback"),
     )
     preprocess = build_preprocess(**options)
     with RichProgress() as progress:

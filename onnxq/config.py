@@ -251,6 +251,7 @@ class QuantConfig:
     search_memory_gb: float = 1.5  # cached activations of mse/mae/pd; beyond it, fewer samples
     search_cache_half: bool = True  # cache them in float16 (BENCHMARKS.md: costs no accuracy)
     min_sqnr: float | None = None  # dB: an output below it on held-back samples is an error
+    fidelity_fallback: bool = True  # keep the layers that lose most float while outputs fall short
     op_types: frozenset[str] = field(
         default_factory=lambda: frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
     )

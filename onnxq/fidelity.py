@@ -130,6 +130,7 @@ def worst_layers(
     quantized: onnx.ModelProto,
     layers: list[tuple[str, str, str]],
     samples: list[Batch],
+    count: int = WORST_LAYERS,
 ) -> list[tuple[str, float, float]]:
     """The layers (node, input tensor, output tensor) whose output SQNR falls most below their
     input's, on a few samples, comparing float tensors of the float and the QDQ graph."""
@@ -151,7 +152,7 @@ def worst_layers(
         if np.isfinite(after) and after < before:
             losses.append((node, before, after))
     losses.sort(key=lambda item: item[2] - min(item[1], EXACT_DB))  # largest fall first
-    return losses[:WORST_LAYERS]
+    return losses[:count]
 
 
 class _Sums:

@@ -16,7 +16,7 @@ import onnx
 from onnx import version_converter
 
 import onnxq
-from onnxq import fidelity, speed
+from onnxq import tune
 from onnxq.calib import frontier
 from onnxq.calib.data import (
     DataSource,
@@ -143,24 +143,25 @@ def quantize(
     notes += stats.warnings()
     progress.stage("insert Q/DQ")
     build = functools.partial(_build, float_model, config, ranges, search, choice)
-    quantized, layers = build(plan)
-
+    replan = functools.partial(_replan, float_model, config)
+    best = build(plan)
     progress.stage("validate")
-    validate(quantized, sample)
+    validate(best.model, sample)
+    checked = held.batches or [sample]
+    progress.stage("check fidelity")
+    best, _, fallback = tune.recover_fidelity(float_model, best, checked, config, replan, build)
     progress.stage("compare speed")
-    quantized, plan, layers, timing = _never_slower(
-        float_model, quantized, plan, layers, build, config, sample
-    )
-    notes += timing
-    report = check_fidelity(float_model, quantized, held, sample, layers, config, progress)
-    notes += report.lines() + report.warnings()
+    best, timing = tune.never_slower(float_model, best, sample, config, replan, build)
+    validate(best.model, sample)
+    report = tune.final_report(float_model, best, checked, held.held_back, config)
+    notes += fallback + timing + report.lines() + report.warnings()
     return QuantResult(
-        quantized,
+        best.model,
         notes,
         choice.reason,
         choice.bits,
-        len(plan.quantized_nodes),
-        plan.float_nodes,
+        len(best.plan.quantized_nodes),
+        best.plan.float_nodes,
         samples,
         describe_count(inputs, samples),
         search,
@@ -168,8 +169,13 @@ def quantize(
     )
 
 
-def _build(float_model, config: QuantConfig, ranges, search, choice, plan: QuantPlan):
-    """The QDQ model for `plan`, and its layers' (node, input, output) tensors."""
+def _replan(float_model, config: QuantConfig, **options) -> QuantPlan:
+    """The plan again, with layers kept float (tune's fallbacks)."""
+    return plan_quantization(to_ir(infer_types(float_model)).graph, config, **options)
+
+
+def _build(float_model, config: QuantConfig, ranges, search, choice, plan: QuantPlan) -> tune.Candidate:
+    """The QDQ model for `plan`, with its layers' (node, input, output) tensors."""
     graph_model = to_ir(infer_types(float_model))
     layers = _layer_tensors(graph_model.graph, plan)
     params = activation_params(plan, ranges, symmetric=config.activation_symmetric)
@@ -185,53 +191,7 @@ def _build(float_model, config: QuantConfig, ranges, search, choice, plan: Quant
     quantized = to_proto(graph_model)
     quantized.ir_version = _ir_version(quantized)
     _write_metadata(quantized, config, choice.reason)
-    return quantized, layers
-
-
-def _never_slower(float_model, quantized, plan, layers, build, config: QuantConfig, sample):
-    """Where the QDQ model runs slower than float at batch 1, rebuild it with the layers that
-    feed ops lacking an integer kernel kept float; keep whichever runs faster, and say so."""
-    one = sample if fixed_batch(float_model) else {k: v[:1] for k, v in sample.items()}
-    float_ms, quantized_ms = speed.compare([float_model, quantized], one)
-    if quantized_ms <= float_ms:
-        return quantized, plan, layers, []
-    lighter = plan_quantization(to_ir(infer_types(float_model)).graph, config, float_neighbours=True)
-    notes = []
-    if len(lighter.layers) < len(plan.layers):
-        candidate, candidate_layers = build(lighter)
-        validate(candidate, sample)
-        float_ms, quantized_ms, candidate_ms = speed.compare([float_model, quantized, candidate], one)
-        kept = len(plan.layers) - len(lighter.layers)
-        notes.append(
-            f"speed: all-integer {quantized_ms:.2f} ms, with the {kept} layers that feed ops without "
-            f"integer kernels kept float {candidate_ms:.2f} ms, float {float_ms:.2f} ms (batch 1)"
-        )
-        if candidate_ms < quantized_ms:
-            quantized, plan, layers, quantized_ms = candidate, lighter, candidate_layers, candidate_ms
-            notes.append(f"speed: kept those {kept} layers float")
-    if quantized_ms > float_ms:
-        notes.append(
-            f"warning: the quantized model runs {quantized_ms / float_ms:.2f}× slower than float on this "
-            f"CPU ({quantized_ms:.2f} against {float_ms:.2f} ms at batch 1): Q/DQ pairs and layout "
-            "changes around ops without integer kernels cost more than the integer layers save"
-        )
-    return quantized, plan, layers, notes
-
-
-def check_fidelity(float_model, quantized, held: HoldBack, sample, layers, config, progress) -> Fidelity:
-    """Outputs compared on held-back samples; the layers that lose most named when they fall
-    short; an error below `config.min_sqnr` (scripted use: nothing is saved)."""
-    progress.stage("check fidelity")
-    report = fidelity.measure(float_model, quantized, held.batches or [sample], config.lowest_bits)
-    report.held_back = held.held_back
-    if report.poor or (config.min_sqnr is not None and report.min_sqnr < config.min_sqnr):
-        report.worst_layers = fidelity.worst_layers(float_model, quantized, layers, held.batches or [sample])
-    if config.min_sqnr is not None and report.min_sqnr < config.min_sqnr:
-        worst = f"; loses most: {report.worst_layers[0][0]}" if report.worst_layers else ""
-        raise OnnxqError(
-            f"output SQNR {report.min_sqnr:.1f} dB is below --min-sqnr {config.min_sqnr:g} dB{worst}"
-        )
-    return report
+    return tune.Candidate(quantized, plan, layers)
 
 
 def _layer_tensors(graph, plan: QuantPlan) -> list[tuple[str, str, str]]:

@@ -46,14 +46,14 @@ def test_8bit_model_passes_quietly(small_model, calibration_data):
     result = onnxq.quantize(small_model, data, onnxq.QuantConfig())
     assert result.fidelity.held_back and result.fidelity.samples == 16
     assert not result.fidelity.poor and result.fidelity.min_sqnr > 25
-    assert not any(note.startswith("warning") for note in result.notes)
+    assert not any(note.startswith("warning: the quantized model departs") for note in result.notes)
 
 
 def test_poor_model_warns_and_names_the_layers_that_lose_most(small_model, calibration_data):
     config = onnxq.QuantConfig(weight_bits=2, activation_bits=2, first_last_8bit=False)
     result = onnxq.quantize(small_model, calibration_data, config)
     assert result.fidelity.poor
-    warnings = [note for note in result.notes if "warning" in note or "loses most" in note]
+    warnings = [note for note in result.notes if "departs" in note or "loses most" in note]
     layers = {node.name for node in small_model.graph.node}
     assert warnings[0].startswith("warning: the quantized model departs")
     named = [line.split("loses most: ")[1].split(" (")[0] for line in warnings[1:]]
@@ -69,3 +69,32 @@ def test_min_sqnr_fails_the_run_and_writes_nothing(tmp_path, small_model_path, c
     result = CliRunner().invoke(main, [*args, "10"])
     assert result.exit_code == 0 and "fidelity on" in result.output
     onnx.checker.check_model(onnx.load(out))
+
+
+def deep_cnn() -> onnx.ModelProto:
+    """Twenty 3×3 convs with ReLU: enough layers for the fallback's budget (a tenth of them)."""
+    import torch
+    from torch import nn
+
+    from tests.conftest import export
+
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()]
+    for _ in range(19):
+        layers += [nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()]
+    return export(nn.Sequential(*layers, nn.Flatten(), nn.Linear(8 * 8 * 8, 10)), torch.zeros(1, 3, 8, 8))
+
+
+def test_fallback_keeps_the_layers_that_lose_most_float_while_it_helps(monkeypatch):
+    monkeypatch.setattr(fidelity, "WARN_SQNR_DB", {8: 99.0, 0: 99.0})  # every model falls short
+    model = deep_cnn()
+    data = np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32)
+    plain = onnxq.quantize(model, data, onnxq.QuantConfig(fidelity_fallback=False))
+    result = onnxq.quantize(model, data, onnxq.QuantConfig())
+    floated = [name for name, why in result.float_nodes.items() if why.startswith("kept float for fidelity")]
+    assert 0 < len(floated) <= 2  # a tenth of 21 layers
+    assert any(note.startswith(f"fidelity: {len(floated)} layers kept float") for note in result.notes)
+    assert result.fidelity.min_sqnr > plain.fidelity.min_sqnr
+    kept = {n.name: n for n in result.model.graph.node}
+    weights = {t.name for t in result.model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    assert all(kept[name].input[1] in weights for name in floated)

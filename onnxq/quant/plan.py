@@ -89,6 +89,7 @@ class QuantPlan:
     quantized_nodes: list[str] = field(default_factory=list)
     float_nodes: dict[str, str] = field(default_factory=dict)  # node → why it stays float
     unmatched_overrides: list[str] = field(default_factory=list)  # override patterns no layer matched
+    kept_float: dict[str, str] = field(default_factory=dict)  # layers asked to stay float → why
     layers: dict[str, LayerSettings] = field(default_factory=dict)  # compute node → its settings
 
     def observed_tensors(self) -> list[str]:
@@ -103,14 +104,21 @@ class QuantPlan:
         return spec.tensor
 
 
-def plan_quantization(graph: ir.Graph, config: QuantConfig, *, float_neighbours: bool = False) -> QuantPlan:
+def plan_quantization(
+    graph: ir.Graph,
+    config: QuantConfig,
+    *,
+    keep_float: dict[str, str] | None = None,
+    float_neighbours: bool = False,
+) -> QuantPlan:
     """Walk the graph in order and mark every tensor, weight and bias to quantize.
 
+    keep_float: layers (node name → why) left float, weights and all (the fidelity fallback).
     float_neighbours: layers whose output feeds an op with no integer kernel (HardSwish,
     Sigmoid·Mul, Tanh, ...) stay float, weights and all: onnxruntime then fuses the layer and its
     activation into one float kernel, which can beat an integer layer wrapped in Q/DQ pairs.
     """
-    plan = QuantPlan()
+    plan = QuantPlan(kept_float=dict(keep_float or {}))
     alias = _absorbed_activations(graph, config, plan)
     compute = [n for n in graph if _role(n, config) == "compute"]
     edges = {id(compute[0]), id(compute[-1])} if compute else set()
@@ -124,6 +132,9 @@ def plan_quantization(graph: ir.Graph, config: QuantConfig, *, float_neighbours:
             continue
         if role is None or not is_float(node.outputs[0]):
             continue  # shape arithmetic is not a candidate: not worth a "kept in float" line
+        if name in plan.kept_float:
+            plan.float_nodes[name] = plan.kept_float[name]
+            continue
         if role == "compute":
             settings = config.layer_settings(name, node.op_type, edge=id(node) in edges)
             reason = _plan_compute(node, settings, plan, alias)

@@ -1,0 +1,128 @@
+"""After the first QDQ model: win back fidelity and speed by keeping layers float, measured.
+
+- Fidelity: where the outputs fall below the warning threshold on held-back samples, the layers
+  that lose most (each one's output SQNR against its input's) are kept float a few at a time,
+  while that raises the lowest output SQNR, up to a tenth of the layers.
+- Speed: where the QDQ model runs slower than float at batch 1, the layers feeding ops without
+  an integer kernel are kept float too, if that runs faster.
+Each step rebuilds the model from the same calibration (no new statistics) and says what it did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import onnx
+
+from onnxq import fidelity, speed
+from onnxq.calib.data import Batch
+from onnxq.calib.runner import fixed_batch
+from onnxq.config import QuantConfig
+from onnxq.errors import OnnxqError
+from onnxq.fidelity import Fidelity
+from onnxq.quant.plan import QuantPlan
+
+FALLBACK_SHARE = 0.1  # at most this part of the layers is kept float for fidelity
+FALLBACK_STEP = 2  # layers kept float per round
+
+
+@dataclass
+class Candidate:
+    """A QDQ model, the plan it was built from, and its layers' (node, input, output) tensors."""
+
+    model: onnx.ModelProto
+    plan: QuantPlan
+    layers: list[tuple[str, str, str]]
+
+
+Replan = Callable[..., QuantPlan]  # keyword arguments of plan_quantization → a plan
+Build = Callable[[QuantPlan], Candidate]
+
+
+def recover_fidelity(
+    float_model: onnx.ModelProto,
+    best: Candidate,
+    samples: list[Batch],
+    config: QuantConfig,
+    replan: Replan,
+    build: Build,
+) -> tuple[Candidate, Fidelity, list[str]]:
+    """The model with the fewest float layers that lifts the outputs, its fidelity, and notes."""
+    report = fidelity.measure(float_model, best.model, samples, config.lowest_bits)
+    if not config.fidelity_fallback or not report.poor:
+        return best, report, []
+    budget = int(FALLBACK_SHARE * len(best.plan.layers))
+    initial = dict(best.plan.kept_float)
+    floated, start = initial, report.min_sqnr
+    while report.poor and len(floated) + FALLBACK_STEP <= len(initial) + budget:
+        ranked = fidelity.worst_layers(float_model, best.model, best.layers, samples, count=FALLBACK_STEP)
+        if not ranked:
+            break
+        reason = f"kept float for fidelity: the outputs fell to {start:.1f} dB SQNR"
+        trial = {**floated, **{name: reason for name, _, _ in ranked}}
+        candidate = build(replan(keep_float=trial))
+        trial_report = fidelity.measure(float_model, candidate.model, samples, config.lowest_bits)
+        if trial_report.min_sqnr <= report.min_sqnr:
+            break
+        best, report, floated = candidate, trial_report, trial
+    if floated is initial:
+        return best, report, []
+    added = len(floated) - len(initial)
+    lifted = f"{start:.1f} → {report.min_sqnr:.1f} dB"
+    note = f"fidelity: {added} layers kept float lift the lowest output SQNR {lifted}"
+    return best, report, [note]
+
+
+def never_slower(
+    float_model: onnx.ModelProto,
+    best: Candidate,
+    sample: Batch,
+    config: QuantConfig,
+    replan: Replan,
+    build: Build,
+) -> tuple[Candidate, list[str]]:
+    """Where the QDQ model runs slower than float at batch 1, rebuild it with the layers that
+    feed ops lacking an integer kernel kept float; keep whichever runs faster, and say so."""
+    one = sample if fixed_batch(float_model) else {k: v[:1] for k, v in sample.items()}
+    float_ms, quantized_ms = speed.compare([float_model, best.model], one)
+    if quantized_ms <= float_ms:
+        return best, []
+    lighter = replan(keep_float=best.plan.kept_float, float_neighbours=True)
+    notes = []
+    if len(lighter.layers) < len(best.plan.layers):
+        candidate = build(lighter)
+        float_ms, quantized_ms, candidate_ms = speed.compare([float_model, best.model, candidate.model], one)
+        kept = len(best.plan.layers) - len(lighter.layers)
+        notes.append(
+            f"speed: all-integer {quantized_ms:.2f} ms, with the {kept} layers that feed ops without "
+            f"integer kernels kept float {candidate_ms:.2f} ms, float {float_ms:.2f} ms (batch 1)"
+        )
+        if candidate_ms < quantized_ms:
+            best, quantized_ms = candidate, candidate_ms
+            notes.append(f"speed: kept those {kept} layers float")
+    if quantized_ms > float_ms:
+        notes.append(
+            f"warning: the quantized model runs {quantized_ms / float_ms:.2f}× slower than float on this "
+            f"CPU ({quantized_ms:.2f} against {float_ms:.2f} ms at batch 1): Q/DQ pairs and layout "
+            "changes around ops without integer kernels cost more than the integer layers save"
+        )
+    return best, notes
+
+
+def final_report(
+    float_model: onnx.ModelProto, best: Candidate, samples: list[Batch], held_back: bool, config: QuantConfig
+) -> Fidelity:
+    """The saved model's fidelity; the layers that lose most when it falls short; an error below
+    `config.min_sqnr` (scripted use: nothing is saved)."""
+    report = fidelity.measure(float_model, best.model, samples, config.lowest_bits)
+    report.held_back = held_back
+    below = config.min_sqnr is not None and report.min_sqnr < config.min_sqnr
+    if report.poor or below:
+        report.worst_layers = fidelity.worst_layers(float_model, best.model, best.layers, samples)
+    if below:
+        worst = f"; loses most: {report.worst_layers[0][0]}" if report.worst_layers else ""
+        raise OnnxqError(
+            f"output SQNR {report.min_sqnr:.1f} dB is below --min-sqnr {config.min_sqnr:g} dB{worst}"
+        )
+    return report
