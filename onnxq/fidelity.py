@@ -63,7 +63,8 @@ class Fidelity:
         where = "held-back samples" if self.held_back else "calibration samples (too few to hold any back)"
         return [f"fidelity on {self.samples} {where}: {o}" for o in self.outputs]
 
-    def warnings(self) -> list[str]:
+    def warnings(self, searched: bool = True) -> list[str]:
+        """The warning and the culprits; `searched`: whether scales were already searched by error."""
         if not self.poor:
             return []
         text = [
@@ -75,6 +76,11 @@ class Fidelity:
             f"  loses most: {layer} (SQNR of its input {_db(before)}, of its output {after:.1f} dB)"
             for layer, before, after in self.worst_layers
         ]
+        if not searched:
+            text.append(
+                "  --calib-method mse searches every scale by the error it causes (slower; on the "
+                "zoo's detectors it lifted the output SQNR by 4 to 9 dB)"
+            )
         return text
 
 

@@ -132,7 +132,11 @@ def quantize(
         ranges = {}
         if not config.calibration.searched:
             ranges, _ = _observe(
-                float_model, plan, frontier.batches(data, config.batch_size), config, progress
+                float_model,
+                plan,
+                frontier.batches(data, fixed_batch(float_model) or config.batch_size),
+                config,
+                progress,
             )
         search = _search(float_model, plan, data, ranges, config, choice.bits == 7, progress)
         ranges = {plan.activations[root].observed: r for root, r in search.ranges.items()}
@@ -154,7 +158,7 @@ def quantize(
     best, timing = tune.never_slower(float_model, best, sample, config, replan, build)
     validate(best.model, sample)
     report = tune.final_report(float_model, best, checked, held.held_back, config)
-    notes += fallback + timing + report.lines() + report.warnings()
+    notes += fallback + timing + report.lines() + report.warnings(config.calibration.searched)
     return QuantResult(
         best.model,
         notes,

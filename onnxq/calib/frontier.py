@@ -33,9 +33,15 @@ def count(data: Arrays) -> int:
 
 
 def batches(data: Arrays, size: int):
+    for batch, _ in sized_batches(data, size):
+        yield batch
+
+
+def sized_batches(data: Arrays, size: int):
+    """(batch, its sample count): a batch's own arrays cannot tell which ones have a batch axis."""
     total = count(data)
     for index, start in enumerate(range(0, total, size)):
-        yield {k: _batch_of(v, index, start, size) for k, v in data.items()}
+        yield {k: _batch_of(v, index, start, size) for k, v in data.items()}, min(size, total - start)
 
 
 def _batch_of(values, index: int, start: int, size: int):
@@ -92,11 +98,11 @@ def advance(
     total = count(frontier)
     after: Arrays = {name: frontier[name] for name in segment.carried}
     start = 0
-    for batch in batches(frontier, batch_size):
+    for batch, samples in sized_batches(frontier, batch_size):
         values = sim.run([segment], batch, params)
         for name in segment.outputs:
             value = values[name]
-            if not has_batch_axis(value, count(batch)) or isinstance(after.get(name), PerBatch):
+            if not has_batch_axis(value, samples) or isinstance(after.get(name), PerBatch):
                 after.setdefault(name, PerBatch(batch_size)).append(value)
                 continue
             if name not in after:
@@ -104,5 +110,5 @@ def advance(
             elif after[name].dtype == np.float16 and not fits_half(value):
                 after[name] = after[name].astype(np.float32)  # a later batch outgrew float16
             after[name][start : start + len(value)] = value
-        start += count(batch)
+        start += samples
     return after

@@ -50,7 +50,8 @@ class LayerProbe:
     def runner(self):
         if self._runner is None:
             self._runner = session(
-                _layer_model(self.sweep.sim.model, self.node, self.activation), arena=False
+                _layer_model(self.sweep.sim.model, self.node, self.activation, bool(self.bias_name)),
+                arena=False,
             )
         return self._runner
 
@@ -133,8 +134,12 @@ def _absorbed_after(graph: onnx.GraphProto, node: onnx.NodeProto, plan: QuantPla
     return next((n for n in graph.node if n.name in plan.absorbed and n.input[0] == output), None)
 
 
-def _layer_model(model: onnx.ModelProto, node: onnx.NodeProto, activation: onnx.NodeProto | None):
-    """x, w (, b) → (pre-activation output, post-activation output)."""
+def _layer_model(
+    model: onnx.ModelProto, node: onnx.NodeProto, activation: onnx.NodeProto | None, bias_fed: bool
+):
+    """x, w (, b) → (pre-activation output, post-activation output).
+
+    A bias the search does not tune (left float by the plan) is baked in as a constant."""
     layer = onnx.NodeProto()
     layer.CopyFrom(node)
     names = ["x", "w", "b"][: len(node.input)]
@@ -143,7 +148,14 @@ def _layer_model(model: onnx.ModelProto, node: onnx.NodeProto, activation: onnx.
     del layer.output[:]
     layer.output.append("pre")
     nodes, outputs = [layer], ["pre"]
+    known = {t.name: t for t in model.graph.initializer}
     initializers = []
+    if len(names) == 3 and not bias_fed:
+        bias = onnx.TensorProto()
+        bias.CopyFrom(known[node.input[2]])
+        bias.name = "b"
+        initializers.append(bias)
+        names = names[:2]
     if activation is not None:
         act = onnx.NodeProto()
         act.CopyFrom(activation)
@@ -152,8 +164,7 @@ def _layer_model(model: onnx.ModelProto, node: onnx.NodeProto, activation: onnx.
         act.output.append("post")
         nodes.append(act)
         outputs.append("post")
-        known = {t.name: t for t in model.graph.initializer}
-        initializers = [known[n] for n in act.input[1:] if n in known]
+        initializers += [known[n] for n in act.input[1:] if n in known]
     graph = helper.make_graph(
         nodes,
         "layer",

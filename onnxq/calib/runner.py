@@ -46,10 +46,10 @@ def collect_ranges(
 OBSERVED_BYTES = 256 << 20  # one run's observed tensors at most (a 640×640 detector: 1-2 samples)
 
 
-def fixed_batch(model: onnx.ModelProto) -> bool:
-    """Whether the model's first input has a fixed batch size (batches cannot be cut then)."""
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size the model's first input fixes (batches cannot be cut then), or None."""
     dims = model.graph.input[0].type.tensor_type.shape.dim if model.graph.input else []
-    return bool(dims) and dims[0].HasField("dim_value") and dims[0].dim_value > 0
+    return dims[0].dim_value if dims and dims[0].dim_value > 0 else None
 
 
 def _chunks(batch: dict[str, np.ndarray], size: int):

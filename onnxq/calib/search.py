@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
-from onnxq.calib.frontier import PerBatch, advance, batches, count, fit_memory
+from onnxq.calib.frontier import PerBatch, advance, batches, count, fit_memory, sized_batches
 from onnxq.calib.layer import BIAS_SAMPLES, LayerProbe
 from onnxq.calib.simulate import Arrays, Item, Segment, Simulation, fake_quant_feed
 from onnxq.passes.insert_qdq import activation_quantizer
@@ -423,8 +423,7 @@ class _Sweep:
     def _pd_regulariser(self, first: Segment, quantized, floating_next, powers, params) -> float:
         """Normalised MSE of the item's own outputs against the float model's, per sample."""
         total, start = 0.0, 0
-        for batch in batches(quantized, self.settings.batch_size):
-            size = count(batch)
+        for batch, size in sized_batches(quantized, self.settings.batch_size):
             outputs = self.sim.run([first], batch, params)
             for tensor in powers:
                 reference = floating_next[tensor][start : start + size]

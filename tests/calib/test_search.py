@@ -284,3 +284,48 @@ def test_half_precision_cache_costs_no_accuracy(small_model, calibration_data, m
         return float(np.mean((logits - reference) ** 2))
 
     assert output_error(half=True) <= 1.1 * output_error(half=False)
+
+
+def test_batches_count_samples_whatever_order_the_frontier_is_in():
+    """A tensor without a batch axis (kept per batch) first in the frontier must not be taken for
+    the batch: its own length says nothing about the sample count (magika's one-hot input)."""
+    from onnxq.calib.frontier import PerBatch, sized_batches
+
+    shape = PerBatch(4)
+    shape += [np.array([7]), np.array([7]), np.array([7])]
+    frontier = {"shape": shape, "x": np.zeros((10, 3), np.float32)}
+    sizes = [
+        (batch["x"].shape[0], samples, batch["shape"].tolist())
+        for batch, samples in sized_batches(frontier, 4)
+    ]
+    assert sizes == [(4, 4, [7]), (4, 4, [7]), (2, 2, [7])]
+
+
+def test_a_bias_shared_by_two_layers_stays_float_in_the_search():
+    """Two Convs read one bias initializer: it cannot be int32 at two scales, so it stays float and
+    the layer probes must hold it as a constant."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "w2"),
+        numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b"], ["h"], name="c1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w2", "b"], ["y"], name="c2", pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "shared_bias",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    data = rng.standard_normal((16, 3, 6, 6)).astype(np.float32)
+    result = onnxq.quantize(model, data, QuantConfig(weight_bits=4, calibration=CalibrationMethod.MSE))
+    assert result.fidelity.min_sqnr > 10
