@@ -148,7 +148,7 @@ def quantize(
     progress.stage("insert Q/DQ")
     build = functools.partial(_build, float_model, config, ranges, search, choice)
     replan = functools.partial(_replan, float_model, config)
-    best = build(plan)
+    first = best = build(plan)
     progress.stage("validate")
     validate(best.model, sample)
     checked = held.batches or [sample]
@@ -156,7 +156,8 @@ def quantize(
     best, _, fallback = tune.recover_fidelity(float_model, best, checked, config, replan, build)
     progress.stage("compare speed")
     best, timing = tune.never_slower(float_model, best, sample, config, replan, build)
-    validate(best.model, sample)
+    if best is not first:
+        validate(best.model, sample)
     report = tune.final_report(float_model, best, checked, held.held_back, config)
     notes += fallback + timing + report.lines() + report.warnings(config.calibration.searched)
     return QuantResult(
