@@ -23,6 +23,7 @@ import onnx_ir as ir
 
 from onnxq.config import Granularity, LayerSettings, QuantConfig, RangeRule
 from onnxq.passes.graph_utils import attribute, constant, output_channel_axis, scaled_gemm, single_consumer
+from onnxq.quant.prune import drop_quantizers_that_do_not_pay, keep_float_neighbours
 from onnxq.quant.weights import WeightLayout
 
 OWN_SCALE_OPS = frozenset({"Add", "Concat", "AveragePool", "GlobalAveragePool"})
@@ -30,7 +31,6 @@ SHARED_SCALE_OPS = frozenset(
     {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Pad"}
 )
 ABSORBABLE_OPS = frozenset({"Relu", "Clip"})
-SHAPE_OPS = frozenset({"Shape", "Size"})
 # heavy float compute onnxq leaves alone; named in the "kept in float" lines so none goes unseen
 UNQUANTIZED_COMPUTE_OPS = frozenset(
     {"LSTM", "GRU", "RNN", "Einsum", "ConvInteger", "MatMulInteger", "Attention", "LayerNormalization"}
@@ -147,8 +147,8 @@ def plan_quantization(
         else:
             plan.quantized_nodes.append(name)
     if float_neighbours:
-        _keep_float_neighbours(graph, plan)
-    _drop_quantizers_that_do_not_pay(graph, plan)
+        keep_float_neighbours(graph, plan)
+    drop_quantizers_that_do_not_pay(graph, plan)
     _assign_activation_bits(graph, plan, config, alias)
     _widen_int2_containers(graph, plan)
     plan.unmatched_overrides = [
@@ -175,113 +175,6 @@ def _widen_int2_containers(graph: ir.Graph, plan: QuantPlan) -> None:
         output = plan.activations.get(node.outputs[0].name)
         if output is None or output.bits >= 8:
             plan.weights[spec.name] = replace(spec, container_bits=4)
-
-
-def _keep_float_neighbours(graph: ir.Graph, plan: QuantPlan) -> None:
-    planned = set(plan.quantized_nodes)
-    for node in graph:
-        if node.name not in plan.layers:
-            continue
-        readers = _readers(node.outputs[0], plan)
-        float_ops = sorted(
-            {r.op_type for r in readers if r.name not in planned and r.op_type not in SHAPE_OPS}
-        )
-        if not float_ops:
-            continue
-        weight = node.inputs[1].name
-        del plan.layers[node.name]
-        if not any(n.name in plan.layers and n.inputs[1].name == weight for n in graph):
-            plan.weights.pop(weight, None)
-        if len(node.inputs) > 2 and node.inputs[2] is not None:
-            plan.biases.pop(node.inputs[2].name, None)
-        plan.quantized_nodes.remove(node.name)
-        plan.float_nodes[node.name] = f"feeds {'/'.join(float_ops)} (no integer kernel): float is faster"
-
-
-def _readers(value: ir.Value, plan: QuantPlan) -> list[ir.Node]:
-    """The nodes reading a tensor, looking through absorbed Relu/Clip."""
-    found = []
-    for user, _ in value.uses():
-        found += _readers(user.outputs[0], plan) if user.name in plan.absorbed else [user]
-    return found
-
-
-def _drop_quantizers_that_do_not_pay(graph: ir.Graph, plan: QuantPlan) -> None:
-    """Remove Q/DQ pairs that only cost precision, and say which nodes stay float because of it.
-
-    - After the last quantized layer (a detector's decode, a probability map's Sigmoid, box and
-      score tensors concatenated across very different ranges) no integer kernel follows: one
-      8-bit scale would be shared by values that need their own (scores in [0, 1] beside box
-      coordinates in pixels), and the outputs users read lose most. The whole tail stays float.
-    - Between two float ops (inside a HardSwish written as x·clip(x+3, 0, 6)/6, around an Add
-      with a constant): neither side runs on integers, so the pair is pure loss and time.
-    """
-    feeds_layer = _nodes_feeding_a_layer(graph, plan)
-    planned = set(plan.quantized_nodes)
-    values = {v.name: v for v in graph.inputs} | {v.name: v for n in graph for v in n.outputs}
-    while True:
-        dropped = [
-            name
-            for name, spec in plan.activations.items()
-            if not _pays(values[spec.tensor], plan, planned, feeds_layer)
-        ]
-        if not dropped:
-            break
-        for name in dropped:
-            _drop_activation(plan, name)
-        for bias in [b for b in plan.biases.values() if b.activation not in plan.activations]:
-            del plan.biases[bias.name]  # int32 bias needs the input's scale: it stays float
-        for node in graph:
-            if node.name in planned and node.name not in plan.layers and not _output_planned(node, plan):
-                planned.discard(node.name)
-                plan.quantized_nodes.remove(node.name)
-                plan.float_nodes[node.name] = "after the last quantized layer, or between float ops"
-
-
-def _pays(value: ir.Value, plan: QuantPlan, planned: set[str], feeds_layer: set[str]) -> bool:
-    """A layer follows, and a quantized node produces or reads the tensor."""
-    integer_side = _produced_by(value, planned) or _read_by(value, plan, planned)
-    return _reaches(value, feeds_layer) and integer_side
-
-
-def _nodes_feeding_a_layer(graph: ir.Graph, plan: QuantPlan) -> set[str]:
-    """Names of the nodes from whose outputs some quantized layer can be reached."""
-    feeding: set[str] = set()
-    for node in reversed(list(graph)):
-        users = (user for value in node.outputs for user, _ in value.uses())
-        if node.name in plan.layers or any(user.name in feeding for user in users):
-            feeding.add(node.name)
-    return feeding
-
-
-def _reaches(value: ir.Value, feeds_layer: set[str]) -> bool:
-    return any(user.name in feeds_layer for user, _ in value.uses())
-
-
-def _produced_by(value: ir.Value, planned: set[str]) -> bool:
-    producer = value.producer()
-    return producer is None or producer.name in planned  # a graph input counts: QuantizeLinear starts
-
-
-def _read_by(value: ir.Value, plan: QuantPlan, planned: set[str]) -> bool:
-    """Whether a quantized node reads the tensor (through an absorbed Relu/Clip)."""
-    return any(reader.name in planned for reader in _readers(value, plan))
-
-
-def _output_planned(node: ir.Node, plan: QuantPlan) -> bool:
-    return any(v.name in plan.activations for v in node.outputs)
-
-
-def _drop_activation(plan: QuantPlan, name: str) -> None:
-    """Forget an activation, its sharers, and the Relu/Clip absorbed into it (which stays)."""
-    spec = plan.activations.pop(name, None)
-    if spec is None:
-        return
-    for node_name, source in list(plan.absorbed.items()):
-        if source == spec.tensor:
-            del plan.absorbed[node_name]
-    for other in [n for n, s in plan.activations.items() if s.shares == name]:
-        _drop_activation(plan, other)
 
 
 def _assign_activation_bits(graph: ir.Graph, plan: QuantPlan, config: QuantConfig, alias) -> None:
