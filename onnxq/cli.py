@@ -231,6 +231,13 @@ def main() -> None:
     help="Where outputs fall below the warning threshold, keep the layers that lose most float "
     "(up to a tenth of them) while that helps.",
 )
+@click.option(
+    "--speed-check/--no-speed-check",
+    default=QuantConfig.speed_check,
+    show_default=True,
+    help="Time the quantized model against float at batch 1 and keep layers float where that runs "
+    "faster (the choice follows this machine's timings: turn it off for reproducible files).",
+)
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
 @click.option(
     "--fuse-branches/--no-fuse-branches",
@@ -270,6 +277,7 @@ def quantize(model, output, calib, **options):
         search_cache_half=options.pop("search_cache") == "float16",
         min_sqnr=options.pop("min_sqnr"),
         fidelity_fallback=options.pop("fidelity_fallback"),
+        speed_check=options.pop("speed_check"),
     )
     preprocess = build_preprocess(**options)
     with RichProgress() as progress:

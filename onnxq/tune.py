@@ -24,6 +24,7 @@ from onnxq.fidelity import Fidelity
 from onnxq.quant.plan import QuantPlan
 
 FALLBACK_SHARE = 0.1  # at most this part of the layers is kept float for fidelity
+SPEED_MARGIN = 0.9  # a lighter plan must run this much faster to replace the first (timings are noisy)
 FALLBACK_STEP = 2  # layers kept float per round
 
 
@@ -84,6 +85,8 @@ def never_slower(
 ) -> tuple[Candidate, list[str]]:
     """Where the QDQ model runs slower than float at batch 1, rebuild it with the layers that
     feed ops lacking an integer kernel kept float; keep whichever runs faster, and say so."""
+    if not config.speed_check:
+        return best, []
     one = sample if fixed_batch(float_model) else {k: v[:1] for k, v in sample.items()}
     float_ms, quantized_ms = speed.compare([float_model, best.model], one)
     if quantized_ms <= float_ms:
@@ -98,7 +101,7 @@ def never_slower(
             f"speed: all-integer {quantized_ms:.2f} ms, with the {kept} layers that feed ops without "
             f"integer kernels kept float {candidate_ms:.2f} ms, float {float_ms:.2f} ms (batch 1)"
         )
-        if candidate_ms < quantized_ms:
+        if candidate_ms < SPEED_MARGIN * quantized_ms:
             best, quantized_ms = candidate, candidate_ms
             notes.append(f"speed: kept those {kept} layers float")
     if quantized_ms > float_ms:
