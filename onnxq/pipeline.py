@@ -153,9 +153,10 @@ def quantize(
     validate(best.model, sample)
     checked = held.batches or [sample]
     progress.stage("check fidelity")
-    best, _, fallback = tune.recover_fidelity(float_model, best, checked, config, replan, build)
+    tuned, _, fallback = tune.recover_fidelity(float_model, first, checked, config, replan, build)
     progress.stage("compare speed")
-    best, timing = tune.never_slower(float_model, best, sample, config, replan, build)
+    best, timing = tune.never_slower(float_model, tuned, sample, config, replan, build, first)
+    fallback = [] if best is first else fallback  # undone where it made the model slower
     if best is not first:
         validate(best.model, sample)
     report = tune.final_report(float_model, best, checked, held.held_back, config)

@@ -82,15 +82,27 @@ def never_slower(
     config: QuantConfig,
     replan: Replan,
     build: Build,
+    before_fallback: Candidate | None = None,
 ) -> tuple[Candidate, list[str]]:
     """Where the QDQ model runs slower than float at batch 1, rebuild it with the layers that
-    feed ops lacking an integer kernel kept float; keep whichever runs faster, and say so."""
+    feed ops lacking an integer kernel kept float; keep whichever runs faster, and say so.
+
+    Layers the fidelity fallback kept float must not make the model slower than float: where
+    they do and the model before them was faster, it is taken back (the fidelity warning stays).
+    """
     if not config.speed_check:
         return best, []
     one = sample if fixed_batch(float_model) else {k: v[:1] for k, v in sample.items()}
-    float_ms, quantized_ms = speed.compare([float_model, best.model], one)
+    earlier = [before_fallback.model] if before_fallback is not None and before_fallback is not best else []
+    float_ms, quantized_ms, *before_ms = speed.compare([float_model, best.model, *earlier], one)
     if quantized_ms <= float_ms:
         return best, []
+    if before_ms and before_ms[0] <= float_ms:
+        undone = (
+            f"fidelity: the layers kept float made the model slower than float ({quantized_ms:.2f} "
+            f"against {float_ms:.2f} ms at batch 1): taken back ({before_ms[0]:.2f} ms)"
+        )
+        return before_fallback, [undone]
     lighter = replan(keep_float=best.plan.kept_float, float_neighbours=True)
     notes = []
     if len(lighter.layers) < len(best.plan.layers):

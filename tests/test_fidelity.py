@@ -89,8 +89,8 @@ def test_fallback_keeps_the_layers_that_lose_most_float_while_it_helps(monkeypat
     monkeypatch.setattr(fidelity, "WARN_SQNR_DB", {8: 99.0, 0: 99.0})  # every model falls short
     model = deep_cnn()
     data = np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32)
-    plain = onnxq.quantize(model, data, onnxq.QuantConfig(fidelity_fallback=False))
-    result = onnxq.quantize(model, data, onnxq.QuantConfig())
+    plain = onnxq.quantize(model, data, onnxq.QuantConfig(fidelity_fallback=False, speed_check=False))
+    result = onnxq.quantize(model, data, onnxq.QuantConfig(speed_check=False))  # timings may undo it
     floated = [name for name, why in result.float_nodes.items() if why.startswith("kept float for fidelity")]
     assert 0 < len(floated) <= 2  # a tenth of 21 layers
     assert any(note.startswith(f"fidelity: {len(floated)} layers kept float") for note in result.notes)

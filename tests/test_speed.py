@@ -83,3 +83,18 @@ def test_no_speed_check_times_nothing(monkeypatch):
     data = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)
     result = onnxq.quantize(hardswish_cnn(), data, onnxq.QuantConfig(speed_check=False))
     assert not any(note.startswith(("speed", "warning: the quantized model runs")) for note in result.notes)
+
+
+def test_a_fidelity_fallback_that_makes_the_model_slower_than_float_is_taken_back(monkeypatch):
+    from onnxq import fidelity
+    from tests.test_fidelity import deep_cnn
+
+    monkeypatch.setattr(fidelity, "WARN_SQNR_DB", {8: 99.0, 0: 99.0})  # the fallback always runs
+    timings = iter([[1.0, 1.5, 0.9]])  # float, after the fallback (slower), before it (faster)
+    monkeypatch.setattr(speed, "compare", lambda models, feed: next(timings))
+    data = np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32)
+    result = onnxq.quantize(deep_cnn(), data, onnxq.QuantConfig())
+    assert any(
+        note.startswith("fidelity: the layers kept float made the model slower") for note in result.notes
+    )
+    assert not any("kept float for fidelity" in why for why in result.float_nodes.values())
