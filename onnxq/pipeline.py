@@ -148,18 +148,19 @@ def quantize(
     progress.stage("insert Q/DQ")
     build = functools.partial(_build, float_model, config, ranges, search, choice)
     replan = functools.partial(_replan, float_model, config)
-    first = best = build(plan)
+    first = build(plan)
     progress.stage("validate")
-    validate(best.model, sample)
+    validate(first.model, sample)
     checked = held.batches or [sample]
     progress.stage("check fidelity")
-    tuned, _, fallback = tune.recover_fidelity(float_model, first, checked, config, replan, build)
+    tuned, measured, fallback = tune.recover_fidelity(float_model, first, checked, config, replan, build)
     progress.stage("compare speed")
     best, timing = tune.never_slower(float_model, tuned, sample, config, replan, build, first)
     fallback = [] if best is first else fallback  # undone where it made the model slower
     if best is not first:
         validate(best.model, sample)
-    report = tune.final_report(float_model, best, checked, held.held_back, config)
+    measured = measured if best is tuned else None
+    report = tune.final_report(float_model, best, checked, held.held_back, config, measured)
     notes += fallback + timing + report.lines() + report.warnings(config.calibration.searched)
     return QuantResult(
         best.model,

@@ -126,11 +126,16 @@ def never_slower(
 
 
 def final_report(
-    float_model: onnx.ModelProto, best: Candidate, samples: list[Batch], held_back: bool, config: QuantConfig
+    float_model: onnx.ModelProto,
+    best: Candidate,
+    samples: list[Batch],
+    held_back: bool,
+    config: QuantConfig,
+    measured: Fidelity | None = None,
 ) -> Fidelity:
-    """The saved model's fidelity; the layers that lose most when it falls short; an error below
-    `config.min_sqnr` (scripted use: nothing is saved)."""
-    report = fidelity.measure(float_model, best.model, samples, config.lowest_bits)
+    """The saved model's fidelity (`measured` when already known); the layers that lose most
+    when it falls short; an error below `config.min_sqnr` (scripted use: nothing is saved)."""
+    report = measured or fidelity.measure(float_model, best.model, samples, config.lowest_bits)
     report.held_back = held_back
     below = config.min_sqnr is not None and report.min_sqnr < config.min_sqnr
     if report.poor or below:
