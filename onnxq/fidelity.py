@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxq.calib.data import Batch, model_inputs
-from onnxq.calib.runner import with_outputs
+from onnxq.calib import frontier
+from onnxq.calib.data import Batch
+from onnxq.calib.runner import fixed_batch, with_outputs
 from onnxq.io import run, session
 
 HELD_BACK = 16  # samples kept out of calibration for the check
@@ -105,8 +106,8 @@ class HoldBack:
         total = 0
         for batch in stream:
             queue.append(batch)
-            total += _count(batch)
-            while len(queue) > 1 and sum(_count(b) for b in queue[1:]) >= HELD_BACK:
+            total += frontier.count(batch)
+            while len(queue) > 1 and sum(frontier.count(b) for b in queue[1:]) >= HELD_BACK:
                 yield queue.pop(0)
         if total < MIN_CALIBRATION:
             yield from queue
@@ -122,13 +123,13 @@ def measure(
     reference, deployed = session(float_model), session(quantized)
     names = [o.name for o in float_model.graph.output]
     sums = {name: _Sums() for name in names}
-    fixed = any(spec.shape and spec.shape[0] for spec in model_inputs(float_model))
+    fixed = fixed_batch(float_model) is not None
     for batch in _first_samples(samples, None, whole=fixed):
         for name, want, got in zip(names, run(reference, batch), run(deployed, batch), strict=True):
             sums[name].add(want, got)
     outputs = [sums[name].result(name) for name in names if sums[name].count]
     threshold = WARN_SQNR_DB[8] if lowest_bits >= 8 else WARN_SQNR_DB[0]
-    return Fidelity(sum(_count(b) for b in samples), False, outputs, threshold)
+    return Fidelity(sum(frontier.count(b) for b in samples), False, outputs, threshold)
 
 
 def worst_layers(
@@ -146,7 +147,7 @@ def worst_layers(
     sums = {t: _Sums() for t in tensors}
     reference = session(with_outputs(float_model, tensors), optimize=False)
     simulated = session(with_outputs(quantized, tensors), optimize=False)
-    fixed = any(spec.shape and spec.shape[0] for spec in model_inputs(float_model))
+    fixed = fixed_batch(float_model) is not None
     for batch in _first_samples(samples, LAYER_SAMPLES, whole=fixed):
         for name, want, got in zip(
             tensors, run(reference, batch, tensors), run(simulated, batch, tensors), strict=True
@@ -200,21 +201,16 @@ def _looks_like_scores(values: np.ndarray) -> bool:
     return values.shape[1] >= 2 and values.dtype.kind == "f"
 
 
-def _count(batch: Batch) -> int:
-    first = next(iter(batch.values()))
-    return len(first) if first.ndim else 1
-
-
 def _first_samples(batches: list[Batch], limit: int | None, whole: bool) -> Iterator[Batch]:
     """Up to `limit` samples (None: all), one at a time, so that a run holds one sample's
     tensors (a 640×640 detector's are large), or whole batches where the batch size is fixed."""
     taken = 0
     for batch in batches:
-        for start in [0] if whole else range(_count(batch)):
+        for start in [0] if whole else range(frontier.count(batch)):
             if limit is not None and taken >= limit:
                 return
             part = batch if whole else {k: v[start : start + 1] for k, v in batch.items()}
-            taken += _count(part)
+            taken += frontier.count(part)
             yield part
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from onnxq.calib.data import Batch
+from onnxq.calib.frontier import batches
 from onnxq.calib.observers import Observer
 from onnxq.io import run, session
 from onnxq.progress import Progress
@@ -31,7 +32,7 @@ def collect_ranges(
     samples, chunk = 0, None
     for batch in stream:
         count = len(next(iter(batch.values())))
-        for part in _chunks(batch, count if fixed_batch(model) else chunk or 1):
+        for part in batches(batch, count if fixed_batch(model) else chunk or 1):
             values = run(runner, part, tensors)
             if chunk is None:  # sized on the first sample: every observed tensor of a run is held
                 chunk = max(1, OBSERVED_BYTES // max(1, sum(v.nbytes for v in values)))
@@ -50,12 +51,6 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
     """The batch size the model's first input fixes (batches cannot be cut then), or None."""
     dims = model.graph.input[0].type.tensor_type.shape.dim if model.graph.input else []
     return dims[0].dim_value if dims and dims[0].dim_value > 0 else None
-
-
-def _chunks(batch: dict[str, np.ndarray], size: int):
-    count = len(next(iter(batch.values())))
-    for start in range(0, count, size):
-        yield {k: v[start : start + size] for k, v in batch.items()}
 
 
 def with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
