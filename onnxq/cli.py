@@ -174,7 +174,12 @@ def main() -> None:
     show_default=True,
     help="Weight of pd's regulariser (the item's own output error) against the KL at the output.",
 )
-@click.option("--time-budget", type=float, help="Seconds for the search; the rest keeps min-max ranges.")
+@click.option(
+    "--time-budget",
+    type=float,
+    help="Seconds for the search and refinement together; what is left over keeps min-max ranges "
+    "(search) or fewer iterations (refinement, spread over its units).",
+)
 @click.option(
     "--search-memory",
     type=float,
@@ -245,6 +250,57 @@ def main() -> None:
     help="Merge re-parameterized branches before quantizing [default: only when all weights are "
     "8-bit; below that each branch keeps its own scale, which is far more accurate].",
 )
+@click.option(
+    "--refine",
+    is_flag=True,
+    help="After calibration, learn weight rounding and activation steps by gradient, block by "
+    "block (AdaRound/BRECQ with QDrop), starting from the calibrated scales. Needs "
+    "pip install 'onnxq[refine]'.",
+)
+@click.option(
+    "--refine-unit",
+    default=QuantConfig.refine_unit,
+    show_default=True,
+    help="What is reconstructed at once: layer, block (cut where one tensor crosses) or window:K "
+    "(K consecutive blocks).",
+)
+@click.option(
+    "--refine-loss",
+    type=click.Choice(["mse", "mae", "pd"]),
+    default=QuantConfig.refine_loss,
+    show_default=True,
+    help="Reconstruction loss: the unit's output error (mse, mae) or pd, the prediction difference "
+    "at the model output plus a feature regulariser (PD-Quant).",
+)
+@click.option(
+    "--refine-iters",
+    type=int,
+    default=QuantConfig.refine_iters,
+    show_default=True,
+    help="Iterations per unit (fewer where --time-budget runs out).",
+)
+@click.option(
+    "--refine-batch",
+    type=int,
+    default=QuantConfig.refine_batch,
+    show_default=True,
+    help="Samples per refinement iteration.",
+)
+@click.option(
+    "--qdrop",
+    type=float,
+    default=QuantConfig.qdrop,
+    show_default=True,
+    help="QDrop: probability that an activation stays float while rounding is learned.",
+)
+@click.option("--threads", type=int, help="CPU threads for refinement (default: torch's choice).")
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default=QuantConfig.device,
+    show_default=True,
+    help="Where refinement runs; the CPU is enough.",
+)
 @preprocess_options
 @_reports_errors
 def quantize(model, output, calib, **options):
@@ -278,6 +334,14 @@ def quantize(model, output, calib, **options):
         min_sqnr=options.pop("min_sqnr"),
         fidelity_fallback=options.pop("fidelity_fallback"),
         speed_check=options.pop("speed_check"),
+        refine=options.pop("refine"),
+        refine_unit=options.pop("refine_unit"),
+        refine_loss=options.pop("refine_loss"),
+        refine_iters=options.pop("refine_iters"),
+        refine_batch=options.pop("refine_batch"),
+        qdrop=options.pop("qdrop"),
+        threads=options.pop("threads"),
+        device=options.pop("device"),
     )
     preprocess = build_preprocess(**options)
     with RichProgress() as progress:

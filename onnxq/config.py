@@ -258,6 +258,16 @@ class QuantConfig:
     op_types: frozenset[str] = field(
         default_factory=lambda: frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
     )
+    # rounding refinement (onnxq[refine]): weight rounding and activation steps learned by
+    # gradient in a torch mirror, unit by unit, after calibration (onnxq/refine/)
+    refine: bool = False
+    refine_unit: str = "block"  # layer, block or window:K
+    refine_loss: str = "mse"  # mse, mae or pd
+    refine_iters: int = 500  # per unit
+    refine_batch: int = 32
+    qdrop: float = 0.5  # QDrop's probability of keeping an activation float while learning
+    threads: int | None = None  # torch threads for refinement (None: torch's default)
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "activation_bits"):
@@ -278,8 +288,23 @@ class QuantConfig:
             raise OnnxqError(f"pd lambda must be non-negative, got {self.pd_lambda}")
         if self.time_budget is not None and self.time_budget <= 0:
             raise OnnxqError(f"time budget must be positive, got {self.time_budget}")
+        if self.refine:
+            self._check_refine()
         if self.search_memory_gb <= 0:
             raise OnnxqError(f"search memory must be positive, got {self.search_memory_gb} GB")
+
+    def _check_refine(self) -> None:
+        from onnxq.refine.blocks import parse_unit  # torch-free
+
+        parse_unit(self.refine_unit)
+        if self.refine_loss not in ("mse", "mae", "pd"):
+            raise OnnxqError(f"refine loss must be mse, mae or pd, got {self.refine_loss!r}")
+        if self.refine_iters < 1 or self.refine_batch < 1:
+            raise OnnxqError("refine iterations and batch must be at least 1")
+        if not 0.0 <= self.qdrop < 1.0:
+            raise OnnxqError(f"qdrop must be in [0, 1), got {self.qdrop}")
+        if self.device not in ("cpu", "cuda"):
+            raise OnnxqError(f"device must be cpu or cuda, got {self.device!r}")
 
     @property
     def lowest_weight_bits(self) -> int:

@@ -38,13 +38,20 @@ from onnxq.io import check_writable, load_model, run, save_model, session, to_ir
 from onnxq.passes.fold_affine import fold_affine
 from onnxq.passes.fold_bn import FoldReport, fold_batchnorm
 from onnxq.passes.fuse_branches import FuseReport, fuse_branches
-from onnxq.passes.graph_utils import constants_to_initializers, name_nodes
+from onnxq.passes.graph_utils import constant, constants_to_initializers, name_nodes
 from onnxq.passes.infer_types import infer_types
-from onnxq.passes.insert_qdq import activation_params, insert_qdq, required_opset
+from onnxq.passes.insert_qdq import (
+    activation_params,
+    insert_qdq,
+    planned_weight,
+    required_opset,
+    weight_target,
+)
 from onnxq.passes.simplify import simplify
 from onnxq.progress import Progress, Silent
 from onnxq.quant.kernels import choose_weight_range
 from onnxq.quant.plan import QuantPlan, plan_quantization
+from onnxq.refine import require_torch
 
 MIN_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear
 CHECK_SAMPLES = 2  # samples the simplify and validate checks run (whole activations are held)
@@ -74,6 +81,7 @@ class QuantResult:
     samples_text: str = ""  # how to say `samples` for this model's inputs
     calibration: SearchResult | None = None
     fidelity: Fidelity | None = None
+    refinement: object | None = None  # onnxq.refine.export.Refinement, when --refine ran
 
 
 def quantize(
@@ -87,6 +95,8 @@ def quantize(
     """Quantize a float model with calibration data into a QDQ model onnxruntime runs on integers."""
     config = config or QuantConfig()
     progress = progress or Silent()
+    if config.refine:
+        require_torch()  # before any work, not after calibration
     proto = load_model(model) if isinstance(model, str | os.PathLike) else model
     inputs = model_inputs(proto)
     stats = DataStats()
@@ -127,7 +137,9 @@ def quantize(
     choice = choose_weight_range(config.weight_range)
     search = None
     output_rule = any(spec.rule.kind == "output" for spec in plan.weights.values())
-    if config.calibration.searched or config.corrects_bias or output_rule:
+    searched = config.calibration.searched or config.corrects_bias or output_rule
+    refined = None
+    if searched or config.refine:
         data, samples = _gather(stream)
         ranges = {}
         if not config.calibration.searched:
@@ -138,15 +150,19 @@ def quantize(
                 config,
                 progress,
             )
-        search = _search(float_model, plan, data, ranges, config, choice.bits == 7, progress)
-        ranges = {plan.activations[root].observed: r for root, r in search.ranges.items()}
-        notes += _search_notes(search)
+        if searched:
+            search = _search(float_model, plan, data, ranges, config, choice.bits == 7, progress)
+            ranges = {plan.activations[root].observed: r for root, r in search.ranges.items()}
+            notes += _search_notes(search)
+        if config.refine:
+            refined = _refine(float_model, plan, ranges, search, data, config, choice.bits == 7, progress)
+            notes += refined.notes(config.refine_loss)
     else:
         ranges, samples = _observe(float_model, plan, stream, config, progress)
 
     notes += stats.warnings()
     progress.stage("insert Q/DQ")
-    build = functools.partial(_build, float_model, config, ranges, search, choice)
+    build = functools.partial(_build, float_model, config, ranges, search, choice, refined)
     replan = functools.partial(_replan, float_model, config)
     first = build(plan)
     progress.stage("validate")
@@ -173,6 +189,7 @@ def quantize(
         describe_count(inputs, samples),
         search,
         report,
+        refined,
     )
 
 
@@ -181,11 +198,15 @@ def _replan(float_model, config: QuantConfig, **options) -> QuantPlan:
     return plan_quantization(to_ir(infer_types(float_model)).graph, config, **options)
 
 
-def _build(float_model, config: QuantConfig, ranges, search, choice, plan: QuantPlan) -> tune.Candidate:
+def _build(
+    float_model, config: QuantConfig, ranges, search, choice, refined, plan: QuantPlan
+) -> tune.Candidate:
     """The QDQ model for `plan`, with its layers' (node, input, output) tensors."""
     graph_model = to_ir(infer_types(float_model))
     layers = _layer_tensors(graph_model.graph, plan)
     params = activation_params(plan, ranges, symmetric=config.activation_symmetric)
+    if refined is not None:
+        params.update({root: p for root, p in refined.activations.items() if root in params})
     insert_qdq(
         graph_model.graph,
         plan,
@@ -194,6 +215,7 @@ def _build(float_model, config: QuantConfig, ranges, search, choice, plan: Quant
         reduced_8bit_weights=choice.bits == 7,
         weight_ratios=search.weight_ratios if search else None,
         biases=search.biases if search else None,
+        refined_weights=refined.weights if refined is not None else None,
     )
     quantized = to_proto(graph_model)
     quantized.ir_version = _ir_version(quantized)
@@ -245,6 +267,40 @@ def _search(float_model, plan, data, ranges, config: QuantConfig, reduced: bool,
         spec.tensor: ranges[spec.observed] for spec in plan.activations.values() if spec.observed in ranges
     }
     return search_parameters(build_simulation(float_model, plan), plan, data, settings, progress, fixed)
+
+
+def _refine(float_model, plan: QuantPlan, ranges, search, data, config: QuantConfig, reduced: bool, progress):
+    """Learned rounding and activation steps, starting from the calibrated ones (onnxq.refine)."""
+    from onnxq.refine import refine
+    from onnxq.refine.reconstruct import RefineSettings
+
+    graph = to_ir(infer_types(float_model)).graph
+    ratios = search.weight_ratios if search else {}
+    weights = {
+        name: planned_weight(
+            constant(graph.initializers[name]),
+            spec,
+            weight_target(spec, config.weight_symmetric, reduced),
+            ratios.get(name),
+        )
+        for name, spec in plan.weights.items()
+    }
+    params = activation_params(plan, ranges, symmetric=config.activation_symmetric)
+    spent = search.seconds if search else 0.0
+    budget = None if config.time_budget is None else max(1.0, config.time_budget - spent)
+    settings = RefineSettings(
+        unit=config.refine_unit,
+        loss=config.refine_loss,
+        iterations=config.refine_iters,
+        batch=config.refine_batch,
+        qdrop=config.qdrop,
+        time_budget=budget,
+        seed=config.seed,
+        threads=config.threads,
+        device=config.device,
+    )
+    biases = search.biases if search else None
+    return refine(float_model, plan, params, weights, biases, data, settings, progress)
 
 
 def _search_notes(search: SearchResult) -> list[str]:

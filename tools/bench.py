@@ -353,6 +353,59 @@ def calib_settings(name: str) -> dict[str, Callable]:
     return settings
 
 
+REFINE_WIDTHS = {
+    "resnet20_cifar10": [(4, 4), (2, 4)],
+    "resnet56_cifar10": [(4, 4)],
+    "mobilenet_v2": [(4, 8)],
+    "repvgg_cifar10": [(4, 4)],
+    "mobileone_cifar10": [(4, 4)],
+}
+REFINE_LOSSES = {"resnet20_cifar10": ["mse", "pd"]}  # pd beside mse where it is affordable
+HELD_OUT: dict[str, float] = {}  # setting → top-1 on held-out calibration images (never the eval split)
+
+
+def held_out_split(name: str) -> np.ndarray | None:
+    """CIFAR-10 training images the calibration never sees (train-1017[512:]): where refinement's
+    default loss is chosen, never on test-1017."""
+    if "cifar" not in name:
+        return None
+    return cifar_split(1017).calib[512:], np.load(SHARED / "data/cifar10/train-1017.npz")["y"][512:]
+
+
+def refine_settings(name: str) -> dict[str, Callable]:
+    held = held_out_split(name)
+
+    def scored(label, flags):
+        def build(path, calib):
+            model, seconds, peak = run_onnxq_cli(path, calib, flags)
+            if held is not None:
+                HELD_OUT[label] = float((logits(model, held[0]).argmax(1) == held[1]).mean())
+            return model, seconds, peak
+
+        return build
+
+    settings = {}
+    for w, a in REFINE_WIDTHS.get(name, [(4, 4)]):
+        base = ["--w-bits", str(w), "--a-bits", str(a), "--max-samples", "256", "--no-speed-check"]
+        for method in ("mse", "pd") if name == "resnet20_cifar10" else ("mse",):
+            label = f"onnxq W{w}A{a} {method} (scale search only)"
+            settings[label] = scored(label, [*base, "--calib-method", method])
+        for loss in REFINE_LOSSES.get(name, ["mse"]):
+            label = f"onnxq W{w}A{a} mse + --refine ({loss} loss)"
+            flags = [*base, "--calib-method", "mse", "--refine", "--refine-loss", loss]
+            if name == "mobilenet_v2":
+                flags += ["--time-budget", "1800"]
+            settings[label] = scored(label, flags)
+    return settings
+
+
+def refine_extra() -> str:
+    if not HELD_OUT:
+        return ""
+    cells = "; ".join(f"{label}: {100 * top1:.2f}" for label, top1 in HELD_OUT.items())
+    return f"Top-1 on held-out calibration images (train-1017[512:], where defaults are chosen): {cells}."
+
+
 # ----------------------------------------------------------------------------- zoo
 
 
@@ -591,6 +644,7 @@ SUITES = {
     "w8a8": (w8a8_settings, CALIBRATION_SAMPLES, True),
     "reparam": (reparam_settings, CALIBRATION_SAMPLES, True),
     "lowbit": (lowbit_settings, LOW_BIT_SAMPLES, False),
+    "refine": (refine_settings, LOW_BIT_SAMPLES, False),
 }
 DEFAULT_MODELS = {
     "w8a8": [
@@ -604,12 +658,14 @@ DEFAULT_MODELS = {
     "reparam": ["repvgg_cifar10", "mobileone_cifar10"],
     "lowbit": ["resnet20_cifar10", "mobilenet_v2", "repvgg_cifar10", "mobileone_cifar10"],
     "calib": list(CALIB_WIDTHS),
+    "refine": list(REFINE_WIDTHS),
 }
 SUITE_TITLES = {
     "w8a8": "W8A8 against onnxruntime (issue 2)",
     "reparam": "Re-parameterized models: unfused, fused, W8A8 (issue 3)",
     "lowbit": "Low bit widths, granularity and weight range rules (issue 4)",
     "calib": "Scales chosen by error: mse, mae, pd, bias correction (issue 5)",
+    "refine": "Rounding refinement: learned rounding and activation steps (issue 14)",
 }
 
 
@@ -650,13 +706,18 @@ def markdown(suite: str, name: str, float_top1: float, rows: list[Row], samples:
         "in its own process: calib. s is that process's wall time (imports and saving included) and "
         "peak MB its peak resident memory. pd keeps 20 % of the calibration images out of its search. "
         "Re-parameterized models: below 8 bits branches are quantized one by one unless merged.",
+        "refine": f"Calibration: {samples} CIFAR-10 training images or {samples} even-class ImageNet images; "
+        "per-channel symmetric weights, first and last layers at 8 bits, branches of re-parameterized "
+        "models unmerged. `--refine` starts from the mse scale search and runs its defaults (block units, "
+        "QDrop 0.5, 500 iterations per block, batch 32, seed 0); one calibration draw. calib. s is the "
+        "`onnxq quantize` process's wall time on 2 cores and peak MB its peak resident memory.",
     }
     latency = SUITES[suite][2]
     lines = [f"## {SUITE_TITLES[suite]}: {name} (float top-1 {100 * float_top1:.2f} %)", "", notes[suite], ""]
     lines += [extra, ""] if extra else []
     header = "| setting | top-1 % | Δ float | agreement % | KL | size KB | calib. s |"
     rule = "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
-    if suite == "calib":
+    if suite in ("calib", "refine"):
         header += " peak MB |"
         rule += " ---: |"
     if latency:
@@ -673,7 +734,7 @@ def markdown(suite: str, name: str, float_top1: float, rows: list[Row], samples:
             f"{r.size_kb:.0f}",
             "" if r.calib_s is None else f"{r.calib_s:.1f}",
         ]
-        if suite == "calib":
+        if suite in ("calib", "refine"):
             cells.append("" if r.peak_mb is None else f"{r.peak_mb:.0f}")
         if latency:
             cells.append("" if r.latency_ratio is None else f"{r.latency_ratio:.2f}")
@@ -755,6 +816,8 @@ def main() -> None:
             section += " (" + ", ".join(args.only) + ")"
         float_top1, rows = measure(name, settings, samples=samples, latency=latency)
         extra = fusion_check(name) if args.suite == "reparam" else ""
+        if args.suite == "refine":
+            extra, _ = refine_extra(), HELD_OUT.clear()
         text = markdown(args.suite, section.split("/", 1)[1], float_top1, rows, samples, extra)
         write_section(args.out, section, text, machine)
         print("wrote", name, "to", args.out, flush=True)

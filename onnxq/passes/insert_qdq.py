@@ -16,7 +16,7 @@ import onnx_ir as ir
 from onnxq.passes.graph_utils import bypass, constant, drop_unused_initializers, set_initializer
 from onnxq.quant import primitives as P
 from onnxq.quant.plan import QuantPlan, WeightSpec
-from onnxq.quant.weights import quantize_weight
+from onnxq.quant.weights import QuantizedWeight, quantize_weight
 
 ActivationParams = dict[str, tuple[np.float32, np.integer, P.IntRange]]
 
@@ -79,14 +79,17 @@ def insert_qdq(
     reduced_8bit_weights: bool = False,
     weight_ratios: dict[str, np.ndarray] | None = None,
     biases: dict[str, np.ndarray] | None = None,
+    refined_weights: dict[str, QuantizedWeight] | None = None,
 ) -> QdqSummary:
     """Rewrite `graph` in place into its QDQ form.
 
     `reduced_8bit_weights` keeps 8-bit weights within [-63, 63] (for int8 kernels that saturate).
     `weight_ratios` (per weight, one per scale group) and `biases` (corrected float biases) are
     what calibration chose; weights without a ratio use their range rule as it is.
+    `refined_weights` are integers and scales rounding refinement learned; they are written as
+    they are.
     """
-    weight_ratios, biases = weight_ratios or {}, biases or {}
+    weight_ratios, biases, refined_weights = weight_ratios or {}, biases or {}, refined_weights or {}
     _remove_absorbed(graph, plan)
     values = _values_by_name(graph)
     for name, bias in biases.items():
@@ -94,7 +97,10 @@ def insert_qdq(
     weight_scales = {}
     for name, spec in plan.weights.items():
         target = weight_target(spec, symmetric_weights, reduced_8bit_weights)
-        weight_scales[name] = _quantize_weight(graph, values[name], spec, target, weight_ratios.get(name))
+        quantized = refined_weights.get(name) or planned_weight(
+            constant(values[name]), spec, target, weight_ratios.get(name)
+        )
+        weight_scales[name] = _quantize_weight(graph, values[name], spec, quantized)
     for spec in plan.biases.values():
         weight_scale = weight_scales[spec.weight]
         if weight_scale is not None:
@@ -158,11 +164,18 @@ def _needs_clip(target: P.IntRange) -> bool:
     return (target.qmin, target.qmax) not in ((0, 255), (-128, 127))
 
 
+def planned_weight(
+    weight: np.ndarray, spec: WeightSpec, target: P.IntRange, ratios: np.ndarray | None
+) -> QuantizedWeight:
+    """The weight quantized as the plan and calibration say (nearest rounding)."""
+    return quantize_weight(weight, spec.layout, spec.granularity, spec.rule, target, ratios)
+
+
 def _quantize_weight(
-    graph: ir.Graph, value: ir.Value, spec: WeightSpec, target: P.IntRange, ratios: np.ndarray | None
+    graph: ir.Graph, value: ir.Value, spec: WeightSpec, quantized: QuantizedWeight
 ) -> np.ndarray | None:
     """Store the weight as integers + DequantizeLinear; returns its per-output-channel scale if any."""
-    quantized = quantize_weight(constant(value), spec.layout, spec.granularity, spec.rule, target, ratios)
+    target = quantized.target
     _dequantized_constant(
         graph,
         value,

@@ -91,7 +91,7 @@ def quantize(
     axis: int | None = None,
 ) -> np.ndarray:
     """QuantizeLinear, with saturation to the target range (which may be narrower than the type)."""
-    scale, zero_point = _broadcast(scale, x.ndim, axis), _broadcast(zero_point, x.ndim, axis)
+    scale, zero_point = broadcast(scale, x.ndim, axis), broadcast(zero_point, x.ndim, axis)
     q = np.rint(x.astype(np.float32) / scale) + zero_point.astype(np.int64)
     return np.clip(q, target.qmin, target.qmax).astype(target.dtype)
 
@@ -100,11 +100,12 @@ def dequantize(
     q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None = None
 ) -> np.ndarray:
     """DequantizeLinear: (q - z) · s."""
-    scale, zero_point = _broadcast(scale, q.ndim, axis), _broadcast(zero_point, q.ndim, axis)
+    scale, zero_point = broadcast(scale, q.ndim, axis), broadcast(zero_point, q.ndim, axis)
     return ((q.astype(np.int64) - zero_point.astype(np.int64)) * scale).astype(np.float32)
 
 
-def _broadcast(param: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
+def broadcast(param: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
+    """A per-axis parameter shaped to broadcast against a tensor of `ndim` dimensions."""
     param = np.asarray(param)
     if axis is None or param.ndim == 0:
         return param

@@ -50,6 +50,24 @@ class QuantizedWeight:
 
         return P.dequantize(self.integers, per_element(self.scale), per_element(self.zero_point))
 
+    def element_params(self) -> tuple[np.ndarray, np.ndarray]:
+        """(scale, zero point) of every element, in the weight's shape: what learned rounding
+        divides by (it keeps each group's scale and chooses the integers anew)."""
+        if not self.block_size:
+            scale = P.broadcast(self.scale, self.integers.ndim, self.axis)
+            zero = P.broadcast(self.zero_point, self.integers.ndim, self.axis)
+        else:
+            length = self.integers.shape[self.axis]
+            scale, zero = (
+                np.repeat(p, self.block_size, axis=self.axis).take(range(length), axis=self.axis)
+                for p in (self.scale, self.zero_point)
+            )
+        shape = self.integers.shape
+        return (
+            np.broadcast_to(scale, shape).astype(np.float32),
+            np.broadcast_to(zero, shape).astype(np.int64),
+        )
+
     @property
     def per_output_channel_scale(self) -> np.ndarray | None:
         """One scale per output channel (or one for all), as a bias at s_in·s_w needs; else None."""

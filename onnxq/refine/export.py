@@ -1,0 +1,92 @@
+"""Refinement end to end, and its result in the form insert_qdq writes.
+
+Hard rounding gives each weight integers floor(w/s) + [V ≥ 0] + z with its calibrated scales
+unchanged; each activation keeps its zero point and takes its learned step. Nothing is added to
+the graph: the refined model is the same QDQ model with other integers and scales.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import onnx
+import torch
+
+from onnxq.progress import Progress, Silent
+from onnxq.quant.plan import QuantPlan
+from onnxq.quant.weights import QuantizedWeight
+from onnxq.refine.blocks import partition
+from onnxq.refine.mirror import ActivationParams, Mirror
+from onnxq.refine.reconstruct import RefineSettings, UnitReport, reconstruct
+
+
+@dataclass
+class Refinement:
+    weights: dict[str, QuantizedWeight]
+    activations: ActivationParams
+    units: list[UnitReport] = field(default_factory=list)
+    seconds: float = 0.0
+    mirror: Mirror | None = field(default=None, repr=False)  # in its refined, hard-rounding state
+
+    def notes(self, loss: str) -> list[str]:
+        refined = [u for u in self.units if not u.skipped]
+        lines = [f"refined {len(refined)} of {len(self.units)} units ({loss} loss) in {self.seconds:.1f} s"]
+        for unit in self.units:
+            if unit.skipped:
+                lines.append(f"  not refined: {unit.name}: {unit.skipped}")
+            elif unit.reverted:
+                lines.append(
+                    f"  {unit.name}: {unit.before:.4g}, no lower after {unit.iterations} iterations: kept"
+                )
+            else:
+                lines.append(
+                    f"  {unit.name}: {unit.before:.4g} → {unit.after:.4g} ({unit.iterations} iterations)"
+                )
+        return lines
+
+
+def refine(
+    model: onnx.ModelProto,
+    plan: QuantPlan,
+    activations: ActivationParams,
+    weights: dict[str, QuantizedWeight],
+    biases: dict[str, np.ndarray] | None,
+    data: dict[str, np.ndarray],
+    settings: RefineSettings,
+    progress: Progress | None = None,
+) -> Refinement:
+    """Learned integers and activation steps for `plan`, starting from the calibrated ones."""
+    began = time.monotonic()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    mirror = Mirror(model, plan, activations, weights, biases)
+    units = partition(mirror, set(plan.layers), settings.unit)
+    feeds = {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in data.items()}
+    reports = reconstruct(mirror, units, feeds, settings, progress or Silent())
+    return Refinement(
+        exported_weights(mirror, weights),
+        exported_activations(mirror, activations),
+        reports,
+        time.monotonic() - began,
+        mirror,
+    )
+
+
+def exported_weights(mirror: Mirror, weights: dict[str, QuantizedWeight]) -> dict[str, QuantizedWeight]:
+    """Each weight with its learned integers and its scales as calibrated."""
+    result = {}
+    for name, quantized in weights.items():
+        integers = mirror.rounding[mirror.weight_index[name]].integers()
+        result[name] = replace(quantized, integers=integers.astype(quantized.target.dtype))
+    return result
+
+
+def exported_activations(mirror: Mirror, activations: ActivationParams) -> ActivationParams:
+    """Each activation with its learned step, its zero point and integer range unchanged."""
+    result = {}
+    for root, (_, zero, target) in activations.items():
+        scale, _ = mirror.activation[mirror.root_index[root]].learned()
+        result[root] = (scale, zero, target)
+    return result

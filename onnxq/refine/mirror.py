@@ -1,0 +1,251 @@
+"""The planned float graph executed in torch, node by node, with the plan's fake quantizers.
+
+The mirror is what gradients flow through: activation quantizers sit where insert_qdq puts its
+QuantizeLinear/DequantizeLinear pairs, weights are RoundingWeights (nearest rounding until
+learned), and quantized biases are stored at s_in·s_w as insert_qdq stores them, so its hard
+output is the QDQ model's output. Absorbed Relu/Clip nodes stay in the mirror: the quantizer
+after them has zero point 0 and clamps at 0 exactly as the QDQ graph's does without them.
+
+A node whose op is missing from ops.OPS (or which the op refuses) runs in onnxruntime on its
+own, without a gradient; a unit holding one is not refined (see reconstruct.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
+
+from onnxq.io import session
+from onnxq.quant.plan import QuantPlan
+from onnxq.quant.weights import QuantizedWeight
+from onnxq.refine.ops import OPS
+from onnxq.refine.quantizers import ActivationQuantizer, RoundingWeight, round_ste
+
+Env = dict[str, torch.Tensor]
+ActivationParams = dict[str, tuple]  # root tensor → (scale, zero point, IntRange), as insert_qdq
+
+
+@dataclass
+class MirrorNode:
+    name: str
+    op_type: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict
+    proto: onnx.NodeProto
+    in_torch: bool  # False: onnxruntime runs it, without a gradient
+
+
+class Mirror(nn.Module):
+    """Run any node range of the model, in float or quantized, on a dict of named tensors."""
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        plan: QuantPlan | None = None,
+        activations: ActivationParams | None = None,
+        weights: dict[str, QuantizedWeight] | None = None,
+        biases: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        super().__init__()
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+        self.constants: Env = {t.name: _tensor(numpy_helper.to_array(t)) for t in model.graph.initializer}
+        self.nodes: list[MirrorNode] = []
+        for node in model.graph.node:
+            if node.op_type == "Constant":
+                self.constants[node.output[0]] = _tensor(_constant_value(node))
+                continue
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            name = node.name or f"{node.op_type}_{node.output[0]}"
+            in_torch = node.op_type in OPS and node.domain in ("", "ai.onnx")
+            self.nodes.append(
+                MirrorNode(name, node.op_type, list(node.input), list(node.output), attrs, node, in_torch)
+            )
+        self.graph_inputs = [i.name for i in model.graph.input if i.name not in self.constants]
+        self.graph_outputs = [o.name for o in model.graph.output]
+        self._types = _value_types(model)
+        self.last_use = _last_uses(self.nodes, self.graph_outputs)
+        self._sessions: dict[str, object] = {}
+        self._quantizers(plan, activations or {}, weights or {}, biases or {})
+
+    # ------------------------------------------------------------------------ set-up
+
+    def _quantizers(self, plan, activations, weights, biases) -> None:
+        self.activation = nn.ModuleList()
+        self.root_index: dict[str, int] = {}
+        for root, (scale, zero, target) in activations.items():
+            self.root_index[root] = len(self.activation)
+            self.activation.append(ActivationQuantizer(scale, int(zero), target.qmin, target.qmax))
+        self.quant_points: dict[str, int] = {}  # tensor → quantizer applied right after it
+        if plan is not None:
+            absorbed_outputs = {n.outputs[0] for n in self.nodes if n.name in plan.absorbed}
+            for spec in plan.activations.values():
+                point = spec.observed if spec.observed in absorbed_outputs else spec.tensor
+                root = plan.root(spec.tensor)
+                if root in self.root_index:
+                    self.quant_points[point] = self.root_index[root]
+        self.rounding = nn.ModuleList()
+        self.weight_index: dict[str, int] = {}
+        self.weight_scales: dict[str, np.ndarray | None] = {}
+        for name, quantized in weights.items():
+            scale, zero = quantized.element_params()
+            self.weight_index[name] = len(self.rounding)
+            weight = self.constants[name].numpy()
+            self.rounding.append(
+                RoundingWeight(weight, scale, zero, quantized.target.qmin, quantized.target.qmax)
+            )
+            self.weight_scales[name] = quantized.per_output_channel_scale
+        self.corrected_biases = {name: _tensor(value) for name, value in biases.items()}
+        self.bias_specs: dict[str, tuple[int, str]] = {}  # bias → (activation quantizer, scale buffer)
+        if plan is not None:
+            for spec in plan.biases.values():
+                root = plan.root(spec.activation)
+                if self.weight_scales.get(spec.weight) is not None and root in self.root_index:
+                    scale = torch.from_numpy(np.asarray(self.weight_scales[spec.weight], np.float32))
+                    buffer = f"bias_scale_{len(self.bias_specs)}"
+                    self.register_buffer(buffer, scale, persistent=False)
+                    self.bias_specs[spec.name] = (self.root_index[root], buffer)
+
+    # ------------------------------------------------------------------------ running
+
+    def quantize_inputs(self, feeds: Env, quantized: bool) -> Env:
+        """The graph inputs as the first nodes read them."""
+        env = dict(feeds)
+        if quantized:
+            for name in self.graph_inputs:
+                if name in env and name in self.quant_points:
+                    env[name] = self.activation[self.quant_points[name]](env[name])
+        return env
+
+    def run(self, env: Env, begin: int, end: int, *, quantized: bool, keep: Iterable[str] = ()) -> Env:
+        """Run nodes[begin:end] on `env` (updated in place and returned).
+
+        Tensors no node after `end` reads are dropped as soon as they are used, except `keep`.
+        """
+        keep = set(keep) | set(self.graph_outputs)
+        weights: Env = {}
+        for index in range(begin, end):
+            node = self.nodes[index]
+            inputs = [self._value(name, env, weights, quantized) if name else None for name in node.inputs]
+            outputs = self._execute(node, inputs)
+            for name, value in zip(node.outputs, outputs, strict=False):
+                if not name:
+                    continue
+                if quantized and name in self.quant_points:
+                    value = self.activation[self.quant_points[name]](value)
+                env[name] = value
+            for name in node.inputs:
+                if name in env and self.last_use.get(name, -1) <= index and name not in keep:
+                    del env[name]
+        return env
+
+    def forward(self, feeds: Env, quantized: bool = True) -> list[torch.Tensor]:
+        env = self.run(self.quantize_inputs(feeds, quantized), 0, len(self.nodes), quantized=quantized)
+        return [env[name] for name in self.graph_outputs]
+
+    def _value(self, name: str, env: Env, weights: Env, quantized: bool) -> torch.Tensor:
+        if name in env:
+            return env[name]
+        if quantized:
+            if name in self.weight_index:
+                if name not in weights:
+                    weights[name] = self.rounding[self.weight_index[name]]()
+                return weights[name]
+            if name in self.bias_specs:
+                return self._quantized_bias(name)
+            if name in self.corrected_biases:
+                return self.corrected_biases[name]
+        return self.constants[name]
+
+    def _quantized_bias(self, name: str) -> torch.Tensor:
+        """round(b / (s_in·s_w))·s_in·s_w, the int32 bias insert_qdq writes (a zero scale → 1)."""
+        bias = self.corrected_biases.get(name, self.constants[name])
+        root, buffer = self.bias_specs[name]
+        scale = self.activation[root].scale.clamp_min(1e-12) * getattr(self, buffer)
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        return round_ste(bias / scale) * scale
+
+    def _execute(self, node: MirrorNode, inputs: list) -> tuple:
+        if node.in_torch:
+            try:
+                fn = OPS[node.op_type]
+                if node.op_type == "Split":
+                    return fn(node.attrs, *inputs, outputs=len(node.outputs))
+                return fn(node.attrs, *inputs)
+            except NotImplementedError:
+                node.in_torch = False
+        return self._onnxruntime(node, inputs)
+
+    def _onnxruntime(self, node: MirrorNode, inputs: list) -> tuple:
+        """The node alone in onnxruntime: no gradient, but the values are right."""
+        arrays = [None if v is None else v.detach().cpu().numpy() for v in inputs]
+        if node.name not in self._sessions:
+            names = [f"in{i}" if v is not None else "" for i, v in enumerate(arrays)]
+            infos = [
+                helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), None)
+                for n, a in zip(names, arrays, strict=True)
+                if a is not None
+            ]
+            outputs = [
+                helper.make_tensor_value_info(f"out{i}", self._types.get(o, onnx.TensorProto.FLOAT), None)
+                for i, o in enumerate(node.outputs)
+                if o
+            ]
+            single = helper.make_node(
+                node.op_type,
+                names,
+                [f"out{i}" if o else "" for i, o in enumerate(node.outputs)],
+                domain=node.proto.domain,
+            )
+            single.attribute.extend(node.proto.attribute)
+            graph = helper.make_graph([single], node.name, infos, outputs)
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
+            model.ir_version = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+            self._sessions[node.name] = session(model, arena=False)
+        runner = self._sessions[node.name]
+        feed = {f"in{i}": a for i, a in enumerate(arrays) if a is not None}
+        device = next((v.device for v in inputs if v is not None), torch.device("cpu"))
+        return tuple(torch.from_numpy(np.asarray(v)).to(device) for v in runner.run(None, feed))
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    array = np.asarray(array)
+    if array.dtype == np.float64:
+        array = array.astype(np.float32)
+    return torch.from_numpy(array.copy())
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray:
+    attribute = node.attribute[0]
+    value = helper.get_attribute_value(attribute)
+    if attribute.name in ("value", "sparse_value"):
+        return numpy_helper.to_array(value)
+    dtypes = {
+        "value_float": np.float32,
+        "value_floats": np.float32,
+        "value_int": np.int64,
+        "value_ints": np.int64,
+    }
+    return np.asarray(value, dtypes.get(attribute.name))
+
+
+def _value_types(model: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    infos = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+    return {i.name: i.type.tensor_type.elem_type for i in infos}
+
+
+def _last_uses(nodes: list[MirrorNode], outputs: list[str]) -> dict[str, int]:
+    last: dict[str, int] = {}
+    for index, node in enumerate(nodes):
+        for name in node.inputs:
+            last[name] = index
+    for name in outputs:
+        last[name] = len(nodes)
+    return last

@@ -1,0 +1,589 @@
+"""ONNX operators in torch, as onnxruntime computes them, so gradients can flow through a model.
+
+One function per op type: `fn(attrs, *inputs) -> tuple of outputs`. Integer tensors (shapes,
+indices) are torch int64 tensors too; ops without an entry here are run by onnxruntime without a
+gradient (see mirror.py), so a table miss costs refinement of one block, never correctness.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Op = Callable[..., tuple]
+OPS: dict[str, Op] = {}
+
+
+def op(*names: str):
+    def register(fn: Op) -> Op:
+        for name in names:
+            OPS[name] = fn
+        return fn
+
+    return register
+
+
+def _ints(t) -> list[int]:
+    return [int(v) for v in (t.tolist() if isinstance(t, torch.Tensor) else t)]
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def _conv_padding(attrs: dict, x: torch.Tensor, kernel: list[int], strides, dilations):
+    """Explicit (begin..., end...) pads, resolving auto_pad as onnxruntime does."""
+    spatial = len(kernel)
+    auto = attrs.get("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        pads_begin, pads_end = [], []
+        for i in range(spatial):
+            size = x.shape[2 + i]
+            out = -(-size // strides[i])
+            total = max(0, (out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - size)
+            small, large = total // 2, total - total // 2
+            pads_begin.append(small if auto == "SAME_UPPER" else large)
+            pads_end.append(large if auto == "SAME_UPPER" else small)
+        return pads_begin + pads_end
+    if auto == "VALID":
+        return [0] * (2 * spatial)
+    return list(attrs.get("pads", [0] * (2 * spatial)))
+
+
+def _pad_input(x: torch.Tensor, pads: list[int], value: float = 0.0) -> tuple[torch.Tensor, list[int]]:
+    """Pads torch can take as symmetric (one per axis), applying the rest with F.pad."""
+    spatial = len(pads) // 2
+    begin, end = pads[:spatial], pads[spatial:]
+    if begin == end:
+        return x, begin
+    extra = []
+    for b, e in zip(reversed(begin), reversed(end), strict=True):
+        extra += [b, e]
+    return F.pad(x, extra, value=value), [0] * spatial
+
+
+@op("Conv")
+def conv(attrs, x, w, b=None):
+    kernel = list(w.shape[2:])
+    strides = list(attrs.get("strides", [1] * len(kernel)))
+    dilations = list(attrs.get("dilations", [1] * len(kernel)))
+    x, padding = _pad_input(x, _conv_padding(attrs, x, kernel, strides, dilations))
+    fn = (F.conv1d, F.conv2d, F.conv3d)[len(kernel) - 1]
+    return (fn(x, w, b, strides, padding, dilations, attrs.get("group", 1)),)
+
+
+@op("ConvTranspose")
+def conv_transpose(attrs, x, w, b=None):
+    spatial = w.dim() - 2
+    strides = list(attrs.get("strides", [1] * spatial))
+    dilations = list(attrs.get("dilations", [1] * spatial))
+    pads = list(attrs.get("pads", [0] * (2 * spatial)))
+    output_padding = list(attrs.get("output_padding", [0] * spatial))
+    fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[spatial - 1]
+    y = fn(x, w, b, strides, 0, output_padding, attrs.get("group", 1), dilations)
+    crop = [slice(None), slice(None)]
+    for i in range(spatial):
+        crop.append(slice(pads[i], y.shape[2 + i] - pads[spatial + i]))
+    return (y[tuple(crop)],)
+
+
+@op("Gemm")
+def gemm(attrs, a, b, c=None):
+    a = a.transpose(0, 1) if attrs.get("transA", 0) else a
+    b = b.transpose(0, 1) if attrs.get("transB", 0) else b
+    y = attrs.get("alpha", 1.0) * (a @ b)
+    return (y if c is None else y + attrs.get("beta", 1.0) * c,)
+
+
+@op("MatMul")
+def matmul(attrs, a, b):
+    return (torch.matmul(a, b),)
+
+
+# ----------------------------------------------------------------------------- elementwise
+
+
+@op("Add")
+def add(attrs, a, b):
+    return (a + b,)
+
+
+@op("Sub")
+def sub(attrs, a, b):
+    return (a - b,)
+
+
+@op("Mul")
+def mul(attrs, a, b):
+    return (a * b,)
+
+
+@op("Div")
+def div(attrs, a, b):
+    if not a.is_floating_point() and not b.is_floating_point():
+        return (torch.div(a, b, rounding_mode="trunc"),)
+    return (a / b,)
+
+
+@op("Pow")
+def power(attrs, a, b):
+    return (torch.pow(a, b),)
+
+
+@op("Relu")
+def relu(attrs, x):
+    return (F.relu(x),)
+
+
+@op("Clip")
+def clip(attrs, x, low=None, high=None):
+    low = attrs.get("min") if low is None else low
+    high = attrs.get("max") if high is None else high
+    if low is not None:
+        x = torch.maximum(x, torch.as_tensor(low, dtype=x.dtype))
+    if high is not None:
+        x = torch.minimum(x, torch.as_tensor(high, dtype=x.dtype))
+    return (x,)
+
+
+@op("Sigmoid")
+def sigmoid(attrs, x):
+    return (torch.sigmoid(x),)
+
+
+@op("HardSigmoid")
+def hard_sigmoid(attrs, x):
+    return (torch.clamp(attrs.get("alpha", 0.2) * x + attrs.get("beta", 0.5), 0.0, 1.0),)
+
+
+@op("HardSwish")
+def hard_swish(attrs, x):
+    return (x * torch.clamp(x / 6.0 + 0.5, 0.0, 1.0),)
+
+
+@op("LeakyRelu")
+def leaky_relu(attrs, x):
+    return (F.leaky_relu(x, attrs.get("alpha", 0.01)),)
+
+
+@op("Elu")
+def elu(attrs, x):
+    return (F.elu(x, attrs.get("alpha", 1.0)),)
+
+
+@op("PRelu")
+def prelu(attrs, x, slope):
+    return (torch.where(x >= 0, x, x * slope),)
+
+
+@op("Tanh")
+def tanh(attrs, x):
+    return (torch.tanh(x),)
+
+
+@op("Exp")
+def exp(attrs, x):
+    return (torch.exp(x),)
+
+
+@op("Log")
+def log(attrs, x):
+    return (torch.log(x),)
+
+
+@op("Sqrt")
+def sqrt(attrs, x):
+    return (torch.sqrt(x),)
+
+
+@op("Reciprocal")
+def reciprocal(attrs, x):
+    return (torch.reciprocal(x),)
+
+
+@op("Neg")
+def neg(attrs, x):
+    return (-x,)
+
+
+@op("Abs")
+def absolute(attrs, x):
+    return (torch.abs(x),)
+
+
+@op("Erf")
+def erf(attrs, x):
+    return (torch.erf(x),)
+
+
+@op("Floor")
+def floor(attrs, x):
+    return (torch.floor(x),)
+
+
+@op("Ceil")
+def ceil(attrs, x):
+    return (torch.ceil(x),)
+
+
+@op("Softplus")
+def softplus(attrs, x):
+    return (F.softplus(x),)
+
+
+@op("Identity", "Dropout")
+def identity(attrs, x, *rest):
+    return (x,)
+
+
+@op("Softmax")
+def softmax(attrs, x):
+    return (torch.softmax(x, attrs.get("axis", -1)),)
+
+
+@op("LogSoftmax")
+def log_softmax(attrs, x):
+    return (torch.log_softmax(x, attrs.get("axis", -1)),)
+
+
+@op("BatchNormalization")
+def batch_norm(attrs, x, scale, bias, mean, var):
+    return (F.batch_norm(x, mean, var, scale, bias, False, 0.0, attrs.get("epsilon", 1e-5)),)
+
+
+# ----------------------------------------------------------------------------- pooling
+
+
+def _pool_padding(attrs, x, kernel, strides):
+    return _conv_padding(attrs, x, kernel, strides, [1] * len(kernel))
+
+
+@op("GlobalAveragePool")
+def global_average_pool(attrs, x):
+    return (x.mean(dim=tuple(range(2, x.dim())), keepdim=True),)
+
+
+@op("GlobalMaxPool")
+def global_max_pool(attrs, x):
+    return (x.amax(dim=tuple(range(2, x.dim())), keepdim=True),)
+
+
+@op("AveragePool")
+def average_pool(attrs, x):
+    kernel = list(attrs["kernel_shape"])
+    strides = list(attrs.get("strides", [1] * len(kernel)))
+    pads = _pool_padding(attrs, x, kernel, strides)
+    include = bool(attrs.get("count_include_pad", 0))
+    ceil_mode = bool(attrs.get("ceil_mode", 0))
+    x, padding = _pad_input(x, pads) if include else (x, None)
+    if padding is None:
+        spatial = len(kernel)
+        if pads[:spatial] != pads[spatial:]:
+            raise NotImplementedError("asymmetric AveragePool pads without count_include_pad")
+        padding = pads[:spatial]
+    fn = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[len(kernel) - 1]
+    return (fn(x, kernel, strides, padding, ceil_mode, include),)
+
+
+@op("MaxPool")
+def max_pool(attrs, x):
+    kernel = list(attrs["kernel_shape"])
+    strides = list(attrs.get("strides", [1] * len(kernel)))
+    dilations = list(attrs.get("dilations", [1] * len(kernel)))
+    x, padding = _pad_input(x, _pool_padding(attrs, x, kernel, strides), value=-math.inf)
+    fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[len(kernel) - 1]
+    return (fn(x, kernel, strides, padding, dilations, bool(attrs.get("ceil_mode", 0))),)
+
+
+def _axes(attrs, x, axes_input):
+    axes = attrs.get("axes") if axes_input is None else _ints(axes_input)
+    return None if axes is None or len(axes) == 0 else [a % x.dim() for a in axes]
+
+
+def _reduce(fn):
+    def reduce(attrs, x, axes=None):
+        dims = _axes(attrs, x, axes)
+        if dims is None and attrs.get("noop_with_empty_axes", 0):
+            return (x,)
+        dims = list(range(x.dim())) if dims is None else dims
+        return (fn(x, dims, bool(attrs.get("keepdims", 1))),)
+
+    return reduce
+
+
+OPS["ReduceMean"] = _reduce(lambda x, d, k: x.mean(dim=d, keepdim=k))
+OPS["ReduceSum"] = _reduce(lambda x, d, k: x.sum(dim=d, keepdim=k))
+OPS["ReduceMax"] = _reduce(lambda x, d, k: x.amax(dim=d, keepdim=k))
+OPS["ReduceMin"] = _reduce(lambda x, d, k: x.amin(dim=d, keepdim=k))
+OPS["ReduceL2"] = _reduce(lambda x, d, k: torch.sqrt((x * x).sum(dim=d, keepdim=k)))
+OPS["ReduceSumSquare"] = _reduce(lambda x, d, k: (x * x).sum(dim=d, keepdim=k))
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+@op("Concat")
+def concat(attrs, *xs):
+    return (torch.cat([x for x in xs if x is not None], dim=attrs["axis"]),)
+
+
+@op("Split")
+def split(attrs, x, sizes=None, *, outputs: int = 1):
+    axis = attrs.get("axis", 0) % x.dim()
+    if sizes is None:
+        sizes = attrs.get("split")
+    if sizes is None:
+        parts = attrs.get("num_outputs", outputs)
+        chunk = -(-x.shape[axis] // parts)
+        sizes = [min(chunk, x.shape[axis] - i * chunk) for i in range(parts)]
+    return tuple(torch.split(x, _ints(sizes), dim=axis))
+
+
+@op("Slice")
+def slice_(attrs, x, starts, ends, axes=None, steps=None):
+    starts, ends = _ints(starts), _ints(ends)
+    axes = _ints(axes) if axes is not None else list(range(len(starts)))
+    steps = _ints(steps) if steps is not None else [1] * len(starts)
+    index = [slice(None)] * x.dim()
+    flips = []
+    for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
+        axis %= x.dim()
+        size = x.shape[axis]
+        if step > 0:
+            start, end = (max(0, min(size, v + size if v < 0 else v)) for v in (start, end))
+            index[axis] = slice(start, end, step)
+        else:  # torch has no negative steps: take the reversed range, then flip
+            start = max(-1, min(size - 1, start + size if start < 0 else start))
+            end = max(-1, min(size - 1, end + size if end < 0 else end))
+            index[axis] = slice(end + 1, start + 1)
+            flips.append((axis, -step))
+    y = x[tuple(index)]
+    for axis, step in flips:
+        y = torch.flip(y, [axis])
+        if step != 1:
+            y = y[tuple([slice(None)] * axis + [slice(None, None, step)])]
+    return (y,)
+
+
+@op("Reshape")
+def reshape(attrs, x, shape):
+    shape = _ints(shape)
+    if not attrs.get("allowzero", 0):
+        shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    return (x.reshape(shape),)
+
+
+@op("Flatten")
+def flatten(attrs, x):
+    axis = attrs.get("axis", 1) % max(x.dim(), 1) if attrs.get("axis", 1) < 0 else attrs.get("axis", 1)
+    lead = int(np.prod(x.shape[:axis])) if axis else 1
+    return (x.reshape(lead, -1),)
+
+
+@op("Transpose")
+def transpose(attrs, x):
+    perm = attrs.get("perm", list(reversed(range(x.dim()))))
+    return (x.permute(*perm),)
+
+
+@op("Squeeze")
+def squeeze(attrs, x, axes=None):
+    dims = _axes(attrs, x, axes)
+    if dims is None:
+        return (x.squeeze(),)
+    for d in sorted(dims, reverse=True):
+        x = x.squeeze(d)
+    return (x,)
+
+
+@op("Unsqueeze")
+def unsqueeze(attrs, x, axes=None):
+    axes = attrs.get("axes") if axes is None else _ints(axes)
+    rank = x.dim() + len(axes)
+    for d in sorted(a % rank for a in axes):
+        x = x.unsqueeze(d)
+    return (x,)
+
+
+@op("Pad")
+def pad(attrs, x, pads=None, value=None, axes=None):
+    pads = _ints(pads) if pads is not None else list(attrs["pads"])
+    mode = attrs.get("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    rank = x.dim()
+    axes = [a % rank for a in _ints(axes)] if axes is not None else list(range(rank))
+    begin, end = pads[: len(axes)], pads[len(axes) :]
+    full = {a: (b, e) for a, b, e in zip(axes, begin, end, strict=True)}
+    torch_pads = []
+    for axis in reversed(range(rank)):
+        torch_pads += list(full.get(axis, (0, 0)))
+    while len(torch_pads) > 2 and torch_pads[-2:] == [0, 0]:
+        torch_pads = torch_pads[:-2]
+    if mode == "constant":
+        fill = float(value.reshape(-1)[0]) if value is not None and value.numel() else 0.0
+        return (F.pad(x, torch_pads, value=fill),)
+    torch_mode = {"reflect": "reflect", "edge": "replicate", "wrap": "circular"}[mode]
+    return (F.pad(x, torch_pads, mode=torch_mode),)
+
+
+@op("Resize")
+def resize(attrs, x, roi=None, scales=None, sizes=None):
+    mode = attrs.get("mode", b"nearest")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    transform = attrs.get("coordinate_transformation_mode", b"half_pixel")
+    transform = transform.decode() if isinstance(transform, bytes) else transform
+    if sizes is not None and sizes.numel():
+        size = _ints(sizes)[2:]
+    else:
+        factors = [float(s) for s in scales.tolist()][2:]
+        size = [math.floor(d * f) for d, f in zip(x.shape[2:], factors, strict=True)]
+    if mode == "nearest":
+        nearest = attrs.get("nearest_mode", b"round_prefer_floor")
+        nearest = nearest.decode() if isinstance(nearest, bytes) else nearest
+        integral = all(s % d == 0 for s, d in zip(size, x.shape[2:], strict=True))
+        if (transform == "asymmetric" and nearest == "floor") or (integral and transform != "align_corners"):
+            return (F.interpolate(x, size=size, mode="nearest"),)
+        raise NotImplementedError(f"Resize nearest with {transform}/{nearest} at non-integer scales")
+    if mode == "linear" and x.dim() in (3, 4, 5):
+        torch_mode = {3: "linear", 4: "bilinear", 5: "trilinear"}[x.dim()]
+        if transform == "align_corners":
+            return (F.interpolate(x, size=size, mode=torch_mode, align_corners=True),)
+        if transform in ("half_pixel", "pytorch_half_pixel"):
+            return (F.interpolate(x, size=size, mode=torch_mode, align_corners=False),)
+    raise NotImplementedError(f"Resize {mode} with {transform}")
+
+
+@op("Upsample")
+def upsample(attrs, x, scales):
+    size = [int(d * float(f)) for d, f in zip(x.shape[2:], scales.tolist()[2:], strict=True)]
+    return (F.interpolate(x, size=size, mode="nearest"),)
+
+
+@op("Shape")
+def shape(attrs, x):
+    dims = torch.tensor(list(x.shape), dtype=torch.int64)
+    start, end = attrs.get("start", 0), attrs.get("end")
+    return (dims[start:end],)
+
+
+@op("Size")
+def size(attrs, x):
+    return (torch.tensor(x.numel(), dtype=torch.int64),)
+
+
+@op("Gather")
+def gather(attrs, x, indices):
+    axis = attrs.get("axis", 0) % x.dim()
+    index = torch.where(indices < 0, indices + x.shape[axis], indices).long()
+    y = torch.index_select(x, axis, index.reshape(-1))
+    return (y.reshape((*x.shape[:axis], *index.shape, *x.shape[axis + 1 :])),)
+
+
+@op("Expand")
+def expand(attrs, x, shape):
+    target = _ints(shape)
+    ones = torch.ones(target, dtype=x.dtype)
+    return (
+        (x * ones) if x.is_floating_point() else x.expand(torch.broadcast_shapes(x.shape, tuple(target))),
+    )
+
+
+@op("Tile")
+def tile(attrs, x, repeats):
+    return (x.repeat(*_ints(repeats)),)
+
+
+@op("Where")
+def where(attrs, condition, a, b):
+    return (torch.where(condition.bool(), a, b),)
+
+
+@op("Equal")
+def equal(attrs, a, b):
+    return (a == b,)
+
+
+@op("Less")
+def less(attrs, a, b):
+    return (a < b,)
+
+
+@op("Greater")
+def greater(attrs, a, b):
+    return (a > b,)
+
+
+@op("Not")
+def logical_not(attrs, x):
+    return (~x.bool(),)
+
+
+@op("Range")
+def arange(attrs, start, limit, delta):
+    return (torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype),)
+
+
+@op("ConstantOfShape")
+def constant_of_shape(attrs, shape):
+    value = attrs.get("value")
+    fill = torch.as_tensor(np.asarray(value)) if value is not None else torch.zeros(1)
+    return (fill.reshape(-1)[0].expand(*_ints(shape)).clone(),)
+
+
+@op("Cast")
+def cast(attrs, x):
+    from onnx import helper
+
+    dtype = torch.from_numpy(np.zeros(0, helper.tensor_dtype_to_np_dtype(attrs["to"]))).dtype
+    return (x.to(dtype),)
+
+
+@op("Min")
+def minimum(attrs, *xs):
+    y = xs[0]
+    for x in xs[1:]:
+        y = torch.minimum(y, x)
+    return (y,)
+
+
+@op("Max")
+def maximum(attrs, *xs):
+    y = xs[0]
+    for x in xs[1:]:
+        y = torch.maximum(y, x)
+    return (y,)
+
+
+@op("Sum")
+def total(attrs, *xs):
+    y = xs[0]
+    for x in xs[1:]:
+        y = y + x
+    return (y,)
+
+
+@op("Mean")
+def mean(attrs, *xs):
+    return (OPS["Sum"](attrs, *xs)[0] / len(xs),)
+
+
+@op("ArgMax")
+def argmax(attrs, x):
+    axis, keep = attrs.get("axis", 0), bool(attrs.get("keepdims", 1))
+    return (torch.argmax(x, dim=axis, keepdim=keep),)
+
+
+@op("DepthToSpace")
+def depth_to_space(attrs, x):
+    block = attrs["blocksize"]
+    mode = attrs.get("mode", b"DCR")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    n, c, h, w = x.shape
+    if mode == "CRD":
+        return (F.pixel_shuffle(x, block),)
+    y = x.reshape(n, block, block, c // block**2, h, w).permute(0, 3, 4, 1, 5, 2)
+    return (y.reshape(n, c // block**2, h * block, w * block),)

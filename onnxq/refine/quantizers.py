@@ -1,0 +1,85 @@
+"""Fake quantizers that match ONNX QuantizeLinear → DequantizeLinear, and the learned ones.
+
+Forward: q = saturate(round_half_to_even(x / s) + z) in [qmin, qmax]; y = (q − z)·s, in float32
+as onnxruntime computes it (torch.round rounds half to even). Backward: the straight-through
+estimator for round, so activation steps learn as in LSQ. Weights learn their rounding as in
+AdaRound: each integer is floor(w/s) + h(V), h a rectified sigmoid pushed to 0 or 1 by a
+regulariser, and export takes h = [V ≥ 0], so every integer is within one step of nearest.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h reaches 0 and 1 exactly
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quantize(x: torch.Tensor, scale, zero, qmin: float, qmax: float) -> torch.Tensor:
+    """QuantizeLinear then DequantizeLinear, with a straight-through gradient."""
+    q = torch.clamp(round_ste(x / scale) + zero, qmin, qmax)
+    return (q - zero) * scale
+
+
+class ActivationQuantizer(nn.Module):
+    """Per-tensor activation quantizer whose step is learnable (LSQ), zero point fixed.
+
+    `drop` (QDrop): while training, each element keeps its float value with this probability,
+    which flattens the loss landscape the rounding is learned on.
+    """
+
+    def __init__(self, scale: float, zero: int, qmin: int, qmax: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(float(scale), dtype=torch.float32))
+        self.zero, self.qmin, self.qmax = float(zero), float(qmin), float(qmax)
+        self.drop = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = fake_quantize(x, self.scale.clamp_min(1e-12), self.zero, self.qmin, self.qmax)
+        if self.training and self.drop > 0:
+            keep_float = torch.rand_like(x) < self.drop
+            y = torch.where(keep_float, x, y)
+        return y
+
+    def learned(self) -> tuple[np.float32, int]:
+        return np.float32(self.scale.detach().clamp_min(1e-12).item()), int(self.zero)
+
+
+class RoundingWeight(nn.Module):
+    """A weight with fixed per-element scale and zero point and learnable rounding (AdaRound)."""
+
+    def __init__(self, weight: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int, qmax: int) -> None:
+        super().__init__()
+        scaled = torch.from_numpy(weight.astype(np.float32) / scale)
+        self.register_buffer("floor", torch.floor(scaled))
+        self.register_buffer("scale", torch.from_numpy(scale.astype(np.float32)))
+        self.register_buffer("zero", torch.from_numpy(zero.astype(np.float32)))
+        self.qmin, self.qmax = float(qmin), float(qmax)
+        rest = (scaled - self.floor).clamp(1e-4, 1 - 1e-4)
+        self.logits = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
+        self.soft = False  # True while learning; False: hard rounding [V ≥ 0]
+
+    def rounding(self) -> torch.Tensor:
+        if self.soft:
+            return torch.clamp(torch.sigmoid(self.logits) * (ZETA - GAMMA) + GAMMA, 0, 1)
+        return (self.logits >= 0).to(self.floor.dtype)
+
+    def forward(self) -> torch.Tensor:
+        q = torch.clamp(self.floor + self.rounding() + self.zero, self.qmin, self.qmax)
+        return (q - self.zero) * self.scale
+
+    def regulariser(self, beta: float) -> torch.Tensor:
+        """Σ 1 − |2h − 1|^β: zero once every h is 0 or 1."""
+        h = torch.clamp(torch.sigmoid(self.logits) * (ZETA - GAMMA) + GAMMA, 0, 1)
+        return (1 - (2 * h - 1).abs().pow(beta)).sum()
+
+    def integers(self) -> np.ndarray:
+        """The exported integers: floor(w/s) + [V ≥ 0] + z, inside [qmin, qmax]."""
+        hard = (self.logits >= 0).to(self.floor.dtype)
+        q = torch.clamp(self.floor + hard + self.zero, self.qmin, self.qmax)
+        return q.detach().cpu().numpy().astype(np.int64)

@@ -1,0 +1,266 @@
+"""Learn each unit's weight rounding and activation steps by gradient, unit after unit.
+
+A unit reads the already-refined quantized model's tensors at its cut (so it corrects what came
+before it), QDrop mixes in the float ones, and it is trained towards the float model's outputs
+at its far cut (mse/mae) or the float model's prediction (pd). A unit whose loss ends no lower
+than it started, on the calibration samples in eval mode, goes back to its start.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from onnxq.progress import Progress
+from onnxq.refine.blocks import Unit
+from onnxq.refine.losses import PD_FEATURE_WEIGHT, PD_TEMPERATURE, prediction_difference, reconstruction
+from onnxq.refine.mirror import Env, Mirror
+
+EVAL_SAMPLES = 256  # samples the before/after loss of a unit is measured on
+RUN_BATCH = 64  # samples per run when a unit's outputs are computed for all samples
+PROBE_ITERATIONS = 3  # iterations timed before a time budget sets a unit's count
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    """How refinement learns; the defaults follow BRECQ/QDrop where the papers give them."""
+
+    unit: str = "block"
+    loss: str = "mse"
+    iterations: int = 500  # per unit
+    batch: int = 32
+    qdrop: float = 0.5  # QDrop's probability of keeping an activation float while learning
+    time_budget: float | None = None  # seconds for all units together
+    seed: int = 0
+    threads: int | None = None
+    device: str = "cpu"
+    weight_lr: float = 1e-2  # Adam step on the rounding logits (AdaRound: 1e-3 over 20k iterations)
+    step_lr: float = 4e-4  # Adam step on activation scales (QDrop: 4e-5 over 20k iterations)
+    rounding_weight: float = 0.01  # λ of the rounding regulariser
+    warmup: float = 0.2  # part of the iterations before the regulariser starts
+    beta: tuple[float, float] = (20.0, 2.0)  # the regulariser's exponent, annealed
+
+
+@dataclass
+class UnitReport:
+    name: str
+    iterations: int = 0
+    before: float = float("nan")
+    after: float = float("nan")
+    skipped: str = ""  # why it was not refined
+    reverted: bool = False
+
+
+class _Batches:
+    """All samples of the tensors alive at a cut; tensors without a batch axis are kept once."""
+
+    def __init__(self, values: Env, count: int) -> None:
+        self.values, self.count = values, count
+
+    def take(self, index: torch.Tensor | slice) -> Env:
+        return {k: (v[index] if self._batched(v) else v) for k, v in self.values.items()}
+
+    def _batched(self, value: torch.Tensor) -> bool:
+        return value.dim() > 0 and value.shape[0] == self.count
+
+
+def reconstruct(
+    mirror: Mirror, units: list[Unit], data: Env, settings: RefineSettings, progress: Progress
+) -> list[UnitReport]:
+    """Refine every unit in order; returns what happened to each."""
+    torch.manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
+    count = len(next(iter(data.values())))
+    with torch.no_grad():
+        floating = _Batches(mirror.quantize_inputs(data, False), count)
+        quantized = _Batches(mirror.quantize_inputs(data, True), count)
+        logits = _float_logits(mirror, floating, count) if settings.loss == "pd" else None
+    deadline = time.monotonic() + settings.time_budget if settings.time_budget else None
+    reports = []
+    for position, unit in enumerate(units):
+        with torch.no_grad():
+            targets = _run_all(mirror, unit, floating, quantized=False)
+        remaining = None if deadline is None else (deadline - time.monotonic()) / (len(units) - position)
+        job = _UnitJob(mirror, unit, settings, generator, quantized, floating, targets, logits)
+        progress.stage(
+            f"refine {position + 1}/{len(units)}: {unit.describe(mirror)}", total=settings.iterations
+        )
+        reports.append(job.run(remaining, progress))
+        with torch.no_grad():
+            quantized = _run_all(mirror, unit, quantized, quantized=True)
+        floating = targets
+    return reports
+
+
+def _run_all(mirror: Mirror, unit: Unit, batches: _Batches, *, quantized: bool) -> _Batches:
+    """The unit's outputs for every sample, run RUN_BATCH samples at a time."""
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in unit.outputs}
+    for start in range(0, batches.count, RUN_BATCH):
+        env = batches.take(slice(start, start + RUN_BATCH))
+        env = mirror.run(
+            {k: env[k] for k in unit.inputs}, unit.begin, unit.end, quantized=quantized, keep=unit.outputs
+        )
+        for name in unit.outputs:
+            parts[name].append(env[name])
+    size = min(RUN_BATCH, batches.count)
+    joined = {
+        name: torch.cat(values) if values[0].dim() > 0 and values[0].shape[0] == size else values[0]
+        for name, values in parts.items()
+    }
+    return _Batches(joined, batches.count)
+
+
+def _float_logits(mirror: Mirror, floating: _Batches, count: int) -> torch.Tensor | None:
+    """The float model's first output for every sample, when it looks like class scores."""
+    parts = []
+    for start in range(0, count, RUN_BATCH):
+        env = mirror.run(
+            floating.take(slice(start, start + RUN_BATCH)), 0, len(mirror.nodes), quantized=False
+        )
+        parts.append(env[mirror.graph_outputs[0]])
+    logits = torch.cat(parts)
+    return logits if logits.dim() == 2 and logits.shape[0] == count and logits.shape[1] > 1 else None
+
+
+class _UnitJob:
+    """One unit's learning: its parameters, its loss, its schedule."""
+
+    def __init__(self, mirror, unit, settings, generator, quantized, floating, targets, logits) -> None:
+        self.mirror, self.unit, self.settings, self.generator = mirror, unit, settings, generator
+        self.quantized, self.floating, self.targets, self.logits = quantized, floating, targets, logits
+        self.loss = settings.loss if settings.loss != "pd" or logits is not None else "mse"
+        nodes = mirror.nodes[unit.begin : unit.end]
+        weight_names = {node.inputs[1] for node in nodes if node.name in unit.layers and len(node.inputs) > 1}
+        self.weights = [
+            mirror.rounding[mirror.weight_index[n]] for n in sorted(weight_names) if n in mirror.weight_index
+        ]
+        made = {name for node in nodes for name in node.outputs}
+        indices = sorted({i for point, i in mirror.quant_points.items() if point in made})
+        self.steps = [mirror.activation[i] for i in indices]
+        self.outside = sorted({node.op_type for node in nodes if not node.in_torch})
+
+    def run(self, seconds: float | None, progress: Progress) -> UnitReport:
+        report = UnitReport(self.unit.describe(self.mirror))
+        if not self.weights and not self.steps:
+            report.skipped = "nothing to learn"
+            return report
+        if self.outside:
+            report.skipped = f"{', '.join(self.outside)} runs in onnxruntime, without gradients"
+            return report
+        start = self._state()
+        report.before = self.evaluate()
+        report.iterations = self._learn(seconds, progress)
+        report.after = self.evaluate()
+        if not report.after < report.before:
+            self._restore(start)
+            report.after, report.reverted = report.before, True
+        return report
+
+    # ------------------------------------------------------------------------ learning
+
+    def _learn(self, seconds: float | None, progress: Progress) -> int:
+        s = self.settings
+        for module in self.mirror.modules():
+            for parameter in module.parameters(recurse=False):
+                parameter.requires_grad_(False)
+        groups = []
+        if self.weights:
+            groups.append({"params": [w.logits for w in self.weights], "lr": s.weight_lr})
+        if self.steps:
+            groups.append({"params": [q.scale for q in self.steps], "lr": s.step_lr})
+        for group in groups:
+            for parameter in group["params"]:
+                parameter.requires_grad_(True)
+        optimizer = torch.optim.Adam(groups)
+        self._train_mode(True)
+        total, done, began = s.iterations, 0, time.monotonic()
+        try:
+            while done < total:
+                if seconds is not None and done == PROBE_ITERATIONS:
+                    per_iteration = (time.monotonic() - began) / done
+                    total = max(done, min(total, int(seconds / per_iteration)))
+                optimizer.zero_grad(set_to_none=True)
+                loss = self._batch_loss() + self._rounding_penalty(done, total)
+                loss.backward()
+                optimizer.step()
+                done += 1
+                if done % 20 == 0 or done == total:
+                    progress.advance(done)
+                    progress.status(f"loss {loss.item():.4g}")
+        finally:
+            self._train_mode(False)
+            for group in groups:
+                for parameter in group["params"]:
+                    parameter.requires_grad_(False)
+        return done
+
+    def _train_mode(self, on: bool) -> None:
+        for weight in self.weights:
+            weight.soft = on
+        for quantizer in self.steps:
+            quantizer.drop = self.settings.qdrop if on else 0.0
+            quantizer.train(on)
+
+    def _batch_loss(self) -> torch.Tensor:
+        index = torch.randint(
+            self.quantized.count, (min(self.settings.batch, self.quantized.count),), generator=self.generator
+        )
+        inputs = self.quantized.take(index)
+        if self.settings.qdrop > 0:
+            floating = self.floating.take(index)
+            for name, value in inputs.items():
+                if value.is_floating_point() and value.shape == floating[name].shape:
+                    keep = torch.rand(value.shape, generator=self.generator) < self.settings.qdrop
+                    inputs[name] = torch.where(keep, floating[name], value)
+        return self._loss(inputs, self.targets.take(index), index)
+
+    def _loss(self, inputs: Env, targets: Env, index) -> torch.Tensor:
+        unit = self.unit
+        env = self.mirror.run(
+            {k: inputs[k] for k in unit.inputs}, unit.begin, unit.end, quantized=True, keep=unit.outputs
+        )
+        outputs = [env[name] for name in unit.outputs]
+        error = reconstruction(self.loss, outputs, [targets[name] for name in unit.outputs])
+        if self.loss != "pd":
+            return error
+        rest = self.mirror.run(
+            {k: env[k] for k in unit.outputs}, unit.end, len(self.mirror.nodes), quantized=False
+        )
+        logits = rest[self.mirror.graph_outputs[0]]
+        return prediction_difference(logits, self.logits[index], PD_TEMPERATURE) + PD_FEATURE_WEIGHT * error
+
+    def _rounding_penalty(self, done: int, total: int) -> torch.Tensor:
+        s = self.settings
+        warm = int(s.warmup * total)
+        if not self.weights or done < warm:
+            return torch.zeros(())
+        progress = (done - warm) / max(1, total - warm)
+        beta = s.beta[1] + (s.beta[0] - s.beta[1]) * (1 - progress)
+        penalty = sum(w.regulariser(beta) for w in self.weights)
+        return s.rounding_weight * penalty
+
+    # ------------------------------------------------------------------------ measuring
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """The unit's loss in eval mode (hard rounding, no QDrop) on the first samples."""
+        index = torch.arange(min(EVAL_SAMPLES, self.quantized.count))
+        total, samples = 0.0, 0
+        for chunk in index.split(RUN_BATCH):
+            loss = self._loss(self.quantized.take(chunk), self.targets.take(chunk), chunk)
+            total, samples = total + loss.item() * len(chunk), samples + len(chunk)
+        return total / samples
+
+    def _state(self) -> list[torch.Tensor]:
+        return [w.logits.detach().clone() for w in self.weights] + [
+            q.scale.detach().clone() for q in self.steps
+        ]
+
+    @torch.no_grad()
+    def _restore(self, state: list[torch.Tensor]) -> None:
+        for parameter, value in zip(
+            [w.logits for w in self.weights] + [q.scale for q in self.steps], state, strict=True
+        ):
+            parameter.copy_(value)

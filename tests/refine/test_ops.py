@@ -1,0 +1,212 @@
+"""The mirror's torch ops compute what onnxruntime computes, op by op, over random shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper
+
+torch = pytest.importorskip("torch")
+
+from onnxq.io import session  # noqa: E402
+from onnxq.refine.mirror import Mirror  # noqa: E402
+from onnxq.refine.quantizers import fake_quantize  # noqa: E402
+
+OPSET = 21
+
+
+def single_node(op_type, inputs: dict[str, np.ndarray], constants: dict[str, np.ndarray], outputs=1, **attrs):
+    """A one-node model: `inputs` are fed, `constants` are initializers."""
+    names = [*inputs, *constants]
+    node = helper.make_node(op_type, names, [f"y{i}" for i in range(outputs)], **attrs)
+    graph = helper.make_graph(
+        [node],
+        op_type,
+        [
+            helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+            for n, v in inputs.items()
+        ],
+        [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(outputs)],
+        [onnx.numpy_helper.from_array(v, n) for n, v in constants.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 10
+    return model
+
+
+def assert_mirror_matches(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
+    expected = session(model).run(None, feeds)
+    mirror = Mirror(model)
+    assert all(node.in_torch for node in mirror.nodes), "the op fell back to onnxruntime"
+    with torch.no_grad():
+        actual = mirror({k: torch.from_numpy(v) for k, v in feeds.items()}, quantized=False)
+    for want, got in zip(expected, actual, strict=True):
+        got = got.numpy()
+        assert got.shape == want.shape
+        scale = max(1.0, float(np.abs(want).max()))
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * scale)
+
+
+def rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.integers(1, 3),
+    st.integers(1, 4),
+    st.integers(5, 9),
+    st.sampled_from([1, 3]),
+    st.integers(1, 2),
+    st.integers(0, 2),
+    st.booleans(),
+    st.integers(0, 10**6),
+)
+def test_conv_matches(batch, groups, size, kernel, stride, pad, depthwise, seed):
+    channels = groups * 2
+    out = channels if depthwise else groups * 3
+    group = channels if depthwise else groups
+    r = rng(seed)
+    x = r.standard_normal((batch, channels, size, size)).astype(np.float32)
+    w = r.standard_normal((out, channels // group, kernel, kernel)).astype(np.float32)
+    b = r.standard_normal(out).astype(np.float32)
+    model = single_node(
+        "Conv", {"x": x}, {"w": w, "b": b}, group=group, strides=[stride] * 2, pads=[pad, pad, pad + 1, pad]
+    )
+    assert_mirror_matches(model, {"x": x})
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 3), st.integers(3, 6), st.integers(1, 2), st.integers(0, 1), st.integers(0, 10**6))
+def test_conv_transpose_matches(batch, size, stride, pad, seed):
+    r = rng(seed)
+    x = r.standard_normal((batch, 4, size, size)).astype(np.float32)
+    w = r.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    model = single_node("ConvTranspose", {"x": x}, {"w": w}, strides=[stride] * 2, pads=[pad] * 4)
+    assert_mirror_matches(model, {"x": x})
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 6), st.integers(1, 6), st.booleans(), st.integers(0, 10**6))
+def test_gemm_and_matmul_match(batch, inputs, outputs, trans, seed):
+    r = rng(seed)
+    x = r.standard_normal((batch, inputs)).astype(np.float32)
+    w = r.standard_normal((outputs, inputs) if trans else (inputs, outputs)).astype(np.float32)
+    c = r.standard_normal(outputs).astype(np.float32)
+    assert_mirror_matches(
+        single_node("Gemm", {"x": x}, {"w": w, "c": c}, transB=int(trans), alpha=0.5), {"x": x}
+    )
+    matrix = w.T.copy() if trans else w
+    assert_mirror_matches(single_node("MatMul", {"x": x}, {"w": matrix}), {"x": x})
+
+
+UNARY = [
+    ("Relu", {}),
+    ("Sigmoid", {}),
+    ("HardSigmoid", {"alpha": 0.25, "beta": 0.4}),
+    ("HardSwish", {}),
+    ("LeakyRelu", {"alpha": 0.1}),
+    ("GlobalAveragePool", {}),
+    ("Softmax", {"axis": 1}),
+    ("Flatten", {"axis": 1}),
+    ("Transpose", {"perm": [0, 2, 3, 1]}),
+    ("AveragePool", {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}),
+    ("AveragePool", {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1}),
+    ("MaxPool", {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}),
+    ("MaxPool", {"kernel_shape": [2, 2], "strides": [1, 1], "pads": [0, 0, 1, 1]}),
+]
+
+
+@pytest.mark.parametrize(("op_type", "attrs"), UNARY, ids=lambda v: v if isinstance(v, str) else "")
+@settings(max_examples=8, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 5), st.integers(4, 9), st.integers(0, 10**6))
+def test_unary_ops_match(op_type, attrs, batch, channels, size, seed):
+    x = (rng(seed).standard_normal((batch, channels, size, size)) * 4).astype(np.float32)
+    assert_mirror_matches(single_node(op_type, {"x": x}, {}, **attrs), {"x": x})
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(1, 3), st.integers(2, 6), st.integers(4, 8), st.integers(0, 10**6))
+def test_shape_and_binary_ops_match(batch, channels, size, seed):
+    r = rng(seed)
+    x = r.standard_normal((batch, channels, size, size)).astype(np.float32)
+    other = r.standard_normal((1, channels, 1, 1)).astype(np.float32)
+    for op_type in ("Add", "Sub", "Mul", "Div"):
+        assert_mirror_matches(single_node(op_type, {"x": x}, {"o": other}), {"x": x})
+    clip = single_node("Clip", {"x": x}, {"lo": np.float32(0.0), "hi": np.float32(0.7)})
+    assert_mirror_matches(clip, {"x": x})
+    concat = single_node("Concat", {"x": x, "z": x * 2}, {}, axis=1)
+    assert_mirror_matches(concat, {"x": x, "z": x * 2})
+    split = single_node("Split", {"x": x}, {"s": np.array([1, channels - 1], np.int64)}, outputs=2, axis=1)
+    assert_mirror_matches(split, {"x": x})
+    slices = {"st": np.array([1, -1], np.int64), "en": np.array([size, 0], np.int64)}
+    slices |= {"ax": np.array([2, 3], np.int64), "sp": np.array([2, -2], np.int64)}
+    assert_mirror_matches(single_node("Slice", {"x": x}, slices), {"x": x})
+    reshape = single_node("Reshape", {"x": x}, {"shape": np.array([0, -1], np.int64)})
+    assert_mirror_matches(reshape, {"x": x})
+    pads = np.array([0, 0, 1, 2, 0, 1, 2, 0], np.int64)
+    for mode in ("constant", "reflect", "edge"):
+        assert_mirror_matches(single_node("Pad", {"x": x}, {"p": pads}, mode=mode), {"x": x})
+    mean = single_node("ReduceMean", {"x": x}, {"axes": np.array([2, 3], np.int64)}, keepdims=1)
+    assert_mirror_matches(mean, {"x": x})
+
+
+@pytest.mark.parametrize(
+    ("mode", "transform"),
+    [
+        ("nearest", "asymmetric"),
+        ("linear", "half_pixel"),
+        ("linear", "align_corners"),
+        ("nearest", "half_pixel"),
+    ],
+)
+def test_resize_matches(mode, transform):
+    x = rng(0).standard_normal((2, 3, 5, 7)).astype(np.float32)
+    scales = np.array([1, 1, 2, 2], np.float32)
+    extra = {"nearest_mode": "floor"} if mode == "nearest" and transform == "asymmetric" else {}
+    model = single_node(
+        "Resize",
+        {"x": x},
+        {"roi": np.zeros(0, np.float32), "scales": scales},
+        mode=mode,
+        coordinate_transformation_mode=transform,
+        **extra,
+    )
+    assert_mirror_matches(model, {"x": x})
+
+
+def test_an_op_missing_from_the_table_runs_in_onnxruntime():
+    x = rng(1).standard_normal((2, 3, 4, 4)).astype(np.float32)
+    model = single_node("Sin", {"x": x}, {})
+    mirror = Mirror(model)
+    with torch.no_grad():
+        got = mirror({"x": torch.from_numpy(x)}, quantized=False)[0].numpy()
+    assert not mirror.nodes[0].in_torch
+    np.testing.assert_allclose(got, np.sin(x), atol=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(2, 8),
+    st.booleans(),
+    st.floats(1e-3, 10.0),
+    st.integers(0, 10**6),
+)
+def test_fake_quantize_matches_quantize_linear(bits, signed, scale, seed):
+    """Round half to even, saturation and zero points exactly as QuantizeLinear/DequantizeLinear."""
+    from onnxq.quant import primitives as P
+
+    target = P.IntRange.signed(bits) if signed else P.IntRange.unsigned(bits)
+    zero = 0 if signed else int(rng(seed).integers(0, 2**bits))
+    x = (rng(seed).standard_normal(200) * scale * 2**bits).astype(np.float32)
+    x[:4] = np.float32(scale) * np.array([0.5, 1.5, -2.5, 3.5], np.float32)  # ties
+    expected = P.dequantize(
+        P.quantize(x, np.float32(scale), np.asarray(zero), target), np.float32(scale), np.asarray(zero)
+    )
+    got = fake_quantize(
+        torch.from_numpy(x), torch.tensor(np.float32(scale)), float(zero), target.qmin, target.qmax
+    )
+    np.testing.assert_array_equal(got.numpy(), expected)
