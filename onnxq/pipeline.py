@@ -51,7 +51,7 @@ from onnxq.passes.simplify import simplify
 from onnxq.progress import Progress, Silent
 from onnxq.quant.kernels import choose_weight_range
 from onnxq.quant.plan import QuantPlan, plan_quantization
-from onnxq.refine import require_torch
+from onnxq.refine import require_refinement
 
 MIN_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear
 CHECK_SAMPLES = 2  # samples the simplify and validate checks run (whole activations are held)
@@ -96,7 +96,7 @@ def quantize(
     config = config or QuantConfig()
     progress = progress or Silent()
     if config.refine:
-        require_torch()  # before any work, not after calibration
+        require_refinement(config.device)  # before any work, not after calibration
     proto = load_model(model) if isinstance(model, str | os.PathLike) else model
     inputs = model_inputs(proto)
     stats = DataStats()

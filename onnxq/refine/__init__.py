@@ -21,6 +21,15 @@ def require_torch() -> None:
         raise OnnxqError(f"--refine needs PyTorch, which is not installed: {INSTALL_HINT}")
 
 
+def require_refinement(device: str) -> None:
+    """torch present and the device usable: checked before calibration, not after it."""
+    require_torch()
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise OnnxqError("--device cuda: this torch build or machine has no CUDA device (use --device cpu)")
+
+
 def refine(*args, **kwargs):
     """See onnxq.refine.export.refine (imported lazily, so `import onnxq` never imports torch)."""
     require_torch()

@@ -61,9 +61,10 @@ def refine(
     began = time.monotonic()
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    mirror = Mirror(model, plan, activations, weights, biases)
+    device = torch.device(settings.device)
+    mirror = Mirror(model, plan, activations, weights, biases).to_device(device)
     units = partition(mirror, set(plan.layers), settings.unit)
-    feeds = {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in data.items()}
+    feeds = {name: torch.from_numpy(np.ascontiguousarray(value)).to(device) for name, value in data.items()}
     reports = reconstruct(mirror, units, feeds, settings, progress or Silent())
     return Refinement(
         exported_weights(mirror, weights),

@@ -112,6 +112,13 @@ class Mirror(nn.Module):
                     self.register_buffer(buffer, scale, persistent=False)
                     self.bias_specs[spec.name] = (self.root_index[root], buffer)
 
+    def to_device(self, device: torch.device) -> Mirror:
+        """Parameters, buffers, constants and corrected biases on `device`."""
+        self.to(device)
+        self.constants = {k: v.to(device) for k, v in self.constants.items()}
+        self.corrected_biases = {k: v.to(device) for k, v in self.corrected_biases.items()}
+        return self
+
     # ------------------------------------------------------------------------ running
 
     def quantize_inputs(self, feeds: Env, quantized: bool) -> Env:

@@ -212,7 +212,10 @@ class _UnitJob:
             floating = self.floating.take(index)
             for name, value in inputs.items():
                 if value.is_floating_point() and value.shape == floating[name].shape:
-                    keep = torch.rand(value.shape, generator=self.generator) < self.settings.qdrop
+                    keep = (
+                        torch.rand(value.shape, generator=self.generator).to(value.device)
+                        < self.settings.qdrop
+                    )
                     inputs[name] = torch.where(keep, floating[name], value)
         return self._loss(inputs, self.targets.take(index), index)
 

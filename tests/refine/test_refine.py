@@ -179,7 +179,10 @@ def test_cli_refine_and_the_missing_torch_error(tmp_path, small_model_path, cali
     assert "Traceback" not in result.output and not out.exists()
 
 
-def test_bad_refine_settings_are_one_line_errors():
+def test_bad_refine_settings_are_one_line_errors(monkeypatch, small_model, calibration_data):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(onnxq.OnnxqError, match="no CUDA device"):
+        onnxq.quantize(small_model, calibration_data, onnxq.QuantConfig(refine=True, device="cuda"))
     with pytest.raises(onnxq.OnnxqError, match="refine unit"):
         onnxq.QuantConfig(refine=True, refine_unit="blocks")
     with pytest.raises(onnxq.OnnxqError, match="qdrop"):
