@@ -709,7 +709,8 @@ def markdown(suite: str, name: str, float_top1: float, rows: list[Row], samples:
         "refine": f"Calibration: {samples} CIFAR-10 training images or {samples} even-class ImageNet images; "
         "per-channel symmetric weights, first and last layers at 8 bits, branches of re-parameterized "
         "models unmerged. `--refine` starts from the mse scale search and runs its defaults (block units, "
-        "QDrop 0.5, 500 iterations per block, batch 32, seed 0); one calibration draw. calib. s is the "
+        "QDrop 0.5, 500 iterations per block, batch 32, seed 0; the loss as the row says); one "
+        "calibration draw. calib. s is the "
         "`onnxq quantize` process's wall time on 2 cores and peak MB its peak resident memory.",
     }
     latency = SUITES[suite][2]
