@@ -155,7 +155,9 @@ def quantize(
             ranges = {plan.activations[root].observed: r for root, r in search.ranges.items()}
             notes += _search_notes(search)
         if config.refine:
-            refined = _refine(float_model, plan, ranges, search, data, config, choice.bits == 7, progress)
+            refined = _refine(
+                float_model, graph_model.graph, plan, ranges, search, data, config, choice.bits == 7, progress
+            )
             notes += refined.notes(config.refine_loss)
     else:
         ranges, samples = _observe(float_model, plan, stream, config, progress)
@@ -269,12 +271,15 @@ def _search(float_model, plan, data, ranges, config: QuantConfig, reduced: bool,
     return search_parameters(build_simulation(float_model, plan), plan, data, settings, progress, fixed)
 
 
-def _refine(float_model, plan: QuantPlan, ranges, search, data, config: QuantConfig, reduced: bool, progress):
-    """Learned rounding and activation steps, starting from the calibrated ones (onnxq.refine)."""
+def _refine(
+    float_model, graph, plan: QuantPlan, ranges, search, data, config: QuantConfig, reduced: bool, progress
+):
+    """Learned rounding and activation steps, starting from the calibrated ones (onnxq.refine).
+
+    `graph` is the IR graph the plan was made from: its initializers are the float weights."""
     from onnxq.refine import refine
     from onnxq.refine.reconstruct import RefineSettings
 
-    graph = to_ir(infer_types(float_model)).graph
     ratios = search.weight_ratios if search else {}
     weights = {
         name: planned_weight(

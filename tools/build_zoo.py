@@ -571,13 +571,18 @@ class Entry:
     parts: dict = field(default_factory=dict)
 
 
+def _text_photos(split, count: int, seed: int) -> list[np.ndarray]:
+    """640×640 photo crops with text drawn on them: what the text detectors see."""
+    rng = np.random.default_rng(seed)
+    return [
+        np.asarray(draw_text(Image.fromarray(centre_crop(i, 640, 640)), rng, 8))
+        for i, _ in photos(split, count, seed)
+    ]
+
+
 def _ppocr_det_data(zoo: Path) -> tuple[dict, dict]:
     def make(split, count, seed):
-        rng = np.random.default_rng(seed)
-        images = [
-            np.asarray(draw_text(Image.fromarray(centre_crop(i, 640, 640)), rng, 8))
-            for i, _ in photos(split, count, seed)
-        ]
+        images = _text_photos(split, count, seed)
         return normalised(images, (0.5,) * 3, (0.5,) * 3, bgr=True)  # PaddleOCR: BGR, (x/255-0.5)/0.5
 
     return {"x": make("calib", 16, 1)}, {"x": make("eval", 16, 2)}
@@ -655,12 +660,7 @@ def _imagenet_data(mean, std, nhwc=False, labelled=True, calib=32, evaluation=12
 
 def _dbnet_data(zoo: Path) -> tuple[dict, dict]:
     def make(split, count, seed):
-        rng = np.random.default_rng(seed)
-        images = [
-            np.asarray(draw_text(Image.fromarray(centre_crop(i, 640, 640)), rng, 8))
-            for i, _ in photos(split, count, seed)
-        ]
-        return normalised(images, IMAGENET_MEAN, IMAGENET_STD)
+        return normalised(_text_photos(split, count, seed), IMAGENET_MEAN, IMAGENET_STD)
 
     return {"input": make("calib", 16, 13)}, {"input": make("eval", 8, 14)}
 

@@ -88,6 +88,5 @@ def exported_activations(mirror: Mirror, activations: ActivationParams) -> Activ
     """Each activation with its learned step, its zero point and integer range unchanged."""
     result = {}
     for root, (_, zero, target) in activations.items():
-        scale, _ = mirror.activation[mirror.root_index[root]].learned()
-        result[root] = (scale, zero, target)
+        result[root] = (mirror.activation[mirror.root_index[root]].learned_scale(), zero, target)
     return result

@@ -69,7 +69,8 @@ class Mirror(nn.Module):
             )
         self.graph_inputs = [i.name for i in model.graph.input if i.name not in self.constants]
         self.graph_outputs = [o.name for o in model.graph.output]
-        self._types = _value_types(model)
+        self._model = model  # typed lazily, only if a node falls back to onnxruntime
+        self._types: dict[str, int] | None = None
         self.last_use = _last_uses(self.nodes, self.graph_outputs)
         self._sessions: dict[str, object] = {}
         self._quantizers(plan, activations or {}, weights or {}, biases or {})
@@ -193,6 +194,8 @@ class Mirror(nn.Module):
         """The node alone in onnxruntime: no gradient, but the values are right."""
         arrays = [None if v is None else v.detach().cpu().numpy() for v in inputs]
         if node.name not in self._sessions:
+            if self._types is None:
+                self._types = _value_types(self._model)
             names = [f"in{i}" if v is not None else "" for i, v in enumerate(arrays)]
             infos = [
                 helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), None)

@@ -106,20 +106,34 @@ def matmul(attrs, a, b):
 
 # ----------------------------------------------------------------------------- elementwise
 
-
-@op("Add")
-def add(attrs, a, b):
-    return (a + b,)
-
-
-@op("Sub")
-def sub(attrs, a, b):
-    return (a - b,)
-
-
-@op("Mul")
-def mul(attrs, a, b):
-    return (a * b,)
+UNARY = {
+    "Relu": F.relu,
+    "Sigmoid": torch.sigmoid,
+    "Tanh": torch.tanh,
+    "Exp": torch.exp,
+    "Log": torch.log,
+    "Sqrt": torch.sqrt,
+    "Reciprocal": torch.reciprocal,
+    "Neg": torch.neg,
+    "Abs": torch.abs,
+    "Erf": torch.erf,
+    "Floor": torch.floor,
+    "Ceil": torch.ceil,
+    "Softplus": F.softplus,
+}
+BINARY = {
+    "Add": torch.add,
+    "Sub": torch.sub,
+    "Mul": torch.mul,
+    "Pow": torch.pow,
+    "Equal": torch.eq,
+    "Less": torch.lt,
+    "Greater": torch.gt,
+}
+for _name, _fn in UNARY.items():
+    OPS[_name] = lambda attrs, x, fn=_fn: (fn(x),)
+for _name, _fn in BINARY.items():
+    OPS[_name] = lambda attrs, a, b, fn=_fn: (fn(a, b),)
 
 
 @op("Div")
@@ -127,16 +141,6 @@ def div(attrs, a, b):
     if not a.is_floating_point() and not b.is_floating_point():
         return (torch.div(a, b, rounding_mode="trunc"),)
     return (a / b,)
-
-
-@op("Pow")
-def power(attrs, a, b):
-    return (torch.pow(a, b),)
-
-
-@op("Relu")
-def relu(attrs, x):
-    return (F.relu(x),)
 
 
 @op("Clip")
@@ -148,11 +152,6 @@ def clip(attrs, x, low=None, high=None):
     if high is not None:
         x = torch.minimum(x, torch.as_tensor(high, dtype=x.dtype))
     return (x,)
-
-
-@op("Sigmoid")
-def sigmoid(attrs, x):
-    return (torch.sigmoid(x),)
 
 
 @op("HardSigmoid")
@@ -178,61 +177,6 @@ def elu(attrs, x):
 @op("PRelu")
 def prelu(attrs, x, slope):
     return (torch.where(x >= 0, x, x * slope),)
-
-
-@op("Tanh")
-def tanh(attrs, x):
-    return (torch.tanh(x),)
-
-
-@op("Exp")
-def exp(attrs, x):
-    return (torch.exp(x),)
-
-
-@op("Log")
-def log(attrs, x):
-    return (torch.log(x),)
-
-
-@op("Sqrt")
-def sqrt(attrs, x):
-    return (torch.sqrt(x),)
-
-
-@op("Reciprocal")
-def reciprocal(attrs, x):
-    return (torch.reciprocal(x),)
-
-
-@op("Neg")
-def neg(attrs, x):
-    return (-x,)
-
-
-@op("Abs")
-def absolute(attrs, x):
-    return (torch.abs(x),)
-
-
-@op("Erf")
-def erf(attrs, x):
-    return (torch.erf(x),)
-
-
-@op("Floor")
-def floor(attrs, x):
-    return (torch.floor(x),)
-
-
-@op("Ceil")
-def ceil(attrs, x):
-    return (torch.ceil(x),)
-
-
-@op("Softplus")
-def softplus(attrs, x):
-    return (F.softplus(x),)
 
 
 @op("Identity", "Dropout")
@@ -379,7 +323,8 @@ def reshape(attrs, x, shape):
 
 @op("Flatten")
 def flatten(attrs, x):
-    axis = attrs.get("axis", 1) % max(x.dim(), 1) if attrs.get("axis", 1) < 0 else attrs.get("axis", 1)
+    axis = attrs.get("axis", 1)
+    axis = axis + x.dim() if axis < 0 else axis
     lead = int(np.prod(x.shape[:axis])) if axis else 1
     return (x.reshape(lead, -1),)
 
@@ -485,11 +430,7 @@ def gather(attrs, x, indices):
 
 @op("Expand")
 def expand(attrs, x, shape):
-    target = _ints(shape)
-    ones = torch.ones(target, dtype=x.dtype)
-    return (
-        (x * ones) if x.is_floating_point() else x.expand(torch.broadcast_shapes(x.shape, tuple(target))),
-    )
+    return (x.expand(torch.broadcast_shapes(x.shape, tuple(_ints(shape)))),)
 
 
 @op("Tile")
@@ -500,21 +441,6 @@ def tile(attrs, x, repeats):
 @op("Where")
 def where(attrs, condition, a, b):
     return (torch.where(condition.bool(), a, b),)
-
-
-@op("Equal")
-def equal(attrs, a, b):
-    return (a == b,)
-
-
-@op("Less")
-def less(attrs, a, b):
-    return (a < b,)
-
-
-@op("Greater")
-def greater(attrs, a, b):
-    return (a > b,)
 
 
 @op("Not")

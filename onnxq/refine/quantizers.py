@@ -46,8 +46,8 @@ class ActivationQuantizer(nn.Module):
             y = torch.where(keep_float, x, y)
         return y
 
-    def learned(self) -> tuple[np.float32, int]:
-        return np.float32(self.scale.detach().clamp_min(1e-12).item()), int(self.zero)
+    def learned_scale(self) -> np.float32:
+        return np.float32(self.scale.detach().clamp_min(1e-12).item())
 
 
 class RoundingWeight(nn.Module):
@@ -64,22 +64,20 @@ class RoundingWeight(nn.Module):
         self.logits = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
         self.soft = False  # True while learning; False: hard rounding [V ≥ 0]
 
-    def rounding(self) -> torch.Tensor:
-        if self.soft:
-            return torch.clamp(torch.sigmoid(self.logits) * (ZETA - GAMMA) + GAMMA, 0, 1)
-        return (self.logits >= 0).to(self.floor.dtype)
+    def _soft_rounding(self) -> torch.Tensor:
+        return torch.clamp(torch.sigmoid(self.logits) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+    def _integers(self) -> torch.Tensor:
+        rounding = self._soft_rounding() if self.soft else (self.logits >= 0).to(self.floor.dtype)
+        return torch.clamp(self.floor + rounding + self.zero, self.qmin, self.qmax)
 
     def forward(self) -> torch.Tensor:
-        q = torch.clamp(self.floor + self.rounding() + self.zero, self.qmin, self.qmax)
-        return (q - self.zero) * self.scale
+        return (self._integers() - self.zero) * self.scale
 
     def regulariser(self, beta: float) -> torch.Tensor:
         """Σ 1 − |2h − 1|^β: zero once every h is 0 or 1."""
-        h = torch.clamp(torch.sigmoid(self.logits) * (ZETA - GAMMA) + GAMMA, 0, 1)
-        return (1 - (2 * h - 1).abs().pow(beta)).sum()
+        return (1 - (2 * self._soft_rounding() - 1).abs().pow(beta)).sum()
 
     def integers(self) -> np.ndarray:
-        """The exported integers: floor(w/s) + [V ≥ 0] + z, inside [qmin, qmax]."""
-        hard = (self.logits >= 0).to(self.floor.dtype)
-        q = torch.clamp(self.floor + hard + self.zero, self.qmin, self.qmax)
-        return q.detach().cpu().numpy().astype(np.int64)
+        """The exported integers: floor(w/s) + [V ≥ 0] + z, inside [qmin, qmax] (hard rounding)."""
+        return self._integers().detach().cpu().numpy().astype(np.int64)

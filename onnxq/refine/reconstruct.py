@@ -71,6 +71,7 @@ def reconstruct(
 ) -> list[UnitReport]:
     """Refine every unit in order; returns what happened to each."""
     torch.manual_seed(settings.seed)
+    mirror.requires_grad_(False)  # each unit turns on its own parameters while it learns
     generator = torch.Generator().manual_seed(settings.seed)
     count = len(next(iter(data.values())))
     with torch.no_grad():
@@ -162,9 +163,6 @@ class _UnitJob:
 
     def _learn(self, seconds: float | None, progress: Progress) -> int:
         s = self.settings
-        for module in self.mirror.modules():
-            for parameter in module.parameters(recurse=False):
-                parameter.requires_grad_(False)
         groups = []
         if self.weights:
             groups.append({"params": [w.logits for w in self.weights], "lr": s.weight_lr})
