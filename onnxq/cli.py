@@ -116,7 +116,13 @@ def main() -> None:
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Quantized model path.")
-@click.option("--calib", "calib", required=True, help="Calibration data: .npy, .npz or a folder of images.")
+@click.option(
+    "--calib",
+    "calib",
+    required=True,
+    help="Calibration data: .npy, .npz or a folder of images; or bn-stats: no data, inputs "
+    "synthesised from the model's BatchNormalization statistics (needs onnxq[refine]).",
+)
 @click.option("--w-bits", type=click.IntRange(2, 8), default=8, show_default=True, help="Weight bits.")
 @click.option("--a-bits", type=click.IntRange(2, 8), default=8, show_default=True, help="Activation bits.")
 @click.option(
@@ -150,8 +156,15 @@ def main() -> None:
     type=click.Choice([m.value for m in CalibrationMethod]),
     default=QuantConfig.calibration.value,
     show_default=True,
-    help="How scales are chosen: minmax/percentile statistics, or searched by the error they cause "
-    "(mse, mae) or by the prediction difference at the output (pd).",
+    help="How scales are chosen: minmax/percentile statistics, scaleclip (activations clipped at "
+    "K·mean|A|, GDRQ), or searched by the error they cause (mse, mae) or by the prediction "
+    "difference at the output (pd).",
+)
+@click.option(
+    "--a-scaleclip",
+    "activation_scaleclip",
+    type=float,
+    help="K of --calib-method scaleclip (α = K·mean|A|) [default: chosen per activation width].",
 )
 @click.option(
     "--bias-correction/--no-bias-correction",
@@ -301,6 +314,13 @@ def main() -> None:
     show_default=True,
     help="Where refinement runs; the CPU is enough.",
 )
+@click.option(
+    "--distribution-correction/--no-distribution-correction",
+    default=QuantConfig.distribution_correction,
+    show_default=True,
+    help="With --refine, nudge the calibration inputs towards the BatchNorm statistics the model "
+    "had before folding (PD-Quant), so that refinement over-fits them less.",
+)
 @preprocess_options
 @_reports_errors
 def quantize(model, output, calib, **options):
@@ -319,6 +339,7 @@ def quantize(model, output, calib, **options):
         overrides=load_overrides(overrides) if (overrides := options.pop("overrides")) else (),
         calibration=CalibrationMethod(options.pop("calibration")),
         percentile=options.pop("percentile"),
+        activation_scaleclip=options.pop("activation_scaleclip"),
         weight_range=WeightRange(options.pop("int8_range")),
         max_samples=options.pop("max_samples"),
         batch_size=options.pop("batch_size"),
@@ -342,6 +363,7 @@ def quantize(model, output, calib, **options):
         qdrop=options.pop("qdrop"),
         threads=options.pop("threads"),
         device=options.pop("device"),
+        distribution_correction=options.pop("distribution_correction"),
     )
     preprocess = build_preprocess(**options)
     with RichProgress() as progress:

@@ -59,6 +59,10 @@ Granularity.CHANNEL = Granularity("channel")
 # BENCHMARKS.md). At 4 and 6 bits every K that clips hurts some model, so K=16 there clips almost
 # nothing; 7 bits follows 6. Scale-Clip helps most at 2 and 3 bits on these models.
 SCALECLIP_K = {2: 2.5, 3: 4.0, 4: 16.0, 5: 8.0, 6: 16.0, 7: 16.0}
+# Scale-Clip's K for activations (α = K·mean|A|, `--calib-method scaleclip`) per activation bit
+# width: provisional until tools/choose_scaleclip.py --activations has chosen on held-out
+# calibration images.
+ACTIVATION_SCALECLIP_K = {2: 8.0, 3: 8.0, 4: 8.0, 5: 8.0, 6: 8.0, 7: 8.0, 8: 8.0}
 
 
 @dataclass(frozen=True)
@@ -152,10 +156,11 @@ PD_LAMBDA = 0.1
 class CalibrationMethod(enum.Enum):
     """How scales are chosen from the calibration data.
 
-    MINMAX and PERCENTILE set activation ranges from float statistics (weights follow their
-    range rule). MSE, MAE and PD search every weight and activation scale by the error it
-    causes, in onnxruntime, layer by layer on the quantized model's own activations; PD then
-    refines them by the prediction difference at the output (PD-Quant).
+    MINMAX, PERCENTILE and SCALECLIP (α = K·mean|A|, GDRQ's Scale-Clip) set activation ranges
+    from float statistics (weights follow their range rule). MSE, MAE and PD search every weight
+    and activation scale by the error it causes, in onnxruntime, layer by layer on the quantized
+    model's own activations; PD then refines them by the prediction difference at the output
+    (PD-Quant).
     """
 
     MINMAX = "minmax"
@@ -163,6 +168,7 @@ class CalibrationMethod(enum.Enum):
     MSE = "mse"
     MAE = "mae"
     PD = "pd"
+    SCALECLIP = "scaleclip"
 
     @property
     def searched(self) -> bool:
@@ -233,6 +239,7 @@ class QuantConfig:
     activation_symmetric: bool = False
     calibration: CalibrationMethod = CalibrationMethod.PERCENTILE
     percentile: float = 99.999
+    activation_scaleclip: float | None = None  # K of --calib-method scaleclip; None: per width
     weight_range: WeightRange = WeightRange.AUTO
     first_last_8bit: bool = True
     overrides: tuple[LayerOverride, ...] = ()
@@ -268,6 +275,9 @@ class QuantConfig:
     qdrop: float = 0.5  # QDrop's probability of keeping an activation float while learning
     threads: int | None = None  # torch threads for refinement (None: torch's default)
     device: str = "cpu"
+    # distribution correction (onnxq/correct/): the inputs refinement learns from are nudged
+    # towards the BatchNorm statistics folded away; runs with --refine where there were any
+    distribution_correction: bool = True
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "activation_bits"):
@@ -284,6 +294,8 @@ class QuantConfig:
             raise OnnxqError("max samples must be at least 1")
         if not 0.0 <= self.holdout < 1.0:
             raise OnnxqError(f"holdout must be in [0, 1), got {self.holdout}")
+        if self.activation_scaleclip is not None and self.activation_scaleclip <= 0:
+            raise OnnxqError(f"activation Scale-Clip K must be positive, got {self.activation_scaleclip}")
         if self.pd_lambda < 0:
             raise OnnxqError(f"pd lambda must be non-negative, got {self.pd_lambda}")
         if self.time_budget is not None and self.time_budget <= 0:
@@ -305,6 +317,10 @@ class QuantConfig:
             raise OnnxqError(f"qdrop must be in [0, 1), got {self.qdrop}")
         if self.device not in ("cpu", "cuda"):
             raise OnnxqError(f"device must be cpu or cuda, got {self.device!r}")
+
+    def activation_scaleclip_k(self, bits: int) -> float:
+        """Scale-Clip's K for activations of `bits` (the given one, else the chosen table's)."""
+        return self.activation_scaleclip or ACTIVATION_SCALECLIP_K.get(bits, ACTIVATION_SCALECLIP_K[8])
 
     @property
     def lowest_weight_bits(self) -> int:

@@ -1,7 +1,9 @@
 """The quantization pipeline, top to bottom:
 
 load → simplify (guarded) → fold BatchNormalization → fuse branches → plan → calibrate →
-insert Q/DQ → validate. `fuse()` is the first half on its own (what `onnxq fuse` runs).
+correct distribution → refine → insert Q/DQ → validate. `fuse()` is the first half on its own
+(what `onnxq fuse` runs). With `calibration="bn-stats"` the calibration data is synthesised from
+the model's BatchNorm statistics first (data-free).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -27,7 +30,7 @@ from onnxq.calib.data import (
     model_inputs,
     random_sample,
 )
-from onnxq.calib.observers import HistogramObserver, MinMaxObserver
+from onnxq.calib.observers import HistogramObserver, MinMaxObserver, ScaleClipObserver
 from onnxq.calib.runner import collect_ranges, fixed_batch
 from onnxq.calib.search import SearchResult, SearchSettings, search_parameters
 from onnxq.calib.simulate import build_simulation
@@ -36,7 +39,7 @@ from onnxq.errors import OnnxqError
 from onnxq.fidelity import Fidelity, HoldBack
 from onnxq.io import check_writable, load_model, run, save_model, session, to_ir, to_proto
 from onnxq.passes.fold_affine import fold_affine
-from onnxq.passes.fold_bn import FoldReport, fold_batchnorm
+from onnxq.passes.fold_bn import ChannelStatistics, FoldReport, fold_batchnorm
 from onnxq.passes.fuse_branches import FuseReport, fuse_branches
 from onnxq.passes.graph_utils import constant, constants_to_initializers, name_nodes
 from onnxq.passes.infer_types import infer_types
@@ -55,6 +58,9 @@ from onnxq.refine import require_refinement
 
 MIN_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear
 CHECK_SAMPLES = 2  # samples the simplify and validate checks run (whole activations are held)
+DATA_FREE = "bn-stats"  # the calibration source that synthesises data from BatchNorm statistics
+SYNTHETIC_SAMPLES = 256  # samples synthesised at most (the protocol's calibration size)
+CORRECTION_SHARE = 0.1  # of --time-budget, for distribution correction (refinement gets the rest)
 
 
 @dataclass
@@ -65,6 +71,7 @@ class FuseResult:
     folded: FoldReport
     fused: FuseReport
     notes: list[str] = field(default_factory=list)
+    statistics: dict[str, ChannelStatistics] = field(default_factory=dict)  # tensor → BatchNorm's
 
 
 @dataclass
@@ -99,6 +106,11 @@ def quantize(
         require_refinement(config.device)  # before any work, not after calibration
     proto = load_model(model) if isinstance(model, str | os.PathLike) else model
     inputs = model_inputs(proto)
+    notes: list[str] = []
+    data_free = isinstance(calibration, str) and calibration == DATA_FREE
+    if data_free:
+        calibration, synthesised = _synthesise(proto, inputs, config, progress)
+        notes.append(synthesised)
     stats = DataStats()
     stream = batches(
         calibration,
@@ -112,7 +124,6 @@ def quantize(
     sample = first if fixed_batch(proto) else {k: v[:CHECK_SAMPLES] for k, v in first.items()}
     held = HoldBack()
     stream = held.split(stream)
-    notes: list[str] = []
 
     prepared = fuse(
         proto,
@@ -155,8 +166,21 @@ def quantize(
             ranges = {plan.activations[root].observed: r for root, r in search.ranges.items()}
             notes += _search_notes(search)
         if config.refine:
+            started = time.perf_counter()
+            data, corrected = _correct(float_model, prepared.statistics, data, config, data_free, progress)
+            notes += corrected
+            spent = time.perf_counter() - started + (search.seconds if search else 0.0)
             refined = _refine(
-                float_model, graph_model.graph, plan, ranges, search, data, config, choice.bits == 7, progress
+                float_model,
+                graph_model.graph,
+                plan,
+                ranges,
+                search,
+                data,
+                config,
+                choice.bits == 7,
+                progress,
+                spent,
             )
             notes += refined.notes(config.refine_loss)
     else:
@@ -239,7 +263,8 @@ def _layer_tensors(graph, plan: QuantPlan) -> list[tuple[str, str, str]]:
 def _observe(float_model, plan, stream, config: QuantConfig, progress: Progress):
     """Float activation ranges by min-max or percentile statistics."""
     progress.stage(f"calibrate ({config.calibration.value})", total=config.max_samples)
-    return collect_ranges(float_model, plan.observed_tensors(), stream, _observer_factory(config), progress)
+    observer = _observer_factory(config, plan)
+    return collect_ranges(float_model, plan.observed_tensors(), stream, observer, progress)
 
 
 def _gather(stream) -> tuple[dict[str, np.ndarray], int]:
@@ -272,11 +297,21 @@ def _search(float_model, plan, data, ranges, config: QuantConfig, reduced: bool,
 
 
 def _refine(
-    float_model, graph, plan: QuantPlan, ranges, search, data, config: QuantConfig, reduced: bool, progress
+    float_model,
+    graph,
+    plan: QuantPlan,
+    ranges,
+    search,
+    data,
+    config: QuantConfig,
+    reduced: bool,
+    progress,
+    spent: float,
 ):
     """Learned rounding and activation steps, starting from the calibrated ones (onnxq.refine).
 
-    `graph` is the IR graph the plan was made from: its initializers are the float weights."""
+    `graph` is the IR graph the plan was made from: its initializers are the float weights;
+    `spent`: seconds of --time-budget already used (search, distribution correction)."""
     from onnxq.refine import refine
     from onnxq.refine.reconstruct import RefineSettings
 
@@ -291,7 +326,6 @@ def _refine(
         for name, spec in plan.weights.items()
     }
     params = activation_params(plan, ranges, symmetric=config.activation_symmetric)
-    spent = search.seconds if search else 0.0
     budget = None if config.time_budget is None else max(1.0, config.time_budget - spent)
     settings = RefineSettings(
         unit=config.refine_unit,
@@ -306,6 +340,49 @@ def _refine(
     )
     biases = search.biases if search else None
     return refine(float_model, plan, params, weights, biases, data, settings, progress)
+
+
+def _synthesise(proto, inputs, config: QuantConfig, progress) -> tuple[dict[str, np.ndarray], str]:
+    """Calibration inputs synthesised from noise by the BatchNorm statistics (onnxq.correct)."""
+    require_refinement(config.device)
+    from onnxq.correct import synthesize
+    from onnxq.correct.matching import MatchSettings
+
+    shape = inputs[0].shape[1:] if len(inputs) == 1 else (None,)
+    if len(inputs) != 1 or inputs[0].dtype.kind != "f" or any(d is None for d in shape):
+        raise OnnxqError(
+            f"--calib {DATA_FREE} needs one float input of fixed size apart from the batch axis; "
+            f"the model has {', '.join(f'{i.name} {list(i.shape)}' for i in inputs)}"
+        )
+    prepared = fuse(proto, simplify_first=config.simplify, merge_branches=False, progress=progress)
+    if not prepared.statistics:
+        raise OnnxqError(
+            f"--calib {DATA_FREE}: the model has no BatchNormalization statistics to synthesise data from"
+        )
+    count = min(config.max_samples or SYNTHETIC_SAMPLES, SYNTHETIC_SAMPLES)
+    settings = MatchSettings(seed=config.seed, threads=config.threads)
+    data, report = synthesize(prepared.model, prepared.statistics, tuple(shape), count, settings, progress)
+    return data, report.note(f"data-free: {count} calibration samples synthesised from BatchNorm statistics")
+
+
+def _correct(float_model, statistics, data, config: QuantConfig, data_free: bool, progress):
+    """The calibration data nudged towards the BatchNorm statistics, for refinement (onnxq.correct)."""
+    if not config.distribution_correction:
+        return data, []
+    skipped = "distribution correction skipped: "
+    if data_free:
+        return data, [skipped + "the data was synthesised from the same statistics"]
+    if not statistics:
+        return data, [skipped + "the model has no BatchNormalization statistics (none was folded)"]
+    if len(data) != 1 or next(iter(data.values())).dtype.kind != "f":
+        return data, [skipped + "it corrects models with one float input only"]
+    from onnxq.correct import correct_distribution
+    from onnxq.correct.matching import MatchSettings
+
+    budget = None if config.time_budget is None else CORRECTION_SHARE * config.time_budget
+    settings = MatchSettings(seed=config.seed, threads=config.threads, time_budget=budget)
+    corrected, report = correct_distribution(float_model, statistics, data, settings, progress)
+    return corrected, [report.note(f"distribution correction ({report.seconds:.0f} s)")]
 
 
 def _search_notes(search: SearchResult) -> list[str]:
@@ -360,14 +437,26 @@ def fuse(
     folded = fold_batchnorm(graph_model.graph)
     if folded.folded:
         notes.append(f"folded {len(folded.folded)} BatchNormalization nodes")
-    if affine := fold_affine(graph_model.graph):
+    if affine := fold_affine(graph_model.graph, folded.statistics):
         notes.append(f"folded {len(affine)} constant Mul/Add nodes into the layers before them")
     fused = fuse_branches(graph_model.graph) if merge_branches else FuseReport()
     if fused.merged:
         notes.append(f"merged {fused.branches_merged} branches into {len(fused.merged)} Conv nodes")
+    statistics = _output_statistics(graph_model.graph, folded.statistics, fused)
     result = to_proto(graph_model)
     result.ir_version = _ir_version(result)
-    return FuseResult(result, folded, fused, notes)
+    return FuseResult(result, folded, fused, notes, statistics)
+
+
+def _output_statistics(graph, by_layer: dict[str, ChannelStatistics], fused: FuseReport):
+    """BatchNorm statistics by the tensor each folded layer now produces; a merged Conv's output
+    is a sum of branches whose covariance no BatchNorm recorded, so it has none."""
+    merged = {name for block in fused.merged for name in (block.conv, *block.branches)}
+    return {
+        node.outputs[0].name: by_layer[node.name]
+        for node in graph
+        if node.name in by_layer and node.name not in merged
+    }
 
 
 def fuse_file(source: str | os.PathLike, target: str | os.PathLike, **kwargs) -> FuseResult:
@@ -429,10 +518,14 @@ def _convert_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     return converted
 
 
-def _observer_factory(config: QuantConfig):
+def _observer_factory(config: QuantConfig, plan: QuantPlan):
+    """tensor → its observer; Scale-Clip's K follows the bit width of the activation observed."""
     if config.calibration is CalibrationMethod.MINMAX:
-        return MinMaxObserver
-    return lambda: HistogramObserver(config.percentile)
+        return lambda name: MinMaxObserver()
+    if config.calibration is CalibrationMethod.SCALECLIP:
+        bits = {spec.observed: spec.bits for spec in plan.activations.values()}
+        return lambda name: ScaleClipObserver(config.activation_scaleclip_k(bits.get(name, 8)))
+    return lambda name: HistogramObserver(config.percentile)
 
 
 def _write_metadata(model: onnx.ModelProto, config: QuantConfig, weight_reason: str) -> None:

@@ -130,3 +130,25 @@ def test_resnet20_from_shared_keeps_its_accuracy():
     expected = session(onnxq.load_model(model)).run(None, {"input": x})[0].argmax(1)
     got = session(result.model).run(None, {"input": x})[0].argmax(1)
     assert (expected == got).mean() >= 0.97
+
+
+@pytest.mark.parametrize("k", [1.0, 4.0])
+def test_scaleclip_sets_the_input_scale_from_k_times_mean_absolute_value(small_model, calibration_data, k):
+    """The graph input's Q/DQ against numpy: range [max(min, −α), min(max, α)], α = K·mean|x|."""
+    config = onnxq.QuantConfig(
+        calibration=onnxq.CalibrationMethod.SCALECLIP,
+        activation_scaleclip=k,
+        speed_check=False,
+        fidelity_fallback=False,
+    )
+    result = onnxq.quantize(small_model, calibration_data, config)
+    inits = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    quantizers = [n for n in result.model.graph.node if n.op_type == "QuantizeLinear"]
+    first = next(n for n in quantizers if n.input[0] == "input")
+    scale, zero = inits[first.input[1]], inits[first.input[2]]
+    calibrated = calibration_data[: result.samples].astype(np.float64)
+    alpha = k * np.abs(calibrated).mean()
+    low, high = max(calibrated.min(), -alpha), min(calibrated.max(), alpha)
+    expected = P.affine_params(low, high, P.IntRange.unsigned(8))
+    np.testing.assert_allclose(scale, expected[0], rtol=1e-5)
+    assert int(zero) == int(expected[1])

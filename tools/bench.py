@@ -406,6 +406,31 @@ def refine_extra() -> str:
     return f"Top-1 on held-out calibration images (train-1017[512:], where defaults are chosen): {cells}."
 
 
+SEEDS_MODELS = ["resnet20_cifar10_bn", "mobilenet_v2_bn"]
+DATA_FREE = Path("bn-stats")  # `--calib bn-stats`: no data, inputs synthesised from BatchNorm statistics
+
+
+def seeds_settings(name: str) -> dict[str, Callable]:
+    """Issue 15's pieces with and without, everything else equal: data-free calibration against
+    real data at W8A8 and W4A8, refinement with and without distribution correction at W4A4."""
+    synthesised = "64" if "cifar" in name else "16"  # a forward and backward pass per sample and step
+    budget = [] if "cifar" in name else ["--time-budget", "1800"]
+    refine = ["--w-bits", "4", "--a-bits", "4", "--calib-method", "mse", "--no-speed-check", "--refine"]
+    refine += budget
+    settings = {}
+    for w in (8, 4):
+        widths = ["--w-bits", str(w), "--no-speed-check"]
+        settings[f"onnxq W{w}A8, real data"] = lambda p, c, f=widths: run_onnxq_cli(p, c, f)
+        settings[f"onnxq W{w}A8, data-free ({synthesised} synthesised)"] = lambda p, c, f=widths: (
+            run_onnxq_cli(p, DATA_FREE, [*f, "--max-samples", synthesised])
+        )
+    settings["onnxq W4A4 mse + --refine, no DC"] = lambda p, c: run_onnxq_cli(
+        p, c, [*refine, "--no-distribution-correction"]
+    )
+    settings["onnxq W4A4 mse + --refine + DC"] = lambda p, c: run_onnxq_cli(p, c, refine)
+    return settings
+
+
 # ----------------------------------------------------------------------------- zoo
 
 
@@ -645,6 +670,7 @@ SUITES = {
     "reparam": (reparam_settings, CALIBRATION_SAMPLES, True),
     "lowbit": (lowbit_settings, LOW_BIT_SAMPLES, False),
     "refine": (refine_settings, LOW_BIT_SAMPLES, False),
+    "seeds": (seeds_settings, LOW_BIT_SAMPLES, False),
 }
 DEFAULT_MODELS = {
     "w8a8": [
@@ -659,6 +685,7 @@ DEFAULT_MODELS = {
     "lowbit": ["resnet20_cifar10", "mobilenet_v2", "repvgg_cifar10", "mobileone_cifar10"],
     "calib": list(CALIB_WIDTHS),
     "refine": list(REFINE_WIDTHS),
+    "seeds": SEEDS_MODELS,
 }
 SUITE_TITLES = {
     "w8a8": "W8A8 against onnxruntime (issue 2)",
@@ -666,6 +693,7 @@ SUITE_TITLES = {
     "lowbit": "Low bit widths, granularity and weight range rules (issue 4)",
     "calib": "Scales chosen by error: mse, mae, pd, bias correction (issue 5)",
     "refine": "Rounding refinement: learned rounding and activation steps (issue 14)",
+    "seeds": "BatchNorm statistics: data-free calibration and distribution correction (issue 15)",
 }
 
 
@@ -712,13 +740,19 @@ def markdown(suite: str, name: str, float_top1: float, rows: list[Row], samples:
         "QDrop 0.5, 500 iterations per block, batch 32, seed 0; the loss as the row says); one "
         "calibration draw. calib. s is the "
         "`onnxq quantize` process's wall time on 2 cores and peak MB its peak resident memory.",
+        "seeds": f"Calibration: {samples} CIFAR-10 training images or {samples} even-class ImageNet images "
+        "where data is used; data-free rows see no image and synthesise their inputs from the BatchNorm "
+        "statistics (`--calib bn-stats`). Refinement rows: mse scale search, then `--refine` at its "
+        "defaults, with or without distribution correction, everything else equal; one calibration "
+        "draw. calib. s is the `onnxq quantize` process's wall time on 2 cores and peak MB its peak "
+        "resident memory.",
     }
     latency = SUITES[suite][2]
     lines = [f"## {SUITE_TITLES[suite]}: {name} (float top-1 {100 * float_top1:.2f} %)", "", notes[suite], ""]
     lines += [extra, ""] if extra else []
     header = "| setting | top-1 % | Δ float | agreement % | KL | size KB | calib. s |"
     rule = "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
-    if suite in ("calib", "refine"):
+    if suite in ("calib", "refine", "seeds"):
         header += " peak MB |"
         rule += " ---: |"
     if latency:
@@ -735,7 +769,7 @@ def markdown(suite: str, name: str, float_top1: float, rows: list[Row], samples:
             f"{r.size_kb:.0f}",
             "" if r.calib_s is None else f"{r.calib_s:.1f}",
         ]
-        if suite in ("calib", "refine"):
+        if suite in ("calib", "refine", "seeds"):
             cells.append("" if r.peak_mb is None else f"{r.peak_mb:.0f}")
         if latency:
             cells.append("" if r.latency_ratio is None else f"{r.latency_ratio:.2f}")

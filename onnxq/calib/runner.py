@@ -22,13 +22,14 @@ def collect_ranges(
     model: onnx.ModelProto,
     tensors: list[str],
     stream: Iterable[Batch],
-    make_observer: Callable[[], Observer],
+    make_observer: Callable[[str], Observer],
     progress: Progress,
 ) -> tuple[dict[str, tuple[float, float]], int]:
-    """Float range of each tensor over all batches, and the number of samples seen."""
+    """Float range of each tensor over all batches, and the number of samples seen;
+    `make_observer(tensor)` gives each tensor its observer."""
     probe = with_outputs(model, tensors)
     runner = session(probe, optimize=True, arena=False)
-    observers = {name: make_observer() for name in tensors}
+    observers = {name: make_observer(name) for name in tensors}
     samples, chunk = 0, None
     for batch in stream:
         count = len(next(iter(batch.values())))

@@ -8,7 +8,8 @@ per-output-channel constant:
     Mul(y, c): W'[k] = W[k] · c[k], b'[k] = b[k] · c[k]        Div(y, c): the same with 1/c
     Add(y, c): b'[k] = b[k] + c[k]                             Sub(y, c): the same with −c
 The fold is skipped when the layer's output is read elsewhere, its weights or bias are shared,
-or the constant does not broadcast per output channel.
+or the constant does not broadcast per output channel. BatchNorm statistics kept for a layer's
+output (fold_bn) follow the fold, so they still describe the tensor the layer now produces.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from onnxq.passes.fold_bn import ChannelStatistics
 from onnxq.passes.graph_utils import (
     bypass,
     constant,
@@ -30,11 +32,14 @@ LAYERS = ("Conv", "ConvTranspose", "Gemm")
 AFFINE = ("Mul", "Div", "Add", "Sub")
 
 
-def fold_affine(graph: ir.Graph) -> list[str]:
-    """Fold every foldable constant Mul/Div/Add/Sub after a layer, repeatedly; returns their names."""
+def fold_affine(graph: ir.Graph, statistics: dict[str, ChannelStatistics] | None = None) -> list[str]:
+    """Fold every foldable constant Mul/Div/Add/Sub after a layer, repeatedly; returns their names.
+
+    `statistics` (layer node → its output's, from fold_bn) is updated in place."""
     folded: list[str] = []
+    statistics = statistics if statistics is not None else {}
     while True:
-        done = [node for node in list(graph) if _fold_one(graph, node)]
+        done = [node for node in list(graph) if _fold_one(graph, node, statistics)]
         if not done:
             break
         folded += [node.name or node.outputs[0].name for node in done]
@@ -42,7 +47,7 @@ def fold_affine(graph: ir.Graph) -> list[str]:
     return folded
 
 
-def _fold_one(graph: ir.Graph, node: ir.Node) -> bool:
+def _fold_one(graph: ir.Graph, node: ir.Node, statistics: dict[str, ChannelStatistics]) -> bool:
     if node.op_type not in AFFINE or node.domain != "" or len(node.inputs) != 2:
         return False
     layer, value = _layer_and_constant(node)
@@ -69,8 +74,13 @@ def _fold_one(graph: ir.Graph, node: ir.Node) -> bool:
         new_weight = (weight.astype(np.float64) * factor.reshape(shape)).astype(weight.dtype)
         layer.replace_input_with(1, set_initializer(graph, layer.inputs[1].name, new_weight))
         bias = bias * factor
+        shift = np.zeros_like(factor)
     else:
-        bias = bias + (per_channel if node.op_type == "Add" else -per_channel)
+        shift = per_channel if node.op_type == "Add" else -per_channel
+        bias = bias + shift
+        factor = np.ones_like(shift)
+    if layer.name in statistics:
+        statistics[layer.name] = statistics[layer.name].affine(factor, shift)
     name = (bias_value.name if bias_value else layer.name) + "_folded_affine"
     if len(layer.inputs) < 3:
         layer.resize_inputs(3)

@@ -5,6 +5,11 @@ With σ = sqrt(var + ε) per output channel c:
     b'[c] = (b[c] − μ[c]) · γ[c] / σ[c] + β[c]
 The fold is skipped (with the reason) when the layer's output is read elsewhere, its weights are
 shared with another node, or any parameter is not a constant.
+
+The statistics are not thrown away: the folded layer's output is the BatchNormalization's output,
+whose per-channel mean and variance over the training set were β and γ²·var/(var + ε). They are
+kept (FoldReport.statistics) for distribution correction and data-free calibration, and never
+written into a model.
 """
 
 from __future__ import annotations
@@ -28,17 +33,30 @@ from onnxq.passes.graph_utils import (
 FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
 
 
+@dataclass(frozen=True)
+class ChannelStatistics:
+    """Per-channel mean and variance a layer's output had over the training set."""
+
+    mean: np.ndarray
+    var: np.ndarray
+
+    def affine(self, factor: np.ndarray, shift: np.ndarray) -> ChannelStatistics:
+        """The statistics of factor·y + shift."""
+        return ChannelStatistics(self.mean * factor + shift, self.var * factor**2)
+
+
 @dataclass
 class FoldReport:
     folded: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    statistics: dict[str, ChannelStatistics] = field(default_factory=dict)  # layer node → its output's
 
 
 def fold_batchnorm(graph: ir.Graph) -> FoldReport:
     """Fold every foldable BatchNormalization in place; returns what was folded and skipped."""
     report = FoldReport()
     for bn in [n for n in graph if n.op_type == "BatchNormalization" and n.domain == ""]:
-        reason = _fold_one(graph, bn)
+        reason = _fold_one(graph, bn, report.statistics)
         if reason is None:
             report.folded.append(bn.name or bn.outputs[0].name)
         else:
@@ -47,7 +65,7 @@ def fold_batchnorm(graph: ir.Graph) -> FoldReport:
     return report
 
 
-def _fold_one(graph: ir.Graph, bn: ir.Node) -> str | None:
+def _fold_one(graph: ir.Graph, bn: ir.Node, statistics: dict[str, ChannelStatistics]) -> str | None:
     layer = bn.inputs[0].producer() if bn.inputs[0] is not None else None
     if layer is None or layer.op_type not in FOLDABLE or layer.domain != "":
         return "not preceded by Conv, ConvTranspose or Gemm"
@@ -65,7 +83,8 @@ def _fold_one(graph: ir.Graph, bn: ir.Node) -> str | None:
     if axis is None:
         return "grouped ConvTranspose"
     gamma, beta, mean, var = (np.asarray(p, np.float64) for p in params)
-    factor = gamma / np.sqrt(var + attribute(bn, "epsilon", 1e-5))
+    epsilon = attribute(bn, "epsilon", 1e-5)
+    factor = gamma / np.sqrt(var + epsilon)
     bias_value = layer.inputs[2] if len(layer.inputs) > 2 else None
     bias = constant(bias_value)
     if bias_value is not None and (bias is None or len(bias_value.uses()) != 1):
@@ -86,4 +105,5 @@ def _fold_one(graph: ir.Graph, bn: ir.Node) -> str | None:
         layer.resize_inputs(3)
     layer.replace_input_with(2, bias_input)
     bypass(graph, bn, layer.outputs[0])
+    statistics[layer.name] = ChannelStatistics(beta.copy(), gamma**2 * var / (var + epsilon))
     return None

@@ -21,7 +21,8 @@ def simplify(model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> tuple[onn
     try:
         import onnxsim
 
-        simplified, checked = onnxsim.simplify(model)
+        # BatchNormalization is left to fold_bn, which keeps its statistics
+        simplified, checked = onnxsim.simplify(model, skip_fuse_bn=True)
     except Exception as err:  # onnxsim surfaces C++ errors of many types
         return model, f"onnxsim failed ({str(err).splitlines()[0][:120]}); kept the model as is"
     if not checked:

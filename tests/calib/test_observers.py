@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnxq.calib.observers import HistogramObserver, MinMaxObserver
+from onnxq.calib.observers import HistogramObserver, MinMaxObserver, ScaleClipObserver
 
 
 @settings(max_examples=30, deadline=None)
@@ -41,3 +41,25 @@ def test_min_max_over_batches():
     for part in (np.array([1.0, 2.0]), np.array([-4.0, 0.0]), np.array([9.0])):
         observer.update(part)
     assert observer.range() == (-4.0, 9.0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), batches=st.integers(1, 5), k=st.floats(0.5, 64.0), shift=st.floats(-2, 2))
+def test_scaleclip_streams_to_k_times_mean_absolute_value(seed, batches, k, shift):
+    """Batch by batch, the range is numpy's min/max clipped at ±K·mean|A| over all the data."""
+    rng = np.random.default_rng(seed)
+    parts = [(rng.standard_normal(3000) ** 3 + shift).astype(np.float32) for _ in range(batches)]
+    observer = ScaleClipObserver(k)
+    for part in parts:
+        observer.update(part)
+    data = np.concatenate(parts).astype(np.float64)
+    alpha = k * np.abs(data).mean()
+    low, high = observer.range()
+    np.testing.assert_allclose(low, max(data.min(), -alpha), rtol=1e-9)
+    np.testing.assert_allclose(high, min(data.max(), alpha), rtol=1e-9)
+
+
+def test_scaleclip_keeps_a_one_sided_range_one_sided():
+    observer = ScaleClipObserver(2.0)
+    observer.update(np.array([0.0, 0.0, 1.0, 9.0], np.float32))
+    assert observer.range() == (0.0, 5.0)

@@ -1,0 +1,203 @@
+"""Optimise model inputs so that the statistics they produce match the BatchNorm ones.
+
+The loss at every tensor with kept statistics is the squared gap of its per-channel mean and
+standard deviation (over the batch and spatial positions) to BatchNorm's, divided by the
+channels' mean variance so that every layer weighs the same whatever its scale (PD-Quant's DC,
+ZeroQ's BN loss). Correction adds λ·the inputs' mean squared change over their variance, which
+keeps the images what they were; synthesis starts from unit Gaussian noise and has no such term.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+
+from onnxq.errors import OnnxqError
+from onnxq.passes.fold_bn import ChannelStatistics
+from onnxq.progress import Progress, Silent
+from onnxq.refine.mirror import Mirror
+
+
+@dataclass(frozen=True)
+class MatchSettings:
+    """Defaults follow PD-Quant's DC and ZeroQ where they give them, scaled to few steps."""
+
+    steps: int = 50
+    batch: int = 64  # samples whose statistics are matched together
+    lr: float = 0.01  # Adam, on inputs of roughly unit scale (correction)
+    closeness: float = 1.0  # λ of the change-of-input term (correction only)
+    synthesis_lr: float = 0.1
+    synthesis_steps: int = 200
+    seed: int = 0
+    threads: int | None = None
+    time_budget: float | None = None  # seconds for all batches; steps stop early when it runs out
+
+
+@dataclass
+class MatchReport:
+    """The statistics loss before and after, over all batches, and the inputs' relative change."""
+
+    tensors: int
+    before: float
+    after: float
+    change: float = 0.0
+    seconds: float = 0.0
+
+    def note(self, what: str) -> str:
+        moved = f"; inputs moved by {100 * self.change:.1f} % of their RMS" if self.change else ""
+        return (
+            f"{what}: BatchNorm-statistics loss {self.before:.4g} → {self.after:.4g} over "
+            f"{self.tensors} tensors{moved}"
+        )
+
+
+def statistics_loss(
+    values: dict[str, torch.Tensor], statistics: dict[str, ChannelStatistics]
+) -> torch.Tensor:
+    """Mean over tensors of (|μ − μ_BN|² + |σ − σ_BN|²) / mean(σ_BN²), per channel on axis 1."""
+    terms = []
+    for name, stats in statistics.items():
+        value = values[name]
+        axes = [a for a in range(value.ndim) if a != 1]
+        mean = value.mean(dim=axes)
+        std = (value.var(dim=axes, unbiased=False) + 1e-8).sqrt()
+        target_mean = torch.as_tensor(stats.mean, dtype=value.dtype, device=value.device)
+        target_var = torch.as_tensor(stats.var, dtype=value.dtype, device=value.device)
+        gap = (mean - target_mean).pow(2).mean() + (std - target_var.sqrt()).pow(2).mean()
+        terms.append(gap / target_var.mean().clamp_min(1e-12))
+    return torch.stack(terms).mean()
+
+
+class _StatisticsRun:
+    """The float mirror run just far enough to produce every tensor with statistics."""
+
+    def __init__(self, model: onnx.ModelProto, statistics: dict[str, ChannelStatistics]) -> None:
+        self.mirror = Mirror(model)
+        self.mirror.requires_grad_(False)
+        produced = {o: i for i, node in enumerate(self.mirror.nodes) for o in node.outputs}
+        self.statistics = {name: s for name, s in statistics.items() if name in produced}
+        self.end = 1 + max((produced[name] for name in self.statistics), default=-1)
+        self.input = self.mirror.graph_inputs[0]
+
+    def loss(self, inputs: torch.Tensor) -> torch.Tensor:
+        env = self.mirror.run({self.input: inputs}, 0, self.end, quantized=False, keep=self.statistics)
+        return statistics_loss(env, self.statistics)
+
+
+def correct_distribution(
+    model: onnx.ModelProto,
+    statistics: dict[str, ChannelStatistics],
+    data: dict[str, np.ndarray],
+    settings: MatchSettings | None = None,
+    progress: Progress | None = None,
+) -> tuple[dict[str, np.ndarray], MatchReport]:
+    """The calibration inputs nudged towards the BatchNorm statistics (a single float input)."""
+    settings = settings or MatchSettings()
+    run = _prepare(model, statistics, settings)
+    name = run.input
+    original = data[name]
+    corrected = np.empty_like(original)
+    before = after = change = 0.0
+    batches = _slices(len(original), settings.batch)
+    started = time.perf_counter()
+    (progress or Silent()).stage("distribution correction", total=len(batches) * settings.steps)
+    for index, part in enumerate(batches):
+        start = torch.from_numpy(np.ascontiguousarray(original[part], np.float32))
+        scale = start.pow(2).mean().clamp_min(1e-12)
+        first, last, result = _optimise(
+            run,
+            start.clone(),
+            settings.lr,
+            settings.steps,
+            lambda x, start=start, scale=scale: settings.closeness * (x - start).pow(2).mean() / scale,
+            progress,
+            index * settings.steps,
+            _share(settings.time_budget, len(batches)),
+        )
+        corrected[part] = result.numpy().astype(original.dtype)
+        weight = (part.stop - part.start) / len(original)
+        before += weight * first
+        after += weight * last
+        change += weight * float(((result - start).pow(2).mean() / scale).sqrt())
+    seconds = time.perf_counter() - started
+    return {**data, name: corrected}, MatchReport(len(run.statistics), before, after, change, seconds)
+
+
+def synthesize(
+    model: onnx.ModelProto,
+    statistics: dict[str, ChannelStatistics],
+    shape: tuple[int, ...],
+    count: int,
+    settings: MatchSettings | None = None,
+    progress: Progress | None = None,
+) -> tuple[dict[str, np.ndarray], MatchReport]:
+    """`count` inputs of `shape` (one sample's) synthesised from noise by the statistics alone."""
+    settings = settings or MatchSettings()
+    run = _prepare(model, statistics, settings)
+    generator = torch.Generator().manual_seed(settings.seed)
+    batches = _slices(count, settings.batch)
+    (progress or Silent()).stage("synthesise calibration data", total=len(batches) * settings.synthesis_steps)
+    parts, before, after = [], 0.0, 0.0
+    started = time.perf_counter()
+    for index, part in enumerate(batches):
+        noise = torch.randn((part.stop - part.start, *shape), generator=generator)
+        first, last, result = _optimise(
+            run,
+            noise,
+            settings.synthesis_lr,
+            settings.synthesis_steps,
+            None,
+            progress,
+            index * settings.synthesis_steps,
+            _share(settings.time_budget, len(batches)),
+        )
+        parts.append(result.numpy())
+        weight = (part.stop - part.start) / count
+        before, after = before + weight * first, after + weight * last
+    report = MatchReport(len(run.statistics), before, after, seconds=time.perf_counter() - started)
+    return {run.input: np.concatenate(parts)}, report
+
+
+def _prepare(model, statistics, settings: MatchSettings) -> _StatisticsRun:
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    run = _StatisticsRun(model, statistics)
+    if not run.statistics:
+        raise OnnxqError("no tensor of the model has BatchNorm statistics")
+    return run
+
+
+def _share(budget: float | None, parts: int) -> float | None:
+    return None if budget is None else budget / parts
+
+
+def _optimise(run: _StatisticsRun, inputs, lr, steps, penalty, progress, done, seconds=None):
+    """Adam on `inputs` for `steps` or `seconds`, whichever ends first; (loss before, after, inputs)."""
+    inputs = inputs.clone().requires_grad_(True)
+    optimiser = torch.optim.Adam([inputs], lr=lr)
+    with torch.no_grad():
+        first = float(run.loss(inputs))
+    deadline = None if seconds is None else time.perf_counter() + seconds
+    for step in range(steps):
+        if deadline is not None and step and time.perf_counter() > deadline:
+            break
+        optimiser.zero_grad(set_to_none=True)
+        loss = run.loss(inputs)
+        total = loss + penalty(inputs) if penalty is not None else loss
+        total.backward()
+        optimiser.step()
+        if progress is not None and step % 10 == 0:
+            progress.advance(done + step)
+            progress.status(f"loss {loss.item():.4g}")
+    with torch.no_grad():
+        last = float(run.loss(inputs))
+    return first, last, inputs.detach()
+
+
+def _slices(count: int, batch: int) -> list[slice]:
+    return [slice(start, min(start + batch, count)) for start in range(0, count, batch)]
