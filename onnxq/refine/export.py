@@ -32,7 +32,16 @@ class Refinement:
 
     def notes(self, loss: str) -> list[str]:
         refined = [u for u in self.units if not u.skipped]
-        lines = [f"refined {len(refined)} of {len(self.units)} units ({loss} loss) in {self.seconds:.1f} s"]
+        used = {u.loss for u in refined} or {loss}
+        lines = [
+            f"refined {len(refined)} of {len(self.units)} units ({', '.join(sorted(used))} loss) "
+            f"in {self.seconds:.1f} s"
+        ]
+        if loss == "pd" and "pd" not in used:
+            lines.append(
+                "  pd needs class scores, (samples, classes), as the first output; this model's is not: "
+                "the units learned with mse"
+            )
         for unit in self.units:
             if unit.skipped:
                 lines.append(f"  not refined: {unit.name}: {unit.skipped}")

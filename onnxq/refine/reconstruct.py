@@ -51,6 +51,7 @@ class UnitReport:
     after: float = float("nan")
     skipped: str = ""  # why it was not refined
     reverted: bool = False
+    loss: str = ""  # the loss it learned with (pd falls back to mse without class scores)
 
 
 class _Batches:
@@ -143,7 +144,7 @@ class _UnitJob:
         self.outside = sorted({node.op_type for node in nodes if not node.in_torch})
 
     def run(self, seconds: float | None, progress: Progress) -> UnitReport:
-        report = UnitReport(self.unit.describe(self.mirror))
+        report = UnitReport(self.unit.describe(self.mirror), loss=self.loss)
         if not self.weights and not self.steps:
             report.skipped = "nothing to learn"
             return report

@@ -187,3 +187,15 @@ def test_bad_refine_settings_are_one_line_errors(monkeypatch, small_model, calib
         onnxq.QuantConfig(refine=True, refine_unit="blocks")
     with pytest.raises(onnxq.OnnxqError, match="qdrop"):
         onnxq.QuantConfig(refine=True, qdrop=1.5)
+
+
+def test_pd_without_class_scores_says_it_learned_with_mse():
+    from tests.conftest import export
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
+    model = export(net, torch.zeros(1, 3, 8, 8), outputs=("features",))
+    data = np.random.default_rng(0).standard_normal((24, 3, 8, 8)).astype(np.float32)
+    result = onnxq.quantize(model, data, onnxq.QuantConfig(weight_bits=4, activation_bits=4, **FAST))
+    assert any(n.startswith("refined ") and "(mse loss)" in n for n in result.notes)
+    assert any("pd needs class scores" in n for n in result.notes)
