@@ -321,6 +321,12 @@ def main() -> None:
     help="With --refine, nudge the calibration inputs towards the BatchNorm statistics the model "
     "had before folding (PD-Quant), so that refinement over-fits them less.",
 )
+@click.option(
+    "--qprep",
+    is_flag=True,
+    help="With --refine, convs merged from re-parameterized branches also learn a per-channel "
+    "scale and shift of their output (RepAPQ's QPRep), folded into their weight scales and bias.",
+)
 @preprocess_options
 @_reports_errors
 def quantize(model, output, calib, **options):
@@ -364,6 +370,7 @@ def quantize(model, output, calib, **options):
         threads=options.pop("threads"),
         device=options.pop("device"),
         distribution_correction=options.pop("distribution_correction"),
+        qprep=options.pop("qprep"),
     )
     preprocess = build_preprocess(**options)
     with RichProgress() as progress:

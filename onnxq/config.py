@@ -278,6 +278,9 @@ class QuantConfig:
     # distribution correction (onnxq/correct/): the inputs refinement learns from are nudged
     # towards the BatchNorm statistics folded away; runs with --refine where there were any
     distribution_correction: bool = True
+    # QPRep (RepAPQ): with --refine, merged re-parameterized convs also learn a per-channel
+    # affine of their output, folded into their weight scales and bias at export
+    qprep: bool = False
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "activation_bits"):

@@ -170,6 +170,7 @@ def quantize(
             data, corrected = _correct(float_model, prepared.statistics, data, config, data_free, progress)
             notes += corrected
             spent = time.perf_counter() - started + (search.seconds if search else 0.0)
+            affine = {block.conv for block in prepared.fused.merged} if config.qprep else set()
             refined = _refine(
                 float_model,
                 graph_model.graph,
@@ -181,8 +182,13 @@ def quantize(
                 choice.bits == 7,
                 progress,
                 spent,
+                affine,
             )
             notes += refined.notes(config.refine_loss)
+            if config.qprep:
+                notes.append(
+                    f"QPRep: {len(affine)} merged re-parameterized convs learned a per-channel affine"
+                )
     else:
         ranges, samples = _observe(float_model, plan, stream, config, progress)
 
@@ -240,7 +246,7 @@ def _build(
         symmetric_weights=config.weight_symmetric,
         reduced_8bit_weights=choice.bits == 7,
         weight_ratios=search.weight_ratios if search else None,
-        biases=search.biases if search else None,
+        biases={**(search.biases if search else {}), **(refined.biases if refined is not None else {})},
         refined_weights=refined.weights if refined is not None else None,
     )
     quantized = to_proto(graph_model)
@@ -307,11 +313,13 @@ def _refine(
     reduced: bool,
     progress,
     spent: float,
+    affine_layers: set[str],
 ):
     """Learned rounding and activation steps, starting from the calibrated ones (onnxq.refine).
 
     `graph` is the IR graph the plan was made from: its initializers are the float weights;
-    `spent`: seconds of --time-budget already used (search, distribution correction)."""
+    `spent`: seconds of --time-budget already used (search, distribution correction);
+    `affine_layers` learn QPRep's per-channel affine too."""
     from onnxq.refine import refine
     from onnxq.refine.reconstruct import RefineSettings
 
@@ -339,7 +347,7 @@ def _refine(
         device=config.device,
     )
     biases = search.biases if search else None
-    return refine(float_model, plan, params, weights, biases, data, settings, progress)
+    return refine(float_model, plan, params, weights, biases, data, settings, progress, affine_layers)
 
 
 def _synthesise(proto, inputs, config: QuantConfig, progress) -> tuple[dict[str, np.ndarray], str]:

@@ -1,8 +1,9 @@
 """Refinement end to end, and its result in the form insert_qdq writes.
 
 Hard rounding gives each weight integers floor(w/s) + [V ≥ 0] + z with its calibrated scales
-unchanged; each activation keeps its zero point and takes its learned step. Nothing is added to
-the graph: the refined model is the same QDQ model with other integers and scales.
+unchanged; each activation keeps its zero point and takes its learned step. With QPRep, a
+layer's γ multiplies its weight's per-channel scales and its bias becomes γ·b + β. Nothing is
+added to the graph: the refined model is the same QDQ model with other integers and scales.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from onnxq.refine.reconstruct import RefineSettings, UnitReport, reconstruct
 class Refinement:
     weights: dict[str, QuantizedWeight]
     activations: ActivationParams
+    biases: dict[str, np.ndarray] = field(default_factory=dict)  # float biases QPRep changed
     units: list[UnitReport] = field(default_factory=list)
     seconds: float = 0.0
     mirror: Mirror | None = field(default=None, repr=False)  # in its refined, hard-rounding state
@@ -65,19 +67,22 @@ def refine(
     data: dict[str, np.ndarray],
     settings: RefineSettings,
     progress: Progress | None = None,
+    affine_layers: set[str] | frozenset[str] = frozenset(),
 ) -> Refinement:
-    """Learned integers and activation steps for `plan`, starting from the calibrated ones."""
+    """Learned integers and activation steps for `plan`, starting from the calibrated ones;
+    `affine_layers` also learn QPRep's per-channel affine (merged re-parameterized convs)."""
     began = time.monotonic()
     if settings.threads:
         torch.set_num_threads(settings.threads)
     device = torch.device(settings.device)
-    mirror = Mirror(model, plan, activations, weights, biases).to_device(device)
+    mirror = Mirror(model, plan, activations, weights, biases, affine_layers).to_device(device)
     units = partition(mirror, set(plan.layers), settings.unit)
     feeds = {name: torch.from_numpy(np.ascontiguousarray(value)).to(device) for name, value in data.items()}
     reports = reconstruct(mirror, units, feeds, settings, progress or Silent())
     return Refinement(
         exported_weights(mirror, weights),
         exported_activations(mirror, activations),
+        exported_biases(mirror),
         reports,
         time.monotonic() - began,
         mirror,
@@ -88,9 +93,31 @@ def exported_weights(mirror: Mirror, weights: dict[str, QuantizedWeight]) -> dic
     """Each weight with its learned integers and its scales as calibrated."""
     result = {}
     for name, quantized in weights.items():
-        integers = mirror.rounding[mirror.weight_index[name]].integers()
-        result[name] = replace(quantized, integers=integers.astype(quantized.target.dtype))
+        rounding = mirror.rounding[mirror.weight_index[name]]
+        integers = rounding.integers().astype(quantized.target.dtype)
+        result[name] = replace(quantized, integers=integers)
+        gain = rounding.channel_gain()
+        if gain is not None:
+            scale = np.asarray(quantized.scale, np.float32) * _numpy(gain).reshape(np.shape(quantized.scale))
+            result[name] = replace(result[name], scale=scale.astype(np.float32))
     return result
+
+
+def exported_biases(mirror: Mirror) -> dict[str, np.ndarray]:
+    """γ·b + β for the biases of layers that learned QPRep's affine (float; insert_qdq stores
+    them as int32 at s_in·γ·s_w, as the mirror does)."""
+    result = {}
+    for bias, weight in mirror.bias_weights.items():
+        rounding = mirror.rounding[mirror.weight_index[weight]]
+        gain = rounding.channel_gain()
+        if gain is not None:
+            value = mirror.corrected_biases.get(bias, mirror.constants[bias])
+            result[bias] = _numpy(value * gain + rounding.shift).astype(np.float32)
+    return result
+
+
+def _numpy(value: torch.Tensor) -> np.ndarray:
+    return value.detach().cpu().numpy()
 
 
 def exported_activations(mirror: Mirror, activations: ActivationParams) -> ActivationParams:

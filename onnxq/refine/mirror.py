@@ -52,7 +52,9 @@ class Mirror(nn.Module):
         activations: ActivationParams | None = None,
         weights: dict[str, QuantizedWeight] | None = None,
         biases: dict[str, np.ndarray] | None = None,
+        affine_layers: Iterable[str] = (),
     ) -> None:
+        """`affine_layers`: layer nodes whose weight also learns QPRep's per-channel affine."""
         super().__init__()
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
         self.constants: Env = {t.name: _tensor(numpy_helper.to_array(t)) for t in model.graph.initializer}
@@ -74,6 +76,7 @@ class Mirror(nn.Module):
         self.last_use = _last_uses(self.nodes, self.graph_outputs)
         self._sessions: dict[str, object] = {}
         self._quantizers(plan, activations or {}, weights or {}, biases or {})
+        self._enable_affine(set(affine_layers), weights or {})
 
     # ------------------------------------------------------------------------ set-up
 
@@ -104,6 +107,7 @@ class Mirror(nn.Module):
             self.weight_scales[name] = quantized.per_output_channel_scale
         self.corrected_biases = {name: _tensor(value) for name, value in biases.items()}
         self.bias_specs: dict[str, tuple[int, str]] = {}  # bias → (activation quantizer, scale buffer)
+        self.bias_weights: dict[str, str] = {}  # bias → its layer's weight
         if plan is not None:
             for spec in plan.biases.values():
                 root = plan.root(spec.activation)
@@ -112,6 +116,20 @@ class Mirror(nn.Module):
                     buffer = f"bias_scale_{len(self.bias_specs)}"
                     self.register_buffer(buffer, scale, persistent=False)
                     self.bias_specs[spec.name] = (self.root_index[root], buffer)
+                    self.bias_weights[spec.name] = spec.weight
+
+    def _enable_affine(self, layers: set[str], weights: dict[str, QuantizedWeight]) -> None:
+        """QPRep on the named layers whose weights have one scale per output channel."""
+        self.affine_weights: list[str] = []
+        for node in self.nodes:
+            name = node.inputs[1] if node.name in layers and len(node.inputs) > 1 else None
+            quantized = weights.get(name) if name else None
+            if quantized is None or quantized.axis is None or quantized.block_size:
+                continue
+            if np.asarray(quantized.scale).size != quantized.integers.shape[quantized.axis]:
+                continue
+            self.rounding[self.weight_index[name]].enable_affine(quantized.axis)
+            self.affine_weights.append(name)
 
     def to_device(self, device: torch.device) -> Mirror:
         """Parameters, buffers, constants and corrected biases on `device`."""
@@ -172,10 +190,15 @@ class Mirror(nn.Module):
         return self.constants[name]
 
     def _quantized_bias(self, name: str) -> torch.Tensor:
-        """round(b / (s_in·s_w))·s_in·s_w, the int32 bias insert_qdq writes (a zero scale → 1)."""
+        """round(b / (s_in·s_w))·s_in·s_w, the int32 bias insert_qdq writes (a zero scale → 1);
+        with QPRep, b is γ·b + β and s_w is γ·s_w, as export writes them."""
         bias = self.corrected_biases.get(name, self.constants[name])
         root, buffer = self.bias_specs[name]
         scale = self.activation[root].scale.clamp_min(1e-12) * getattr(self, buffer)
+        rounding = self.rounding[self.weight_index[self.bias_weights[name]]]
+        gain = rounding.channel_gain()
+        if gain is not None:
+            bias, scale = bias * gain + rounding.shift, scale * gain
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
         return round_ste(bias / scale) * scale
 

@@ -5,6 +5,10 @@ as onnxruntime computes it (torch.round rounds half to even). Backward: the stra
 estimator for round, so activation steps learn as in LSQ. Weights learn their rounding as in
 AdaRound: each integer is floor(w/s) + h(V), h a rectified sigmoid pushed to 0 or 1 by a
 regulariser, and export takes h = [V ≥ 0], so every integer is within one step of nearest.
+
+QPRep (RepAPQ): a weight may also learn a per-output-channel affine γ·y + β of its layer's
+output. The layer is linear, so γ folds into the weight's per-channel scales and γ·b + β into the
+bias at export: the deployed graph is the same QDQ graph with other scales and biases.
 """
 
 from __future__ import annotations
@@ -63,6 +67,22 @@ class RoundingWeight(nn.Module):
         rest = (scaled - self.floor).clamp(1e-4, 1 - 1e-4)
         self.logits = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
         self.soft = False  # True while learning; False: hard rounding [V ≥ 0]
+        self.gain: nn.Parameter | None = None  # QPRep's γ, shaped to broadcast on the weight
+        self.shift: nn.Parameter | None = None  # QPRep's β, one per output channel
+
+    def enable_affine(self, axis: int) -> None:
+        """Learn QPRep's per-output-channel γ (from 1) and β (from 0) along `axis`."""
+        shape = [1] * self.floor.dim()
+        shape[axis] = self.floor.shape[axis]
+        self.gain = nn.Parameter(torch.ones(shape))
+        self.shift = nn.Parameter(torch.zeros(self.floor.shape[axis]))
+
+    def channel_gain(self) -> torch.Tensor | None:
+        """γ as one number per output channel, or None without QPRep."""
+        return None if self.gain is None else self.gain.reshape(-1)
+
+    def affine_parameters(self) -> list[nn.Parameter]:
+        return [] if self.gain is None else [self.gain, self.shift]
 
     def _soft_rounding(self) -> torch.Tensor:
         return torch.clamp(torch.sigmoid(self.logits) * (ZETA - GAMMA) + GAMMA, 0, 1)
@@ -72,7 +92,8 @@ class RoundingWeight(nn.Module):
         return torch.clamp(self.floor + rounding + self.zero, self.qmin, self.qmax)
 
     def forward(self) -> torch.Tensor:
-        return (self._integers() - self.zero) * self.scale
+        weight = (self._integers() - self.zero) * self.scale
+        return weight if self.gain is None else weight * self.gain
 
     def regulariser(self, beta: float) -> torch.Tensor:
         """Σ 1 − |2h − 1|^β: zero once every h is 0 or 1."""

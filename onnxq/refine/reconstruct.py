@@ -37,6 +37,7 @@ class RefineSettings:
     threads: int | None = None
     device: str = "cpu"
     weight_lr: float = 1e-2  # Adam step on the rounding logits (AdaRound: 1e-3 over 20k iterations)
+    affine_lr: float = 1e-3  # Adam step on QPRep's per-channel γ and β, where enabled
     step_lr: float = 4e-4  # Adam step on activation scales (QDrop: 4e-5 over 20k iterations)
     rounding_weight: float = 0.01  # λ of the rounding regulariser
     warmup: float = 0.2  # part of the iterations before the regulariser starts
@@ -169,6 +170,8 @@ class _UnitJob:
             groups.append({"params": [w.logits for w in self.weights], "lr": s.weight_lr})
         if self.steps:
             groups.append({"params": [q.scale for q in self.steps], "lr": s.step_lr})
+        if affine := self._affine_parameters():
+            groups.append({"params": affine, "lr": s.affine_lr})
         for group in groups:
             for parameter in group["params"]:
                 parameter.requires_grad_(True)
@@ -255,14 +258,16 @@ class _UnitJob:
             total, samples = total + loss.item() * len(chunk), samples + len(chunk)
         return total / samples
 
+    def _affine_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for w in self.weights for p in w.affine_parameters()]
+
+    def _learned(self) -> list[torch.nn.Parameter]:
+        return [w.logits for w in self.weights] + [q.scale for q in self.steps] + self._affine_parameters()
+
     def _state(self) -> list[torch.Tensor]:
-        return [w.logits.detach().clone() for w in self.weights] + [
-            q.scale.detach().clone() for q in self.steps
-        ]
+        return [p.detach().clone() for p in self._learned()]
 
     @torch.no_grad()
     def _restore(self, state: list[torch.Tensor]) -> None:
-        for parameter, value in zip(
-            [w.logits for w in self.weights] + [q.scale for q in self.steps], state, strict=True
-        ):
+        for parameter, value in zip(self._learned(), state, strict=True):
             parameter.copy_(value)
