@@ -368,7 +368,9 @@ def _synthesise(proto, inputs, config: QuantConfig, progress) -> tuple[dict[str,
             f"--calib {DATA_FREE}: the model has no BatchNormalization statistics to synthesise data from"
         )
     count = min(config.max_samples or SYNTHETIC_SAMPLES, SYNTHETIC_SAMPLES)
-    settings = MatchSettings(seed=config.seed, threads=config.threads)
+    batch = fixed_batch(prepared.model) or MatchSettings.batch
+    count = max(batch, count - count % batch)  # whole batches where the model fixes its batch size
+    settings = MatchSettings(batch=batch, seed=config.seed, threads=config.threads)
     data, report = synthesize(prepared.model, prepared.statistics, tuple(shape), count, settings, progress)
     return data, report.note(f"data-free: {count} calibration samples synthesised from BatchNorm statistics")
 
@@ -388,7 +390,8 @@ def _correct(float_model, statistics, data, config: QuantConfig, data_free: bool
     from onnxq.correct.matching import MatchSettings
 
     budget = None if config.time_budget is None else CORRECTION_SHARE * config.time_budget
-    settings = MatchSettings(seed=config.seed, threads=config.threads, time_budget=budget)
+    batch = fixed_batch(float_model) or MatchSettings.batch
+    settings = MatchSettings(batch=batch, seed=config.seed, threads=config.threads, time_budget=budget)
     corrected, report = correct_distribution(float_model, statistics, data, settings, progress)
     return corrected, [report.note(f"distribution correction ({report.seconds:.0f} s)")]
 

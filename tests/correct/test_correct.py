@@ -183,3 +183,12 @@ def test_data_free_calibration_needs_batchnorm_statistics(tmp_path, small_model)
     assert last.startswith("onnxq: error: --calib bn-stats: the model has no BatchNormalization statistics")
     assert "Traceback" not in result.output
     assert not target.exists()
+
+
+def test_data_free_calibration_of_a_model_with_a_fixed_batch_of_one():
+    from tests.conftest import small_cnn
+
+    model = export(small_cnn(), torch.zeros(1, 3, 16, 16), keep_bn=True, dynamic_batch=False)
+    result = onnxq.quantize(model, "bn-stats", onnxq.QuantConfig(max_samples=4, speed_check=False))
+    assert result.notes[0].startswith("data-free: 4 calibration samples synthesised")
+    assert result.samples == 4
