@@ -431,6 +431,25 @@ def seeds_settings(name: str) -> dict[str, Callable]:
     return settings
 
 
+QPREP_WIDTHS = [(4, 8)]
+
+
+def qprep_settings(name: str) -> dict[str, Callable]:
+    """Merged (deployable) re-parameterized models: plain PTQ, refinement, refinement + QPRep."""
+    settings = {}
+    for w, a in QPREP_WIDTHS:
+        base = ["--w-bits", str(w), "--a-bits", str(a), "--fuse-branches", "--calib-method", "mse"]
+        base += ["--no-speed-check", "--threads", "1"]
+        settings[f"onnxq W{w}A{a} merged, mse"] = lambda p, c, f=base: run_onnxq_cli(p, c, f)
+        settings[f"onnxq W{w}A{a} merged, mse + --refine"] = lambda p, c, f=base: run_onnxq_cli(
+            p, c, [*f, "--refine"]
+        )
+        settings[f"onnxq W{w}A{a} merged, mse + --refine --qprep"] = lambda p, c, f=base: run_onnxq_cli(
+            p, c, [*f, "--refine", "--qprep"]
+        )
+    return settings
+
+
 # ----------------------------------------------------------------------------- zoo
 
 
@@ -671,6 +690,7 @@ SUITES = {
     "lowbit": (lowbit_settings, LOW_BIT_SAMPLES, False),
     "refine": (refine_settings, LOW_BIT_SAMPLES, False),
     "seeds": (seeds_settings, LOW_BIT_SAMPLES, False),
+    "qprep": (qprep_settings, LOW_BIT_SAMPLES, False),
 }
 DEFAULT_MODELS = {
     "w8a8": [
@@ -686,6 +706,7 @@ DEFAULT_MODELS = {
     "calib": list(CALIB_WIDTHS),
     "refine": list(REFINE_WIDTHS),
     "seeds": SEEDS_MODELS,
+    "qprep": ["repvgg_cifar10", "mobileone_cifar10"],
 }
 SUITE_TITLES = {
     "w8a8": "W8A8 against onnxruntime (issue 2)",
@@ -694,6 +715,7 @@ SUITE_TITLES = {
     "calib": "Scales chosen by error: mse, mae, pd, bias correction (issue 5)",
     "refine": "Rounding refinement: learned rounding and activation steps (issue 14)",
     "seeds": "BatchNorm statistics: data-free calibration and distribution correction (issue 15)",
+    "qprep": "Merged re-parameterized models: refinement and QPRep (issue 15)",
 }
 
 
@@ -746,13 +768,17 @@ def markdown(suite: str, name: str, float_top1: float, rows: list[Row], samples:
         "defaults, with or without distribution correction, everything else equal; one calibration "
         "draw. calib. s is the `onnxq quantize` process's wall time on 2 cores and peak MB its peak "
         "resident memory.",
+        "qprep": f"Calibration: {samples} CIFAR-10 training images. Branches merged by `--fuse-branches` "
+        "(the deployable form), mse scale search, then `--refine` at its defaults with and without "
+        "`--qprep`, one torch thread; one calibration draw. calib. s is the `onnxq quantize` process's "
+        "wall time and peak MB its peak resident memory.",
     }
     latency = SUITES[suite][2]
     lines = [f"## {SUITE_TITLES[suite]}: {name} (float top-1 {100 * float_top1:.2f} %)", "", notes[suite], ""]
     lines += [extra, ""] if extra else []
     header = "| setting | top-1 % | Δ float | agreement % | KL | size KB | calib. s |"
     rule = "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
-    if suite in ("calib", "refine", "seeds"):
+    if suite in ("calib", "refine", "seeds", "qprep"):
         header += " peak MB |"
         rule += " ---: |"
     if latency:
@@ -769,7 +795,7 @@ def markdown(suite: str, name: str, float_top1: float, rows: list[Row], samples:
             f"{r.size_kb:.0f}",
             "" if r.calib_s is None else f"{r.calib_s:.1f}",
         ]
-        if suite in ("calib", "refine", "seeds"):
+        if suite in ("calib", "refine", "seeds", "qprep"):
             cells.append("" if r.peak_mb is None else f"{r.peak_mb:.0f}")
         if latency:
             cells.append("" if r.latency_ratio is None else f"{r.latency_ratio:.2f}")
