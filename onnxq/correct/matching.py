@@ -3,7 +3,7 @@
 The loss at every tensor with kept statistics is the squared gap of its per-channel mean and
 standard deviation (over the batch and spatial positions) to BatchNorm's, divided by the
 channels' mean variance so that every layer weighs the same whatever its scale (PD-Quant's DC,
-ZeroQ's BN loss). Correction adds λ·the inputs' mean squared change over their variance, which
+ZeroQ's BN loss). Correction adds λ·the inputs' mean squared change over their mean square, which
 keeps the images what they were; synthesis starts from unit Gaussian noise and has no such term.
 """
 
