@@ -35,6 +35,12 @@ from onnxq.calib.runner import collect_ranges, fixed_batch
 from onnxq.calib.search import SearchResult, SearchSettings, search_parameters
 from onnxq.calib.simulate import build_simulation
 from onnxq.config import CalibrationMethod, Preprocess, QuantConfig
+from onnxq.correct import (
+    DATA_FREE,
+    check_synthesis_inputs,
+    corrected_for_refinement,
+    synthesised_calibration,
+)
 from onnxq.errors import OnnxqError
 from onnxq.fidelity import Fidelity, HoldBack
 from onnxq.io import check_writable, load_model, run, save_model, session, to_ir, to_proto
@@ -58,9 +64,6 @@ from onnxq.refine import require_refinement
 
 MIN_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear
 CHECK_SAMPLES = 2  # samples the simplify and validate checks run (whole activations are held)
-DATA_FREE = "bn-stats"  # the calibration source that synthesises data from BatchNorm statistics
-SYNTHETIC_SAMPLES = 256  # samples synthesised at most (the protocol's calibration size)
-CORRECTION_SHARE = 0.1  # of --time-budget, for distribution correction (refinement gets the rest)
 
 
 @dataclass
@@ -167,7 +170,9 @@ def quantize(
             notes += _search_notes(search)
         if config.refine:
             started = time.perf_counter()
-            data, corrected = _correct(float_model, prepared.statistics, data, config, data_free, progress)
+            data, corrected = corrected_for_refinement(
+                float_model, prepared.statistics, data, config, data_free, progress
+            )
             notes += corrected
             spent = time.perf_counter() - started + (search.seconds if search else 0.0)
             affine = {block.conv for block in prepared.fused.merged} if config.qprep else set()
@@ -351,49 +356,12 @@ def _refine(
 
 
 def _synthesise(proto, inputs, config: QuantConfig, progress) -> tuple[dict[str, np.ndarray], str]:
-    """Calibration inputs synthesised from noise by the BatchNorm statistics (onnxq.correct)."""
+    """Data-free calibration inputs (onnxq.correct), from the model with its branches unmerged:
+    every branch's BatchNorm keeps its statistics."""
     require_refinement(config.device)
-    from onnxq.correct import synthesize
-    from onnxq.correct.matching import MatchSettings
-
-    shape = inputs[0].shape[1:] if len(inputs) == 1 else (None,)
-    if len(inputs) != 1 or inputs[0].dtype.kind != "f" or any(d is None for d in shape):
-        raise OnnxqError(
-            f"--calib {DATA_FREE} needs one float input of fixed size apart from the batch axis; "
-            f"the model has {', '.join(f'{i.name} {list(i.shape)}' for i in inputs)}"
-        )
+    shape = check_synthesis_inputs(inputs)
     prepared = fuse(proto, simplify_first=config.simplify, merge_branches=False, progress=progress)
-    if not prepared.statistics:
-        raise OnnxqError(
-            f"--calib {DATA_FREE}: the model has no BatchNormalization statistics to synthesise data from"
-        )
-    count = min(config.max_samples or SYNTHETIC_SAMPLES, SYNTHETIC_SAMPLES)
-    batch = fixed_batch(prepared.model) or MatchSettings.batch
-    count = max(batch, count - count % batch)  # whole batches where the model fixes its batch size
-    settings = MatchSettings(batch=batch, seed=config.seed, threads=config.threads)
-    data, report = synthesize(prepared.model, prepared.statistics, tuple(shape), count, settings, progress)
-    return data, report.note(f"data-free: {count} calibration samples synthesised from BatchNorm statistics")
-
-
-def _correct(float_model, statistics, data, config: QuantConfig, data_free: bool, progress):
-    """The calibration data nudged towards the BatchNorm statistics, for refinement (onnxq.correct)."""
-    if not config.distribution_correction:
-        return data, []
-    skipped = "distribution correction skipped: "
-    if data_free:
-        return data, [skipped + "the data was synthesised from the same statistics"]
-    if not statistics:
-        return data, [skipped + "the model has no BatchNormalization statistics (none was folded)"]
-    if len(data) != 1 or next(iter(data.values())).dtype.kind != "f":
-        return data, [skipped + "it corrects models with one float input only"]
-    from onnxq.correct import correct_distribution
-    from onnxq.correct.matching import MatchSettings
-
-    budget = None if config.time_budget is None else CORRECTION_SHARE * config.time_budget
-    batch = fixed_batch(float_model) or MatchSettings.batch
-    settings = MatchSettings(batch=batch, seed=config.seed, threads=config.threads, time_budget=budget)
-    corrected, report = correct_distribution(float_model, statistics, data, settings, progress)
-    return corrected, [report.note(f"distribution correction ({report.seconds:.0f} s)")]
+    return synthesised_calibration(prepared.model, prepared.statistics, shape, config, progress)
 
 
 def _search_notes(search: SearchResult) -> list[str]:

@@ -407,7 +407,7 @@ def refine_extra() -> str:
 
 
 SEEDS_MODELS = ["resnet20_cifar10_bn", "mobilenet_v2_bn"]
-DATA_FREE = Path("bn-stats")  # `--calib bn-stats`: no data, inputs synthesised from BatchNorm statistics
+DATA_FREE = Path(onnxq.correct.DATA_FREE)  # `--calib bn-stats`: inputs synthesised from BatchNorm statistics
 
 
 def seeds_settings(name: str) -> dict[str, Callable]:
@@ -708,6 +708,7 @@ DEFAULT_MODELS = {
     "seeds": SEEDS_MODELS,
     "qprep": ["repvgg_cifar10", "mobileone_cifar10"],
 }
+PEAK_MB_SUITES = ("calib", "refine", "seeds", "qprep")  # rows run `onnxq quantize` in its own process
 SUITE_TITLES = {
     "w8a8": "W8A8 against onnxruntime (issue 2)",
     "reparam": "Re-parameterized models: unfused, fused, W8A8 (issue 3)",
@@ -778,7 +779,7 @@ def markdown(suite: str, name: str, float_top1: float, rows: list[Row], samples:
     lines += [extra, ""] if extra else []
     header = "| setting | top-1 % | Δ float | agreement % | KL | size KB | calib. s |"
     rule = "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
-    if suite in ("calib", "refine", "seeds", "qprep"):
+    if suite in PEAK_MB_SUITES:
         header += " peak MB |"
         rule += " ---: |"
     if latency:
@@ -795,7 +796,7 @@ def markdown(suite: str, name: str, float_top1: float, rows: list[Row], samples:
             f"{r.size_kb:.0f}",
             "" if r.calib_s is None else f"{r.calib_s:.1f}",
         ]
-        if suite in ("calib", "refine", "seeds", "qprep"):
+        if suite in PEAK_MB_SUITES:
             cells.append("" if r.peak_mb is None else f"{r.peak_mb:.0f}")
         if latency:
             cells.append("" if r.latency_ratio is None else f"{r.latency_ratio:.2f}")

@@ -7,12 +7,89 @@
 - Data-free calibration: the same statistics-matching loss, started from noise, synthesises
   calibration inputs for a user who has no data (ZeroQ's distilled data).
 
-Both run the float model in the refinement's torch mirror, so they need the `refine` extra.
+Both run the float model in the refinement's torch mirror, so they need the `refine` extra;
+this module itself imports no torch.
 """
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
+
+from onnxq.calib.data import InputSpec
+from onnxq.calib.runner import fixed_batch
+from onnxq.config import QuantConfig
+from onnxq.errors import OnnxqError
+from onnxq.passes.fold_bn import ChannelStatistics
+from onnxq.progress import Progress
 from onnxq.refine import require_torch
+
+DATA_FREE = "bn-stats"  # the calibration source that synthesises data from BatchNorm statistics
+SYNTHETIC_SAMPLES = 256  # samples synthesised at most (the protocol's calibration size)
+CORRECTION_SHARE = 0.1  # of --time-budget, for distribution correction (refinement gets the rest)
+
+
+def check_synthesis_inputs(inputs: list[InputSpec]) -> tuple[int, ...]:
+    """One sample's shape, where the model has the one float input of fixed size synthesis needs."""
+    shape = inputs[0].shape[1:] if len(inputs) == 1 else (None,)
+    if len(inputs) != 1 or inputs[0].dtype.kind != "f" or any(d is None for d in shape):
+        raise OnnxqError(
+            f"--calib {DATA_FREE} needs one float input of fixed size apart from the batch axis; "
+            f"the model has {', '.join(f'{i.name} {list(i.shape)}' for i in inputs)}"
+        )
+    return tuple(shape)
+
+
+def synthesised_calibration(
+    model: onnx.ModelProto,
+    statistics: dict[str, ChannelStatistics],
+    shape: tuple[int, ...],
+    config: QuantConfig,
+    progress: Progress,
+) -> tuple[dict[str, np.ndarray], str]:
+    """Calibration inputs synthesised from noise by the statistics, and the note that says so."""
+    if not statistics:
+        raise OnnxqError(
+            f"--calib {DATA_FREE}: the model has no BatchNormalization statistics to synthesise data from"
+        )
+    settings = _settings(model, config)
+    count = min(config.max_samples or SYNTHETIC_SAMPLES, SYNTHETIC_SAMPLES)
+    count = max(settings.batch, count - count % settings.batch)  # whole batches where the batch is fixed
+    data, report = synthesize(model, statistics, shape, count, settings, progress)
+    return data, report.note(f"data-free: {count} calibration samples synthesised from BatchNorm statistics")
+
+
+def corrected_for_refinement(
+    model: onnx.ModelProto,
+    statistics: dict[str, ChannelStatistics],
+    data: dict[str, np.ndarray],
+    config: QuantConfig,
+    synthesised: bool,
+    progress: Progress,
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The calibration data nudged towards the statistics (or as it was), and the notes."""
+    if not config.distribution_correction:
+        return data, []
+    skipped = "distribution correction skipped: "
+    if synthesised:
+        return data, [skipped + "the data was synthesised from the same statistics"]
+    if not statistics:
+        return data, [skipped + "the model has no BatchNormalization statistics (none was folded)"]
+    if len(data) != 1 or next(iter(data.values())).dtype.kind != "f":
+        return data, [skipped + "it corrects models with one float input only"]
+    budget = None if config.time_budget is None else CORRECTION_SHARE * config.time_budget
+    settings = _settings(model, config, time_budget=budget)
+    corrected, report = correct_distribution(model, statistics, data, settings, progress)
+    return corrected, [report.note(f"distribution correction ({report.seconds:.0f} s)")]
+
+
+def _settings(model: onnx.ModelProto, config: QuantConfig, **extra):
+    """MatchSettings from the config, in batches of the model's fixed batch size where it has one."""
+    require_torch()
+    from onnxq.correct.matching import MatchSettings
+
+    batch = fixed_batch(model) or MatchSettings.batch
+    return MatchSettings(batch=batch, seed=config.seed, threads=config.threads, **extra)
 
 
 def correct_distribution(*args, **kwargs):

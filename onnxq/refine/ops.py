@@ -7,6 +7,7 @@ gradient (see mirror.py), so a table miss costs refinement of one block, never c
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -470,26 +471,17 @@ def cast(attrs, x):
 
 @op("Min")
 def minimum(attrs, *xs):
-    y = xs[0]
-    for x in xs[1:]:
-        y = torch.minimum(y, x)
-    return (y,)
+    return (functools.reduce(torch.minimum, xs),)
 
 
 @op("Max")
 def maximum(attrs, *xs):
-    y = xs[0]
-    for x in xs[1:]:
-        y = torch.maximum(y, x)
-    return (y,)
+    return (functools.reduce(torch.maximum, xs),)
 
 
 @op("Sum")
 def total(attrs, *xs):
-    y = xs[0]
-    for x in xs[1:]:
-        y = y + x
-    return (y,)
+    return (functools.reduce(torch.add, xs),)
 
 
 @op("Mean")
