@@ -65,10 +65,12 @@ def markdown(suite: str, name: str, float_top1: float, rows: dict[str, list], dr
         f"Each draw: {samples} calibration images chosen at random (seeds 1 to {draws}) from the "
         "protocol's calibration pool; the same evaluation split for all. Mean ± sample standard "
         "deviation over draws. vs first row: draws on which the setting's top-1 was higher / equal / "
-        "lower than the first row's on the same draw. Settings as in the suite's own table.",
+        "lower than the first row's on the same draw. calib. s and peak MB: mean over draws of the "
+        "process's wall time and peak resident memory, where the setting runs `onnxq quantize` in its "
+        "own process. Settings as in the suite's own table.",
         "",
-        "| setting | top-1 % | top-1 per draw | agreement % | KL | vs first row |",
-        "| --- | ---: | --- | ---: | ---: | ---: |",
+        "| setting | top-1 % | top-1 per draw | agreement % | KL | vs first row | calib. s | peak MB |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for label, measured in rows.items():
         top1 = np.array([r.top1 for r in measured]) * 100
@@ -83,9 +85,17 @@ def markdown(suite: str, name: str, float_top1: float, rows: dict[str, list], dr
             f"{agreement.mean():.2f} ± {agreement.std(ddof=1):.2f}",
             f"{kl.mean():.4f} ± {kl.std(ddof=1):.4f}",
             versus,
+            _mean_cell([r.calib_s for r in measured], "{:.1f}"),
+            _mean_cell([r.peak_mb for r in measured], "{:.0f}"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _mean_cell(values: list[float | None], form: str) -> str:
+    """The mean of a per-draw measure, or a dash where a setting does not record it."""
+    known = [v for v in values if v is not None]
+    return form.format(float(np.mean(known))) if known else "—"
 
 
 def main() -> None:
