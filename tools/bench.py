@@ -361,6 +361,9 @@ REFINE_WIDTHS = {
     "mobileone_cifar10": [(4, 4)],
 }
 REFINE_LOSSES = {"resnet20_cifar10": ["mse", "pd"]}  # mse beside the default pd where it is affordable
+# --time-budget (search and refinement together) where full refinement would take too long on 2 cores:
+# issue 14 allows MobileNetV2 30 minutes; ResNet-56's pd refinement alone took over an hour.
+REFINE_BUDGETS = {"mobilenet_v2": "1800", "resnet56_cifar10": "900"}
 HELD_OUT: dict[str, float] = {}  # setting → top-1 on held-out calibration images (never the eval split)
 
 
@@ -393,8 +396,8 @@ def refine_settings(name: str) -> dict[str, Callable]:
         for loss in REFINE_LOSSES.get(name, ["pd"]):
             label = f"onnxq W{w}A{a} mse + --refine ({loss} loss)"
             flags = [*base, "--calib-method", "mse", "--refine", "--refine-loss", loss]
-            if name == "mobilenet_v2":
-                flags += ["--time-budget", "1800"]
+            if name in REFINE_BUDGETS:
+                flags += ["--time-budget", REFINE_BUDGETS[name]]
             settings[label] = scored(label, flags)
     return settings
 
@@ -431,21 +434,29 @@ def seeds_settings(name: str) -> dict[str, Callable]:
     return settings
 
 
-QPREP_WIDTHS = [(4, 8)]
+QPREP_WIDTHS = [(8, 8), (6, 6), (4, 8)]
+ABC_WINDOW = "window:2"  # RepAPQ's across-block calibration: two consecutive blocks reconstructed together
 
 
 def qprep_settings(name: str) -> dict[str, Callable]:
-    """Merged (deployable) re-parameterized models: plain PTQ, refinement, refinement + QPRep."""
+    """Merged (deployable) re-parameterized models: plain PTQ, refinement, refinement + QPRep, and
+    RepAPQ's whole recipe (QPRep with across-block MAE reconstruction), beside the unmerged path."""
     settings = {}
     for w, a in QPREP_WIDTHS:
-        base = ["--w-bits", str(w), "--a-bits", str(a), "--fuse-branches", "--calib-method", "mse"]
-        base += ["--no-speed-check", "--threads", "1"]
+        widths = ["--w-bits", str(w), "--a-bits", str(a), "--calib-method", "mse"]
+        widths += ["--no-speed-check", "--threads", "1"]
+        base = [*widths, "--fuse-branches"]
+        settings[f"onnxq W{w}A{a} unmerged, mse"] = lambda p, c, f=widths: run_onnxq_cli(p, c, f)
         settings[f"onnxq W{w}A{a} merged, mse"] = lambda p, c, f=base: run_onnxq_cli(p, c, f)
         settings[f"onnxq W{w}A{a} merged, mse + --refine"] = lambda p, c, f=base: run_onnxq_cli(
             p, c, [*f, "--refine"]
         )
         settings[f"onnxq W{w}A{a} merged, mse + --refine --qprep"] = lambda p, c, f=base: run_onnxq_cli(
             p, c, [*f, "--refine", "--qprep"]
+        )
+        abc = ["--refine", "--qprep", "--refine-loss", "mae", "--refine-unit", ABC_WINDOW]
+        settings[f"onnxq W{w}A{a} merged, mse + --refine --qprep, ABC ({ABC_WINDOW}, mae)"] = (
+            lambda p, c, f=[*base, *abc]: run_onnxq_cli(p, c, f)
         )
     return settings
 
@@ -760,8 +771,9 @@ def markdown(suite: str, name: str, float_top1: float, rows: list[Row], samples:
         "refine": f"Calibration: {samples} CIFAR-10 training images or {samples} even-class ImageNet images; "
         "per-channel symmetric weights, first and last layers at 8 bits, branches of re-parameterized "
         "models unmerged. `--refine` starts from the mse scale search and runs its defaults (block units, "
-        "QDrop 0.5, 500 iterations per block, batch 32, seed 0; the loss as the row says); one "
-        "calibration draw. calib. s is the "
+        "QDrop 0.5, 500 iterations per block, batch 32, seed 0; the loss as the row says); "
+        f"{', '.join(f'{m} with --time-budget {s}' for m, s in REFINE_BUDGETS.items())} (search and "
+        "refinement together; fewer iterations per block). One calibration draw. calib. s is the "
         "`onnxq quantize` process's wall time on 2 cores and peak MB its peak resident memory.",
         "seeds": f"Calibration: {samples} CIFAR-10 training images or {samples} even-class ImageNet images "
         "where data is used; data-free rows see no image and synthesise their inputs from the BatchNorm "
@@ -771,8 +783,10 @@ def markdown(suite: str, name: str, float_top1: float, rows: list[Row], samples:
         "resident memory.",
         "qprep": f"Calibration: {samples} CIFAR-10 training images. Branches merged by `--fuse-branches` "
         "(the deployable form), mse scale search, then `--refine` at its defaults with and without "
-        "`--qprep`, one torch thread; one calibration draw. calib. s is the `onnxq quantize` process's "
-        "wall time and peak MB its peak resident memory.",
+        "`--qprep`, and RepAPQ's recipe (`--qprep` with `--refine-loss mae --refine-unit "
+        f"{ABC_WINDOW}`); unmerged rows quantize the branches one by one with the same search. One "
+        "torch thread; one calibration draw. calib. s is the `onnxq quantize` process's wall time and "
+        "peak MB its peak resident memory.",
     }
     latency = SUITES[suite][2]
     lines = [f"## {SUITE_TITLES[suite]}: {name} (float top-1 {100 * float_top1:.2f} %)", "", notes[suite], ""]
