@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from onnxq.progress import Progress
 from onnxq.refine.blocks import Unit
@@ -42,6 +43,10 @@ class RefineSettings:
     rounding_weight: float = 0.01  # λ of the rounding regulariser
     warmup: float = 0.2  # part of the iterations before the regulariser starts
     beta: tuple[float, float] = (20.0, 2.0)  # the regulariser's exponent, annealed
+    # Bytes of activations pd's float remainder may keep for the backward pass per batch. Beyond
+    # it (MobileNetV2 at 224×224 keeps ~5 GB at batch 32), the remainder is recomputed block by
+    # block in the backward pass: about a third more time per iteration, a fraction of the memory.
+    remainder_memory: float = 1e9
 
 
 @dataclass
@@ -87,6 +92,7 @@ def reconstruct(
             targets = _run_all(mirror, unit, floating, quantized=False)
         remaining = None if deadline is None else (deadline - time.monotonic()) / (len(units) - position)
         job = _UnitJob(mirror, unit, settings, generator, quantized, floating, targets, logits)
+        job.segments = [(later.begin, later.end) for later in units[position + 1 :]]
         progress.stage(
             f"refine {position + 1}/{len(units)}: {unit.describe(mirror)}", total=settings.iterations
         )
@@ -143,6 +149,8 @@ class _UnitJob:
         indices = sorted({i for point, i in mirror.quant_points.items() if point in made})
         self.steps = [mirror.activation[i] for i in indices]
         self.outside = sorted({node.op_type for node in nodes if not node.in_torch})
+        self.segments: list[tuple[int, int]] = []  # the later units' node ranges: the remainder's blocks
+        self.recompute: bool | None = None  # whether pd's remainder is recomputed; decided on first use
 
     def run(self, seconds: float | None, progress: Progress) -> UnitReport:
         report = UnitReport(self.unit.describe(self.mirror), loss=self.loss)
@@ -230,11 +238,42 @@ class _UnitJob:
         error = reconstruction(self.loss, outputs, [targets[name] for name in unit.outputs])
         if self.loss != "pd":
             return error
-        rest = self.mirror.run(
-            {k: env[k] for k in unit.outputs}, unit.end, len(self.mirror.nodes), quantized=False
-        )
+        rest = self._remainder({k: env[k] for k in unit.outputs}, len(index))
         logits = rest[self.mirror.graph_outputs[0]]
         return prediction_difference(logits, self.logits[index], PD_TEMPERATURE) + PD_FEATURE_WEIGHT * error
+
+    def _remainder(self, env: Env, count: int) -> Env:
+        """The rest of the network in float, from the unit's outputs; under autograd and over
+        `remainder_memory`, only the tensors at block cuts are kept and each block is recomputed
+        when the backward pass reaches it (gradient checkpointing)."""
+        if not torch.is_grad_enabled() or len(self.segments) < 2:
+            return self._run_float(env, self.unit.end, len(self.mirror.nodes))
+        if self.recompute is None:
+            self.recompute = self._remainder_bytes(env, count) > self.settings.remainder_memory
+        if not self.recompute:
+            return self._run_float(env, self.unit.end, len(self.mirror.nodes))
+        for begin, end in self.segments:
+            env = checkpoint(self._run_float, env, begin, end, use_reentrant=False)
+        return env
+
+    def _run_float(self, env: Env, begin: int, end: int) -> Env:
+        return self.mirror.run(dict(env), begin, end, quantized=False)  # a copy: recomputing reads it again
+
+    def _remainder_bytes(self, env: Env, count: int) -> float:
+        """What the remainder saves for backward on one sample, times the `count` of the batch
+        (weights it saves, which do not grow with the batch, once)."""
+        saved = 0
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            nonlocal saved
+            batched = tensor.dim() > 0 and tensor.shape[0] == 1
+            saved += tensor.numel() * tensor.element_size() * (count if batched else 1)
+            return tensor
+
+        one = {k: _first_sample(v, count) for k, v in env.items()}
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            self._run_float(one, self.unit.end, len(self.mirror.nodes))
+        return saved
 
     def _rounding_penalty(self, done: int, total: int) -> torch.Tensor:
         s = self.settings
@@ -271,3 +310,11 @@ class _UnitJob:
     def _restore(self, state: list[torch.Tensor]) -> None:
         for parameter, value in zip(self._learned(), state, strict=True):
             parameter.copy_(value)
+
+
+def _first_sample(value: torch.Tensor, count: int) -> torch.Tensor:
+    """The first sample of a batched tensor, as a leaf that asks for gradients like the unit's
+    outputs do; tensors without the batch axis as they are."""
+    if value.dim() == 0 or value.shape[0] != count:
+        return value
+    return value[:1].detach().requires_grad_(value.is_floating_point())

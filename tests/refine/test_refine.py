@@ -95,6 +95,47 @@ def test_the_same_seed_gives_the_same_model(small_model, calibration_data, refin
     assert again.model.SerializeToString() == refined.model.SerializeToString()
 
 
+def test_pd_remainder_recomputed_block_by_block_learns_the_same(
+    monkeypatch, small_model, calibration_data, refined
+):
+    """Over the memory limit, pd's float remainder keeps only its block cuts for the backward pass
+    and recomputes the rest: the same gradients, so the same learned model."""
+    import onnxq.refine.reconstruct as reconstruct
+
+    segments = []
+
+    def counted(function, *args, **kwargs):
+        segments.append(args[1:])
+        return torch.utils.checkpoint.checkpoint(function, *args, **kwargs)
+
+    monkeypatch.setattr(reconstruct._UnitJob, "_remainder_bytes", lambda self, env, count: float("inf"))
+    monkeypatch.setattr(reconstruct, "checkpoint", counted)
+    again = onnxq.quantize(
+        small_model, calibration_data, onnxq.QuantConfig(weight_bits=4, activation_bits=4, **FAST)
+    )
+    assert segments  # the remainder did run in recomputed blocks
+    assert again.model.SerializeToString() == refined.model.SerializeToString()
+
+
+def test_pd_remainder_memory_is_estimated_per_batch(small_model, calibration_data):
+    """The estimate grows with the batch: what decides recomputation is the batch's memory."""
+    import onnxq.refine.reconstruct as reconstruct
+
+    sizes = {}
+    original = reconstruct._UnitJob._remainder_bytes
+
+    def recorded(self, env, count):
+        sizes.setdefault(count, original(self, env, count))
+        return sizes[count]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(reconstruct._UnitJob, "_remainder_bytes", recorded)
+        for batch in (4, 16):
+            config = onnxq.QuantConfig(weight_bits=4, activation_bits=4, **{**FAST, "refine_batch": batch})
+            onnxq.quantize(small_model, calibration_data, config)
+    assert 0 < sizes[4] < sizes[16] <= 4 * sizes[4]
+
+
 @pytest.mark.parametrize("loss", ["mae", "pd"])
 def test_every_loss_and_unit_runs(small_model, calibration_data, loss):
     config = onnxq.QuantConfig(
