@@ -20,9 +20,7 @@ from onnxq.refine.losses import PD_FEATURE_WEIGHT, PD_TEMPERATURE, prediction_di
 from onnxq.refine.mirror import Env, Mirror
 
 EVAL_SAMPLES = 256  # samples the before/after loss of a unit is measured on
-# Samples per run when a unit's outputs are computed for all samples, without gradients; one run's
-# transient tensors grow with it (about 1 GB at 64 for MobileNetV2's 112×112 expansions).
-RUN_BATCH = 32
+RUN_BATCH = 64  # samples per run when a unit's outputs are computed for all samples
 PROBE_ITERATIONS = 3  # iterations timed before a time budget sets a unit's count
 
 
