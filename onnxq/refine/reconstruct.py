@@ -44,8 +44,8 @@ class RefineSettings:
     warmup: float = 0.2  # part of the iterations before the regulariser starts
     beta: tuple[float, float] = (20.0, 2.0)  # the regulariser's exponent, annealed
     # Bytes of activations pd's float remainder may keep for the backward pass per batch. Beyond
-    # it (MobileNetV2 at 224×224 keeps ~5 GB at batch 32), the remainder is recomputed block by
-    # block in the backward pass: about a third more time per iteration, a fraction of the memory.
+    # it, the remainder is recomputed block by block in the backward pass: one more forward pass
+    # of it per iteration (MobileNetV2 at 224×224, batch 32, peaked at 5.1 GiB without this).
     remainder_memory: float = 1e9
 
 
@@ -91,8 +91,8 @@ def reconstruct(
         with torch.no_grad():
             targets = _run_all(mirror, unit, floating, quantized=False)
         remaining = None if deadline is None else (deadline - time.monotonic()) / (len(units) - position)
-        job = _UnitJob(mirror, unit, settings, generator, quantized, floating, targets, logits)
-        job.segments = [(later.begin, later.end) for later in units[position + 1 :]]
+        segments = [(later.begin, later.end) for later in units[position + 1 :]]
+        job = _UnitJob(mirror, unit, settings, generator, quantized, floating, targets, logits, segments)
         progress.stage(
             f"refine {position + 1}/{len(units)}: {unit.describe(mirror)}", total=settings.iterations
         )
@@ -136,8 +136,11 @@ def _float_logits(mirror: Mirror, floating: _Batches, count: int) -> torch.Tenso
 class _UnitJob:
     """One unit's learning: its parameters, its loss, its schedule."""
 
-    def __init__(self, mirror, unit, settings, generator, quantized, floating, targets, logits) -> None:
+    def __init__(
+        self, mirror, unit, settings, generator, quantized, floating, targets, logits, segments
+    ) -> None:
         self.mirror, self.unit, self.settings, self.generator = mirror, unit, settings, generator
+        self.segments = segments  # the later units' node ranges: the blocks of pd's remainder
         self.quantized, self.floating, self.targets, self.logits = quantized, floating, targets, logits
         self.loss = settings.loss if settings.loss != "pd" or logits is not None else "mse"
         nodes = mirror.nodes[unit.begin : unit.end]
@@ -149,7 +152,6 @@ class _UnitJob:
         indices = sorted({i for point, i in mirror.quant_points.items() if point in made})
         self.steps = [mirror.activation[i] for i in indices]
         self.outside = sorted({node.op_type for node in nodes if not node.in_torch})
-        self.segments: list[tuple[int, int]] = []  # the later units' node ranges: the remainder's blocks
         self.recompute: bool | None = None  # whether pd's remainder is recomputed; decided on first use
 
     def run(self, seconds: float | None, progress: Progress) -> UnitReport:
@@ -246,15 +248,16 @@ class _UnitJob:
         """The rest of the network in float, from the unit's outputs; under autograd and over
         `remainder_memory`, only the tensors at block cuts are kept and each block is recomputed
         when the backward pass reaches it (gradient checkpointing)."""
-        if not torch.is_grad_enabled() or len(self.segments) < 2:
-            return self._run_float(env, self.unit.end, len(self.mirror.nodes))
-        if self.recompute is None:
+        if torch.is_grad_enabled() and len(self.segments) > 1 and self._recomputes(env, count):
+            for begin, end in self.segments:
+                env = checkpoint(self._run_float, env, begin, end, use_reentrant=False)
+            return env
+        return self._run_float(env, self.unit.end, len(self.mirror.nodes))
+
+    def _recomputes(self, env: Env, count: int) -> bool:
+        if self.recompute is None:  # measured once per unit, on its first batch
             self.recompute = self._remainder_bytes(env, count) > self.settings.remainder_memory
-        if not self.recompute:
-            return self._run_float(env, self.unit.end, len(self.mirror.nodes))
-        for begin, end in self.segments:
-            env = checkpoint(self._run_float, env, begin, end, use_reentrant=False)
-        return env
+        return self.recompute
 
     def _run_float(self, env: Env, begin: int, end: int) -> Env:
         return self.mirror.run(dict(env), begin, end, quantized=False)  # a copy: recomputing reads it again
