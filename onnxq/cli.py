@@ -124,7 +124,21 @@ def main() -> None:
     "synthesised from the model's BatchNormalization statistics (needs onnxq[refine]).",
 )
 @click.option("--w-bits", type=click.IntRange(2, 8), default=8, show_default=True, help="Weight bits.")
-@click.option("--a-bits", type=click.IntRange(2, 8), default=8, show_default=True, help="Activation bits.")
+@click.option(
+    "--a-bits",
+    type=click.IntRange(2, 8),
+    default=8,
+    show_default=True,
+    help="Activation bits: the inputs of every weighted layer.",
+)
+@click.option(
+    "--addend-bits",
+    type=click.IntRange(2, 8),
+    default=8,
+    show_default=True,
+    help="At least this many bits for tensors only Add reads (a residual branch before its sum), "
+    "as BRECQ and QDrop leave them unquantized; set it to --a-bits for one width everywhere.",
+)
 @click.option(
     "--granularity",
     default="channel",
@@ -337,6 +351,7 @@ def quantize(model, output, calib, **options):
     config = QuantConfig(
         weight_bits=options.pop("w_bits"),
         activation_bits=options.pop("a_bits"),
+        addend_bits=options.pop("addend_bits"),
         granularity=Granularity.parse(options.pop("granularity")),
         weight_rule=RangeRule.parse(options.pop("w_range")),
         weight_symmetric=not options.pop("w_asym"),

@@ -244,6 +244,11 @@ class QuantConfig:
     activation_scaleclip: float | None = None  # K of --calib-method scaleclip; None: per width
     weight_range: WeightRange = WeightRange.AUTO
     first_last_8bit: bool = True
+    # Tensors only Add reads (a residual branch before its sum) get at least this many bits.
+    # "A bits" are the inputs of weighted layers, as in BRECQ and QDrop, which leave these float;
+    # at W4A4 a 4-bit addend doubled ResNet-20's held-out KL (BENCHMARKS.md). The activation
+    # width here quantizes every activation alike.
+    addend_bits: int = 8
     overrides: tuple[LayerOverride, ...] = ()
     simplify: bool = True
     # Merge re-parameterized branches before quantizing? None: only when every weight is 8-bit.
@@ -271,7 +276,7 @@ class QuantConfig:
     # gradient in a torch mirror, unit by unit, after calibration (onnxq/refine/)
     refine: bool = False
     refine_unit: str = "block"  # layer, block or window:K
-    refine_loss: str = "pd"  # mse, mae or pd (pd: chosen on held-out calibration images, BENCHMARKS.md)
+    refine_loss: str = "mse"  # mse, mae or pd (tools/choose_refine_loss.py, on held-out calibration images)
     refine_iters: int = 500  # per unit
     refine_batch: int = 32
     qdrop: float = 0.5  # QDrop's probability of keeping an activation float while learning
@@ -285,7 +290,7 @@ class QuantConfig:
     qprep: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("weight_bits", "activation_bits"):
+        for name in ("weight_bits", "activation_bits", "addend_bits"):
             _check_bits(getattr(self, name), name.replace("_", " "))
         for override in self.overrides:
             for name in ("weight_bits", "activation_bits"):

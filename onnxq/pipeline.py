@@ -140,6 +140,11 @@ def quantize(
     graph_model = to_ir(infer_types(float_model))
     plan = plan_quantization(graph_model.graph, config)
     notes += [f"override {pattern!r} matches no layer" for pattern in plan.unmatched_overrides]
+    if plan.widened_addends:
+        notes.append(
+            f"{len(plan.widened_addends)} tensors only Add reads kept at {config.addend_bits} bits "
+            "(--addend-bits)"
+        )
     if not plan.weights and not plan.activations:
         raise OnnxqError("nothing to quantize: the model has no Conv, Gemm or MatMul with constant weights")
     opset = required_opset(plan)

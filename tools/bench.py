@@ -360,7 +360,7 @@ REFINE_WIDTHS = {
     "repvgg_cifar10": [(4, 4)],
     "mobileone_cifar10": [(4, 4)],
 }
-REFINE_LOSSES = {"resnet20_cifar10": ["mse", "pd"]}  # mse beside the default pd where it is affordable
+REFINE_LOSSES = {"resnet20_cifar10": ["mse", "pd"]}  # pd beside the default mse where it is affordable
 # --time-budget (search and refinement together) where full refinement would take too long on 2 cores:
 # issue 14 allows MobileNetV2 30 minutes; ResNet-56's pd refinement alone took over an hour.
 REFINE_BUDGETS = {"mobilenet_v2": "1800", "resnet56_cifar10": "900"}
@@ -393,7 +393,7 @@ def refine_settings(name: str) -> dict[str, Callable]:
         for method in ("mse", "pd") if name == "resnet20_cifar10" else ("mse",):
             label = f"onnxq W{w}A{a} {method} (scale search only)"
             settings[label] = scored(label, [*base, "--calib-method", method])
-        for loss in REFINE_LOSSES.get(name, ["pd"]):
+        for loss in REFINE_LOSSES.get(name, [onnxq.QuantConfig.refine_loss]):
             label = f"onnxq W{w}A{a} mse + --refine ({loss} loss)"
             flags = [*base, "--calib-method", "mse", "--refine", "--refine-loss", loss]
             if name in REFINE_BUDGETS:
@@ -769,8 +769,9 @@ def markdown(suite: str, name: str, float_top1: float, rows: list[Row], samples:
         "peak MB its peak resident memory. pd keeps 20 % of the calibration images out of its search. "
         "Re-parameterized models: below 8 bits branches are quantized one by one unless merged.",
         "refine": f"Calibration: {samples} CIFAR-10 training images or {samples} even-class ImageNet images; "
-        "per-channel symmetric weights, first and last layers at 8 bits, branches of re-parameterized "
-        "models unmerged. `--refine` starts from the mse scale search and runs its defaults (block units, "
+        "per-channel symmetric weights, first and last layers at 8 bits, tensors only Add reads at 8 bits "
+        "(`--addend-bits`), branches of re-parameterized models unmerged. `--refine` starts from the "
+        "mse scale search and runs its defaults (block units, "
         "QDrop 0.5, 500 iterations per block, batch 32, seed 0; the loss as the row says); "
         f"{', '.join(f'{m} with --time-budget {s}' for m, s in REFINE_BUDGETS.items())} (search and "
         "refinement together; fewer iterations per block). One calibration draw. calib. s is the "

@@ -91,6 +91,7 @@ class QuantPlan:
     unmatched_overrides: list[str] = field(default_factory=list)  # override patterns no layer matched
     kept_float: dict[str, str] = field(default_factory=dict)  # layers asked to stay float → why
     layers: dict[str, LayerSettings] = field(default_factory=dict)  # compute node → its settings
+    widened_addends: list[str] = field(default_factory=list)  # read only by Add, given addend_bits
 
     def observed_tensors(self) -> list[str]:
         """Float tensors whose ranges calibration must measure."""
@@ -189,6 +190,10 @@ def _assign_activation_bits(graph: ir.Graph, plan: QuantPlan, config: QuantConfi
             if name in plan.activations:
                 default = config.activation_bits if bits is None else bits
                 wanted[name] = max(wanted.get(name, 0), default)
+    for name in _addends(graph, plan, alias):
+        if wanted.get(name, config.activation_bits) < config.addend_bits:
+            wanted[name] = config.addend_bits
+            plan.widened_addends.append(name)
     roots: dict[str, int] = {}
     for name in plan.activations:
         root = plan.root(name)
@@ -197,6 +202,21 @@ def _assign_activation_bits(graph: ir.Graph, plan: QuantPlan, config: QuantConfi
         plan.activations[name] = ActivationSpec(
             spec.tensor, spec.observed, spec.shares, roots[plan.root(name)]
         )
+
+
+def _addends(graph: ir.Graph, plan: QuantPlan, alias: dict[str, str]) -> list[str]:
+    """Activations with their own scale that only Add nodes read: a residual branch before its
+    sum. No layer reads them, so "A bits" (the inputs of weighted layers) does not bind them."""
+    readers: dict[str, set[str]] = {}
+    for node in graph:
+        for value in node.inputs:
+            if value is not None and (name := _resolve(value.name, alias)) in plan.activations:
+                readers.setdefault(name, set()).add(node.op_type)
+    return [
+        name
+        for name, spec in plan.activations.items()
+        if spec.shares is None and readers.get(name) == {"Add"}
+    ]
 
 
 def _role(node: ir.Node, config: QuantConfig) -> str | None:

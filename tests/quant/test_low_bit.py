@@ -180,6 +180,23 @@ def test_first_and_last_layers_stay_at_8_bits_unless_asked(small_model):
     assert plan.activations["input"].bits == 8
 
 
+def test_a_residual_branch_before_its_sum_keeps_addend_bits(small_model):
+    """The depthwise output only Add reads keeps 8 bits at A4; the sum and the inputs of weighted
+    layers take A bits; addend_bits=4 gives every activation 4 bits."""
+    graph = to_ir(small_model).graph
+    consumers = {v.name: {n.op_type for n in v.consumers()} for n in graph for v in n.outputs}
+    plan = plan_quantization(graph, QuantConfig(weight_bits=4, activation_bits=4))
+    addends = [name for name, ops in consumers.items() if ops == {"Add"} and name in plan.activations]
+    assert plan.widened_addends == addends and len(addends) == 1
+    assert plan.activations[addends[0]].bits == 8
+    head = {"/GlobalAveragePool_output_0", "/Flatten_output_0"}  # the 8-bit last layer's input
+    others = {spec.bits for name, spec in plan.activations.items() if name not in {*addends, *head, "input"}}
+    assert others == {4}
+    uniform = plan_quantization(to_ir(small_model).graph, QuantConfig(activation_bits=4, addend_bits=4))
+    assert not uniform.widened_addends
+    assert {spec.bits for name, spec in uniform.activations.items() if name in addends} == {4}
+
+
 def test_override_file_sets_bits_per_layer(tmp_path, small_model):
     from onnxq.config import load_overrides
 

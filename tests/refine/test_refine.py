@@ -95,12 +95,13 @@ def test_the_same_seed_gives_the_same_model(small_model, calibration_data, refin
     assert again.model.SerializeToString() == refined.model.SerializeToString()
 
 
-def test_pd_remainder_recomputed_block_by_block_learns_the_same(
-    monkeypatch, small_model, calibration_data, refined
-):
+def test_pd_remainder_recomputed_block_by_block_learns_the_same(monkeypatch, small_model, calibration_data):
     """Over the memory limit, pd's float remainder keeps only its block cuts for the backward pass
     and recomputes the rest: the same gradients, so the same learned model."""
     import onnxq.refine.reconstruct as reconstruct
+
+    config = onnxq.QuantConfig(weight_bits=4, activation_bits=4, refine_loss="pd", **FAST)
+    whole = onnxq.quantize(small_model, calibration_data, config)
 
     segments = []
 
@@ -110,11 +111,9 @@ def test_pd_remainder_recomputed_block_by_block_learns_the_same(
 
     monkeypatch.setattr(reconstruct._UnitJob, "_remainder_bytes", lambda self, env, count: float("inf"))
     monkeypatch.setattr(reconstruct, "checkpoint", counted)
-    again = onnxq.quantize(
-        small_model, calibration_data, onnxq.QuantConfig(weight_bits=4, activation_bits=4, **FAST)
-    )
+    again = onnxq.quantize(small_model, calibration_data, config)
     assert segments  # the remainder did run in recomputed blocks
-    assert again.model.SerializeToString() == refined.model.SerializeToString()
+    assert again.model.SerializeToString() == whole.model.SerializeToString()
 
 
 def test_pd_remainder_memory_is_estimated_per_batch(small_model, calibration_data):
@@ -131,7 +130,8 @@ def test_pd_remainder_memory_is_estimated_per_batch(small_model, calibration_dat
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(reconstruct._UnitJob, "_remainder_bytes", recorded)
         for batch in (4, 16):
-            config = onnxq.QuantConfig(weight_bits=4, activation_bits=4, **{**FAST, "refine_batch": batch})
+            settings = {**FAST, "refine_batch": batch, "refine_loss": "pd"}
+            config = onnxq.QuantConfig(weight_bits=4, activation_bits=4, **settings)
             onnxq.quantize(small_model, calibration_data, config)
     assert 0 < sizes[4] < sizes[16] <= 4 * sizes[4]
 
@@ -237,7 +237,8 @@ def test_pd_without_class_scores_says_it_learned_with_mse():
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
     model = export(net, torch.zeros(1, 3, 8, 8), outputs=("features",))
     data = np.random.default_rng(0).standard_normal((24, 3, 8, 8)).astype(np.float32)
-    result = onnxq.quantize(model, data, onnxq.QuantConfig(weight_bits=4, activation_bits=4, **FAST))
+    config = onnxq.QuantConfig(weight_bits=4, activation_bits=4, refine_loss="pd", **FAST)
+    result = onnxq.quantize(model, data, config)
     assert any(n.startswith("refined ") and "(mse loss)" in n for n in result.notes)
     assert any("pd needs class scores" in n for n in result.notes)
 
