@@ -3,9 +3,10 @@
 For each loss, `onnxq.quantize --refine` runs on ResNet-20 at W4A4 and W2A4 with the protocol's
 256 calibration images (train-1017[:256]) and is scored against the float model on CIFAR-10
 training images it never saw (train-1017[512:]): KL of the quantized from the float softmax,
-top-1 agreement with float, top-1. The loss with the lowest mean log held-out KL over the
-widths becomes QuantConfig.refine_loss. No evaluation image is read. Writes the "refine-loss"
-section of BENCHMARKS.md.
+top-1 agreement with float, top-1. The loss with the lowest mean log held-out KL over the widths
+becomes QuantConfig.refine_loss (the rule tools/choose_pd_lambda.py follows); the lowest per width
+is printed beside it. No evaluation image is read. Writes the "refine-loss" section of
+BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -75,26 +76,32 @@ def main() -> None:
         "",
         f"`tools/choose_refine_loss.py`: {MODEL}, mse scale search on train-1017[:256], then `--refine` "
         "with each loss at its other defaults; scored against float on train-1017[512:], which neither "
-        "the search nor refinement sees (never the evaluation split). Lowest mean log held-out KL "
+        "the search nor refinement sees (never the evaluation split). The lowest mean log held-out KL "
         "over the widths wins. s: wall time of `onnxq.quantize` on 2 cores.",
         "",
         "| width | refinement | KL held-out | agreement % | top-1 % | s |",
         "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
-    score: dict[str, list[float]] = {loss: [] for loss in LOSSES}
+    chosen, logs = [], {loss: [] for loss in LOSSES}
     for bits in WIDTHS:
+        kl = {}
         for loss in [None, *LOSSES]:
             result = held_out_scores(bits, loss, held, reference)
             if loss is not None:
-                score[loss].append(np.log(result["kl"]))
+                kl[loss] = result["kl"]
+                logs[loss].append(np.log(result["kl"]))
             lines.append(
                 f"| W{bits[0]}A{bits[1]} | {loss + ' loss' if loss else 'none (search only)'} | "
                 f"{result['kl']:.4f} | {100 * result['agreement']:.2f} | {100 * result['top1']:.2f} | "
                 f"{result['seconds']:.0f} |"
             )
             print(lines[-1], flush=True)
-    best = min(LOSSES, key=lambda loss: np.mean(score[loss]))
-    lines += ["", f"Chosen: {best} (lowest mean log held-out KL over the widths)."]
+        chosen.append(f"W{bits[0]}A{bits[1]}: {min(kl, key=kl.get)}")
+    means = {loss: float(np.mean(values)) for loss, values in logs.items()}
+    best = min(means, key=means.get)
+    cells = ", ".join(f"{loss} {value:.2f}" for loss, value in means.items())
+    lines += ["", f"Lowest held-out KL: {'; '.join(chosen)}."]
+    lines += [f"Chosen: {best} (mean log held-out KL {cells})."]
     bench.write_section(args.out, "refine-loss", "\n".join(lines) + "\n", bench.machine_description())
     print("chosen", best)
 

@@ -29,7 +29,7 @@ class RefineSettings:
     """How refinement learns; the defaults follow BRECQ/QDrop where the papers give them."""
 
     unit: str = "block"
-    loss: str = "mse"
+    loss: str = "pd"
     iterations: int = 500  # per unit
     batch: int = 32
     qdrop: float = 0.5  # QDrop's probability of keeping an activation float while learning
