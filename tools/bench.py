@@ -34,6 +34,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+# This checkout's onnxq, not the one an editable install points at: a benchmark run from a
+# worktree snapshot must measure that snapshot, in this process and in its `onnxq` processes.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import onnxq
 from onnxq.calib.data import load_image
 from onnxq.config import Granularity, RangeRule
@@ -312,7 +315,9 @@ def run_onnxq_cli(
         # would report this process's resident size too (Linux keeps the high-water mark on exec).
         command = ["/usr/bin/time", "-f", "%M", "-o", memory, *command]
         start = time.perf_counter()
-        finished = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
+        finished = subprocess.run(
+            command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False
+        )
         seconds = time.perf_counter() - start
         if finished.returncode != 0:
             lines = finished.stderr.decode().strip().splitlines()
