@@ -44,6 +44,7 @@ from onnxq.correct import (
 from onnxq.errors import OnnxqError
 from onnxq.fidelity import Fidelity, HoldBack
 from onnxq.io import check_writable, load_model, run, save_model, session, to_ir, to_proto
+from onnxq.memory import release_free_memory
 from onnxq.passes.fold_affine import fold_affine
 from onnxq.passes.fold_bn import ChannelStatistics, FoldReport, fold_batchnorm
 from onnxq.passes.fuse_branches import FuseReport, fuse_branches
@@ -174,6 +175,7 @@ def quantize(
             ranges = {plan.activations[root].observed: r for root, r in search.ranges.items()}
             notes += _search_notes(search)
         if config.refine:
+            release_free_memory()  # the search's freed activations must not sit under refinement's peak
             started = time.perf_counter()
             data, corrected = corrected_for_refinement(
                 float_model, prepared.statistics, data, config, data_free, progress

@@ -45,7 +45,10 @@ class _FakeQuantize(torch.autograd.Function):
     def forward(ctx, x, scale, zero, qmin, qmax):
         ctx.save_for_backward(x, scale)
         ctx.bounds = (zero, qmin, qmax)
-        return (torch.clamp(torch.round(x / scale) + zero, qmin, qmax) - zero) * scale
+        # One new tensor, updated in place: the same float32 operations in the same order as
+        # (clamp(round(x / s) + z, qmin, qmax) − z)·s, without a temporary per operation.
+        y = x / scale
+        return y.round_().add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
@@ -53,13 +56,15 @@ class _FakeQuantize(torch.autograd.Function):
         zero, qmin, qmax = ctx.bounds
         scaled = x / scale
         rounded = torch.round(scaled)
-        shifted = rounded + zero
-        inside = (shifted >= qmin) & (shifted <= qmax)
+        # round(x/s) + z inside [qmin, qmax] ⇔ round(x/s) inside [qmin − z, qmax − z] (integers).
+        low, high = qmin - zero, qmax - zero
+        inside = (rounded >= low) & (rounded <= high)
         grad_x = torch.where(inside, grad, 0.0) if ctx.needs_input_grad[0] else None
         grad_scale = None
         if ctx.needs_input_grad[1]:
-            step = torch.where(inside, rounded - scaled, shifted.clamp(qmin, qmax) - zero)
-            grad_scale = (grad * step).sum().reshape(scale.shape)
+            residual = scaled.neg_().add_(rounded)  # round(x/s) − x/s, in scaled's memory
+            step = torch.where(inside, residual, rounded.clamp_(low, high))
+            grad_scale = step.mul_(grad).sum().reshape(scale.shape)
         return grad_x, grad_scale, None, None, None
 
 

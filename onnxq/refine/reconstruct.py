@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from onnxq.memory import release_free_memory
 from onnxq.progress import Progress
 from onnxq.refine.blocks import Unit
 from onnxq.refine.losses import PD_FEATURE_WEIGHT, PD_TEMPERATURE, prediction_difference, reconstruction
@@ -97,28 +98,42 @@ def reconstruct(
             f"refine {position + 1}/{len(units)}: {unit.describe(mirror)}", total=settings.iterations
         )
         reports.append(job.run(remaining, progress))
+        # The unit's float inputs and its job are not needed for the next unit's inputs: freed
+        # first, and the allocator's free pages handed back, so units do not stack their peaks.
+        del job
+        floating = targets
         with torch.no_grad():
             quantized = _run_all(mirror, unit, quantized, quantized=True)
-        floating = targets
+        release_free_memory()
     return reports
 
 
 def _run_all(mirror: Mirror, unit: Unit, batches: _Batches, *, quantized: bool) -> _Batches:
-    """The unit's outputs for every sample, run RUN_BATCH samples at a time."""
-    parts: dict[str, list[torch.Tensor]] = {name: [] for name in unit.outputs}
+    """The unit's outputs for every sample, run RUN_BATCH samples at a time into tensors
+    allocated once (joining the parts afterwards would hold every output twice)."""
+    joined: Env = {}
+    batched: set[str] = set()  # outputs with the batch axis, decided on the first run
     for start in range(0, batches.count, RUN_BATCH):
         env = batches.take(slice(start, start + RUN_BATCH))
         env = mirror.run(
             {k: env[k] for k in unit.inputs}, unit.begin, unit.end, quantized=quantized, keep=unit.outputs
         )
         for name in unit.outputs:
-            parts[name].append(env[name])
-    size = min(RUN_BATCH, batches.count)
-    joined = {
-        name: torch.cat(values) if values[0].dim() > 0 and values[0].shape[0] == size else values[0]
-        for name, values in parts.items()
-    }
+            part = env.pop(name)
+            if start == 0:
+                joined[name] = _allocate(part, batches.count, batched, name)
+            if name in batched:
+                joined[name][start : start + len(part)] = part
     return _Batches(joined, batches.count)
+
+
+def _allocate(first: torch.Tensor, count: int, batched: set[str], name: str) -> torch.Tensor:
+    """Room for all `count` samples of an output with the batch axis (added to `batched`); an
+    output without it (a shape, a constant) is kept as the first run gave it."""
+    if first.dim() > 0 and first.shape[0] == min(RUN_BATCH, count):
+        batched.add(name)
+        return first.new_empty((count, *first.shape[1:]))
+    return first
 
 
 def _float_logits(mirror: Mirror, floating: _Batches, count: int) -> torch.Tensor | None:
@@ -295,7 +310,7 @@ class _UnitJob:
         """The unit's loss in eval mode (hard rounding, no QDrop) on the first samples."""
         index = torch.arange(min(EVAL_SAMPLES, self.quantized.count))
         total, samples = 0.0, 0
-        for chunk in index.split(RUN_BATCH):
+        for chunk in index.split(min(RUN_BATCH, self.settings.batch)):  # the learning batch's memory
             loss = self._loss(self.quantized.take(chunk), self.targets.take(chunk), chunk)
             total, samples = total + loss.item() * len(chunk), samples + len(chunk)
         return total / samples

@@ -166,6 +166,25 @@ def test_blocks_of_a_residual_network(small_model):
     assert sum(len(b.layers) for b in blocks) == len(plan.layers)
 
 
+def test_unit_outputs_run_in_parts_equal_one_run_over_all_samples(small_model, monkeypatch):
+    """_run_all writes each part into one preallocated tensor; the last part is shorter."""
+    from onnxq.refine import reconstruct
+
+    model = fuse(small_model).model
+    plan = plan_quantization(onnxq.io.to_ir(model).graph, onnxq.QuantConfig())
+    mirror = Mirror(model)
+    unit = partition(mirror, set(plan.layers), "block")[1]
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((23, 3, 16, 16)).astype(np.float32))
+    with torch.no_grad():
+        env = mirror.run({"input": x}, 0, unit.begin, quantized=False, keep=unit.inputs)
+        whole = mirror.run({k: env[k] for k in unit.inputs}, unit.begin, unit.end, quantized=False)
+        monkeypatch.setattr(reconstruct, "RUN_BATCH", 5)  # parts of 5, 5, 5, 5 and 3 samples
+        parts = reconstruct._run_all(mirror, unit, reconstruct._Batches(env, 23), quantized=False)
+    assert parts.count == 23
+    for name in unit.outputs:
+        torch.testing.assert_close(parts.values[name], whole[name], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("name", "blocks"),
     [("resnet20_cifar10", 11), ("mobilenet_v2", 18), ("repvgg_cifar10", 11)],
