@@ -120,20 +120,18 @@ def _run_all(mirror: Mirror, unit: Unit, batches: _Batches, *, quantized: bool) 
         )
         for name in unit.outputs:
             part = env.pop(name)
-            if start == 0:
-                joined[name] = _allocate(part, batches.count, batched, name)
+            if start == 0 and _has_batch_axis(part, batches.count):
+                batched.add(name)
+                joined[name] = part.new_empty((batches.count, *part.shape[1:]))
+            elif start == 0:
+                joined[name] = part  # a shape or a constant: the same for every run
             if name in batched:
                 joined[name][start : start + len(part)] = part
     return _Batches(joined, batches.count)
 
 
-def _allocate(first: torch.Tensor, count: int, batched: set[str], name: str) -> torch.Tensor:
-    """Room for all `count` samples of an output with the batch axis (added to `batched`); an
-    output without it (a shape, a constant) is kept as the first run gave it."""
-    if first.dim() > 0 and first.shape[0] == min(RUN_BATCH, count):
-        batched.add(name)
-        return first.new_empty((count, *first.shape[1:]))
-    return first
+def _has_batch_axis(first_run: torch.Tensor, count: int) -> bool:
+    return first_run.dim() > 0 and first_run.shape[0] == min(RUN_BATCH, count)
 
 
 def _float_logits(mirror: Mirror, floating: _Batches, count: int) -> torch.Tensor | None:
