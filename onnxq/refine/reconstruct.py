@@ -68,10 +68,7 @@ class _Batches:
         self.values, self.count = values, count
 
     def take(self, index: torch.Tensor | slice) -> Env:
-        return {k: (v[index] if self._batched(v) else v) for k, v in self.values.items()}
-
-    def _batched(self, value: torch.Tensor) -> bool:
-        return value.dim() > 0 and value.shape[0] == self.count
+        return {k: (v[index] if _has_batch_axis(v, self.count) else v) for k, v in self.values.items()}
 
 
 def reconstruct(
@@ -120,7 +117,7 @@ def _run_all(mirror: Mirror, unit: Unit, batches: _Batches, *, quantized: bool) 
         )
         for name in unit.outputs:
             part = env.pop(name)
-            if start == 0 and _has_batch_axis(part, batches.count):
+            if start == 0 and _has_batch_axis(part, min(RUN_BATCH, batches.count)):
                 batched.add(name)
                 joined[name] = part.new_empty((batches.count, *part.shape[1:]))
             elif start == 0:
@@ -130,8 +127,9 @@ def _run_all(mirror: Mirror, unit: Unit, batches: _Batches, *, quantized: bool) 
     return _Batches(joined, batches.count)
 
 
-def _has_batch_axis(first_run: torch.Tensor, count: int) -> bool:
-    return first_run.dim() > 0 and first_run.shape[0] == min(RUN_BATCH, count)
+def _has_batch_axis(value: torch.Tensor, samples: int) -> bool:
+    """Whether `value` holds one row per sample of a run of `samples` (shapes, constants do not)."""
+    return value.dim() > 0 and value.shape[0] == samples
 
 
 def _float_logits(mirror: Mirror, floating: _Batches, count: int) -> torch.Tensor | None:
@@ -331,6 +329,6 @@ class _UnitJob:
 def _first_sample(value: torch.Tensor, count: int) -> torch.Tensor:
     """The first sample of a batched tensor, as a leaf that asks for gradients like the unit's
     outputs do; tensors without the batch axis as they are."""
-    if value.dim() == 0 or value.shape[0] != count:
+    if not _has_batch_axis(value, count):
         return value
     return value[:1].detach().requires_grad_(value.is_floating_point())
