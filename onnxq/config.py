@@ -119,6 +119,7 @@ class LayerSettings:
     activation_bits: int
     granularity: Granularity
     weight_rule: RangeRule
+    keep_float: bool = False  # left float, weights and all (an override's `float = true`)
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,7 @@ class LayerOverride:
     activation_bits: int | None = None
     granularity: Granularity | None = None
     weight_rule: RangeRule | None = None
+    keep_float: bool | None = None
 
     def matches(self, name: str, op_type: str) -> bool:
         return fnmatch.fnmatchcase(name, self.pattern) and self.op_type in (None, op_type)
@@ -141,7 +143,7 @@ class LayerOverride:
     def apply(self, settings: LayerSettings) -> LayerSettings:
         changes = {
             f: getattr(self, f)
-            for f in ("weight_bits", "activation_bits", "granularity", "weight_rule")
+            for f in ("weight_bits", "activation_bits", "granularity", "weight_rule", "keep_float")
             if getattr(self, f) is not None
         }
         return replace(settings, **changes)
@@ -375,6 +377,13 @@ def _check_bits(bits: int, what: str) -> None:
         raise OnnxqError(f"{what} must be a whole number from 2 to 8, got {bits!r}")
 
 
+def _flag(entry: dict, key: str, path: str | os.PathLike, index: int) -> bool | None:
+    value = entry.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise OnnxqError(f"{path}: [[layer]] {index + 1}: {key} must be true or false, got {value!r}")
+    return value
+
+
 def load_overrides(path: str | os.PathLike) -> tuple[LayerOverride, ...]:
     """Per-layer overrides from a TOML file:
 
@@ -385,6 +394,7 @@ def load_overrides(path: str | os.PathLike) -> tuple[LayerOverride, ...]:
     a_bits = 8
     granularity = "channel"
     w_range = "mse"
+    float = true                 # leave the layer float, weights and all (optional)
     """
     import tomllib
 
@@ -395,7 +405,7 @@ def load_overrides(path: str | os.PathLike) -> tuple[LayerOverride, ...]:
         raise OnnxqError(f"override file not found: {path}") from None
     except tomllib.TOMLDecodeError as err:
         raise OnnxqError(f"{path} is not valid TOML ({err})") from None
-    known = {"match", "op", "w_bits", "a_bits", "granularity", "w_range"}
+    known = {"match", "op", "w_bits", "a_bits", "granularity", "w_range", "float"}
     overrides = []
     for index, entry in enumerate(document.get("layer", [])):
         unknown = set(entry) - known
@@ -409,6 +419,7 @@ def load_overrides(path: str | os.PathLike) -> tuple[LayerOverride, ...]:
                 activation_bits=entry.get("a_bits"),
                 granularity=Granularity.parse(entry["granularity"]) if "granularity" in entry else None,
                 weight_rule=RangeRule.parse(entry["w_range"]) if "w_range" in entry else None,
+                keep_float=_flag(entry, "float", path, index),
             )
         )
     if not overrides:

@@ -2,7 +2,10 @@
 
 Run on calibration samples held back from calibration, at onnxruntime's default optimization
 level (the integer kernels users deploy). Per output: SQNR, cosine and, where the output looks
-like class scores, top-1 agreement. When an output falls short, the layers that lose most are
+like class scores, top-1 agreement. An output that concatenates parts of very different
+magnitudes (a detector's box pixels beside its 0..1 scores) is also measured per part: the
+whole-output SQNR is the large part's, and a score map that lost most of its signal would hide
+behind it. When an output falls short, the layers that lose most are
 found by comparing every layer's float and quantized output tensors (the simulated QDQ graph):
 a layer's loss is how far its output's SQNR falls below that of its input.
 """
@@ -27,6 +30,8 @@ WARN_AGREEMENT = 0.9  # ... or below this top-1 agreement
 LAYER_SAMPLES = 4  # samples the per-layer search for the culprits runs on
 WORST_LAYERS = 3
 EXACT_DB = 60.0  # an input this close to float counts as exact when ranking the falls
+PART_RATIO = 10.0  # an output splits in two parts where every index of one is this much louder
+PART_AXIS_SIZE = 1024  # longest axis searched for such a split
 
 
 @dataclass(frozen=True)
@@ -127,7 +132,10 @@ def measure(
     for batch in _first_samples(samples, None, whole=fixed):
         for name, want, got in zip(names, run(reference, batch), run(deployed, batch), strict=True):
             sums[name].add(want, got)
-    outputs = [sums[name].result(name) for name in names if sums[name].count]
+    outputs = []
+    for name in names:
+        if sums[name].count:
+            outputs += [sums[name].result(name), *sums[name].part_results(name)]
     threshold = WARN_SQNR_DB[8] if lowest_bits >= 8 else WARN_SQNR_DB[0]
     return Fidelity(sum(frontier.count(b) for b in samples), False, outputs, threshold)
 
@@ -169,6 +177,7 @@ class _Sums:
         self.signal = self.noise = self.dot = self.quantized = 0.0
         self.agree = self.count = 0
         self.classes = True
+        self.along: dict[int, _AxisSums] = {}  # axis → per-index sums, to split the output in parts
 
     def add(self, want: np.ndarray, got: np.ndarray) -> None:
         want, got = want.astype(np.float64), got.astype(np.float64)
@@ -176,6 +185,8 @@ class _Sums:
         self.noise += float(np.vdot(want - got, want - got))
         self.dot += float(np.vdot(want, got))
         self.quantized += float(np.vdot(got, got))
+        for axis in _part_axes(want.shape):
+            self.along.setdefault(axis, _AxisSums(axis, want.ndim)).add(want, got)
         scores = want.reshape(len(want), -1) if want.ndim else want.reshape(1, -1)
         self.classes = self.classes and _looks_like_scores(want)
         if self.classes:
@@ -192,6 +203,79 @@ class _Sums:
         cosine = self.dot / norm if norm > 0 else float(self.signal == self.quantized)
         agreement = self.agree / self.count if self.classes else None
         return OutputFidelity(name, self.sqnr(), float(cosine), agreement)
+
+    def part_results(self, name: str) -> list[OutputFidelity]:
+        """The two parts of the output whose magnitudes differ most, where every index of one
+        is PART_RATIO times louder than every index of the other; none otherwise."""
+        splits = [axis.best_split() for axis in self.along.values()]
+        splits = [split for split in splits if split is not None and split[0] >= PART_RATIO]
+        if not splits:
+            return []
+        _, axis_sums, cut = max(splits, key=lambda split: split[0])
+        return [axis_sums.part(name, start, stop) for start, stop in ((0, cut), (cut, axis_sums.size))]
+
+
+class _AxisSums:
+    """Per-index sums along one axis of an output, for the SQNR and cosine of a slice of it."""
+
+    def __init__(self, axis: int, ndim: int) -> None:
+        self.axis, self.ndim = axis, ndim
+        self.size = 0
+        self.signal = self.noise = self.dot = self.quantized = self.elements = np.zeros(0)
+
+    def add(self, want: np.ndarray, got: np.ndarray) -> None:
+        others = tuple(a for a in range(want.ndim) if a != self.axis)
+        sums = [
+            np.einsum("...,...->...", a, b).sum(axis=others)
+            for a, b in ((want, want), (want - got, want - got), (want, got), (got, got))
+        ]
+        if self.size == 0:
+            self.size = want.shape[self.axis]
+            self.signal, self.noise, self.dot, self.quantized = (np.zeros(self.size) for _ in range(4))
+            self.elements = np.zeros(self.size)
+        if want.shape[self.axis] != self.size:
+            return  # outputs of changing length along this axis: no parts there
+        self.signal += sums[0]
+        self.noise += sums[1]
+        self.dot += sums[2]
+        self.quantized += sums[3]
+        self.elements += want.size / self.size
+
+    def best_split(self) -> tuple[float, _AxisSums, int] | None:
+        """(gap, self, cut) for the cut that best separates the indices' log RMS into two groups
+        (Otsu's criterion); gap: how many times the quietest index of the loud part is louder
+        than the loudest of the quiet part. Each part holds two indices at least, so a lone
+        silent channel (a class that never fires) is no part."""
+        if self.size < 4 or not self.elements.any():
+            return None
+        rms = np.sqrt(self.signal / np.maximum(self.elements, 1))
+        level = np.log(np.maximum(rms, 1e-150))
+        cuts = np.arange(2, self.size - 1)
+        before = np.cumsum(level)[1:-2]
+        head, tail = before / cuts, (level.sum() - before) / (self.size - cuts)
+        cut = int(cuts[np.argmax(cuts * (self.size - cuts) * (head - tail) ** 2)])
+        loud, quiet = sorted((rms[:cut], rms[cut:]), key=lambda part: part.mean(), reverse=True)
+        if quiet.max() == 0:
+            return None
+        return float(loud.min() / quiet.max()), self, cut
+
+    def part(self, name: str, start: int, stop: int) -> OutputFidelity:
+        part = _Sums()
+        part.signal, part.noise = float(self.signal[start:stop].sum()), float(self.noise[start:stop].sum())
+        part.dot, part.quantized = float(self.dot[start:stop].sum()), float(self.quantized[start:stop].sum())
+        part.classes = False
+        where = ", ".join([":"] * self.axis + [f"{start}:{stop}"])
+        return part.result(f"{name}[{where}]")
+
+
+def _part_axes(shape: tuple[int, ...]) -> list[int]:
+    """Axes along which an output may concatenate parts: the channel axis, and the last axis of a
+    (batch, rows, fields) output (YOLOX: anchors × [box, objectness, classes]); never a spatial
+    axis of an image-shaped output."""
+    axes = [1] if len(shape) >= 2 else []
+    if len(shape) == 3:
+        axes.append(2)
+    return [a for a in axes if 2 <= shape[a] <= PART_AXIS_SIZE]
 
 
 def _looks_like_scores(values: np.ndarray) -> bool:

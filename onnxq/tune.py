@@ -2,7 +2,8 @@
 
 - Fidelity: where the outputs fall below the warning threshold on held-back samples, the layers
   that lose most (each one's output SQNR against its input's) are kept float a few at a time,
-  while that raises the lowest output SQNR, up to a tenth of the layers.
+  while that raises the lowest output SQNR, up to a tenth of the layers; a round that does not
+  help is undone and the next layers are tried, up to three such rounds.
 - Speed: where the QDQ model runs slower than float at batch 1, the layers feeding ops without
   an integer kernel are kept float too, if that runs faster.
 Each step rebuilds the model from the same calibration (no new statistics) and says what it did.
@@ -26,6 +27,7 @@ from onnxq.quant.plan import QuantPlan
 FALLBACK_SHARE = 0.1  # at most this part of the layers is kept float for fidelity
 SPEED_MARGIN = 0.9  # a lighter plan must run this much faster to replace the first (timings are noisy)
 FALLBACK_STEP = 2  # layers kept float per round
+FALLBACK_MISSES = 3  # rounds that did not help before the fallback gives up
 
 
 @dataclass
@@ -55,17 +57,21 @@ def recover_fidelity(
         return best, report, []
     budget = int(FALLBACK_SHARE * len(best.plan.layers))
     initial = dict(best.plan.kept_float)
-    floated, start = initial, report.min_sqnr
-    while report.poor and len(floated) + FALLBACK_STEP <= len(initial) + budget:
-        ranked = fidelity.worst_layers(float_model, best.model, best.layers, samples, count=FALLBACK_STEP)
+    floated, start, tried, misses = initial, report.min_sqnr, set(), 0
+    while report.poor and misses < FALLBACK_MISSES and len(floated) + FALLBACK_STEP <= len(initial) + budget:
+        count = FALLBACK_STEP + len(tried)
+        ranked = fidelity.worst_layers(float_model, best.model, best.layers, samples, count=count)
+        ranked = [name for name, _, _ in ranked if name not in tried][:FALLBACK_STEP]
         if not ranked:
             break
+        tried.update(ranked)
         reason = f"kept float for fidelity: the outputs fell to {start:.1f} dB SQNR"
-        trial = {**floated, **{name: reason for name, _, _ in ranked}}
+        trial = {**floated, **dict.fromkeys(ranked, reason)}
         candidate = build(replan(keep_float=trial))
         trial_report = fidelity.measure(float_model, candidate.model, samples, config.lowest_bits)
         if trial_report.min_sqnr <= report.min_sqnr:
-            break
+            misses += 1  # these layers did not help: try the next ones
+            continue
         best, report, floated = candidate, trial_report, trial
     if floated is initial:
         return best, report, []

@@ -220,16 +220,33 @@ def test_searched_calibration_reports_its_losses(tmp_path, small_model_path, cal
         (["--granularity", "group"], "needs a size"),
         (["--w-range", "percentile:20"], "percentile"),
         (["--overrides", "missing.toml"], "override file not found"),
+        (["--overrides", "float-yes.toml"], "float must be true or false"),
         (["--calib-method", "pd", "--holdout", "1.5"], "holdout must be in [0, 1)"),
         (["--calib-method", "mse", "--time-budget", "0"], "time budget must be positive"),
         (["--w-range", "outputs"], "weight range must be"),
     ],
 )
 def test_bad_low_bit_options_give_one_line(tmp_path, small_model_path, calib_file, args, message):
+    (tmp_path / "float-yes.toml").write_text('[[layer]]\nfloat = "yes"\n')
+    args = [str(tmp_path / a) if a.endswith("-yes.toml") else a for a in args]
     out = tmp_path / "out.onnx"
     result = run("quantize", small_model_path, "-o", out, "--calib", calib_file, *args)
     assert result.exit_code == 1 and message in result.output
     assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_an_override_keeps_layers_float(tmp_path, small_model_path, calib_file):
+    overrides = tmp_path / "float.toml"
+    overrides.write_text('[[layer]]\nop = "Gemm"\nfloat = true\n')
+    out = tmp_path / "out.onnx"
+    result = run("quantize", small_model_path, "-o", out, "--calib", calib_file, "--overrides", overrides)
+    assert result.exit_code == 0, result.output
+    model = onnx.load(out)
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    dequantized = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    assert gemm.input[1] not in dequantized and conv.input[1] in dequantized
+    assert "kept float by --overrides" in result.output
 
 
 def test_overrides_that_match_nothing_are_named(tmp_path, small_model_path, calib_file):

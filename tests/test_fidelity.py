@@ -98,3 +98,57 @@ def test_fallback_keeps_the_layers_that_lose_most_float_while_it_helps(monkeypat
     kept = {n.name: n for n in result.model.graph.node}
     weights = {t.name for t in result.model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
     assert all(kept[name].input[1] in weights for name in floated)
+
+
+def _scaled(scales: np.ndarray) -> onnx.ModelProto:
+    """y = x · scales along axis 1: a stand-in for a head that concatenates parts."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "s"], ["y"])],
+        "scaled",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", len(scales), 40])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", len(scales), 40])],
+        [numpy_helper.from_array(scales.reshape(1, -1, 1).astype(np.float32), "s")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_an_output_of_boxes_and_scores_is_measured_per_part():
+    """Box pixels (×100) beside scores (×0.01): the whole output's SQNR is the boxes', so the
+    scores, which lost most, must be measured apart and set the lowest SQNR."""
+    scales = np.array([100.0] * 4 + [0.01] * 3 + [0.02] * 3)
+    errors = np.array([1e-3] * 4 + [0.3] * 6)
+    x = np.random.default_rng(0).normal(size=(24, 10, 40)).astype(np.float32)
+    report = fidelity.measure(
+        _scaled(scales), _scaled(scales * (1 + errors)), [{"x": x[:8]}, {"x": x[8:]}], 8
+    )
+    want = x.astype(np.float64) * scales.reshape(1, -1, 1).astype(np.float32)
+    got = x.astype(np.float64) * (scales * (1 + errors)).reshape(1, -1, 1).astype(np.float32)
+
+    def sqnr(part):
+        return 10 * np.log10((want[:, part] ** 2).sum() / ((want[:, part] - got[:, part]) ** 2).sum())
+
+    assert [o.name for o in report.outputs] == ["y", "y[:, 0:4]", "y[:, 4:10]"]
+    whole, boxes, scores = report.outputs
+    np.testing.assert_allclose(
+        [whole.sqnr_db, boxes.sqnr_db, scores.sqnr_db],
+        [sqnr(slice(None)), sqnr(slice(0, 4)), sqnr(slice(4, 10))],
+        rtol=1e-4,
+    )
+    assert report.min_sqnr == scores.sqnr_db and report.poor
+
+
+def test_an_output_of_one_magnitude_and_a_quiet_channel_is_not_split():
+    """Channels within a factor of a few, and one channel that is nearly silent, are one part."""
+    scales = np.array([1.0, 2.0, 0.5, 1.5, 1e-4, 1.0])
+    x = np.random.default_rng(1).normal(size=(8, 6, 40)).astype(np.float32)
+    report = fidelity.measure(_scaled(scales), _scaled(scales * 1.001), [{"x": x}], 8)
+    assert [o.name for o in report.outputs] == ["y"]
+
+
+def test_a_silent_last_channel_is_not_a_part():
+    scales = np.array([1.0, 2.0, 0.5, 1.5, 1.0, 1e-4])
+    x = np.random.default_rng(2).normal(size=(8, 6, 40)).astype(np.float32)
+    report = fidelity.measure(_scaled(scales), _scaled(scales * (1 + np.r_[[1e-3] * 5, 1.0])), [{"x": x}], 8)
+    assert [o.name for o in report.outputs] == ["y"]

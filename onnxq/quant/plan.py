@@ -138,6 +138,9 @@ def plan_quantization(
             continue
         if role == "compute":
             settings = config.layer_settings(name, node.op_type, edge=id(node) in edges)
+            if settings.keep_float:
+                plan.float_nodes[name] = "kept float by --overrides"
+                continue
             reason = _plan_compute(node, settings, plan, alias)
         elif role == "own":
             reason = _plan_own_scale(node, plan, alias)
