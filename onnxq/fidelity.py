@@ -186,7 +186,7 @@ class _Sums:
         self.dot += float(np.vdot(want, got))
         self.quantized += float(np.vdot(got, got))
         for axis in _part_axes(want.shape):
-            self.along.setdefault(axis, _AxisSums(axis, want.ndim)).add(want, got)
+            self.along.setdefault(axis, _AxisSums(axis)).add(want, got)
         scores = want.reshape(len(want), -1) if want.ndim else want.reshape(1, -1)
         self.classes = self.classes and _looks_like_scores(want)
         if self.classes:
@@ -218,15 +218,15 @@ class _Sums:
 class _AxisSums:
     """Per-index sums along one axis of an output, for the SQNR and cosine of a slice of it."""
 
-    def __init__(self, axis: int, ndim: int) -> None:
-        self.axis, self.ndim = axis, ndim
+    def __init__(self, axis: int) -> None:
+        self.axis = axis
         self.size = 0
         self.signal = self.noise = self.dot = self.quantized = self.elements = np.zeros(0)
 
     def add(self, want: np.ndarray, got: np.ndarray) -> None:
         others = tuple(a for a in range(want.ndim) if a != self.axis)
         sums = [
-            np.einsum("...,...->...", a, b).sum(axis=others)
+            (a * b).sum(axis=others)
             for a, b in ((want, want), (want - got, want - got), (want, got), (got, got))
         ]
         if self.size == 0:
