@@ -181,12 +181,13 @@ class _Sums:
 
     def add(self, want: np.ndarray, got: np.ndarray) -> None:
         want, got = want.astype(np.float64), got.astype(np.float64)
+        error = want - got
         self.signal += float(np.vdot(want, want))
-        self.noise += float(np.vdot(want - got, want - got))
+        self.noise += float(np.vdot(error, error))
         self.dot += float(np.vdot(want, got))
         self.quantized += float(np.vdot(got, got))
         for axis in _part_axes(want.shape):
-            self.along.setdefault(axis, _AxisSums(axis)).add(want, got)
+            self.along.setdefault(axis, _AxisSums(axis, want.shape[axis])).add(want, got, error)
         scores = want.reshape(len(want), -1) if want.ndim else want.reshape(1, -1)
         self.classes = self.classes and _looks_like_scores(want)
         if self.classes:
@@ -207,47 +208,40 @@ class _Sums:
     def part_results(self, name: str) -> list[OutputFidelity]:
         """The two parts of the output whose magnitudes differ most, where every index of one
         is PART_RATIO times louder than every index of the other; none otherwise."""
-        splits = [axis.best_split() for axis in self.along.values()]
-        splits = [split for split in splits if split is not None and split[0] >= PART_RATIO]
-        if not splits:
+        splits = ((*axis.best_split(), axis) for axis in self.along.values())
+        gap, cut, axis = max(splits, key=lambda split: split[0], default=(0.0, 0, None))
+        if axis is None or gap < PART_RATIO:
             return []
-        _, axis_sums, cut = max(splits, key=lambda split: split[0])
-        return [axis_sums.part(name, start, stop) for start, stop in ((0, cut), (cut, axis_sums.size))]
+        return [axis.part(name, start, stop) for start, stop in ((0, cut), (cut, axis.size))]
 
 
 class _AxisSums:
     """Per-index sums along one axis of an output, for the SQNR and cosine of a slice of it."""
 
-    def __init__(self, axis: int) -> None:
-        self.axis = axis
-        self.size = 0
-        self.signal = self.noise = self.dot = self.quantized = self.elements = np.zeros(0)
+    def __init__(self, axis: int, size: int) -> None:
+        self.axis, self.size = axis, size
+        self.signal, self.noise, self.dot, self.quantized, self.elements = (np.zeros(size) for _ in range(5))
+        self.ragged = False  # outputs of changing length along this axis: no parts there
 
-    def add(self, want: np.ndarray, got: np.ndarray) -> None:
-        others = tuple(a for a in range(want.ndim) if a != self.axis)
-        sums = [
-            (a * b).sum(axis=others)
-            for a, b in ((want, want), (want - got, want - got), (want, got), (got, got))
-        ]
-        if self.size == 0:
-            self.size = want.shape[self.axis]
-            self.signal, self.noise, self.dot, self.quantized = (np.zeros(self.size) for _ in range(4))
-            self.elements = np.zeros(self.size)
+    def add(self, want: np.ndarray, got: np.ndarray, error: np.ndarray) -> None:
         if want.shape[self.axis] != self.size:
-            return  # outputs of changing length along this axis: no parts there
-        self.signal += sums[0]
-        self.noise += sums[1]
-        self.dot += sums[2]
-        self.quantized += sums[3]
+            self.ragged = True
+        if self.ragged:
+            return
+        others = tuple(a for a in range(want.ndim) if a != self.axis)
+        self.signal += (want * want).sum(axis=others)
+        self.noise += (error * error).sum(axis=others)
+        self.dot += (want * got).sum(axis=others)
+        self.quantized += (got * got).sum(axis=others)
         self.elements += want.size / self.size
 
-    def best_split(self) -> tuple[float, _AxisSums, int] | None:
-        """(gap, self, cut) for the cut that best separates the indices' log RMS into two groups
+    def best_split(self) -> tuple[float, int]:
+        """(gap, cut) for the cut that best separates the indices' log RMS into two groups
         (Otsu's criterion); gap: how many times the quietest index of the loud part is louder
-        than the loudest of the quiet part. Each part holds two indices at least, so a lone
-        silent channel (a class that never fires) is no part."""
-        if self.size < 4 or not self.elements.any():
-            return None
+        than the loudest of the quiet part (0 where there is no such cut). Each part holds two
+        indices at least, so a lone silent channel (a class that never fires) is no part."""
+        if self.ragged or self.size < 4 or not self.elements.any():
+            return 0.0, 0
         rms = np.sqrt(self.signal / np.maximum(self.elements, 1))
         level = np.log(np.maximum(rms, 1e-150))
         cuts = np.arange(2, self.size - 1)
@@ -256,8 +250,8 @@ class _AxisSums:
         cut = int(cuts[np.argmax(cuts * (self.size - cuts) * (head - tail) ** 2)])
         loud, quiet = sorted((rms[:cut], rms[cut:]), key=lambda part: part.mean(), reverse=True)
         if quiet.max() == 0:
-            return None
-        return float(loud.min() / quiet.max()), self, cut
+            return 0.0, 0
+        return float(loud.min() / quiet.max()), cut
 
     def part(self, name: str, start: int, stop: int) -> OutputFidelity:
         part = _Sums()

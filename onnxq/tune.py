@@ -58,21 +58,24 @@ def recover_fidelity(
     budget = int(FALLBACK_SHARE * len(best.plan.layers))
     initial = dict(best.plan.kept_float)
     floated, start, tried, misses = initial, report.min_sqnr, set(), 0
+    ranking: list[str] | None = None  # the current model's layers, worst first; kept across misses
     while report.poor and misses < FALLBACK_MISSES and len(floated) + FALLBACK_STEP <= len(initial) + budget:
-        count = FALLBACK_STEP + len(tried)
-        ranked = fidelity.worst_layers(float_model, best.model, best.layers, samples, count=count)
-        ranked = [name for name, _, _ in ranked if name not in tried][:FALLBACK_STEP]
-        if not ranked:
+        if ranking is None:
+            count = len(tried) + FALLBACK_STEP * (FALLBACK_MISSES + 1)
+            ranked = fidelity.worst_layers(float_model, best.model, best.layers, samples, count=count)
+            ranking = [name for name, _, _ in ranked]
+        pair = [name for name in ranking if name not in tried][:FALLBACK_STEP]
+        if not pair:
             break
-        tried.update(ranked)
+        tried.update(pair)
         reason = f"kept float for fidelity: the outputs fell to {start:.1f} dB SQNR"
-        trial = {**floated, **dict.fromkeys(ranked, reason)}
+        trial = {**floated, **dict.fromkeys(pair, reason)}
         candidate = build(replan(keep_float=trial))
         trial_report = fidelity.measure(float_model, candidate.model, samples, config.lowest_bits)
         if trial_report.min_sqnr <= report.min_sqnr:
-            misses += 1  # these layers did not help: try the next ones
+            misses += 1  # these layers did not help: try the next ones of the same ranking
             continue
-        best, report, floated = candidate, trial_report, trial
+        best, report, floated, ranking = candidate, trial_report, trial, None
     if floated is initial:
         return best, report, []
     added = len(floated) - len(initial)

@@ -235,11 +235,17 @@ def test_bad_low_bit_options_give_one_line(tmp_path, small_model_path, calib_fil
     assert len(result.output.strip().splitlines()) == 1 and not out.exists()
 
 
-def test_an_override_keeps_layers_float(tmp_path, small_model_path, calib_file):
-    overrides = tmp_path / "float.toml"
-    overrides.write_text('[[layer]]\nop = "Gemm"\nfloat = true\n')
+def _quantize_with_overrides(tmp_path, model_path, calib_file, text: str):
+    """`onnxq quantize` with an overrides file of `text`: the CLI result and the output path."""
+    overrides = tmp_path / "overrides.toml"
+    overrides.write_text(text)
     out = tmp_path / "out.onnx"
-    result = run("quantize", small_model_path, "-o", out, "--calib", calib_file, "--overrides", overrides)
+    return run("quantize", model_path, "-o", out, "--calib", calib_file, "--overrides", overrides), out
+
+
+def test_an_override_keeps_layers_float(tmp_path, small_model_path, calib_file):
+    text = '[[layer]]\nop = "Gemm"\nfloat = true\n'
+    result, out = _quantize_with_overrides(tmp_path, small_model_path, calib_file, text)
     assert result.exit_code == 0, result.output
     model = onnx.load(out)
     gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
@@ -250,10 +256,8 @@ def test_an_override_keeps_layers_float(tmp_path, small_model_path, calib_file):
 
 
 def test_overrides_that_match_nothing_are_named(tmp_path, small_model_path, calib_file):
-    overrides = tmp_path / "typo.toml"
-    overrides.write_text('[[layer]]\nmatch = "/no/such/layer*"\nw_bits = 4\n')
-    out = tmp_path / "out.onnx"
-    result = run("quantize", small_model_path, "-o", out, "--calib", calib_file, "--overrides", overrides)
+    text = '[[layer]]\nmatch = "/no/such/layer*"\nw_bits = 4\n'
+    result, _ = _quantize_with_overrides(tmp_path, small_model_path, calib_file, text)
     assert result.exit_code == 0, result.output
     assert "override '/no/such/layer*' matches no layer" in result.output
 
