@@ -21,6 +21,7 @@ from onnxq.calib.data import DataSource, batches, model_inputs
 from onnxq.config import Preprocess
 from onnxq.errors import OnnxqError
 from onnxq.io import load_model, run, session
+from onnxq.speed import SETTLE_SECONDS
 
 INTEGER_OPS = (
     "QLinearConv",
@@ -173,9 +174,13 @@ def _report(name, path, model, sess, score: _Scores, labelled: bool, sample, run
 
 
 def latency_ms(sess: ort.InferenceSession, feed: dict[str, np.ndarray], runs: int = 50) -> float:
-    """Median wall time of one run on `feed` (batch 1) after a warm-up."""
-    for _ in range(max(3, runs // 10)):
+    """Median wall time of one run on `feed` (batch 1) after a warm-up long enough for other
+    sessions' spinning threads to settle (see onnxq.speed)."""
+    started = time.perf_counter()
+    warmed = 0
+    while warmed < max(3, runs // 10) or time.perf_counter() - started < SETTLE_SECONDS:
         sess.run(None, feed)
+        warmed += 1
     times = []
     for _ in range(runs):
         start = time.perf_counter()

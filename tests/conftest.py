@@ -12,6 +12,17 @@ import pytest
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 
 
+@pytest.fixture(autouse=True)
+def brief_speed_comparisons(monkeypatch):
+    """The suite checks what the speed comparison decides, not how fast models run: two short
+    rounds instead of four settled ones keep its many quantize calls quick."""
+    from onnxq import speed
+
+    monkeypatch.setattr(speed, "ROUNDS", 2)
+    monkeypatch.setattr(speed, "SETTLE_SECONDS", 0.02)
+    monkeypatch.setattr(speed, "BLOCK_SECONDS", 0.05)
+
+
 def export(
     module, example, *, keep_bn: bool = False, dynamic_batch: bool = True, outputs=("logits",)
 ) -> onnx.ModelProto:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 
 import onnxq
 from onnxq import speed
@@ -73,6 +74,26 @@ def test_compare_times_every_model():
     feed = {"input": np.zeros((1, 3, 8, 8), np.float32)}
     times = speed.compare([model, model], feed)
     assert len(times) == 2 and all(t > 0 for t in times)
+
+
+def test_runs_while_other_sessions_settle_are_not_timed(monkeypatch):
+    """A fake clock: each model's first runs in a block are slow (another session's threads still
+    spin), later ones fast; the medians are the fast runs of each."""
+    clock = {"now": 0.0, "block_runs": 0, "last": None}
+    fast = {0: 0.004, 1: 0.002}
+
+    def fake_run(runner, feed):
+        if clock["last"] is not runner:
+            clock["last"], clock["block_runs"] = runner, 0
+        clock["block_runs"] += 1
+        clock["now"] += 0.03 if clock["block_runs"] <= 4 else fast[runner]
+
+    for name, value in (("ROUNDS", 4), ("SETTLE_SECONDS", 0.1), ("BLOCK_SECONDS", 0.3)):
+        monkeypatch.setattr(speed, name, value)  # the module's own, not the suite's brief ones
+    monkeypatch.setattr(speed, "session", lambda model: model)
+    monkeypatch.setattr(speed, "run", fake_run)
+    monkeypatch.setattr(speed, "clock", lambda: clock["now"])
+    assert speed.compare([0, 1], {}) == pytest.approx([4.0, 2.0])
 
 
 def test_no_speed_check_times_nothing(monkeypatch):

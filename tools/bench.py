@@ -549,8 +549,7 @@ def zoo_measure(entry: dict) -> list[ZooRow]:
     names = [o.name for o in float_model.graph.output]
     sample = {k: v[:batch] if batch == 1 else v[:1] for k, v in feed.items()}
     reference = zoo_outputs(float_model, feed, batch)
-    float_ms = latency_ms(session(float_model, threads=THREADS), sample, runs=10)
-    runs = 50 if float_ms < 20 else 20
+    runs = 50 if latency_ms(session(float_model, threads=THREADS), sample, runs=10) < 20 else 20
     classifier = entry["kind"] == "classifier"
 
     def scored(row: ZooRow, model: onnx.ModelProto, outputs: list[np.ndarray]) -> ZooRow:
