@@ -54,7 +54,8 @@ def synthesised_calibration(
         )
     settings = _settings(model, config)
     count = min(config.max_samples or SYNTHETIC_SAMPLES, SYNTHETIC_SAMPLES)
-    count = max(settings.batch, count - count % settings.batch)  # whole batches where the batch is fixed
+    if fixed := fixed_batch(model):  # whole batches of a fixed batch size; otherwise what was asked
+        count = max(fixed, count - count % fixed)
     data, report = synthesize(model, statistics, shape, count, settings, progress)
     return data, report.note(f"data-free: {count} calibration samples synthesised from BatchNorm statistics")
 

@@ -121,6 +121,23 @@ def test_distribution_correction_moves_statistics_towards_batchnorm(shifted, dat
     assert corrected["input"].shape == data.shape and corrected["input"].dtype == data.dtype
 
 
+def test_micro_batches_give_the_whole_batch_loss_and_gradient(shifted, data, monkeypatch):
+    """A batch too big for the memory budget runs in pieces; the statistics stay the batch's."""
+    from onnxq.correct import matching
+
+    run = _StatisticsRun(shifted.model, shifted.statistics)
+    whole = torch.from_numpy(data).requires_grad_(True)
+    loss = run.backward(whole)
+    budget = matching.BYTES_PER_ELEMENT * run.elements_per_sample * 5
+    monkeypatch.setattr(matching, "MEMORY_BUDGET", budget)
+    pieces = torch.from_numpy(data.copy()).requires_grad_(True)
+    assert run.micro_batch(pieces) == 5 < len(data)
+    assert run.backward(pieces) == pytest.approx(loss, rel=1e-5)
+    assert run.loss(pieces.detach()) == pytest.approx(loss, rel=1e-5)
+    scale = float(whole.grad.abs().max())
+    np.testing.assert_allclose(pieces.grad.numpy(), whole.grad.numpy(), rtol=1e-3, atol=1e-5 * scale)
+
+
 def test_closeness_keeps_inputs_nearer_the_originals(shifted, data):
     loose = MatchSettings(steps=30, batch=16, closeness=0.0)
     tight = MatchSettings(steps=30, batch=16, closeness=100.0)
@@ -170,7 +187,7 @@ def test_data_free_calibration_from_the_command_line(tmp_path, small_model_bn):
     args = ["quantize", str(source), "--calib", "bn-stats", "--max-samples", "16", "-o", str(target)]
     result = CliRunner().invoke(main, [*args, "--no-speed-check"])
     assert result.exit_code == 0, result.output
-    assert "calibration samples synthesised from BatchNorm statistics" in result.output
+    assert "data-free: 16 calibration samples synthesised from BatchNorm statistics" in result.output
     assert onnx.load(target).graph.node
 
 
