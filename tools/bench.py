@@ -421,7 +421,7 @@ DATA_FREE = Path(onnxq.correct.DATA_FREE)  # `--calib bn-stats`: inputs synthesi
 def seeds_settings(name: str) -> dict[str, Callable]:
     """Issue 15's pieces with and without, everything else equal: data-free calibration against
     real data at W8A8 and W4A8, refinement with and without distribution correction at W4A4."""
-    synthesised = "64" if "cifar" in name else "16"  # a forward and backward pass per sample and step
+    synthesised = "64"  # a forward and backward pass per sample and step: MobileNetV2 about 24 min
     budget = [] if "cifar" in name else ["--time-budget", "1800"]
     refine = ["--w-bits", "4", "--a-bits", "4", "--calib-method", "mse", "--no-speed-check", "--refine"]
     refine += budget
