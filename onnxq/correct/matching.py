@@ -104,17 +104,16 @@ class _StatisticsRun:
         self.statistics = {name: s for name, s in statistics.items() if name in produced}
         self.end = 1 + max((produced[name] for name in self.statistics), default=-1)
         self.input = self.mirror.graph_inputs[0]
-        self.produced = {o for node in self.mirror.nodes[: self.end] for o in node.outputs if o}
         self.elements_per_sample: int | None = None
 
     def micro_batch(self, inputs: torch.Tensor) -> int:
         """Samples per piece: as many as MEMORY_BUDGET holds, at least one."""
         if self.elements_per_sample is None:
+            produced = {o for node in self.mirror.nodes[: self.end] for o in node.outputs if o}
             with torch.no_grad():
-                one = {self.input: inputs[:1]}
-                env = self.mirror.run(one, 0, self.end, quantized=False, keep=self.produced)
+                env = self.mirror.run({self.input: inputs[:1]}, 0, self.end, quantized=False, keep=produced)
             self.elements_per_sample = sum(
-                v.numel() for name, v in env.items() if name in self.produced and isinstance(v, torch.Tensor)
+                v.numel() for name, v in env.items() if name in produced and isinstance(v, torch.Tensor)
             )
         return max(1, int(MEMORY_BUDGET // (BYTES_PER_ELEMENT * max(self.elements_per_sample, 1))))
 
@@ -154,15 +153,15 @@ class _StatisticsRun:
     def _moments(self, inputs: torch.Tensor) -> tuple[dict[str, list[torch.Tensor]], dict[str, int]]:
         """Per-channel mean and mean square of every tensor with statistics over all of `inputs`
         (summed in float64 micro-batch by micro-batch), and each channel's count of values."""
-        sums: dict[str, list[torch.Tensor]] = {}
+        sums: dict[str, tuple] = {}
         counts: dict[str, int] = {}
         for part in _slices(len(inputs), self.micro_batch(inputs)):
             env = self._values(inputs[part])
             for name in self.statistics:
-                value = env[name]
-                axes = _reduced_axes(value)
-                pair = [value.sum(dim=axes).double(), value.pow(2).sum(dim=axes).double()]
-                sums[name] = [a + b for a, b in zip(sums[name], pair, strict=True)] if name in sums else pair
+                value, axes = env[name], _reduced_axes(env[name])
+                total, squares = sums.get(name, (0.0, 0.0))
+                total = total + value.sum(dim=axes).double()
+                sums[name] = (total, squares + value.pow(2).sum(dim=axes).double())
                 counts[name] = counts.get(name, 0) + value.numel() // value.shape[1]
         return {name: [m / counts[name] for m in pair] for name, pair in sums.items()}, counts
 
