@@ -127,15 +127,9 @@ def measure(
     """Per-output SQNR, cosine and agreement of `quantized` against `float_model` on `samples`."""
     reference, deployed = session(float_model), session(quantized)
     names = [o.name for o in float_model.graph.output]
-    sums = {name: _Sums() for name in names}
     fixed = fixed_batch(float_model) is not None
-    for batch in _first_samples(samples, None, whole=fixed):
-        for name, want, got in zip(names, run(reference, batch), run(deployed, batch), strict=True):
-            sums[name].add(want, got)
-    outputs = []
-    for name in names:
-        if sums[name].count:
-            outputs += [sums[name].result(name), *sums[name].part_results(name)]
+    batches = first_samples(samples, None, whole=fixed)
+    outputs = compare_outputs(names, ((run(reference, batch), run(deployed, batch)) for batch in batches))
     threshold = WARN_SQNR_DB[8] if lowest_bits >= 8 else WARN_SQNR_DB[0]
     return Fidelity(sum(frontier.count(b) for b in samples), False, outputs, threshold)
 
@@ -156,7 +150,7 @@ def worst_layers(
     reference = session(with_outputs(float_model, tensors), optimize=False)
     simulated = session(with_outputs(quantized, tensors), optimize=False)
     fixed = fixed_batch(float_model) is not None
-    for batch in _first_samples(samples, LAYER_SAMPLES, whole=fixed):
+    for batch in first_samples(samples, LAYER_SAMPLES, whole=fixed):
         for name, want, got in zip(
             tensors, run(reference, batch, tensors), run(simulated, batch, tensors), strict=True
         ):
@@ -168,6 +162,22 @@ def worst_layers(
             losses.append((node, before, after))
     losses.sort(key=lambda item: item[2] - min(item[1], EXACT_DB))  # largest fall first
     return losses[:count]
+
+
+def compare_outputs(
+    names: list[str], runs: Iterable[tuple[list[np.ndarray], list[np.ndarray]]]
+) -> list[OutputFidelity]:
+    """Fidelity of each output, and of its parts, over (float outputs, quantized outputs) runs."""
+    sums = {name: _Sums() for name in names}
+    for wanted, got in runs:
+        for name, want, have in zip(names, wanted, got, strict=True):
+            sums[name].add(want, have)
+    return [
+        result
+        for name in names
+        if sums[name].count
+        for result in (sums[name].result(name), *sums[name].part_results(name))
+    ]
 
 
 class _Sums:
@@ -279,7 +289,7 @@ def _looks_like_scores(values: np.ndarray) -> bool:
     return values.shape[1] >= 2 and values.dtype.kind == "f"
 
 
-def _first_samples(batches: list[Batch], limit: int | None, whole: bool) -> Iterator[Batch]:
+def first_samples(batches: list[Batch], limit: int | None, whole: bool) -> Iterator[Batch]:
     """Up to `limit` samples (None: all), one at a time, so that a run holds one sample's
     tensors (a 640×640 detector's are large), or whole batches where the batch size is fixed."""
     taken = 0

@@ -1,7 +1,7 @@
 """After the first QDQ model: win back fidelity and speed by keeping layers float, measured.
 
 - Fidelity: where the outputs fall below the warning threshold on held-back samples, the layers
-  that lose most (each one's output SQNR against its input's) are kept float a few at a time,
+  whose quantizers alone cost the lowest output most (onnxq.sensitivity) are kept float a few at a time,
   while that raises the lowest output SQNR, up to a tenth of the layers; a round that does not
   help is undone and the next layers are tried, up to three such rounds.
 - Speed: where the QDQ model runs slower than float at batch 1, the layers feeding ops without
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from onnxq import fidelity, speed
+from onnxq import fidelity, sensitivity, speed
 from onnxq.calib.data import Batch
 from onnxq.calib.runner import fixed_batch
 from onnxq.config import QuantConfig
@@ -58,12 +58,12 @@ def recover_fidelity(
     budget = int(FALLBACK_SHARE * len(best.plan.layers))
     initial = dict(best.plan.kept_float)
     floated, start, tried, misses = initial, report.min_sqnr, set(), 0
-    ranking: list[str] | None = None  # the current model's layers, worst first; kept across misses
+    ranking: list[str] | None = None  # the first model's layers, costliest first (costs add up)
     while report.poor and misses < FALLBACK_MISSES and len(floated) + FALLBACK_STEP <= len(initial) + budget:
         if ranking is None:
-            count = len(tried) + FALLBACK_STEP * (FALLBACK_MISSES + 1)
-            ranked = fidelity.worst_layers(float_model, best.model, best.layers, samples, count=count)
-            ranking = [name for name, _, _ in ranked]
+            lowest = min(report.outputs, key=lambda o: o.sqnr_db).name
+            ranked = sensitivity.layer_costs(float_model, best.model, best.plan, best.layers, samples, lowest)
+            ranking = [name for name, _ in ranked]
         pair = [name for name in ranking if name not in tried][:FALLBACK_STEP]
         if not pair:
             break
@@ -75,7 +75,7 @@ def recover_fidelity(
         if trial_report.min_sqnr <= report.min_sqnr:
             misses += 1  # these layers did not help: try the next ones of the same ranking
             continue
-        best, report, floated, ranking = candidate, trial_report, trial, None
+        best, report, floated = candidate, trial_report, trial
     if floated is initial:
         return best, report, []
     added = len(floated) - len(initial)

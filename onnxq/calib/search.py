@@ -226,7 +226,7 @@ class _Sweep:
     def _choose_activation(self, item: Item, quantized: Arrays, floating: Arrays) -> float:
         spec = self.plan.activations[item.name]
         values, reference = quantized[spec.observed], floating[spec.observed]
-        low, high = float(values.min()), float(values.max())
+        low, high = spec.bounded(float(values.min()), float(values.max()))
         self.observed[item.name] = (low, high)
         if self.settings.method == "fixed":
             low, high = self.fixed_ranges.get(item.name, (low, high))
@@ -235,6 +235,8 @@ class _Sweep:
         picks = self._positions(values.size)
         x = values.reshape(-1)[picks].astype(np.float32)
         target = reference.reshape(-1)[picks].astype(np.float32)
+        if spec.floor is not None:  # the readers flatten what lies below: no error counted there
+            target = np.maximum(target, np.float32(low))
 
         def error(ratio: float) -> float:
             scale, zero, bounds = activation_quantizer(low * ratio, high * ratio, spec.bits, self.sym_act)
@@ -261,8 +263,9 @@ class _Sweep:
         return np.sort(self.rng.choice(size, ACTIVATION_POSITIONS, replace=False))
 
     def _set_activation(self, tensor: str, low: float, high: float) -> None:
-        bits = self.plan.activations[tensor].bits
-        scale, zero, bounds = activation_quantizer(low, high, bits, self.sym_act)
+        spec = self.plan.activations[tensor]
+        low, high = spec.bounded(low, high)
+        scale, zero, bounds = activation_quantizer(low, high, spec.bits, self.sym_act)
         self.ranges[tensor] = (low, high)
         self.params.update(fake_quant_feed(tensor, float(scale), float(zero), bounds.qmin, bounds.qmax))
 
@@ -386,10 +389,10 @@ class _Sweep:
         if item.kind == "activation":
             low, high = self.ranges[item.name]
             seen_low, seen_high = self.observed.get(item.name, (low, high))
-            bits = self.plan.activations[item.name].bits
+            spec = self.plan.activations[item.name]
             for step in PD_ACTIVATION_STEPS:
-                new_low, new_high = max(low * step, seen_low), min(high * step, seen_high)
-                scale, zero, bounds = activation_quantizer(new_low, new_high, bits, self.sym_act)
+                new_low, new_high = spec.bounded(max(low * step, seen_low), min(high * step, seen_high))
+                scale, zero, bounds = activation_quantizer(new_low, new_high, spec.bits, self.sym_act)
                 feed = fake_quant_feed(item.name, float(scale), float(zero), bounds.qmin, bounds.qmax)
 
                 def commit(new=(new_low, new_high)):

@@ -96,16 +96,24 @@ def identity_feed(tensor: str) -> Arrays:
 
 def build_simulation(model: onnx.ModelProto, plan: QuantPlan) -> Simulation:
     """The tunable model and its segments; float_params reproduces the float model."""
-    tunable = onnx.ModelProto()
-    tunable.CopyFrom(model)
+    tunable, float_params, starts = tunable_model(model, plan)
     graph = tunable.graph
-    float_params = _lift_constants(graph, [*plan.weights, *plan.biases])
-    starts = _insert_fake_quantizers(graph, plan, float_params)
     items = _items(graph, plan, starts)
     types = _element_types(tunable)
     segments = _segments(tunable, items, set(float_params), types)
     data_inputs = [i.name for i in graph.input if i.name not in float_params]
     return Simulation(tunable, segments, data_inputs, float_params)
+
+
+def tunable_model(model: onnx.ModelProto, plan: QuantPlan) -> tuple[onnx.ModelProto, Arrays, dict[str, str]]:
+    """The float model with planned weights and biases as graph inputs and a fake quantizer on
+    every planned activation; returns it, the feed that makes it the float model, and each
+    quantized tensor → its quantizer's first node."""
+    tunable = onnx.ModelProto()
+    tunable.CopyFrom(model)
+    float_params = _lift_constants(tunable.graph, [*plan.weights, *plan.biases])
+    starts = _insert_fake_quantizers(tunable.graph, plan, float_params)
+    return tunable, float_params, starts
 
 
 def _lift_constants(graph: onnx.GraphProto, names: list[str]) -> Arrays:

@@ -40,7 +40,7 @@ def activation_params(
     params = {}
     for spec in plan.activations.values():
         if spec.shares is None:
-            low, high = ranges[spec.observed]
+            low, high = spec.bounded(*ranges[spec.observed])
             params[spec.tensor] = activation_quantizer(low, high, spec.bits, symmetric)
     return params
 

@@ -1,7 +1,9 @@
 """Q/DQ pairs only where they pay: pruning a plan after it is drawn up.
 
 A plan first marks every tensor an integer kernel could read. Some of those pairs buy nothing:
-after the last quantized layer, or between two float ops, they only cost precision and time; and
+after the last quantized layer, or between two float ops, they only cost precision and time;
+some cost more than they buy: where no layer reads a tensor and its rounding reaches a model
+output through float ops alone, the output loses precision for an integer Concat; and
 where onnxruntime would wrap a layer in Q/DQ pairs around an op with no integer kernel, keeping
 the layer float can run faster (`keep_float_neighbours`, tried when the model is slower).
 """
@@ -54,10 +56,16 @@ def drop_quantizers_that_do_not_pay(graph: ir.Graph, plan: QuantPlan) -> None:
       score tensors concatenated across very different ranges) no integer kernel follows: one
       8-bit scale would be shared by values that need their own (scores in [0, 1] beside box
       coordinates in pixels), and the outputs users read lose most. The whole tail stays float.
+    - Where no layer reads the tensor (or a shape-only copy of it) and its rounding would reach
+      an output through float ops alone (YOLOv8's class logits, concatenated with the box logits
+      that a small DFL Conv reads after a Softmax, then split and put through a Sigmoid): the
+      integer Concat it buys does not pay for what the outputs lose (yolov8n's scores: the class
+      logits' pair alone cost them down to 15 dB SQNR). A tensor a layer reads keeps its pair.
     - Between two float ops (inside a HardSwish written as x·clip(x+3, 0, 6)/6, around an Add
       with a constant): neither side runs on integers, so the pair is pure loss and time.
     """
     feeds_layer = _nodes_feeding_a_layer(graph, plan)
+    feeds_output = _nodes_passing_rounding_to_an_output(graph, plan)
     planned = set(plan.quantized_nodes)
     values = {v.name: v for v in graph.inputs} | {v.name: v for n in graph for v in n.outputs}
     while True:
@@ -65,6 +73,7 @@ def drop_quantizers_that_do_not_pay(graph: ir.Graph, plan: QuantPlan) -> None:
             name
             for name, spec in plan.activations.items()
             if not _pays(values[spec.tensor], plan, planned, feeds_layer)
+            or (_reaches(values[spec.tensor], feeds_output) and not _layer_reads(name, plan, values))
         ]
         if not dropped:
             break
@@ -85,6 +94,16 @@ def _pays(value: ir.Value, plan: QuantPlan, planned: set[str], feeds_layer: set[
     return _reaches(value, feeds_layer) and integer_side
 
 
+def _layer_reads(name: str, plan: QuantPlan, values: dict[str, ir.Value]) -> bool:
+    """Whether a quantized layer reads the activation itself or a shape-only op's copy of it
+    (dropping the pair would cost that layer its integer kernel)."""
+    if any(reader.name in plan.layers for reader in _readers(values[name], plan)):
+        return True
+    return any(
+        _layer_reads(other, plan, values) for other, spec in plan.activations.items() if spec.shares == name
+    )
+
+
 def _nodes_feeding_a_layer(graph: ir.Graph, plan: QuantPlan) -> set[str]:
     """Names of the nodes from whose outputs some quantized layer can be reached."""
     feeding: set[str] = set()
@@ -95,8 +114,22 @@ def _nodes_feeding_a_layer(graph: ir.Graph, plan: QuantPlan) -> set[str]:
     return feeding
 
 
-def _reaches(value: ir.Value, feeds_layer: set[str]) -> bool:
-    return any(user.name in feeds_layer for user, _ in value.uses())
+def _nodes_passing_rounding_to_an_output(graph: ir.Graph, plan: QuantPlan) -> set[str]:
+    """Names of the nodes through which an input's rounding reaches a graph output with no
+    quantized layer on the way (shape ops pass nothing on: their outputs are sizes)."""
+    outputs = {v.name for v in graph.outputs}
+    passing: set[str] = set()
+    for node in reversed(list(graph)):
+        if node.name in plan.layers or node.op_type in SHAPE_OPS:
+            continue
+        users = (user for value in node.outputs for user, _ in value.uses())
+        if any(v.name in outputs for v in node.outputs) or any(user.name in passing for user in users):
+            passing.add(node.name)
+    return passing
+
+
+def _reaches(value: ir.Value, nodes: set[str]) -> bool:
+    return any(user.name in nodes for user, _ in value.uses())
 
 
 def _produced_by(value: ir.Value, planned: set[str]) -> bool:
