@@ -105,3 +105,8 @@ def name_nodes(graph: ir.Graph) -> None:
                 name, index = f"{base}_{index}", index + 1
             node.name = name
             taken.add(name)
+
+
+def computed_values(graph: ir.Graph) -> dict[str, ir.Value]:
+    """The graph's inputs and every node's outputs, by name (initializers apart)."""
+    return {v.name: v for v in graph.inputs} | {v.name: v for n in graph for v in n.outputs}

@@ -22,7 +22,14 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.config import Granularity, LayerSettings, QuantConfig, RangeRule
-from onnxq.passes.graph_utils import attribute, constant, output_channel_axis, scaled_gemm, single_consumer
+from onnxq.passes.graph_utils import (
+    attribute,
+    computed_values,
+    constant,
+    output_channel_axis,
+    scaled_gemm,
+    single_consumer,
+)
 from onnxq.quant.prune import drop_quantizers_that_do_not_pay, keep_float_neighbours
 from onnxq.quant.weights import WeightLayout
 
@@ -225,7 +232,7 @@ def _floor_flattened_ranges(graph: ir.Graph, plan: QuantPlan) -> None:
     nothing of their far negative values: their range stops at the floor. Pre-SiLU Conv outputs
     of detectors reach -60 to -186 while the SiLU makes all of it about 0 (yolov8n's second Conv:
     [-186, 141] → [-8, 141], half the step)."""
-    values = {v.name: v for v in graph.inputs} | {v.name: v for n in graph for v in n.outputs}
+    values = computed_values(graph)
     for name, spec in list(plan.activations.items()):
         value = values.get(spec.tensor)
         if spec.shares is None and spec.observed == spec.tensor and value is not None:

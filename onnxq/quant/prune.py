@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import onnx_ir as ir
 
+from onnxq.passes.graph_utils import computed_values
+
 if TYPE_CHECKING:
     from onnxq.quant.plan import QuantPlan
 
@@ -67,7 +69,7 @@ def drop_quantizers_that_do_not_pay(graph: ir.Graph, plan: QuantPlan) -> None:
     feeds_layer = _nodes_feeding_a_layer(graph, plan)
     feeds_output = _nodes_passing_rounding_to_an_output(graph, plan)
     planned = set(plan.quantized_nodes)
-    values = {v.name: v for v in graph.inputs} | {v.name: v for n in graph for v in n.outputs}
+    values = computed_values(graph)
     while True:
         dropped = [
             name
