@@ -8,20 +8,18 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
+from onnxq import speed
 from onnxq.calib.data import DataSource, batches, model_inputs
 from onnxq.config import Preprocess
 from onnxq.errors import OnnxqError
 from onnxq.io import load_model, run, session
-from onnxq.speed import SETTLE_SECONDS
 
 INTEGER_OPS = (
     "QLinearConv",
@@ -88,9 +86,9 @@ def evaluate(
     preprocess: Preprocess | None = None,
     threads: int = 0,
     max_samples: int | None = None,
-    latency_runs: int = 50,
 ) -> list[ModelReport]:
-    """Score the float model and each quantized model on `data` (first output = logits)."""
+    """Score the float model and each quantized model on `data` (first output = logits); time
+    them side by side at batch 1 (onnxq.speed), so that the machine's load hits them alike."""
     paths = [Path(float_model), *(Path(p) for p in quantized)]
     models = [load_model(p) for p in paths]
     inputs = model_inputs(models[0])
@@ -115,10 +113,11 @@ def evaluate(
             score.add(output, outputs[0], batch_labels)
     if labels is not None and scores[0].count != len(labels):
         raise OnnxqError(f"{len(labels)} labels for {scores[0].count} samples")
+    latencies = speed.compare_sessions(sessions, first)
     return [
-        _report(name, path, model, sess, score, labels is not None, first, latency_runs)
-        for name, path, model, sess, score in zip(
-            display_names([p.resolve() for p in paths]), paths, models, sessions, scores, strict=True
+        _report(name, path, model, score, labels is not None, milliseconds)
+        for name, path, model, score, milliseconds in zip(
+            display_names([p.resolve() for p in paths]), paths, models, scores, latencies, strict=True
         )
     ]
 
@@ -157,7 +156,7 @@ def _labels_for(labels: np.ndarray | None, start: int, count: int) -> np.ndarray
     return labels[start : start + count]
 
 
-def _report(name, path, model, sess, score: _Scores, labelled: bool, sample, runs: int) -> ModelReport:
+def _report(name, path, model, score: _Scores, labelled: bool, milliseconds: float) -> ModelReport:
     n = max(score.count, 1)
     sqnr = 10 * np.log10(score.signal / score.noise) if score.noise > 0 else float("inf")
     return ModelReport(
@@ -168,25 +167,9 @@ def _report(name, path, model, sess, score: _Scores, labelled: bool, sample, run
         kl=score.kl / n,
         sqnr_db=float(sqnr),
         size_bytes=_file_size(path),
-        latency_ms=latency_ms(sess, sample, runs),
+        latency_ms=milliseconds,
         kernels=kernel_summary(model),
     )
-
-
-def latency_ms(sess: ort.InferenceSession, feed: dict[str, np.ndarray], runs: int = 50) -> float:
-    """Median wall time of one run on `feed` (batch 1) after a warm-up long enough for other
-    sessions' spinning threads to settle (see onnxq.speed)."""
-    started = time.perf_counter()
-    warmed = 0
-    while warmed < max(3, runs // 10) or time.perf_counter() - started < SETTLE_SECONDS:
-        sess.run(None, feed)
-        warmed += 1
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
 
 
 def kernel_summary(model: onnx.ModelProto) -> str:

@@ -27,17 +27,33 @@ SECONDS = 1.5  # per model: no round starts once this much has passed (slow mode
 clock = time.perf_counter  # a module attribute, so that tests can drive the timing with a fake clock
 
 
-def compare(models: list[onnx.ModelProto], feed: dict[str, np.ndarray]) -> list[float]:
-    """Median milliseconds per run of each model on `feed`, at onnxruntime's default level."""
-    sessions = [session(model) for model in models]
+def compare(
+    models: list[onnx.ModelProto],
+    feed: dict[str, np.ndarray],
+    *,
+    threads: int = 0,
+    rounds: int | None = None,
+    seconds: float | None = None,
+) -> list[float]:
+    """Median milliseconds per run of each model on `feed`, at onnxruntime's default level
+    (rounds and seconds: ROUNDS and SECONDS unless given)."""
+    return compare_sessions([session(model, threads=threads) for model in models], feed, rounds, seconds)
+
+
+def compare_sessions(
+    sessions: list, feed: dict[str, np.ndarray], rounds: int | None = None, seconds: float | None = None
+) -> list[float]:
+    """Median milliseconds per run of each open session, in blocks round after round; no round
+    starts once `seconds` per session have passed."""
+    rounds, seconds = rounds or ROUNDS, seconds or SECONDS
     for runner in sessions:  # warm-up: first runs allocate and pick kernels
         run(runner, feed)
     times: list[list[float]] = [[] for _ in sessions]
     started = clock()
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         for runner, spent in zip(sessions, times, strict=True):
             spent += _block(runner, feed)
-        if clock() - started > SECONDS * len(sessions):
+        if clock() - started > seconds * len(sessions):
             break
     return [1e3 * float(np.median(spent)) for spent in times]
 

@@ -90,7 +90,7 @@ def test_runs_while_other_sessions_settle_are_not_timed(monkeypatch):
 
     for name, value in (("ROUNDS", 4), ("SETTLE_SECONDS", 0.1), ("BLOCK_SECONDS", 0.3)):
         monkeypatch.setattr(speed, name, value)  # the module's own, not the suite's brief ones
-    monkeypatch.setattr(speed, "session", lambda model: model)
+    monkeypatch.setattr(speed, "session", lambda model, threads=0: model)
     monkeypatch.setattr(speed, "run", fake_run)
     monkeypatch.setattr(speed, "clock", lambda: clock["now"])
     assert speed.compare([0, 1], {}) == pytest.approx([4.0, 2.0])

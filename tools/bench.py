@@ -38,9 +38,10 @@ import onnx
 # worktree snapshot must measure that snapshot, in this process and in its `onnxq` processes.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import onnxq
+from onnxq import speed
 from onnxq.calib.data import load_image
 from onnxq.config import Granularity, RangeRule
-from onnxq.evaluate import kernel_summary, kl_divergence, latency_ms
+from onnxq.evaluate import kernel_summary, kl_divergence
 from onnxq.io import session
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,6 +158,16 @@ def score(model: onnx.ModelProto, split: Split, reference: np.ndarray) -> tuple[
     return top1, agreement, float(kl_divergence(reference, out).mean())
 
 
+LATENCY_ROUNDS = 10  # blocks per model in side_by_side_ms: a benchmark can wait longer than quantize's check
+LATENCY_SECONDS = 5.0
+
+
+def side_by_side_ms(models: list[onnx.ModelProto], sample: dict[str, np.ndarray]) -> list[float]:
+    """Batch-1 milliseconds of each model, timed in interleaved blocks (onnxq.speed), so that
+    load elsewhere on the machine hits float and quantized alike."""
+    return speed.compare(models, sample, threads=THREADS, rounds=LATENCY_ROUNDS, seconds=LATENCY_SECONDS)
+
+
 def measure(
     name: str, settings: dict[str, Callable], *, samples: int, latency: bool, split: Split | None = None
 ) -> tuple[float, list[Row]]:
@@ -169,8 +180,7 @@ def measure(
     reference = logits(float_model, split.x)
     float_top1 = float((reference.argmax(1) == split.y).mean())
     sample = {"input": split.x[:1]}
-    float_latency = latency_ms(session(float_model, threads=THREADS), sample, runs=100) if latency else 0.0
-    rows = []
+    rows, built = [], []
     for setting, build in settings.items():
         print(f"  {name}: {setting}", flush=True)
         try:
@@ -180,12 +190,14 @@ def measure(
             rows.append(Row(f"{setting} (failed: {str(err).splitlines()[0][:80]})", *([float("nan")] * 4)))
             continue
         top1, agreement, kl = score(model, split, reference)
-        ratio = (
-            latency_ms(session(model, threads=THREADS), sample, runs=100) / float_latency if latency else None
-        )
         size = len(model.SerializeToString()) / 1024
-        rows.append(Row(setting, top1, agreement, kl, size, seconds, ratio, kernel_summary(model), *peak))
+        rows.append(Row(setting, top1, agreement, kl, size, seconds, None, kernel_summary(model), *peak))
+        built.append((rows[-1], model))
         print(f"    top-1 {100 * top1:.2f} (float {100 * float_top1:.2f}), agreement {100 * agreement:.2f}")
+    if latency and built:
+        float_ms, *each_ms = side_by_side_ms([float_model, *(model for _, model in built)], sample)
+        for (row, _), ms in zip(built, each_ms, strict=True):
+            row.latency_ratio = ms / float_ms
     return float_top1, rows
 
 
@@ -549,7 +561,6 @@ def zoo_measure(entry: dict) -> list[ZooRow]:
     names = [o.name for o in float_model.graph.output]
     sample = {k: v[:batch] if batch == 1 else v[:1] for k, v in feed.items()}
     reference = zoo_outputs(float_model, feed, batch)
-    runs = 50 if latency_ms(session(float_model, threads=THREADS), sample, runs=10) < 20 else 20
     classifier = entry["kind"] == "classifier"
 
     def scored(row: ZooRow, model: onnx.ModelProto, outputs: list[np.ndarray]) -> ZooRow:
@@ -558,12 +569,11 @@ def zoo_measure(entry: dict) -> list[ZooRow]:
             predicted = outputs[0].reshape(len(outputs[0]), -1).argmax(1)
             row.agreement = float((predicted == reference[0].reshape(len(predicted), -1).argmax(1)).mean())
             row.top1 = float((predicted == labels).mean()) if labels is not None else None
-        row.latency_ms = latency_ms(session(model, threads=THREADS), sample, runs=runs)
         row.size_kb = len(model.SerializeToString()) / 1024
         row.kernels = kernel_summary(model)
         return row
 
-    rows = [scored(ZooRow("float"), float_model, reference)]
+    rows, models = [scored(ZooRow("float"), float_model, reference)], [float_model]
     settings = [ZOO_W8A8] + ([ZOO_W8A8_MSE, ZOO_W4A8] if has_weights(float_model) else [])
     for setting, flags in settings:
         print(f"  {entry['name']}: {setting}", flush=True)
@@ -578,6 +588,10 @@ def zoo_measure(entry: dict) -> list[ZooRow]:
         worst = min(row.fidelity.values())
         print(f"    worst cosine {worst[0]:.5f}, {seconds:.1f} s, {peak:.0f} MB", flush=True)
         rows.append(row)
+        models.append(model)
+    timed = [row for row in rows if not row.error]
+    for row, milliseconds in zip(timed, side_by_side_ms(models, sample), strict=True):
+        row.latency_ms = milliseconds
     return rows
 
 
@@ -596,7 +610,9 @@ def zoo_markdown(entry: dict, rows: list[ZooRow]) -> str:
         f"Calibration: {', '.join(f'{v[0]} samples of {v[1:]}' for v in calib.values())} "
         f"(`{entry['calib']}`, all of them, `onnxq quantize` otherwise at its defaults, in its own process: "
         f"calib. s is its wall time, peak MB its peak resident memory). Evaluation: "
-        f"{next(iter(entry['samples']['eval'].values()))[0]} samples. Latency: batch 1, {THREADS} threads.",
+        f"{next(iter(entry['samples']['eval'].values()))[0]} samples. "
+        f"Latency: batch 1, {THREADS} threads, float and every setting timed side by side "
+        "in interleaved blocks once all are built (onnxq.speed).",
         "",
     ]
     labels = list(dict.fromkeys(k for r in rows for k in r.fidelity))  # outputs, then their parts
@@ -829,7 +845,9 @@ HEADER = """# Benchmarks
 Written by `tools/bench.py` (do not edit by hand; each suite rewrites its own section). Protocol:
 ../shared/data/README.md; evaluation on test-1017 (CIFAR-10) or the 500 odd-class imagenet-sample
 images. All models run at onnxruntime's default optimization level. Latency: batch 1, 2 threads,
-quantized over float, measured in the same run (compare ratios, not milliseconds, across runs).
+quantized over float, measured in the same run (compare ratios, not milliseconds, across runs);
+sections written from 2026-11-30 on time float and quantized models side by side in interleaved
+blocks (onnxq.speed), earlier ones one after another.
 """
 
 
