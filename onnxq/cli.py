@@ -170,9 +170,10 @@ def main() -> None:
     type=click.Choice([m.value for m in CalibrationMethod]),
     default=QuantConfig.calibration.value,
     show_default=True,
-    help="How scales are chosen: minmax/percentile statistics, scaleclip (activations clipped at "
-    "K·mean|A|, GDRQ), or searched by the error they cause (mse, mae) or by the prediction "
-    "difference at the output (pd).",
+    help="How scales are chosen: minmax/percentile statistics; auto, whichever of the two keeps "
+    "the outputs closer to float (percentile where bias correction or --refine follows); scaleclip "
+    "(activations clipped at K·mean|A|, GDRQ); or searched by the error they cause (mse, mae) or "
+    "by the prediction difference at the output (pd).",
 )
 @click.option(
     "--a-scaleclip",
@@ -183,8 +184,8 @@ def main() -> None:
 @click.option(
     "--bias-correction/--no-bias-correction",
     default=None,
-    help="Correct each layer's bias by its mean output error [default: on with minmax/percentile "
-    "below 8-bit weights, off for mse, mae, pd].",
+    help="Correct each layer's bias by its mean output error [default: on with auto/minmax/"
+    "percentile below 8-bit weights, off for mse, mae, pd].",
 )
 @click.option("--seed", type=int, default=QuantConfig.seed, show_default=True, help="Seed of the search.")
 @click.option(

@@ -161,12 +161,15 @@ class CalibrationMethod(enum.Enum):
     """How scales are chosen from the calibration data.
 
     MINMAX, PERCENTILE and SCALECLIP (α = K·mean|A|, GDRQ's Scale-Clip) set activation ranges
-    from float statistics (weights follow their range rule). MSE, MAE and PD search every weight
+    from float statistics (weights follow their range rule); AUTO takes, per activation, the
+    percentile or the min-max range, whichever costs the outputs less alone
+    (onnxq.calib.range_choice). MSE, MAE and PD search every weight
     and activation scale by the error it causes, in onnxruntime, layer by layer on the quantized
     model's own activations; PD then refines them by the prediction difference at the output
     (PD-Quant).
     """
 
+    AUTO = "auto"
     MINMAX = "minmax"
     PERCENTILE = "percentile"
     MSE = "mse"
@@ -241,7 +244,7 @@ class QuantConfig:
     weight_rule: RangeRule = RangeRule("minmax")
     weight_symmetric: bool = True
     activation_symmetric: bool = False
-    calibration: CalibrationMethod = CalibrationMethod.PERCENTILE
+    calibration: CalibrationMethod = CalibrationMethod.AUTO
     percentile: float = 99.999
     activation_scaleclip: float | None = None  # K of --calib-method scaleclip; None: per width
     weight_range: WeightRange = WeightRange.AUTO

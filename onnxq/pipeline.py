@@ -31,7 +31,7 @@ from onnxq.calib.data import (
     random_sample,
 )
 from onnxq.calib.observers import HistogramObserver, MinMaxObserver, ScaleClipObserver
-from onnxq.calib.runner import collect_ranges, fixed_batch
+from onnxq.calib.runner import collect_observers, fixed_batch
 from onnxq.calib.search import SearchResult, SearchSettings, search_parameters
 from onnxq.calib.simulate import build_simulation
 from onnxq.config import CalibrationMethod, Preprocess, QuantConfig
@@ -158,12 +158,12 @@ def quantize(
     search = None
     output_rule = any(spec.rule.kind == "output" for spec in plan.weights.values())
     searched = config.calibration.searched or config.corrects_bias or output_rule
-    refined = None
+    refined = extremes = None  # extremes: auto's min-max alternative, where nothing is searched or refined
     if searched or config.refine:
         data, samples = _gather(stream)
         ranges = {}
         if not config.calibration.searched:
-            ranges, _ = _observe(
+            ranges, _, _ = _observe(
                 float_model,
                 plan,
                 frontier.batches(data, fixed_batch(float_model) or config.batch_size),
@@ -202,7 +202,7 @@ def quantize(
                     f"QPRep: {len(affine)} merged re-parameterized convs learned a per-channel affine"
                 )
     else:
-        ranges, samples = _observe(float_model, plan, stream, config, progress)
+        ranges, samples, extremes = _observe(float_model, plan, stream, config, progress)
 
     notes += stats.warnings()
     progress.stage("insert Q/DQ")
@@ -213,7 +213,16 @@ def quantize(
     validate(first.model, sample)
     checked = held.batches or [sample]
     progress.stage("check fidelity")
-    tuned, measured, fallback = tune.recover_fidelity(float_model, first, checked, config, replan, build)
+    measured = None
+    if extremes is not None:
+        with_extremes = functools.partial(_build, float_model, config, extremes, search, choice, refined)
+        first, build, measured, ranged = tune.choose_ranges(
+            float_model, first, build, with_extremes, checked, config
+        )
+        notes += ranged
+    tuned, measured, fallback = tune.recover_fidelity(
+        float_model, first, checked, config, replan, build, measured
+    )
     progress.stage("compare speed")
     best, timing = tune.never_slower(float_model, tuned, sample, config, replan, build, first)
     fallback = [] if best is first else fallback  # undone where it made the model slower
@@ -279,10 +288,15 @@ def _layer_tensors(graph, plan: QuantPlan) -> list[tuple[str, str, str]]:
 
 
 def _observe(float_model, plan, stream, config: QuantConfig, progress: Progress):
-    """Float activation ranges by min-max or percentile statistics."""
+    """Float activation ranges by statistics, the samples seen, and (auto) the min-max ranges
+    of the same values, the alternative to the percentile ones."""
     progress.stage(f"calibrate ({config.calibration.value})", total=config.max_samples)
     observer = _observer_factory(config, plan)
-    return collect_ranges(float_model, plan.observed_tensors(), stream, observer, progress)
+    observers, samples = collect_observers(float_model, plan.observed_tensors(), stream, observer, progress)
+    ranges = {name: o.range() for name, o in observers.items()}
+    if config.calibration is not CalibrationMethod.AUTO:
+        return ranges, samples, None
+    return ranges, samples, {name: o.extreme_range() for name, o in observers.items()}
 
 
 def _gather(stream) -> tuple[dict[str, np.ndarray], int]:

@@ -1,5 +1,8 @@
-"""After the first QDQ model: win back fidelity and speed by keeping layers float, measured.
+"""After the first QDQ model: choose its activation ranges, win back fidelity and speed by
+keeping layers float, measured.
 
+- Ranges (`--calib-method auto`): the model built with percentile ranges or the one with
+  min-max ranges, whichever keeps the lowest output closer to float.
 - Fidelity: where the outputs fall below the warning threshold on held-back samples, the layers
   whose quantizers alone cost the lowest output most (onnxq.sensitivity) are kept float a few at a time,
   while that raises the lowest output SQNR, up to a tenth of the layers; a round that does not
@@ -43,6 +46,36 @@ Replan = Callable[..., QuantPlan]  # keyword arguments of plan_quantization → 
 Build = Callable[[QuantPlan], Candidate]
 
 
+def choose_ranges(
+    float_model: onnx.ModelProto,
+    percentile: Candidate,
+    build: Build,
+    build_extremes: Build,
+    samples: list[Batch],
+    config: QuantConfig,
+) -> tuple[Candidate, Build, Fidelity, list[str]]:
+    """`--calib-method auto`: the model with percentile ranges or the one with min-max ranges,
+    whichever keeps the lowest output closer to float on the check's samples; its builder and
+    fidelity, and a note.
+
+    Percentile ranges clip the rare large activations that classifiers can spare and detectors
+    rely on (W8A8 lowest output SQNR: yolov8n scores 9.6 dB with percentile ranges, 12.2 dB
+    with min-max; ppocr_cls 36.3 against 33.6 dB the other way round).
+    """
+    extremes = build_extremes(percentile.plan)
+    first, second = (
+        fidelity.measure(float_model, m.model, samples, config.lowest_bits) for m in (percentile, extremes)
+    )
+    wider = second.min_sqnr > first.min_sqnr
+    note = (
+        f"activation ranges: {'min-max' if wider else 'percentile'} (lowest output SQNR "
+        f"{first.min_sqnr:.1f} dB with percentile ranges, {second.min_sqnr:.1f} dB with min-max)"
+    )
+    if wider:
+        return extremes, build_extremes, second, [note]
+    return percentile, build, first, [note]
+
+
 def recover_fidelity(
     float_model: onnx.ModelProto,
     best: Candidate,
@@ -50,9 +83,11 @@ def recover_fidelity(
     config: QuantConfig,
     replan: Replan,
     build: Build,
+    measured: Fidelity | None = None,
 ) -> tuple[Candidate, Fidelity, list[str]]:
-    """The model with the fewest float layers that lifts the outputs, its fidelity, and notes."""
-    report = fidelity.measure(float_model, best.model, samples, config.lowest_bits)
+    """The model with the fewest float layers that lifts the outputs, its fidelity (`measured`
+    when already known for `best`), and notes."""
+    report = measured or fidelity.measure(float_model, best.model, samples, config.lowest_bits)
     if not config.fidelity_fallback or not report.poor:
         return best, report, []
     budget = int(FALLBACK_SHARE * len(best.plan.layers))

@@ -211,11 +211,14 @@ def w8a8_settings(name: str) -> dict[str, Callable]:
     few = "cifar" not in name
     percentile_label = "onnxruntime quantize_static Percentile" + (" (128 calibration images)" if few else "")
     return {
-        "onnxq W8A8 percentile (default)": lambda p, c: run_onnxq(p, c, onnxq.QuantConfig()),
+        "onnxq W8A8 auto (default)": lambda p, c: run_onnxq(p, c, onnxq.QuantConfig()),
+        "onnxq W8A8 percentile": lambda p, c: run_onnxq(
+            p, c, onnxq.QuantConfig(calibration=onnxq.CalibrationMethod.PERCENTILE)
+        ),
         "onnxq W8A8 minmax": lambda p, c: run_onnxq(
             p, c, onnxq.QuantConfig(calibration=onnxq.CalibrationMethod.MINMAX)
         ),
-        "onnxq W8A8 percentile, 7-bit weights": lambda p, c: run_onnxq(
+        "onnxq W8A8 auto, 7-bit weights": lambda p, c: run_onnxq(
             p, c, onnxq.QuantConfig(weight_range=onnxq.WeightRange.REDUCED)
         ),
         "onnxruntime quantize_static MinMax": lambda p, c: run_onnxruntime(p, c, "MinMax"),

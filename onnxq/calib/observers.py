@@ -78,6 +78,10 @@ class HistogramObserver:
         lower = edges[np.searchsorted(cumulative, tail, side="right")]
         return max(low, float(lower)), min(high, float(upper))
 
+    def extreme_range(self) -> tuple[float, float]:
+        """The min-max range of the same values."""
+        return self.extremes.range()
+
     def _double(self) -> None:
         merged = self.counts.reshape(-1, 2).sum(axis=1)
         self.counts = np.zeros(self.bins, np.int64)

@@ -18,14 +18,14 @@ from onnxq.io import run, session
 from onnxq.progress import Progress
 
 
-def collect_ranges(
+def collect_observers(
     model: onnx.ModelProto,
     tensors: list[str],
     stream: Iterable[Batch],
     make_observer: Callable[[str], Observer],
     progress: Progress,
-) -> tuple[dict[str, tuple[float, float]], int]:
-    """Float range of each tensor over all batches, and the number of samples seen;
+) -> tuple[dict[str, Observer], int]:
+    """Each tensor's observer after all batches, and the number of samples seen;
     `make_observer(tensor)` gives each tensor its observer."""
     probe = with_outputs(model, tensors)
     runner = session(probe, optimize=True, arena=False)
@@ -42,7 +42,7 @@ def collect_ranges(
             del values
         samples += count
         progress.advance(samples)
-    return {name: observer.range() for name, observer in observers.items()}, samples
+    return observers, samples
 
 
 OBSERVED_BYTES = 256 << 20  # one run's observed tensors at most (a 640×640 detector: 1-2 samples)

@@ -1,0 +1,68 @@
+"""`--calib-method auto`: percentile or min-max activation ranges, whichever keeps the outputs
+closer to float on the fidelity check's samples."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxq
+
+SAMPLES = 32  # under fidelity.MIN_CALIBRATION: the check runs on the last 16 calibration samples
+SIDE = 48  # 32·3·48·48 values: the 99.999th percentile leaves out two of them
+
+
+def one_conv() -> onnx.ModelProto:
+    weight = np.random.default_rng(0).standard_normal((4, 3, 1, 1)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv")],
+        "one_conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, SIDE, SIDE])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, SIDE, SIDE])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def data_with_spikes(sample: int) -> np.ndarray:
+    """Gaussian inputs with two values of 1000 in one sample: percentile ranges clip them."""
+    x = np.random.default_rng(1).standard_normal((SAMPLES, 3, SIDE, SIDE)).astype(np.float32)
+    x[sample, 0, 0, :2] = 1000.0
+    return x
+
+
+def quantized(x: np.ndarray, method: str) -> onnxq.QuantResult:
+    config = onnxq.QuantConfig(
+        calibration=onnxq.CalibrationMethod(method), fidelity_fallback=False, speed_check=False
+    )
+    return onnxq.quantize(one_conv(), {"x": x}, config)
+
+
+@pytest.mark.parametrize(
+    ("spiked", "winner"),
+    [
+        (SAMPLES - 1, "min-max"),  # the spikes carry most of the checked outputs: clipping them costs most
+        (0, "percentile"),  # the spikes only widen min-max steps for the checked samples, which lack them
+    ],
+)
+def test_auto_keeps_whichever_ranges_keep_the_outputs_closer(spiked, winner):
+    x = data_with_spikes(spiked)
+    auto = quantized(x, "auto")
+    scores = {
+        label: quantized(x, method).fidelity.min_sqnr
+        for label, method in (("percentile", "percentile"), ("min-max", "minmax"))
+    }
+    assert max(scores, key=scores.__getitem__) == winner
+    assert auto.fidelity.min_sqnr == pytest.approx(scores[winner], abs=1e-6)
+    assert any(note.startswith(f"activation ranges: {winner} ") for note in auto.notes)
+
+
+def test_auto_is_not_tried_where_a_search_sets_the_ranges():
+    x = data_with_spikes(SAMPLES - 1)
+    config = onnxq.QuantConfig(calibration=onnxq.CalibrationMethod.MSE, speed_check=False)
+    result = onnxq.quantize(one_conv(), {"x": x}, config)
+    assert not any(note.startswith("activation ranges:") for note in result.notes)
