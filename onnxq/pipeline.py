@@ -224,8 +224,8 @@ def quantize(
         float_model, first, checked, config, replan, build, measured
     )
     progress.stage("compare speed")
-    best, timing = tune.never_slower(float_model, tuned, sample, config, replan, build, first)
-    fallback = [] if best is first else fallback  # undone where it made the model slower
+    best, timing, kept_fallback = tune.never_slower(float_model, tuned, sample, config, replan, build, first)
+    fallback = fallback if kept_fallback else []  # undone where it made the model slower
     if best is not first:
         validate(best.model, sample)
     measured = measured if best is tuned else None

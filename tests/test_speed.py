@@ -51,7 +51,8 @@ def test_a_lighter_plan_that_runs_faster_is_kept_and_named(monkeypatch):
     timings = iter([[1.0, 2.0], [1.0, 2.0, 1.5]])  # float, all-integer (, lighter: 25 % faster)
     monkeypatch.setattr(speed, "compare", lambda models, feed: next(timings))
     result = onnxq.quantize(model, data, onnxq.QuantConfig())
-    assert "speed: kept those 1 layers float" in result.notes
+    kept = "speed: kept the model with the 1 layers that feed ops without integer kernels kept float"
+    assert any(note.startswith(kept) for note in result.notes)
     kept_float = [name for name, why in result.float_nodes.items() if "float is faster" in why]
     assert len(kept_float) == 1
     float_convs = [n for n in result.model.graph.node if n.name == kept_float[0]]
@@ -111,11 +112,38 @@ def test_a_fidelity_fallback_that_makes_the_model_slower_than_float_is_taken_bac
     from tests.test_fidelity import deep_cnn
 
     monkeypatch.setattr(fidelity, "WARN_SQNR_DB", {8: 99.0, 0: 99.0})  # the fallback always runs
-    timings = iter([[1.0, 1.5, 0.9]])  # float, after the fallback (slower), before it (faster)
-    monkeypatch.setattr(speed, "compare", lambda models, feed: next(timings))
+    calls = []
+
+    def timings(models, feed):  # float, after the fallback (and lightened: slower), before it: faster
+        calls.append(len(models))
+        return [1.0, *([1.5] * (len(models) - 2)), 0.9] if len(calls) > 1 else [1.0, 1.5]
+
+    monkeypatch.setattr(speed, "compare", timings)
     data = np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32)
     result = onnxq.quantize(deep_cnn(), data, onnxq.QuantConfig())
     assert any(
         note.startswith("fidelity: the layers kept float made the model slower") for note in result.notes
     )
     assert not any("kept float for fidelity" in why for why in result.float_nodes.values())
+
+
+def test_where_nothing_runs_at_float_speed_the_fastest_is_kept_even_without_the_fallback(monkeypatch):
+    """Both the model and the one before the fidelity fallback are slower than float; the last
+    candidate (the one before the fallback, lightened where it can be) is clearly the fastest."""
+    from onnxq import fidelity
+    from tests.test_fidelity import deep_cnn
+
+    monkeypatch.setattr(fidelity, "WARN_SQNR_DB", {8: 99.0, 0: 99.0})  # the fallback always runs
+    seen = []
+
+    def timings(models, feed):
+        seen.append(len(models))
+        return [1.0, *([2.0] * (len(models) - 2)), 1.1] if len(seen) > 1 else [1.0, 2.0]
+
+    monkeypatch.setattr(speed, "compare", timings)
+    data = np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32)
+    result = onnxq.quantize(deep_cnn(), data, onnxq.QuantConfig())
+    assert seen[1] >= 3  # float, the model, the model before the fallback (and lighter ones)
+    assert any(note.startswith("speed: kept the model before the fidelity fallback") for note in result.notes)
+    assert not any("kept float for fidelity" in why for why in result.float_nodes.values())
+    assert any(note.startswith("warning: the quantized model runs 1.10× slower") for note in result.notes)
