@@ -85,7 +85,7 @@ class Fidelity:
         if not searched:
             text.append(
                 "  --calib-method mse searches every scale by the error it causes (slower; on the "
-                "zoo's detectors it moved the lowest output SQNR by -4 to +2 dB: try it on yours)"
+                "zoo's detectors it moved the lowest output SQNR by -5.5 to +2 dB: try it on yours)"
             )
         return text
 
