@@ -417,6 +417,7 @@ def refine_settings(name: str) -> dict[str, Callable]:
             label = f"onnxq W{w}A{a} mse + --refine ({loss} loss)"
             flags = [*base, "--calib-method", "mse", "--refine", "--refine-loss", loss]
             if name in REFINE_BUDGETS:
+                settings[f"{label}, no time budget"] = scored(f"{label}, no time budget", flags)
                 flags += ["--time-budget", REFINE_BUDGETS[name]]
             settings[label] = scored(label, flags)
     return settings
