@@ -158,14 +158,10 @@ def never_slower(
     else:
         times = [best_ms]
     timed = list(zip(candidates, times, strict=True))
-    at_float_speed = [item for item in timed if item[1] <= float_ms]
     fastest = min(timed, key=lambda item: item[1])
-    if at_float_speed:
-        (label, chosen, keeps_fallback), chosen_ms = at_float_speed[0]
-    elif fastest[1] < SPEED_MARGIN * times[0]:
-        (label, chosen, keeps_fallback), chosen_ms = fastest
-    else:
-        (label, chosen, keeps_fallback), chosen_ms = timed[0]
+    clearly_faster = fastest if fastest[1] < SPEED_MARGIN * times[0] else timed[0]
+    picked = next((item for item in timed if item[1] <= float_ms), clearly_faster)
+    (label, chosen, keeps_fallback), chosen_ms = picked
     listed = ", ".join(f"{label} {ms:.2f} ms" for (label, _, _), ms in timed)
     notes = [f"speed at batch 1: float {float_ms:.2f} ms, {listed}"]
     if not keeps_fallback:
