@@ -215,7 +215,7 @@ class Mirror(nn.Module):
 
     def _onnxruntime(self, node: MirrorNode, inputs: list) -> tuple:
         """The node alone in onnxruntime: no gradient, but the values are right."""
-        arrays = [None if v is None else v.detach().cpu().numpy() for v in inputs]
+        arrays = [None if v is None else np.ascontiguousarray(v.detach().cpu().numpy()) for v in inputs]
         if node.name not in self._sessions:
             if self._types is None:
                 self._types = _value_types(self._model)

@@ -155,6 +155,60 @@ def test_shape_and_binary_ops_match(batch, channels, size, seed):
 
 
 @pytest.mark.parametrize(
+    ("low", "high"),
+    [(0.0, 6.0), (None, 0.5), (-0.3, None), (1.0, -1.0)],
+    ids=["both", "max", "min", "crossed"],
+)
+def test_clip_matches_with_any_bounds(low, high):
+    """Scalar bounds take one fused op; a missing bound, or min above max (everything becomes
+    max, as onnxruntime computes it), the general path."""
+    x = (rng(0).standard_normal((2, 3, 5, 5)) * 4).astype(np.float32)
+    names, constants = ["x"], {}
+    for name, bound in (("lo", low), ("hi", high)):
+        names.append(name if bound is not None else "")
+        if bound is not None:
+            constants[name] = np.float32(bound)
+    node = helper.make_node("Clip", names, ["y0"])
+    graph = helper.make_graph(
+        [node],
+        "clip",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+        [helper.make_tensor_value_info("y0", TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(v, n) for n, v in constants.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 10
+    assert_mirror_matches(model, {"x": x})
+
+
+def test_channels_last_conv_outputs_feed_layout_sensitive_ops():
+    """Convs run channels-last inside the mirror; what reads their outputs by position (Reshape,
+    Transpose, Flatten, a Gemm) still sees ONNX's NCHW order."""
+    r = rng(1)
+    x = r.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    w = r.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    g = r.standard_normal((4 * 6 * 6, 5)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Transpose", ["c"], ["t"], perm=[0, 2, 3, 1]),
+        helper.make_node("Reshape", ["c", "shape"], ["r"]),
+        helper.make_node("MatMul", ["r", "g"], ["y1"]),
+        helper.make_node("Flatten", ["t"], ["y0"], axis=1),
+    ]
+    constants = {"w": w, "g": g, "shape": np.array([2, -1], np.int64)}
+    graph = helper.make_graph(
+        nodes,
+        "layout",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y0", "y1")],
+        [onnx.numpy_helper.from_array(v, n) for n, v in constants.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 10
+    assert_mirror_matches(model, {"x": x})
+
+
+@pytest.mark.parametrize(
     ("mode", "transform"),
     [
         ("nearest", "asymmetric"),
