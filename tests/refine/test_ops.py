@@ -20,11 +20,15 @@ OPSET = 21
 
 def single_node(op_type, inputs: dict[str, np.ndarray], constants: dict[str, np.ndarray], outputs=1, **attrs):
     """A one-node model: `inputs` are fed, `constants` are initializers."""
-    names = [*inputs, *constants]
-    node = helper.make_node(op_type, names, [f"y{i}" for i in range(outputs)], **attrs)
+    node = helper.make_node(op_type, [*inputs, *constants], [f"y{i}" for i in range(outputs)], **attrs)
+    return graph_model([node], inputs, constants, outputs)
+
+
+def graph_model(nodes, inputs: dict[str, np.ndarray], constants: dict[str, np.ndarray], outputs=1):
+    """A model of `nodes` whose float outputs are y0, y1, …; `inputs` fed, `constants` initializers."""
     graph = helper.make_graph(
-        [node],
-        op_type,
+        nodes,
+        nodes[0].op_type,
         [
             helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
             for n, v in inputs.items()
@@ -168,16 +172,7 @@ def test_clip_matches_with_any_bounds(low, high):
         names.append(name if bound is not None else "")
         if bound is not None:
             constants[name] = np.float32(bound)
-    node = helper.make_node("Clip", names, ["y0"])
-    graph = helper.make_graph(
-        [node],
-        "clip",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
-        [helper.make_tensor_value_info("y0", TensorProto.FLOAT, None)],
-        [onnx.numpy_helper.from_array(v, n) for n, v in constants.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = 10
+    model = graph_model([helper.make_node("Clip", names, ["y0"])], {"x": x}, constants)
     assert_mirror_matches(model, {"x": x})
 
 
@@ -196,16 +191,7 @@ def test_channels_last_conv_outputs_feed_layout_sensitive_ops():
         helper.make_node("Flatten", ["t"], ["y0"], axis=1),
     ]
     constants = {"w": w, "g": g, "shape": np.array([2, -1], np.int64)}
-    graph = helper.make_graph(
-        nodes,
-        "layout",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y0", "y1")],
-        [onnx.numpy_helper.from_array(v, n) for n, v in constants.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = 10
-    assert_mirror_matches(model, {"x": x})
+    assert_mirror_matches(graph_model(nodes, {"x": x}, constants, outputs=2), {"x": x})
 
 
 @pytest.mark.parametrize(
