@@ -107,6 +107,23 @@ def test_no_speed_check_times_nothing(monkeypatch):
     assert not any(note.startswith(("speed", "warning: the quantized model runs")) for note in result.notes)
 
 
+def test_below_8_bits_nothing_is_timed_or_kept_float_for_speed(monkeypatch):
+    """onnxruntime runs 4-bit Q/DQ in float: the widths asked for stay, and the notes say why."""
+
+    def refuse(models, feed):
+        raise AssertionError("timed below 8 bits")
+
+    monkeypatch.setattr(speed, "compare", refuse)
+    data = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    config = onnxq.QuantConfig(weight_bits=4, fidelity_fallback=False)
+    result = onnxq.quantize(hardswish_cnn(), data, config)
+    assert any(note.startswith("speed: not compared with float") for note in result.notes)
+    assert not any("float is faster" in why for why in result.float_nodes.values())
+    dequantized = {n.output[0] for n in result.model.graph.node if n.op_type == "DequantizeLinear"}
+    layers = [n for n in result.model.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert len(layers) == 4 and all(n.input[1] in dequantized for n in layers)
+
+
 def test_a_fidelity_fallback_that_makes_the_model_slower_than_float_is_taken_back(monkeypatch):
     from onnxq import fidelity
     from tests.test_fidelity import deep_cnn
