@@ -271,8 +271,8 @@ class QuantConfig:
     search_cache_half: bool = True  # cache them in float16 (BENCHMARKS.md: costs no accuracy)
     min_sqnr: float | None = None  # dB: an output below it on held-back samples is an error
     fidelity_fallback: bool = True  # keep the layers that lose most float while outputs fall short
-    # time the QDQ model against float and keep layers float where that runs faster; the choice
-    # follows timings on this machine, so turn it off for byte-reproducible files
+    # at 8 bits, time the QDQ model against float and keep layers float where that runs faster;
+    # the choice follows timings on this machine, so turn it off for byte-reproducible files
     speed_check: bool = True
     op_types: frozenset[str] = field(
         default_factory=lambda: frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
