@@ -185,6 +185,32 @@ def test_unit_outputs_run_in_parts_equal_one_run_over_all_samples(small_model, m
         torch.testing.assert_close(parts.values[name], whole[name], rtol=1e-6, atol=1e-6)
 
 
+def test_a_long_stretch_without_single_tensor_cuts_is_one_unit():
+    """Two parallel branches of three convs (a detector head's box and class branches): more
+    than MAX_BLOCK_LAYERS layers with two tensors alive at every cut inside."""
+    from onnxq.refine import blocks as partitioning
+    from tests.conftest import export
+
+    class TwoBranches(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.box = torch.nn.Sequential(*[torch.nn.Conv2d(8, 8, 3, padding=1) for _ in range(3)])
+            self.cls = torch.nn.Sequential(*[torch.nn.Conv2d(8, 8, 3, padding=1) for _ in range(3)])
+
+        def forward(self, x):
+            x = torch.relu(self.stem(x))
+            return torch.cat([self.box(x), self.cls(x)], 1)
+
+    torch.manual_seed(0)
+    model = fuse(export(TwoBranches(), torch.zeros(1, 3, 8, 8))).model
+    plan = plan_quantization(onnxq.io.to_ir(model).graph, onnxq.QuantConfig())
+    units = partition(Mirror(model), set(plan.layers), "block")
+    head = units[-1]
+    assert len(head.layers) == 6 > partitioning.MAX_BLOCK_LAYERS
+    assert sum(len(u.layers) for u in units) == len(plan.layers) == 7
+
+
 @pytest.mark.parametrize(
     ("name", "blocks"),
     [("resnet20_cifar10", 11), ("mobilenet_v2", 18), ("repvgg_cifar10", 11)],
