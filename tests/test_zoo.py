@@ -175,3 +175,31 @@ def test_w8a8_default_runs_and_keeps_fidelity(entry, tmp_path, report):
     for label, cosine, sqnr in measured:
         assert cosine >= floor[0], f"{label}: cosine {cosine:.5f} < floor {floor[0]}"
         assert sqnr >= floor[1], f"{label}: SQNR {sqnr:.2f} dB < floor {floor[1]}"
+
+
+REFINED = ("yolov8n_nudenet",)  # an ultralytics head: ConstantOfShape anchors, parallel branches
+
+
+def _refined_params():
+    found = [pytest.param(e, id=e["name"]) for e in _manifest() if e["name"] in REFINED]
+    skip = pytest.mark.skip(reason=f"no {', '.join(REFINED)} in the zoo at {ZOO}")
+    return found or [pytest.param(None, id="zoo", marks=skip)]
+
+
+@pytest.mark.parametrize("entry", _refined_params())
+def test_refinement_runs_on_a_detector_head(entry, tmp_path):
+    """`--refine` through a real detector's head, briefly: it once stopped on ConstantOfShape's
+    tensor attribute and on a head with no single-tensor cut between its branches."""
+    pytest.importorskip("torch")
+    if not (ZOO / entry["file"]).exists():
+        pytest.skip(f"{entry['name']} is listed in {MANIFEST} but its files are missing")
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, **_inputs(entry, "calib", 4))
+    out = tmp_path / "refined.onnx"
+    arguments = ["quantize", str(ZOO / entry["file"]), "-o", str(out), "--calib", str(calib)]
+    arguments += ["--w-bits", "4", "--refine", "--refine-iters", "2", "--no-speed-check"]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output
+    assert re.search(r"refined (\d+) of \1 units", result.output), result.output
+    feed = _inputs(entry, "eval", 2)
+    assert all(np.isfinite(o).all() for o in _run(onnx.load(out), feed))
