@@ -59,10 +59,11 @@ def _manifest() -> list[dict]:
     return json.loads(MANIFEST.read_text())["models"]
 
 
-def _params():
-    models = _manifest()
+def _params(only: tuple[str, ...] = ()):
+    """The manifest's models (those named in `only`, when given), or one skipped parameter."""
+    models = [m for m in _manifest() if not only or m["name"] in only]
     if not models:
-        reason = f"no zoo at {ZOO} (build it with tools/build_zoo.py)"
+        reason = f"no {'/'.join(only) or 'zoo'} at {ZOO} (build it with tools/build_zoo.py)"
         return [pytest.param(None, id="zoo", marks=pytest.mark.skip(reason=reason))]
     return [pytest.param(m, id=m["name"]) for m in models]
 
@@ -180,13 +181,7 @@ def test_w8a8_default_runs_and_keeps_fidelity(entry, tmp_path, report):
 REFINED = ("yolov8n_nudenet",)  # an ultralytics head: ConstantOfShape anchors, parallel branches
 
 
-def _refined_params():
-    found = [pytest.param(e, id=e["name"]) for e in _manifest() if e["name"] in REFINED]
-    skip = pytest.mark.skip(reason=f"no {', '.join(REFINED)} in the zoo at {ZOO}")
-    return found or [pytest.param(None, id="zoo", marks=skip)]
-
-
-@pytest.mark.parametrize("entry", _refined_params())
+@pytest.mark.parametrize("entry", _params(REFINED))
 def test_refinement_runs_on_a_detector_head(entry, tmp_path):
     """`--refine` through a real detector's head, briefly: it once stopped on ConstantOfShape's
     tensor attribute and on a head with no single-tensor cut between its branches."""

@@ -101,10 +101,8 @@ def _starts_or_ends_residual(mirror: Mirror, index: int, tensor: str, readers: d
 def _grouped(begin: int, soft: list[int], end: int, is_layer: list[bool]) -> list[int]:
     """Cuts among `soft` so each group holds at most GROUP_LAYERS layers (none where no single
     tensor crosses anywhere inside, as in a detector head's parallel branches)."""
-    if not soft:
-        return []
     chosen, start = [], begin
-    for cut, following in zip(soft, [*soft[1:], end], strict=True):
+    for cut, following in itertools.pairwise([*soft, end]):
         if sum(is_layer[start:following]) > GROUP_LAYERS:
             chosen.append(cut)
             start = cut

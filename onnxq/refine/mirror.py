@@ -63,7 +63,7 @@ class Mirror(nn.Module):
             if node.op_type == "Constant":
                 self.constants[node.output[0]] = _tensor(_constant_value(node))
                 continue
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            attrs = {a.name: _attribute_value(a) for a in node.attribute}
             name = node.name or f"{node.op_type}_{node.output[0]}"
             in_torch = node.op_type in OPS and node.domain in ("", "ai.onnx")
             self.nodes.append(
@@ -252,6 +252,14 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
     if array.dtype == np.float64:
         array = array.astype(np.float32)
     return torch.from_numpy(array.copy())
+
+
+def _attribute_value(attribute: onnx.AttributeProto):
+    """An attribute's value as the op table reads it: tensors (ConstantOfShape's value, which
+    ultralytics' heads set) as numpy arrays, not TensorProtos."""
+    value = helper.get_attribute_value(attribute)
+    tensor = attribute.type == onnx.AttributeProto.TENSOR
+    return numpy_helper.to_array(value).copy() if tensor else value  # a writable copy, as torch wants
 
 
 def _constant_value(node: onnx.NodeProto) -> np.ndarray:

@@ -471,10 +471,8 @@ def arange(attrs, start, limit, delta):
 
 @op("ConstantOfShape")
 def constant_of_shape(attrs, shape):
-    from onnx import numpy_helper
-
-    value = attrs.get("value")  # a TensorProto (float32 zero when absent)
-    fill = torch.from_numpy(numpy_helper.to_array(value).copy()) if value is not None else torch.zeros(1)
+    value = attrs.get("value")  # float32 zero when absent
+    fill = torch.as_tensor(np.asarray(value)) if value is not None else torch.zeros(1)
     return (fill.reshape(-1)[0].expand(*_ints(shape)).clone(),)
 
 

@@ -54,21 +54,6 @@ def assert_mirror_matches(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) 
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * scale)
 
 
-@pytest.mark.parametrize("value", [None, np.array([1.5], np.float32), np.array([2], np.int64)])
-def test_constant_of_shape_fills_with_its_value_attribute(value):
-    """ultralytics' heads build anchors with ConstantOfShape(value=tensor); the value arrives as
-    a TensorProto."""
-    x = rng(0).standard_normal((2, 3)).astype(np.float32)
-    fill = {} if value is None else {"value": onnx.numpy_helper.from_array(value)}
-    nodes = [
-        helper.make_node("Shape", ["x"], ["s"]),
-        helper.make_node("ConstantOfShape", ["s"], ["c"], **fill),
-        helper.make_node("Cast", ["c"], ["f"], to=TensorProto.FLOAT),
-        helper.make_node("Add", ["x", "f"], ["y0"]),
-    ]
-    assert_mirror_matches(graph_model(nodes, {"x": x}, {}), {"x": x})
-
-
 def rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
@@ -207,6 +192,20 @@ def test_channels_last_conv_outputs_feed_layout_sensitive_ops():
     ]
     constants = {"w": w, "g": g, "shape": np.array([2, -1], np.int64)}
     assert_mirror_matches(graph_model(nodes, {"x": x}, constants, outputs=2), {"x": x})
+
+
+@pytest.mark.parametrize("value", [None, np.array([1.5], np.float32), np.array([2], np.int64)])
+def test_constant_of_shape_fills_with_its_value_attribute(value):
+    """ultralytics' heads build anchors with ConstantOfShape(value=tensor), a tensor attribute."""
+    x = rng(0).standard_normal((2, 3)).astype(np.float32)
+    fill = {} if value is None else {"value": onnx.numpy_helper.from_array(value)}
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("ConstantOfShape", ["s"], ["c"], **fill),
+        helper.make_node("Cast", ["c"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["x", "f"], ["y0"]),
+    ]
+    assert_mirror_matches(graph_model(nodes, {"x": x}, {}), {"x": x})
 
 
 @pytest.mark.parametrize(
