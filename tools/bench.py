@@ -111,9 +111,17 @@ def run_onnxq(path, calib: np.ndarray, config: onnxq.QuantConfig) -> tuple[onnx.
 
 
 def run_onnxruntime(
-    path: Path, calib: np.ndarray, method: str, weight_type: str = "QInt8", activation_type: str = "QUInt8"
+    path: Path,
+    calib: np.ndarray | dict[str, np.ndarray],
+    method: str,
+    weight_type: str = "QInt8",
+    activation_type: str = "QUInt8",
+    batch: int = 8,
 ) -> tuple[onnx.ModelProto, float]:
-    """onnxruntime's own quantize_static: QDQ, per-channel weights."""
+    """onnxruntime's own quantize_static: QDQ, per-channel weights; `calib` is the array of the
+    input named "input" or a feed of named inputs, read `batch` samples at a time."""
+    feed = calib if isinstance(calib, dict) else {"input": calib}
+    count = len(next(iter(feed.values())))
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -124,7 +132,9 @@ def run_onnxruntime(
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter([{"input": calib[i : i + 8]} for i in range(0, len(calib), 8)])
+            self.batches = iter(
+                [{k: v[i : i + batch] for k, v in feed.items()} for i in range(0, count, batch)]
+            )
 
         def get_next(self):
             return next(self.batches, None)
@@ -500,6 +510,9 @@ def zoo_manifest() -> dict[str, dict]:
 ZOO_W8A8 = ("onnxq W8A8 (default)", [])
 ZOO_W8A8_MSE = ("onnxq W8A8 mse", ["--calib-method", "mse"])
 ZOO_W4A8 = ("onnxq W4A8 mse", ["--w-bits", "4", "--calib-method", "mse"])
+# the peer a user of onnxruntime has at hand: its own quantizer at its defaults (MinMax), QDQ,
+# per-channel weights, on the same calibration samples
+ZOO_PEER = "onnxruntime quantize_static W8A8 MinMax"
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
@@ -578,12 +591,16 @@ def zoo_measure(entry: dict) -> list[ZooRow]:
         return row
 
     rows, models = [scored(ZooRow("float"), float_model, reference)], [float_model]
-    settings = [ZOO_W8A8] + ([ZOO_W8A8_MSE, ZOO_W4A8] if has_weights(float_model) else [])
-    for setting, flags in settings:
+    weighted = has_weights(float_model)
+    settings = [ZOO_W8A8] + ([ZOO_W8A8_MSE, ZOO_W4A8] if weighted else [])
+    runners = {label: lambda flags=flags: run_onnxq_cli(path, calib, flags) for label, flags in settings}
+    if weighted:
+        runners[ZOO_PEER] = lambda: (*_onnxruntime_zoo(path, calib, list(entry["inputs"]), batch), None)
+    for setting, quantize in runners.items():
         print(f"  {entry['name']}: {setting}", flush=True)
         try:
-            model, seconds, peak = run_onnxq_cli(path, calib, flags)
-        except Exception as err:  # a model onnxq cannot quantize is a result: its one-line error
+            model, seconds, peak = quantize()
+        except Exception as err:  # a model a tool cannot quantize is a result: its one-line error
             message = str(err).splitlines()[0] if str(err) else type(err).__name__
             print(f"    failed: {message[:200]}", flush=True)
             rows.append(ZooRow(setting, error=message))
@@ -597,6 +614,13 @@ def zoo_measure(entry: dict) -> list[ZooRow]:
     for row, milliseconds in zip(timed, side_by_side_ms(models, sample), strict=True):
         row.latency_ms = milliseconds
     return rows
+
+
+def _onnxruntime_zoo(path: Path, calib: Path, inputs: list[str], batch: int) -> tuple[onnx.ModelProto, float]:
+    """onnxruntime's quantize_static on all of a zoo model's calibration samples."""
+    with np.load(calib) as archive:
+        feed = {name: archive[name] for name in inputs}
+    return run_onnxruntime(path, feed, "MinMax", batch=batch)
 
 
 def zoo_markdown(entry: dict, rows: list[ZooRow]) -> str:
@@ -613,7 +637,9 @@ def zoo_markdown(entry: dict, rows: list[ZooRow]) -> str:
         "",
         f"Calibration: {', '.join(f'{v[0]} samples of {v[1:]}' for v in calib.values())} "
         f"(`{entry['calib']}`, all of them, `onnxq quantize` otherwise at its defaults, in its own process: "
-        f"calib. s is its wall time, peak MB its peak resident memory). Evaluation: "
+        f"calib. s is its wall time, peak MB its peak resident memory; {ZOO_PEER}: onnxruntime's "
+        "quantizer at its defaults with QDQ and per-channel weights, in this process, on the same samples). "
+        "Evaluation: "
         f"{next(iter(entry['samples']['eval'].values()))[0]} samples. "
         f"Latency: batch 1, {THREADS} threads, float and every setting timed side by side "
         "in interleaved blocks once all are built (onnxq.speed).",
@@ -651,21 +677,22 @@ def zoo_markdown(entry: dict, rows: list[ZooRow]) -> str:
 def zoo_summary(results: dict[str, tuple[dict, list[ZooRow]]]) -> str:
     """One line per model: worst output at each setting, against the issue's targets."""
     lines = [
-        "## Zoo summary: real exported models at W8A8 (default), W8A8 mse and W4A8 mse",
+        "## Zoo summary: real exported models at W8A8 (default), W8A8 mse and W4A8 mse, against "
+        "onnxruntime's quantize_static",
         "",
         "Worst cosine / SQNR over each model's outputs and output parts (detector boxes and scores apart). "
         "Issue targets at W8A8: cosine ≥ 0.999 and SQNR ≥ 30 dB on detector and segmentation outputs, "
         "≤ 1 point of top-1 lost on classifiers. Tables per model below.",
         "",
         "| model | kind | exporter | opset | W8A8 worst cos / SQNR | W8A8 top-1 Δ | W8A8 target | "
-        "W8A8 mse worst cos / SQNR | W4A8 mse worst cos / SQNR | float ms | W8A8 ms | W4A8 ms | "
-        "W8A8 calib. s | W8A8 peak MB |",
-        "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "W8A8 mse worst cos / SQNR | W4A8 mse worst cos / SQNR | onnxruntime W8A8 worst cos / SQNR | "
+        "float ms | W8A8 ms | W4A8 ms | onnxruntime W8A8 ms | W8A8 calib. s | W8A8 peak MB |",
+        "| --- | --- | --- |" + " ---: |" * 3 + " --- |" + " ---: |" * 9,
     ]
     for name, (entry, rows) in results.items():
         by = {r.setting: r for r in rows}
         base, w8, w4 = by["float"], by.get(ZOO_W8A8[0]), by.get(ZOO_W4A8[0])
-        w8_mse = by.get(ZOO_W8A8_MSE[0])
+        w8_mse, peer = by.get(ZOO_W8A8_MSE[0]), by.get(ZOO_PEER)
 
         def worst(row):
             if row is None:
@@ -691,8 +718,8 @@ def zoo_summary(results: dict[str, tuple[dict, list[ZooRow]]]) -> str:
         exporter = entry["exporter"].split(" (")[0].split(",")[0]
         lines.append(
             f"| {name} | {entry['kind']} | {exporter} | {entry['opset']} "
-            f"| {worst(w8)} | {delta} | {target} | {worst(w8_mse)} | {worst(w4)} | {ms(base)} | {ms(w8)} "
-            f"| {ms(w4)} "
+            f"| {worst(w8)} | {delta} | {target} | {worst(w8_mse)} | {worst(w4)} | {worst(peer)} "
+            f"| {ms(base)} | {ms(w8)} | {ms(w4)} | {ms(peer)} "
             f"| {'' if w8 is None or w8.calib_s is None else f'{w8.calib_s:.1f}'} "
             f"| {'' if w8 is None or w8.peak_mb is None else f'{w8.peak_mb:.0f}'} |"
         )
