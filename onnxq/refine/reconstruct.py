@@ -84,16 +84,11 @@ def reconstruct(
         quantized = _Batches(mirror.quantize_inputs(data, True), count)
         logits = _float_logits(mirror, floating, count) if settings.loss == "pd" else None
     deadline = time.monotonic() + settings.time_budget if settings.time_budget else None
-    costs = None
-    if deadline is not None:
-        progress.stage(f"refine: time one iteration of each of {len(units)} units", total=len(units))
-        with torch.random.fork_rng(devices=[]):  # QDrop's draws while learning stay the same
-            costs = _iteration_costs(mirror, units, floating, quantized, logits, settings, progress)
     reports = []
     for position, unit in enumerate(units):
         with torch.no_grad():
             targets = _run_all(mirror, unit, floating, quantized=False)
-        remaining = None if costs is None else (deadline - time.monotonic()) * _share(costs, position)
+        remaining = None if deadline is None else (deadline - time.monotonic()) / (len(units) - position)
         segments = [(later.begin, later.end) for later in units[position + 1 :]]
         job = _UnitJob(mirror, unit, settings, generator, quantized, floating, targets, logits, segments)
         progress.stage(
@@ -108,48 +103,6 @@ def reconstruct(
             quantized = _run_all(mirror, unit, quantized, quantized=True)
         release_free_memory()
     return reports
-
-
-def _share(costs: list[float], position: int) -> float:
-    """The part of the time left that the unit at `position` gets: its iterations' cost over the
-    cost of one iteration of it and of every later unit, so that all get the same count."""
-    later = sum(costs[position:])
-    return costs[position] / later if later > 0 else 1.0
-
-
-def _iteration_costs(
-    mirror: Mirror,
-    units: list[Unit],
-    floating: _Batches,
-    quantized: _Batches,
-    logits: torch.Tensor | None,
-    settings: RefineSettings,
-    progress: Progress,
-) -> list[float]:
-    """Seconds one learning iteration of each unit takes, timed on one batch before any unit
-    learns (the values at its cut do not change its cost, their shapes do).
-
-    A time budget split evenly left MobileNetV2's first units (pd: the float remainder runs
-    through the whole network) 61 of 500 iterations while the last ones finished early, and a
-    fifth of the budget unspent."""
-    count = min(settings.batch, quantized.count)
-    probe = RefineSettings(**{**settings.__dict__, "iterations": PROBE_ITERATIONS})
-    floating, quantized = (_Batches(b.take(slice(0, count)), count) for b in (floating, quantized))
-    head = None if logits is None else logits[:count]
-    costs = []
-    for position, unit in enumerate(units):
-        with torch.no_grad():
-            targets = _run_all(mirror, unit, floating, quantized=False)
-        segments = [(later.begin, later.end) for later in units[position + 1 :]]
-        generator = torch.Generator().manual_seed(settings.seed)  # not the learning's generator
-        job = _UnitJob(mirror, unit, probe, generator, quantized, floating, targets, head, segments)
-        costs.append(job.iteration_seconds())
-        progress.advance(position + 1)
-        del job
-        floating = targets
-        with torch.no_grad():
-            quantized = _run_all(mirror, unit, quantized, quantized=True)
-    return costs
 
 
 def _run_all(mirror: Mirror, unit: Unit, batches: _Batches, *, quantized: bool) -> _Batches:
@@ -229,28 +182,9 @@ class _UnitJob:
             report.after, report.reverted = report.before, True
         return report
 
-    def iteration_seconds(self) -> float:
-        """Seconds per learning iteration (loss and backward; the optimizer's step is negligible),
-        after one untimed iteration; 0 for a unit that will not learn."""
-        if (not self.weights and not self.steps) or self.outside:
-            return 0.0
-        groups = self._groups()
-        self._learning(groups, True)
-        try:
-            for done in range(1 + self.settings.iterations):
-                if done == 1:
-                    began = time.monotonic()
-                (self._batch_loss() + self._rounding_penalty(done, self.settings.iterations)).backward()
-        finally:
-            self._learning(groups, False)
-            for group in groups:
-                for parameter in group["params"]:
-                    parameter.grad = None
-        return (time.monotonic() - began) / max(1, self.settings.iterations)
-
     # ------------------------------------------------------------------------ learning
 
-    def _groups(self) -> list[dict]:
+    def _learn(self, seconds: float | None, progress: Progress) -> int:
         s = self.settings
         groups = []
         if self.weights:
@@ -259,19 +193,11 @@ class _UnitJob:
             groups.append({"params": [q.scale for q in self.steps], "lr": s.step_lr})
         if affine := self._affine_parameters():
             groups.append({"params": affine, "lr": s.affine_lr})
-        return groups
-
-    def _learning(self, groups: list[dict], on: bool) -> None:
         for group in groups:
             for parameter in group["params"]:
-                parameter.requires_grad_(on)
-        self._train_mode(on)
-
-    def _learn(self, seconds: float | None, progress: Progress) -> int:
-        s = self.settings
-        groups = self._groups()
+                parameter.requires_grad_(True)
         optimizer = torch.optim.Adam(groups)
-        self._learning(groups, True)
+        self._train_mode(True)
         total, done, began = s.iterations, 0, time.monotonic()
         try:
             while done < total:
@@ -287,7 +213,10 @@ class _UnitJob:
                     progress.advance(done)
                     progress.status(f"loss {loss.item():.4g}")
         finally:
-            self._learning(groups, False)
+            self._train_mode(False)
+            for group in groups:
+                for parameter in group["params"]:
+                    parameter.requires_grad_(False)
         return done
 
     def _train_mode(self, on: bool) -> None:
