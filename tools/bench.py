@@ -626,7 +626,7 @@ def _onnxruntime_zoo(path: Path, calib: Path, inputs: list[str], batch: int) -> 
 
     with np.load(calib) as archive:
         feed = {name: archive[name] for name in inputs}
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, contextlib.chdir(folder):  # it leaves files in the cwd
         prepared = Path(folder) / "prepared.onnx"
         start = time.perf_counter()
         logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process, and bias notes
@@ -712,8 +712,8 @@ def zoo_summary(results: dict[str, tuple[dict, list[ZooRow]]]) -> str:
         def worst(row):
             if row is None:
                 return "—"
-            if row.error:
-                return f"failed: {row.error[:90]}"
+            if row.error:  # onnxruntime's messages end with the reason: "... Error <reason>"
+                return f"failed: {row.error.rsplit('Error ', 1)[-1][:90]}"
             cos, sq = min(row.fidelity.values())[0], min(v[1] for v in row.fidelity.values())
             return f"{cos:.5f} / {sq:.1f}"
 
