@@ -629,18 +629,29 @@ def _onnxruntime_zoo(path: Path, calib: Path, inputs: list[str], batch: int) -> 
     with tempfile.TemporaryDirectory() as folder, contextlib.chdir(folder):  # it leaves files in the cwd
         prepared = Path(folder) / "prepared.onnx"
         start = time.perf_counter()
-        logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process, and bias notes
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # its advice to pre-process, and its notes on biases
         try:
-            quant_pre_process(str(path), str(prepared))
-        except Exception:  # the quantizer also runs without it, as a user would then run it
-            prepared = path
-        model, _ = run_onnxruntime(prepared, feed, "MinMax", batch=batch)
+            try:
+                quant_pre_process(str(path), str(prepared))
+            except Exception:  # the quantizer also runs without it, as a user would then run it
+                prepared = path
+            model, _ = run_onnxruntime(prepared, feed, "MinMax", batch=batch)
+        finally:
+            root.setLevel(level)
         return model, time.perf_counter() - start
 
 
 def zoo_markdown(entry: dict, rows: list[ZooRow]) -> str:
     with np.load(zoo_dir() / entry["calib"]) as archive:
         calib = {k: list(archive[k].shape) for k in archive.files}
+    peer = ""
+    if any(r.setting == ZOO_PEER for r in rows):
+        peer = (
+            f"; {ZOO_PEER}: onnxruntime's quantizer at its defaults with QDQ and per-channel weights, "
+            "after its quant_pre_process, in this process, on the same samples"
+        )
     shapes = "; ".join(
         f"`{k}` [{', '.join(map(str, v['shape']))}] {v['dtype']}" for k, v in entry["inputs"].items()
     )
@@ -652,9 +663,7 @@ def zoo_markdown(entry: dict, rows: list[ZooRow]) -> str:
         "",
         f"Calibration: {', '.join(f'{v[0]} samples of {v[1:]}' for v in calib.values())} "
         f"(`{entry['calib']}`, all of them, `onnxq quantize` otherwise at its defaults, in its own process: "
-        f"calib. s is its wall time, peak MB its peak resident memory; {ZOO_PEER}: onnxruntime's "
-        "quantizer at its defaults with QDQ and per-channel weights, in this process, on the same samples). "
-        "Evaluation: "
+        f"calib. s is its wall time, peak MB its peak resident memory{peer}). Evaluation: "
         f"{next(iter(entry['samples']['eval'].values()))[0]} samples. "
         f"Latency: batch 1, {THREADS} threads, float and every setting timed side by side "
         "in interleaved blocks once all are built (onnxq.speed).",
