@@ -628,21 +628,28 @@ def _onnxruntime_zoo(path: Path, calib: Path, inputs: list[str], batch: int) -> 
 
     with np.load(calib) as archive:
         feed = {name: archive[name] for name in inputs}
-    with tempfile.TemporaryDirectory() as folder, contextlib.chdir(folder):  # it leaves files in the cwd
+    # quant_pre_process leaves files in the working directory; both log advice and bias notes
+    with tempfile.TemporaryDirectory() as folder, contextlib.chdir(folder), _quiet_logging():
         prepared = Path(folder) / "prepared.onnx"
         start = time.perf_counter()
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.ERROR)  # its advice to pre-process, and its notes on biases
         try:
-            try:
-                quant_pre_process(str(path), str(prepared))
-            except Exception:  # the quantizer also runs without it, as a user would then run it
-                prepared = path
-            model, _ = run_onnxruntime(prepared, feed, "MinMax", batch=batch)
-        finally:
-            root.setLevel(level)
+            quant_pre_process(str(path), str(prepared))
+        except Exception:  # the quantizer also runs without it, as a user would then run it
+            prepared = path
+        model, _ = run_onnxruntime(prepared, feed, "MinMax", batch=batch)
         return model, time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    """Log records below ERROR dropped while inside; the root level as it was afterwards."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def zoo_markdown(entry: dict, rows: list[ZooRow]) -> str:
