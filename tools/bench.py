@@ -400,12 +400,20 @@ REFINE_BUDGETS = {"mobilenet_v2": "1800", "resnet56_cifar10": "900"}
 HELD_OUT: dict[str, float] = {}  # setting → top-1 on held-out calibration images (never the eval split)
 
 
-def held_out_split(name: str) -> np.ndarray | None:
-    """CIFAR-10 training images the calibration never sees (train-1017[512:]): where refinement's
-    default loss is chosen, never on test-1017."""
-    if "cifar" not in name:
-        return None
-    return cifar_split(1017).calib[512:], np.load(SHARED / "data/cifar10/train-1017.npz")["y"][512:]
+HELD_OUT_NAMES = {
+    "cifar": "train-1017[512:]",
+    "imagenet": f"the even-class ImageNet images after the first {LOW_BIT_SAMPLES}",
+}
+
+
+def held_out_split(name: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Calibration-pool images the calibration never sees, with their labels: where defaults are
+    chosen, never on the evaluation split. CIFAR-10: train-1017[512:]; ImageNet: the even-class
+    images after the LOW_BIT_SAMPLES refinement calibrates on."""
+    if "cifar" in name:
+        return cifar_split(1017).calib[512:], np.load(SHARED / "data/cifar10/train-1017.npz")["y"][512:]
+    pool = imagenet_split()
+    return pool.calib[LOW_BIT_SAMPLES:], np.arange(0, 2 * len(pool.calib), 2)[LOW_BIT_SAMPLES:]
 
 
 def refine_settings(name: str) -> dict[str, Callable]:
@@ -436,11 +444,12 @@ def refine_settings(name: str) -> dict[str, Callable]:
     return settings
 
 
-def refine_extra() -> str:
+def refine_extra(name: str) -> str:
     if not HELD_OUT:
         return ""
     cells = "; ".join(f"{label}: {100 * top1:.2f}" for label, top1 in HELD_OUT.items())
-    return f"Top-1 on held-out calibration images (train-1017[512:], where defaults are chosen): {cells}."
+    held = HELD_OUT_NAMES["cifar" if "cifar" in name else "imagenet"]
+    return f"Top-1 on held-out calibration images ({held}, where defaults are chosen): {cells}."
 
 
 SEEDS_MODELS = ["resnet20_cifar10_bn", "mobilenet_v2_bn"]
@@ -980,7 +989,7 @@ def main() -> None:
         float_top1, rows = measure(name, settings, samples=samples, latency=latency)
         extra = fusion_check(name) if args.suite == "reparam" else ""
         if args.suite == "refine":
-            extra, _ = refine_extra(), HELD_OUT.clear()
+            extra, _ = refine_extra(name), HELD_OUT.clear()
         text = markdown(args.suite, section.split("/", 1)[1], float_top1, rows, samples, extra)
         write_section(args.out, section, text, machine)
         print("wrote", name, "to", args.out, flush=True)

@@ -293,3 +293,28 @@ def test_fake_quantize_gradients_are_lsqs(bits, signed, scale, seed):
     reference = gradients(plain)
     torch.testing.assert_close(lean[0], reference[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lean[1], reference[1], rtol=1e-4, atol=1e-4 * float(upstream.abs().sum()))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 8), st.floats(1e-2, 10.0), st.floats(0.0, 1.0), st.integers(0, 10**6))
+def test_qdrop_inside_the_quantizer_equals_a_select_around_it(bits, scale, drop, seed):
+    """QDrop's float elements applied inside the fake quantizer give the values and gradients of
+    torch.where(keep, x, fake_quantize(x)), the expression QDrop's paper writes."""
+    qmax = 2.0**bits - 1
+    zero = float(rng(seed).integers(0, 2**bits))
+    x = torch.from_numpy((rng(seed).standard_normal(300) * scale * 2**bits).astype(np.float32))
+    keep = torch.from_numpy(rng(seed + 2).random(300) < drop)
+    upstream = torch.from_numpy(rng(seed + 1).standard_normal(300).astype(np.float32))
+
+    def run(quantize):
+        inputs = x.clone().requires_grad_(True)
+        step = torch.tensor(np.float32(scale), requires_grad=True)
+        output = quantize(inputs, step)
+        (output * upstream).sum().backward()
+        return output.detach(), inputs.grad, step.grad
+
+    fused = run(lambda inputs, step: fake_quantize(inputs, step, zero, 0.0, qmax, keep))
+    around = run(lambda inputs, step: torch.where(keep, inputs, fake_quantize(inputs, step, zero, 0.0, qmax)))
+    torch.testing.assert_close(fused[0], around[0], rtol=0, atol=0)
+    torch.testing.assert_close(fused[1], around[1], rtol=0, atol=0)
+    torch.testing.assert_close(fused[2], around[2], rtol=1e-5, atol=1e-4 * float(upstream.abs().sum()))
