@@ -288,6 +288,9 @@ class QuantConfig:
     refine_batch: int = 32
     qdrop: float = 0.5  # QDrop's probability of keeping an activation float while learning
     threads: int | None = None  # torch threads for refinement (None: torch's default)
+    # the fake quantizers' learning passes compiled by torch (needs a C++ compiler; refinement
+    # falls back to eager passes where compiling fails); off: eager, byte-identical across machines
+    refine_compile: bool = True
     device: str = "cpu"
     # distribution correction (onnxq/correct/): the inputs refinement learns from are nudged
     # towards the BatchNorm statistics folded away; runs with --refine where there were any

@@ -371,6 +371,7 @@ def _refine(
         seed=config.seed,
         threads=config.threads,
         device=config.device,
+        compiled=config.refine_compile,
     )
     biases = search.biases if search else None
     return refine(float_model, plan, params, weights, biases, data, settings, progress, affine_layers)

@@ -18,6 +18,7 @@ import torch
 from onnxq.progress import Progress, Silent
 from onnxq.quant.plan import QuantPlan
 from onnxq.quant.weights import QuantizedWeight
+from onnxq.refine import fused
 from onnxq.refine.blocks import partition
 from onnxq.refine.mirror import ActivationParams, Mirror
 from onnxq.refine.reconstruct import RefineSettings, UnitReport, reconstruct
@@ -31,6 +32,7 @@ class Refinement:
     units: list[UnitReport] = field(default_factory=list)
     seconds: float = 0.0
     mirror: Mirror | None = field(default=None, repr=False)  # in its refined, hard-rounding state
+    compile_failure: str = ""  # why learning fell back to eager passes, if it did
 
     def notes(self, loss: str) -> list[str]:
         refined = [u for u in self.units if not u.skipped]
@@ -39,6 +41,11 @@ class Refinement:
             f"refined {len(refined)} of {len(self.units)} units ({', '.join(sorted(used))} loss) "
             f"in {self.seconds:.1f} s"
         ]
+        if self.compile_failure:
+            lines.append(
+                f"  learning ran without compiled kernels, about half as fast ({self.compile_failure}); "
+                "--no-refine-compile skips the attempt"
+            )
         if loss == "pd" and "pd" not in used:
             lines.append(
                 "  pd needs class scores, (samples, classes), as the first output; this model's is not: "
@@ -78,7 +85,8 @@ def refine(
     mirror = Mirror(model, plan, activations, weights, biases, affine_layers).to_device(device)
     units = partition(mirror, set(plan.layers), settings.unit)
     feeds = {name: torch.from_numpy(np.ascontiguousarray(value)).to(device) for name, value in data.items()}
-    reports = reconstruct(mirror, units, feeds, settings, progress or Silent())
+    with fused.compiled_kernels(settings.compiled):
+        reports = reconstruct(mirror, units, feeds, settings, progress or Silent())
     return Refinement(
         exported_weights(mirror, weights),
         exported_activations(mirror, activations),
@@ -86,6 +94,7 @@ def refine(
         reports,
         time.monotonic() - began,
         mirror,
+        fused.failure() if settings.compiled else "",
     )
 
 

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from onnxq.refine import fused
+
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h reaches 0 and 1 exactly
 
 
@@ -55,6 +57,10 @@ class _FakeQuantize(torch.autograd.Function):
     def forward(ctx, x, scale, zero, qmin, qmax, keep):
         ctx.save_for_backward(x, scale, keep)
         ctx.bounds = (zero, qmin, qmax)
+        if any(ctx.needs_input_grad[:2]):  # learning: one fused pass where it compiles
+            result = fused.run("forward", x, scale, zero, qmin, qmax, keep)
+            if result is not None:
+                return result
         # One new tensor, updated in place: the same float32 operations in the same order as
         # (clamp(round(x / s) + z, qmin, qmax) − z)·s, without a temporary per operation.
         y = x / scale
@@ -65,6 +71,9 @@ class _FakeQuantize(torch.autograd.Function):
     def backward(ctx, grad):
         x, scale, keep = ctx.saved_tensors
         zero, qmin, qmax = ctx.bounds
+        result = fused.run("backward", x, scale, zero, qmin, qmax, keep, grad)
+        if result is not None:
+            return result[0], result[1].reshape(scale.shape), None, None, None, None
         scaled = x / scale
         rounded = torch.round(scaled)
         # round(x/s) + z inside [qmin, qmax] ⇔ round(x/s) inside [qmin − z, qmax − z] (integers).

@@ -38,6 +38,7 @@ class RefineSettings:
     seed: int = 0
     threads: int | None = None
     device: str = "cpu"
+    compiled: bool = True  # the fake quantizers' learning passes compiled where torch can (fused.py)
     weight_lr: float = 1e-2  # Adam step on the rounding logits (AdaRound: 1e-3 over 20k iterations)
     affine_lr: float = 1e-3  # Adam step on QPRep's per-channel γ and β, where enabled
     step_lr: float = 4e-4  # Adam step on activation scales (QDrop: 4e-5 over 20k iterations)
