@@ -32,7 +32,7 @@ def test_compiled_learning_passes_equal_the_eager_ones(fresh_kernels, drop):
     """Same forward values and input gradients bit for bit; the step's gradient up to the order
     of its sum. A tensor above MIN_ELEMENTS, in the channels-last layout convs hand on."""
     generator = np.random.default_rng(0)
-    shape = (2, 8, 128, 130)  # 266,240 elements
+    shape = (2, 8, 512, 520)  # 4,259,840 elements
     assert np.prod(shape) >= fused.MIN_ELEMENTS
     x = torch.from_numpy((generator.standard_normal(shape) * 0.6).astype(np.float32))
     x = x.contiguous(memory_format=torch.channels_last)
