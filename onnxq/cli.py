@@ -327,8 +327,8 @@ def main() -> None:
     "--refine-compile/--no-refine-compile",
     default=QuantConfig.refine_compile,
     show_default=True,
-    help="Compile the fake quantizers' learning passes with torch (about twice as fast on large "
-    "images; needs a C++ compiler, falls back to plain torch without one).",
+    help="Compile the fake quantizers' learning passes on large tensors with torch (MobileNetV2's "
+    "learning 13 % faster; needs a C++ compiler, falls back to plain torch without one).",
 )
 @click.option(
     "--device",

@@ -406,7 +406,7 @@ HELD_OUT_NAMES = {
 }
 
 
-def held_out_split(name: str) -> tuple[np.ndarray, np.ndarray] | None:
+def held_out_split(name: str) -> tuple[np.ndarray, np.ndarray]:
     """Calibration-pool images the calibration never sees, with their labels: where defaults are
     chosen, never on the evaluation split. CIFAR-10: train-1017[512:]; ImageNet: the even-class
     images after the LOW_BIT_SAMPLES refinement calibrates on."""
@@ -422,8 +422,7 @@ def refine_settings(name: str) -> dict[str, Callable]:
     def scored(label, flags):
         def build(path, calib):
             model, seconds, peak = run_onnxq_cli(path, calib, flags)
-            if held is not None:
-                HELD_OUT[label] = float((logits(model, held[0]).argmax(1) == held[1]).mean())
+            HELD_OUT[label] = float((logits(model, held[0]).argmax(1) == held[1]).mean())
             return model, seconds, peak
 
         return build

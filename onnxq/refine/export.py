@@ -43,8 +43,8 @@ class Refinement:
         ]
         if self.compile_failure:
             lines.append(
-                f"  learning ran without compiled kernels, about half as fast ({self.compile_failure}); "
-                "--no-refine-compile skips the attempt"
+                "  learning ran without compiled kernels, slower on large images "
+                f"({self.compile_failure}); --no-refine-compile skips the attempt"
             )
         if loss == "pd" and "pd" not in used:
             lines.append(

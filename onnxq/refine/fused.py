@@ -48,7 +48,7 @@ def quantize_backward(x, scale, zero: float, qmin: float, qmax: float, keep, gra
 
 def kernel(name: str, x: torch.Tensor) -> Callable | None:
     """The compiled kernel `name` for a tensor like `x`, or None where the eager passes serve."""
-    if not _state["enabled"] or x.numel() < MIN_ELEMENTS or x.device.type != "cpu":
+    if not _state["enabled"] or _state["failure"] or x.numel() < MIN_ELEMENTS or x.device.type != "cpu":
         return None
     if name not in _compiled:
         function = {"forward": quantize_forward, "backward": quantize_backward}[name]
@@ -65,7 +65,7 @@ def run(name: str, x: torch.Tensor, *args) -> tuple | torch.Tensor | None:
         with _quiet_compiler():
             return compiled(x, *args)
     except Exception as error:  # a missing C++ compiler surfaces here, at the first call
-        _state.update(enabled=False, failure=f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
+        _state["failure"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
         return None
 
 
@@ -76,13 +76,13 @@ def failure() -> str:
 
 @contextlib.contextmanager
 def compiled_kernels(enabled: bool) -> Iterator[None]:
-    """Compiled kernels on or off inside the block (on unless a failure switched them off)."""
+    """Compiled kernels on or off inside the block (never on again once compiling has failed)."""
     before = _state["enabled"]
-    _state["enabled"] = enabled and before and not _state["failure"]
+    _state["enabled"] = enabled
     try:
         yield
     finally:
-        _state["enabled"] = before and not _state["failure"]
+        _state["enabled"] = before
 
 
 @contextlib.contextmanager
