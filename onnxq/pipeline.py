@@ -214,15 +214,25 @@ def quantize(
     checked = held.batches or [sample]
     progress.stage("check fidelity")
     measured = None
+    alternative = None  # auto: the ranges it chose and the other rule's
     if extremes is not None:
-        with_extremes = functools.partial(_build, float_model, config, extremes, search, choice, refined)
-        first, build, measured, ranged = tune.choose_ranges(
-            float_model, first, build, with_extremes, checked, config
+
+        def builder(chosen: dict) -> tune.Build:
+            return functools.partial(_build, float_model, config, chosen, search, choice, refined)
+
+        first, chosen, other, measured, ranged = tune.choose_ranges(
+            float_model, first, ranges, extremes, builder, checked, config
         )
+        build, alternative = builder(chosen), (chosen, other)
         notes += ranged
     tuned, measured, fallback = tune.recover_fidelity(
         float_model, first, checked, config, replan, build, measured
     )
+    switched: list[str] = []
+    if alternative is not None:
+        tuned, build, measured, switched = tune.switch_ranges(
+            float_model, tuned, *alternative, builder, checked, config, measured
+        )
     progress.stage("compare speed")
     best, timing, kept_fallback = tune.never_slower(float_model, tuned, sample, config, replan, build, first)
     fallback = fallback if kept_fallback else []  # undone where it made the model slower
@@ -230,7 +240,7 @@ def quantize(
         validate(best.model, sample)
     measured = measured if best is tuned else None
     report = tune.final_report(float_model, best, checked, held.held_back, config, measured)
-    notes += fallback + timing + report.lines() + report.warnings(config.calibration.searched)
+    notes += fallback + switched + timing + report.lines() + report.warnings(config.calibration.searched)
     return QuantResult(
         best.model,
         notes,

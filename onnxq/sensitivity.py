@@ -44,7 +44,7 @@ def layer_costs(
     names = [o.name for o in float_model.graph.output]
     batches = list(first_samples(samples, LAYER_SAMPLES, whole=fixed_batch(float_model) is not None))
     reference = [run(runner, {**batch, **float_feed}) for batch in batches]
-    feeds = _quantized_feeds(quantized, plan)
+    feeds = quantized_feeds(quantized, plan)
     weights = {
         n.name: n.input[1] for n in float_model.graph.node if n.name in plan.layers and len(n.input) > 1
     }
@@ -63,7 +63,7 @@ def layer_costs(
     return sorted(costs, key=lambda item: -item[1])
 
 
-def _quantized_feeds(quantized: onnx.ModelProto, plan: QuantPlan) -> dict[str, Arrays]:
+def quantized_feeds(quantized: onnx.ModelProto, plan: QuantPlan) -> dict[str, Arrays]:
     """Each quantizer's feed of the tunable graph as the QDQ model holds it: an activation's
     scale, zero point and integer bounds; a layer's dequantized weights (and its bias)."""
     constants = {t.name: onnx.numpy_helper.to_array(t) for t in quantized.graph.initializer}

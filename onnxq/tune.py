@@ -2,7 +2,8 @@
 keeping layers float, measured.
 
 - Ranges (`--calib-method auto`): the model built with percentile ranges or the one with
-  min-max ranges, whichever keeps the lowest output closer to float.
+  min-max ranges, whichever keeps the lowest output closer to float; once the fidelity fallback
+  is done, each activation that does better under the other rule takes it (onnxq.range_choice).
 - Fidelity: where the outputs fall below the warning threshold on held-back samples, the layers
   whose quantizers alone cost the lowest output most (onnxq.sensitivity) are kept float a few at a time,
   while that raises the lowest output SQNR, up to a tenth of the layers; a round that does not
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from onnxq import fidelity, sensitivity, speed
+from onnxq import fidelity, range_choice, sensitivity, speed
 from onnxq.calib.data import Batch
 from onnxq.calib.runner import fixed_batch
 from onnxq.config import QuantConfig
@@ -50,6 +51,7 @@ class Candidate:
     layers: list[tuple[str, str, str]]
 
 
+Ranges = dict[str, tuple[float, float]]  # observed activation → its clipping range
 Replan = Callable[..., QuantPlan]  # keyword arguments of plan_quantization → a plan
 Build = Callable[[QuantPlan], Candidate]
 
@@ -57,22 +59,24 @@ Build = Callable[[QuantPlan], Candidate]
 def choose_ranges(
     float_model: onnx.ModelProto,
     percentile: Candidate,
-    build: Build,
-    build_extremes: Build,
+    ranges: Ranges,
+    extremes: Ranges,
+    builder: Callable[[Ranges], Build],
     samples: list[Batch],
     config: QuantConfig,
-) -> tuple[Candidate, Build, Fidelity, list[str]]:
+) -> tuple[Candidate, Ranges, Ranges, Fidelity, list[str]]:
     """`--calib-method auto`: the model with percentile ranges or the one with min-max ranges,
-    whichever keeps the lowest output closer to float on the check's samples; its builder and
-    fidelity, and a note.
+    whichever keeps the lowest output closer to float on the check's samples; its ranges, the
+    other rule's, its fidelity, and a note.
 
     Percentile ranges clip the rare large activations that classifiers can spare and detectors
     rely on (W8A8 lowest output SQNR: yolov8n scores 9.6 dB with percentile ranges, 12.2 dB
     with min-max; ppocr_cls 36.3 against 33.6 dB the other way round).
     """
-    extremes = build_extremes(percentile.plan)
+    extremes_model = builder(extremes)(percentile.plan)
     first, second = (
-        fidelity.measure(float_model, m.model, samples, config.lowest_bits) for m in (percentile, extremes)
+        fidelity.measure(float_model, m.model, samples, config.lowest_bits)
+        for m in (percentile, extremes_model)
     )
     wider = second.min_sqnr > first.min_sqnr
     note = (
@@ -80,8 +84,42 @@ def choose_ranges(
         f"{first.min_sqnr:.1f} dB with percentile ranges, {second.min_sqnr:.1f} dB with min-max)"
     )
     if wider:
-        return extremes, build_extremes, second, [note]
-    return percentile, build, first, [note]
+        return extremes_model, extremes, ranges, second, [note]
+    return percentile, ranges, extremes, first, [note]
+
+
+def switch_ranges(
+    float_model: onnx.ModelProto,
+    best: Candidate,
+    chosen: Ranges,
+    other: Ranges,
+    builder: Callable[[Ranges], Build],
+    samples: list[Batch],
+    config: QuantConfig,
+    measured: Fidelity,
+) -> tuple[Candidate, Build, Fidelity, list[str]]:
+    """`best` (built from `chosen` ranges) with the activations that do better under the `other`
+    rule switched to it (onnxq.range_choice), where that lifts the lowest output on the check's
+    samples; the builder of its ranges, its fidelity, and a note. Outputs already within
+    range_choice.ENOUGH_DB of float are left as they are (the scan costs up to half a minute)."""
+    if measured.min_sqnr >= range_choice.ENOUGH_DB:
+        return best, builder(chosen), measured, []
+    alternative = builder(other)(best.plan)
+    switched, _, _ = range_choice.switched_activations(
+        float_model, best.plan, best.model, alternative.model, samples
+    )
+    if switched:
+        observed = {best.plan.activations[root].observed for root in switched}
+        mixed = {**chosen, **{name: other[name] for name in observed}}
+        candidate = builder(mixed)(best.plan)
+        report = fidelity.measure(float_model, candidate.model, samples, config.lowest_bits)
+        if report.min_sqnr > measured.min_sqnr:
+            note = (
+                f"activation ranges: {len(switched)} switched to the other rule's ranges, lifting the "
+                f"lowest output SQNR {measured.min_sqnr:.1f} → {report.min_sqnr:.1f} dB"
+            )
+            return candidate, builder(mixed), report, [note]
+    return best, builder(chosen), measured, []
 
 
 def recover_fidelity(

@@ -66,3 +66,41 @@ def test_auto_is_not_tried_where_a_search_sets_the_ranges():
     config = onnxq.QuantConfig(calibration=onnxq.CalibrationMethod.MSE, speed_check=False)
     result = onnxq.quantize(one_conv(), {"x": x}, config)
     assert not any(note.startswith("activation ranges:") for note in result.notes)
+
+
+def two_branches() -> onnx.ModelProto:
+    """Two inputs, each read by its own Conv whose output is a graph output."""
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal((4, 3, 1, 1)).astype(np.float32) for _ in range(2)]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x1", "w1"], ["y1"], name="conv1"),
+            helper.make_node("Conv", ["x2", "w2"], ["y2"], name="conv2"),
+        ],
+        "two_branches",
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["n", 3, SIDE, SIDE]) for x in ("x1", "x2")],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, ["n", 4, SIDE, SIDE]) for y in ("y1", "y2")],
+        [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights, 1)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_auto_gives_each_activation_the_rule_that_serves_the_outputs_best():
+    # x1's spikes are in a checked sample (min-max serves it), x2's in an unchecked one
+    # (percentile serves it): neither rule for the whole model keeps both outputs close
+    data = {"x1": data_with_spikes(SAMPLES - 1), "x2": data_with_spikes(0)}
+    model = two_branches()
+
+    def lowest(method: str) -> onnxq.QuantResult:
+        config = onnxq.QuantConfig(
+            calibration=onnxq.CalibrationMethod(method), fidelity_fallback=False, speed_check=False
+        )
+        return onnxq.quantize(model, data, config)
+
+    auto = lowest("auto")
+    whole_model = max(lowest(m).fidelity.min_sqnr for m in ("percentile", "minmax"))
+    assert auto.fidelity.min_sqnr > whole_model + 3.0
+    switched = "activation ranges: 1 switched to the other rule's ranges"
+    assert any(note.startswith(switched) for note in auto.notes)

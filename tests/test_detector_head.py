@@ -144,7 +144,7 @@ def test_the_fallback_ranking_reproduces_the_qdq_model_when_every_quantizer_is_o
     """The tunable graph fed every quantizer's parameters from the QDQ model computes what
     onnxruntime computes on the QDQ model (no fusions): the ranking measures the real thing."""
     from onnxq.calib.simulate import tunable_model
-    from onnxq.sensitivity import _quantized_feeds
+    from onnxq.sensitivity import quantized_feeds
 
     model = head_model()
     data = np.random.default_rng(1).standard_normal((24, 3, 6, 6)).astype(np.float32)
@@ -152,7 +152,7 @@ def test_the_fallback_ranking_reproduces_the_qdq_model_when_every_quantizer_is_o
     result = onnxq.quantize(model, data, config)
     plan = _plan(model)
     tunable, feed, _ = tunable_model(model, plan)
-    for item in _quantized_feeds(result.model, plan).values():
+    for item in quantized_feeds(result.model, plan).values():
         feed.update(item)
     got = session(tunable, optimize=False).run(["out"], {"x": data, **feed})[0]
     want = session(result.model, optimize=False).run(["out"], {"x": data})[0]

@@ -1,0 +1,186 @@
+"""Where a W8A8 model's output noise comes from: weights against activations, and how it is spread
+over the activation quantizers.
+
+For each zoo detector and segmentation model, `onnxq.quantize` at its defaults (without the speed
+check, so the plan does not follow this machine's timings) gives a QDQ model. Its Q/DQ pairs run
+simulated in float (no graph optimisation) on the zoo's evaluation samples, against the float
+model, per output part (a detector's boxes and scores apart):
+- all quantizers, as built;
+- weights only: every activation's Q/DQ pair taken out, which no activation plan can beat;
+- each activation pair alone, on top of the quantized weights: its own share of the activation
+  noise (its noise power above the weights-only noise, over all pairs' total);
+- the best any plan that keeps 10 % of the activation pairs float could do, were their noise
+  simply additive: the total without the costliest tenth.
+Writes the "zoo-noise" section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench
+
+import onnxq
+from onnxq.config import QuantConfig
+from onnxq.io import session
+
+KINDS = ("detector", "segmentation")
+SAMPLES = 8  # evaluation samples each variant runs on
+TARGET_DB = 30.0  # issue 13's W8A8 target for detector and segmentation outputs
+FLOAT_SHARE = 0.1  # the fidelity fallback's share of layers kept float (onnxq.tune.FALLBACK_SHARE)
+
+
+@dataclass
+class Pair:
+    """An activation's QuantizeLinear and the DequantizeLinear nodes that read it, by their
+    output tensors (exporters leave node names empty)."""
+
+    source: str  # the float tensor quantized
+    quantized: str  # the QuantizeLinear's output
+    dequantized: list[str]  # the DequantizeLinear nodes' outputs
+
+
+def activation_pairs(model: onnx.ModelProto) -> list[Pair]:
+    stored = {t.name for t in model.graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    pairs = []
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] not in stored:
+            dequantizers = [r for r in readers.get(node.output[0], []) if r.op_type == "DequantizeLinear"]
+            pairs.append(Pair(node.input[0], node.output[0], [d.output[0] for d in dequantizers]))
+    return pairs
+
+
+def without_pairs(model: onnx.ModelProto, removed: list[Pair]) -> onnx.ModelProto:
+    """The model with these activation pairs taken out: their readers read the float tensor."""
+    bypass = {out: pair.source for pair in removed for out in pair.dequantized}
+    dropped = set(bypass) | {pair.quantized for pair in removed}
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    kept = [node for node in copy.graph.node if node.output[0] not in dropped]
+    for node in kept:
+        for index, name in enumerate(node.input):
+            node.input[index] = bypass.get(name, name)
+    del copy.graph.node[:]
+    copy.graph.node.extend(kept)
+    return copy
+
+
+def outputs(model: onnx.ModelProto, feed: dict[str, np.ndarray], batch: int) -> list[np.ndarray]:
+    run = session(model, threads=bench.THREADS, optimize=False).run
+    count = len(next(iter(feed.values())))
+    parts = [run(None, {k: v[i : i + batch] for k, v in feed.items()}) for i in range(0, count, batch)]
+    return [np.concatenate(p) for p in zip(*parts, strict=True)]
+
+
+def part_views(entry: dict, names: list[str], values: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Each output and, for detector heads, each part of it, as float64."""
+    views = {}
+    for name, value in zip(names, values, strict=True):
+        views[name] = value.astype(np.float64)
+        spec = entry.get("parts", {}).get(name)
+        for part, (start, stop) in (spec or {}).get("parts", {}).items():
+            index = [slice(None)] * value.ndim
+            index[spec["axis"]] = slice(start, stop)
+            views[f"{name}[{part}]"] = value[tuple(index)].astype(np.float64)
+    return views
+
+
+def noise(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str, float]:
+    """Noise power over signal power per view (SQNR = -10·log10 of it)."""
+    return {k: float(np.square(r - got[k]).sum() / np.square(r).sum()) for k, r in reference.items()}
+
+
+def db(ratio: float) -> str:
+    return "∞" if ratio <= 0 else f"{-10 * np.log10(ratio):.1f}"
+
+
+def pairs_for_target(full: float, weights: float, costs: np.ndarray) -> str:
+    """How many of the costliest activation pairs must stay float for TARGET_DB, were their noise
+    additive: "none" where already met, "unreachable" where the weights alone fall short."""
+    target = 10 ** (-TARGET_DB / 10)
+    if full <= target:
+        return "none"
+    if weights > target:
+        return "unreachable (weights)"
+    needed = int(np.searchsorted(full - np.cumsum(costs) <= target, True)) + 1
+    return f"{needed} of {len(costs)}" if needed <= len(costs) else "all"
+
+
+def budget(entry: dict) -> list[str]:
+    """Table rows for one zoo model: per output view, the noise split."""
+    zoo = bench.zoo_dir()
+    with np.load(zoo / entry["eval"]) as archive:
+        feed = {name: archive[name][:SAMPLES] for name in entry["inputs"]}
+    fixed = entry["inputs"][next(iter(entry["inputs"]))]["shape"][0]
+    batch = fixed if isinstance(fixed, int) and fixed > 0 else SAMPLES
+    float_model = onnx.load(zoo / entry["file"])
+    names = [o.name for o in float_model.graph.output]
+    config = QuantConfig(speed_check=False)
+    quantized = onnxq.quantize(zoo / entry["file"], str(zoo / entry["calib"]), config).model
+    reference = part_views(entry, names, outputs(float_model, feed, batch))
+
+    def measured(model: onnx.ModelProto) -> dict[str, float]:
+        return noise(reference, part_views(entry, names, outputs(model, feed, batch)))
+
+    pairs = activation_pairs(quantized)
+    full, weights = measured(quantized), measured(without_pairs(quantized, pairs))
+    alone = [measured(without_pairs(quantized, [p for p in pairs if p is not pair])) for pair in pairs]
+    rows = []
+    for view in reference:
+        shares = np.array([max(a[view] - weights[view], 0.0) for a in alone])
+        total = shares.sum()
+        order = np.sort(shares)[::-1]
+        top = order[: max(1, int(FLOAT_SHARE * len(order)))].sum()
+        spared = max(full[view] - top, weights[view]) if total > 0 else full[view]
+        largest = f"{100 * order[0] / total:.1f}" if total > 0 else ""
+        rows.append(
+            f"| {entry['name']} | {view} | {db(full[view])} | {db(weights[view])} | {len(pairs)} | "
+            f"{largest} | {db(spared)} | {pairs_for_target(full[view], weights[view], order)} |"
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*")
+    parser.add_argument("--out", type=Path, default=bench.ROOT / "BENCHMARKS.md")
+    args = parser.parse_args()
+    manifest = bench.zoo_manifest()
+    names = args.models or [name for name, entry in manifest.items() if entry["kind"] in KINDS]
+    lines = [
+        "## Zoo: where the W8A8 output noise comes from (issue 13's 30 dB target)",
+        "",
+        f"`tools/noise_budget.py`: each zoo detector and segmentation model quantized by `onnxq "
+        f"quantize` at its defaults (`--no-speed-check`); its Q/DQ pairs run simulated in float on "
+        f"{SAMPLES} evaluation samples, against float. SQNR in dB per output and output part. "
+        "*Weights only*: every activation Q/DQ pair taken out, the ceiling of any activation plan. "
+        "*Largest pair %*: the share of the activation noise (noise above weights only) that the "
+        "costliest single activation pair causes alone. *Costliest tenth float*: the SQNR were the "
+        f"{100 * FLOAT_SHARE:g} % costliest activation pairs kept float and the noise of the others "
+        "simply added up (an optimistic bound for the fidelity fallback's share). *Float pairs for "
+        f"{TARGET_DB:g} dB*: how many of the costliest activation pairs would have to stay float, on "
+        "the same additive bound.",
+        "",
+        "| model | output | all Q/DQ | weights only | activation pairs | largest pair % | "
+        f"costliest tenth float | float pairs for {TARGET_DB:g} dB |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name in names:
+        lines += budget(manifest[name])
+    bench.write_section(args.out, "zoo-noise", "\n".join(lines) + "\n", bench.machine_description())
+
+
+if __name__ == "__main__":
+    main()
