@@ -88,9 +88,13 @@ def two_branches() -> onnx.ModelProto:
 
 
 def test_auto_gives_each_activation_the_rule_that_serves_the_outputs_best():
-    # x1's spikes are in a checked sample (min-max serves it), x2's in an unchecked one
-    # (percentile serves it): neither rule for the whole model keeps both outputs close
-    data = {"x1": data_with_spikes(SAMPLES - 1), "x2": data_with_spikes(0)}
+    # x1 has a spike in a sample the switches are chosen on and one in a sample that confirms
+    # them (the check's samples 16-19 and 20-23): min-max serves it; x2's spikes are in an
+    # unchecked sample: percentile serves it. Neither rule for the whole model keeps both close.
+    x1 = data_with_spikes(0)
+    x1[0] = x1[1]
+    x1[17, 0, 0, 0] = x1[21, 0, 0, 0] = 1000.0
+    data = {"x1": x1, "x2": data_with_spikes(0)}
     model = two_branches()
 
     def lowest(method: str) -> onnxq.QuantResult:
@@ -104,3 +108,13 @@ def test_auto_gives_each_activation_the_rule_that_serves_the_outputs_best():
     assert auto.fidelity.min_sqnr > whole_model + 3.0
     switched = "activation ranges: 1 switched to the other rule's ranges"
     assert any(note.startswith(switched) for note in auto.notes)
+
+
+def test_a_switch_that_helps_only_the_samples_it_was_chosen_on_is_not_taken():
+    # x1's one spike is in a sample the switch is chosen on (16-19), none in those that confirm it
+    x1 = data_with_spikes(0)
+    x1[0] = x1[1]
+    x1[17, 0, 0, 0] = 1000.0
+    config = onnxq.QuantConfig(fidelity_fallback=False, speed_check=False)
+    auto = onnxq.quantize(two_branches(), {"x1": x1, "x2": data_with_spikes(0)}, config)
+    assert not any("switched to the other rule's ranges" in note for note in auto.notes)
