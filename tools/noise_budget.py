@@ -6,7 +6,8 @@ check, so the plan does not follow this machine's timings) gives a QDQ model. It
 simulated in float (no graph optimisation) on the zoo's evaluation samples, against the float
 model, per output part (a detector's boxes and scores apart):
 - all quantizers, as built;
-- weights only: every activation's Q/DQ pair taken out, which no activation plan can beat;
+- weights only: every activation's Q/DQ pair replaced by a Clip to its range (onnxq absorbs
+  Relu and Clip into the quantizer): no rounding, what no finer activation grid can beat;
 - each activation pair alone, on top of the quantized weights: its own share of the activation
   noise (its noise power above the weights-only noise, over all pairs' total);
 - the best any plan that keeps 10 % of the activation pairs float could do, were their noise
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench
@@ -45,6 +47,7 @@ class Pair:
     source: str  # the float tensor quantized
     quantized: str  # the QuantizeLinear's output
     dequantized: list[str]  # the DequantizeLinear nodes' outputs
+    bounds: tuple[float, float]  # the float range the quantizer can represent
 
 
 def activation_pairs(model: onnx.ModelProto) -> list[Pair]:
@@ -57,23 +60,56 @@ def activation_pairs(model: onnx.ModelProto) -> list[Pair]:
     for node in model.graph.node:
         if node.op_type == "QuantizeLinear" and node.input[0] not in stored:
             dequantizers = [r for r in readers.get(node.output[0], []) if r.op_type == "DequantizeLinear"]
-            pairs.append(Pair(node.input[0], node.output[0], [d.output[0] for d in dequantizers]))
+            outputs = [d.output[0] for d in dequantizers]
+            pairs.append(Pair(node.input[0], node.output[0], outputs, _bounds(model, node)))
     return pairs
 
 
+def _bounds(model: onnx.ModelProto, quantize: onnx.NodeProto) -> tuple[float, float]:
+    wanted = set(quantize.input)
+    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in wanted}
+    scale, zero = (constants[name].astype(np.float64) for name in quantize.input[1:3])
+    info = np.iinfo(constants[quantize.input[2]].dtype)
+    return float((info.min - zero) * scale), float((info.max - zero) * scale)
+
+
 def without_pairs(model: onnx.ModelProto, removed: list[Pair]) -> onnx.ModelProto:
-    """The model with these activation pairs taken out: their readers read the float tensor."""
-    bypass = {out: pair.source for pair in removed for out in pair.dequantized}
+    """The model with these activation pairs taken out: their readers read the float tensor,
+    clipped to the quantizer's range (onnxq absorbs Relu and Clip into it): rounding noise goes,
+    the clipping stays."""
+    bypass = {out: f"{pair.source}::unrounded" for pair in removed for out in pair.dequantized}
     dropped = set(bypass) | {pair.quantized for pair in removed}
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
+    clips = []
+    for index, pair in enumerate(removed):
+        low, high = (f"unrounded_{index}_{side}" for side in ("min", "max"))
+        copy.graph.initializer.extend(
+            numpy_helper.from_array(np.asarray(value, np.float32), name)
+            for name, value in zip((low, high), pair.bounds, strict=True)
+        )
+        clips.append(helper.make_node("Clip", [pair.source, low, high], [f"{pair.source}::unrounded"]))
     kept = [node for node in copy.graph.node if node.output[0] not in dropped]
+    kept = _ordered(kept, clips)
     for node in kept:
         for index, name in enumerate(node.input):
             node.input[index] = bypass.get(name, name)
     del copy.graph.node[:]
     copy.graph.node.extend(kept)
     return copy
+
+
+def _ordered(nodes: list[onnx.NodeProto], clips: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """`nodes` with each Clip right after the node producing its input (or first)."""
+    after: dict[str, list[onnx.NodeProto]] = {}
+    for clip in clips:
+        after.setdefault(clip.input[0], []).append(clip)
+    produced = {out for node in nodes for out in node.output}
+    ordered = [clip for name, group in after.items() if name not in produced for clip in group]
+    for node in nodes:
+        ordered.append(node)
+        ordered += [clip for out in node.output for clip in after.get(out, [])]
+    return ordered
 
 
 def outputs(model: onnx.ModelProto, feed: dict[str, np.ndarray], batch: int) -> list[np.ndarray]:
@@ -107,12 +143,12 @@ def db(ratio: float) -> str:
 
 def pairs_for_target(full: float, weights: float, costs: np.ndarray) -> str:
     """How many of the costliest activation pairs must stay float for TARGET_DB, were their noise
-    additive: "none" where already met, "unreachable" where the weights alone fall short."""
+    additive: "none" where already met, "unreachable" where weights and clipping alone fall short."""
     target = 10 ** (-TARGET_DB / 10)
     if full <= target:
         return "none"
     if weights > target:
-        return "unreachable (weights)"
+        return "unreachable (weights, clipping)"
     needed = int(np.searchsorted(full - np.cumsum(costs) <= target, True)) + 1
     return f"{needed} of {len(costs)}" if needed <= len(costs) else "all"
 
@@ -165,7 +201,8 @@ def main() -> None:
         f"`tools/noise_budget.py`: each zoo detector and segmentation model quantized by `onnxq "
         f"quantize` at its defaults (`--no-speed-check`); its Q/DQ pairs run simulated in float on "
         f"{SAMPLES} evaluation samples, against float. SQNR in dB per output and output part. "
-        "*Weights only*: every activation Q/DQ pair taken out, the ceiling of any activation plan. "
+        "*Weights only*: every activation Q/DQ pair replaced by a Clip to its range (onnxq absorbs "
+        "Relu and Clip into the quantizer): rounding noise gone, clipping kept. "
         "*Largest pair %*: the share of the activation noise (noise above weights only) that the "
         "costliest single activation pair causes alone. *Costliest tenth float*: the SQNR were the "
         f"{100 * FLOAT_SHARE:g} % costliest activation pairs kept float and the noise of the others "
