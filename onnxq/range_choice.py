@@ -27,7 +27,7 @@ import onnx
 
 from onnxq.calib.data import Batch
 from onnxq.calib.runner import fixed_batch
-from onnxq.calib.simulate import Arrays, tunable_model
+from onnxq.calib.simulate import Arrays, param_names, tunable_model
 from onnxq.fidelity import LAYER_SAMPLES, compare_outputs, first_samples
 from onnxq.io import run, session
 from onnxq.quant.plan import QuantPlan
@@ -48,9 +48,8 @@ def switched_activations(
     other: onnx.ModelProto,
     samples: list[Batch],
     seconds: float = TIME_SHARE,
-) -> tuple[list[str], float, float]:
-    """The activations (plan roots) that should take `other`'s range rather than `chosen`'s,
-    with the lowest output SQNR before and after switching them (on a few of `samples`)."""
+) -> list[str]:
+    """The activations (plan roots) that should take `other`'s range rather than `chosen`'s."""
     tunable, float_feed, _ = tunable_model(float_model, plan)
     runner = session(tunable, arena=False)
     names = [o.name for o in float_model.graph.output]
@@ -61,10 +60,11 @@ def switched_activations(
     scanned = max(1, SCAN_SAMPLES * chosen_on // LAYER_SAMPLES)
     base, alternative = quantized_feeds(chosen, plan), quantized_feeds(other, plan)
     roots = [root for root in plan.activations if _differs(base.get(root), alternative.get(root))]
-    roots.sort(key=lambda root: -_step_ratio(base[root], alternative[root]))  # the time cap cuts the closest
+    roots.sort(key=lambda root: -_step_ratio(root, base, alternative))  # the time cap cuts the closest
+    chosen_feed = {**float_feed, **_merged(base)}
 
     def lowest(switch: list[str], count: int = chosen_on, first: int = 0) -> float:
-        feed = {**float_feed, **_merged(base)}
+        feed = dict(chosen_feed)
         for root in switch:
             feed.update(alternative[root])
         pairs = zip(batches[first:count], reference[first:count], strict=True)
@@ -85,8 +85,8 @@ def switched_activations(
     if taken and chosen_on < len(batches):  # a lift that does not hold on the other samples is noise
         confirmed = lowest(taken, len(batches), chosen_on) - lowest([], len(batches), chosen_on)
         if confirmed < MIN_CONFIRMED_DB:
-            return [], start, start
-    return taken, start, best
+            return []
+    return taken
 
 
 def _until(items: list[str], deadline: float) -> Iterator[str]:
@@ -102,10 +102,10 @@ def _differs(first: Arrays | None, second: Arrays | None) -> bool:
     return any(not np.allclose(first[k], second[k], rtol=1e-4, atol=0.0) for k in first)
 
 
-def _step_ratio(first: Arrays, second: Arrays) -> float:
-    """How far apart two quantizers' steps are, as |log| of their ratio."""
-    scales = [next(v for k, v in feed.items() if k.endswith("::scale")) for feed in (first, second)]
-    return abs(float(np.log(scales[0] / scales[1])))
+def _step_ratio(root: str, first: dict[str, Arrays], second: dict[str, Arrays]) -> float:
+    """How far apart the two quantizers' steps of `root` are, as |log| of their ratio."""
+    scale = param_names(root)["scale"]
+    return abs(float(np.log(first[root][scale] / second[root][scale])))
 
 
 def _merged(feeds: dict[str, Arrays]) -> Arrays:

@@ -105,7 +105,7 @@ def switch_ranges(
     if measured.min_sqnr >= range_choice.ENOUGH_DB:
         return best, builder(chosen), measured, []
     alternative = builder(other)(best.plan)
-    switched, _, _ = range_choice.switched_activations(
+    switched = range_choice.switched_activations(
         float_model, best.plan, best.model, alternative.model, samples
     )
     if switched:

@@ -550,8 +550,10 @@ def has_weights(model: onnx.ModelProto) -> bool:
     )
 
 
-def zoo_outputs(model: onnx.ModelProto, feed: dict[str, np.ndarray], batch: int) -> list[np.ndarray]:
-    run = session(model, threads=THREADS).run
+def zoo_outputs(
+    model: onnx.ModelProto, feed: dict[str, np.ndarray], batch: int, optimize: bool = True
+) -> list[np.ndarray]:
+    run = session(model, threads=THREADS, optimize=optimize).run
     count = len(next(iter(feed.values())))
     parts = [run(None, {k: v[i : i + batch] for k, v in feed.items()}) for i in range(0, count, batch)]
     return [np.concatenate(p) for p in zip(*parts, strict=True)]
@@ -560,20 +562,27 @@ def zoo_outputs(model: onnx.ModelProto, feed: dict[str, np.ndarray], batch: int)
 def zoo_fidelity(entry: dict, names: list[str], reference, outputs) -> dict[str, tuple[float, float]]:
     """Cosine and SQNR per output and, for detector heads, per part (boxes, scores) of an output."""
     found = {}
-    for name, ref, got in zip(names, reference, outputs, strict=True):
-        pieces = {name: (ref, got)}
+    wanted, got = zoo_views(entry, names, reference), zoo_views(entry, names, outputs)
+    for label, r in wanted.items():
+        a, b = r.ravel(), got[label].ravel()
+        noise = float(np.square(a - b).sum())
+        cosine = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
+        sqnr = 10 * np.log10(float(np.square(a).sum()) / noise) if noise > 0 else float("inf")
+        found[label] = (cosine, float(sqnr))
+    return found
+
+
+def zoo_views(entry: dict, names: list[str], values: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Each output and, for detector heads, each part of it (boxes, scores), as float64."""
+    views = {}
+    for name, value in zip(names, values, strict=True):
+        views[name] = value.astype(np.float64)
         spec = entry.get("parts", {}).get(name)
         for part, (start, stop) in (spec or {}).get("parts", {}).items():
-            index = [slice(None)] * ref.ndim
+            index = [slice(None)] * value.ndim
             index[spec["axis"]] = slice(start, stop)
-            pieces[f"{name}[{part}]"] = (ref[tuple(index)], got[tuple(index)])
-        for label, (r, q) in pieces.items():
-            a, b = r.astype(np.float64).ravel(), q.astype(np.float64).ravel()
-            noise = float(np.square(a - b).sum())
-            cosine = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
-            sqnr = 10 * np.log10(float(np.square(a).sum()) / noise) if noise > 0 else float("inf")
-            found[label] = (cosine, float(sqnr))
-    return found
+            views[f"{name}[{part}]"] = value[tuple(index)].astype(np.float64)
+    return views
 
 
 def zoo_measure(entry: dict) -> list[ZooRow]:

@@ -31,7 +31,6 @@ import bench
 
 import onnxq
 from onnxq.config import QuantConfig
-from onnxq.io import session
 
 KINDS = ("detector", "segmentation")
 SAMPLES = 8  # evaluation samples each variant runs on
@@ -112,26 +111,6 @@ def _ordered(nodes: list[onnx.NodeProto], clips: list[onnx.NodeProto]) -> list[o
     return ordered
 
 
-def outputs(model: onnx.ModelProto, feed: dict[str, np.ndarray], batch: int) -> list[np.ndarray]:
-    run = session(model, threads=bench.THREADS, optimize=False).run
-    count = len(next(iter(feed.values())))
-    parts = [run(None, {k: v[i : i + batch] for k, v in feed.items()}) for i in range(0, count, batch)]
-    return [np.concatenate(p) for p in zip(*parts, strict=True)]
-
-
-def part_views(entry: dict, names: list[str], values: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """Each output and, for detector heads, each part of it, as float64."""
-    views = {}
-    for name, value in zip(names, values, strict=True):
-        views[name] = value.astype(np.float64)
-        spec = entry.get("parts", {}).get(name)
-        for part, (start, stop) in (spec or {}).get("parts", {}).items():
-            index = [slice(None)] * value.ndim
-            index[spec["axis"]] = slice(start, stop)
-            views[f"{name}[{part}]"] = value[tuple(index)].astype(np.float64)
-    return views
-
-
 def noise(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str, float]:
     """Noise power over signal power per view (SQNR = -10·log10 of it)."""
     return {k: float(np.square(r - got[k]).sum() / np.square(r).sum()) for k, r in reference.items()}
@@ -164,10 +143,15 @@ def budget(entry: dict) -> list[str]:
     names = [o.name for o in float_model.graph.output]
     config = QuantConfig(speed_check=False)
     quantized = onnxq.quantize(zoo / entry["file"], str(zoo / entry["calib"]), config).model
-    reference = part_views(entry, names, outputs(float_model, feed, batch))
+
+    def simulated(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+        """The outputs and their parts with every Q/DQ pair run in float (no int8 kernels)."""
+        return bench.zoo_views(entry, names, bench.zoo_outputs(model, feed, batch, optimize=False))
+
+    reference = simulated(float_model)
 
     def measured(model: onnx.ModelProto) -> dict[str, float]:
-        return noise(reference, part_views(entry, names, outputs(model, feed, batch)))
+        return noise(reference, simulated(model))
 
     pairs = activation_pairs(quantized)
     full, weights = measured(quantized), measured(without_pairs(quantized, pairs))
