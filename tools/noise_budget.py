@@ -8,6 +8,8 @@ model, per output part (a detector's boxes and scores apart):
 - all quantizers, as built;
 - weights only: every activation's Q/DQ pair replaced by a Clip to its range (onnxq absorbs
   Relu and Clip into the quantizer): no rounding, what no finer activation grid can beat;
+- weights alone: the same, clipped only below at 0 where the range starts there (an absorbed
+  Relu): no activation clipping either, what no activation range can beat at these weights;
 - each activation pair alone, on top of the quantized weights: its own share of the activation
   noise (its noise power above the weights-only noise, over all pairs' total);
 - the best any plan that keeps 10 % of the activation pairs float could do, were their noise
@@ -72,6 +74,13 @@ def _bounds(model: onnx.ModelProto, quantize: onnx.NodeProto) -> tuple[float, fl
     return float((info.min - zero) * scale), float((info.max - zero) * scale)
 
 
+def unclipped(pair: Pair) -> Pair:
+    """The pair with a range that clips nothing, but at 0 where it starts there (a Relu onnxq
+    absorbed into the quantizer, or a tensor that never goes below 0)."""
+    low = 0.0 if pair.bounds[0] == 0.0 else -np.inf
+    return Pair(pair.source, pair.quantized, pair.dequantized, (low, np.inf))
+
+
 def without_pairs(model: onnx.ModelProto, removed: list[Pair]) -> onnx.ModelProto:
     """The model with these activation pairs taken out: their readers read the float tensor,
     clipped to the quantizer's range (onnxq absorbs Relu and Clip into it): rounding noise goes,
@@ -120,12 +129,14 @@ def db(ratio: float) -> str:
     return "∞" if ratio <= 0 else f"{-10 * np.log10(ratio):.1f}"
 
 
-def pairs_for_target(full: float, weights: float, costs: np.ndarray) -> str:
+def pairs_for_target(full: float, weights: float, unrounded: float, costs: np.ndarray) -> str:
     """How many of the costliest activation pairs must stay float for TARGET_DB, were their noise
-    additive: "none" where already met, "unreachable" where weights and clipping alone fall short."""
+    additive: "none" where already met, "unreachable" where weights (and clipping) fall short."""
     target = 10 ** (-TARGET_DB / 10)
     if full <= target:
         return "none"
+    if unrounded > target:
+        return "unreachable (weights alone)"
     if weights > target:
         return "unreachable (weights, clipping)"
     needed = int(np.searchsorted(full - np.cumsum(costs) <= target, True)) + 1
@@ -155,6 +166,7 @@ def budget(entry: dict) -> list[str]:
 
     pairs = activation_pairs(quantized)
     full, weights = measured(quantized), measured(without_pairs(quantized, pairs))
+    weights_alone = measured(without_pairs(quantized, [unclipped(pair) for pair in pairs]))
     alone = [measured(without_pairs(quantized, [p for p in pairs if p is not pair])) for pair in pairs]
     rows = []
     for view in reference:
@@ -164,9 +176,11 @@ def budget(entry: dict) -> list[str]:
         top = order[: max(1, int(FLOAT_SHARE * len(order)))].sum()
         spared = max(full[view] - top, weights[view]) if total > 0 else full[view]
         largest = f"{100 * order[0] / total:.1f}" if total > 0 else ""
+        needed = pairs_for_target(full[view], weights[view], weights_alone[view], order)
         rows.append(
-            f"| {entry['name']} | {view} | {db(full[view])} | {db(weights[view])} | {len(pairs)} | "
-            f"{largest} | {db(spared)} | {pairs_for_target(full[view], weights[view], order)} |"
+            f"| {entry['name']} | {view} | {db(full[view])} | {db(weights[view])} | "
+            f"{db(weights_alone[view])} | {len(pairs)} | "
+            f"{largest} | {db(spared)} | {needed} |"
         )
         print(rows[-1], flush=True)
     return rows
@@ -186,7 +200,9 @@ def main() -> None:
         f"quantize` at its defaults (`--no-speed-check`); its Q/DQ pairs run simulated in float on "
         f"{SAMPLES} evaluation samples, against float. SQNR in dB per output and output part. "
         "*Weights only*: every activation Q/DQ pair replaced by a Clip to its range (onnxq absorbs "
-        "Relu and Clip into the quantizer): rounding noise gone, clipping kept. "
+        "Relu and Clip into the quantizer): rounding noise gone, clipping kept. *Weights alone*: "
+        "the same Clips open (kept only at 0 where a range starts there, an absorbed Relu): what "
+        "no choice of activation ranges or activation width can beat with these weights. "
         "*Largest pair %*: the share of the activation noise (noise above weights only) that the "
         "costliest single activation pair causes alone. *Costliest tenth float*: the SQNR were the "
         f"{100 * FLOAT_SHARE:g} % costliest activation pairs kept float and the noise of the others "
@@ -194,9 +210,9 @@ def main() -> None:
         f"{TARGET_DB:g} dB*: how many of the costliest activation pairs would have to stay float, on "
         "the same additive bound.",
         "",
-        "| model | output | all Q/DQ | weights only | activation pairs | largest pair % | "
+        "| model | output | all Q/DQ | weights only | weights alone | activation pairs | largest pair % | "
         f"costliest tenth float | float pairs for {TARGET_DB:g} dB |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name in names:
         lines += budget(manifest[name])
