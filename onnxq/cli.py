@@ -345,8 +345,9 @@ def main() -> None:
     "had before folding (PD-Quant), so that refinement over-fits them less.",
 )
 @click.option(
-    "--qprep",
-    is_flag=True,
+    "--qprep/--no-qprep",
+    default=QuantConfig.qprep,
+    show_default=True,
     help="With --refine, convs merged from re-parameterized branches also learn a per-channel "
     "scale and shift of their output (RepAPQ's QPRep), folded into their weight scales and bias.",
 )

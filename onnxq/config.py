@@ -296,8 +296,9 @@ class QuantConfig:
     # towards the BatchNorm statistics folded away; runs with --refine where there were any
     distribution_correction: bool = True
     # QPRep (RepAPQ): with --refine, merged re-parameterized convs also learn a per-channel
-    # affine of their output, folded into their weight scales and bias at export
-    qprep: bool = False
+    # affine of their output, folded into their weight scales and bias at export; on because it
+    # lowered the held-out KL on merged RepVGG and MobileOne at W6A6 and W4A8 (tools/choose_qprep.py)
+    qprep: bool = True
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "activation_bits", "addend_bits"):

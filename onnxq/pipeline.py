@@ -197,7 +197,7 @@ def quantize(
                 affine,
             )
             notes += refined.notes(config.refine_loss)
-            if config.qprep:
+            if affine:
                 notes.append(
                     f"QPRep: {len(affine)} merged re-parameterized convs learned a per-channel affine"
                 )

@@ -490,8 +490,8 @@ def qprep_settings(name: str) -> dict[str, Callable]:
         base = [*widths, "--fuse-branches"]
         settings[f"onnxq W{w}A{a} unmerged, mse"] = lambda p, c, f=widths: run_onnxq_cli(p, c, f)
         settings[f"onnxq W{w}A{a} merged, mse"] = lambda p, c, f=base: run_onnxq_cli(p, c, f)
-        settings[f"onnxq W{w}A{a} merged, mse + --refine"] = lambda p, c, f=base: run_onnxq_cli(
-            p, c, [*f, "--refine"]
+        settings[f"onnxq W{w}A{a} merged, mse + --refine --no-qprep"] = lambda p, c, f=base: run_onnxq_cli(
+            p, c, [*f, "--refine", "--no-qprep"]
         )
         settings[f"onnxq W{w}A{a} merged, mse + --refine --qprep"] = lambda p, c, f=base: run_onnxq_cli(
             p, c, [*f, "--refine", "--qprep"]

@@ -86,6 +86,8 @@ def test_refinement_lowers_every_refined_units_loss(refined):
         assert unit.after <= unit.before
     assert any(u.after < u.before for u in units)
     assert any("refined" in note for note in refined.notes)
+    assert not refined.refinement.mirror.affine_weights  # QPRep is on by default: nothing merged here
+    assert not any(note.startswith("QPRep") for note in refined.notes)
 
 
 def test_the_same_seed_gives_the_same_model(small_model, calibration_data, refined):
@@ -328,7 +330,7 @@ def _perturbed_affine(mirror, units, feeds, settings, progress):
     return []
 
 
-def _repvgg_quantized(monkeypatch, data, qprep: bool):
+def _repvgg_quantized(monkeypatch, data, **options):
     import onnxq.refine.export
     from tests.conftest import export, randomise_batchnorm
 
@@ -336,13 +338,14 @@ def _repvgg_quantized(monkeypatch, data, qprep: bool):
     net = repvgg_net()
     randomise_batchnorm(net)
     model = export(net, torch.zeros(1, 3, 16, 16), keep_bn=True)
-    config = onnxq.QuantConfig(weight_bits=4, activation_bits=4, fuse_branches=True, qprep=qprep, **FAST)
+    config = onnxq.QuantConfig(weight_bits=4, activation_bits=4, fuse_branches=True, **options, **FAST)
     return onnxq.quantize(model, data, config)
 
 
 @pytest.fixture
 def qprep(monkeypatch, calibration_data):
-    return _repvgg_quantized(monkeypatch, calibration_data, qprep=True)
+    """QPRep at its default: on."""
+    return _repvgg_quantized(monkeypatch, calibration_data)
 
 
 def test_qprep_gives_each_merged_conv_an_affine(qprep):
@@ -369,6 +372,7 @@ def test_qprep_absorbed_into_scales_and_bias_leaves_the_export_equal_to_the_mirr
         expected = (calibrated * rounding.channel_gain()).detach().numpy()
         np.testing.assert_allclose(qprep.refinement.weights[name].scale, expected, rtol=1e-6)
     plain = _repvgg_quantized(monkeypatch, calibration_data, qprep=False)
+    assert not plain.refinement.mirror.affine_weights
     assert Counter(n.op_type for n in qprep.model.graph.node) == Counter(
         n.op_type for n in plain.model.graph.node
     )
