@@ -457,7 +457,8 @@ DATA_FREE = Path(onnxq.correct.DATA_FREE)  # `--calib bn-stats`: inputs synthesi
 
 def seeds_settings(name: str) -> dict[str, Callable]:
     """Issue 15's pieces with and without, everything else equal: data-free calibration against
-    real data at W8A8 and W4A8, refinement with and without distribution correction at W4A4."""
+    real data at W8A8 and W4A8, activation Scale-Clip against percentile ranges at A4 and A6,
+    refinement with and without distribution correction at W4A4."""
     synthesised = "64"  # a forward and backward pass per sample and step: MobileNetV2 about 24 min
     budget = [] if "cifar" in name else ["--time-budget", "1800"]
     refine = ["--w-bits", "4", "--a-bits", "4", "--calib-method", "mse", "--no-speed-check", "--refine"]
@@ -469,6 +470,10 @@ def seeds_settings(name: str) -> dict[str, Callable]:
         settings[f"onnxq W{w}A8, data-free ({synthesised} synthesised)"] = lambda p, c, f=widths: (
             run_onnxq_cli(p, DATA_FREE, [*f, "--max-samples", synthesised])
         )
+    for a in (4, 6):  # GDRQ's activation Scale-Clip against the percentile rule it would replace
+        for rule in ("percentile", "scaleclip"):
+            flags = ["--a-bits", str(a), "--calib-method", rule, "--no-speed-check"]
+            settings[f"onnxq W8A{a}, {rule} activations"] = lambda p, c, f=flags: run_onnxq_cli(p, c, f)
     settings["onnxq W4A4 mse + --refine, no DC"] = lambda p, c: run_onnxq_cli(
         p, c, [*refine, "--no-distribution-correction"]
     )
