@@ -590,6 +590,20 @@ def zoo_views(entry: dict, names: list[str], values: list[np.ndarray]) -> dict[s
     return views
 
 
+def zoo_batch(entry: dict, default: int) -> int:
+    """The batch a zoo model runs in: its fixed batch dimension, or `default` where it has none."""
+    fixed = entry["inputs"][next(iter(entry["inputs"]))]["shape"][0]
+    return fixed if isinstance(fixed, int) and fixed > 0 else default
+
+
+def zoo_quantized_default(entry: dict) -> onnx.ModelProto:
+    """`onnxq.quantize` at its defaults, without the speed check (its plan follows this machine's
+    timings): the W8A8 model the noise tools take apart."""
+    zoo = zoo_dir()
+    config = onnxq.QuantConfig(speed_check=False)
+    return onnxq.quantize(zoo / entry["file"], str(zoo / entry["calib"]), config).model
+
+
 def zoo_measure(entry: dict) -> list[ZooRow]:
     """Float and each setting on the zoo model's evaluation samples; `onnxq quantize` in its own process."""
     zoo = zoo_dir()
@@ -597,8 +611,7 @@ def zoo_measure(entry: dict) -> list[ZooRow]:
     with np.load(zoo / entry["eval"]) as archive:
         feed = {name: archive[name] for name in entry["inputs"]}
         labels = archive["y"] if "y" in archive.files else None
-    fixed = entry["inputs"][next(iter(entry["inputs"]))]["shape"][0]
-    batch = fixed if isinstance(fixed, int) and fixed > 0 else 16
+    batch = zoo_batch(entry, 16)
     float_model = onnx.load(path)
     names = [o.name for o in float_model.graph.output]
     sample = {k: v[:batch] if batch == 1 else v[:1] for k, v in feed.items()}

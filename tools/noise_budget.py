@@ -31,9 +31,6 @@ from onnx import helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench
 
-import onnxq
-from onnxq.config import QuantConfig
-
 KINDS = ("detector", "segmentation")
 SAMPLES = 8  # evaluation samples each variant runs on
 TARGET_DB = 30.0  # issue 13's W8A8 target for detector and segmentation outputs
@@ -148,12 +145,10 @@ def budget(entry: dict) -> list[str]:
     zoo = bench.zoo_dir()
     with np.load(zoo / entry["eval"]) as archive:
         feed = {name: archive[name][:SAMPLES] for name in entry["inputs"]}
-    fixed = entry["inputs"][next(iter(entry["inputs"]))]["shape"][0]
-    batch = fixed if isinstance(fixed, int) and fixed > 0 else SAMPLES
+    batch = bench.zoo_batch(entry, SAMPLES)
     float_model = onnx.load(zoo / entry["file"])
     names = [o.name for o in float_model.graph.output]
-    config = QuantConfig(speed_check=False)
-    quantized = onnxq.quantize(zoo / entry["file"], str(zoo / entry["calib"]), config).model
+    quantized = bench.zoo_quantized_default(entry)
 
     def simulated(model: onnx.ModelProto) -> dict[str, np.ndarray]:
         """The outputs and their parts with every Q/DQ pair run in float (no int8 kernels)."""

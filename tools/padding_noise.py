@@ -23,9 +23,7 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench
-
-import onnxq
-from onnxq.config import QuantConfig
+from noise_budget import db
 
 STRIDES = (8, 16, 32)
 
@@ -52,8 +50,7 @@ def anchor_first(view: np.ndarray, anchors: int) -> np.ndarray | None:
 
 
 def sqnr(reference: np.ndarray, noise: np.ndarray) -> str:
-    power = float(np.square(noise).sum())
-    return "∞" if power == 0 else f"{10 * np.log10(float(np.square(reference).sum()) / power):.1f}"
+    return db(float(np.square(noise).sum() / np.square(reference).sum()))
 
 
 def rows_for(entry: dict) -> list[str]:
@@ -61,12 +58,10 @@ def rows_for(entry: dict) -> list[str]:
     name = next(iter(entry["inputs"]))
     with np.load(zoo / entry["eval"]) as archive:
         images = archive[name]
-    fixed = entry["inputs"][name]["shape"][0]
-    batch = fixed if isinstance(fixed, int) and fixed > 0 else 8
+    batch = bench.zoo_batch(entry, 8)
     float_model = onnx.load(zoo / entry["file"])
     names = [o.name for o in float_model.graph.output]
-    config = QuantConfig(speed_check=False)
-    quantized = onnxq.quantize(zoo / entry["file"], str(zoo / entry["calib"]), config).model
+    quantized = bench.zoo_quantized_default(entry)
     reference = bench.zoo_views(entry, names, bench.zoo_outputs(float_model, {name: images}, batch))
     got = bench.zoo_views(entry, names, bench.zoo_outputs(quantized, {name: images}, batch))
     padded = padded_anchors(images)
