@@ -38,7 +38,7 @@ bench: $(VENV)/.dev
 	$(BIN)/python tools/bench.py lowbit
 	$(BIN)/python tools/bench.py calib
 	$(BIN)/python tools/build_zoo.py
-	$(BIN)/python tools/bench.py zoo
+	$(BIN)/python tools/zoo_bench.py
 
 clean:
 	rm -rf $(VENV) build

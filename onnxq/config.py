@@ -186,13 +186,16 @@ class WeightRange(enum.Enum):
     """Integer range of 8-bit weights.
 
     x86 CPUs without VNNI compute u8×s8 products in pairs that saturate int16 when weights use
-    the full int8 range; a 7-bit range ([-63, 63]) never does. AUTO probes onnxruntime's own
-    kernels on this machine and picks FULL where they do not saturate.
+    the full int8 range; a 7-bit range ([-63, 63]) never does. UNSIGNED keeps the full range
+    and stores it as uint8 around zero point 128: onnxruntime then runs its u8×u8 kernels, which
+    widen to int16 before multiplying and never saturate, at some cost in speed. AUTO probes
+    onnxruntime's own kernels on this machine and picks FULL where they do not saturate.
     """
 
     AUTO = "auto"
     FULL = "full"
     REDUCED = "reduced"
+    UNSIGNED = "unsigned"
 
 
 @dataclass(frozen=True)

@@ -276,6 +276,7 @@ def _build(
         params,
         symmetric_weights=config.weight_symmetric,
         reduced_8bit_weights=choice.bits == 7,
+        unsigned_8bit_weights=choice.unsigned,
         weight_ratios=search.weight_ratios if search else None,
         biases={**(search.biases if search else {}), **(refined.biases if refined is not None else {})},
         refined_weights=refined.weights if refined is not None else None,

@@ -112,6 +112,44 @@ def test_saturating_kernels_get_seven_bit_weights(monkeypatch, small_model, cali
     assert max(np.abs(w).max() for w in weights) == 63
 
 
+def _minmax(weight_range: onnxq.WeightRange) -> onnxq.QuantConfig:
+    return onnxq.QuantConfig(calibration=onnxq.CalibrationMethod.MINMAX, weight_range=weight_range)
+
+
+@pytest.fixture(scope="module")
+def unsigned(small_model, calibration_data):
+    return onnxq.quantize(small_model, calibration_data, _minmax(onnxq.WeightRange.UNSIGNED))
+
+
+def test_unsigned_weights_hold_the_full_signed_range_around_128(unsigned, small_model, calibration_data):
+    """The integers of full-range int8 weights plus 128, with zero point 128: the same values."""
+    signed = onnxq.quantize(small_model, calibration_data, _minmax(onnxq.WeightRange.FULL))
+
+    def weights(model: onnx.ModelProto) -> dict[str, list[np.ndarray]]:
+        inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        nodes = {o: n for n in model.graph.node for o in n.output}
+        layers = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm") and n.input[1] in nodes]
+        return {n.name: [inits[name] for name in nodes[n.input[1]].input] for n in layers}
+
+    expected, got = weights(signed.model), weights(unsigned.model)
+    assert unsigned.int8_weight_bits == 8 and got.keys() == expected.keys() and got
+    for name, (q, scale, zero_point) in got.items():
+        q_signed, scale_signed, _ = expected[name]
+        assert q.dtype == np.uint8 and (zero_point == 128).all() and zero_point.dtype == np.uint8
+        np.testing.assert_array_equal(q.astype(np.int16) - 128, q_signed)
+        np.testing.assert_array_equal(scale, scale_signed)
+
+
+def test_unsigned_weights_run_exactly_on_the_integer_kernels(unsigned, calibration_data, tmp_path):
+    """u8×u8 kernels never saturate: the fused model computes what the QDQ graph says on any x86
+    CPU, full-range weights included, and every layer still runs on integer kernels."""
+    reference = session(unsigned.model, optimize=False).run(None, {"input": calibration_data})[0]
+    deployed = session(unsigned.model).run(None, {"input": calibration_data})[0]
+    assert np.abs(reference - deployed).max() <= 0.005 * np.abs(reference).max()
+    ops = optimized_ops(unsigned.model, tmp_path)
+    assert ops["QLinearConv"] == 3 and not ops["Conv"]
+
+
 def test_saturation_probe_agrees_with_an_exact_integer_sum():
     from onnxq.quant.kernels import int8_kernels_saturate
 

@@ -10,8 +10,7 @@ Suites (each rewrites only its own section of BENCHMARKS.md):
     reparam  the re-parameterized models of models/: unfused, fused, W8A8 (issue 3)
     lowbit   2-8 bits x granularity x weight range rule (issue 4)
     calib    scales chosen by error: mse, mae, pd, bias correction (issue 5)
-    zoo      real exported models of tools/build_zoo.py (cache, not ../shared): W8A8 default and
-             W4A8 mse, per-output cosine/SQNR, top-1, float vs quantized latency, peak memory
+    zoo      real exported models of tools/build_zoo.py: tools/zoo_bench.py, which this runs
 
     .venv/bin/python tools/bench.py w8a8 [--models resnet20_cifar10 ...] [--out BENCHMARKS.md]
 """
@@ -20,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import logging
 import os
 import re
 import subprocess
@@ -29,7 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -231,6 +228,9 @@ def w8a8_settings(name: str) -> dict[str, Callable]:
         ),
         "onnxq W8A8 auto, 7-bit weights": lambda p, c: run_onnxq(
             p, c, onnxq.QuantConfig(weight_range=onnxq.WeightRange.REDUCED)
+        ),
+        "onnxq W8A8 auto, unsigned 8-bit weights": lambda p, c: run_onnxq(
+            p, c, onnxq.QuantConfig(weight_range=onnxq.WeightRange.UNSIGNED)
         ),
         "onnxruntime quantize_static MinMax": lambda p, c: run_onnxruntime(p, c, "MinMax"),
         percentile_label: lambda p, c: run_onnxruntime(p, c[:128] if few else c, "Percentile"),
@@ -508,311 +508,6 @@ def qprep_settings(name: str) -> dict[str, Callable]:
     return settings
 
 
-# ----------------------------------------------------------------------------- zoo
-
-
-def zoo_dir() -> Path:
-    """tools/build_zoo.py's cache: $ONNXQ_ZOO or ~/.cache/onnxq/zoo."""
-    return Path(os.environ.get("ONNXQ_ZOO") or Path.home() / ".cache" / "onnxq" / "zoo").expanduser()
-
-
-def zoo_manifest() -> dict[str, dict]:
-    path = zoo_dir() / "zoo.json"
-    if not path.exists():
-        raise SystemExit(f"{path} is missing: build the zoo with tools/build_zoo.py")
-    return {m["name"]: m for m in json.loads(path.read_text())["models"]}
-
-
-ZOO_W8A8 = ("onnxq W8A8 (default)", [])
-ZOO_W8A8_MSE = ("onnxq W8A8 mse", ["--calib-method", "mse"])
-ZOO_W4A8 = ("onnxq W4A8 mse", ["--w-bits", "4", "--calib-method", "mse"])
-# the peer a user of onnxruntime has at hand: its own quantizer at its defaults (MinMax), QDQ,
-# per-channel weights, on the same calibration samples
-ZOO_PEER = "onnxruntime quantize_static W8A8 MinMax"
-WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
-
-@dataclass
-class ZooRow:
-    setting: str
-    error: str = ""
-    fidelity: dict[str, tuple[float, float]] = field(default_factory=dict)  # output → (cosine, SQNR dB)
-    top1: float | None = None
-    agreement: float | None = None
-    latency_ms: float | None = None
-    calib_s: float | None = None
-    peak_mb: float | None = None
-    size_kb: float | None = None
-    kernels: str = ""
-
-
-def has_weights(model: onnx.ModelProto) -> bool:
-    """A Conv/ConvTranspose/Gemm/MatMul whose second input is a stored tensor: weights to quantize."""
-    stored = {t.name for t in model.graph.initializer}
-    stored |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    return any(
-        n.op_type in WEIGHTED_OPS and len(n.input) > 1 and n.input[1] in stored for n in model.graph.node
-    )
-
-
-def zoo_outputs(
-    model: onnx.ModelProto, feed: dict[str, np.ndarray], batch: int, optimize: bool = True
-) -> list[np.ndarray]:
-    run = session(model, threads=THREADS, optimize=optimize).run
-    count = len(next(iter(feed.values())))
-    parts = [run(None, {k: v[i : i + batch] for k, v in feed.items()}) for i in range(0, count, batch)]
-    return [np.concatenate(p) for p in zip(*parts, strict=True)]
-
-
-def zoo_fidelity(entry: dict, names: list[str], reference, outputs) -> dict[str, tuple[float, float]]:
-    """Cosine and SQNR per output and, for detector heads, per part (boxes, scores) of an output."""
-    found = {}
-    wanted, got = zoo_views(entry, names, reference), zoo_views(entry, names, outputs)
-    for label, r in wanted.items():
-        a, b = r.ravel(), got[label].ravel()
-        noise = float(np.square(a - b).sum())
-        cosine = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
-        sqnr = 10 * np.log10(float(np.square(a).sum()) / noise) if noise > 0 else float("inf")
-        found[label] = (cosine, float(sqnr))
-    return found
-
-
-def zoo_views(entry: dict, names: list[str], values: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """Each output and, for detector heads, each part of it (boxes, scores), as float64."""
-    views = {}
-    for name, value in zip(names, values, strict=True):
-        views[name] = value.astype(np.float64)
-        spec = entry.get("parts", {}).get(name)
-        for part, (start, stop) in (spec or {}).get("parts", {}).items():
-            index = [slice(None)] * value.ndim
-            index[spec["axis"]] = slice(start, stop)
-            views[f"{name}[{part}]"] = value[tuple(index)].astype(np.float64)
-    return views
-
-
-def zoo_batch(entry: dict, default: int) -> int:
-    """The batch a zoo model runs in: its fixed batch dimension, or `default` where it has none."""
-    fixed = entry["inputs"][next(iter(entry["inputs"]))]["shape"][0]
-    return fixed if isinstance(fixed, int) and fixed > 0 else default
-
-
-def zoo_quantized_default(entry: dict) -> onnx.ModelProto:
-    """`onnxq.quantize` at its defaults, without the speed check (its plan follows this machine's
-    timings): the W8A8 model the noise tools take apart."""
-    zoo = zoo_dir()
-    config = onnxq.QuantConfig(speed_check=False)
-    return onnxq.quantize(zoo / entry["file"], str(zoo / entry["calib"]), config).model
-
-
-def zoo_measure(entry: dict) -> list[ZooRow]:
-    """Float and each setting on the zoo model's evaluation samples; `onnxq quantize` in its own process."""
-    zoo = zoo_dir()
-    path, calib = zoo / entry["file"], zoo / entry["calib"]
-    with np.load(zoo / entry["eval"]) as archive:
-        feed = {name: archive[name] for name in entry["inputs"]}
-        labels = archive["y"] if "y" in archive.files else None
-    batch = zoo_batch(entry, 16)
-    float_model = onnx.load(path)
-    names = [o.name for o in float_model.graph.output]
-    sample = {k: v[:batch] if batch == 1 else v[:1] for k, v in feed.items()}
-    reference = zoo_outputs(float_model, feed, batch)
-    classifier = entry["kind"] == "classifier"
-
-    def scored(row: ZooRow, model: onnx.ModelProto, outputs: list[np.ndarray]) -> ZooRow:
-        row.fidelity = zoo_fidelity(entry, names, reference, outputs)
-        if classifier:
-            predicted = outputs[0].reshape(len(outputs[0]), -1).argmax(1)
-            row.agreement = float((predicted == reference[0].reshape(len(predicted), -1).argmax(1)).mean())
-            row.top1 = float((predicted == labels).mean()) if labels is not None else None
-        row.size_kb = len(model.SerializeToString()) / 1024
-        row.kernels = kernel_summary(model)
-        return row
-
-    rows, models = [scored(ZooRow("float"), float_model, reference)], [float_model]
-    weighted = has_weights(float_model)
-    settings = [ZOO_W8A8] + ([ZOO_W8A8_MSE, ZOO_W4A8] if weighted else [])
-    runners = {label: lambda flags=flags: run_onnxq_cli(path, calib, flags) for label, flags in settings}
-    if weighted:
-        runners[ZOO_PEER] = lambda: (*_onnxruntime_zoo(path, calib, list(entry["inputs"]), batch), None)
-    for setting, quantize in runners.items():
-        print(f"  {entry['name']}: {setting}", flush=True)
-        try:
-            model, seconds, peak = quantize()
-            outputs = zoo_outputs(model, feed, batch)
-        except Exception as err:  # a model a tool cannot quantize or run is a result: its error
-            message = str(err).splitlines()[0] if str(err) else type(err).__name__
-            print(f"    failed: {message[:200]}", flush=True)
-            rows.append(ZooRow(setting, error=message))
-            continue
-        row = scored(ZooRow(setting, calib_s=seconds, peak_mb=peak), model, outputs)
-        worst = min(row.fidelity.values())
-        print(f"    worst cosine {worst[0]:.5f}, {seconds:.1f} s, {peak or 0:.0f} MB", flush=True)
-        rows.append(row)
-        models.append(model)
-    timed = [row for row in rows if not row.error]
-    for row, milliseconds in zip(timed, side_by_side_ms(models, sample), strict=True):
-        row.latency_ms = milliseconds
-    return rows
-
-
-def _onnxruntime_zoo(path: Path, calib: Path, inputs: list[str], batch: int) -> tuple[onnx.ModelProto, float]:
-    """onnxruntime's quantize_static on all of a zoo model's calibration samples, after the
-    pre-processing its documentation asks for (shape inference, graph optimisation) where that
-    runs; the time includes it."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    with np.load(calib) as archive:
-        feed = {name: archive[name] for name in inputs}
-    # quant_pre_process leaves files in the working directory; both log advice and bias notes
-    with tempfile.TemporaryDirectory() as folder, contextlib.chdir(folder), _quiet_logging():
-        prepared = Path(folder) / "prepared.onnx"
-        start = time.perf_counter()
-        try:
-            quant_pre_process(str(path), str(prepared))
-        except Exception:  # the quantizer also runs without it, as a user would then run it
-            prepared = path
-        model, _ = run_onnxruntime(prepared, feed, "MinMax", batch=batch)
-        return model, time.perf_counter() - start
-
-
-@contextlib.contextmanager
-def _quiet_logging():
-    """Log records below ERROR dropped while inside; the root level as it was afterwards."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-
-
-def zoo_markdown(entry: dict, rows: list[ZooRow]) -> str:
-    with np.load(zoo_dir() / entry["calib"]) as archive:
-        calib = {k: list(archive[k].shape) for k in archive.files}
-    peer = ""
-    if any(r.setting == ZOO_PEER for r in rows):
-        peer = (
-            f"; {ZOO_PEER}: onnxruntime's quantizer at its defaults with QDQ and per-channel weights, "
-            "after its quant_pre_process, in this process, on the same samples"
-        )
-    shapes = "; ".join(
-        f"`{k}` [{', '.join(map(str, v['shape']))}] {v['dtype']}" for k, v in entry["inputs"].items()
-    )
-    lines = [
-        f"## Zoo: {entry['name']} ({entry['kind']}, opset {entry['opset']})",
-        "",
-        f"{entry['exporter']}. Origin: {entry['origin']}. Licence: {entry['licence']}. Input {shapes}: "
-        f"{entry['layout']}. {entry['notes']}.",
-        "",
-        f"Calibration: {', '.join(f'{v[0]} samples of {v[1:]}' for v in calib.values())} "
-        f"(`{entry['calib']}`, all of them, `onnxq quantize` otherwise at its defaults, in its own process: "
-        f"calib. s is its wall time, peak MB its peak resident memory{peer}). Evaluation: "
-        f"{next(iter(entry['samples']['eval'].values()))[0]} samples. "
-        f"Latency: batch 1, {THREADS} threads, float and every setting timed side by side "
-        "in interleaved blocks once all are built (onnxq.speed).",
-        "",
-    ]
-    labels = list(dict.fromkeys(k for r in rows for k in r.fidelity))  # outputs, then their parts
-    classifier = entry["kind"] == "classifier"
-    header = ["setting"] + [f"{k} cosine / SQNR dB" for k in labels]
-    header += ["top-1 %", "agreement %"] if classifier else []
-    header += ["latency ms", "×float", "calib. s", "peak MB", "size KB", "kernels"]
-    lines += ["| " + " | ".join(header) + " |", "|" + " --- |" + " ---: |" * (len(header) - 2) + " --- |"]
-    float_ms = rows[0].latency_ms or float("nan")
-    for r in rows:
-        if r.error:
-            cells = [f"{r.setting} (failed: {r.error})"] + [""] * (len(header) - 1)
-        else:
-            cells = [r.setting] + [
-                f"{r.fidelity[k][0]:.5f} / {r.fidelity[k][1]:.1f}" if r.setting != "float" else "1 / ∞"
-                for k in labels
-            ]
-            if classifier:
-                cells += ["" if r.top1 is None else f"{100 * r.top1:.1f}", f"{100 * (r.agreement or 0):.1f}"]
-            cells += [
-                f"{r.latency_ms:.2f}",
-                f"{r.latency_ms / float_ms:.2f}",
-                "" if r.calib_s is None else f"{r.calib_s:.1f}",
-                "" if r.peak_mb is None else f"{r.peak_mb:.0f}",
-                f"{r.size_kb:.0f}",
-                r.kernels,
-            ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def zoo_summary(results: dict[str, tuple[dict, list[ZooRow]]]) -> str:
-    """One line per model: worst output at each setting, against the issue's targets."""
-    lines = [
-        "## Zoo summary: real exported models at W8A8 (default), W8A8 mse and W4A8 mse, against "
-        "onnxruntime's quantize_static",
-        "",
-        "Worst cosine / SQNR over each model's outputs and output parts (detector boxes and scores apart). "
-        "Issue targets at W8A8: cosine ≥ 0.999 and SQNR ≥ 30 dB on detector and segmentation outputs, "
-        "≤ 1 point of top-1 lost on classifiers. Tables per model below.",
-        "",
-        "| model | kind | exporter | opset | W8A8 worst cos / SQNR | W8A8 top-1 Δ | W8A8 target | "
-        "W8A8 mse worst cos / SQNR | W4A8 mse worst cos / SQNR | onnxruntime W8A8 worst cos / SQNR | "
-        "float ms | W8A8 ms | W4A8 ms | onnxruntime W8A8 ms | W8A8 calib. s | W8A8 peak MB |",
-        "| --- | --- | --- |" + " ---: |" * 3 + " --- |" + " ---: |" * 9,
-    ]
-    for name, (entry, rows) in results.items():
-        by = {r.setting: r for r in rows}
-        base, w8, w4 = by["float"], by.get(ZOO_W8A8[0]), by.get(ZOO_W4A8[0])
-        w8_mse, peer = by.get(ZOO_W8A8_MSE[0]), by.get(ZOO_PEER)
-
-        def worst(row):
-            if row is None:
-                return "—"
-            if row.error:  # onnxruntime's messages end with the reason: "... Error <reason>"
-                return f"failed: {row.error.rsplit('Error ', 1)[-1][:90]}"
-            cos, sq = min(row.fidelity.values())[0], min(v[1] for v in row.fidelity.values())
-            return f"{cos:.5f} / {sq:.1f}"
-
-        def ms(row):
-            return "" if row is None or row.error else f"{row.latency_ms:.2f}"
-
-        delta, target = "", ""
-        if w8 is not None and not w8.error:
-            if entry["kind"] == "classifier" and w8.top1 is not None and base.top1 is not None:
-                delta = f"{100 * (w8.top1 - base.top1):+.1f}"
-                target = "met" if base.top1 - w8.top1 <= 0.01 else "missed"
-            elif entry["kind"] == "classifier":
-                delta = f"agreement {100 * (w8.agreement or 0):.1f} %"
-            else:
-                ok = all(c >= 0.999 and s >= 30 for c, s in w8.fidelity.values())
-                target = "met" if ok else "missed"
-        exporter = entry["exporter"].split(" (")[0].split(",")[0]
-        lines.append(
-            f"| {name} | {entry['kind']} | {exporter} | {entry['opset']} "
-            f"| {worst(w8)} | {delta} | {target} | {worst(w8_mse)} | {worst(w4)} | {worst(peer)} "
-            f"| {ms(base)} | {ms(w8)} | {ms(w4)} | {ms(peer)} "
-            f"| {'' if w8 is None or w8.calib_s is None else f'{w8.calib_s:.1f}'} "
-            f"| {'' if w8 is None or w8.peak_mb is None else f'{w8.peak_mb:.0f}'} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def run_zoo(models: list[str] | None, out: Path) -> None:
-    manifest = zoo_manifest()
-    unknown = [m for m in models or [] if m not in manifest]
-    if unknown:
-        raise SystemExit(f"not in the zoo: {', '.join(unknown)} (have: {', '.join(manifest)})")
-    machine = machine_description()
-    if not models and "<!-- suite: zoo -->" not in (out.read_text() if out.exists() else ""):
-        write_section(out, "zoo", "## Zoo summary\n\n(being measured)\n", machine)  # placed first
-    results = {}
-    for name in models or list(manifest):
-        entry = manifest[name]
-        rows = zoo_measure(entry)
-        results[name] = (entry, rows)
-        write_section(out, f"zoo/{name}", zoo_markdown(entry, rows), machine)
-        print("wrote", name, "to", out, flush=True)
-    if not models:  # the summary only from a run over the whole zoo
-        write_section(out, "zoo", zoo_summary(results), machine)
-
-
 SUITES = {
     "calib": (calib_settings, LOW_BIT_SAMPLES, False),
     "w8a8": (w8a8_settings, CALIBRATION_SAMPLES, True),
@@ -999,7 +694,9 @@ def main() -> None:
     parser.add_argument("--exact", action="store_true", help="--only names whole labels.")
     args = parser.parse_args()
     if args.suite == "zoo":  # the zoo's own cache, not ../shared
-        run_zoo(args.models, args.out)
+        import zoo_bench  # it imports this module's helpers: imported here, not at the top
+
+        zoo_bench.run_zoo(args.models, args.out)
         return
     if not SHARED.is_dir():
         raise SystemExit(f"{SHARED} is missing: the benchmark needs ../shared")

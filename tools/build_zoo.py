@@ -3,7 +3,7 @@
 Writes, into $ONNXQ_ZOO (default ~/.cache/onnxq/zoo), for each model `<name>.onnx` (plus
 `<name>.onnx.data` where it is saved with external data), `<name>.calib.npz` and `<name>.eval.npz`
 (input name → array; labels, where they are known, under `y` in the eval file) and `zoo.json`, the
-manifest the tests (tests/test_zoo.py) and the benchmark (`tools/bench.py zoo`) read. Idempotent:
+manifest the tests (tests/test_zoo.py) and the benchmark (`tools/zoo_bench.py`) read. Idempotent:
 what is already there is kept (`--force` rebuilds), so a second run costs a second.
 
 Two kinds of model (models/README.md lists each with its origin and licence):

@@ -30,6 +30,7 @@ from onnx import helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench
+import zoo_bench
 
 KINDS = ("detector", "segmentation")
 SAMPLES = 8  # evaluation samples each variant runs on
@@ -142,17 +143,17 @@ def pairs_for_target(full: float, weights: float, unrounded: float, costs: np.nd
 
 def budget(entry: dict) -> list[str]:
     """Table rows for one zoo model: per output view, the noise split."""
-    zoo = bench.zoo_dir()
+    zoo = zoo_bench.zoo_dir()
     with np.load(zoo / entry["eval"]) as archive:
         feed = {name: archive[name][:SAMPLES] for name in entry["inputs"]}
-    batch = bench.zoo_batch(entry, SAMPLES)
+    batch = zoo_bench.zoo_batch(entry, SAMPLES)
     float_model = onnx.load(zoo / entry["file"])
     names = [o.name for o in float_model.graph.output]
-    quantized = bench.zoo_quantized_default(entry)
+    quantized = zoo_bench.zoo_quantized_default(entry)
 
     def simulated(model: onnx.ModelProto) -> dict[str, np.ndarray]:
         """The outputs and their parts with every Q/DQ pair run in float (no int8 kernels)."""
-        return bench.zoo_views(entry, names, bench.zoo_outputs(model, feed, batch, optimize=False))
+        return zoo_bench.zoo_views(entry, names, zoo_bench.zoo_outputs(model, feed, batch, optimize=False))
 
     reference = simulated(float_model)
 
@@ -186,7 +187,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="*")
     parser.add_argument("--out", type=Path, default=bench.ROOT / "BENCHMARKS.md")
     args = parser.parse_args()
-    manifest = bench.zoo_manifest()
+    manifest = zoo_bench.zoo_manifest()
     names = args.models or [name for name, entry in manifest.items() if entry["kind"] in KINDS]
     lines = [
         "## Zoo: where the W8A8 output noise comes from (issue 13's 30 dB target)",

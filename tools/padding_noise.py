@@ -23,6 +23,7 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench
+import zoo_bench
 from noise_budget import db
 
 STRIDES = (8, 16, 32)
@@ -54,16 +55,16 @@ def sqnr(reference: np.ndarray, noise: np.ndarray) -> str:
 
 
 def rows_for(entry: dict) -> list[str]:
-    zoo = bench.zoo_dir()
+    zoo = zoo_bench.zoo_dir()
     name = next(iter(entry["inputs"]))
     with np.load(zoo / entry["eval"]) as archive:
         images = archive[name]
-    batch = bench.zoo_batch(entry, 8)
+    batch = zoo_bench.zoo_batch(entry, 8)
     float_model = onnx.load(zoo / entry["file"])
     names = [o.name for o in float_model.graph.output]
-    quantized = bench.zoo_quantized_default(entry)
-    reference = bench.zoo_views(entry, names, bench.zoo_outputs(float_model, {name: images}, batch))
-    got = bench.zoo_views(entry, names, bench.zoo_outputs(quantized, {name: images}, batch))
+    quantized = zoo_bench.zoo_quantized_default(entry)
+    reference = zoo_bench.zoo_views(entry, names, zoo_bench.zoo_outputs(float_model, {name: images}, batch))
+    got = zoo_bench.zoo_views(entry, names, zoo_bench.zoo_outputs(quantized, {name: images}, batch))
     padded = padded_anchors(images)
     rows = []
     for view, values in reference.items():
@@ -85,7 +86,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="*")
     parser.add_argument("--out", type=Path, default=bench.ROOT / "BENCHMARKS.md")
     args = parser.parse_args()
-    manifest = bench.zoo_manifest()
+    manifest = zoo_bench.zoo_manifest()
     names = args.models or [name for name, entry in manifest.items() if entry["kind"] == "detector"]
     lines = [
         "## Zoo: detector noise over letterbox padding and over the image (issue 13's 30 dB target)",

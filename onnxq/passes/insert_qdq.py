@@ -8,6 +8,7 @@ initializers, which is what lets onnxruntime drop the pair around shape-only ops
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,13 +78,16 @@ def insert_qdq(
     *,
     symmetric_weights: bool = True,
     reduced_8bit_weights: bool = False,
+    unsigned_8bit_weights: bool = False,
     weight_ratios: dict[str, np.ndarray] | None = None,
     biases: dict[str, np.ndarray] | None = None,
     refined_weights: dict[str, QuantizedWeight] | None = None,
 ) -> QdqSummary:
     """Rewrite `graph` in place into its QDQ form.
 
-    `reduced_8bit_weights` keeps 8-bit weights within [-63, 63] (for int8 kernels that saturate).
+    `reduced_8bit_weights` keeps 8-bit weights within [-63, 63] (for int8 kernels that saturate);
+    `unsigned_8bit_weights` stores symmetric 8-bit weights as uint8 around zero point 128 (the
+    same values, for onnxruntime's u8×u8 kernels, which never saturate).
     `weight_ratios` (per weight, one per scale group) and `biases` (corrected float biases) are
     what calibration chose; weights without a ratio use their range rule as it is.
     `refined_weights` are integers and scales rounding refinement learned; they are written as
@@ -100,6 +104,8 @@ def insert_qdq(
         quantized = refined_weights.get(name) or planned_weight(
             constant(values[name]), spec, target, weight_ratios.get(name)
         )
+        if unsigned_8bit_weights:
+            quantized = offset_to_unsigned(quantized)
         weight_scales[name] = _quantize_weight(graph, values[name], spec, quantized)
     for spec in plan.biases.values():
         weight_scale = weight_scales[spec.weight]
@@ -139,6 +145,24 @@ def weight_target(spec: WeightSpec, symmetric: bool, reduced_8bit: bool) -> P.In
     if not symmetric:
         return P.IntRange.unsigned(spec.bits)
     return P.IntRange.signed(7 if spec.bits == 8 and reduced_8bit else spec.bits)
+
+
+def offset_to_unsigned(quantized: QuantizedWeight) -> QuantizedWeight:
+    """Symmetric 8-bit weights as uint8 around zero point 128: the same dequantized values.
+
+    onnxruntime picks its kernel by the weight type: u8×s8 multiplies bytes in pairs summed in
+    int16 (saturating without VNNI), u8×u8 widens to int16 first and stays exact.
+    """
+    target = quantized.target
+    if not target.signed_type or target.qmax != 127:
+        return quantized
+    offset = P.IntRange(target.qmin + 128, target.qmax + 128, np.uint8)
+    return dataclasses.replace(
+        quantized,
+        integers=(quantized.integers.astype(np.int16) + 128).astype(np.uint8),
+        zero_point=(np.asarray(quantized.zero_point).astype(np.int16) + 128).astype(np.uint8),
+        target=offset,
+    )
 
 
 def _container(values: np.ndarray, target: P.IntRange, at_least: int = 0) -> np.ndarray:

@@ -28,6 +28,7 @@ class WeightRangeChoice:
 
     bits: int  # 8 = [-127, 127]; 7 = [-63, 63]
     reason: str
+    unsigned: bool = False  # stored as uint8 around zero point 128 (u8×u8 kernels)
 
 
 def choose_weight_range(requested: WeightRange) -> WeightRangeChoice:
@@ -35,6 +36,8 @@ def choose_weight_range(requested: WeightRange) -> WeightRangeChoice:
         return WeightRangeChoice(8, "full int8 range [-127, 127], as requested")
     if requested is WeightRange.REDUCED:
         return WeightRangeChoice(7, "7-bit weight range [-63, 63], as requested")
+    if requested is WeightRange.UNSIGNED:
+        return WeightRangeChoice(8, UNSIGNED_REASON + ", as requested", unsigned=True)
     if int8_kernels_saturate():
         return WeightRangeChoice(
             7,
@@ -46,6 +49,12 @@ def choose_weight_range(requested: WeightRange) -> WeightRangeChoice:
         "full int8 range [-127, 127]: onnxruntime's int8 kernels on this CPU do not saturate; "
         "pass --int8-range reduced for models deployed on x86 CPUs without VNNI",
     )
+
+
+UNSIGNED_REASON = (
+    "full 8-bit weights stored as uint8 around zero point 128 (onnxruntime's u8×u8 kernels, "
+    "which never saturate)"
+)
 
 
 @functools.cache
