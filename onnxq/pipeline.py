@@ -59,7 +59,7 @@ from onnxq.passes.insert_qdq import (
 )
 from onnxq.passes.simplify import simplify
 from onnxq.progress import Progress, Silent
-from onnxq.quant.kernels import choose_weight_range
+from onnxq.quant.kernels import WeightRangeChoice, choose_weight_range
 from onnxq.quant.plan import QuantPlan, plan_quantization
 from onnxq.refine import require_refinement
 
@@ -171,7 +171,7 @@ def quantize(
                 progress,
             )
         if searched:
-            search = _search(float_model, plan, data, ranges, config, choice.bits == 7, progress)
+            search = _search(float_model, plan, data, ranges, config, choice, progress)
             ranges = {plan.activations[root].observed: r for root, r in search.ranges.items()}
             notes += _search_notes(search)
         if config.refine:
@@ -191,7 +191,7 @@ def quantize(
                 search,
                 data,
                 config,
-                choice.bits == 7,
+                choice,
                 progress,
                 spent,
                 affine,
@@ -275,8 +275,7 @@ def _build(
         plan,
         params,
         symmetric_weights=config.weight_symmetric,
-        reduced_8bit_weights=choice.bits == 7,
-        unsigned_8bit_weights=choice.unsigned,
+        int8_range=choice,
         weight_ratios=search.weight_ratios if search else None,
         biases={**(search.biases if search else {}), **(refined.biases if refined is not None else {})},
         refined_weights=refined.weights if refined is not None else None,
@@ -317,7 +316,9 @@ def _gather(stream) -> tuple[dict[str, np.ndarray], int]:
     return data, len(next(iter(data.values())))
 
 
-def _search(float_model, plan, data, ranges, config: QuantConfig, reduced: bool, progress) -> SearchResult:
+def _search(
+    float_model, plan, data, ranges, config: QuantConfig, int8_range: WeightRangeChoice, progress
+) -> SearchResult:
     """Scales chosen by error in onnxruntime (or fixed ranges with bias correction only)."""
     method = config.calibration.value if config.calibration.searched else "fixed"
     settings = SearchSettings(
@@ -325,7 +326,7 @@ def _search(float_model, plan, data, ranges, config: QuantConfig, reduced: bool,
         bias_correction=config.corrects_bias,
         symmetric_weights=config.weight_symmetric,
         symmetric_activations=config.activation_symmetric,
-        reduced_8bit_weights=reduced,
+        int8_range=int8_range,
         pd_lambda=config.pd_lambda,
         holdout=config.holdout if method == "pd" else 0.0,
         seed=config.seed,
@@ -347,7 +348,7 @@ def _refine(
     search,
     data,
     config: QuantConfig,
-    reduced: bool,
+    int8_range: WeightRangeChoice,
     progress,
     spent: float,
     affine_layers: set[str],
@@ -365,7 +366,7 @@ def _refine(
         name: planned_weight(
             constant(graph.initializers[name]),
             spec,
-            weight_target(spec, config.weight_symmetric, reduced),
+            weight_target(spec, config.weight_symmetric, int8_range),
             ratios.get(name),
         )
         for name, spec in plan.weights.items()

@@ -43,10 +43,12 @@ def test_onnxruntime_fuses_every_layer_into_integer_kernels(quantized, tmp_path)
 
 @pytest.mark.parametrize("saturating", [False, True], ids=["vnni", "no-vnni"])
 def test_weights_and_biases_match_the_numpy_reference(monkeypatch, small_model, calibration_data, saturating):
-    """Both kernel paths: the probe's answer is forced, so the test holds on any x86 CPU."""
+    """Both kernel paths: the probes' answers are forced, so the test holds on any x86 CPU. The
+    depthwise conv keeps the full range on both (its kernel does not saturate)."""
     import onnxq.quant.kernels as kernels
 
     monkeypatch.setattr(kernels, "int8_kernels_saturate", lambda: saturating)
+    monkeypatch.setattr(kernels, "depthwise_kernels_saturate", lambda: False)
     quantized = onnxq.quantize(
         small_model, calibration_data, onnxq.QuantConfig(calibration=onnxq.CalibrationMethod.MINMAX)
     )
@@ -55,8 +57,9 @@ def test_weights_and_biases_match_the_numpy_reference(monkeypatch, small_model, 
     nodes = {o: n for n in quantized.model.graph.node for o in n.output}
     convs = [n for n in quantized.model.graph.node if n.op_type == "Conv"]
     float_inits = {t.name: numpy_helper.to_array(t) for t in small_model.graph.initializer}
-    target = P.IntRange.signed(quantized.int8_weight_bits)
     for conv in convs:
+        depthwise = any(a.name == "group" and a.i > 1 for a in conv.attribute)
+        target = P.IntRange.signed(8 if depthwise else quantized.int8_weight_bits)
         w_dq = nodes[conv.input[1]]
         q, scale, zp = (inits[name] for name in w_dq.input)
         assert q.dtype == np.int8 and scale.shape == (q.shape[0],) and not zp.any()
@@ -98,18 +101,51 @@ def test_metadata_records_the_config_and_weight_range(quantized):
     assert "weight range" in meta["onnxq.weight_range"] or "int8 range" in meta["onnxq.weight_range"]
 
 
-def test_saturating_kernels_get_seven_bit_weights(monkeypatch, small_model, calibration_data):
+@pytest.mark.parametrize(
+    "depthwise_saturates", [False, True], ids=["depthwise-exact", "depthwise-saturating"]
+)
+def test_saturating_kernels_get_seven_bit_weights(
+    monkeypatch, small_model, calibration_data, depthwise_saturates
+):
+    """Where the GEMM kernels saturate, their layers' weights keep within [-63, 63]; the depthwise
+    conv keeps [-127, 127] unless its own kernel's probe saturates too. Both probes are forced."""
     import onnxq.quant.kernels as kernels
 
     monkeypatch.setattr(kernels, "int8_kernels_saturate", lambda: True)
+    monkeypatch.setattr(kernels, "depthwise_kernels_saturate", lambda: depthwise_saturates)
     result = onnxq.quantize(small_model, calibration_data[:8])
     assert result.int8_weight_bits == 7
-    weights = [
-        numpy_helper.to_array(t)
-        for t in result.model.graph.initializer
-        if t.data_type == onnx.TensorProto.INT8
-    ]
-    assert max(np.abs(w).max() for w in weights) == 63
+    inits = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    nodes = {o: n for n in result.model.graph.node for o in n.output}
+    layers = [n for n in result.model.graph.node if n.op_type in ("Conv", "Gemm") and n.input[1] in nodes]
+    largest = {}
+    for layer in layers:
+        group = next((a.i for a in layer.attribute if a.name == "group"), 1)
+        largest[group > 1] = max(
+            largest.get(group > 1, 0), np.abs(inits[nodes[layer.input[1]].input[0]]).max()
+        )
+    assert largest == {False: 63, True: 63 if depthwise_saturates else 127}
+
+
+def test_depthwise_weights_at_full_range_run_exactly_where_gemm_kernels_saturate(
+    monkeypatch, small_model, calibration_data
+):
+    """The exemption holds on this CPU's kernels: the fused model computes what the QDQ graph says."""
+    import onnxq.quant.kernels as kernels
+
+    monkeypatch.setattr(kernels, "int8_kernels_saturate", lambda: True)
+    result = onnxq.quantize(small_model, calibration_data, _minmax(onnxq.WeightRange.AUTO))
+    if kernels.depthwise_kernels_saturate():
+        pytest.skip("this CPU's depthwise int8 kernel saturates: its weights take 7 bits too")
+    reference = session(result.model, optimize=False).run(None, {"input": calibration_data})[0]
+    deployed = session(result.model).run(None, {"input": calibration_data})[0]
+    assert np.abs(reference - deployed).max() <= 0.005 * np.abs(reference).max()
+
+
+def test_saturation_probes_answer_on_this_cpu():
+    from onnxq.quant.kernels import depthwise_kernels_saturate, int8_kernels_saturate
+
+    assert isinstance(int8_kernels_saturate(), bool) and isinstance(depthwise_kernels_saturate(), bool)
 
 
 def _minmax(weight_range: onnxq.WeightRange) -> onnxq.QuantConfig:
@@ -148,12 +184,6 @@ def test_unsigned_weights_run_exactly_on_the_integer_kernels(unsigned, calibrati
     assert np.abs(reference - deployed).max() <= 0.005 * np.abs(reference).max()
     ops = optimized_ops(unsigned.model, tmp_path)
     assert ops["QLinearConv"] == 3 and not ops["Conv"]
-
-
-def test_saturation_probe_agrees_with_an_exact_integer_sum():
-    from onnxq.quant.kernels import int8_kernels_saturate
-
-    assert isinstance(int8_kernels_saturate(), bool)
 
 
 def test_resnet20_from_shared_keeps_its_accuracy():

@@ -226,7 +226,7 @@ def w8a8_settings(name: str) -> dict[str, Callable]:
         "onnxq W8A8 minmax": lambda p, c: run_onnxq(
             p, c, onnxq.QuantConfig(calibration=onnxq.CalibrationMethod.MINMAX)
         ),
-        "onnxq W8A8 auto, 7-bit weights": lambda p, c: run_onnxq(
+        "onnxq W8A8 auto, reduced 8-bit weights": lambda p, c: run_onnxq(
             p, c, onnxq.QuantConfig(weight_range=onnxq.WeightRange.REDUCED)
         ),
         "onnxq W8A8 auto, unsigned 8-bit weights": lambda p, c: run_onnxq(

@@ -1,7 +1,8 @@
-"""How 8-bit weights should be stored on this machine: 7-bit range, unsigned, or full int8.
+"""How 8-bit weights should be stored on this machine: reduced, unsigned, or full int8.
 
-On x86 CPUs without VNNI onnxruntime's u8×s8 kernels saturate with full-range int8 weights, so
-`--int8-range auto` needs another form there: a 7-bit range ([-63, 63], half the resolution), or
+On x86 CPUs without VNNI onnxruntime's u8×s8 GEMM kernels saturate with full-range int8 weights,
+so `--int8-range auto` needs another form there: reduced (a 7-bit range, [-63, 63], for the layers
+on those kernels; depthwise convolutions keep the full range where their own kernel is exact), or
 the full range stored as uint8 around zero point 128 (u8×u8 kernels: exact, but slower). Each zoo
 model with weights is quantized at the default W8A8 with each form and scored against float on
 its evaluation samples (worst output cosine / SQNR, top-1 where labelled), and timed at batch 1
@@ -24,7 +25,7 @@ import bench
 import zoo_bench
 
 FORMS = [
-    ("7-bit", ["--int8-range", "reduced"]),
+    ("reduced", ["--int8-range", "reduced"]),
     ("unsigned", ["--int8-range", "unsigned"]),
     ("full int8", ["--int8-range", "full"]),
 ]
@@ -56,10 +57,11 @@ def main() -> None:
     ]
     labels = [(f"onnxq W8A8, {form} weights", flags) for form, flags in FORMS]
     lines = [
-        "## 8-bit weights on a CPU without VNNI: 7-bit range, unsigned, full int8 (tools/int8_range.py)",
+        "## 8-bit weights on a CPU without VNNI: reduced, unsigned, full int8 (tools/int8_range.py)",
         "",
-        "Each zoo model with weights at the default W8A8, its 8-bit weights stored three ways: a 7-bit "
-        "range ([-63, 63]), the full range as uint8 around zero point 128 (onnxruntime's u8×u8 "
+        "Each zoo model with weights at the default W8A8, its 8-bit weights stored three ways: reduced "
+        "(a 7-bit range, [-63, 63], except depthwise convolutions, whose kernel does not saturate), "
+        "the full range as uint8 around zero point 128 (onnxruntime's u8×u8 "
         "kernels), and full int8 (u8×s8 kernels, which saturate on x86 without VNNI). Worst cosine / "
         "SQNR dB over the outputs and output parts on the evaluation samples (top-1 Δ where "
         "labelled); batch-1 ms on 2 threads, float and the three forms timed side by side.",

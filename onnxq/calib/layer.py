@@ -34,9 +34,7 @@ class LayerProbe:
         plan = sweep.plan
         self.spec = plan.weights[node.input[1]]
         self.weight = sweep.sim.float_params[self.spec.name]
-        self.target = weight_target(
-            self.spec, sweep.settings.symmetric_weights, sweep.settings.reduced_8bit_weights
-        )
+        self.target = weight_target(self.spec, sweep.settings.symmetric_weights, sweep.settings.int8_range)
         bias = node.input[2] if len(node.input) > 2 and node.input[2] in sweep.sim.float_params else ""
         self.bias_name = bias
         self.float_bias = sweep.sim.float_params[bias] if bias else None

@@ -29,6 +29,7 @@ from onnxq.calib.layer import BIAS_SAMPLES, LayerProbe
 from onnxq.calib.simulate import Arrays, Item, Segment, Simulation, fake_quant_feed
 from onnxq.passes.insert_qdq import activation_quantizer
 from onnxq.progress import Progress
+from onnxq.quant.kernels import FULL_RANGE, WeightRangeChoice
 from onnxq.quant.plan import QuantPlan
 from onnxq.quant.weights import group_membership
 
@@ -45,7 +46,7 @@ class SearchSettings:
     bias_correction: bool = True
     symmetric_weights: bool = True
     symmetric_activations: bool = False
-    reduced_8bit_weights: bool = False
+    int8_range: WeightRangeChoice = FULL_RANGE
     pd_lambda: float = 0.1
     holdout: float = 0.2
     seed: int = 0

@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from onnxq.passes.graph_utils import bypass, constant, drop_unused_initializers, set_initializer
 from onnxq.quant import primitives as P
+from onnxq.quant.kernels import FULL_RANGE, WeightRangeChoice
 from onnxq.quant.plan import QuantPlan, WeightSpec
 from onnxq.quant.weights import QuantizedWeight, quantize_weight
 
@@ -77,17 +78,16 @@ def insert_qdq(
     params: ActivationParams,
     *,
     symmetric_weights: bool = True,
-    reduced_8bit_weights: bool = False,
-    unsigned_8bit_weights: bool = False,
+    int8_range: WeightRangeChoice = FULL_RANGE,
     weight_ratios: dict[str, np.ndarray] | None = None,
     biases: dict[str, np.ndarray] | None = None,
     refined_weights: dict[str, QuantizedWeight] | None = None,
 ) -> QdqSummary:
     """Rewrite `graph` in place into its QDQ form.
 
-    `reduced_8bit_weights` keeps 8-bit weights within [-63, 63] (for int8 kernels that saturate);
-    `unsigned_8bit_weights` stores symmetric 8-bit weights as uint8 around zero point 128 (the
-    same values, for onnxruntime's u8×u8 kernels, which never saturate).
+    `int8_range` says which 8-bit weights keep within [-63, 63] (for int8 kernels that saturate)
+    and whether symmetric 8-bit weights are stored as uint8 around zero point 128 (the same
+    values, for onnxruntime's u8×u8 kernels, which never saturate).
     `weight_ratios` (per weight, one per scale group) and `biases` (corrected float biases) are
     what calibration chose; weights without a ratio use their range rule as it is.
     `refined_weights` are integers and scales rounding refinement learned; they are written as
@@ -100,11 +100,11 @@ def insert_qdq(
         values[name].const_value = ir.tensor(bias.astype(np.float32), name=name)
     weight_scales = {}
     for name, spec in plan.weights.items():
-        target = weight_target(spec, symmetric_weights, reduced_8bit_weights)
+        target = weight_target(spec, symmetric_weights, int8_range)
         quantized = refined_weights.get(name) or planned_weight(
             constant(values[name]), spec, target, weight_ratios.get(name)
         )
-        if unsigned_8bit_weights:
+        if int8_range.unsigned:
             quantized = offset_to_unsigned(quantized)
         weight_scales[name] = _quantize_weight(graph, values[name], spec, quantized)
     for spec in plan.biases.values():
@@ -141,10 +141,13 @@ def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
     return values
 
 
-def weight_target(spec: WeightSpec, symmetric: bool, reduced_8bit: bool) -> P.IntRange:
+def weight_target(
+    spec: WeightSpec, symmetric: bool, int8_range: WeightRangeChoice = FULL_RANGE
+) -> P.IntRange:
+    """The integers a weight may take: `int8_range` narrows 8-bit ones where kernels saturate."""
     if not symmetric:
         return P.IntRange.unsigned(spec.bits)
-    return P.IntRange.signed(7 if spec.bits == 8 and reduced_8bit else spec.bits)
+    return P.IntRange.signed(7 if spec.bits == 8 and int8_range.reduces(spec.depthwise) else spec.bits)
 
 
 def offset_to_unsigned(quantized: QuantizedWeight) -> QuantizedWeight:

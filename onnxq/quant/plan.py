@@ -85,6 +85,7 @@ class WeightSpec:
     granularity: Granularity
     rule: RangeRule
     container_bits: int = 0  # the ONNX integer type's width; 0: the narrowest that holds `bits`
+    depthwise: bool = False  # a depthwise Conv's: onnxruntime runs it on a kernel of its own
 
 
 @dataclass(frozen=True)
@@ -343,6 +344,7 @@ def _plan_compute(
         settings.weight_bits,
         settings.granularity,
         settings.weight_rule,
+        depthwise=_is_depthwise(node, weight),
     )
     plan.weights.setdefault(weight_value.name, spec)
     bias_value = node.inputs[2] if len(node.inputs) > 2 else None
@@ -358,6 +360,12 @@ def _plan_compute(
         )
     _mark_output(node, plan)
     return None
+
+
+def _is_depthwise(node: ir.Node, weight: np.ndarray) -> bool:
+    """One input and one output channel per group: onnxruntime's depthwise kernel, not its GEMM."""
+    group = attribute(node, "group", 1)
+    return node.op_type == "Conv" and group > 1 and weight.shape[0] == group and weight.shape[1] == 1
 
 
 def _weight_layout(node: ir.Node, weight: np.ndarray) -> WeightLayout | None:

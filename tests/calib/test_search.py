@@ -107,7 +107,7 @@ def _layer_error(model, data, ratios, biases, plan) -> tuple[float, np.ndarray]:
         bias_name, onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == bias_name))
     )
     dequantized = quantize_weight(
-        weight, spec.layout, spec.granularity, spec.rule, weight_target(spec, True, False), ratios.get(name)
+        weight, spec.layout, spec.granularity, spec.rule, weight_target(spec, True), ratios.get(name)
     ).dequantize()
     edited = onnx.ModelProto()
     edited.CopyFrom(model)
