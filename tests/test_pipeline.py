@@ -48,7 +48,7 @@ def test_weights_and_biases_match_the_numpy_reference(monkeypatch, small_model, 
     import onnxq.quant.kernels as kernels
 
     monkeypatch.setattr(kernels, "int8_kernels_saturate", lambda: saturating)
-    monkeypatch.setattr(kernels, "depthwise_kernels_saturate", lambda: False)
+    monkeypatch.setattr(kernels, "full_range_kernels", lambda: frozenset({kernels.DEPTHWISE}))
     quantized = onnxq.quantize(
         small_model, calibration_data, onnxq.QuantConfig(calibration=onnxq.CalibrationMethod.MINMAX)
     )
@@ -112,7 +112,8 @@ def test_saturating_kernels_get_seven_bit_weights(
     import onnxq.quant.kernels as kernels
 
     monkeypatch.setattr(kernels, "int8_kernels_saturate", lambda: True)
-    monkeypatch.setattr(kernels, "depthwise_kernels_saturate", lambda: depthwise_saturates)
+    exact = frozenset() if depthwise_saturates else frozenset({kernels.DEPTHWISE})
+    monkeypatch.setattr(kernels, "full_range_kernels", lambda: exact)
     result = onnxq.quantize(small_model, calibration_data[:8])
     assert result.int8_weight_bits == 7
     inits = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
@@ -135,7 +136,7 @@ def test_depthwise_weights_at_full_range_run_exactly_where_gemm_kernels_saturate
 
     monkeypatch.setattr(kernels, "int8_kernels_saturate", lambda: True)
     result = onnxq.quantize(small_model, calibration_data, _minmax(onnxq.WeightRange.AUTO))
-    if kernels.depthwise_kernels_saturate():
+    if kernels.DEPTHWISE not in kernels.full_range_kernels():
         pytest.skip("this CPU's depthwise int8 kernel saturates: its weights take 7 bits too")
     reference = session(result.model, optimize=False).run(None, {"input": calibration_data})[0]
     deployed = session(result.model).run(None, {"input": calibration_data})[0]
@@ -143,9 +144,10 @@ def test_depthwise_weights_at_full_range_run_exactly_where_gemm_kernels_saturate
 
 
 def test_saturation_probes_answer_on_this_cpu():
-    from onnxq.quant.kernels import depthwise_kernels_saturate, int8_kernels_saturate
+    from onnxq.quant import kernels
 
-    assert isinstance(int8_kernels_saturate(), bool) and isinstance(depthwise_kernels_saturate(), bool)
+    assert isinstance(kernels.int8_kernels_saturate(), bool)
+    assert kernels.full_range_kernels() <= {kernels.DEPTHWISE, kernels.TRANSPOSE}
 
 
 def _minmax(weight_range: onnxq.WeightRange) -> onnxq.QuantConfig:

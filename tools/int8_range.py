@@ -2,7 +2,8 @@
 
 On x86 CPUs without VNNI onnxruntime's u8×s8 GEMM kernels saturate with full-range int8 weights,
 so `--int8-range auto` needs another form there: reduced (a 7-bit range, [-63, 63], for the layers
-on those kernels; depthwise convolutions keep the full range where their own kernel is exact), or
+on those kernels; depthwise convolutions and ConvTranspose keep the full range where their own
+kernels are exact), or
 the full range stored as uint8 around zero point 128 (u8×u8 kernels: exact, but slower). Each zoo
 model with weights is quantized at the default W8A8 with each form and scored against float on
 its evaluation samples (worst output cosine / SQNR, top-1 where labelled), and timed at batch 1
@@ -60,7 +61,8 @@ def main() -> None:
         "## 8-bit weights on a CPU without VNNI: reduced, unsigned, full int8 (tools/int8_range.py)",
         "",
         "Each zoo model with weights at the default W8A8, its 8-bit weights stored three ways: reduced "
-        "(a 7-bit range, [-63, 63], except depthwise convolutions, whose kernel does not saturate), "
+        "(a 7-bit range, [-63, 63], except depthwise convolutions and ConvTranspose, whose kernels do "
+        "not saturate), "
         "the full range as uint8 around zero point 128 (onnxruntime's u8×u8 "
         "kernels), and full int8 (u8×s8 kernels, which saturate on x86 without VNNI). Worst cosine / "
         "SQNR dB over the outputs and output parts on the evaluation samples (top-1 Δ where "

@@ -147,7 +147,7 @@ def weight_target(
     """The integers a weight may take: `int8_range` narrows 8-bit ones where kernels saturate."""
     if not symmetric:
         return P.IntRange.unsigned(spec.bits)
-    return P.IntRange.signed(7 if spec.bits == 8 and int8_range.reduces(spec.depthwise) else spec.bits)
+    return P.IntRange.signed(7 if spec.bits == 8 and int8_range.reduces(spec.kernel) else spec.bits)
 
 
 def offset_to_unsigned(quantized: QuantizedWeight) -> QuantizedWeight:

@@ -30,6 +30,7 @@ from onnxq.passes.graph_utils import (
     scaled_gemm,
     single_consumer,
 )
+from onnxq.quant import kernels
 from onnxq.quant.prune import drop_quantizers_that_do_not_pay, keep_float_neighbours
 from onnxq.quant.weights import WeightLayout
 
@@ -85,7 +86,7 @@ class WeightSpec:
     granularity: Granularity
     rule: RangeRule
     container_bits: int = 0  # the ONNX integer type's width; 0: the narrowest that holds `bits`
-    depthwise: bool = False  # a depthwise Conv's: onnxruntime runs it on a kernel of its own
+    kernel: str = kernels.GEMM  # the kind of onnxruntime kernel its layer runs on (onnxq.quant.kernels)
 
 
 @dataclass(frozen=True)
@@ -344,7 +345,7 @@ def _plan_compute(
         settings.weight_bits,
         settings.granularity,
         settings.weight_rule,
-        depthwise=_is_depthwise(node, weight),
+        kernel=_kernel(node, weight),
     )
     plan.weights.setdefault(weight_value.name, spec)
     bias_value = node.inputs[2] if len(node.inputs) > 2 else None
@@ -362,10 +363,15 @@ def _plan_compute(
     return None
 
 
-def _is_depthwise(node: ir.Node, weight: np.ndarray) -> bool:
-    """One input and one output channel per group: onnxruntime's depthwise kernel, not its GEMM."""
+def _kernel(node: ir.Node, weight: np.ndarray) -> str:
+    """Which kind of onnxruntime kernel runs the layer: a depthwise Conv (one input and one
+    output channel per group) and ConvTranspose have their own; the rest run on the int8 GEMM."""
+    if node.op_type == "ConvTranspose":
+        return kernels.TRANSPOSE
     group = attribute(node, "group", 1)
-    return node.op_type == "Conv" and group > 1 and weight.shape[0] == group and weight.shape[1] == 1
+    if node.op_type == "Conv" and group > 1 and weight.shape[0] == group and weight.shape[1] == 1:
+        return kernels.DEPTHWISE
+    return kernels.GEMM
 
 
 def _weight_layout(node: ir.Node, weight: np.ndarray) -> WeightLayout | None:
