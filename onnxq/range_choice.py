@@ -9,8 +9,12 @@ calibration samples and 21.5 dB (from 17.9) on evaluation samples the choice nev
 
 Each activation whose two ranges differ is switched alone to the other rule in the tunable float
 graph (one session, every quantizer fed as the QDQ models hold it), on a few samples, those
-whose ranges differ most first, for at most TIME_SHARE seconds; those that lift the lowest
-output are then taken, most helpful first, each kept only while the lowest output rises with it.
+whose ranges differ most first, at most MOST_SCANNED of them: a count, not a time, so that the
+same data gives the same plan on any machine and under any load (a 30 s cap scanned 101 of
+yolox_ddddocr's 162 on this project's 2-core machine alone, fewer beside other work, so that
+`--no-speed-check` did not give byte-reproducible files). SAFETY_SECONDS stops a scan of a model
+far larger than the zoo's, and the notes say so. Those that lift the lowest output are then
+taken, most helpful first, each kept only while the lowest output rises with it.
 The switches are chosen on the first LAYER_SAMPLES samples and kept only if they also lift the
 lowest output on the next LAYER_SAMPLES by MIN_CONFIRMED_DB: lifts of 0.1 and 0.5 dB on the
 check's samples alone turned into losses on the zoo's evaluation samples (magika -1.0 dB,
@@ -35,7 +39,8 @@ from onnxq.sensitivity import quantized_feeds
 
 MIN_GAIN_DB = 0.05  # a switch must lift the lowest output at least this much to be tried
 SCAN_SAMPLES = 2  # samples each single switch is scored on (the taking is scored on LAYER_SAMPLES)
-TIME_SHARE = 30.0  # seconds the scan of single switches may take at most
+MOST_SCANNED = 128  # single switches scanned at most (the zoo: 47 to 162 candidates, 20-40 s)
+SAFETY_SECONDS = 180.0  # a scan still running after this stops where it is
 MOST_TAKEN = 16  # switches tried for taking, most helpful first
 MIN_CONFIRMED_DB = 0.5  # lift the switches must keep on the samples they were not chosen on
 ENOUGH_DB = 30.0  # a lowest output at least this close to float is left as it is (issue 13's target)
@@ -47,9 +52,11 @@ def switched_activations(
     chosen: onnx.ModelProto,
     other: onnx.ModelProto,
     samples: list[Batch],
-    seconds: float = TIME_SHARE,
-) -> list[str]:
-    """The activations (plan roots) that should take `other`'s range rather than `chosen`'s."""
+    seconds: float | None = None,
+) -> tuple[list[str], list[str]]:
+    """The activations (plan roots) that should take `other`'s range rather than `chosen`'s, and
+    a note where the safety cap cut the scan short."""
+    seconds = SAFETY_SECONDS if seconds is None else seconds
     tunable, float_feed, _ = tunable_model(float_model, plan)
     runner = session(tunable, arena=False)
     names = [o.name for o in float_model.graph.output]
@@ -72,11 +79,18 @@ def switched_activations(
         return min((result.sqnr_db for result in compare_outputs(names, runs)), default=float("inf"))
 
     start, scan_start = lowest([]), lowest([], scanned)
-    gains = []
-    for root in _until(roots, time.perf_counter() + seconds):
+    gains, scanned_roots, candidates = [], 0, roots[:MOST_SCANNED]
+    for root in _until(candidates, time.perf_counter() + seconds):
+        scanned_roots += 1
         gain = lowest([root], scanned) - scan_start
         if gain >= MIN_GAIN_DB:
             gains.append((gain, root))
+    notes = []
+    if scanned_roots < len(candidates):
+        notes.append(
+            f"activation ranges: the scan stopped after {seconds:.0f} s at {scanned_roots} of "
+            f"{len(candidates)} activations, so the plan depends on this machine's speed"
+        )
     taken, best = [], start
     for _, root in sorted(gains, reverse=True)[:MOST_TAKEN]:
         trial = lowest([*taken, root])
@@ -85,8 +99,8 @@ def switched_activations(
     if taken and chosen_on < len(batches):  # a lift that does not hold on the other samples is noise
         confirmed = lowest(taken, len(batches), chosen_on) - lowest([], len(batches), chosen_on)
         if confirmed < MIN_CONFIRMED_DB:
-            return []
-    return taken
+            return [], notes
+    return taken, notes
 
 
 def _until(items: list[str], deadline: float) -> Iterator[str]:

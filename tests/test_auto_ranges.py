@@ -118,3 +118,22 @@ def test_a_switch_that_helps_only_the_samples_it_was_chosen_on_is_not_taken():
     config = onnxq.QuantConfig(fidelity_fallback=False, speed_check=False)
     auto = onnxq.quantize(two_branches(), {"x1": x1, "x2": data_with_spikes(0)}, config)
     assert not any("switched to the other rule's ranges" in note for note in auto.notes)
+
+
+def test_the_scan_reach_is_a_count_and_a_cut_short_scan_says_so(monkeypatch):
+    """A slow machine scans the same activations as a fast one (MOST_SCANNED); only the safety
+    cap, here reached at once, stops it early, and the notes then say the plan hangs on speed."""
+    from onnxq import range_choice
+
+    x1 = data_with_spikes(0)
+    x1[0] = x1[1]
+    x1[17, 0, 0, 0] = x1[21, 0, 0, 0] = 1000.0
+    data = {"x1": x1, "x2": data_with_spikes(0)}
+    config = onnxq.QuantConfig(fidelity_fallback=False, speed_check=False)
+    clock = iter(range(0, 10**6, 50))  # every reading of the clock 50 s after the last
+    monkeypatch.setattr(range_choice.time, "perf_counter", lambda: float(next(clock)))
+    slow = onnxq.quantize(two_branches(), data, config)
+    assert any(note.startswith("activation ranges: 1 switched") for note in slow.notes)
+    monkeypatch.setattr(range_choice, "SAFETY_SECONDS", 0.0)
+    cut = onnxq.quantize(two_branches(), data, config)
+    assert any("the scan stopped after 0 s at 0 of" in note for note in cut.notes)
