@@ -205,7 +205,15 @@ def test_refinement_runs_on_a_detector_head(entry, tmp_path):
     np.savez(calib, **_inputs(entry, "calib", 4))
     out = tmp_path / "refined.onnx"
     arguments = ["quantize", str(ZOO / entry["file"]), "-o", str(out), "--calib", str(calib)]
-    arguments += ["--w-bits", "4", "--refine", "--refine-iters", "2", "--no-speed-check"]
+    arguments += [
+        "--w-bits",
+        "4",
+        "--refine",
+        "--refine-iters",
+        "2",
+        "--no-speed-check",
+        "--no-fidelity-fallback",
+    ]
     result = CliRunner().invoke(main, arguments)
     assert result.exit_code == 0, result.output
     assert re.search(r"refined (\d+) of \1 units", result.output), result.output
