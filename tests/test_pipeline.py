@@ -151,7 +151,13 @@ def test_saturation_probes_answer_on_this_cpu():
 
 
 def _minmax(weight_range: onnxq.WeightRange) -> onnxq.QuantConfig:
-    return onnxq.QuantConfig(calibration=onnxq.CalibrationMethod.MINMAX, weight_range=weight_range)
+    """Min-max ranges and every layer quantized: no timing or fidelity decision moves the plan."""
+    return onnxq.QuantConfig(
+        calibration=onnxq.CalibrationMethod.MINMAX,
+        weight_range=weight_range,
+        fidelity_fallback=False,
+        speed_check=False,
+    )
 
 
 @pytest.fixture(scope="module")

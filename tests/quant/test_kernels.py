@@ -56,7 +56,9 @@ def test_only_layers_on_saturating_kernels_take_seven_bits(monkeypatch, data, ex
     """Both probes' answers forced: the suite decides nothing from this CPU's kernels."""
     monkeypatch.setattr(kernels, "int8_kernels_saturate", lambda: True)
     monkeypatch.setattr(kernels, "full_range_kernels", lambda: exact)
-    config = onnxq.QuantConfig(calibration=onnxq.CalibrationMethod.MINMAX, speed_check=False)
+    config = onnxq.QuantConfig(
+        calibration=onnxq.CalibrationMethod.MINMAX, fidelity_fallback=False, speed_check=False
+    )
     result = onnxq.quantize(upsampling_cnn(), data, config)
     full = 127 if exact else 63
     assert largest_integer_per_op(result.model) == {"Conv": 63, "ConvTranspose": full, "Conv depthwise": full}
@@ -68,7 +70,9 @@ def test_the_full_range_layers_run_exactly_on_this_cpu(monkeypatch, data):
     """Where this CPU's probes let depthwise and ConvTranspose weights keep [-127, 127], the fused
     model computes what the QDQ graph says (the GEMM layers at 7 bits, as on a CPU without VNNI)."""
     monkeypatch.setattr(kernels, "int8_kernels_saturate", lambda: True)
-    config = onnxq.QuantConfig(calibration=onnxq.CalibrationMethod.MINMAX, speed_check=False)
+    config = onnxq.QuantConfig(
+        calibration=onnxq.CalibrationMethod.MINMAX, fidelity_fallback=False, speed_check=False
+    )
     result = onnxq.quantize(upsampling_cnn(), data, config)
     if not kernels.full_range_kernels():
         pytest.skip("every int8 kernel of this CPU saturates: all weights take 7 bits")
