@@ -51,11 +51,11 @@ def main() -> None:
     args = parser.parse_args()
     manifest = zoo_bench.zoo_manifest()
     zoo = zoo_bench.zoo_dir()
-    names = [
-        name
-        for name in args.models or manifest
-        if zoo_bench.has_weights(onnx.load(zoo / manifest[name]["file"], load_external_data=False))
-    ]
+    names = zoo_bench.zoo_selection(
+        manifest,
+        args.models,
+        lambda entry: zoo_bench.has_weights(onnx.load(zoo / entry["file"], load_external_data=False)),
+    )
     labels = [(f"onnxq W8A8, {form} weights", flags) for form, flags in FORMS]
     lines = [
         "## 8-bit weights on a CPU without VNNI: reduced, unsigned, full int8 (tools/int8_range.py)",

@@ -188,7 +188,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=bench.ROOT / "BENCHMARKS.md")
     args = parser.parse_args()
     manifest = zoo_bench.zoo_manifest()
-    names = args.models or [name for name, entry in manifest.items() if entry["kind"] in KINDS]
+    names = zoo_bench.zoo_selection(manifest, args.models, lambda entry: entry["kind"] in KINDS)
     lines = [
         "## Zoo: where the W8A8 output noise comes from (issue 13's 30 dB target)",
         "",

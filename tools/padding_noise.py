@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=bench.ROOT / "BENCHMARKS.md")
     args = parser.parse_args()
     manifest = zoo_bench.zoo_manifest()
-    names = args.models or [name for name, entry in manifest.items() if entry["kind"] == "detector"]
+    names = zoo_bench.zoo_selection(manifest, args.models, lambda entry: entry["kind"] == "detector")
     lines = [
         "## Zoo: detector noise over letterbox padding and over the image (issue 13's 30 dB target)",
         "",

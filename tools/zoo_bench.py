@@ -331,16 +331,24 @@ def zoo_summary(results: dict[str, tuple[dict, list[ZooRow]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_zoo(models: list[str] | None, out: Path) -> None:
-    manifest = zoo_manifest()
+def zoo_selection(
+    manifest: dict[str, dict], models: list[str] | None, wanted=lambda entry: True
+) -> list[str]:
+    """The models named (every one must be in the zoo), or those of the zoo `wanted` keeps."""
     unknown = [m for m in models or [] if m not in manifest]
     if unknown:
         raise SystemExit(f"not in the zoo: {', '.join(unknown)} (have: {', '.join(manifest)})")
+    return list(models) if models else [name for name, entry in manifest.items() if wanted(entry)]
+
+
+def run_zoo(models: list[str] | None, out: Path) -> None:
+    manifest = zoo_manifest()
+    names = zoo_selection(manifest, models)
     machine = machine_description()
     if not models and "<!-- suite: zoo -->" not in (out.read_text() if out.exists() else ""):
         write_section(out, "zoo", "## Zoo summary\n\n(being measured)\n", machine)  # placed first
     results = {}
-    for name in models or list(manifest):
+    for name in names:
         entry = manifest[name]
         rows = zoo_measure(entry)
         results[name] = (entry, rows)
