@@ -15,7 +15,6 @@ without VNNI (on one with VNNI it is the fastest exact form). Writes the "int8-r
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -45,15 +44,9 @@ def cells(row: zoo_bench.ZooRow, float_row: zoo_bench.ZooRow) -> tuple[str, str]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*")
-    parser.add_argument("--out", type=Path, default=bench.ROOT / "BENCHMARKS.md")
-    args = parser.parse_args()
-    manifest = zoo_bench.zoo_manifest()
     zoo = zoo_bench.zoo_dir()
-    names = zoo_bench.zoo_selection(
-        manifest,
-        args.models,
+    manifest, names, out = zoo_bench.zoo_command(
+        __doc__.splitlines()[0],
         lambda entry: zoo_bench.has_weights(onnx.load(zoo / entry["file"], load_external_data=False)),
     )
     labels = [(f"onnxq W8A8, {form} weights", flags) for form, flags in FORMS]
@@ -87,8 +80,8 @@ def main() -> None:
             + " | ".join(ms for _, ms in scored)
             + " |"
         )
-    bench.write_section(args.out, "int8-range", "\n".join(lines) + "\n", bench.machine_description())
-    print("wrote int8-range to", args.out)
+    bench.write_section(out, "int8-range", "\n".join(lines) + "\n", bench.machine_description())
+    print("wrote int8-range to", out)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Writes the "zoo-noise" section of BENCHMARKS.md.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,12 +182,9 @@ def budget(entry: dict) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*")
-    parser.add_argument("--out", type=Path, default=bench.ROOT / "BENCHMARKS.md")
-    args = parser.parse_args()
-    manifest = zoo_bench.zoo_manifest()
-    names = zoo_bench.zoo_selection(manifest, args.models, lambda entry: entry["kind"] in KINDS)
+    manifest, names, out = zoo_bench.zoo_command(
+        __doc__.splitlines()[0], lambda entry: entry["kind"] in KINDS
+    )
     lines = [
         "## Zoo: where the W8A8 output noise comes from (issue 13's 30 dB target)",
         "",
@@ -212,7 +208,7 @@ def main() -> None:
     ]
     for name in names:
         lines += budget(manifest[name])
-    bench.write_section(args.out, "zoo-noise", "\n".join(lines) + "\n", bench.machine_description())
+    bench.write_section(out, "zoo-noise", "\n".join(lines) + "\n", bench.machine_description())
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ bottom-right pixel (where the zoo's letterboxes pad). Writes the "zoo-padding" s
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -82,12 +81,9 @@ def rows_for(entry: dict) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*")
-    parser.add_argument("--out", type=Path, default=bench.ROOT / "BENCHMARKS.md")
-    args = parser.parse_args()
-    manifest = zoo_bench.zoo_manifest()
-    names = zoo_bench.zoo_selection(manifest, args.models, lambda entry: entry["kind"] == "detector")
+    manifest, names, out = zoo_bench.zoo_command(
+        __doc__.splitlines()[0], lambda entry: entry["kind"] == "detector"
+    )
     lines = [
         "## Zoo: detector noise over letterbox padding and over the image (issue 13's 30 dB target)",
         "",
@@ -104,7 +100,7 @@ def main() -> None:
     ]
     for name in names:
         lines += rows_for(manifest[name])
-    bench.write_section(args.out, "zoo-padding", "\n".join(lines) + "\n", bench.machine_description())
+    bench.write_section(out, "zoo-padding", "\n".join(lines) + "\n", bench.machine_description())
 
 
 if __name__ == "__main__":

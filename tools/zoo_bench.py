@@ -341,6 +341,17 @@ def zoo_selection(
     return list(models) if models else [name for name, entry in manifest.items() if wanted(entry)]
 
 
+def zoo_command(description: str, wanted=lambda entry: True) -> tuple[dict[str, dict], list[str], Path]:
+    """The zoo tools' command line (--models, --out): the manifest, the models selected
+    (zoo_selection) and the file whose section the tool writes."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--models", nargs="*")
+    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = parser.parse_args()
+    manifest = zoo_manifest()
+    return manifest, zoo_selection(manifest, args.models, wanted), args.out
+
+
 def run_zoo(models: list[str] | None, out: Path) -> None:
     manifest = zoo_manifest()
     names = zoo_selection(manifest, models)
