@@ -87,7 +87,8 @@ def test_shape_arithmetic_stays_integer_and_the_model_runs(head, images, method,
 
 
 def test_the_head_after_the_last_layer_stays_float(head):
-    """Box and score tensors concatenated and split after the last Conv: no Q/DQ there."""
+    """Box and score tensors concatenated and split after the last Conv: no Q/DQ there. The SiLUs
+    between the Convs stay in the integer chain (their Sigmoid and Mul outputs are quantized)."""
     from onnxq.io import to_ir
     from onnxq.passes.infer_types import infer_types
     from onnxq.quant.plan import plan_quantization
@@ -96,8 +97,71 @@ def test_the_head_after_the_last_layer_stays_float(head):
     plan = plan_quantization(graph, onnxq.QuantConfig())
     producers = {v.name: n for n in graph for v in n.outputs}
     quantized_by = {producers[name].name for name in plan.activations if name in producers}
-    assert quantized_by == {"/stem/stem.0/Conv", "/stem/stem.1/Mul", "/down/down.0/Conv", "/down/down.1/Mul"}
+    assert quantized_by == {
+        *("/stem/stem.0/Conv", "/stem/stem.1/Sigmoid", "/stem/stem.1/Mul"),
+        *("/down/down.0/Conv", "/down/down.1/Sigmoid", "/down/down.1/Mul"),
+    }
     assert any("after the last quantized layer" in reason for reason in plan.float_nodes.values())
+
+
+def gated_net():
+    """Conv → SiLU → squeeze-excitation (global pool → Conv → SiLU → Conv → Sigmoid, times the
+    features) → Conv → HardSigmoid gate → Conv, as torch writes EfficientNet's and MobileNetV3's
+    blocks (SiLU as x·sigmoid(x))."""
+    import torch
+    from torch import nn
+
+    class Gated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1), nn.SiLU())
+            self.squeeze = nn.Sequential(
+                nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 4, 1), nn.SiLU(), nn.Conv2d(4, 16, 1), nn.Sigmoid()
+            )
+            self.mid = nn.Conv2d(16, 16, 3, 1, 1)
+            self.hard = nn.Hardsigmoid()
+            self.out = nn.Conv2d(16, 8, 3, 1, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a = self.stem(x)
+            b = self.mid(a * self.squeeze(a))
+            return self.out(b * self.hard(b))
+
+    torch.manual_seed(0)
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        Gated().eval(),
+        (torch.zeros(1, 3, 16, 16),),
+        buffer,
+        input_names=["images"],
+        output_names=["out"],
+        dynamic_axes={"images": {0: "n"}, "out": {0: "n"}},
+        opset_version=13,
+        dynamo=False,
+    )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def test_sigmoid_and_mul_after_quantized_nodes_run_on_integer_kernels(tmp_path):
+    """The SiLUs and the squeeze-excitation gate become QLinearSigmoid and QLinearMul in
+    onnxruntime, computing what the QDQ graph says; the Mul after the HardSigmoid (a float op)
+    stays float, with its reason."""
+    images = np.random.default_rng(0).standard_normal((16, 3, 16, 16)).astype(np.float32)
+    config = onnxq.QuantConfig(
+        calibration=onnxq.CalibrationMethod.MINMAX, fidelity_fallback=False, speed_check=False
+    )
+    result = onnxq.quantize(gated_net(), images, config)
+    path = str(tmp_path / "optimized.onnx")
+    session(result.model, optimized_path=path)
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    assert ops.count("QLinearSigmoid") == 3  # two SiLUs and the gate
+    assert ops.count("QLinearMul") == 3
+    assert "Sigmoid" not in ops and ops.count("Mul") == 1  # the HardSigmoid gate's product
+    after_float = [n for n, why in result.float_nodes.items() if why == "an input comes from a float op"]
+    assert len(after_float) == 1 and "Mul" in after_float[0]
+    reference = session(result.model, optimize=False).run(None, {"images": images})[0]
+    deployed = session(result.model).run(None, {"images": images})[0]
+    assert np.abs(reference - deployed).max() <= 0.01 * np.abs(reference).max()
 
 
 def test_a_hardswish_written_out_gets_no_quantizer_inside():

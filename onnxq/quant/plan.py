@@ -34,7 +34,12 @@ from onnxq.quant import kernels
 from onnxq.quant.prune import drop_quantizers_that_do_not_pay, keep_float_neighbours
 from onnxq.quant.weights import WeightLayout
 
-OWN_SCALE_OPS = frozenset({"Add", "Concat", "AveragePool", "GlobalAveragePool"})
+OWN_SCALE_OPS = frozenset({"Add", "Concat", "AveragePool", "GlobalAveragePool", "Sigmoid", "Mul"})
+# Quantized only where every input comes from a quantized node: onnxruntime then runs them on
+# its integer kernels (QLinearSigmoid, a lookup table; QLinearMul), and a SiLU (x·sigmoid(x)) or
+# a squeeze-excitation gate stays in the integer chain; after a float op (HardSigmoid) a pair
+# would only add a QuantizeLinear.
+CHAINED_OPS = frozenset({"Sigmoid", "Mul"})
 SHARED_SCALE_OPS = frozenset(
     {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Pad"}
 )
@@ -134,7 +139,7 @@ def plan_quantization(
 
     keep_float: layers (node name → why) left float, weights and all (the fidelity fallback).
     float_neighbours: layers whose output feeds an op with no integer kernel (HardSwish,
-    Sigmoid·Mul, Tanh, ...) stay float, weights and all: onnxruntime then fuses the layer and its
+    HardSigmoid·Mul, Tanh, ...) stay float, weights and all: onnxruntime then fuses the layer and its
     activation into one float kernel, which can beat an integer layer wrapped in Q/DQ pairs.
     """
     plan = QuantPlan(kept_float=dict(keep_float or {}))
@@ -424,10 +429,20 @@ def _plan_own_scale(node: ir.Node, plan: QuantPlan, alias: dict[str, str]) -> st
         return "an input is a constant"
     if not all(is_float(v) for v in [*inputs, node.outputs[0]]):
         return "not a float32 tensor (shape arithmetic)"
+    if node.op_type in CHAINED_OPS and not all(_from_quantized(v, plan) for v in inputs):
+        return "an input comes from a float op"
     for value in inputs:
         _mark_input(value, plan, alias)
     _mark_output(node, plan)
     return None
+
+
+def _from_quantized(value: ir.Value, plan: QuantPlan) -> bool:
+    """Whether a quantized node produces the tensor (through an absorbed Relu/Clip)."""
+    producer = value.producer()
+    while producer is not None and producer.name in plan.absorbed:
+        producer = producer.inputs[0].producer()
+    return producer is not None and producer.name in plan.quantized_nodes
 
 
 def _plan_shared(node: ir.Node, plan: QuantPlan, alias: dict[str, str]) -> str | None:
