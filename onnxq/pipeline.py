@@ -172,7 +172,11 @@ def quantize(
             )
         if searched:
             search = _search(float_model, plan, data, ranges, config, choice, progress)
-            ranges = {plan.activations[root].observed: r for root, r in search.ranges.items()}
+            if not ranges:  # the tensors sharing a scale, for plans that quantize them alone
+                chunks = frontier.batches(data, fixed_batch(float_model) or config.batch_size)
+                ranges, _, _ = _observe(float_model, plan, chunks, config, progress, plan.sharer_tensors())
+            searched_ranges = {plan.activations[root].observed: r for root, r in search.ranges.items()}
+            ranges = {**ranges, **searched_ranges}
             notes += _search_notes(search)
         if config.refine:
             release_free_memory()  # the search's freed activations must not sit under refinement's peak
@@ -297,12 +301,16 @@ def _layer_tensors(graph, plan: QuantPlan) -> list[tuple[str, str, str]]:
     ]
 
 
-def _observe(float_model, plan, stream, config: QuantConfig, progress: Progress):
-    """Float activation ranges by statistics, the samples seen, and (auto) the min-max ranges
-    of the same values, the alternative to the percentile ones."""
+def _observe(float_model, plan, stream, config: QuantConfig, progress: Progress, tensors=None):
+    """Float activation ranges by statistics (of `tensors`, or of all the plan observes), the
+    samples seen, and (auto) the min-max ranges of the same values, the alternative to the
+    percentile ones."""
     progress.stage(f"calibrate ({config.calibration.value})", total=config.max_samples)
     observer = _observer_factory(config, plan)
-    observers, samples = collect_observers(float_model, plan.observed_tensors(), stream, observer, progress)
+    tensors = plan.observed_tensors() if tensors is None else tensors
+    if not tensors:
+        return {}, 0, None
+    observers, samples = collect_observers(float_model, tensors, stream, observer, progress)
     ranges = {name: o.range() for name, o in observers.items()}
     if config.calibration is not CalibrationMethod.AUTO:
         return ranges, samples, None

@@ -106,8 +106,8 @@ def test_the_head_after_the_last_layer_stays_float(head):
 
 def gated_net():
     """Conv → SiLU → squeeze-excitation (global pool → Conv → SiLU → Conv → Sigmoid, times the
-    features) → Conv → HardSigmoid gate → Conv, as torch writes EfficientNet's and MobileNetV3's
-    blocks (SiLU as x·sigmoid(x))."""
+    features) → Conv → LeakyRelu → HardSigmoid gate → Conv, as torch writes EfficientNet's and
+    MobileNetV3's blocks (SiLU as x·sigmoid(x)) and darknet-style detectors' activations."""
     import torch
     from torch import nn
 
@@ -118,7 +118,7 @@ def gated_net():
             self.squeeze = nn.Sequential(
                 nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 4, 1), nn.SiLU(), nn.Conv2d(4, 16, 1), nn.Sigmoid()
             )
-            self.mid = nn.Conv2d(16, 16, 3, 1, 1)
+            self.mid = nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1), nn.LeakyReLU(0.1))
             self.hard = nn.Hardsigmoid()
             self.out = nn.Conv2d(16, 8, 3, 1, 1)
 
@@ -143,9 +143,9 @@ def gated_net():
 
 
 def test_sigmoid_and_mul_after_quantized_nodes_run_on_integer_kernels(tmp_path):
-    """The SiLUs and the squeeze-excitation gate become QLinearSigmoid and QLinearMul in
-    onnxruntime, computing what the QDQ graph says; the Mul after the HardSigmoid (a float op)
-    stays float, with its reason."""
+    """The SiLUs, the squeeze-excitation gate and the LeakyRelu become QLinearSigmoid, QLinearMul
+    and QLinearLeakyRelu in onnxruntime, computing what the QDQ graph says; the Mul after the
+    HardSigmoid (a float op) stays float, with its reason."""
     images = np.random.default_rng(0).standard_normal((16, 3, 16, 16)).astype(np.float32)
     config = onnxq.QuantConfig(
         calibration=onnxq.CalibrationMethod.MINMAX, fidelity_fallback=False, speed_check=False
@@ -156,12 +156,85 @@ def test_sigmoid_and_mul_after_quantized_nodes_run_on_integer_kernels(tmp_path):
     ops = [n.op_type for n in onnx.load(path).graph.node]
     assert ops.count("QLinearSigmoid") == 3  # two SiLUs and the gate
     assert ops.count("QLinearMul") == 3
+    assert ops.count("QLinearLeakyRelu") == 1 and "LeakyRelu" not in ops
     assert "Sigmoid" not in ops and ops.count("Mul") == 1  # the HardSigmoid gate's product
     after_float = [n for n, why in result.float_nodes.items() if why == "an input comes from a float op"]
     assert len(after_float) == 1 and "Mul" in after_float[0]
     reference = session(result.model, optimize=False).run(None, {"images": images})[0]
     deployed = session(result.model).run(None, {"images": images})[0]
     assert np.abs(reference - deployed).max() <= 0.01 * np.abs(reference).max()
+
+
+def pooled_net():
+    """Conv → SiLU → two MaxPools → Concat of all three → Conv: YOLOv8's SPPF."""
+    import torch
+    from torch import nn
+
+    class Pooled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.SiLU())
+            self.reduce = nn.Sequential(nn.Conv2d(8, 8, 1), nn.SiLU())
+            self.pool = nn.MaxPool2d(5, 1, 2)
+            self.out = nn.Conv2d(24, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a = self.reduce(self.first(x))
+            b = self.pool(a)
+            return self.out(torch.cat([a, b, self.pool(b)], 1))
+
+    torch.manual_seed(0)
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        Pooled().eval(),
+        (torch.zeros(1, 3, 16, 16),),
+        buffer,
+        input_names=["images"],
+        output_names=["out"],
+        dynamic_axes={"images": {0: "n"}, "out": {0: "n"}},
+        opset_version=13,
+        dynamo=False,
+    )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def test_a_plan_with_more_layers_float_quantizes_only_observed_tensors():
+    """The MaxPools share the SiLU's scale; with the Conv before them kept float, the Concat gives
+    them scales of their own, whose ranges the first plan must already have measured."""
+    from onnxq.io import to_ir
+    from onnxq.passes.infer_types import infer_types
+    from onnxq.quant.plan import plan_quantization
+
+    model, config = pooled_net(), onnxq.QuantConfig()
+    first = plan_quantization(to_ir(infer_types(model)).graph, config)
+    reduce = next(name for name in first.layers if "reduce" in name)
+    later = plan_quantization(to_ir(infer_types(model)).graph, config, keep_float={reduce: "test"})
+    pooled = [name for name in first.sharer_tensors() if "MaxPool" in name]
+    assert len(pooled) == 2 and set(pooled) <= set(later.observed_tensors(sharers=False))
+    assert set(later.observed_tensors()) <= set(first.observed_tensors())
+
+
+@pytest.mark.parametrize("method", ["mse", "minmax"])
+def test_a_searched_model_rebuilt_with_a_layer_float_has_every_range(monkeypatch, method):
+    """The fidelity fallback rebuilds the model from the same calibration with layers kept float;
+    the MaxPools quantized alone then need ranges that the mse search (over roots) never set.
+    (yolov8n's SPPF stopped `--calib-method mse` with a KeyError.)"""
+    from onnxq import fidelity, tune
+
+    def keep_reduce_float(float_model, best, samples, config, replan, build, measured=None):
+        reduce = next(name for name in best.plan.layers if "reduce" in name)
+        candidate = build(replan(keep_float={reduce: "test"}))
+        return candidate, fidelity.measure(float_model, candidate.model, samples, config.lowest_bits), []
+
+    monkeypatch.setattr(tune, "recover_fidelity", keep_reduce_float)
+    images = np.random.default_rng(0).standard_normal((16, 3, 16, 16)).astype(np.float32)
+    config = onnxq.QuantConfig(calibration=onnxq.CalibrationMethod(method), speed_check=False)
+    result = onnxq.quantize(pooled_net(), images, config)
+    pooled = [n for n in result.model.graph.node if n.op_type == "QuantizeLinear" and "MaxPool" in n.input[0]]
+    assert len(pooled) == 2  # the MaxPools' own pairs, from their measured ranges
+    expected = session(pooled_net()).run(None, {"images": images})[0]
+    got = session(result.model).run(None, {"images": images})[0]
+    assert np.corrcoef(expected.ravel(), got.ravel())[0, 1] > 0.99
 
 
 def test_a_hardswish_written_out_gets_no_quantizer_inside():

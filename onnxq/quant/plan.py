@@ -34,12 +34,12 @@ from onnxq.quant import kernels
 from onnxq.quant.prune import drop_quantizers_that_do_not_pay, keep_float_neighbours
 from onnxq.quant.weights import WeightLayout
 
-OWN_SCALE_OPS = frozenset({"Add", "Concat", "AveragePool", "GlobalAveragePool", "Sigmoid", "Mul"})
 # Quantized only where every input comes from a quantized node: onnxruntime then runs them on
-# its integer kernels (QLinearSigmoid, a lookup table; QLinearMul), and a SiLU (x·sigmoid(x)) or
-# a squeeze-excitation gate stays in the integer chain; after a float op (HardSigmoid) a pair
-# would only add a QuantizeLinear.
-CHAINED_OPS = frozenset({"Sigmoid", "Mul"})
+# its integer kernels (QLinearSigmoid and QLinearLeakyRelu, lookup tables; QLinearMul), and a
+# SiLU (x·sigmoid(x)), a squeeze-excitation gate or a LeakyRelu stays in the integer chain;
+# after a float op (HardSigmoid) a pair would only add a QuantizeLinear.
+CHAINED_OPS = frozenset({"Sigmoid", "Mul", "LeakyRelu"})
+OWN_SCALE_OPS = frozenset({"Add", "Concat", "AveragePool", "GlobalAveragePool", *CHAINED_OPS})
 SHARED_SCALE_OPS = frozenset(
     {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Pad"}
 )
@@ -116,9 +116,17 @@ class QuantPlan:
     layers: dict[str, LayerSettings] = field(default_factory=dict)  # compute node → its settings
     widened_addends: list[str] = field(default_factory=list)  # read only by Add, given addend_bits
 
-    def observed_tensors(self) -> list[str]:
-        """Float tensors whose ranges calibration must measure."""
-        return sorted({a.observed for a in self.activations.values() if a.shares is None})
+    def observed_tensors(self, *, sharers: bool = True) -> list[str]:
+        """Float tensors whose ranges calibration must measure: each root's and (`sharers`) each
+        sharer's own. A later plan that keeps more layers float quantizes some sharers on their
+        own: yolov8n's SPPF MaxPools, once the layer before them is kept float, are read by a
+        Concat that gives them their own scales."""
+        return sorted({a.observed for a in self.activations.values() if sharers or a.shares is None})
+
+    def sharer_tensors(self) -> list[str]:
+        """The tensors only `observed_tensors(sharers=True)` adds: what a search over roots misses."""
+        roots = set(self.observed_tensors(sharers=False))
+        return [name for name in self.observed_tensors() if name not in roots]
 
     def root(self, tensor: str) -> str:
         """The activation whose parameters `tensor` uses (itself unless it shares)."""
