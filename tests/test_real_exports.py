@@ -165,6 +165,23 @@ def test_sigmoid_and_mul_after_quantized_nodes_run_on_integer_kernels(tmp_path):
     assert np.abs(reference - deployed).max() <= 0.01 * np.abs(reference).max()
 
 
+def test_below_8_bits_sigmoid_and_mul_stay_float():
+    """No integer kernel runs below 8 bits, so a SiLU gets no 4-bit sigmoid: the plan is the one
+    before Sigmoid and Mul could be quantized."""
+    from onnxq.io import to_ir
+    from onnxq.passes.infer_types import infer_types
+    from onnxq.quant.plan import plan_quantization
+
+    model = gated_net()
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    for bits, chained in ((8, True), (4, False)):
+        config = onnxq.QuantConfig(weight_bits=bits)
+        plan = plan_quantization(to_ir(infer_types(model)).graph, config)
+        sigmoids = [name for name in plan.activations if producers.get(name) == "Sigmoid"]
+        assert bool(sigmoids) is chained
+        assert any(producers.get(name) == "Conv" for name in plan.activations)
+
+
 def pooled_net():
     """Conv → SiLU → two MaxPools → Concat of all three → Conv: YOLOv8's SPPF."""
     import torch

@@ -34,10 +34,10 @@ from onnxq.quant import kernels
 from onnxq.quant.prune import drop_quantizers_that_do_not_pay, keep_float_neighbours
 from onnxq.quant.weights import WeightLayout
 
-# Quantized only where every input comes from a quantized node: onnxruntime then runs them on
-# its integer kernels (QLinearSigmoid and QLinearLeakyRelu, lookup tables; QLinearMul), and a
-# SiLU (x·sigmoid(x)), a squeeze-excitation gate or a LeakyRelu stays in the integer chain;
-# after a float op (HardSigmoid) a pair would only add a QuantizeLinear.
+# Quantized only where every input comes from a quantized node and every width is 8 bits:
+# onnxruntime then runs them on its integer kernels (QLinearSigmoid and QLinearLeakyRelu, lookup
+# tables; QLinearMul), and a SiLU (x·sigmoid(x)), a squeeze-excitation gate or a LeakyRelu stays
+# in the integer chain; after a float op (HardSigmoid) a pair would only add a QuantizeLinear.
 CHAINED_OPS = frozenset({"Sigmoid", "Mul", "LeakyRelu"})
 OWN_SCALE_OPS = frozenset({"Add", "Concat", "AveragePool", "GlobalAveragePool", *CHAINED_OPS})
 SHARED_SCALE_OPS = frozenset(
@@ -294,7 +294,10 @@ def _role(node: ir.Node, config: QuantConfig) -> str | None:
     if node.op_type in config.op_types:
         return "compute"
     if node.op_type in OWN_SCALE_OPS:
-        return "own"
+        # below 8 bits no integer kernel runs: a chained op's pair would only add noise (a 4-bit
+        # sigmoid inside every SiLU)
+        chained = node.op_type in CHAINED_OPS
+        return None if chained and config.lowest_bits < 8 else "own"
     if node.op_type in SHARED_SCALE_OPS:
         return "shared"
     return None
