@@ -172,7 +172,7 @@ def quantize(
             )
         if searched:
             search = _search(float_model, plan, data, ranges, config, choice, progress)
-            if not ranges:  # the tensors sharing a scale, for plans that quantize them alone
+            if config.calibration.searched:  # nothing observed yet: the sharers, for later plans
                 chunks = frontier.batches(data, fixed_batch(float_model) or config.batch_size)
                 ranges, _, _ = _observe(float_model, plan, chunks, config, progress, plan.sharer_tensors())
             searched_ranges = {plan.activations[root].observed: r for root, r in search.ranges.items()}

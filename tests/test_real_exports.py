@@ -10,6 +10,7 @@ import pytest
 
 import onnxq
 from onnxq.io import session
+from tests.conftest import export
 
 
 def yolo_style_head():
@@ -128,18 +129,7 @@ def gated_net():
             return self.out(b * self.hard(b))
 
     torch.manual_seed(0)
-    buffer = io.BytesIO()
-    torch.onnx.export(
-        Gated().eval(),
-        (torch.zeros(1, 3, 16, 16),),
-        buffer,
-        input_names=["images"],
-        output_names=["out"],
-        dynamic_axes={"images": {0: "n"}, "out": {0: "n"}},
-        opset_version=13,
-        dynamo=False,
-    )
-    return onnx.load_from_string(buffer.getvalue())
+    return export(Gated(), torch.zeros(1, 3, 16, 16), outputs=("out",))
 
 
 def test_sigmoid_and_mul_after_quantized_nodes_run_on_integer_kernels(tmp_path):
@@ -160,8 +150,8 @@ def test_sigmoid_and_mul_after_quantized_nodes_run_on_integer_kernels(tmp_path):
     assert "Sigmoid" not in ops and ops.count("Mul") == 1  # the HardSigmoid gate's product
     after_float = [n for n, why in result.float_nodes.items() if why == "an input comes from a float op"]
     assert len(after_float) == 1 and "Mul" in after_float[0]
-    reference = session(result.model, optimize=False).run(None, {"images": images})[0]
-    deployed = session(result.model).run(None, {"images": images})[0]
+    reference = session(result.model, optimize=False).run(None, {"input": images})[0]
+    deployed = session(result.model).run(None, {"input": images})[0]
     assert np.abs(reference - deployed).max() <= 0.01 * np.abs(reference).max()
 
 
@@ -201,18 +191,7 @@ def pooled_net():
             return self.out(torch.cat([a, b, self.pool(b)], 1))
 
     torch.manual_seed(0)
-    buffer = io.BytesIO()
-    torch.onnx.export(
-        Pooled().eval(),
-        (torch.zeros(1, 3, 16, 16),),
-        buffer,
-        input_names=["images"],
-        output_names=["out"],
-        dynamic_axes={"images": {0: "n"}, "out": {0: "n"}},
-        opset_version=13,
-        dynamo=False,
-    )
-    return onnx.load_from_string(buffer.getvalue())
+    return export(Pooled(), torch.zeros(1, 3, 16, 16), outputs=("out",))
 
 
 def test_a_plan_with_more_layers_float_quantizes_only_observed_tensors():
@@ -249,8 +228,8 @@ def test_a_searched_model_rebuilt_with_a_layer_float_has_every_range(monkeypatch
     result = onnxq.quantize(pooled_net(), images, config)
     pooled = [n for n in result.model.graph.node if n.op_type == "QuantizeLinear" and "MaxPool" in n.input[0]]
     assert len(pooled) == 2  # the MaxPools' own pairs, from their measured ranges
-    expected = session(pooled_net()).run(None, {"images": images})[0]
-    got = session(result.model).run(None, {"images": images})[0]
+    expected = session(pooled_net()).run(None, {"input": images})[0]
+    got = session(result.model).run(None, {"input": images})[0]
     assert np.corrcoef(expected.ravel(), got.ravel())[0, 1] > 0.99
 
 
