@@ -7,9 +7,10 @@ covers the wrong values, and the Add runs in float between two Q/DQ pairs. With 
 per-output-channel constant:
     Mul(y, c): W'[k] = W[k] · c[k], b'[k] = b[k] · c[k]        Div(y, c): the same with 1/c
     Add(y, c): b'[k] = b[k] + c[k]                             Sub(y, c): the same with −c
-The fold is skipped when the layer's output is read elsewhere, its weights or bias are shared,
-or the constant does not broadcast per output channel. BatchNorm statistics kept for a layer's
-output (fold_bn) follow the fold, so they still describe the tensor the layer now produces.
+The fold is skipped when the layer's output is read elsewhere or the constant does not broadcast
+per output channel; shared weights or bias fold into copies of the layer's own. BatchNorm
+statistics kept for a layer's output (fold_bn) follow the fold, so they still describe the
+tensor the layer now produces.
 """
 
 from __future__ import annotations
@@ -55,14 +56,14 @@ def _fold_one(graph: ir.Graph, node: ir.Node, statistics: dict[str, ChannelStati
         return False
     weight = constant(layer.inputs[1])
     axis = output_channel_axis(layer, weight) if weight is not None else None
-    if weight is None or axis is None or len(layer.inputs[1].uses()) != 1:
+    if weight is None or axis is None:
         return False
     if scaled_gemm(layer):
         return False
     per_channel = _per_channel(value, weight.ndim if layer.op_type != "Gemm" else 2, weight.shape[axis])
     bias_value = layer.inputs[2] if len(layer.inputs) > 2 else None
     bias = constant(bias_value)
-    if per_channel is None or (bias_value is not None and (bias is None or len(bias_value.uses()) != 1)):
+    if per_channel is None or (bias_value is not None and bias is None):
         return False
     bias = np.zeros(weight.shape[axis]) if bias is None else np.broadcast_to(bias, per_channel.shape)
     if node.op_type in ("Div", "Mul"):

@@ -3,8 +3,9 @@
 With σ = sqrt(var + ε) per output channel c:
     W'[c] = W[c] · γ[c] / σ[c]
     b'[c] = (b[c] − μ[c]) · γ[c] / σ[c] + β[c]
-The fold is skipped (with the reason) when the layer's output is read elsewhere, its weights are
-shared with another node, or any parameter is not a constant.
+The fold is skipped (with the reason) when the layer's output is read elsewhere or any parameter
+is not a constant. A layer whose weights other layers share too (a siamese network's tied
+branches) folds into a copy of its own; the others keep the original.
 
 The statistics are not thrown away: the folded layer's output is the BatchNormalization's output,
 whose per-channel mean and variance over the training set were β and γ²·var/(var + ε). They are
@@ -77,8 +78,6 @@ def _fold_one(graph: ir.Graph, bn: ir.Node, statistics: dict[str, ChannelStatist
     weight = constant(layer.inputs[1])
     if weight is None or any(p is None for p in params):
         return "weights or statistics are not constants"
-    if len(layer.inputs[1].uses()) != 1:
-        return "weights shared with another node"
     axis = output_channel_axis(layer, weight)
     if axis is None:
         return "grouped ConvTranspose"
@@ -87,8 +86,8 @@ def _fold_one(graph: ir.Graph, bn: ir.Node, statistics: dict[str, ChannelStatist
     factor = gamma / np.sqrt(var + epsilon)
     bias_value = layer.inputs[2] if len(layer.inputs) > 2 else None
     bias = constant(bias_value)
-    if bias_value is not None and (bias is None or len(bias_value.uses()) != 1):
-        return "bias is not a constant of its own"
+    if bias_value is not None and bias is None:
+        return "bias is not a constant"
     if scaled_gemm(layer):
         return "Gemm with alpha or beta other than 1"
     bias = np.zeros(weight.shape[axis]) if bias is None else np.broadcast_to(bias, factor.shape)

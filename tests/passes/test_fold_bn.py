@@ -76,6 +76,34 @@ def test_fold_refuses_when_the_layer_output_is_read_elsewhere():
     )
 
 
+def test_tied_weights_fold_into_copies_of_their_own():
+    """One Conv applied twice with a different BatchNorm after each (a siamese or recurrent-style
+    block), and once bare: both BatchNorms fold, the bare use keeps the original weights."""
+    import torch
+    from torch import nn
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn1, self.bn2 = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            h = torch.relu(self.bn1(self.conv(x)))
+            h = torch.relu(self.bn2(self.conv(h)))
+            return self.conv(h)
+
+    module = Tied()
+    randomise_batchnorm(module, seed=5)
+    model = export(module, torch.zeros(1, 4, 6, 6), keep_bn=True)
+    folded, report = _fold(model)
+    assert len(report.folded) == 2 and not report.skipped
+    convs = [n for n in folded.graph.node if n.op_type == "Conv"]
+    assert len({n.input[1] for n in convs}) == 3
+    sample = {"input": np.random.default_rng(2).standard_normal((2, 4, 6, 6)).astype(np.float32)}
+    assert max_relative_difference(model, folded, sample) <= 1e-5
+
+
 def test_whole_network_folds_to_the_exporters_own_folding(small_model, small_model_bn):
     folded, report = _fold(small_model_bn)
     assert len(report.folded) == 2
