@@ -40,12 +40,25 @@ class OutputFidelity:
     sqnr_db: float
     cosine: float
     agreement: float | None  # top-1 agreement where the output is (samples, classes)
+    equal: float | None = None  # integer outputs (class ids, indices): share of equal elements
+    reshaped: int = 0  # runs whose output shape differs from float's (NMS, thresholds): skipped
+    runs: int = 0
 
     def __str__(self) -> str:
-        text = f"output {self.name!r}: SQNR {self.sqnr_db:.1f} dB, cosine {self.cosine:.4f}"
-        return text + (
-            f", top-1 agreement {100 * self.agreement:.1f} %" if self.agreement is not None else ""
-        )
+        if self.equal is not None:
+            text = f"output {self.name!r}: equal to float's in {100 * self.equal:.1f} % of elements"
+        elif self.reshaped == self.runs:
+            text = f"output {self.name!r}:"
+        else:
+            text = f"output {self.name!r}: SQNR {self.sqnr_db:.1f} dB, cosine {self.cosine:.4f}"
+            if self.agreement is not None:
+                text += f", top-1 agreement {100 * self.agreement:.1f} %"
+        if self.reshaped:
+            text += (
+                f"{';' if text[-1] != ':' else ''} shape differs from float's in {self.reshaped} of "
+                f"{self.runs} runs (not compared)"
+            )
+        return text
 
 
 @dataclass
@@ -175,7 +188,7 @@ def compare_outputs(
     return [
         result
         for name in names
-        if sums[name].count
+        if sums[name].runs
         for result in (sums[name].result(name), *sums[name].part_results(name))
     ]
 
@@ -187,9 +200,21 @@ class _Sums:
         self.signal = self.noise = self.dot = self.quantized = 0.0
         self.agree = self.count = 0
         self.classes = True
+        self.equal = self.elements = self.reshaped = self.runs = 0
+        self.integer = False  # class ids, indices: compared element by element, no SQNR
         self.along: dict[int, _AxisSums] = {}  # axis → per-index sums, to split the output in parts
 
     def add(self, want: np.ndarray, got: np.ndarray) -> None:
+        self.runs += 1
+        if want.shape != got.shape:
+            self.reshaped += 1
+            return
+        self.classes = self.classes and _looks_like_scores(want)
+        if want.dtype.kind in "biu":
+            self.integer = True
+            self.equal += int((want == got).sum())
+            self.elements += want.size
+            return
         want, got = want.astype(np.float64), got.astype(np.float64)
         error = want - got
         self.signal += float(np.vdot(want, want))
@@ -199,21 +224,21 @@ class _Sums:
         for axis in _part_axes(want.shape):
             self.along.setdefault(axis, _AxisSums(axis, want.shape[axis])).add(want, got, error)
         scores = want.reshape(len(want), -1) if want.ndim else want.reshape(1, -1)
-        self.classes = self.classes and _looks_like_scores(want)
         if self.classes:
             self.agree += int((scores.argmax(1) == got.reshape(scores.shape).argmax(1)).sum())
         self.count += len(scores)
 
     def sqnr(self) -> float:
-        if self.noise == 0:
+        if self.integer or self.noise == 0:
             return float("inf")
         return 10 * np.log10(self.signal / self.noise) if self.signal > 0 else float("-inf")
 
     def result(self, name: str) -> OutputFidelity:
         norm = np.sqrt(self.signal * self.quantized)
         cosine = self.dot / norm if norm > 0 else float(self.signal == self.quantized)
-        agreement = self.agree / self.count if self.classes else None
-        return OutputFidelity(name, self.sqnr(), float(cosine), agreement)
+        agreement = self.agree / self.count if self.classes and self.count and not self.integer else None
+        equal = self.equal / self.elements if self.integer and self.elements else None
+        return OutputFidelity(name, self.sqnr(), float(cosine), agreement, equal, self.reshaped, self.runs)
 
     def part_results(self, name: str) -> list[OutputFidelity]:
         """The two parts of the output whose magnitudes differ most, where every index of one

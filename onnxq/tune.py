@@ -219,7 +219,13 @@ def never_slower(
         )
     if chosen is not best:
         notes.append(f"speed: kept {label} ({chosen_ms:.2f} ms)")
-    if chosen_ms > float_ms:
+    if not chosen.plan.quantized_nodes:
+        notes.append(
+            "warning: nothing is quantized: every integer layer feeds an op without an integer "
+            "kernel, and the Q/DQ pairs around those made the model slower than float on this CPU; "
+            "the saved model computes what the float model does (--no-speed-check quantizes anyway)"
+        )
+    elif chosen_ms > float_ms:
         notes.append(
             f"warning: the quantized model runs {chosen_ms / float_ms:.2f}× slower than float on this "
             f"CPU ({chosen_ms:.2f} against {float_ms:.2f} ms at batch 1): Q/DQ pairs and layout "

@@ -152,3 +152,26 @@ def test_a_silent_last_channel_is_not_a_part():
     x = np.random.default_rng(2).normal(size=(8, 6, 40)).astype(np.float32)
     report = fidelity.measure(_scaled(scales), _scaled(scales * (1 + np.r_[[1e-3] * 5, 1.0])), [{"x": x}], 8)
     assert [o.name for o in report.outputs] == ["y"]
+
+
+def test_integer_outputs_are_compared_element_by_element_not_by_sqnr():
+    """Class ids of a detector: 3 of 8 differ. No SQNR or top-1 agreement over ids."""
+    want = np.array([[0, 1, 2, 3], [4, 5, 6, 7]], np.int64)
+    got = want.copy()
+    got[0, :3] = 9
+    (output,) = fidelity.compare_outputs(["classes"], [([want], [got])])
+    assert output.equal == 5 / 8 and output.agreement is None
+    assert output.sqnr_db == float("inf")  # never the lowest output SQNR
+    assert str(output) == "output 'classes': equal to float's in 62.5 % of elements"
+
+
+def test_outputs_whose_shape_differs_from_floats_are_counted_not_compared():
+    """Boxes after NMS: the quantized model keeps 2 boxes where float kept 3 in one sample."""
+    rng = np.random.default_rng(0)
+    same = rng.standard_normal((2, 4))
+    runs = [([same], [same + 0.01]), ([rng.standard_normal((3, 4))], [rng.standard_normal((2, 4))])]
+    (output,) = fidelity.compare_outputs(["boxes"], runs)
+    assert output.reshaped == 1 and output.runs == 2
+    expected = 10 * np.log10((same**2).sum() / (0.01**2 * same.size))
+    np.testing.assert_allclose(output.sqnr_db, expected, rtol=1e-6)
+    assert str(output).endswith("shape differs from float's in 1 of 2 runs (not compared)")

@@ -70,6 +70,25 @@ def test_a_lighter_plan_that_does_not_help_is_dropped(monkeypatch):
     assert not any("float is faster" in why for why in result.float_nodes.values())
 
 
+def test_a_model_left_with_nothing_quantized_says_so_not_that_it_runs_slower(monkeypatch):
+    """Every layer feeds a Tanh: the lighter plan keeps all float and is the float model, which
+    timing noise may put a hair behind float; the note must say nothing is quantized."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3), nn.Tanh())
+    model = export(module, torch.zeros(1, 6))
+    data = np.random.default_rng(0).standard_normal((16, 6)).astype(np.float32)
+    timings = iter([[1.0, 2.0], [1.0, 2.0, 1.05]])  # float, all-integer, all float (noise)
+    monkeypatch.setattr(speed, "compare", lambda models, feed: next(timings))
+    result = onnxq.quantize(model, data, onnxq.QuantConfig())
+    assert result.quantized_nodes == 0
+    assert {n.op_type for n in result.model.graph.node} == {"Gemm", "Tanh"}
+    assert any(note.startswith("warning: nothing is quantized") for note in result.notes)
+    assert not any("slower than float on this CPU (" in note for note in result.notes)
+
+
 def test_compare_times_every_model():
     model = hardswish_cnn()
     feed = {"input": np.zeros((1, 3, 8, 8), np.float32)}

@@ -407,6 +407,13 @@ def _check_array(array: np.ndarray | None, spec: InputSpec, what: str, hint: str
         raise OnnxqError(
             f"{what}: data for input {spec.name!r} is {array.dtype}, the model expects {spec.dtype}{hint}"
         )
+    if _one_sample_per_run(array, spec):
+        shape = "×".join(str(d) for d in spec.shape)
+        raise OnnxqError(
+            f"{what}: input {spec.name!r} takes one sample without a batch axis ({shape}), so its "
+            "data cannot be batched; onnxq calibrates models whose inputs start with a batch "
+            "axis: export the model with one (a dynamic first dimension)"
+        )
     if array.ndim != len(spec.shape) or any(
         want is not None and want != got for want, got in zip(spec.shape[1:], array.shape[1:], strict=False)
     ):
@@ -417,6 +424,16 @@ def _check_array(array: np.ndarray | None, spec: InputSpec, what: str, hint: str
         )
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise OnnxqError(f"{what}: data for input {spec.name!r} contains NaN or infinite values")
+
+
+def _one_sample_per_run(array: np.ndarray, spec: InputSpec) -> bool:
+    """Data with one axis more than a fully fixed input, the rest matching: samples stacked for
+    a model that takes one at a time (torchvision detectors' [3, H, W] images)."""
+    return (
+        array.ndim == len(spec.shape) + 1
+        and None not in spec.shape
+        and tuple(array.shape[1:]) == tuple(spec.shape)
+    )
 
 
 def _describe(source: DataSource) -> str:

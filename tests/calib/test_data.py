@@ -98,3 +98,11 @@ def test_a_batch_dimension_written_as_minus_one_is_free():
     )
     (spec,) = model_inputs(helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]))
     assert spec.shape == (None, 3, None, 8)
+
+
+def test_samples_stacked_for_a_model_without_a_batch_axis_are_refused_with_the_reason():
+    """A model taking one [3, 8, 8] image per run (as torchvision's detectors export)."""
+    spec = [InputSpec("image", np.dtype(np.float32), (3, 8, 8))]
+    with pytest.raises(OnnxqError) as err:
+        list(batches(np.zeros((5, 3, 8, 8), np.float32), spec))
+    assert "without a batch axis (3×8×8)" in str(err.value)
