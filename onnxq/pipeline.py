@@ -60,6 +60,7 @@ from onnxq.passes.insert_qdq import (
 )
 from onnxq.passes.simplify import simplify
 from onnxq.progress import Progress, Silent
+from onnxq.quant import masks
 from onnxq.quant.kernels import WeightRangeChoice, choose_weight_range
 from onnxq.quant.plan import QuantPlan, plan_quantization
 from onnxq.refine import require_refinement
@@ -171,6 +172,7 @@ def quantize(
                 config,
                 progress,
             )
+            plan = _without_masks(float_model, graph_model.graph, plan, config, ranges)
         if searched:
             search = _search(float_model, plan, data, ranges, config, choice, progress)
             if config.calibration.searched:  # nothing observed yet: the sharers, for later plans
@@ -208,6 +210,7 @@ def quantize(
                 )
     else:
         ranges, samples, extremes = _observe(float_model, plan, stream, config, progress)
+        plan = _without_masks(float_model, graph_model.graph, plan, config, ranges, extremes)
 
     notes += stats.warnings()
     progress.stage("insert Q/DQ")
@@ -264,6 +267,14 @@ def quantize(
 def _replan(float_model, config: QuantConfig, **options) -> QuantPlan:
     """The plan again, with layers kept float (tune's fallbacks)."""
     return plan_quantization(to_ir(infer_types(float_model)).graph, config, **options)
+
+
+def _without_masks(float_model, graph, plan: QuantPlan, config: QuantConfig, *ranges) -> QuantPlan:
+    """The plan again with the nodes around tensors observed at a mask's values kept float."""
+    masked = {}
+    for observed in ranges:
+        masked |= masks.observed_unbounded(graph, plan, observed or {})
+    return _replan(float_model, config, keep_float={**plan.kept_float, **masked}) if masked else plan
 
 
 def _build(

@@ -30,7 +30,7 @@ from onnxq.passes.graph_utils import (
     scaled_gemm,
     single_consumer,
 )
-from onnxq.quant import kernels
+from onnxq.quant import kernels, masks
 from onnxq.quant.prune import drop_quantizers_that_do_not_pay, keep_float_neighbours
 from onnxq.quant.weights import WeightLayout
 
@@ -154,6 +154,7 @@ def plan_quantization(
     alias = _absorbed_activations(graph, config, plan)
     compute = [n for n in graph if _role(n, config) == "compute"]
     edges = {id(compute[0]), id(compute[-1])} if compute else set()
+    masked = masks.unbounded_tensors(graph)
     for node in graph:
         name = _node_name(node)
         if node.name in plan.absorbed:
@@ -164,6 +165,9 @@ def plan_quantization(
             continue
         if role is None or not is_float(node.outputs[0]):
             continue  # shape arithmetic is not a candidate: not worth a "kept in float" line
+        if any(v is not None and v.name in masked for v in (*node.inputs, *node.outputs)):
+            plan.float_nodes[name] = masks.REASON
+            continue
         if name in plan.kept_float:
             plan.float_nodes[name] = plan.kept_float[name]
             continue

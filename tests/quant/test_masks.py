@@ -1,0 +1,99 @@
+"""Attention masks (-inf or -1e9 added to the scores) stay float; the layers around them quantize."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import onnx
+
+import onnxq
+from onnxq.io import session
+from onnxq.quant import masks
+
+
+class _Attention:
+    """One self-attention block over (batch, tokens, 16) with a padding mask added to the scores:
+    built in the graph from a 0/1 input (Where(mask, 0, -inf)) or given as a float input (-1e9
+    where padded)."""
+
+    @staticmethod
+    def module(additive: bool):
+        import torch
+        from torch import nn
+
+        class Block(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.qkv, self.out = nn.Linear(16, 48), nn.Linear(16, 4)
+
+            def forward(self, x, mask):
+                q, k, v = self.qkv(x).chunk(3, dim=-1)
+                scores = q @ k.transpose(1, 2) / 4.0
+                if additive:
+                    scores = scores + mask[:, None, :]
+                else:  # as transformers builds it: Where(mask, 0, -inf), added to the scores
+                    padded = mask[:, None, :] < 0.5
+                    scores = scores + torch.where(padded, float("-inf"), 0.0)
+                return self.out((torch.softmax(scores, -1) @ v).mean(1))
+
+        torch.manual_seed(0)
+        return Block().eval()
+
+    @staticmethod
+    def export(additive: bool) -> onnx.ModelProto:
+        import torch
+
+        buffer = io.BytesIO()
+        torch.onnx.export(
+            _Attention.module(additive),
+            (torch.zeros(1, 6, 16), torch.ones(1, 6)),
+            buffer,
+            input_names=["x", "mask"],
+            output_names=["logits"],
+            dynamic_axes={"x": {0: "n"}, "mask": {0: "n"}},
+            opset_version=17,
+            dynamo=False,
+        )
+        return onnx.load_from_string(buffer.getvalue())
+
+    @staticmethod
+    def data(additive: bool, count: int = 48) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(0)
+        keep = np.ones((count, 6), np.float32)
+        keep[:, 4:] = 0.0  # the last two tokens are padding
+        mask = np.where(keep > 0, 0.0, -1e9).astype(np.float32) if additive else keep
+        return {"x": rng.standard_normal((count, 6, 16)).astype(np.float32), "mask": mask}
+
+
+def _check(additive: bool) -> None:
+    model, data = _Attention.export(additive), _Attention.data(additive)
+    result = onnxq.quantize(model, data, onnxq.QuantConfig(speed_check=False))
+    kept = [name for name, why in result.float_nodes.items() if why == masks.REASON]
+    assert kept, result.float_nodes
+    assert result.quantized_nodes > 0
+    sample = {k: v[:8] for k, v in data.items()}
+    want = session(model).run(None, sample)[0].astype(np.float64)
+    got = session(result.model).run(None, sample)[0].astype(np.float64)
+    assert 10 * np.log10((want**2).sum() / ((want - got) ** 2).sum()) > 25.0
+
+
+def test_a_mask_built_from_an_infinite_constant_stays_float():
+    """Found from the -inf constant, before any data is seen (the searched calibrations never
+    observe min-max ranges)."""
+    from onnxq.io import to_ir
+    from onnxq.passes.infer_types import infer_types
+
+    graph = to_ir(infer_types(_Attention.export(additive=False))).graph
+    assert masks.unbounded_tensors(graph)
+    _check(additive=False)
+
+
+def test_an_additive_mask_given_as_input_stays_float_once_observed():
+    """-1e9 where padded, added to the scores: no constant shows it, the observed range does."""
+    from onnxq.io import to_ir
+    from onnxq.passes.infer_types import infer_types
+
+    graph = to_ir(infer_types(_Attention.export(additive=True))).graph
+    assert not masks.unbounded_tensors(graph)
+    _check(additive=True)
