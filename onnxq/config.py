@@ -304,6 +304,7 @@ class QuantConfig:
     qprep: bool = True
 
     def __post_init__(self) -> None:
+        self._accept_text()
         for name in ("weight_bits", "activation_bits", "addend_bits"):
             _check_bits(getattr(self, name), name.replace("_", " "))
         for override in self.overrides:
@@ -328,6 +329,18 @@ class QuantConfig:
             self._check_refine()
         if self.search_memory_gb <= 0:
             raise OnnxqError(f"search memory must be positive, got {self.search_memory_gb} GB")
+
+    def _accept_text(self) -> None:
+        """The Python API takes what the CLI takes: calibration="mse", granularity="group:8"."""
+        parsers = {
+            "calibration": _enum_parser(CalibrationMethod, "calibration"),
+            "weight_range": _enum_parser(WeightRange, "weight range"),
+            "granularity": Granularity.parse,
+            "weight_rule": RangeRule.parse,
+        }
+        for name, parse in parsers.items():
+            if isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, parse(getattr(self, name)))
 
     def _check_refine(self) -> None:
         from onnxq.refine.blocks import parse_unit  # torch-free
@@ -435,3 +448,14 @@ def load_overrides(path: str | os.PathLike) -> tuple[LayerOverride, ...]:
     if not overrides:
         raise OnnxqError(f"{path} has no [[layer]] entries")
     return tuple(overrides)
+
+
+def _enum_parser(kind: type[enum.Enum], what: str):
+    def parse(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            choices = ", ".join(member.value for member in kind)
+            raise OnnxqError(f"{what} must be one of {choices}, got {text!r}") from None
+
+    return parse

@@ -228,3 +228,18 @@ def test_scaleclip_sets_the_input_scale_from_k_times_mean_absolute_value(small_m
     expected = P.affine_params(low, high, P.IntRange.unsigned(8))
     np.testing.assert_allclose(scale, expected[0], rtol=1e-5)
     assert int(zero) == int(expected[1])
+
+
+def test_the_python_config_takes_the_same_words_as_the_cli():
+    from onnxq.config import CalibrationMethod, Granularity, RangeRule, WeightRange
+    from onnxq.errors import OnnxqError
+
+    config = onnxq.QuantConfig(
+        calibration="mse", granularity="group:8", weight_range="unsigned", weight_rule="scaleclip:2"
+    )
+    assert config.calibration is CalibrationMethod.MSE and config.calibration.searched
+    assert config.granularity == Granularity.parse("group:8")
+    assert config.weight_range is WeightRange.UNSIGNED
+    assert config.weight_rule == RangeRule("scaleclip", 2.0)
+    with pytest.raises(OnnxqError, match="calibration must be one of auto, minmax"):
+        onnxq.QuantConfig(calibration="msee")

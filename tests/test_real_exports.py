@@ -268,3 +268,20 @@ def test_a_hardswish_written_out_gets_no_quantizer_inside():
     plan = plan_quantization(to_ir(onnx.shape_inference.infer_shapes(model)).graph, onnxq.QuantConfig())
     assert set(plan.activations) == {"x", "a", "h"}
     assert not plan.absorbed
+
+
+def test_searched_calibration_of_a_transformer_whose_tensors_lose_the_batch_axis(tmp_path):
+    """torch's TransformerEncoderLayer (batch first) exports attention as [tokens, batch·heads,
+    features] between reshapes: those tensors have no batch axis, and the mse search and bias
+    correction read them per batch (they failed with "'PerBatch' object has no attribute 'min'")."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+    module = nn.Sequential(layer, nn.Flatten(), nn.Linear(16 * 5, 4))
+    model = export(module, torch.zeros(1, 5, 16))
+    data = np.random.default_rng(0).standard_normal((24, 5, 16)).astype(np.float32)
+    config = onnxq.QuantConfig(calibration="mse", bias_correction=True, speed_check=False)
+    result = onnxq.quantize(model, data, config)
+    assert result.quantized_nodes > 0 and result.fidelity.min_sqnr > 25.0

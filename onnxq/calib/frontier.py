@@ -44,6 +44,28 @@ def sized_batches(data: Arrays, size: int):
         yield {k: _batch_of(v, index, start, size) for k, v in data.items()}, min(size, total - start)
 
 
+def paired_batches(quantized, floating, size: int, limit: int | None = None):
+    """(quantized, float) batches of one cached tensor, up to `limit` samples: slices of its
+    arrays, or the values kept per batch where it has no batch axis (a transformer's
+    [tokens, batch, features] between its reshapes)."""
+    if isinstance(quantized, PerBatch):
+        for index, pair in enumerate(zip(quantized, floating, strict=True)):
+            if limit is not None and index * quantized.size >= limit:
+                return
+            yield pair
+        return
+    total = len(quantized) if limit is None else min(limit, len(quantized))
+    for start in range(0, total, size):
+        yield quantized[start : start + size], floating[start : start + size]
+
+
+def flat_values(values) -> np.ndarray:
+    """Every value of a cached tensor in one flat array, whether or not it has a batch axis."""
+    if isinstance(values, PerBatch):
+        return np.concatenate([np.asarray(v).reshape(-1) for v in values]) if values else np.empty(0)
+    return values.reshape(-1)
+
+
 def _batch_of(values, index: int, start: int, size: int):
     if isinstance(values, PerBatch):
         if values.size != size:

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxq.calib.frontier import batches
+from onnxq.calib.frontier import paired_batches
 from onnxq.calib.simulate import Arrays, param_names
 from onnxq.io import session
 from onnxq.passes.insert_qdq import bias_quantization, weight_target
@@ -81,13 +81,11 @@ class LayerProbe:
         """Per output channel, mean(float output − quantized output) before the activation,
         over the first `samples` samples (all when None)."""
         x_name = self.node.input[0]
-        limit = samples or len(quantized[x_name])
         size = self.sweep.settings.batch_size
         total, positions = 0.0, 0
-        for start in range(0, limit, size):
-            stop = min(start + size, limit)
-            reference = self._run(floating[x_name][start:stop], self.weight, self.float_bias)[0]
-            output = self._run(quantized[x_name][start:stop], weight, bias)[0]
+        for q_batch, f_batch in paired_batches(quantized[x_name], floating[x_name], size, samples):
+            reference = self._run(f_batch, self.weight, self.float_bias)[0]
+            output = self._run(q_batch, weight, bias)[0]
             total = total + _channel_sums(reference - output, self.channel_axis)
             positions += reference.size // reference.shape[self.channel_axis]
         return (total / max(positions, 1)).astype(np.float32)
@@ -106,13 +104,9 @@ class LayerProbe:
         x_name = self.node.input[0]
         totals = np.zeros((len(candidates), self.weight.shape[self.spec.layout.out_axis]))
         self.positions = 0
-        for q_batch, f_batch in zip(
-            batches({"x": quantized[x_name]}, settings.batch_size),
-            batches({"x": floating[x_name]}, settings.batch_size),
-            strict=True,
-        ):
-            x = q_batch["x"].astype(np.float32, copy=False)  # widened once, not per candidate
-            reference = self._run(f_batch["x"], self.weight, self.float_bias)[-1]
+        for q_batch, f_batch in paired_batches(quantized[x_name], floating[x_name], settings.batch_size):
+            x = q_batch.astype(np.float32, copy=False)  # widened once, not per candidate
+            reference = self._run(f_batch, self.weight, self.float_bias)[-1]
             self.positions += reference.size
             for k, (weight, bias) in enumerate(weights):
                 difference = self._run(x, weight, bias)[-1] - reference

@@ -24,7 +24,15 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
-from onnxq.calib.frontier import PerBatch, advance, batches, count, fit_memory, sized_batches
+from onnxq.calib.frontier import (
+    PerBatch,
+    advance,
+    batches,
+    count,
+    fit_memory,
+    flat_values,
+    sized_batches,
+)
 from onnxq.calib.layer import BIAS_SAMPLES, LayerProbe
 from onnxq.calib.simulate import Arrays, Item, Segment, Simulation, fake_quant_feed
 from onnxq.passes.insert_qdq import activation_quantizer
@@ -217,7 +225,7 @@ class _Sweep:
     def _fallback(self, item: Item, quantized: Arrays) -> None:
         """Out of time: min-max ranges, rule-based weights, no bias correction."""
         if item.kind == "activation":
-            values = quantized[self.plan.activations[item.name].observed]
+            values = flat_values(quantized[self.plan.activations[item.name].observed])
             self._set_activation(item.name, float(values.min()), float(values.max()))
         else:
             self._set_weights(self.layers[item.node], None, None)
@@ -226,7 +234,7 @@ class _Sweep:
 
     def _choose_activation(self, item: Item, quantized: Arrays, floating: Arrays) -> float:
         spec = self.plan.activations[item.name]
-        values, reference = quantized[spec.observed], floating[spec.observed]
+        values, reference = flat_values(quantized[spec.observed]), flat_values(floating[spec.observed])
         low, high = spec.bounded(float(values.min()), float(values.max()))
         self.observed[item.name] = (low, high)
         if self.settings.method == "fixed":
@@ -234,8 +242,8 @@ class _Sweep:
             self._set_activation(item.name, low, high)
             return float("nan")
         picks = self._positions(values.size)
-        x = values.reshape(-1)[picks].astype(np.float32)
-        target = reference.reshape(-1)[picks].astype(np.float32)
+        x = values[picks].astype(np.float32)
+        target = reference[picks].astype(np.float32)
         if spec.floor is not None:  # the readers flatten what lies below: no error counted there
             target = np.maximum(target, np.float32(low))
 
