@@ -111,6 +111,7 @@ def quantize(
     if config.refine:
         require_refinement(config.device)  # before any work, not after calibration
     proto = load_model(model) if isinstance(model, str | os.PathLike) else model
+    _refuse_quantized(proto)
     inputs = model_inputs(proto)
     notes: list[str] = []
     data_free = isinstance(calibration, str) and calibration == DATA_FREE
@@ -262,6 +263,21 @@ def quantize(
         report,
         refined,
     )
+
+
+QUANTIZED_OPS = frozenset(
+    {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"}
+)
+
+
+def _refuse_quantized(model: onnx.ModelProto) -> None:
+    """A model that already holds quantizers would get a second set over dequantized weights."""
+    found = sum(node.op_type in QUANTIZED_OPS for node in model.graph.node)
+    if found:
+        raise OnnxqError(
+            f"the model is already quantized ({found} QuantizeLinear, DequantizeLinear or integer "
+            "nodes): give onnxq the float model it came from"
+        )
 
 
 def _replan(float_model, config: QuantConfig, **options) -> QuantPlan:

@@ -49,6 +49,7 @@ def test_quantize_then_eval(tmp_path, small_model_path, calib_file):
         ("missing_external_data", "cannot read the weights"),
         ("fixed_batch", "do not fill batches of 4"),
         ("read_only_folder", "is not writable"),
+        ("already_quantized", "the model is already quantized"),
     ],
 )
 def test_bad_input_gives_one_line_and_no_output(
@@ -91,6 +92,9 @@ def test_bad_input_gives_one_line_and_no_output(
         model = tmp_path / "fixed.onnx"
         onnx.save(export(small_cnn(), torch.zeros(4, 3, 16, 16), dynamic_batch=False), model)
         np.save(calib, np.random.default_rng(0).standard_normal((10, 3, 16, 16)).astype(np.float32))
+    elif setup == "already_quantized":
+        model = tmp_path / "quantized.onnx"
+        run("quantize", small_model_path, "-o", model, "--calib", calib, "--calibration", "minmax")
     elif setup == "read_only_folder":  # root may write anywhere: the folder's answer is simulated
         monkeypatch.setattr("onnxq.io.writable", lambda folder: False)
     before = out.read_bytes() if out.exists() else None
