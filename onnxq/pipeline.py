@@ -45,6 +45,7 @@ from onnxq.errors import OnnxqError
 from onnxq.fidelity import Fidelity, HoldBack
 from onnxq.io import check_writable, load_model, run, save_model, session, to_ir, to_proto
 from onnxq.memory import release_free_memory
+from onnxq.passes.contrib import standard_ops
 from onnxq.passes.float32 import compute_in_float32
 from onnxq.passes.fold_affine import fold_affine
 from onnxq.passes.fold_bn import ChannelStatistics, FoldReport, fold_batchnorm
@@ -473,9 +474,10 @@ def fuse(
     """
     progress = progress or Silent()
     proto = load_model(model) if isinstance(model, str | os.PathLike) else model
+    proto, unfused = standard_ops(proto)
     proto = _supported_opset(proto)
     proto, widened = compute_in_float32(proto)
-    notes: list[str] = [widened] if widened else []
+    notes: list[str] = [note for note in (unfused, widened) if note]
     if simplify_first:
         progress.stage("simplify")
         proto, note = simplify(proto, sample if sample is not None else random_sample(model_inputs(proto)))

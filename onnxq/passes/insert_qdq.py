@@ -288,7 +288,8 @@ def _quantize_activation(
     )
     dequantized = dequantize.outputs[0]
     dequantized.name = f"{name}_dequantized"
-    dequantized.dtype, dequantized.shape = value.dtype, value.shape
+    # planned tensors are float; one behind an op shape inference cannot type has no dtype yet
+    dequantized.dtype, dequantized.shape = value.dtype or ir.DataType.FLOAT, value.shape
     for user, index in uses:
         user.replace_input_with(index, dequantized)
     nodes += [quantize, dequantize]
