@@ -29,7 +29,7 @@ from onnxq.quant.plan import QuantPlan
 
 FLOAT_SCALE = np.float32(2.0**-30)  # a power of two: x / s · s is exact
 UNBOUNDED = np.float32(3.0e38)
-PARAM_SUFFIXES = ("scale", "zero", "qmin", "qmax")
+PARAM_SUFFIXES = ("scale", "low", "high")  # low, high: qmin and qmax less the zero point
 
 Arrays = dict[str, np.ndarray]
 
@@ -86,7 +86,8 @@ def param_names(tensor: str) -> dict[str, str]:
 
 def fake_quant_feed(tensor: str, scale: float, zero: float, qmin: float, qmax: float) -> Arrays:
     names = param_names(tensor)
-    values = (scale, zero, qmin, qmax)
+    zero = float(zero)  # an unsigned zero point would wrap around in qmin − zero
+    values = (scale, float(qmin) - zero, float(qmax) - zero)
     return {names[s]: np.asarray(v, np.float32) for s, v in zip(PARAM_SUFFIXES, values, strict=True)}
 
 
@@ -157,18 +158,12 @@ def _insert_fake_quantizers(graph: onnx.GraphProto, plan: QuantPlan, params: Arr
             helper.make_node("Div", [observed, names["scale"]], [f"{out}_div"], name=f"{observed}::fq_div"),
             helper.make_node("Round", [f"{out}_div"], [f"{out}_round"], name=f"{observed}::fq_round"),
             helper.make_node(
-                "Add", [f"{out}_round", names["zero"]], [f"{out}_add"], name=f"{observed}::fq_add"
-            ),
-            helper.make_node(
                 "Clip",
-                [f"{out}_add", names["qmin"], names["qmax"]],
+                [f"{out}_round", names["low"], names["high"]],
                 [f"{out}_clip"],
                 name=f"{observed}::fq_clip",
             ),
-            helper.make_node(
-                "Sub", [f"{out}_clip", names["zero"]], [f"{out}_sub"], name=f"{observed}::fq_sub"
-            ),
-            helper.make_node("Mul", [f"{out}_sub", names["scale"]], [out], name=f"{observed}::fq_mul"),
+            helper.make_node("Mul", [f"{out}_clip", names["scale"]], [out], name=f"{observed}::fq_mul"),
         ]
         inserts.setdefault(produced_at.get(observed, -1), []).extend(steps)
         starts[spec.tensor] = steps[0].name
