@@ -114,7 +114,13 @@ def quantize(
     proto = load_model(model) if isinstance(model, str | os.PathLike) else model
     _refuse_quantized(proto)
     inputs = model_inputs(proto)
+    checker_error = _checker_error(proto)
     notes: list[str] = []
+    if checker_error:
+        notes.append(
+            f"the input model fails the onnx checker ({checker_error}): the output is validated "
+            "by onnxruntime alone"
+        )
     data_free = isinstance(calibration, str) and calibration == DATA_FREE
     if data_free:
         calibration, synthesised = _synthesise(proto, inputs, config, progress)
@@ -220,7 +226,7 @@ def quantize(
     replan = functools.partial(_replan, float_model, config)
     first = build(plan)
     progress.stage("validate")
-    validate(first.model, sample)
+    validate(first.model, sample, check=not checker_error)
     checked = held.batches or [sample]
     progress.stage("check fidelity")
     measured = None
@@ -247,7 +253,7 @@ def quantize(
     best, timing, kept_fallback = tune.never_slower(float_model, tuned, sample, config, replan, build, first)
     fallback = fallback if kept_fallback else []  # undone where it made the model slower
     if best is not first:
-        validate(best.model, sample)
+        validate(best.model, sample, check=not checker_error)
     measured = measured if best is tuned else None
     report = tune.final_report(float_model, best, checked, held.held_back, config, measured)
     notes += fallback + switched + timing + report.lines() + report.warnings(config.calibration.searched)
@@ -533,17 +539,27 @@ def quantize_file(
     return result
 
 
-def validate(model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> None:
-    """The onnx checker and one onnxruntime run on real data must both accept the model."""
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as err:
-        raise OnnxqError(
-            f"internal error: the quantized model is invalid ({str(err).splitlines()[0]})"
-        ) from None
+def validate(model: onnx.ModelProto, sample: dict[str, np.ndarray], *, check: bool = True) -> None:
+    """The onnx checker (`check`: unless the input model already failed it) and one onnxruntime
+    run on real data must both accept the model."""
+    error = _checker_error(model) if check else None
+    if error:
+        raise OnnxqError(f"internal error: the quantized model is invalid ({error})")
     outputs = run(session(model), sample)
     if not all(np.isfinite(o).all() for o in outputs if o.dtype.kind == "f"):
         raise OnnxqError("internal error: the quantized model produces NaN or infinite values")
+
+
+def _checker_error(model: onnx.ModelProto) -> str | None:
+    """The onnx checker's first line about `model`, or None when it passes. Exporters write
+    models onnxruntime runs but the checker refuses (a graph input declared without a shape)."""
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as err:
+        return str(err).splitlines()[0]
+    except ValueError:  # over protobuf's 2 GB: the checker cannot take it, onnxruntime can
+        return None
+    return None
 
 
 def _opset(model: onnx.ModelProto) -> int:

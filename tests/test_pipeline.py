@@ -243,3 +243,15 @@ def test_the_python_config_takes_the_same_words_as_the_cli():
     assert config.weight_rule == RangeRule("scaleclip", 2.0)
     with pytest.raises(OnnxqError, match="calibration must be one of auto, minmax"):
         onnxq.QuantConfig(calibration="msee")
+
+
+def test_a_model_the_onnx_checker_refuses_but_onnxruntime_runs_quantizes(small_model, calibration_data):
+    """A graph input declared without a shape: onnxruntime runs it, the checker refuses it, and
+    the quantized model (the same input) must not be called an internal error for that."""
+    model = onnx.ModelProto()
+    model.CopyFrom(small_model)
+    model.graph.input[0].type.tensor_type.ClearField("shape")
+    result = onnxq.quantize(model, calibration_data, onnxq.QuantConfig(speed_check=False))
+    assert any(note.startswith("the input model fails the onnx checker") for note in result.notes)
+    assert result.quantized_nodes > 0
+    session(result.model).run(None, {"input": calibration_data[:2]})

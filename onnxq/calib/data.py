@@ -39,6 +39,7 @@ class InputSpec:
     name: str
     dtype: np.dtype
     shape: tuple[int | None, ...]
+    scalar: bool = False  # rank 0 as declared (an input with no shape at all is not one)
 
 
 def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
@@ -52,7 +53,8 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
         # a dimension written as -1 or 0 (paddle2onnx does) is as free as a named one
         dims = tuple(d.dim_value if d.dim_value > 0 else None for d in tensor_type.shape.dim)
-        specs.append(InputSpec(value.name, dtype, dims))
+        scalar = tensor_type.HasField("shape") and not dims
+        specs.append(InputSpec(value.name, dtype, dims, scalar))
     return specs
 
 
@@ -108,14 +110,27 @@ def batches(
     (calibration), data that is constant for an input is refused once the stream has ended:
     it gives ranges of zero width and a model that computes nothing useful.
     """
+    what = _describe(source)
+    _refuse_scalar_inputs(inputs)
     fixed = {spec.shape[0] for spec in inputs if spec.shape and spec.shape[0]}
     batch_size = next(iter(fixed)) if fixed else batch_size
-    what = _describe(source)
     hint = _image_hint(source, preprocess)
     stream = _rebatch(_chunks(source, inputs, preprocess), batch_size, max_samples, hint)
     if fixed:
         stream = _whole_batches(stream, batch_size, inputs, what)
     yield from _checked(stream, inputs, what, hint, stats)
+
+
+def _refuse_scalar_inputs(inputs: list[InputSpec]) -> None:
+    """Data is cut into batches along every input's first axis; a scalar input has none."""
+    scalars = [spec.name for spec in inputs if spec.scalar]
+    if scalars:
+        names = ", ".join(map(repr, scalars))
+        raise OnnxqError(
+            f"model input {names} is a scalar, with no batch axis to cut calibration data along: "
+            "onnxq needs every input to start with one; make it a constant of the model (an "
+            "initializer) or give it a leading axis"
+        )
 
 
 def describe_count(inputs: list[InputSpec], samples: int) -> str:
@@ -414,8 +429,13 @@ def _check_array(array: np.ndarray | None, spec: InputSpec, what: str, hint: str
             "data cannot be batched; onnxq calibrates models whose inputs start with a batch "
             "axis: export the model with one (a dynamic first dimension)"
         )
-    if array.ndim != len(spec.shape) or any(
-        want is not None and want != got for want, got in zip(spec.shape[1:], array.shape[1:], strict=False)
+    shapeless = not spec.shape and not spec.scalar  # the model declares no shape: any will do
+    if not shapeless and (
+        array.ndim != len(spec.shape)
+        or any(
+            want is not None and want != got
+            for want, got in zip(spec.shape[1:], array.shape[1:], strict=False)
+        )
     ):
         want = "×".join("?" if d is None else str(d) for d in spec.shape)
         raise OnnxqError(

@@ -106,3 +106,26 @@ def test_samples_stacked_for_a_model_without_a_batch_axis_are_refused_with_the_r
     with pytest.raises(OnnxqError) as err:
         list(batches(np.zeros((5, 3, 8, 8), np.float32), spec))
     assert "without a batch axis (3×8×8)" in str(err.value)
+
+
+def test_a_scalar_model_input_is_refused_with_the_reason_and_a_shapeless_one_is_not():
+    import onnx
+    from onnx import TensorProto, helper
+
+    from onnxq.calib.data import model_inputs
+
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "threshold"], ["y"])],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3]),
+            helper.make_tensor_value_info("threshold", TensorProto.FLOAT, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    specs = model_inputs(helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]))
+    data = {"x": np.ones((4, 3), np.float32), "threshold": np.float32(0.5)}
+    with pytest.raises(OnnxqError, match="model input 'threshold' is a scalar"):
+        list(batches(data, specs))
+    shapeless = InputSpec("x", np.dtype(np.float32), ())
+    assert len(list(batches(np.ones((4, 3), np.float32), [shapeless]))) == 1
