@@ -17,8 +17,10 @@ import onnx
 
 from onnxq import speed
 from onnxq.calib.data import DataSource, batches, model_inputs
+from onnxq.calib.frontier import count
 from onnxq.config import Preprocess
 from onnxq.errors import OnnxqError
+from onnxq.fidelity import OutputComparison, looks_like_scores
 from onnxq.io import load_model, run, session
 
 INTEGER_OPS = (
@@ -39,10 +41,11 @@ class ModelReport:
     top1: float | None
     agreement: float | None
     kl: float | None
-    sqnr_db: float | None
+    sqnr_db: float | None  # the lowest over the outputs and their parts (detector boxes, scores)
     size_bytes: int
     latency_ms: float
     kernels: str
+    lowest_output: str | None = None  # which output (or part) that lowest SQNR is at
 
 
 class _Scores:
@@ -51,7 +54,6 @@ class _Scores:
     def __init__(self) -> None:
         self.correct = self.agree = self.count = 0
         self.kl = 0.0
-        self.signal = self.noise = 0.0
 
     def add(self, logits: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) -> None:
         logits, reference = logits.reshape(len(logits), -1), reference.reshape(len(reference), -1)
@@ -60,8 +62,6 @@ class _Scores:
             self.correct += int((predicted == labels).sum())
         self.agree += int((predicted == reference.argmax(1)).sum())
         self.kl += float(kl_divergence(reference, logits).sum())
-        self.signal += float(np.square(reference.astype(np.float64)).sum())
-        self.noise += float(np.square(reference.astype(np.float64) - logits).sum())
         self.count += len(logits)
 
 
@@ -87,8 +87,10 @@ def evaluate(
     threads: int = 0,
     max_samples: int | None = None,
 ) -> list[ModelReport]:
-    """Score the float model and each quantized model on `data` (first output = logits); time
-    them side by side at batch 1 (onnxq.speed), so that the machine's load hits them alike."""
+    """Score the float model and each quantized model on `data`: top-1 (with labels), agreement
+    and KL of the first output where it holds class scores, the lowest SQNR over every output
+    and its parts (as the fidelity check after quantizing); time them side by side at batch 1
+    (onnxq.speed), so that the machine's load hits them alike."""
     paths = [Path(float_model), *(Path(p) for p in quantized)]
     models = [load_model(p) for p in paths]
     inputs = model_inputs(models[0])
@@ -96,30 +98,54 @@ def evaluate(
         _check_same_inputs(inputs, model_inputs(model), path, paths[0])
     if labels is not None and max_samples is not None:
         labels = labels[:max_samples]
+    names = [o.name for o in models[0].graph.output]
+    for path, model in zip(paths[1:], models[1:], strict=True):
+        if len(model.graph.output) != len(names):
+            raise OnnxqError(f"{path} has {len(model.graph.output)} outputs, {paths[0]} {len(names)}")
     sessions = [session(m, threads=threads) for m in models]
     scores = [_Scores() for _ in models]
-    first = None
+    comparisons = [OutputComparison(names) for _ in models[1:]]
+    first, classify = None, labels is not None
     for batch in batches(data, inputs, preprocess=preprocess, batch_size=32, max_samples=max_samples):
         first = first or {k: v[:1] for k, v in batch.items()}
-        outputs = [run(s, batch)[0] for s in sessions]
-        for path, output in zip(paths[1:], outputs[1:], strict=True):
-            if output.shape != outputs[0].shape:
-                raise OnnxqError(
-                    f"{path} gives an output of shape {list(output.shape)}, {paths[0]} one of "
-                    f"{list(outputs[0].shape)}"
-                )
-        batch_labels = _labels_for(labels, scores[0].count, len(outputs[0]))
-        for score, output in zip(scores, outputs, strict=True):
-            score.add(output, outputs[0], batch_labels)
+        outputs = [run(s, batch) for s in sessions]
+        for comparison, got in zip(comparisons, outputs[1:], strict=True):
+            comparison.add(outputs[0], got)
+        # class scores (or labels given): top-1, agreement and KL of the first output
+        classify = classify or (scores[0].count == 0 and looks_like_scores(outputs[0][0]))
+        if classify:
+            _score_classes(scores, [o[0] for o in outputs], paths, labels)
+        else:
+            for score in scores:
+                score.count += count(batch)
     if labels is not None and scores[0].count != len(labels):
         raise OnnxqError(f"{len(labels)} labels for {scores[0].count} samples")
     latencies = speed.compare_sessions(sessions, first)
+    compared = [None, *(c.results() for c in comparisons)]
     return [
-        _report(name, path, model, score, labels is not None, milliseconds)
-        for name, path, model, score, milliseconds in zip(
-            display_names([p.resolve() for p in paths]), paths, models, scores, latencies, strict=True
+        _report(name, path, model, score, labels is not None, classify, milliseconds, results)
+        for name, path, model, score, milliseconds, results in zip(
+            display_names([p.resolve() for p in paths]),
+            paths,
+            models,
+            scores,
+            latencies,
+            compared,
+            strict=True,
         )
     ]
+
+
+def _score_classes(scores: list[_Scores], logits: list[np.ndarray], paths: list[Path], labels) -> None:
+    for path, output in zip(paths[1:], logits[1:], strict=True):
+        if output.shape != logits[0].shape:
+            raise OnnxqError(
+                f"{path} gives an output of shape {list(output.shape)}, {paths[0]} one of "
+                f"{list(logits[0].shape)}"
+            )
+    batch_labels = _labels_for(labels, scores[0].count, len(logits[0]))
+    for score, output in zip(scores, logits, strict=True):
+        score.add(output, logits[0], batch_labels)
 
 
 def _check_same_inputs(inputs, others, path: Path, reference: Path) -> None:
@@ -156,19 +182,22 @@ def _labels_for(labels: np.ndarray | None, start: int, count: int) -> np.ndarray
     return labels[start : start + count]
 
 
-def _report(name, path, model, score: _Scores, labelled: bool, milliseconds: float) -> ModelReport:
+def _report(
+    name, path, model, score: _Scores, labelled: bool, classified: bool, milliseconds: float, results
+) -> ModelReport:
     n = max(score.count, 1)
-    sqnr = 10 * np.log10(score.signal / score.noise) if score.noise > 0 else float("inf")
+    lowest = min(results, key=lambda r: r.sqnr_db) if results else None
     return ModelReport(
         name=name,
         samples=score.count,
         top1=score.correct / n if labelled else None,
-        agreement=score.agree / n,
-        kl=score.kl / n,
-        sqnr_db=float(sqnr),
+        agreement=score.agree / n if classified else None,
+        kl=score.kl / n if classified else None,
+        sqnr_db=lowest.sqnr_db if lowest else None,
         size_bytes=_file_size(path),
         latency_ms=milliseconds,
         kernels=kernel_summary(model),
+        lowest_output=lowest.name if lowest and len(results) > 1 else None,
     )
 
 

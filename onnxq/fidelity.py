@@ -181,16 +181,30 @@ def compare_outputs(
     names: list[str], runs: Iterable[tuple[list[np.ndarray], list[np.ndarray]]]
 ) -> list[OutputFidelity]:
     """Fidelity of each output, and of its parts, over (float outputs, quantized outputs) runs."""
-    sums = {name: _Sums() for name in names}
+    comparison = OutputComparison(names)
     for wanted, got in runs:
-        for name, want, have in zip(names, wanted, got, strict=True):
-            sums[name].add(want, have)
-    return [
-        result
-        for name in names
-        if sums[name].runs
-        for result in (sums[name].result(name), *sums[name].part_results(name))
-    ]
+        comparison.add(wanted, got)
+    return comparison.results()
+
+
+class OutputComparison:
+    """compare_outputs fed one run at a time (`onnxq eval` streams batches to several models)."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.sums = {name: _Sums() for name in names}
+
+    def add(self, wanted: list[np.ndarray], got: list[np.ndarray]) -> None:
+        for name, want, have in zip(self.names, wanted, got, strict=True):
+            self.sums[name].add(want, have)
+
+    def results(self) -> list[OutputFidelity]:
+        return [
+            result
+            for name in self.names
+            if self.sums[name].runs
+            for result in (self.sums[name].result(name), *self.sums[name].part_results(name))
+        ]
 
 
 class _Sums:
@@ -209,7 +223,7 @@ class _Sums:
         if want.shape != got.shape:
             self.reshaped += 1
             return
-        self.classes = self.classes and _looks_like_scores(want)
+        self.classes = self.classes and looks_like_scores(want)
         if want.dtype.kind in "biu":
             self.integer = True
             self.equal += int((want == got).sum())
@@ -307,7 +321,7 @@ def _part_axes(shape: tuple[int, ...]) -> list[int]:
     return [a for a in axes if 2 <= shape[a] <= PART_AXIS_SIZE]
 
 
-def _looks_like_scores(values: np.ndarray) -> bool:
+def looks_like_scores(values: np.ndarray) -> bool:
     """(samples, classes) or (samples, classes, 1, 1) with a few classes at least."""
     if values.ndim < 2 or any(d != 1 for d in values.shape[2:]):
         return False

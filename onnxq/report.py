@@ -71,12 +71,15 @@ def print_reports(reports: list[ModelReport], console: Console | None = None) ->
         table.add_row(
             report.name,
             "—" if report.top1 is None else f"{100 * report.top1:.2f} %",
-            "—" if first else f"{100 * report.agreement:.2f} %",
-            "—" if first else f"{report.kl:.4f}",
-            "—" if first else f"{report.sqnr_db:.1f}",
+            "—" if report.agreement is None or first else f"{100 * report.agreement:.2f} %",
+            "—" if report.kl is None or first else f"{report.kl:.4f}",
+            "—" if report.sqnr_db is None else f"{report.sqnr_db:.1f}",
             f"{report.size_bytes / 1e6:.2f}",
             f"{report.latency_ms:.2f}"
             + ("" if first else f" ({report.latency_ms / reference.latency_ms:.2f}×)"),
             report.kernels,
         )
     console.print(table)
+    for report in reports[1:]:
+        if report.lowest_output:
+            console.print(f"  {report.name}: lowest SQNR at {report.lowest_output}")

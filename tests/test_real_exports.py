@@ -285,3 +285,25 @@ def test_searched_calibration_of_a_transformer_whose_tensors_lose_the_batch_axis
     config = onnxq.QuantConfig(calibration="mse", bias_correction=True, speed_check=False)
     result = onnxq.quantize(model, data, config)
     assert result.quantized_nodes > 0 and result.fidelity.min_sqnr > 25.0
+
+
+def test_eval_of_a_detector_reports_its_lowest_output_part_not_class_agreement(head, images, tmp_path):
+    """A (batch, 7, anchors) head is no set of class scores: no agreement or KL over its
+    flattened values; the SQNR is the lowest over the output and its parts, as after quantizing."""
+    from onnxq.evaluate import evaluate
+    from onnxq.fidelity import compare_outputs
+
+    model = onnx.ModelProto()
+    model.CopyFrom(head)  # the stem's output as a second output: two to compare
+    stem = next(n for n in model.graph.node if n.op_type == "Conv").output[0]
+    model.graph.output.append(onnx.helper.make_tensor_value_info(stem, onnx.TensorProto.FLOAT, None))
+    source, target = tmp_path / "head.onnx", tmp_path / "head.q.onnx"
+    onnx.save(model, source)
+    onnxq.quantize_file(source, target, images, onnxq.QuantConfig(speed_check=False))
+    float_report, report = evaluate(source, [target], images)
+    assert report.agreement is None and report.kl is None and float_report.sqnr_db is None
+    feed = {"images": images}
+    want, got = session(model).run(None, feed), session(onnx.load(target)).run(None, feed)
+    results = compare_outputs(["out", stem], [(want, got)])
+    lowest = min(results, key=lambda r: r.sqnr_db)
+    assert report.sqnr_db == pytest.approx(lowest.sqnr_db) and report.lowest_output == lowest.name
