@@ -474,5 +474,31 @@ def evaluate_command(float_model, quantized, data, labels, threads, max_samples,
     print_reports(reports)
 
 
+@main.command(name="bench")
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--batch", "batch_sizes", type=int, multiple=True, help="Batch size (repeat for several; default 1)."
+)
+@click.option("--data", help="Input data (.npy, .npz or a folder of images); random values when absent.")
+@click.option("--shape", "shapes", multiple=True, help="name=1x3x224x224 for an input with free dimensions.")
+@click.option("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = its default).")
+@preprocess_options
+@_reports_errors
+def bench_command(models, batch_sizes, data, shapes, threads, **rest):
+    """Latency and throughput of MODELS side by side (the first is the reference), as deployed."""
+    from onnxq.latency import bench, parse_shapes
+    from onnxq.report import print_latencies
+
+    rows = bench(
+        list(models),
+        batch_sizes=batch_sizes or (1,),
+        data=data,
+        shapes=parse_shapes(shapes),
+        preprocess=build_preprocess(**rest),
+        threads=threads,
+    )
+    print_latencies(rows)
+
+
 if __name__ == "__main__":
     main()

@@ -95,7 +95,7 @@ def evaluate(
     models = [load_model(p) for p in paths]
     inputs = model_inputs(models[0])
     for path, model in zip(paths[1:], models[1:], strict=True):
-        _check_same_inputs(inputs, model_inputs(model), path, paths[0])
+        check_same_inputs(inputs, model_inputs(model), path, paths[0])
     if labels is not None and max_samples is not None:
         labels = labels[:max_samples]
     names = [o.name for o in models[0].graph.output]
@@ -148,7 +148,7 @@ def _score_classes(scores: list[_Scores], logits: list[np.ndarray], paths: list[
         score.add(output, logits[0], batch_labels)
 
 
-def _check_same_inputs(inputs, others, path: Path, reference: Path) -> None:
+def check_same_inputs(inputs, others, path: Path, reference: Path) -> None:
     """Both models must accept the same data: names, and every size both of them fix."""
     if [s.name for s in others] != [s.name for s in inputs]:
         raise OnnxqError(f"{path} has other inputs than {reference}")
@@ -194,7 +194,7 @@ def _report(
         agreement=score.agree / n if classified else None,
         kl=score.kl / n if classified else None,
         sqnr_db=lowest.sqnr_db if lowest else None,
-        size_bytes=_file_size(path),
+        size_bytes=file_size(path),
         latency_ms=milliseconds,
         kernels=kernel_summary(model),
         lowest_output=lowest.name if lowest and len(results) > 1 else None,
@@ -216,7 +216,7 @@ def kernel_summary(model: onnx.ModelProto) -> str:
     return "float" if not counts["DequantizeLinear"] else f"float, simulated ({floating} layers)"
 
 
-def _file_size(path: Path) -> int:
+def file_size(path: Path) -> int:
     size = path.stat().st_size
     data = path.with_name(path.name + ".data")
     return size + (data.stat().st_size if data.exists() else 0)

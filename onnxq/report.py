@@ -6,6 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from onnxq.evaluate import ModelReport
+from onnxq.latency import Latency
 from onnxq.passes.fuse_branches import FuseReport
 from onnxq.weight_stats import LayerWeights
 
@@ -83,3 +84,25 @@ def print_reports(reports: list[ModelReport], console: Console | None = None) ->
     for report in reports[1:]:
         if report.lowest_output:
             console.print(f"  {report.name}: lowest SQNR at {report.lowest_output}")
+
+
+def print_latencies(rows: list[Latency], console: Console | None = None) -> None:
+    """One row per model and batch size; ×first compares with the first model at that batch."""
+    console = console or _console()
+    table = Table(title="onnxq bench (median of interleaved runs)")
+    for column in ("model", "batch", "latency ms", "samples/s", "size MB", "kernels"):
+        table.add_column(column, justify="left" if column in ("model", "kernels") else "right")
+    reference: dict[int, float] = {}
+    for row in rows:
+        first = row.batch not in reference
+        reference.setdefault(row.batch, row.milliseconds)
+        ratio = "" if first else f" ({row.milliseconds / reference[row.batch]:.2f}×)"
+        table.add_row(
+            row.name,
+            str(row.batch),
+            f"{row.milliseconds:.2f}{ratio}",
+            f"{row.samples_per_second:,.0f}",
+            f"{row.size_bytes / 1e6:.2f}",
+            row.kernels,
+        )
+    console.print(table)

@@ -311,3 +311,46 @@ def test_cifar10_preset_sizes_images_to_32(tmp_path):
     path = tmp_path / "big.png"
     Image.new("RGB", (96, 64), (128, 64, 32)).save(path)
     assert load_image(path, Preprocess.preset("cifar10")).shape == (3, 32, 32)
+
+
+def test_bench_times_models_side_by_side_at_each_batch_size(tmp_path, small_model_path, calib_file):
+    out = tmp_path / "small.int8.onnx"
+    assert run("quantize", small_model_path, "-o", out, "--calib", calib_file).exit_code == 0
+    result = run("bench", small_model_path, out, "--batch", "1", "--batch", "4")
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if "small" in line]
+    assert len(rows) == 4 and sum("×)" in row for row in rows) == 2
+    with_data = run("bench", small_model_path, out, "--data", calib_file, "--batch", "2")
+    assert with_data.exit_code == 0, with_data.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--shape", "input=1x3"], "--shape input=1x3 does not fit the model's ?×3×16×16"),
+        (["--shape", "nope=1x2"], "--shape names no input of the model: nope"),
+        (["--shape", "input=ax2"], "--shape takes name=1x3x224x224"),
+        (["--batch", "0"], "batch sizes must be at least 1"),
+    ],
+)
+def test_bench_bad_options_give_one_line(small_model_path, args, message):
+    result = run("bench", small_model_path, *args)
+    assert result.exit_code == 1
+    errors = [line for line in result.output.splitlines() if line.startswith("onnxq:")]
+    assert len(errors) == 1 and "Traceback" not in result.output
+    assert message in errors[0]
+
+
+def test_bench_asks_for_the_shape_of_free_dimensions(tmp_path):
+    import torch
+
+    from tests.conftest import export
+
+    model = tmp_path / "spatial.onnx"
+    exported = export(torch.nn.Conv2d(3, 4, 3), torch.zeros(1, 3, 8, 8))
+    for dim in exported.graph.input[0].type.tensor_type.shape.dim[2:]:
+        dim.dim_param = "side"
+    onnx.save(exported, model)
+    result = run("bench", model)
+    assert result.exit_code == 1 and "--shape input=" in result.output
+    assert run("bench", model, "--shape", "input=1x3x12x12").exit_code == 0
