@@ -259,6 +259,12 @@ def main() -> None:
     "held-back calibration samples is below this many dB.",
 )
 @click.option(
+    "--layer-report",
+    is_flag=True,
+    help="Print every quantized layer's input and output SQNR against the float model on the "
+    "fidelity check's samples: where the error enters and how it grows.",
+)
+@click.option(
     "--fidelity-fallback/--no-fidelity-fallback",
     default=QuantConfig.fidelity_fallback,
     show_default=True,
@@ -385,6 +391,7 @@ def quantize(model, output, calib, **options):
         search_memory_gb=options.pop("search_memory"),
         search_cache_half=options.pop("search_cache") == "float16",
         min_sqnr=options.pop("min_sqnr"),
+        layer_report=options.pop("layer_report"),
         fidelity_fallback=options.pop("fidelity_fallback"),
         speed_check=options.pop("speed_check"),
         refine=options.pop("refine"),
@@ -410,7 +417,17 @@ def quantize(model, output, calib, **options):
         listed = ", ".join(nodes[:FLOAT_NODES_LISTED]) + (" ..." if len(nodes) > FLOAT_NODES_LISTED else "")
         count = f"{len(nodes)} nodes: " if len(nodes) > 1 else ""
         click.echo(f"  kept in float ({reason}): {count}{listed}")
-    click.echo(f"wrote {output}")
+    if config.layer_report and result.fidelity is not None:
+        from onnxq.report import print_layer_errors
+
+        print_layer_errors(result.fidelity.layers)
+    click.echo(f"wrote {output} ({_megabytes(output)}; the float model {_megabytes(model)})")
+
+
+def _megabytes(path: Path) -> str:
+    from onnxq.evaluate import file_size
+
+    return f"{file_size(Path(path)) / 1e6:.2f} MB"
 
 
 FLOAT_NODES_LISTED = 4  # names shown per reason; a paddle2onnx graph has dozens of constant Adds

@@ -273,6 +273,7 @@ class QuantConfig:
     search_memory_gb: float = 1.5  # cached activations of mse/mae/pd; beyond it, fewer samples
     search_cache_half: bool = True  # cache them in float16 (BENCHMARKS.md: costs no accuracy)
     min_sqnr: float | None = None  # dB: an output below it on held-back samples is an error
+    layer_report: bool = False  # measure every quantized layer's input and output SQNR (the report)
     fidelity_fallback: bool = True  # keep the layers that lose most float while outputs fall short
     # at 8 bits, time the QDQ model against float and keep layers float where that runs faster;
     # the choice follows timings on this machine, so turn it off for byte-reproducible files

@@ -68,6 +68,7 @@ class Fidelity:
     outputs: list[OutputFidelity]
     threshold_db: float
     worst_layers: list[tuple[str, float, float]] = field(default_factory=list)  # layer, dB in, dB out
+    layers: list[tuple[str, float, float]] = field(default_factory=list)  # every layer (--layer-report)
 
     @property
     def min_sqnr(self) -> float:
@@ -156,6 +157,24 @@ def worst_layers(
 ) -> list[tuple[str, float, float]]:
     """The layers (node, input tensor, output tensor) whose output SQNR falls most below their
     input's, on a few samples, comparing float tensors of the float and the QDQ graph."""
+    losses = [
+        (node, before, after)
+        for node, before, after in layer_errors(float_model, quantized, layers, samples)
+        if np.isfinite(after) and after < before
+    ]
+    losses.sort(key=lambda item: item[2] - min(item[1], EXACT_DB))  # largest fall first
+    return losses[:count]
+
+
+def layer_errors(
+    float_model: onnx.ModelProto,
+    quantized: onnx.ModelProto,
+    layers: list[tuple[str, str, str]],
+    samples: list[Batch],
+) -> list[tuple[str, float, float]]:
+    """(node, SQNR of its input, SQNR of its output) for every layer in `layers` whose tensors
+    both graphs hold, in their order, on the first LAYER_SAMPLES samples: the error each layer
+    receives and what it passes on (the per-layer report, and the culprits of a poor model)."""
     both = _tensor_names(float_model) & _tensor_names(quantized)
     layers = [layer for layer in layers if layer[1] in both and layer[2] in both]
     tensors = sorted({t for _, source, target in layers for t in (source, target)})
@@ -168,13 +187,7 @@ def worst_layers(
             tensors, run(reference, batch, tensors), run(simulated, batch, tensors), strict=True
         ):
             sums[name].add(want, got)
-    losses = []
-    for node, source, target in layers:
-        before, after = sums[source].sqnr(), sums[target].sqnr()
-        if np.isfinite(after) and after < before:
-            losses.append((node, before, after))
-    losses.sort(key=lambda item: item[2] - min(item[1], EXACT_DB))  # largest fall first
-    return losses[:count]
+    return [(node, sums[source].sqnr(), sums[target].sqnr()) for node, source, target in layers]
 
 
 def compare_outputs(

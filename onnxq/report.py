@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -106,3 +107,21 @@ def print_latencies(rows: list[Latency], console: Console | None = None) -> None
             row.kernels,
         )
     console.print(table)
+
+
+def print_layer_errors(layers: list[tuple[str, float, float]], console: Console | None = None) -> None:
+    """Per quantized layer, in graph order: the SQNR of its input (before its quantizer) and of
+    its output against the float model, and what the layer takes off: its input's rounding and
+    its weights' (a negative fall: the layer averages the noise it was given)."""
+    console = console or _console()
+    table = Table(title="per-layer error (SQNR against the float model)")
+    for column in ("layer", "input dB", "output dB", "fall dB"):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    for layer, before, after in layers:
+        fall = before - after if np.isfinite(before) and np.isfinite(after) else None
+        table.add_row(layer, _db(before), _db(after), "—" if fall is None else f"{fall:.1f}")
+    console.print(table)
+
+
+def _db(value: float) -> str:
+    return "exact" if value == float("inf") else f"{value:.1f}"

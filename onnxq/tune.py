@@ -249,6 +249,8 @@ def final_report(
     below = config.min_sqnr is not None and report.min_sqnr < config.min_sqnr
     if report.poor or below:
         report.worst_layers = fidelity.worst_layers(float_model, best.model, best.layers, samples)
+    if config.layer_report:
+        report.layers = fidelity.layer_errors(float_model, best.model, best.layers, samples)
     if below:
         worst = f"; loses most: {report.worst_layers[0][0]}" if report.worst_layers else ""
         raise OnnxqError(

@@ -175,3 +175,28 @@ def test_outputs_whose_shape_differs_from_floats_are_counted_not_compared():
     expected = 10 * np.log10((same**2).sum() / (0.01**2 * same.size))
     np.testing.assert_allclose(output.sqnr_db, expected, rtol=1e-6)
     assert str(output).endswith("shape differs from float's in 1 of 2 runs (not compared)")
+
+
+def test_the_layer_report_covers_every_quantized_layer_in_order(small_model, calibration_data):
+    config = onnxq.QuantConfig(layer_report=True, speed_check=False)
+    result = onnxq.quantize(small_model, calibration_data, config)
+    layers = [name for name, _, _ in result.fidelity.layers]
+    order = [node.name for node in result.model.graph.node if node.name in set(layers)]
+    assert layers == order and len(layers) >= 3
+    first_input, first_output = result.fidelity.layers[0][1:]
+    assert first_input == float("inf") and 15 < first_output < 80  # the graph input is exact
+    assert not onnxq.quantize(
+        small_model, calibration_data, onnxq.QuantConfig(speed_check=False)
+    ).fidelity.layers
+
+
+def test_cli_layer_report_prints_the_table_and_the_sizes(tmp_path, small_model_path, calibration_data):
+    calib = tmp_path / "calib.npy"
+    np.save(calib, calibration_data)
+    out = tmp_path / "q.onnx"
+    result = CliRunner().invoke(
+        main, ["quantize", str(small_model_path), "-o", str(out), "--calib", str(calib), "--layer-report"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "per-layer error" in result.output and "fall dB" in result.output
+    assert f"wrote {out} (" in result.output and "the float model" in result.output
