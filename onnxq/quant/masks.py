@@ -20,18 +20,23 @@ if TYPE_CHECKING:
     from onnxq.quant.plan import QuantPlan
 
 UNBOUNDED = 1e9  # |values| from here on are masks, not activations
-BOUNDING_OPS = frozenset({"Softmax", "Sigmoid", "Tanh", "Erf"})  # their outputs are bounded again
-REASON = "reads or makes an attention mask (values of ±1e9 or beyond): no 8-bit range holds it"
+# their outputs are bounded again: a MaxPool over -inf padding takes the real values around it
+BOUNDING_OPS = frozenset({"Softmax", "Sigmoid", "Tanh", "Erf", "MaxPool", "ReduceMax"})
+# an infinite constant here bounds rather than fills: Max(x, -inf) is x (jax's softmax writes it)
+BOUNDS_OPS = frozenset({"Max", "Min", "Clip"})
+REASON = "reads or makes values of ±1e9 or beyond (an attention mask): no 8-bit range holds them"
 
 
 def unbounded_tensors(graph: ir.Graph) -> set[str]:
-    """Float tensors computed from a constant holding ±inf or values beyond ±UNBOUNDED."""
+    """Float tensors computed from a constant holding ±inf or values beyond ±UNBOUNDED that
+    fills values (Where, Add, Mul, ConstantOfShape, Pad, ...), not one that bounds (Max, Clip)."""
     marked: set[str] = set()
     for node in graph:  # topological order
         if node.op_type in BOUNDING_OPS and node.domain == "":
             continue
         sources = [v for v in node.inputs if v is not None]
-        if any(v.name in marked or _huge(constant(v)) for v in sources) or _huge_fill(node):
+        filled = node.op_type not in BOUNDS_OPS and any(_huge(constant(v)) for v in sources)
+        if filled or any(v.name in marked for v in sources) or _huge_fill(node):
             marked.update(v.name for v in node.outputs if _floating(v))
     return marked
 

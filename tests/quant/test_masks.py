@@ -97,3 +97,29 @@ def test_an_additive_mask_given_as_input_stays_float_once_observed():
     graph = to_ir(infer_types(_Attention.export(additive=True))).graph
     assert not masks.unbounded_tensors(graph)
     _check(additive=True)
+
+
+def test_an_infinite_bound_or_padding_under_a_maxpool_marks_nothing_downstream():
+    """Max(x, -inf) is x (jax2tf's softmax writes it: magika); -inf padding is gone after the
+    MaxPool it feeds. Neither may keep the layers after it float."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxq.io import to_ir
+
+    minus_inf = numpy_helper.from_array(np.array([-np.inf], np.float32), "minus_inf")
+    pads = numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads")
+    nodes = [
+        helper.make_node("Max", ["x", "minus_inf"], ["bounded"]),
+        helper.make_node("Pad", ["bounded", "pads", "minus_inf"], ["padded"]),
+        helper.make_node("MaxPool", ["padded"], ["pooled"], kernel_shape=[3, 3]),
+        helper.make_node("Relu", ["pooled"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])],
+        [minus_inf, pads],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    assert masks.unbounded_tensors(to_ir(model).graph) == {"padded"}
