@@ -376,6 +376,7 @@ def _search(
         time_budget=config.time_budget,
         memory_budget=config.search_memory_gb * 1e9,
         half_cache=config.search_cache_half,
+        fixed_batch=fixed_batch(float_model),
     )
     fixed = {
         spec.tensor: ranges[spec.observed] for spec in plan.activations.values() if spec.observed in ranges

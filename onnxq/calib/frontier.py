@@ -78,20 +78,21 @@ def has_batch_axis(value: np.ndarray, samples: int) -> bool:
     return value.ndim > 0 and value.shape[0] == samples
 
 
-def fit_memory(sim: Simulation, data: Arrays, budget: float, half: bool) -> tuple[Arrays, int]:
+def fit_memory(sim: Simulation, data: Arrays, budget: float, half: bool, unit: int = 1) -> tuple[Arrays, int]:
     """(the samples whose cached frontiers fit `budget` bytes, the largest batch size whose
     biggest tensor stays under BATCH_BYTES: onnxruntime holds a run's intermediates).
 
     At a cut the search holds the float and the quantized frontier before it and after it.
+    `unit`: the smallest batch the graph runs (its fixed batch size); sizes are per sample.
     """
-    one = {k: v[:1] for k, v in data.items()}
-    before = cached_bytes(one, half)
+    one = {k: v[:unit] for k, v in data.items()}
+    before = cached_bytes(one, half) // unit
     peak, largest = 0, 1
     for segment in sim.segments:
         after = sim.run([segment], one, sim.float_params)
-        after_bytes = cached_bytes(after, half)
+        after_bytes = cached_bytes(after, half) // unit
         peak = max(peak, before + after_bytes)
-        largest = max(largest, *(v.size * 4 for v in after.values()))
+        largest = max(largest, *(v.size * 4 // unit for v in after.values()))
         one, before = after, after_bytes
     fits = max(16, int(budget // max(1, 2 * peak)))
     return {k: v[:fits] for k, v in data.items()}, max(1, BATCH_BYTES // largest)

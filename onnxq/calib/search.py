@@ -60,6 +60,7 @@ class SearchSettings:
     seed: int = 0
     time_budget: float | None = None
     batch_size: int = 32  # at most; fewer where one batch's tensors would pass frontier.BATCH_BYTES
+    fixed_batch: int | None = None  # the model's own batch size, where its graph fixes one
     memory_budget: float = 1.5e9  # bytes of cached tensors (float and quantized frontiers)
     half_cache: bool = True  # keep cached float32 tensors in float16 (half the memory)
 
@@ -91,8 +92,12 @@ def search_parameters(
     """Walk the items in order and choose each one's scale (see module docstring)."""
     started = time.perf_counter()
     search, held = _split(data, settings)
-    search, batch_size = fit_memory(sim, search, settings.memory_budget, settings.half_cache)
-    settings = replace(settings, batch_size=min(settings.batch_size, batch_size))
+    unit = settings.fixed_batch or 1
+    search, batch_size = fit_memory(sim, search, settings.memory_budget, settings.half_cache, unit)
+    if settings.fixed_batch:  # whole batches only: the graph cannot run any other size
+        search, held = _whole_batches(search, unit), _whole_batches(held, unit)
+        batch_size = unit
+    settings = replace(settings, batch_size=min(settings.batch_size, batch_size) if unit == 1 else unit)
     sweep = _Sweep(sim, plan, settings, fixed_ranges or {}, started)
     progress.stage(f"calibrate ({settings.method}): {count(search)} samples", total=len(_items(sim)))
     sweep.local(search, progress)
@@ -129,6 +134,11 @@ def search_parameters(
 
 
 # ----------------------------------------------------------------------------- data
+
+
+def _whole_batches(data: Arrays, size: int) -> Arrays:
+    total = count(data)
+    return {k: v[: total - total % size] for k, v in data.items()}
 
 
 def _split(data: Arrays, settings: SearchSettings) -> tuple[Arrays, Arrays]:

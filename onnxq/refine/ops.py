@@ -334,7 +334,17 @@ def reshape(attrs, x, shape):
     shape = _ints(shape)
     if not attrs.get("allowzero", 0):
         shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
-    return (x.reshape(shape),)
+    return (x.reshape(_batch_free(shape, x)),)
+
+
+def _batch_free(shape: list[int], x: torch.Tensor) -> list[int]:
+    """A target whose leading size the export baked from its batch of one ([1, 576] in a
+    static dynamo export) keeps the leading size of the batch the mirror runs instead: the
+    mirror learns on batches of many samples; onnxruntime runs the model as exported."""
+    if not shape or not x.dim() or shape[0] != 1 or x.shape[0] == 1 or -1 in shape:
+        return shape
+    rest = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    return [x.shape[0], *shape[1:]] if x.shape[0] * rest == x.numel() else shape
 
 
 @op("Flatten")

@@ -376,3 +376,29 @@ def test_qprep_absorbed_into_scales_and_bias_leaves_the_export_equal_to_the_mirr
     assert Counter(n.op_type for n in qprep.model.graph.node) == Counter(
         n.op_type for n in plain.model.graph.node
     )
+
+
+def test_a_model_exported_with_its_batch_of_one_baked_in_refines():
+    """A static export writes view(1, -1) as Reshape(x, [1, 64]); the mirror learns on batches
+    of many samples, so that Reshape keeps the batch it is given (the export still runs as
+    exported). It stopped with "shape '[1, 64]' is invalid for input of size ..."."""
+    import torch
+    from torch import nn
+
+    from tests.conftest import export
+
+    class Baked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(64, 5)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.conv(x)).view(1, 64))
+
+    torch.manual_seed(0)
+    model = export(Baked(), torch.zeros(1, 3, 4, 4), dynamic_batch=False)
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    data = np.random.default_rng(0).standard_normal((24, 3, 4, 4)).astype(np.float32)
+    config = onnxq.QuantConfig(weight_bits=4, refine=True, refine_iters=5, speed_check=False)
+    result = onnxq.quantize(model, data, config)
+    assert result.refinement is not None and result.fidelity.min_sqnr > 10
