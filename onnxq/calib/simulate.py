@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import helper
 
 from onnxq.io import session
@@ -63,15 +64,23 @@ class Simulation:
     data_inputs: list[str]
     float_params: Arrays = field(default_factory=dict)
 
-    def run(self, segments: Iterable[Segment], frontier: Arrays, params: Arrays) -> Arrays:
-        """Run consecutive segments on one batch; returns the frontier after the last."""
+    def run(
+        self, segments: Iterable[Segment], frontier: Arrays, params: Arrays, *, quiet: bool = False
+    ) -> Arrays:
+        """Run consecutive segments on one batch; returns the frontier after the last.
+        `quiet`: a run expected to fail may (a probe) without onnxruntime logging the error."""
+        options = _QUIET if quiet else None
         for segment in segments:
             feed = {name: _widened(frontier[name], name in segment.float_inputs) for name in segment.inputs}
             feed.update({name: params[name] for name in segment.params})
-            values = segment.runner.run(segment.outputs, feed)
+            values = segment.runner.run(segment.outputs, feed, options)
             carried = {name: frontier[name] for name in segment.carried}
             frontier = carried | dict(zip(segment.outputs, values, strict=True))
         return frontier
+
+
+_QUIET = ort.RunOptions()
+_QUIET.log_severity_level = 4  # fatal only
 
 
 def _widened(values: np.ndarray, declared_float: bool) -> np.ndarray:
