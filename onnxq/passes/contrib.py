@@ -47,60 +47,45 @@ def standard_ops(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
 
 
 def _unfused(node: onnx.NodeProto, opset: int) -> list[onnx.NodeProto]:
-    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    activation = attributes.get("activation", b"")
-    activation = activation.decode() if isinstance(activation, bytes) else activation
-    params = list(attributes.get("activation_params", []))
-    conv_inputs = list(node.input[:3])
-    residual = node.input[3] if len(node.input) > 3 and node.input[3] else None
-    output = node.output[0]
-    name = node.name or output
-    conv_attributes = {k: v for k, v in attributes.items() if k in CONV_ATTRIBUTES}
-    conv_attributes = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in conv_attributes.items()}
-    steps = [("Conv", conv_attributes)]
-    if residual is not None:
-        steps.append(("Add", {}))
-    if activation:
-        steps.append(_activation(activation, params, opset, name))
-    nodes = []
-    source = conv_inputs
-    for index, (op_type, attrs) in enumerate(steps):
-        last = index == len(steps) - 1
-        target = output if last else f"{name}_{op_type.lower()}_output"
-        inputs = source if op_type != "Add" else [source[0], residual]
-        if op_type == "Clip" and opset >= 11:
-            low, high = attrs.pop("min"), attrs.pop("max")
-            inputs = [source[0], *_clip_bounds(nodes, name, low, high)]
-        nodes.append(helper.make_node(op_type, inputs, [target], name=f"{name}_{op_type}", **attrs))
-        source = [target]
+    """Conv (→ Add Z) (→ activation), the last writing the FusedConv's output."""
+    attributes = {a.name: _text(helper.get_attribute_value(a)) for a in node.attribute}
+    name = node.name or node.output[0]
+    conv = {k: v for k, v in attributes.items() if k in CONV_ATTRIBUTES}
+    nodes = [helper.make_node("Conv", node.input[:3], [f"{name}_conv_output"], name=f"{name}_Conv", **conv)]
+    if len(node.input) > 3 and node.input[3]:
+        inputs = [nodes[-1].output[0], node.input[3]]
+        nodes.append(helper.make_node("Add", inputs, [f"{name}_add_output"], name=f"{name}_Add"))
+    if attributes.get("activation"):
+        params = list(attributes.get("activation_params", []))
+        nodes += _activation(attributes["activation"], params, nodes[-1].output[0], name, opset)
+    nodes[-1].output[0] = node.output[0]
     return nodes
 
 
-def _activation(kind: str, params: list[float], opset: int, name: str) -> tuple[str, dict]:
-    if kind in ("Relu", "Sigmoid", "Tanh"):
-        return kind, {}
-    if kind == "LeakyRelu":
-        return kind, {"alpha": params[0]} if params else {}
-    if kind == "HardSigmoid":
-        return kind, {"alpha": params[0], "beta": params[1]} if len(params) >= 2 else {}
-    if kind == "Clip":
-        return kind, {"min": params[0], "max": params[1]}
-    raise OnnxqError(f"FusedConv {name!r} has an activation onnxq does not know: {kind}")
+def _text(value):
+    return value.decode() if isinstance(value, bytes) else value
 
 
-def _clip_bounds(nodes: list[onnx.NodeProto], name: str, low: float, high: float) -> list[str]:
-    """Clip's bounds as Constant nodes (inputs from opset 11 on)."""
-    names = []
-    for side, value in (("min", low), ("max", high)):
-        constant = f"{name}_clip_{side}"
-        nodes.append(
-            helper.make_node(
-                "Constant",
-                [],
-                [constant],
-                name=f"{constant}_Constant",
-                value=helper.make_tensor(constant, 1, [], [value]),
-            )
-        )
-        names.append(constant)
-    return names
+def _activation(kind: str, params: list[float], source: str, name: str, opset: int) -> list[onnx.NodeProto]:
+    """The activation node (Clip's bounds as Constants before it from opset 11 on)."""
+    inputs, attrs, nodes = [source], {}, []
+    if kind == "LeakyRelu" and params:
+        attrs = {"alpha": params[0]}
+    elif kind == "HardSigmoid" and len(params) >= 2:
+        attrs = {"alpha": params[0], "beta": params[1]}
+    elif kind == "Clip" and opset >= 11:
+        nodes = [
+            _scalar(f"{name}_clip_{side}", value) for side, value in (("min", params[0]), ("max", params[1]))
+        ]
+        inputs += [constant.output[0] for constant in nodes]
+    elif kind == "Clip":
+        attrs = {"min": params[0], "max": params[1]}
+    elif kind not in ("Relu", "Sigmoid", "Tanh", "LeakyRelu", "HardSigmoid"):
+        raise OnnxqError(f"FusedConv {name!r} has an activation onnxq does not know: {kind}")
+    output = f"{name}_{kind.lower()}_output"
+    return [*nodes, helper.make_node(kind, inputs, [output], name=f"{name}_{kind}", **attrs)]
+
+
+def _scalar(name: str, value: float) -> onnx.NodeProto:
+    tensor = helper.make_tensor(name, onnx.TensorProto.FLOAT, [], [value])
+    return helper.make_node("Constant", [], [name], name=f"{name}_Constant", value=tensor)
