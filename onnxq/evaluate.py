@@ -94,14 +94,13 @@ def evaluate(
     paths = [Path(float_model), *(Path(p) for p in quantized)]
     models = [load_model(p) for p in paths]
     inputs = model_inputs(models[0])
-    for path, model in zip(paths[1:], models[1:], strict=True):
-        check_same_inputs(inputs, model_inputs(model), path, paths[0])
-    if labels is not None and max_samples is not None:
-        labels = labels[:max_samples]
     names = [o.name for o in models[0].graph.output]
     for path, model in zip(paths[1:], models[1:], strict=True):
+        check_same_inputs(inputs, model_inputs(model), path, paths[0])
         if len(model.graph.output) != len(names):
             raise OnnxqError(f"{path} has {len(model.graph.output)} outputs, {paths[0]} {len(names)}")
+    if labels is not None and max_samples is not None:
+        labels = labels[:max_samples]
     sessions = [session(m, threads=threads) for m in models]
     scores = [_Scores() for _ in models]
     comparisons = [OutputComparison(names) for _ in models[1:]]
