@@ -101,7 +101,7 @@ def evaluate(
             raise OnnxqError(f"{path} has {len(model.graph.output)} outputs, {paths[0]} {len(names)}")
     if labels is not None and max_samples is not None:
         labels = labels[:max_samples]
-    sessions = [session(m, threads=threads) for m in models]
+    sessions = [session(m, threads=threads, spin=True) for m in models]
     scores = [_Scores() for _ in models]
     comparisons = [OutputComparison(names) for _ in models[1:]]
     first, classify = None, labels is not None

@@ -55,7 +55,7 @@ def bench(
         check_same_inputs(inputs, model_inputs(proto), path, paths[0])
     if any(size < 1 for size in batch_sizes):
         raise OnnxqError("batch sizes must be at least 1")
-    sessions = [session(p, threads=threads) for p in protos]
+    sessions = [session(p, threads=threads, spin=True) for p in protos]
     names = display_names([p.resolve() for p in paths])
     kernels = [kernel_summary(p) for p in protos]
     rows = []

@@ -18,10 +18,11 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from onnxq.branching import compare_variants
 from onnxq.calib.data import Batch
 from onnxq.calib.runner import fixed_batch
 from onnxq.calib.simulate import Arrays, fake_quant_feed, tunable_model
-from onnxq.fidelity import LAYER_SAMPLES, compare_outputs, first_samples
+from onnxq.fidelity import LAYER_SAMPLES, first_samples
 from onnxq.io import run, session
 from onnxq.quant.plan import QuantPlan
 
@@ -40,24 +41,21 @@ def layer_costs(
     first: the layer's weights and the quantizers of its input and output, switched on together
     and alone in the float model (one run per layer and sample)."""
     tunable, float_feed, _ = tunable_model(float_model, plan)
-    runner = session(tunable, arena=False)
     names = [o.name for o in float_model.graph.output]
     batches = list(first_samples(samples, LAYER_SAMPLES, whole=fixed_batch(float_model) is not None))
-    reference = [run(runner, {**batch, **float_feed}) for batch in batches]
     feeds = quantized_feeds(quantized, plan)
     weights = {
         n.name: n.input[1] for n in float_model.graph.node if n.name in plan.layers and len(n.input) > 1
     }
-    costs = []
+    variants = {}
     for node, source, target in layers:
-        feed = {}
+        feed = variants.setdefault(node, {})
         for item in (weights.get(node), _root(plan, source), _root(plan, target)):
             feed.update(feeds.get(item, {}))
-        runs = (
-            (want, run(runner, {**batch, **float_feed, **feed}))
-            for batch, want in zip(batches, reference, strict=True)
-        )
-        results = {result.name: result.sqnr_db for result in compare_outputs(names, runs)}
+    compared = compare_variants(tunable, float_feed, variants, batches, names)
+    costs = []
+    for node in variants:
+        results = {result.name: result.sqnr_db for result in compared[node]}
         sqnr = results.get(output, min(results.values(), default=float("inf")))
         costs.append((node, float(10 ** (-sqnr / 10))))
     return sorted(costs, key=lambda item: -item[1])

@@ -37,7 +37,9 @@ def compare(
 ) -> list[float]:
     """Median milliseconds per run of each model on `feed`, at onnxruntime's default level
     (rounds and seconds: ROUNDS and SECONDS unless given)."""
-    return compare_sessions([session(model, threads=threads) for model in models], feed, rounds, seconds)
+    return compare_sessions(
+        [session(model, threads=threads, spin=True) for model in models], feed, rounds, seconds
+    )
 
 
 def compare_sessions(

@@ -96,6 +96,33 @@ def test_compare_times_every_model():
     assert len(times) == 2 and all(t > 0 for t in times)
 
 
+def test_timed_sessions_spin_as_deployed_and_calibration_sessions_do_not(monkeypatch):
+    """Latency is measured with onnxruntime's default busy-waiting threads, as users run models;
+    calibration's sessions turn them off (they steal the cores from the numpy work between runs)."""
+    from onnxq import io
+
+    made = []
+
+    def recording(model, **options):
+        made.append(io.session(model, **options))
+        return made[-1]
+
+    monkeypatch.setattr(speed, "session", recording)
+    speed.compare([hardswish_cnn()], {"input": np.zeros((1, 3, 8, 8), np.float32)}, rounds=1)
+    assert _spins(made[0])
+    assert not _spins(io.session(hardswish_cnn()))
+
+
+def _spins(runner) -> bool:
+    try:
+        return runner.get_session_options().get_session_config_entry(SPINNING) != "0"
+    except Exception:  # onnxruntime raises when the entry was never set: its default, spinning
+        return True
+
+
+SPINNING = "session.intra_op.allow_spinning"
+
+
 def test_runs_while_other_sessions_settle_are_not_timed(monkeypatch):
     """A fake clock: each model's first runs in a block are slow (another session's threads still
     spin), later ones fast; the medians are the fast runs of each."""
@@ -110,7 +137,7 @@ def test_runs_while_other_sessions_settle_are_not_timed(monkeypatch):
 
     for name, value in (("ROUNDS", 4), ("SETTLE_SECONDS", 0.1), ("BLOCK_SECONDS", 0.3)):
         monkeypatch.setattr(speed, name, value)  # the module's own, not the suite's brief ones
-    monkeypatch.setattr(speed, "session", lambda model, threads=0: model)
+    monkeypatch.setattr(speed, "session", lambda model, **options: model)
     monkeypatch.setattr(speed, "run", fake_run)
     monkeypatch.setattr(speed, "clock", lambda: clock["now"])
     assert speed.compare([0, 1], {}) == pytest.approx([4.0, 2.0])

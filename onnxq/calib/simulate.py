@@ -55,6 +55,7 @@ class Segment:
     carried: list[str]  # frontier tensors passed on untouched
     item: Item | None = None
     float_inputs: frozenset[str] = frozenset()  # declared float32: a half-precision cache is widened
+    begin: int = 0  # index of its first node in the tunable graph
 
 
 @dataclass
@@ -110,8 +111,17 @@ def build_simulation(model: onnx.ModelProto, plan: QuantPlan) -> Simulation:
     graph = tunable.graph
     items = _items(graph, plan, starts)
     types = _element_types(tunable)
-    segments = _segments(tunable, items, set(float_params), types)
+    cuts = {i for i, node in enumerate(graph.node) if node.name in items}
+    segments = _segments(tunable, cuts, items, set(float_params), types)
     data_inputs = [i.name for i in graph.input if i.name not in float_params]
+    return Simulation(tunable, segments, data_inputs, float_params)
+
+
+def cut_simulation(tunable: onnx.ModelProto, float_params: Arrays, cuts: set[int]) -> Simulation:
+    """A tunable model (tunable_model's) cut before the nodes at the given indices only: fewer,
+    longer segments than build_simulation's, for runs that start part-way (onnxq.branching)."""
+    segments = _segments(tunable, cuts, {}, set(float_params), _element_types(tunable))
+    data_inputs = [i.name for i in tunable.graph.input if i.name not in float_params]
     return Simulation(tunable, segments, data_inputs, float_params)
 
 
@@ -211,11 +221,15 @@ def _element_types(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def _segments(
-    model: onnx.ModelProto, items: dict[str, Item], param_inputs: set[str], types: dict[str, int]
+    model: onnx.ModelProto,
+    cuts: set[int],
+    items: dict[str, Item],
+    param_inputs: set[str],
+    types: dict[str, int],
 ) -> list[Segment]:
     graph = model.graph
     nodes = list(graph.node)
-    cuts = sorted({0, *(i for i, n in enumerate(nodes) if n.name in items), len(nodes)})
+    bounds = sorted({0, *cuts, len(nodes)})
     initializers = {t.name: t for t in graph.initializer}
     param_inputs = param_inputs | {i.name for i in graph.input if "::" in i.name}
     outputs = [o.name for o in graph.output]
@@ -225,7 +239,7 @@ def _segments(
             last_use[name] = i
     available = [i.name for i in graph.input if i.name not in param_inputs]
     segments = []
-    for begin, end in itertools.pairwise(cuts):
+    for begin, end in itertools.pairwise(bounds):
         part = nodes[begin:end]
         made = [out for node in part for out in node.output if out]
         needed = {n for n in [*available, *made] if last_use.get(n, -1) >= end or n in outputs}
@@ -251,7 +265,7 @@ def _segments(
         declared_float = frozenset(
             n for n in inputs if types.get(n, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT
         )
-        segments.append(Segment(runner, inputs, params, produced, carried, item, declared_float))
+        segments.append(Segment(runner, inputs, params, produced, carried, item, declared_float, begin))
         available = [*carried, *produced]
     return segments
 
