@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 import onnxq
 from onnxq.branching import compare_variants
@@ -121,3 +122,41 @@ def test_a_graph_cut_before_chosen_nodes_runs_in_that_many_segments_as_one_run()
         np.testing.assert_allclose(
             walked, whole.run(["logits"], {**batch, **float_feed})[0], rtol=1e-5, atol=1e-6
         )
+
+
+SUBGRAPH_INPUTS = (("x", [1, 4]), ("p", []), ("q", []))
+
+
+def test_a_parameter_read_only_inside_a_subgraph_is_cut_for():
+    """An If whose branch reads a parameter and a tensor of the graph by name: the cuts see it."""
+    then_branch = helper.make_graph(
+        [helper.make_node("Add", ["a", "q"], ["shifted"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("shifted", TensorProto.FLOAT, [1, 4])],
+    )
+    else_branch = helper.make_graph(
+        [helper.make_node("Identity", ["a"], ["same"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("same", TensorProto.FLOAT, [1, 4])],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Mul", ["x", "p"], ["a"], name="scale"),
+            helper.make_node("If", ["always"], ["y"], then_branch=then_branch, else_branch=else_branch),
+        ],
+        "subgraphs",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in SUBGRAPH_INPUTS],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(np.array(True), "always")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    base = {"p": np.array(1.0, np.float32), "q": np.array(0.0, np.float32)}
+    x = np.arange(1, 5, dtype=np.float32).reshape(1, 4)
+    variants = {"p": {"p": np.array(1.5, np.float32)}, "q": {"q": np.array(0.5, np.float32)}}
+    compared = compare_variants(model, base, variants, [{"x": x}], ["y"])
+    for key, shifted in (("p", 1.5 * x), ("q", x + 0.5)):
+        signal, noise = float(np.square(x).sum()), float(np.square(shifted - x).sum())
+        assert compared[key][0].sqnr_db == pytest.approx(10 * np.log10(signal / noise)), key

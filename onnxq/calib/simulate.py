@@ -235,7 +235,7 @@ def _segments(
     outputs = [o.name for o in graph.output]
     last_use: dict[str, int] = {}
     for i, node in enumerate(nodes):
-        for name in node.input:
+        for name in node_reads(node):
             last_use[name] = i
     available = [i.name for i in graph.input if i.name not in param_inputs]
     segments = []
@@ -243,7 +243,7 @@ def _segments(
         part = nodes[begin:end]
         made = [out for node in part for out in node.output if out]
         needed = {n for n in [*available, *made] if last_use.get(n, -1) >= end or n in outputs}
-        read = {name for node in part for name in node.input if name}
+        read = {name for node in part for name in node_reads(node) if name}
         inputs = [n for n in available if n in read]
         params = sorted(n for n in read if n in param_inputs)
         consts = [initializers[n] for n in sorted(read) if n in initializers]
@@ -268,6 +268,24 @@ def _segments(
         segments.append(Segment(runner, inputs, params, produced, carried, item, declared_float, begin))
         available = [*carried, *produced]
     return segments
+
+
+def node_reads(node: onnx.NodeProto) -> list[str]:
+    """The tensors a node reads: its inputs, and those of the graph around it that its subgraphs
+    (If, Loop, Scan) read by name. A cut must carry both."""
+    names = list(node.input)
+    for attribute in node.attribute:
+        if attribute.type == onnx.AttributeProto.GRAPH:
+            names += _outer_reads(attribute.g)
+        elif attribute.type == onnx.AttributeProto.GRAPHS:
+            names += [name for graph in attribute.graphs for name in _outer_reads(graph)]
+    return list(dict.fromkeys(names))
+
+
+def _outer_reads(graph: onnx.GraphProto) -> list[str]:
+    local = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    local |= {out for node in graph.node for out in node.output}
+    return [name for node in graph.node for name in node_reads(node) if name and name not in local]
 
 
 def _info(name: str, types: dict[str, int]) -> onnx.ValueInfoProto:

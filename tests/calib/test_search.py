@@ -329,3 +329,61 @@ def test_a_bias_shared_by_two_layers_stays_float_in_the_search():
     data = rng.standard_normal((16, 3, 6, 6)).astype(np.float32)
     result = onnxq.quantize(model, data, QuantConfig(weight_bits=4, calibration=CalibrationMethod.MSE))
     assert result.fidelity.min_sqnr > 10
+
+
+def _conv_if_conv() -> onnx.ModelProto:
+    """Conv → If → Conv, where one branch adds the graph's input, read by name from inside (the
+    condition is computed from the data, so that simplification cannot fold the If away)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    then_branch = helper.make_graph(
+        [helper.make_node("Add", ["a", "input"], ["skipped"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("skipped", TensorProto.FLOAT, None)],
+    )
+    else_branch = helper.make_graph(
+        [helper.make_node("Identity", ["a"], ["same"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("same", TensorProto.FLOAT, None)],
+    )
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "b1"], ["a"], name="first", pads=[1, 1, 1, 1]),
+        helper.make_node("ReduceMax", ["input"], ["peak"], name="peak", keepdims=0),
+        helper.make_node("Greater", ["peak", "floor"], ["always"], name="always"),
+        helper.make_node(
+            "If", ["always"], ["r"], name="choose", then_branch=then_branch, else_branch=else_branch
+        ),
+        helper.make_node("Conv", ["r", "w2"], ["logits"], name="second"),
+    ]
+    constants = {
+        "w1": rng.standard_normal((3, 3, 3, 3)).astype(np.float32),
+        "b1": rng.standard_normal(3).astype(np.float32),
+        "w2": rng.standard_normal((2, 3, 1, 1)).astype(np.float32),
+        "floor": np.array(-1e30, np.float32),
+    }
+    graph = helper.make_graph(
+        nodes,
+        "conv_if_conv",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 3, 6, 6])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 2, 6, 6])],
+        [numpy_helper.from_array(value, name) for name, value in constants.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("method", ["mse", "pd"])
+def test_a_subgraph_reading_a_tensor_by_name_survives_the_cuts(method):
+    """The search cuts the graph into sessions: an If whose branch reads the graph's input by
+    name, past the cuts at the first Conv, must find it carried across."""
+    model = _conv_if_conv()
+    data = np.random.default_rng(1).standard_normal((16, 3, 6, 6)).astype(np.float32)
+    config = QuantConfig(calibration=CalibrationMethod(method), speed_check=False)
+    result = onnxq.quantize(model, data, config)
+    want = _reference(model, data)
+    got = _reference(result.model, data)
+    assert np.abs(got - want).max() <= 0.1 * np.abs(want).max()
