@@ -101,7 +101,7 @@ def switch_ranges(
     """`best` (built from `chosen` ranges) with the activations that do better under the `other`
     rule switched to it (onnxq.range_choice), where that lifts the lowest output on the check's
     samples; the builder of its ranges, its fidelity, and a note. Outputs already within
-    range_choice.ENOUGH_DB of float are left as they are (the scan costs up to 40 s on the zoo)."""
+    range_choice.ENOUGH_DB of float are left as they are (the scan costs up to 30 s on the zoo)."""
     if measured.min_sqnr >= range_choice.ENOUGH_DB:
         return best, builder(chosen), measured, []
     alternative = builder(other)(best.plan)
