@@ -189,14 +189,29 @@ def _insert_fake_quantizers(graph: onnx.GraphProto, plan: QuantPlan, params: Arr
         renames[observed] = out
     ordered = list(inserts.get(-1, []))
     for i, node in enumerate(nodes):
-        for j, name in enumerate(node.input):
-            if name in renames:
-                node.input[j] = renames[name]
+        _read_renamed(node, renames)
         ordered.append(node)
         ordered += inserts.get(i, [])
     del graph.node[:]
     graph.node.extend(ordered)
     return starts
+
+
+def _read_renamed(node: onnx.NodeProto, renames: dict[str, str]) -> None:
+    """Point the node's reads, and those its subgraphs make by name of the graph around them
+    (a name a subgraph defines itself shadows it), at the renamed tensors: an If branch that
+    reads a quantized tensor reads it quantized, as in the QDQ model."""
+    for j, name in enumerate(node.input):
+        if name in renames:
+            node.input[j] = renames[name]
+    for attribute in node.attribute:
+        graphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
+        for graph in graphs:
+            local = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+            local |= {out for inner in graph.node for out in inner.output}
+            outer = {name: renamed for name, renamed in renames.items() if name not in local}
+            for inner in graph.node:
+                _read_renamed(inner, outer)
 
 
 def _items(graph: onnx.GraphProto, plan: QuantPlan, starts: dict[str, str]) -> dict[str, Item]:

@@ -387,3 +387,22 @@ def test_a_subgraph_reading_a_tensor_by_name_survives_the_cuts(method):
     want = _reference(model, data)
     got = _reference(result.model, data)
     assert np.abs(got - want).max() <= 0.1 * np.abs(want).max()
+
+
+def test_a_subgraph_reads_the_quantized_tensor_in_the_simulation_as_in_the_qdq_model():
+    """The If branch reads the quantized input in the QDQ model; the tunable graph fed the QDQ
+    model's parameters must compute the same, or every choice is made on another model."""
+    from onnxq.calib.simulate import tunable_model
+    from onnxq.sensitivity import quantized_feeds
+
+    model = _conv_if_conv()
+    data = np.random.default_rng(1).standard_normal((16, 3, 6, 6)).astype(np.float32)
+    config = QuantConfig(speed_check=False, fidelity_fallback=False)
+    result = onnxq.quantize(model, data, config)
+    fused, plan = _prepared(model, config)
+    tunable, feed, _ = tunable_model(fused, plan)
+    for item in quantized_feeds(result.model, plan).values():
+        feed.update(item)
+    simulated = session(tunable, optimize=False).run(["logits"], {"input": data, **feed})[0]
+    deployed = _reference(result.model, data)
+    np.testing.assert_allclose(simulated, deployed, rtol=1e-4, atol=1e-4 * np.abs(deployed).max())
