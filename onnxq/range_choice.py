@@ -8,8 +8,9 @@ at the lowest output; percentile with 8 tensors switched to min-max gave 21.6 dB
 calibration samples and 21.5 dB (from 17.9) on evaluation samples the choice never saw.
 
 Each activation whose two ranges differ is switched alone to the other rule in the tunable float
-graph (one session, every quantizer fed as the QDQ models hold it), on a few samples, those
-whose ranges differ most first, at most MOST_SCANNED of them (scanning yolox_ddddocr's 40, 80
+graph (every quantizer fed as the QDQ models hold it, each switch run from its cut on:
+onnxq.branching), on a few samples, those whose ranges differ most first, at most MOST_SCANNED
+of them (scanning yolox_ddddocr's 40, 80
 or 128 most different gave its boxes 21.0, 21.1 and 21.0 dB): a count, not a time, so that the
 same data gives the same plan on any machine and under any load (a 30 s cap scanned 101 of
 yolox_ddddocr's 162 on this project's 2-core machine alone, fewer beside other work, so that

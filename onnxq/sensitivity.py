@@ -39,7 +39,8 @@ def layer_costs(
 ) -> list[tuple[str, float]]:
     """(layer, noise power at `output` relative to its signal) for each quantized layer, costliest
     first: the layer's weights and the quantizers of its input and output, switched on together
-    and alone in the float model (one run per layer and sample)."""
+    and alone in the float model (one run per layer and sample, from the layer's first quantizer
+    on: onnxq.branching)."""
     tunable, float_feed, _ = tunable_model(float_model, plan)
     names = [o.name for o in float_model.graph.output]
     batches = list(first_samples(samples, LAYER_SAMPLES, whole=fixed_batch(float_model) is not None))
