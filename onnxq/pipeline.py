@@ -236,16 +236,19 @@ def quantize(
         def builder(chosen: dict) -> tune.Build:
             return functools.partial(_build, float_model, config, chosen, search, choice, refined)
 
+        progress.status("auto ranges: the percentile model against the min-max one")
         first, chosen, other, measured, ranged = tune.choose_ranges(
             float_model, first, ranges, extremes, builder, checked, config
         )
         build, alternative = builder(chosen), (chosen, other)
         notes += ranged
+    progress.status("fallback: layers kept float where the outputs fall short")
     tuned, measured, fallback = tune.recover_fidelity(
         float_model, first, checked, config, replan, build, measured
     )
     switched: list[str] = []
     if alternative is not None:
+        progress.status("auto ranges: activations tried under the other rule")
         tuned, build, measured, switched = tune.switch_ranges(
             float_model, tuned, *alternative, builder, checked, config, measured
         )

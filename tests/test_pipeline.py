@@ -255,3 +255,31 @@ def test_a_model_the_onnx_checker_refuses_but_onnxruntime_runs_quantizes(small_m
     assert any(note.startswith("the input model fails the onnx checker") for note in result.notes)
     assert result.quantized_nodes > 0
     session(result.model).run(None, {"input": calibration_data[:2]})
+
+
+class _Recorded:
+    """A Progress that keeps what the pipeline reports, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+
+    def stage(self, name: str, total: int | None = None) -> None:
+        self.events.append(("stage", name))
+
+    def advance(self, completed: int) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        self.events.append(("note", message))
+
+    def status(self, message: str) -> None:
+        self.events.append(("status", message))
+
+
+def test_the_fidelity_stage_says_which_step_it_is_on(small_model, calibration_data):
+    """The check can take a minute on a detector: the live line names the step under way."""
+    progress = _Recorded()
+    onnxq.quantize(small_model, calibration_data, onnxq.QuantConfig(speed_check=False), progress=progress)
+    after = progress.events[progress.events.index(("stage", "check fidelity")) :]
+    statuses = [message for kind, message in after if kind == "status"]
+    assert [message.split(":")[0] for message in statuses] == ["auto ranges", "fallback", "auto ranges"]
