@@ -204,14 +204,11 @@ def _read_renamed(node: onnx.NodeProto, renames: dict[str, str]) -> None:
     for j, name in enumerate(node.input):
         if name in renames:
             node.input[j] = renames[name]
-    for attribute in node.attribute:
-        graphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
-        for graph in graphs:
-            local = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-            local |= {out for inner in graph.node for out in inner.output}
-            outer = {name: renamed for name, renamed in renames.items() if name not in local}
-            for inner in graph.node:
-                _read_renamed(inner, outer)
+    for graph in _subgraphs(node):
+        defined = _defined(graph)
+        outer = {name: renamed for name, renamed in renames.items() if name not in defined}
+        for inner in graph.node:
+            _read_renamed(inner, outer)
 
 
 def _items(graph: onnx.GraphProto, plan: QuantPlan, starts: dict[str, str]) -> dict[str, Item]:
@@ -289,18 +286,27 @@ def node_reads(node: onnx.NodeProto) -> list[str]:
     """The tensors a node reads: its inputs, and those of the graph around it that its subgraphs
     (If, Loop, Scan) read by name. A cut must carry both."""
     names = list(node.input)
-    for attribute in node.attribute:
-        if attribute.type == onnx.AttributeProto.GRAPH:
-            names += _outer_reads(attribute.g)
-        elif attribute.type == onnx.AttributeProto.GRAPHS:
-            names += [name for graph in attribute.graphs for name in _outer_reads(graph)]
+    for graph in _subgraphs(node):
+        defined = _defined(graph)
+        names += [name for inner in graph.node for name in node_reads(inner) if name and name not in defined]
     return list(dict.fromkeys(names))
 
 
-def _outer_reads(graph: onnx.GraphProto) -> list[str]:
-    local = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    local |= {out for node in graph.node for out in node.output}
-    return [name for node in graph.node for name in node_reads(node) if name and name not in local]
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The bodies of an If, Loop or Scan node (none for other nodes)."""
+    graphs = []
+    for attribute in node.attribute:
+        if attribute.type == onnx.AttributeProto.GRAPH:
+            graphs.append(attribute.g)
+        elif attribute.type == onnx.AttributeProto.GRAPHS:
+            graphs.extend(attribute.graphs)
+    return graphs
+
+
+def _defined(graph: onnx.GraphProto) -> set[str]:
+    """The names a subgraph defines itself: they shadow those of the graph around it."""
+    names = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    return names | {out for node in graph.node for out in node.output}
 
 
 def _info(name: str, types: dict[str, int]) -> onnx.ValueInfoProto:
