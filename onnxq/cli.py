@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from onnxq.config import (
+    WEIGHT_ROUNDINGS,
     CalibrationMethod,
     Granularity,
     Preprocess,
@@ -186,6 +187,15 @@ def main() -> None:
     default=None,
     help="Correct each layer's bias by its mean output error [default: on with auto/minmax/"
     "percentile below 8-bit weights, off for mse, mae, pd].",
+)
+@click.option(
+    "--weight-rounding",
+    type=click.Choice(list(WEIGHT_ROUNDINGS)),
+    default=QuantConfig.weight_rounding,
+    show_default=True,
+    help="Weight integers: nearest rounding, or gptq, which rounds each layer's weights column by "
+    "column so that their errors cancel on the calibration inputs (GPTQ; numpy, no torch); auto: "
+    "gptq below 8-bit weights unless --refine learns the rounding.",
 )
 @click.option("--seed", type=int, default=QuantConfig.seed, show_default=True, help="Seed of the search.")
 @click.option(
@@ -384,6 +394,7 @@ def quantize(model, output, calib, **options):
         simplify=not options.pop("no_simplify"),
         fuse_branches=options.pop("fuse_branches"),
         bias_correction=options.pop("bias_correction"),
+        weight_rounding=options.pop("weight_rounding"),
         seed=options.pop("seed"),
         holdout=options.pop("holdout"),
         pd_lambda=options.pop("pd_lambda"),

@@ -167,7 +167,7 @@ def quantize(
     choice = choose_weight_range(config.weight_range)
     search = None
     output_rule = any(spec.rule.kind == "output" for spec in plan.weights.values())
-    searched = config.calibration.searched or config.corrects_bias or output_rule
+    searched = config.calibration.searched or config.corrects_bias or output_rule or config.rounds_by_gptq
     refined = extremes = None  # extremes: auto's min-max alternative, where nothing is searched or refined
     if searched or config.refine:
         data, samples = _gather(stream)
@@ -312,6 +312,7 @@ def _build(
     params = activation_params(plan, ranges, symmetric=config.activation_symmetric)
     if refined is not None:
         params.update({root: p for root, p in refined.activations.items() if root in params})
+    integers = {**(search.rounded if search else {}), **(refined.weights if refined is not None else {})}
     insert_qdq(
         graph_model.graph,
         plan,
@@ -320,7 +321,7 @@ def _build(
         int8_range=choice,
         weight_ratios=search.weight_ratios if search else None,
         biases={**(search.biases if search else {}), **(refined.biases if refined is not None else {})},
-        refined_weights=refined.weights if refined is not None else None,
+        refined_weights=integers,
     )
     quantized = to_proto(graph_model)
     quantized.ir_version = _ir_version(quantized)
@@ -380,6 +381,7 @@ def _search(
         memory_budget=config.search_memory_gb * 1e9,
         half_cache=config.search_cache_half,
         fixed_batch=fixed_batch(float_model),
+        rounding="gptq" if config.rounds_by_gptq else "nearest",
     )
     fixed = {
         spec.tensor: ranges[spec.observed] for spec in plan.activations.values() if spec.observed in ranges
@@ -453,6 +455,8 @@ def _search_notes(search: SearchResult) -> list[str]:
             f" (pd {search.pd_seconds:.1f} s; {pruned} of {candidates} candidates ruled out by λ·regulariser)"
         )
     notes = [f"calibration search: {search.samples} samples, {spent}"]
+    if search.rounded:
+        notes.append(f"GPTQ chose the integers of {len(search.rounded)} weights (--weight-rounding)")
     if search.pd_loss:
         losses = ", ".join(f"{k} {v:.4g}" for k, v in search.pd_loss.items())
         notes.append(f"prediction difference (KL): {losses}")

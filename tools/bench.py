@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import re
 import subprocess
@@ -416,17 +417,20 @@ def held_out_split(name: str) -> tuple[np.ndarray, np.ndarray]:
     return pool.calib[LOW_BIT_SAMPLES:], np.arange(0, 2 * len(pool.calib), 2)[LOW_BIT_SAMPLES:]
 
 
+def held_out_scored(held: tuple[np.ndarray, np.ndarray], label: str, flags: list[str]) -> Callable:
+    """A setting run by `onnxq quantize` with `flags` that also records its top-1 on `held`
+    (held-out calibration images) in HELD_OUT."""
+
+    def build(path, calib):
+        model, seconds, peak = run_onnxq_cli(path, calib, flags)
+        HELD_OUT[label] = float((logits(model, held[0]).argmax(1) == held[1]).mean())
+        return model, seconds, peak
+
+    return build
+
+
 def refine_settings(name: str) -> dict[str, Callable]:
-    held = held_out_split(name)
-
-    def scored(label, flags):
-        def build(path, calib):
-            model, seconds, peak = run_onnxq_cli(path, calib, flags)
-            HELD_OUT[label] = float((logits(model, held[0]).argmax(1) == held[1]).mean())
-            return model, seconds, peak
-
-        return build
-
+    scored = functools.partial(held_out_scored, held_out_split(name))
     settings = {}
     for w, a in REFINE_WIDTHS.get(name, [(4, 4)]):
         base = ["--w-bits", str(w), "--a-bits", str(a), "--max-samples", "256", "--no-speed-check"]
@@ -440,6 +444,22 @@ def refine_settings(name: str) -> dict[str, Callable]:
                 settings[f"{label}, no time budget"] = scored(f"{label}, no time budget", flags)
                 flags += ["--time-budget", REFINE_BUDGETS[name]]
             settings[label] = scored(label, flags)
+    return settings
+
+
+def rounding_settings(name: str) -> dict[str, Callable]:
+    """GPTQ against nearest rounding at refinement's widths: the mse scale search and the default
+    calibration, each with both roundings, everything else equal; top-1 on held-out calibration
+    images beside (where the default is chosen)."""
+    scored = functools.partial(held_out_scored, held_out_split(name))
+    settings = {}
+    for w, a in REFINE_WIDTHS.get(name, [(4, 4)]):
+        base = ["--w-bits", str(w), "--a-bits", str(a), "--max-samples", "256", "--no-speed-check"]
+        for method in ("auto", "mse") if "cifar" in name else ("mse",):  # MobileNetV2: 5 min a row
+            for rounding in ("nearest", "gptq"):
+                label = f"onnxq W{w}A{a} {method}, {rounding} rounding"
+                flags = [*base, "--calib-method", method, "--weight-rounding", rounding]
+                settings[label] = scored(label, flags)
     return settings
 
 
@@ -516,6 +536,7 @@ SUITES = {
     "refine": (refine_settings, LOW_BIT_SAMPLES, False),
     "seeds": (seeds_settings, LOW_BIT_SAMPLES, False),
     "qprep": (qprep_settings, LOW_BIT_SAMPLES, False),
+    "rounding": (rounding_settings, LOW_BIT_SAMPLES, False),
 }
 DEFAULT_MODELS = {
     "w8a8": [
@@ -532,8 +553,10 @@ DEFAULT_MODELS = {
     "refine": list(REFINE_WIDTHS),
     "seeds": SEEDS_MODELS,
     "qprep": ["repvgg_cifar10", "mobileone_cifar10"],
+    "rounding": list(REFINE_WIDTHS),
 }
-PEAK_MB_SUITES = ("calib", "refine", "seeds", "qprep")  # rows run `onnxq quantize` in its own process
+# rows run `onnxq quantize` in its own process
+PEAK_MB_SUITES = ("calib", "refine", "seeds", "qprep", "rounding")
 SUITE_TITLES = {
     "w8a8": "W8A8 against onnxruntime (issue 2)",
     "reparam": "Re-parameterized models: unfused, fused, W8A8 (issue 3)",
@@ -542,6 +565,7 @@ SUITE_TITLES = {
     "refine": "Rounding refinement: learned rounding and activation steps (issue 14)",
     "seeds": "BatchNorm statistics: data-free calibration and distribution correction (issue 15)",
     "qprep": "Merged re-parameterized models: refinement and QPRep (issue 15)",
+    "rounding": "GPTQ weight rounding against nearest rounding (issue 14)",
 }
 
 
@@ -602,6 +626,13 @@ def markdown(suite: str, name: str, float_top1: float, rows: list[Row], samples:
         f"{ABC_WINDOW}`); unmerged rows quantize the branches one by one with the same search. One "
         "torch thread; one calibration draw. calib. s is the `onnxq quantize` process's wall time and "
         "peak MB its peak resident memory.",
+        "rounding": f"Calibration: {samples} CIFAR-10 training images or {samples} even-class ImageNet "
+        "images; per-channel symmetric weights, first and last layers at 8 bits, tensors only Add reads at "
+        "8 bits, branches of re-parameterized models unmerged. auto: ranges from statistics with bias "
+        "correction; mse: the scale search. nearest: every weight rounded to its nearest integer; gptq: "
+        "`--weight-rounding gptq` (onnxq/calib/rounding.py), the same scales. One calibration draw. "
+        "calib. s is the `onnxq quantize` process's wall time on 2 cores and peak MB its peak resident "
+        "memory.",
     }
     latency = SUITES[suite][2]
     lines = [f"## {SUITE_TITLES[suite]}: {name} (float top-1 {100 * float_top1:.2f} %)", "", notes[suite], ""]
@@ -711,7 +742,7 @@ def main() -> None:
             section += " (" + ", ".join(args.only) + ")"
         float_top1, rows = measure(name, settings, samples=samples, latency=latency)
         extra = fusion_check(name) if args.suite == "reparam" else ""
-        if args.suite == "refine":
+        if args.suite in ("refine", "rounding"):
             extra, _ = refine_extra(name), HELD_OUT.clear()
         text = markdown(args.suite, section.split("/", 1)[1], float_top1, rows, samples, extra)
         write_section(args.out, section, text, machine)

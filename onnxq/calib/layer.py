@@ -13,11 +13,12 @@ import onnx
 from onnx import helper
 
 from onnxq.calib.frontier import paired_batches
+from onnxq.calib.rounding import gptq_round, input_correlation, supports
 from onnxq.calib.simulate import Arrays, param_names
 from onnxq.io import session
 from onnxq.passes.insert_qdq import bias_quantization, weight_target
 from onnxq.quant.plan import QuantPlan
-from onnxq.quant.weights import quantize_weight
+from onnxq.quant.weights import QuantizedWeight, quantize_weight
 
 if TYPE_CHECKING:
     from onnxq.calib.search import _Sweep
@@ -43,6 +44,25 @@ class LayerProbe:
         self.activation = _absorbed_after(sweep.sim.model.graph, node, plan)
         self.positions = 0
         self._runner = None
+        self.correlation: np.ndarray | None = None  # H of its inputs, once GPTQ rounds it
+
+    def prepare_rounding(self, quantized: Arrays) -> bool:
+        """Measure H on the quantized model's inputs, so that every later candidate is rounded
+        by GPTQ; False (nearest rounding) where GPTQ cannot serve the layer."""
+        if not supports(self.node, self.weight):
+            return False
+        values = quantized[self.node.input[0]]
+        inputs = (q for q, _ in paired_batches(values, values, self.sweep.settings.batch_size))
+        self.correlation = input_correlation(self.node, self.weight, inputs)
+        return True
+
+    def quantized(self, ratios: np.ndarray | None) -> QuantizedWeight:
+        """The weight's integers and scales for these ratios: nearest rounding, or GPTQ's."""
+        spec = self.spec
+        nearest = quantize_weight(self.weight, spec.layout, spec.granularity, spec.rule, self.target, ratios)
+        if self.correlation is None:
+            return nearest
+        return gptq_round(self.weight, nearest, self.correlation, self.node, spec.layout)
 
     @property
     def runner(self):
@@ -55,10 +75,7 @@ class LayerProbe:
 
     def candidate(self, ratios: np.ndarray | None, bias: np.ndarray | None = None):
         """(dequantized weight, the bias as the deployed model holds it) for these ratios."""
-        spec = self.spec
-        quantized = quantize_weight(
-            self.weight, spec.layout, spec.granularity, spec.rule, self.target, ratios
-        )
+        quantized = self.quantized(ratios)
         if not self.bias_name:
             return quantized.dequantize(), None
         if bias is None:

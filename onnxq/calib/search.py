@@ -9,6 +9,8 @@ what was chosen). At each item:
   correction the candidate's output is first shifted by its own mean error per channel.
 - activations: a grid of clipping ratios of the observed range, scored on a fixed random subset
   of positions against the float tensor.
+With GPTQ rounding (settings.rounding), each layer first measures its inputs' correlations on the
+quantized model and every weight candidate is rounded by GPTQ at its scales (onnxq.calib.rounding).
 `pd` then sweeps again over the items narrower than 8 bits (at 8 bits the local choice holds):
 each tries a few multipliers around its choice, scored by the KL divergence of the quantized
 from the float softmax at the model output (later items quantized as chosen so far) plus λ
@@ -39,7 +41,7 @@ from onnxq.passes.insert_qdq import activation_quantizer
 from onnxq.progress import Progress
 from onnxq.quant.kernels import FULL_RANGE, WeightRangeChoice
 from onnxq.quant.plan import QuantPlan
-from onnxq.quant.weights import group_membership
+from onnxq.quant.weights import QuantizedWeight, group_membership
 
 COARSE = np.linspace(0.05, 1.0, 20)  # clipping ratios, step 0.05
 FINE = np.array([-0.03, -0.015, 0.015, 0.03])
@@ -63,6 +65,7 @@ class SearchSettings:
     fixed_batch: int | None = None  # the model's own batch size, where its graph fixes one
     memory_budget: float = 1.5e9  # bytes of cached tensors (float and quantized frontiers)
     half_cache: bool = True  # keep cached float32 tensors in float16 (half the memory)
+    rounding: str = "nearest"  # weight integers: "nearest", or "gptq" (onnxq.calib.rounding)
 
 
 @dataclass
@@ -79,6 +82,7 @@ class SearchResult:
     pd_pruned: tuple[int, int] = (0, 0)  # pd candidates skipped by the regulariser bound, of all
     pd_kept_start: bool = False  # pd ended no better on the calibration KL: its start was kept
     feed: Arrays = field(default_factory=dict)  # the simulation's parameters for the chosen model
+    rounded: dict[str, QuantizedWeight] = field(default_factory=dict)  # GPTQ's integers, by weight
 
 
 def search_parameters(
@@ -129,6 +133,7 @@ def search_parameters(
             result.pd_loss[name] = sweep.prediction_loss(part, targets[name])
     result.skipped = sweep.skipped
     result.feed = sweep.params
+    result.rounded = sweep.rounded()
     result.seconds = time.perf_counter() - started
     return result
 
@@ -216,6 +221,14 @@ class _Sweep:
         if node.name not in self._probes:
             self._probes[node.name] = LayerProbe(self, node)
         return self._probes[node.name]
+
+    def rounded(self) -> dict[str, QuantizedWeight]:
+        """The weights GPTQ rounds, at the ratios chosen (the rule's range where none was)."""
+        return {
+            probe.spec.name: probe.quantized(self.ratios.get(probe.spec.name))
+            for probe in self._probes.values()
+            if probe.correlation is not None
+        }
 
     def out_of_time(self) -> bool:
         budget = self.settings.time_budget
@@ -307,6 +320,8 @@ class _Sweep:
     def _choose_weights(self, item: Item, quantized: Arrays, floating: Arrays) -> float:
         node = self.layers[item.node]
         layer = self.layer(node)
+        if self.settings.rounding == "gptq" and layer.correlation is None:
+            layer.prepare_rounding(quantized)
         if self.settings.method == "fixed" and layer.spec.rule.kind != "output":
             return self._set_weights(node, None, quantized, floating, layer)
         membership = group_membership(layer.weight, layer.spec.layout, layer.spec.granularity)

@@ -90,8 +90,8 @@ def insert_qdq(
     values, for onnxruntime's u8×u8 kernels, which never saturate).
     `weight_ratios` (per weight, one per scale group) and `biases` (corrected float biases) are
     what calibration chose; weights without a ratio use their range rule as it is.
-    `refined_weights` are integers and scales rounding refinement learned; they are written as
-    they are.
+    `refined_weights` are integers and scales that GPTQ chose or rounding refinement learned;
+    they are written as they are.
     """
     weight_ratios, biases, refined_weights = weight_ratios or {}, biases or {}, refined_weights or {}
     _remove_absorbed(graph, plan)

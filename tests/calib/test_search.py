@@ -37,9 +37,11 @@ def test_simulation_with_float_parameters_is_the_float_model(small_model, calibr
     assert len(simulation.segments) > len(plan.weights)  # cut at every weight and activation
 
 
-@pytest.mark.parametrize("method", ["mse", "pd"])
-def test_simulated_choice_is_what_the_saved_model_computes(small_model, calibration_data, method):
-    config = QuantConfig(weight_bits=4, activation_bits=4, calibration=CalibrationMethod(method))
+@pytest.mark.parametrize("method, rounding", [("mse", "nearest"), ("pd", "nearest"), ("mse", "gptq")])
+def test_simulated_choice_is_what_the_saved_model_computes(small_model, calibration_data, method, rounding):
+    config = QuantConfig(
+        weight_bits=4, activation_bits=4, calibration=CalibrationMethod(method), weight_rounding=rounding
+    )
     result = onnxq.quantize(small_model, calibration_data, config)
     fused, plan = _prepared(small_model, config)
     fused = onnx.version_converter.convert_version(fused, 21)
@@ -252,6 +254,7 @@ def test_output_weight_rule_beats_min_max_weights_with_fixed_activation_ranges()
             calibration=CalibrationMethod.MINMAX,
             first_last_8bit=False,
             bias_correction=False,
+            weight_rounding="nearest",  # nearest's own error, not GPTQ's
         )
         result = onnxq.quantize(model, data, config)
         assert (result.calibration is None) == (rule == "minmax")

@@ -1,0 +1,191 @@
+"""GPTQ: a layer's weight integers chosen column by column against its inputs' correlations.
+
+Rounding every weight to its nearest integer ignores that a layer's inputs are correlated: the
+error one weight's rounding leaves can be cancelled by the weights that read correlated inputs.
+GPTQ (Frantar et al. 2022, after Optimal Brain Quantization) rounds one input column at a time
+and spreads what it left over the columns not yet rounded, weighted by the inverse of
+H = Σ x xᵀ over the layer's inputs, which minimises ‖W X − Ŵ X‖² one column at a time.
+
+Only the integers change: every scale and zero point stays what the range rule or the search
+chose, so the model's form and size are the same. numpy, plus onnxruntime to cut a Conv's
+inputs into patches with the layer's own strides, pads and dilations. Rows of a weight (output
+channels) are independent given H, so a per-channel search can still mix ratios per channel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import replace
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxq.io import session
+from onnxq.quant.weights import QuantizedWeight, WeightLayout
+
+DAMPING = 0.01  # of H's mean diagonal, added to it: keeps the inverse stable (GPTQ's default)
+BLOCK = 128  # columns rounded before the rest of the weight is updated in one product
+UNFOLD_BYTES = 64 << 20  # largest patch tensor one onnxruntime run writes
+
+
+def supports(node: onnx.NodeProto, weight: np.ndarray) -> bool:
+    """Conv of any kind, and Gemm/MatMul with a 2-D weight read as the second input."""
+    if node.op_type == "Conv":
+        return True
+    if node.op_type == "Gemm":
+        return not _attribute(node, "transA", 0) and weight.ndim == 2
+    return node.op_type == "MatMul" and weight.ndim == 2
+
+
+def input_correlation(node: onnx.NodeProto, weight: np.ndarray, inputs: Iterable[np.ndarray]) -> np.ndarray:
+    """H = Σ x xᵀ per weight group, (groups, d, d) in float64, over batches of the quantized
+    model's inputs: x is what one output value reads (a Conv's patch across its group's
+    channels, a Gemm/MatMul row)."""
+    groups = _attribute(node, "group", 1) if node.op_type == "Conv" else 1
+    depth = weight[0].size if node.op_type == "Conv" else weight.shape[0 if _reads_columns(node) else 1]
+    unfold = _Unfold(node, weight) if node.op_type == "Conv" else None
+    total = np.zeros((groups, depth, depth))
+    for batch in inputs:
+        batch = np.asarray(batch, np.float32)
+        for patches in unfold(batch) if unfold else [batch.reshape(1, -1, depth).transpose(0, 2, 1)]:
+            wide = patches.astype(np.float64)
+            total += wide @ wide.transpose(0, 2, 1)
+    return total
+
+
+def gptq_round(
+    weight: np.ndarray,
+    quantized: QuantizedWeight,
+    correlation: np.ndarray,
+    node: onnx.NodeProto,
+    layout: WeightLayout,
+) -> QuantizedWeight:
+    """The same scales with the integers GPTQ chooses (act order: the columns with the largest
+    input energy first). GPTQ is greedy: a row it leaves with a larger error on these inputs
+    than nearest rounding did (rare, at wide widths) keeps its nearest integers.
+
+    Rounding towards the float layer's output on float inputs instead (W* = W C H⁻¹ with
+    C = Σ x_f x_qᵀ, which would also undo the error earlier layers left) did worse on held-out
+    calibration images: ResNet-20 W2A4 mse KL 0.229 against 0.196, MobileNetV2 W4A8 0.249
+    against 0.221."""
+    groups = correlation.shape[0]
+    scale, zero = quantized.element_params()
+    to_rows = _RowView(node, weight.shape, layout, groups)
+    rows, scale, zero = (to_rows(a.astype(np.float64)) for a in (weight, scale, zero))
+    target = quantized.target
+    nearest = to_rows(quantized.integers.astype(np.float64))
+    integers = _gptq(rows, scale, zero, correlation, target.qmin, target.qmax)
+
+    def error(candidate: np.ndarray) -> np.ndarray:  # (groups, rows): (w − ŵ) H (w − ŵ)ᵀ per row
+        difference = rows - (candidate - zero) * scale
+        return np.sum((difference @ correlation) * difference, axis=2)
+
+    worse = error(integers) > error(nearest)
+    integers[worse] = nearest[worse]
+    return replace(quantized, integers=to_rows.back(integers).astype(quantized.integers.dtype))
+
+
+def _damped(correlation: np.ndarray) -> np.ndarray:
+    """H with DAMPING·mean(diag H) added to its diagonal (1 where an input is always 0)."""
+    hessian = correlation.copy()
+    diagonal = np.einsum("gii->gi", hessian).copy()
+    diagonal[diagonal == 0] = 1.0  # inputs that are always 0: their weights cannot matter
+    diagonal += DAMPING * diagonal.mean(axis=1, keepdims=True)
+    index = np.arange(diagonal.shape[1])
+    hessian[:, index, index] = diagonal
+    return hessian
+
+
+def _gptq(rows, scale, zero, correlation, qmin: int, qmax: int) -> np.ndarray:
+    """(groups, rows, d) integers for (groups, rows, d) weights; every group has its own H."""
+    hessian = _damped(correlation)
+    order = np.argsort(-np.einsum("gii->gi", hessian), axis=1, kind="stable")
+    rows, scale, zero = (np.take_along_axis(a, order[:, None, :], axis=2).copy() for a in (rows, scale, zero))
+    hessian = np.take_along_axis(np.take_along_axis(hessian, order[:, :, None], 1), order[:, None, :], 2)
+    inverse = np.linalg.inv(hessian)
+    upper = np.linalg.cholesky((inverse + inverse.transpose(0, 2, 1)) / 2).transpose(0, 2, 1)
+    safe = np.where(scale == 0, 1.0, scale)
+    integers = np.zeros_like(rows)
+    depth = rows.shape[2]
+    for start in range(0, depth, BLOCK):
+        stop = min(start + BLOCK, depth)
+        errors = np.zeros((*rows.shape[:2], stop - start))
+        for column in range(start, stop):
+            values = rows[:, :, column]
+            q = np.clip(np.rint(values / safe[:, :, column]) + zero[:, :, column], qmin, qmax)
+            integers[:, :, column] = q
+            lost = (values - (q - zero[:, :, column]) * scale[:, :, column]) / upper[:, None, column, column]
+            rows[:, :, column:stop] -= lost[:, :, None] * upper[:, None, column, column:stop]
+            errors[:, :, column - start] = lost
+        rows[:, :, stop:] -= errors @ upper[:, start:stop, stop:]
+    restore = np.argsort(order, axis=1)
+    return np.take_along_axis(integers, restore[:, None, :], axis=2)
+
+
+class _RowView:
+    """A weight as (groups, output rows, d), the rows H weighs, and back."""
+
+    def __init__(self, node: onnx.NodeProto, shape: tuple[int, ...], layout: WeightLayout, groups: int):
+        self.shape, self.groups = shape, groups
+        self.conv = node.op_type == "Conv"
+        self.out_axis = layout.out_axis
+
+    def __call__(self, values: np.ndarray) -> np.ndarray:
+        if self.conv:  # (out, in/group, *kernel): a row is one output channel's patch weights
+            return values.reshape(self.groups, self.shape[0] // self.groups, -1)
+        return np.moveaxis(values, self.out_axis, 0)[None]
+
+    def back(self, rows: np.ndarray) -> np.ndarray:
+        if self.conv:
+            return rows.reshape(self.shape)
+        return np.moveaxis(rows[0], 0, self.out_axis)
+
+
+class _Unfold:
+    """A Conv's input cut into the patches its output values read, by onnxruntime: a Conv with
+    one-hot kernels and the layer's own strides, pads, dilations and auto_pad, one kernel
+    position per output channel."""
+
+    def __init__(self, node: onnx.NodeProto, weight: np.ndarray):
+        self.groups = _attribute(node, "group", 1)
+        channels = weight.shape[1] * self.groups
+        kernel = weight.shape[2:]
+        positions = int(np.prod(kernel))
+        self.depth = weight.shape[1] * positions
+        one_hot = np.tile(
+            np.eye(positions, dtype=np.float32).reshape(positions, 1, *kernel),
+            (channels, 1) + (1,) * len(kernel),
+        )
+        keep = {"strides", "pads", "dilations", "auto_pad"}
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name in keep}
+        conv = helper.make_node("Conv", ["x", "k"], ["patches"], group=channels, **attributes)
+        graph = helper.make_graph(
+            [conv],
+            "unfold",
+            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
+            [helper.make_tensor_value_info("patches", onnx.TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(one_hot, "k")],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+        self.runner = session(model, arena=False)
+        self.expansion = positions
+
+    def __call__(self, batch: np.ndarray):
+        """(groups, d, positions) patch matrices, a few samples at a time."""
+        per_sample = max(1, batch[0].size * self.expansion * 4)
+        step = max(1, UNFOLD_BYTES // per_sample)
+        for start in range(0, len(batch), step):
+            patches = self.runner.run(None, {"x": batch[start : start + step]})[0]
+            samples = patches.shape[0]
+            patches = patches.reshape(samples, self.groups, self.depth, -1).transpose(1, 2, 0, 3)
+            yield patches.reshape(self.groups, self.depth, -1)
+
+
+def _reads_columns(node: onnx.NodeProto) -> bool:
+    """Whether the weight's first axis is the input depth (MatMul, Gemm without transB)."""
+    return node.op_type == "MatMul" or not _attribute(node, "transB", 0)
+
+
+def _attribute(node: onnx.NodeProto, name: str, default: int) -> int:
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
