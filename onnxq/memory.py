@@ -25,6 +25,14 @@ def _malloc_trim():
 def release_free_memory() -> None:
     """Collect unreachable objects, then return the allocator's free pages (glibc only)."""
     gc.collect()
+    return_free_pages()
+
+
+def return_free_pages() -> None:
+    """Only the allocator's free pages, without a garbage collection: cheap enough to call
+    after each step that allocates and frees tensors of tens of MB, which glibc would otherwise
+    keep (its mmap threshold rises to the largest block freed, so the next ones come from the
+    heap and stay resident)."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)

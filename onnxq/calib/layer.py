@@ -13,9 +13,10 @@ import onnx
 from onnx import helper
 
 from onnxq.calib.frontier import paired_batches
-from onnxq.calib.rounding import gptq_round, input_correlation, supports
+from onnxq.calib.rounding import Factored, factor, gptq_round, input_correlation, supports
 from onnxq.calib.simulate import Arrays, param_names
 from onnxq.io import session
+from onnxq.memory import return_free_pages
 from onnxq.passes.insert_qdq import bias_quantization, weight_target
 from onnxq.quant.plan import QuantPlan
 from onnxq.quant.weights import QuantizedWeight, quantize_weight
@@ -44,7 +45,7 @@ class LayerProbe:
         self.activation = _absorbed_after(sweep.sim.model.graph, node, plan)
         self.positions = 0
         self._runner = None
-        self.correlation: np.ndarray | None = None  # H of its inputs, once GPTQ rounds it
+        self.factored: Factored | None = None  # H of its inputs, once GPTQ rounds it
 
     def prepare_rounding(self, quantized: Arrays) -> bool:
         """Measure H on the quantized model's inputs, so that every later candidate is rounded
@@ -53,16 +54,17 @@ class LayerProbe:
             return False
         values = quantized[self.node.input[0]]
         inputs = (q for q, _ in paired_batches(values, values, self.sweep.settings.batch_size))
-        self.correlation = input_correlation(self.node, self.weight, inputs)
+        self.factored = factor(input_correlation(self.node, self.weight, inputs))
+        return_free_pages()  # the patches, tens of MB per batch, would otherwise stay resident
         return True
 
     def quantized(self, ratios: np.ndarray | None) -> QuantizedWeight:
         """The weight's integers and scales for these ratios: nearest rounding, or GPTQ's."""
         spec = self.spec
         nearest = quantize_weight(self.weight, spec.layout, spec.granularity, spec.rule, self.target, ratios)
-        if self.correlation is None:
+        if self.factored is None:
             return nearest
-        return gptq_round(self.weight, nearest, self.correlation, self.node, spec.layout)
+        return gptq_round(self.weight, nearest, self.factored, self.node, spec.layout)
 
     @property
     def runner(self):

@@ -133,7 +133,7 @@ def search_parameters(
             result.pd_loss[name] = sweep.prediction_loss(part, targets[name])
     result.skipped = sweep.skipped
     result.feed = sweep.params
-    result.rounded = sweep.rounded()
+    result.rounded = sweep.rounded
     result.seconds = time.perf_counter() - started
     return result
 
@@ -187,6 +187,7 @@ class _Sweep:
         self.ranges: dict[str, tuple[float, float]] = {}
         self.ratios: dict[str, np.ndarray] = {}
         self.biases: dict[str, np.ndarray] = {}
+        self.rounded: dict[str, QuantizedWeight] = {}  # GPTQ's weights, as chosen so far
         self.skipped: list[str] = []
         self.observed: dict[str, tuple[float, float]] = {}
         self.layers = {node.name: node for node in sim.model.graph.node}
@@ -200,11 +201,12 @@ class _Sweep:
 
     def snapshot(self) -> tuple:
         """Everything chosen so far, to return to if a later sweep ends worse."""
-        return dict(self.params), dict(self.ranges), dict(self.ratios), dict(self.biases)
+        return dict(self.params), dict(self.ranges), dict(self.ratios), dict(self.biases), dict(self.rounded)
 
     def restore(self, state: tuple) -> None:
         """In place: the result already holds these dicts."""
-        for current, saved in zip((self.params, self.ranges, self.ratios, self.biases), state, strict=True):
+        chosen = (self.params, self.ranges, self.ratios, self.biases, self.rounded)
+        for current, saved in zip(chosen, state, strict=True):
             current.clear()
             current.update(saved)
         self._kl_now = None
@@ -221,14 +223,6 @@ class _Sweep:
         if node.name not in self._probes:
             self._probes[node.name] = LayerProbe(self, node)
         return self._probes[node.name]
-
-    def rounded(self) -> dict[str, QuantizedWeight]:
-        """The weights GPTQ rounds, at the ratios chosen (the rule's range where none was)."""
-        return {
-            probe.spec.name: probe.quantized(self.ratios.get(probe.spec.name))
-            for probe in self._probes.values()
-            if probe.correlation is not None
-        }
 
     def out_of_time(self) -> bool:
         budget = self.settings.time_budget
@@ -320,10 +314,11 @@ class _Sweep:
     def _choose_weights(self, item: Item, quantized: Arrays, floating: Arrays) -> float:
         node = self.layers[item.node]
         layer = self.layer(node)
-        if self.settings.rounding == "gptq" and layer.correlation is None:
+        if self.settings.rounding == "gptq":
             layer.prepare_rounding(quantized)
         if self.settings.method == "fixed" and layer.spec.rule.kind != "output":
-            return self._set_weights(node, None, quantized, floating, layer)
+            self._set_weights(node, None, quantized, floating, layer)
+            return float("nan")
         membership = group_membership(layer.weight, layer.spec.layout, layer.spec.granularity)
         groups = membership.shape[0]
         coarse = [np.full(groups, r) for r in COARSE]
@@ -347,7 +342,15 @@ class _Sweep:
         self.params[layer.spec.name] = dequantized
         if layer.bias_name:
             self.params[layer.bias_name] = bias
+        self._keep_rounding(layer)
         return float("nan")
+
+    def _keep_rounding(self, layer: LayerProbe) -> None:
+        """Record GPTQ's weight at the ratios chosen and free the layer's H (a detector's can
+        take hundreds of MB each); pd measures it anew if it revisits the layer."""
+        if layer.factored is not None:
+            self.rounded[layer.spec.name] = layer.quantized(self.ratios.get(layer.spec.name))
+            layer.factored = None
 
     # -- prediction difference ----------------------------------------------------
 
@@ -389,8 +392,11 @@ class _Sweep:
         return specs[item.name].bits
 
     def _pd_item(self, item, following, quantized, floating, floating_next, target) -> float:
+        layer = None
         if item.kind == "weight":  # its input's scale may have moved: requantize the bias
             layer = self.layer(self.layers[item.node])
+            if self.settings.rounding == "gptq":
+                layer.prepare_rounding(quantized)
             weight, bias = layer.candidate(self.ratios.get(layer.spec.name))
             self._update({layer.spec.name: weight} | ({layer.bias_name: bias} if layer.bias_name else {}))
 
@@ -423,6 +429,8 @@ class _Sweep:
             self.params.update(params)
             commit()
             self._kl_now = best_kl
+        if layer is not None:
+            self._keep_rounding(layer)
         return best_loss
 
     def _update(self, params: Arrays) -> None:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from onnx import helper
 
 import onnxq
-from onnxq.calib.rounding import gptq_round, input_correlation, supports
+from onnxq.calib.rounding import factor, gptq_round, input_correlation, supports
 from onnxq.config import Granularity, QuantConfig, RangeRule
 from onnxq.io import session
 from onnxq.quant import primitives as P
@@ -110,7 +110,7 @@ def test_gptq_lowers_the_output_error_and_keeps_the_scales(bits, granularity, sy
     layout = WeightLayout(out_axis=0, in_axis=1)
     target = P.IntRange.signed(bits) if symmetric else P.IntRange.unsigned(bits)
     nearest = quantize_weight(weight, layout, Granularity.parse(granularity), RangeRule("minmax"), target)
-    rounded = gptq_round(weight, nearest, input_correlation(node, weight, [x]), node, layout)
+    rounded = gptq_round(weight, nearest, factor(input_correlation(node, weight, [x])), node, layout)
 
     def error(quantized) -> float:
         return float(np.sum(((weight - quantized.dequantize()).astype(np.float64) @ x.T) ** 2))
@@ -132,7 +132,7 @@ def test_uncorrelated_inputs_give_nearest_rounding():
         weight, CONV_LAYOUT, Granularity.parse("channel"), RangeRule("minmax"), P.IntRange.signed(4)
     )
     diagonal = np.diag(rng.uniform(0.5, 2.0, 27))[None]
-    rounded = gptq_round(weight, nearest, diagonal, node, CONV_LAYOUT)
+    rounded = gptq_round(weight, nearest, factor(diagonal), node, CONV_LAYOUT)
     np.testing.assert_array_equal(rounded.integers, nearest.integers)
 
 
@@ -148,8 +148,8 @@ def test_depthwise_groups_are_rounded_each_against_its_own_inputs():
     nearest = quantize_weight(
         weight, CONV_LAYOUT, Granularity.parse("channel"), RangeRule("minmax"), P.IntRange.signed(3)
     )
-    alone = gptq_round(weight[2:3], _channel(nearest, 2), correlation[2:3], _conv(1), CONV_LAYOUT)
-    together = gptq_round(weight, nearest, correlation, node, CONV_LAYOUT)
+    alone = gptq_round(weight[2:3], _channel(nearest, 2), factor(correlation[2:3]), _conv(1), CONV_LAYOUT)
+    together = gptq_round(weight, nearest, factor(correlation), node, CONV_LAYOUT)
     np.testing.assert_array_equal(together.integers[2:3], alone.integers)
 
 

@@ -37,7 +37,9 @@ def test_simulation_with_float_parameters_is_the_float_model(small_model, calibr
     assert len(simulation.segments) > len(plan.weights)  # cut at every weight and activation
 
 
-@pytest.mark.parametrize("method, rounding", [("mse", "nearest"), ("pd", "nearest"), ("mse", "gptq")])
+@pytest.mark.parametrize(
+    "method, rounding", [("mse", "nearest"), ("pd", "nearest"), ("mse", "gptq"), ("pd", "gptq")]
+)
 def test_simulated_choice_is_what_the_saved_model_computes(small_model, calibration_data, method, rounding):
     config = QuantConfig(
         weight_bits=4, activation_bits=4, calibration=CalibrationMethod(method), weight_rounding=rounding
