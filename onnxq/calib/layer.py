@@ -46,6 +46,7 @@ class LayerProbe:
         self.positions = 0
         self._runner = None
         self.factored: Factored | None = None  # H of its inputs, once GPTQ rounds it
+        self._rounded: dict[bytes | None, QuantizedWeight] = {}  # GPTQ's result by ratios
 
     def prepare_rounding(self, quantized: Arrays) -> bool:
         """Measure H on the quantized model's inputs, so that every later candidate is rounded
@@ -55,16 +56,26 @@ class LayerProbe:
         values = quantized[self.node.input[0]]
         inputs = (q for q, _ in paired_batches(values, values, self.sweep.settings.batch_size))
         self.factored = factor(input_correlation(self.node, self.weight, inputs))
+        self._rounded.clear()
         return_free_pages()  # the patches, tens of MB per batch, would otherwise stay resident
         return True
 
+    def release_rounding(self) -> None:
+        """Free H and GPTQ's results (a detector layer's H takes hundreds of MB)."""
+        self.factored = None
+        self._rounded.clear()
+
     def quantized(self, ratios: np.ndarray | None) -> QuantizedWeight:
-        """The weight's integers and scales for these ratios: nearest rounding, or GPTQ's."""
+        """The weight's integers and scales for these ratios: nearest rounding, or GPTQ's (kept
+        per ratios while H is: bias correction and the final choice ask for the same ones again)."""
         spec = self.spec
         nearest = quantize_weight(self.weight, spec.layout, spec.granularity, spec.rule, self.target, ratios)
         if self.factored is None:
             return nearest
-        return gptq_round(self.weight, nearest, self.factored, self.node, spec.layout)
+        key = None if ratios is None else np.asarray(ratios, np.float64).tobytes()
+        if key not in self._rounded:
+            self._rounded[key] = gptq_round(self.weight, nearest, self.factored, self.node, spec.layout)
+        return self._rounded[key]
 
     @property
     def runner(self):

@@ -346,11 +346,11 @@ class _Sweep:
         return float("nan")
 
     def _keep_rounding(self, layer: LayerProbe) -> None:
-        """Record GPTQ's weight at the ratios chosen and free the layer's H (a detector's can
-        take hundreds of MB each); pd measures it anew if it revisits the layer."""
+        """Record GPTQ's weight at the ratios chosen and free the layer's H; pd measures it anew
+        if it revisits the layer."""
         if layer.factored is not None:
             self.rounded[layer.spec.name] = layer.quantized(self.ratios.get(layer.spec.name))
-            layer.factored = None
+            layer.release_rounding()
 
     # -- prediction difference ----------------------------------------------------
 
