@@ -289,6 +289,14 @@ def main() -> None:
     "that runs faster (the choice follows this machine's timings: turn it off for reproducible "
     "files). Narrower widths run simulated in onnxruntime and are not timed.",
 )
+@click.option(
+    "--equalize/--no-equalize",
+    default=None,
+    help="Cross-layer equalization: where a layer's output reaches the next layer through Relu, "
+    "ReLU6 or nothing, move its channels' range differences into the two layers' per-channel "
+    "weights, so that one activation scale serves every channel [default: on below 8-bit "
+    "activations, with per-channel weights].",
+)
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
 @click.option(
     "--fuse-branches/--no-fuse-branches",
@@ -416,6 +424,7 @@ def quantize(model, output, calib, **options):
         device=options.pop("device"),
         distribution_correction=options.pop("distribution_correction"),
         qprep=options.pop("qprep"),
+        equalize=options.pop("equalize"),
     )
     preprocess = build_preprocess(**options)
     with RichProgress() as progress:

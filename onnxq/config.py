@@ -271,6 +271,9 @@ class QuantConfig:
     # layer's input correlations on the calibration data (onnxq/calib/rounding.py); "auto":
     # gptq below 8-bit weights unless --refine learns the rounding (see rounds_by_gptq)
     weight_rounding: str = "auto"
+    # cross-layer equalization (onnxq/passes/equalize.py): activation channel ranges moved into
+    # per-channel weights between layer pairs before planning; None: see `equalizes`
+    equalize: bool | None = None
     seed: int = 0
     holdout: float = 0.2  # part of the calibration data kept out of the search, to report on
     pd_lambda: float = PD_LAMBDA
@@ -375,8 +378,7 @@ class QuantConfig:
     @property
     def lowest_bits(self) -> int:
         """The narrowest weight or activation width anywhere in the plan."""
-        widths = [self.activation_bits, *(o.activation_bits for o in self.overrides if o.activation_bits)]
-        return min(self.lowest_weight_bits, *widths)
+        return min(self.lowest_weight_bits, self.lowest_activation_bits)
 
     @property
     def rounds_by_gptq(self) -> bool:
@@ -389,6 +391,22 @@ class QuantConfig:
         if self.weight_rounding == "auto":
             return self.lowest_weight_bits < 8 and not self.refine
         return self.weight_rounding == "gptq"
+
+    @property
+    def equalizes(self) -> bool:
+        """Default: on below 8-bit activations, where one scale's few levels cannot serve channels
+        of different ranges; at 8 bits the levels suffice and equalized channels lose their
+        headroom to the percentile clip (MobileNetV2 W8A8 held-out KL 0.046 → 0.073;
+        tools/choose_equalize.py). Moving a channel's range into the weights is free only where
+        weights have a scale per output channel, so other granularities never equalize."""
+        if self.granularity.kind != "channel":
+            return False
+        return self.lowest_activation_bits < 8 if self.equalize is None else self.equalize
+
+    @property
+    def lowest_activation_bits(self) -> int:
+        widths = [self.activation_bits, *(o.activation_bits for o in self.overrides if o.activation_bits)]
+        return min(widths)
 
     @property
     def merges_branches(self) -> bool:

@@ -28,6 +28,7 @@ from onnxq.calib.data import (
     describe_count,
     first_batch,
     model_inputs,
+    peek_samples,
     random_sample,
 )
 from onnxq.calib.observers import HistogramObserver, MinMaxObserver, ScaleClipObserver
@@ -46,6 +47,7 @@ from onnxq.fidelity import Fidelity, HoldBack
 from onnxq.io import check_writable, load_model, run, save_model, session, to_ir, to_proto
 from onnxq.memory import release_free_memory
 from onnxq.passes.contrib import standard_ops
+from onnxq.passes.equalize import equalize_channels
 from onnxq.passes.float32 import compute_in_float32
 from onnxq.passes.fold_affine import fold_affine
 from onnxq.passes.fold_bn import ChannelStatistics, FoldReport, fold_batchnorm
@@ -147,7 +149,7 @@ def quantize(
         progress=progress,
     )
     notes += prepared.notes
-    float_model = prepared.model
+    float_model, statistics, stream = _equalized(prepared, stream, config, progress, notes)
     graph_model = to_ir(infer_types(float_model))
     plan = plan_quantization(graph_model.graph, config)
     notes += [f"override {pattern!r} matches no layer" for pattern in plan.unmatched_overrides]
@@ -193,7 +195,7 @@ def quantize(
             release_free_memory()  # the search's freed activations must not sit under refinement's peak
             started = time.perf_counter()
             data, corrected = corrected_for_refinement(
-                float_model, prepared.statistics, data, config, data_free, progress
+                float_model, statistics, data, config, data_free, progress
             )
             notes += corrected
             spent = time.perf_counter() - started + (search.seconds if search else 0.0)
@@ -273,6 +275,26 @@ def quantize(
         report,
         refined,
     )
+
+
+EQUALIZE_SAMPLES = 64  # calibration samples whose channel maxima set the equalization
+EQUALIZE_BYTES = 128 << 20  # of them held at once at most (a 640×640 detector: 27 samples)
+
+
+def _equalized(prepared: FuseResult, stream, config: QuantConfig, progress: Progress, notes: list[str]):
+    """The float model with its layer pairs' channels equalized (config.equalizes), the BatchNorm
+    statistics rescaled with it, and the stream with the samples it looked at put back."""
+    if not config.equalizes:
+        return prepared.model, prepared.statistics, stream
+    progress.stage("equalize")
+    peeked, stream = peek_samples(stream, EQUALIZE_SAMPLES, EQUALIZE_BYTES)
+
+    def per_channel(node) -> bool:
+        return config.layer_settings(node.name, node.op_type).granularity.kind == "channel"
+
+    equalized = equalize_channels(prepared.model, peeked, prepared.statistics, per_channel)
+    notes += equalized.notes
+    return equalized.model, equalized.statistics, stream
 
 
 QUANTIZED_OPS = frozenset(

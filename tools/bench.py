@@ -417,6 +417,17 @@ def held_out_split(name: str) -> tuple[np.ndarray, np.ndarray]:
     return pool.calib[LOW_BIT_SAMPLES:], np.arange(0, 2 * len(pool.calib), 2)[LOW_BIT_SAMPLES:]
 
 
+def held_out_row(name: str, config: onnxq.QuantConfig, held: tuple, reference: np.ndarray) -> dict:
+    """`onnxq.quantize` on the protocol's 256 calibration images, timed, scored against float on
+    held-out calibration images (the tools/choose_*.py rows)."""
+    calib = split_for(name, LOW_BIT_SAMPLES).calib
+    start = time.perf_counter()
+    result = onnxq.quantize(model_path(name), calib, config)
+    seconds = time.perf_counter() - start
+    top1, agreement, kl = score(result.model, Split(calib, *held), reference)
+    return {"kl": kl, "agreement": agreement, "top1": top1, "seconds": seconds}
+
+
 def held_out_scored(held: tuple[np.ndarray, np.ndarray], label: str, flags: list[str]) -> Callable:
     """A setting run by `onnxq quantize` with `flags` that also records its top-1 on `held`
     (held-out calibration images) in HELD_OUT."""
@@ -460,6 +471,20 @@ def rounding_settings(name: str) -> dict[str, Callable]:
                 label = f"onnxq W{w}A{a} {method}, {rounding} rounding"
                 flags = [*base, "--calib-method", method, "--weight-rounding", rounding]
                 settings[label] = scored(label, flags)
+    return settings
+
+
+def equalize_settings(name: str) -> dict[str, Callable]:
+    """Cross-layer equalization against none at refinement's widths below 8-bit activations (where
+    it is the default), with the mse scale search and its default GPTQ rounding, everything else
+    equal; top-1 on held-out calibration images beside."""
+    scored = functools.partial(held_out_scored, held_out_split(name))
+    settings = {}
+    for w, a in [(w, a) for w, a in REFINE_WIDTHS.get(name, [(4, 4)]) if a < 8]:
+        base = ["--w-bits", str(w), "--a-bits", str(a), "--max-samples", "256", "--no-speed-check"]
+        for equalize in ("no-equalize", "equalize"):
+            label = f"onnxq W{w}A{a} mse, --{equalize}"
+            settings[label] = scored(label, [*base, "--calib-method", "mse", f"--{equalize}"])
     return settings
 
 
@@ -537,6 +562,7 @@ SUITES = {
     "seeds": (seeds_settings, LOW_BIT_SAMPLES, False),
     "qprep": (qprep_settings, LOW_BIT_SAMPLES, False),
     "rounding": (rounding_settings, LOW_BIT_SAMPLES, False),
+    "equalize": (equalize_settings, LOW_BIT_SAMPLES, False),
 }
 DEFAULT_MODELS = {
     "w8a8": [
@@ -554,9 +580,10 @@ DEFAULT_MODELS = {
     "seeds": SEEDS_MODELS,
     "qprep": ["repvgg_cifar10", "mobileone_cifar10"],
     "rounding": list(REFINE_WIDTHS),
+    "equalize": list(REFINE_WIDTHS),
 }
 # rows run `onnxq quantize` in its own process
-PEAK_MB_SUITES = ("calib", "refine", "seeds", "qprep", "rounding")
+PEAK_MB_SUITES = ("calib", "refine", "seeds", "qprep", "rounding", "equalize")
 SUITE_TITLES = {
     "w8a8": "W8A8 against onnxruntime (issue 2)",
     "reparam": "Re-parameterized models: unfused, fused, W8A8 (issue 3)",
@@ -566,6 +593,7 @@ SUITE_TITLES = {
     "seeds": "BatchNorm statistics: data-free calibration and distribution correction (issue 15)",
     "qprep": "Merged re-parameterized models: refinement and QPRep (issue 15)",
     "rounding": "GPTQ weight rounding against nearest rounding (issue 14)",
+    "equalize": "Cross-layer equalization against none (issues 13 and 14)",
 }
 
 
@@ -633,6 +661,12 @@ def markdown(suite: str, name: str, float_top1: float, rows: list[Row], samples:
         "`--weight-rounding gptq` (onnxq/calib/rounding.py), the same scales. One calibration draw. "
         "calib. s is the `onnxq quantize` process's wall time on 2 cores and peak MB its peak resident "
         "memory.",
+        "equalize": f"Calibration: {samples} CIFAR-10 training images or {samples} even-class ImageNet "
+        "images; per-channel symmetric weights, first and last layers at 8 bits, tensors only Add reads at "
+        "8 bits, mse scale search with GPTQ rounding (the default below 8-bit weights). --equalize: "
+        "cross-layer equalization (onnxq/passes/equalize.py) before planning; --no-equalize: none. One "
+        "calibration draw. calib. s is the `onnxq quantize` process's wall time on 2 cores and peak MB "
+        "its peak resident memory.",
     }
     latency = SUITES[suite][2]
     lines = [f"## {SUITE_TITLES[suite]}: {name} (float top-1 {100 * float_top1:.2f} %)", "", notes[suite], ""]
@@ -742,7 +776,7 @@ def main() -> None:
             section += " (" + ", ".join(args.only) + ")"
         float_top1, rows = measure(name, settings, samples=samples, latency=latency)
         extra = fusion_check(name) if args.suite == "reparam" else ""
-        if args.suite in ("refine", "rounding"):
+        if args.suite in ("refine", "rounding", "equalize"):
             extra, _ = refine_extra(name), HELD_OUT.clear()
         text = markdown(args.suite, section.split("/", 1)[1], float_top1, rows, samples, extra)
         write_section(args.out, section, text, machine)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,6 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench
 
-import onnxq
 from onnxq.config import CalibrationMethod, QuantConfig
 
 MODELS = ["repvgg_cifar10", "mobileone_cifar10"]
@@ -43,12 +41,7 @@ def held_out_scores(
         qprep=qprep,
         speed_check=False,
     )
-    start = time.perf_counter()
-    calib = bench.split_for(name, bench.LOW_BIT_SAMPLES).calib
-    result = onnxq.quantize(bench.model_path(name), calib, config)
-    seconds = time.perf_counter() - start
-    top1, agreement, kl = bench.score(result.model, bench.Split(calib, *held), reference)
-    return {"kl": kl, "agreement": agreement, "top1": top1, "seconds": seconds}
+    return bench.held_out_row(name, config, held, reference)
 
 
 def main() -> None:

@@ -150,6 +150,26 @@ def first_batch(stream: Iterator[Batch]) -> tuple[Batch, Iterator[Batch]]:
     return first, itertools.chain([first], stream)
 
 
+def peek_samples(
+    stream: Iterator[Batch], samples: int, max_bytes: int | None = None
+) -> tuple[list[Batch], Iterator[Batch]]:
+    """The first batches holding at least `samples` samples (or all there are, or what fits in
+    `max_bytes`, at least one batch), left in the stream."""
+    taken: list[Batch] = []
+
+    def held() -> int:
+        return sum(array.nbytes for batch in taken for array in batch.values())
+
+    while sum(_count(batch) for batch in taken) < samples and not (
+        taken and max_bytes and held() >= max_bytes
+    ):
+        batch = next(stream, None)
+        if batch is None:
+            break
+        taken.append(batch)
+    return taken, itertools.chain(taken, stream)
+
+
 def load_labels(path: str | Path) -> np.ndarray:
     """Integer labels from .npy, .txt (one per line) or .npz (key y / label / labels)."""
     path = Path(path)

@@ -118,3 +118,20 @@ class ScaleClipObserver:
             return low, high
         alpha = self.k * self.total / self.count
         return max(low, -alpha), min(high, alpha)
+
+
+class ChannelMaxObserver:
+    """Largest |x| per channel along `axis` (cross-layer equalization's channel ranges)."""
+
+    def __init__(self, axis: int = 1):
+        self.axis = axis
+        self.maxima: np.ndarray | None = None
+
+    def update(self, array: np.ndarray) -> None:
+        moved = np.moveaxis(np.abs(array), self.axis, 0)
+        current = moved.reshape(moved.shape[0], -1).max(axis=1).astype(np.float64)
+        self.maxima = current if self.maxima is None else np.maximum(self.maxima, current)
+
+    def range(self) -> tuple[float, float]:
+        top = 0.0 if self.maxima is None else float(self.maxima.max())
+        return -top, top

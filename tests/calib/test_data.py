@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from onnxq.calib.data import InputSpec, batches, folder_labels, load_labels
+from onnxq.calib.data import InputSpec, batches, folder_labels, load_labels, peek_samples
 from onnxq.config import Preprocess
 from onnxq.errors import OnnxqError
 
@@ -129,3 +129,14 @@ def test_a_scalar_model_input_is_refused_with_the_reason_and_a_shapeless_one_is_
         list(batches(data, specs))
     shapeless = InputSpec("x", np.dtype(np.float32), ())
     assert len(list(batches(np.ones((4, 3), np.float32), [shapeless]))) == 1
+
+
+def test_peeked_samples_stay_in_the_stream_and_respect_the_byte_cap():
+    chunks = [{"input": np.full((4, 2), float(i), np.float32)} for i in range(5)]
+    peeked, stream = peek_samples(iter(chunks), 10)
+    assert len(peeked) == 3  # 12 samples: the first batches holding at least 10
+    assert [float(batch["input"][0, 0]) for batch in stream] == [0, 1, 2, 3, 4]
+    peeked, _ = peek_samples(iter(chunks), 10, max_bytes=40)  # one batch is 32 bytes
+    assert len(peeked) == 2
+    peeked, stream = peek_samples(iter(chunks[:1]), 10)
+    assert len(peeked) == 1 and len(list(stream)) == 1

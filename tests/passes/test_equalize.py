@@ -1,0 +1,192 @@
+"""Cross-layer equalization moves channel ranges into per-channel weights and computes the same."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxq
+from onnxq.calib.observers import ChannelMaxObserver
+from onnxq.io import session, to_ir, to_proto
+from onnxq.passes.equalize import MAX_SCALE, apply_scales, channel_scales, equalize_channels, find_pairs
+from onnxq.passes.fold_bn import ChannelStatistics
+from tests.conftest import export
+
+
+def uneven_mobile_block():
+    """Expand → Relu → depthwise → ReLU6 → project → (nothing) → conv, a Linear → Relu → Linear
+    head, channels whose ranges span two decades, and one output read twice (left alone)."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.expand = nn.Conv2d(3, 8, 1)
+            self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+            self.project = nn.Conv2d(8, 6, 1)
+            self.last = nn.Conv2d(6, 6, 3, padding=1)
+            self.side = nn.Conv2d(6, 6, 1)
+            self.fc1, self.fc2 = nn.Linear(6, 12), nn.Linear(12, 5)
+            with torch.no_grad():
+                for layer in (self.expand, self.depthwise, self.project, self.fc1):
+                    spread = 10 ** torch.linspace(-1.0, 1.0, layer.weight.shape[0])
+                    layer.weight.mul_(spread.reshape(-1, *[1] * (layer.weight.dim() - 1)))
+                    layer.bias.mul_(spread)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.relu(self.expand(x))
+            y = torch.clamp(self.depthwise(y), 0.0, 6.0)
+            y = self.last(self.project(y))
+            y = self.side(y) * torch.sigmoid(y)  # y read twice: its channels cannot move
+            return self.fc2(torch.relu(self.fc1(y.mean((2, 3)))))
+
+    torch.manual_seed(0)
+    return export(Block(), torch.zeros(1, 3, 8, 8))
+
+
+@pytest.fixture(scope="module")
+def model() -> onnx.ModelProto:
+    return onnxq.fuse(uneven_mobile_block()).model
+
+
+@pytest.fixture(scope="module")
+def data() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)
+
+
+def outputs(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return session(model, optimize=False).run(None, {"input": x})[0]
+
+
+def test_pairs_are_the_chains_with_one_reader(model):
+    pairs = find_pairs(to_ir(model).graph)
+    kinds = sorted((p.depthwise, p.clip or 0.0, p.dense_rows, p.activation is not None) for p in pairs)
+    # expand→Relu→depthwise, depthwise→Clip(0, 6)→project, project→last, fc1→Relu→fc2;
+    # last's output is read by side and the Sigmoid: no pair
+    assert kinds == [
+        (False, 0.0, False, False),
+        (False, 0.0, True, True),
+        (False, 6.0, False, True),
+        (True, 0.0, False, True),
+    ]
+
+
+def test_equalized_model_computes_the_same_and_channels_line_up(model, data):
+    equalized = equalize_channels(model, [{"input": data}])
+    assert equalized.pairs == 4 and equalized.widest_spread > 10
+    np.testing.assert_allclose(outputs(equalized.model, data), outputs(model, data), rtol=1e-4, atol=1e-5)
+    depthwise_input = next(p for p in find_pairs(to_ir(model).graph) if p.depthwise).tensor
+    before, after = ChannelMaxObserver(1), ChannelMaxObserver(1)
+    before.update(_tensor(model, depthwise_input, data))
+    after.update(_tensor(equalized.model, depthwise_input, data))
+    # a depthwise consumer: every channel as wide as the widest, unless that takes more than MAX_SCALE
+    want = np.minimum(before.maxima.max(), MAX_SCALE * before.maxima)
+    np.testing.assert_allclose(after.maxima, want, rtol=1e-4)
+    assert np.sum(after.maxima < want.max() * 0.999) < np.sum(before.maxima < want.max() * 0.999)
+
+
+def test_batchnorm_statistics_follow_the_rescaled_channels(model, data):
+    pair = next(p for p in find_pairs(to_ir(model).graph) if p.depthwise)
+    produced = next(n.output[0] for n in model.graph.node if n.name == pair.producer)
+    before = ChannelStatistics(np.arange(1.0, 9.0), np.full(8, 4.0))
+    observer = ChannelMaxObserver(1)
+    observer.update(_tensor(model, pair.tensor, data))
+    scales = channel_scales(pair, observer.maxima)
+    after = equalize_channels(model, [{"input": data}], {produced: before}).statistics[produced]
+    np.testing.assert_allclose(after.mean, before.mean * scales)
+    np.testing.assert_allclose(after.var, before.var * scales**2)
+
+
+def test_layers_without_per_channel_scales_are_left_alone(model, data):
+    equalized = equalize_channels(model, [{"input": data}], per_channel=lambda node: False)
+    assert equalized.pairs == 0 and equalized.model is model
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    groups=st.sampled_from([1, 2, 8]),
+    kernel=st.sampled_from([1, 3]),
+    activation=st.sampled_from(["Relu", "LeakyRelu", None]),
+    seed=st.integers(0, 1000),
+)
+def test_any_positive_scales_leave_a_homogeneous_pair_exact(groups, kernel, activation, seed):
+    rng = np.random.default_rng(seed)
+    channels = 8
+    model = _pair_model(rng, channels, groups, kernel, activation)
+    graph_model = to_ir(model)
+    (pair,) = find_pairs(graph_model.graph)
+    apply_scales(graph_model.graph, pair, np.exp(rng.uniform(-3, 3, channels)))
+    x = rng.standard_normal((2, 4, 6, 6)).astype(np.float32)
+    want = outputs(model, x)
+    np.testing.assert_allclose(
+        outputs(to_proto(graph_model), x), want, rtol=1e-4, atol=1e-4 * np.abs(want).max()
+    )
+
+
+def test_quantized_model_keeps_more_of_float_with_equalization(tmp_path):
+    model_path = tmp_path / "block.onnx"
+    onnx.save(uneven_mobile_block(), model_path)
+    calib = np.random.default_rng(1).standard_normal((64, 3, 8, 8)).astype(np.float32)
+    x = np.random.default_rng(2).standard_normal((32, 3, 8, 8)).astype(np.float32)
+    reference = outputs(onnx.load(model_path), x)
+
+    def error(equalize: bool) -> tuple[float, list[str]]:
+        config = onnxq.QuantConfig(activation_bits=6, equalize=equalize, speed_check=False)
+        result = onnxq.quantize(str(model_path), calib, config)
+        got = session(result.model).run(None, {"input": x})[0]
+        return float(np.mean((got - reference) ** 2)), result.notes
+
+    plain, plain_notes = error(False)
+    equalized, notes = error(True)
+    assert equalized < 0.8 * plain
+    assert any("equalized the channels of 4 tensors" in note for note in notes)
+    assert not any("equalized" in note for note in plain_notes)
+
+
+def test_equalization_runs_below_8_bit_activations_with_per_channel_weights():
+    assert not onnxq.QuantConfig().equalizes
+    assert onnxq.QuantConfig(activation_bits=6).equalizes
+    assert onnxq.QuantConfig(equalize=True).equalizes
+    assert not onnxq.QuantConfig(activation_bits=4, equalize=False).equalizes
+    assert not onnxq.QuantConfig(granularity="tensor", equalize=True).equalizes
+
+
+def _tensor(model: onnx.ModelProto, name: str, x: np.ndarray) -> np.ndarray:
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    return session(probe, optimize=False).run([name], {"input": x})[0]
+
+
+def _pair_model(rng, channels: int, groups: int, kernel: int, activation: str | None) -> onnx.ModelProto:
+    first = (rng.standard_normal((channels, 4, 3, 3)) * 10 ** rng.uniform(-1, 1, (channels, 1, 1, 1))).astype(
+        np.float32
+    )
+    second = rng.standard_normal((6 * groups, channels // groups, kernel, kernel)).astype(np.float32)
+    initializers = [
+        numpy_helper.from_array(first, "w1"),
+        numpy_helper.from_array(rng.standard_normal(channels).astype(np.float32), "b1"),
+        numpy_helper.from_array(second, "w2"),
+    ]
+    nodes = [helper.make_node("Conv", ["input", "w1", "b1"], ["y"], pads=[1, 1, 1, 1], name="first")]
+    if activation:
+        nodes.append(helper.make_node(activation, ["y"], ["a"], name="act"))
+    pad = kernel // 2
+    nodes.append(
+        helper.make_node(
+            "Conv", ["a" if activation else "y", "w2"], ["z"], group=groups, pads=[pad] * 4, name="second"
+        )
+    )
+    graph = helper.make_graph(
+        nodes,
+        "pair",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 4, 6, 6])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)

@@ -1,0 +1,119 @@
+"""Choose whether cross-layer equalization is on by default, on calibration data only.
+
+Each model and setting is quantized by `onnxq.quantize` with and without `equalize`, calibrated
+on the protocol's 256 calibration images (CIFAR-10 train-1017[:256]; the first 256 even-class
+ImageNet images) and scored against the float model on calibration-pool images it never saw
+(train-1017[512:]; the even-class ImageNet images after the first 256): KL of the quantized
+from the float softmax, top-1 agreement, top-1. Equalization becomes the default where it lowers
+the mean log held-out KL (the rule tools/choose_qprep.py follows), decided apart for 8-bit and
+narrower activations. No evaluation image is read. Writes the "equalize-default" section of
+BENCHMARKS.md. `--resume LOG` takes the rows a killed run printed instead of measuring them again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench
+
+from onnxq.config import CalibrationMethod, QuantConfig
+
+# (weight bits, activation bits, calibration): the default W8A8 path, and the low-bit rows of
+# the rounding-refinement issue with the mse search (GPTQ rounding, the default below 8 bits)
+SETTINGS = {
+    "resnet20_cifar10": [(8, 8, "auto"), (4, 4, "mse"), (2, 4, "mse")],
+    "repvgg_cifar10": [(8, 8, "auto")],  # branches merged at 8 bits: Conv → Relu → Conv pairs
+    "mobilenet_v2": [(8, 8, "auto"), (6, 6, "mse"), (4, 8, "mse")],
+}
+
+
+def held_out_scores(name: str, setting: tuple[int, int, str], equalize: bool, held, reference) -> dict:
+    weight_bits, activation_bits, method = setting
+    config = QuantConfig(
+        weight_bits=weight_bits,
+        activation_bits=activation_bits,
+        calibration=CalibrationMethod(method),
+        max_samples=bench.LOW_BIT_SAMPLES,
+        equalize=equalize,
+        speed_check=False,
+    )
+    return bench.held_out_row(name, config, held, reference)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=bench.ROOT / "BENCHMARKS.md")
+    parser.add_argument("--models", nargs="+", default=list(SETTINGS))
+    parser.add_argument("--resume", type=Path, help="a log of this tool's printed rows to reuse")
+    args = parser.parse_args()
+    done = _printed_rows(args.resume) if args.resume else {}
+    lines = [
+        "## Cross-layer equalization's default, chosen on held-out calibration images",
+        "",
+        "`tools/choose_equalize.py`: each model quantized by `onnxq.quantize` at the setting named "
+        "(`--max-samples 256`, `--no-speed-check`, defaults otherwise: GPTQ rounding below 8-bit "
+        "weights) with `--equalize` and `--no-equalize`, calibrated on the protocol's 256 "
+        "calibration images and scored against float on calibration-pool images neither sees "
+        "(CIFAR-10 train-1017[512:]; the even-class ImageNet images after the first 256), never "
+        "the evaluation split. Equalization becomes the default where it lowers the mean log "
+        "held-out KL, decided apart for rows with 8-bit and with narrower activations. s: wall time "
+        "of `onnxq.quantize` on 2 cores.",
+        "",
+        "| model | setting | equalize | KL held-out | agreement % | top-1 % | s |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    logs: dict[tuple[bool, bool], list[float]] = {(a, e): [] for a in (False, True) for e in (False, True)}
+    wins = {False: 0, True: 0}
+    for name in args.models:
+        held = bench.held_out_split(name)
+        reference = bench.logits(onnx.load(bench.model_path(name)), held[0])
+        for setting in SETTINGS[name]:
+            kl = {}
+            narrow = setting[1] < 8
+            for equalize in (False, True):
+                key = f"| {name} | W{setting[0]}A{setting[1]} {setting[2]} | {'on' if equalize else 'off'} |"
+                if key in done:
+                    line, kl[equalize] = done[key]
+                else:
+                    result = held_out_scores(name, setting, equalize, held, reference)
+                    kl[equalize] = result["kl"]
+                    line = (
+                        f"{key} {result['kl']:.4f} | {100 * result['agreement']:.2f} | "
+                        f"{100 * result['top1']:.2f} | {result['seconds']:.0f} |"
+                    )
+                logs[narrow, equalize].append(float(np.log(kl[equalize])))
+                lines.append(line)
+                print(line, flush=True)
+            wins[narrow] += kl[True] < kl[False]
+    lines.append("")
+    for narrow, what in ((False, "8-bit activations"), (True, "narrower activations")):
+        if not logs[narrow, True]:
+            continue
+        without, with_ = (float(np.mean(logs[narrow, e])) for e in (False, True))
+        lines.append(
+            f"{what}: equalization lowers the held-out KL on {wins[narrow]} of {len(logs[narrow, True])} "
+            f"rows; mean log held-out KL {without:.2f} without, {with_:.2f} with: "
+            f"{'on' if with_ < without else 'off'} by default."
+        )
+    bench.write_section(args.out, "equalize-default", "\n".join(lines) + "\n", bench.machine_description())
+    print("\n".join(lines[-2:]))
+
+
+def _printed_rows(log: Path) -> dict[str, tuple[str, float]]:
+    """Rows a previous run printed: their key (model, setting, on/off) → (the row, its KL)."""
+    rows = {}
+    for line in log.read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 7 and cells[2] in ("on", "off"):
+            rows[f"| {cells[0]} | {cells[1]} | {cells[2]} |"] = (line.strip(), float(cells[3]))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
