@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO := build/demo
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench bench-refine clean
 
 $(BIN)/onnxq: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,8 +37,16 @@ bench: $(VENV)/.dev
 	$(BIN)/python tools/bench.py reparam
 	$(BIN)/python tools/bench.py lowbit
 	$(BIN)/python tools/bench.py calib
+	$(BIN)/python tools/bench.py rounding
+	$(BIN)/python tools/bench.py equalize
 	$(BIN)/python tools/build_zoo.py
 	$(BIN)/python tools/zoo_bench.py
+
+# torch's suites: rounding refinement, BatchNorm statistics, QPRep (hours on 2 cores)
+bench-refine: $(VENV)/.dev
+	$(BIN)/python tools/bench.py refine
+	$(BIN)/python tools/bench.py seeds
+	$(BIN)/python tools/bench.py qprep
 
 clean:
 	rm -rf $(VENV) build

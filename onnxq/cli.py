@@ -292,7 +292,7 @@ def main() -> None:
 @click.option(
     "--equalize/--no-equalize",
     default=None,
-    help="Cross-layer equalization: where a layer's output reaches the next layer through Relu, "
+    help="Cross-layer equalization: where a layer's output reaches a depthwise conv through Relu, "
     "ReLU6 or nothing, move its channels' range differences into the two layers' per-channel "
     "weights, so that one activation scale serves every channel [default: on below 8-bit "
     "activations, with per-channel weights].",
