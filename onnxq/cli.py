@@ -294,8 +294,8 @@ def main() -> None:
     default=None,
     help="Cross-layer equalization: where a layer's output reaches a depthwise conv through Relu, "
     "ReLU6 or nothing, move its channels' range differences into the two layers' per-channel "
-    "weights, so that one activation scale serves every channel [default: on below 8-bit "
-    "activations, with per-channel weights].",
+    "weights, so that one activation scale serves every channel [default: on with 6- and 7-bit "
+    "activations and per-channel weights].",
 )
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
 @click.option(

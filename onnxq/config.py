@@ -272,7 +272,7 @@ class QuantConfig:
     # gptq below 8-bit weights unless --refine learns the rounding (see rounds_by_gptq)
     weight_rounding: str = "auto"
     # cross-layer equalization (onnxq/passes/equalize.py): activation channel ranges moved into
-    # per-channel weights between layer pairs before planning; None: see `equalizes`
+    # per-channel weights before a depthwise conv, before planning; None: see `equalizes`
     equalize: bool | None = None
     seed: int = 0
     holdout: float = 0.2  # part of the calibration data kept out of the search, to report on
@@ -394,14 +394,16 @@ class QuantConfig:
 
     @property
     def equalizes(self) -> bool:
-        """Default: on below 8-bit activations, where one scale's few levels cannot serve channels
-        of different ranges; at 8 bits the levels suffice and equalized channels lose their
-        headroom to the percentile clip (MobileNetV2 W8A8 held-out KL 0.046 → 0.073;
-        tools/choose_equalize.py). Moving a channel's range into the weights is free only where
-        weights have a scale per output channel, so other granularities never equalize."""
+        """Default: on with 6- and 7-bit activations, where one scale's few levels cannot serve
+        channels of different ranges (MobileNetV2 W6A6 mse held-out KL 0.176 → 0.139,
+        tools/choose_equalize.py). At 8 bits the levels suffice (W4A8 0.206 → 0.229), and at 4
+        bits it lost too (MobileNetV2 W4A4 mse held-out top-1 45.1 → 40.2, BENCHMARKS.md
+        equalize suite): an equalized channel fills the scale's range and loses its headroom.
+        Moving a channel's range into the weights is free only where weights have a scale per
+        output channel, so other granularities never equalize."""
         if self.granularity.kind != "channel":
             return False
-        return self.lowest_activation_bits < 8 if self.equalize is None else self.equalize
+        return 6 <= self.lowest_activation_bits < 8 if self.equalize is None else self.equalize
 
     @property
     def lowest_activation_bits(self) -> int:

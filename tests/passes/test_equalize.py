@@ -148,11 +148,12 @@ def test_quantized_model_keeps_more_of_float_with_equalization(tmp_path):
     assert not any("equalized" in note for note in plain_notes)
 
 
-def test_equalization_runs_below_8_bit_activations_with_per_channel_weights():
+def test_equalization_runs_at_6_and_7_bit_activations_with_per_channel_weights():
     assert not onnxq.QuantConfig().equalizes
     assert onnxq.QuantConfig(activation_bits=6).equalizes
+    assert not onnxq.QuantConfig(weight_bits=4, activation_bits=4).equalizes
     assert onnxq.QuantConfig(equalize=True).equalizes
-    assert not onnxq.QuantConfig(activation_bits=4, equalize=False).equalizes
+    assert not onnxq.QuantConfig(activation_bits=6, equalize=False).equalizes
     assert not onnxq.QuantConfig(granularity="tensor", equalize=True).equalizes
 
 
