@@ -95,11 +95,12 @@ def equalize_channels(
     observers, _ = collect_observers(
         model, list(axes), batches, lambda t: ChannelMaxObserver(axes[t]), Silent()
     )
-    spread = 1.0
+    spread, applied = 1.0, 0
     for pair in pairs:
         maxima = observers[pair.tensor].maxima
         if maxima is None or not np.all(np.isfinite(maxima)):
             continue
+        applied += 1
         scales = channel_scales(pair, maxima)
         spread = max(spread, _spread(maxima))
         produced = nodes[pair.producer].outputs[0].name
@@ -108,12 +109,12 @@ def equalize_channels(
         apply_scales(graph_model.graph, pair, scales)
     result = to_proto(graph_model)
     result.ir_version = model.ir_version
-    count = f"{len(pairs)} tensor{'s' * (len(pairs) != 1)}"
+    count = f"{applied} tensor{'s' * (applied != 1)}"
     note = (
         f"equalized the channels of {count} between layer pairs (cross-layer equalization; "
         f"channel ranges up to {spread:.0f}x apart before)"
     )
-    return Equalized(result, statistics, len(pairs), spread, [note])
+    return Equalized(result, statistics, applied, spread, [note])
 
 
 @dataclass(frozen=True)
