@@ -479,6 +479,9 @@ def _search_notes(search: SearchResult) -> list[str]:
     notes = [f"calibration search: {search.samples} samples, {spent}"]
     if search.rounded:
         notes.append(f"GPTQ chose the integers of {len(search.rounded)} weights (--weight-rounding)")
+    if search.nearest:
+        first, why = next(iter(search.nearest.items()))
+        notes.append(f"GPTQ left {len(search.nearest)} weights at nearest rounding (first: {first}: {why})")
     if search.pd_loss:
         losses = ", ".join(f"{k} {v:.4g}" for k, v in search.pd_loss.items())
         notes.append(f"prediction difference (KL): {losses}")

@@ -13,7 +13,7 @@ import onnx
 from onnx import helper
 
 from onnxq.calib.frontier import paired_batches
-from onnxq.calib.rounding import Factored, factor, gptq_round, input_correlation, supports
+from onnxq.calib.rounding import Factored, factor, gptq_round, input_correlation, refusal
 from onnxq.calib.simulate import Arrays, param_names
 from onnxq.io import session
 from onnxq.memory import return_free_pages
@@ -48,17 +48,18 @@ class LayerProbe:
         self.factored: Factored | None = None  # H of its inputs, once GPTQ rounds it
         self._rounded: dict[bytes | None, QuantizedWeight] = {}  # GPTQ's result by ratios
 
-    def prepare_rounding(self, quantized: Arrays) -> bool:
+    def prepare_rounding(self, quantized: Arrays) -> str | None:
         """Measure H on the quantized model's inputs, so that every later candidate is rounded
-        by GPTQ; False (nearest rounding) where GPTQ cannot serve the layer."""
-        if not supports(self.node, self.weight):
-            return False
+        by GPTQ; where GPTQ cannot serve the layer, the reason (it keeps nearest rounding)."""
+        reason = refusal(self.node, self.weight)
+        if reason:
+            return reason
         values = quantized[self.node.input[0]]
         inputs = (q for q, _ in paired_batches(values, values, self.sweep.settings.batch_size))
         self.factored = factor(input_correlation(self.node, self.weight, inputs))
         self._rounded.clear()
         return_free_pages()  # the patches, tens of MB per batch, would otherwise stay resident
-        return True
+        return None
 
     def release_rounding(self) -> None:
         """Free H and GPTQ's results (a detector layer's H takes hundreds of MB)."""

@@ -27,6 +27,14 @@ from onnxq.quant.weights import QuantizedWeight, WeightLayout
 DAMPING = 0.01  # of H's mean diagonal, added to it: keeps the inverse stable (GPTQ's default)
 BLOCK = 128  # columns rounded before the rest of the weight is updated in one product
 UNFOLD_BYTES = 64 << 20  # largest patch tensor one onnxruntime run writes
+# H in float64 over all groups; factoring it holds about three more of its size and takes d³ time.
+# 256 MiB serves every conv up to d = 5792 (ResNet-50's 512·3·3 = 4608); a VGG-style Gemm reading
+# 25088 inputs would need 4.7 GiB, and keeps nearest rounding instead.
+MAX_CORRELATION_BYTES = 256 << 20
+# Patches kept per sample: H is a mean over positions, and a random subset of a large map estimates
+# it well at a fraction of the d² products. 16384 = 128², above every map of a 224-pixel classifier
+# (MobileNetV2's largest is 112²), so only detector-sized inputs are subsampled.
+MAX_POSITIONS = 16384
 
 
 def supports(node: onnx.NodeProto, weight: np.ndarray) -> bool:
@@ -38,12 +46,22 @@ def supports(node: onnx.NodeProto, weight: np.ndarray) -> bool:
     return node.op_type == "MatMul" and weight.ndim == 2
 
 
+def refusal(node: onnx.NodeProto, weight: np.ndarray) -> str | None:
+    """Why GPTQ cannot round this weight (the layer keeps nearest rounding), or None."""
+    if not supports(node, weight):
+        return f"{node.op_type} is not supported"
+    groups, depth = _correlation_shape(node, weight)
+    size = groups * depth * depth * 8
+    if size > MAX_CORRELATION_BYTES:
+        return f"its input correlation ({groups}×{depth}×{depth}) would take {size / 2**30:.1f} GiB"
+    return None
+
+
 def input_correlation(node: onnx.NodeProto, weight: np.ndarray, inputs: Iterable[np.ndarray]) -> np.ndarray:
     """H = Σ x xᵀ per weight group, (groups, d, d) in float64, over batches of the quantized
     model's inputs: x is what one output value reads (a Conv's patch across its group's
-    channels, a Gemm/MatMul row)."""
-    groups = _attribute(node, "group", 1) if node.op_type == "Conv" else 1
-    depth = weight[0].size if node.op_type == "Conv" else weight.shape[0 if _reads_columns(node) else 1]
+    channels, a Gemm/MatMul row). A Conv reads at most MAX_POSITIONS random patches per sample."""
+    groups, depth = _correlation_shape(node, weight)
     unfold = _Unfold(node, weight) if node.op_type == "Conv" else None
     total = np.zeros((groups, depth, depth))
     for batch in inputs:
@@ -186,6 +204,7 @@ class _Unfold:
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
         self.runner = session(model, arena=False)
         self.expansion = positions
+        self.rng = np.random.default_rng(0)  # the same patches on every run: the same file
 
     def __call__(self, batch: np.ndarray):
         """(groups, d, positions) patch matrices, a few samples at a time."""
@@ -194,8 +213,18 @@ class _Unfold:
         for start in range(0, len(batch), step):
             patches = self.runner.run(None, {"x": batch[start : start + step]})[0]
             samples = patches.shape[0]
-            patches = patches.reshape(samples, self.groups, self.depth, -1).transpose(1, 2, 0, 3)
-            yield patches.reshape(self.groups, self.depth, -1)
+            patches = patches.reshape(samples, self.groups, self.depth, -1)
+            if patches.shape[3] > MAX_POSITIONS:
+                keep = np.sort(self.rng.choice(patches.shape[3], MAX_POSITIONS, replace=False))
+                patches = patches[..., keep]
+            yield patches.transpose(1, 2, 0, 3).reshape(self.groups, self.depth, -1)
+
+
+def _correlation_shape(node: onnx.NodeProto, weight: np.ndarray) -> tuple[int, int]:
+    """(groups, d) of H: a Conv's group count and patch size, or a Gemm/MatMul's input depth."""
+    if node.op_type == "Conv":
+        return _attribute(node, "group", 1), weight[0].size
+    return 1, weight.shape[0 if _reads_columns(node) else 1]
 
 
 def _reads_columns(node: onnx.NodeProto) -> bool:

@@ -83,6 +83,7 @@ class SearchResult:
     pd_kept_start: bool = False  # pd ended no better on the calibration KL: its start was kept
     feed: Arrays = field(default_factory=dict)  # the simulation's parameters for the chosen model
     rounded: dict[str, QuantizedWeight] = field(default_factory=dict)  # GPTQ's integers, by weight
+    nearest: dict[str, str] = field(default_factory=dict)  # weight → why GPTQ could not round it
 
 
 def search_parameters(
@@ -134,6 +135,7 @@ def search_parameters(
     result.skipped = sweep.skipped
     result.feed = sweep.params
     result.rounded = sweep.rounded
+    result.nearest = sweep.nearest
     result.seconds = time.perf_counter() - started
     return result
 
@@ -189,6 +191,7 @@ class _Sweep:
         self.biases: dict[str, np.ndarray] = {}
         self.rounded: dict[str, QuantizedWeight] = {}  # GPTQ's weights, as chosen so far
         self.skipped: list[str] = []
+        self.nearest: dict[str, str] = {}  # weight → why GPTQ left it at nearest rounding
         self.observed: dict[str, tuple[float, float]] = {}
         self.layers = {node.name: node for node in sim.model.graph.node}
         self.rng = np.random.default_rng(settings.seed)
@@ -315,7 +318,7 @@ class _Sweep:
         node = self.layers[item.node]
         layer = self.layer(node)
         if self.settings.rounding == "gptq":
-            layer.prepare_rounding(quantized)
+            self._prepare_rounding(layer, quantized)
         if self.settings.method == "fixed" and layer.spec.rule.kind != "output":
             self._set_weights(node, None, quantized, floating, layer)
             return float("nan")
@@ -344,6 +347,11 @@ class _Sweep:
             self.params[layer.bias_name] = bias
         self._keep_rounding(layer)
         return float("nan")
+
+    def _prepare_rounding(self, layer: LayerProbe, quantized: Arrays) -> None:
+        reason = layer.prepare_rounding(quantized)
+        if reason:
+            self.nearest[layer.spec.name] = reason
 
     def _keep_rounding(self, layer: LayerProbe) -> None:
         """Record GPTQ's weight at the ratios chosen and free the layer's H; pd measures it anew
@@ -396,7 +404,7 @@ class _Sweep:
         if item.kind == "weight":  # its input's scale may have moved: requantize the bias
             layer = self.layer(self.layers[item.node])
             if self.settings.rounding == "gptq":
-                layer.prepare_rounding(quantized)
+                self._prepare_rounding(layer, quantized)
             weight, bias = layer.candidate(self.ratios.get(layer.spec.name))
             self._update({layer.spec.name: weight} | ({layer.bias_name: bias} if layer.bias_name else {}))
 

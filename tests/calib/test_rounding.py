@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from onnx import helper
 
 import onnxq
-from onnxq.calib.rounding import factor, gptq_round, input_correlation, supports
+from onnxq.calib import rounding
+from onnxq.calib.rounding import factor, gptq_round, input_correlation, refusal, supports
 from onnxq.config import Granularity, QuantConfig, RangeRule
 from onnxq.io import session
 from onnxq.quant import primitives as P
@@ -89,6 +90,44 @@ def test_convtranspose_and_transposed_inputs_keep_nearest_rounding():
     weight = np.zeros((4, 4, 3, 3), np.float32)
     assert not supports(helper.make_node("ConvTranspose", ["x", "w"], ["y"]), weight)
     assert not supports(helper.make_node("Gemm", ["x", "w"], ["y"], transA=1), weight[:, :, 0, 0])
+
+
+def test_a_correlation_too_large_to_factor_is_refused_with_its_size():
+    """A VGG-style classifier's first Gemm reads 25088 inputs: H alone would take 4.7 GiB."""
+    wide = np.zeros((8, 25088), np.float32)
+    reason = refusal(helper.make_node("Gemm", ["x", "w"], ["y"], transB=1), wide)
+    assert reason is not None and "(1×25088×25088)" in reason and "4.7 GiB" in reason
+    resnet50_conv = np.zeros((512, 512, 3, 3), np.float32)  # d = 4608: 162 MiB
+    assert refusal(helper.make_node("Conv", ["x", "w"], ["y"]), resnet50_conv) is None
+    assert "not supported" in refusal(helper.make_node("ConvTranspose", ["x", "w"], ["y"]), wide[None, None])
+
+
+def test_large_maps_are_subsampled_to_an_estimate_of_the_same_correlation(monkeypatch):
+    rng = np.random.default_rng(3)
+    smooth = rng.normal(size=(3, 4, 6, 6)).repeat(4, axis=2).repeat(4, axis=3)  # neighbours correlate
+    x = (smooth + 0.3 * rng.normal(size=smooth.shape)).astype(np.float32)
+    weight = rng.normal(size=(8, 4, 3, 3)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1] * 4)
+    full = input_correlation(node, weight, [x]) / (3 * 24 * 24)
+    monkeypatch.setattr(rounding, "MAX_POSITIONS", 256)
+    sampled = input_correlation(node, weight, [x[:2], x[2:]])
+    np.testing.assert_array_equal(sampled, input_correlation(node, weight, [x[:2], x[2:]]))  # seeded
+    assert not np.allclose(sampled / (3 * 256), full)  # a subset was read, not every patch
+    assert np.linalg.norm(sampled / (3 * 256) - full) < 0.15 * np.linalg.norm(full)
+
+
+def test_layers_gptq_cannot_factor_keep_nearest_rounding_and_the_notes_say_so(
+    small_model, calibration_data, monkeypatch
+):
+    common = dict(weight_bits=3, calibration="minmax", bias_correction=False, equalize=False)
+    nearest = onnxq.quantize(small_model, calibration_data, QuantConfig(**common, weight_rounding="nearest"))
+    monkeypatch.setattr(rounding, "MAX_CORRELATION_BYTES", 0)
+    refused = onnxq.quantize(small_model, calibration_data, QuantConfig(**common, weight_rounding="gptq"))
+    before, after = _weights(nearest.model), _weights(refused.model)
+    assert before.keys() == after.keys()
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name])
+    assert any("GPTQ left" in note and "GiB" in note for note in refused.notes)
 
 
 def _correlated(rng: np.random.Generator, samples: int, depth: int) -> np.ndarray:
