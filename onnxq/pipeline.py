@@ -433,8 +433,11 @@ def _refine(
     from onnxq.refine.reconstruct import RefineSettings
 
     ratios = search.weight_ratios if search else {}
+    seeded = search.rounded if search else {}  # GPTQ's integers: refinement starts from them
     weights = {
-        name: planned_weight(
+        name: seeded[name]
+        if name in seeded
+        else planned_weight(
             constant(graph.initializers[name]),
             spec,
             weight_target(spec, config.weight_symmetric, int8_range),
@@ -457,7 +460,9 @@ def _refine(
         compiled=config.refine_compile,
     )
     biases = search.biases if search else None
-    return refine(float_model, plan, params, weights, biases, data, settings, progress, affine_layers)
+    return refine(
+        float_model, plan, params, weights, biases, data, settings, progress, affine_layers, frozenset(seeded)
+    )
 
 
 def _synthesise(proto, inputs, config: QuantConfig, progress) -> tuple[dict[str, np.ndarray], str]:

@@ -1,9 +1,10 @@
 """Refinement end to end, and its result in the form insert_qdq writes.
 
-Hard rounding gives each weight integers floor(w/s) + [V ≥ 0] + z with its calibrated scales
-unchanged; each activation keeps its zero point and takes its learned step. With QPRep, a
-layer's γ multiplies its weight's per-channel scales and its bias becomes γ·b + β. Nothing is
-added to the graph: the refined model is the same QDQ model with other integers and scales.
+Hard rounding gives each weight integers base + [V ≥ 0] + z with its calibrated scales unchanged
+(base: floor(w/s), or beside the GPTQ integer a weight was seeded with); each activation keeps
+its zero point and takes its learned step. With QPRep, a layer's γ multiplies its weight's
+per-channel scales and its bias becomes γ·b + β. Nothing is added to the graph: the refined
+model is the same QDQ model with other integers and scales.
 """
 
 from __future__ import annotations
@@ -75,14 +76,16 @@ def refine(
     settings: RefineSettings,
     progress: Progress | None = None,
     affine_layers: set[str] | frozenset[str] = frozenset(),
+    seeded: set[str] | frozenset[str] = frozenset(),
 ) -> Refinement:
     """Learned integers and activation steps for `plan`, starting from the calibrated ones;
-    `affine_layers` also learn QPRep's per-channel affine (merged re-parameterized convs)."""
+    `affine_layers` also learn QPRep's per-channel affine (merged re-parameterized convs);
+    `seeded` weights start from their given integers (GPTQ's) instead of nearest rounding."""
     began = time.monotonic()
     if settings.threads:
         torch.set_num_threads(settings.threads)
     device = torch.device(settings.device)
-    mirror = Mirror(model, plan, activations, weights, biases, affine_layers).to_device(device)
+    mirror = Mirror(model, plan, activations, weights, biases, affine_layers, seeded).to_device(device)
     units = partition(mirror, set(plan.layers), settings.unit)
     feeds = {name: torch.from_numpy(np.ascontiguousarray(value)).to(device) for name, value in data.items()}
     with fused.compiled_kernels(settings.compiled):

@@ -53,8 +53,10 @@ class Mirror(nn.Module):
         weights: dict[str, QuantizedWeight] | None = None,
         biases: dict[str, np.ndarray] | None = None,
         affine_layers: Iterable[str] = (),
+        seeded: Iterable[str] = (),
     ) -> None:
-        """`affine_layers`: layer nodes whose weight also learns QPRep's per-channel affine."""
+        """`affine_layers`: layer nodes whose weight also learns QPRep's per-channel affine;
+        `seeded`: weights whose rounding starts from their given integers (GPTQ's), not nearest."""
         super().__init__()
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
         self.constants: Env = {t.name: _tensor(numpy_helper.to_array(t)) for t in model.graph.initializer}
@@ -75,12 +77,12 @@ class Mirror(nn.Module):
         self._types: dict[str, int] | None = None
         self.last_use = _last_uses(self.nodes, self.graph_outputs)
         self._sessions: dict[str, object] = {}
-        self._quantizers(plan, activations or {}, weights or {}, biases or {})
+        self._quantizers(plan, activations or {}, weights or {}, biases or {}, set(seeded))
         self._enable_affine(set(affine_layers), weights or {})
 
     # ------------------------------------------------------------------------ set-up
 
-    def _quantizers(self, plan, activations, weights, biases) -> None:
+    def _quantizers(self, plan, activations, weights, biases, seeded: set[str]) -> None:
         self.activation = nn.ModuleList()
         self.root_index: dict[str, int] = {}
         for root, (scale, zero, target) in activations.items():
@@ -101,9 +103,9 @@ class Mirror(nn.Module):
             scale, zero = quantized.element_params()
             self.weight_index[name] = len(self.rounding)
             weight = self.constants[name].numpy()
-            self.rounding.append(
-                RoundingWeight(weight, scale, zero, quantized.target.qmin, quantized.target.qmax)
-            )
+            seed = quantized.integers if name in seeded else None
+            target = quantized.target
+            self.rounding.append(RoundingWeight(weight, scale, zero, target.qmin, target.qmax, seed))
             self.weight_scales[name] = quantized.per_output_channel_scale
         self.corrected_biases = {name: _tensor(value) for name, value in biases.items()}
         self.bias_specs: dict[str, tuple[int, str]] = {}  # bias → (activation quantizer, scale buffer)

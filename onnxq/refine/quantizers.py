@@ -113,17 +113,40 @@ class ActivationQuantizer(nn.Module):
         return np.float32(self.scale.detach().clamp_min(1e-12).item())
 
 
-class RoundingWeight(nn.Module):
-    """A weight with fixed per-element scale and zero point and learnable rounding (AdaRound)."""
+SEEDED_REST = 0.2  # h's distance from the integer a seeded weight starts on (see RoundingWeight)
 
-    def __init__(self, weight: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int, qmax: int) -> None:
+
+class RoundingWeight(nn.Module):
+    """A weight with fixed per-element scale and zero point and learnable rounding (AdaRound).
+
+    Unseeded, h starts at w/s − floor(w/s), so the soft weight is the float weight and hard
+    rounding is nearest rounding. Seeded with integers another rounding chose (GPTQ's), each
+    weight may end on that integer or on its neighbour towards w/s, and h starts SEEDED_REST
+    away from the seed: hard rounding starts on the seed."""
+
+    def __init__(
+        self,
+        weight: np.ndarray,
+        scale: np.ndarray,
+        zero: np.ndarray,
+        qmin: int,
+        qmax: int,
+        seed: np.ndarray | None = None,
+    ) -> None:
         super().__init__()
         scaled = torch.from_numpy(weight.astype(np.float32) / scale)
-        self.register_buffer("floor", torch.floor(scaled))
+        floor = torch.floor(scaled)
+        rest = scaled - floor
+        if seed is not None:
+            start = torch.from_numpy((seed.astype(np.float64) - zero).astype(np.float32))
+            up = start > scaled  # the seed above w/s: its lower neighbour is the other choice
+            floor = torch.where(up, start - 1, start)
+            rest = torch.where(up, 1 - SEEDED_REST, SEEDED_REST).to(torch.float32)
+        self.register_buffer("floor", floor)
         self.register_buffer("scale", torch.from_numpy(scale.astype(np.float32)))
         self.register_buffer("zero", torch.from_numpy(zero.astype(np.float32)))
         self.qmin, self.qmax = float(qmin), float(qmax)
-        rest = (scaled - self.floor).clamp(1e-4, 1 - 1e-4)
+        rest = rest.clamp(1e-4, 1 - 1e-4)
         self.logits = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
         self.soft = False  # True while learning; False: hard rounding [V ≥ 0]
         self.gain: nn.Parameter | None = None  # QPRep's γ, shaped to broadcast on the weight
@@ -159,5 +182,5 @@ class RoundingWeight(nn.Module):
         return (1 - (2 * self._soft_rounding() - 1).abs().pow(beta)).sum()
 
     def integers(self) -> np.ndarray:
-        """The exported integers: floor(w/s) + [V ≥ 0] + z, inside [qmin, qmax] (hard rounding)."""
+        """The exported integers: base + [V ≥ 0] + z, inside [qmin, qmax] (hard rounding)."""
         return self._integers().detach().cpu().numpy().astype(np.int64)

@@ -7,6 +7,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
@@ -402,3 +404,43 @@ def test_a_model_exported_with_its_batch_of_one_baked_in_refines():
     config = onnxq.QuantConfig(weight_bits=4, refine=True, refine_iters=5, speed_check=False)
     result = onnxq.quantize(model, data, config)
     assert result.refinement is not None and result.fidelity.min_sqnr > 10
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), bits=st.integers(2, 8))
+def test_a_seeded_rounding_starts_on_its_seed_and_may_move_one_step_towards_the_weight(seed, bits):
+    from onnxq.refine.quantizers import RoundingWeight
+
+    rng = np.random.default_rng(seed)
+    weight = rng.normal(size=(6, 5)).astype(np.float32)
+    scale = np.full((6, 5), 2 * np.abs(weight).max() / (2**bits - 1), np.float32)
+    zero = np.zeros((6, 5), np.float32)
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    nearest = np.rint(weight / scale)
+    start = np.clip(nearest + rng.integers(-2, 3, size=nearest.shape), qmin, qmax).astype(np.int64)
+    rounding = RoundingWeight(weight, scale, zero, qmin, qmax, seed=start)
+    np.testing.assert_array_equal(rounding.integers(), start)
+    with torch.no_grad():
+        rounding.logits.neg_()  # every weight takes its other choice
+    above = start > weight / scale
+    expected = np.clip(np.where(above, start - 1, start + 1), qmin, qmax)
+    np.testing.assert_array_equal(rounding.integers(), expected)
+
+
+def test_refinement_after_gptq_starts_from_its_integers(small_model, calibration_data, monkeypatch):
+    """--refine --weight-rounding gptq: AdaRound starts on GPTQ's integers and ends within a step."""
+    from onnxq.refine import quantizers
+
+    monkeypatch.setattr(quantizers, "SEEDED_REST", 0.45)  # near enough to flip within 40 iterations
+    widths = dict(weight_bits=3, speed_check=False, fidelity_fallback=False, equalize=False)
+    gptq = onnxq.quantize(small_model, calibration_data, onnxq.QuantConfig(**widths, weight_rounding="gptq"))
+    config = onnxq.QuantConfig(**{**widths, **FAST}, weight_rounding="gptq")
+    seeded = onnxq.quantize(small_model, calibration_data, config)
+    assert_same_as_qdq(seeded.refinement.mirror, seeded.model, calibration_data[:8])
+    stored = {t.name: onnx.numpy_helper.to_array(t) for t in gptq.model.graph.initializer}
+    moved = 0
+    for name, quantized in seeded.refinement.weights.items():
+        start = stored[f"{name}_quantized"].astype(np.int64)
+        assert np.abs(quantized.integers.astype(np.int64) - start).max() <= 1
+        moved += int((quantized.integers != start).sum())
+    assert moved > 0
