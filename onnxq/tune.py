@@ -31,6 +31,7 @@ from onnxq.quant.plan import QuantPlan
 
 FALLBACK_SHARE = 0.1  # at most this part of the layers is kept float for fidelity
 SPEED_MARGIN = 0.9  # a lighter plan must run this much faster to replace the first (timings are noisy)
+FLOAT_IS_FASTER = "float is faster on this CPU: every quantized plan ran slower than float"
 FALLBACK_STEP = 2  # layers kept float per round
 FALLBACK_MISSES = 3  # rounds that did not help before the fallback gives up
 # Below 8 bits onnxruntime runs Q/DQ as float, so the model is never as fast as float and
@@ -177,7 +178,9 @@ def never_slower(
     """Where the QDQ model runs slower than float at batch 1, the first of these that runs at
     float speed: it; it with the layers that feed ops lacking an integer kernel kept float; the
     model before the fidelity fallback; that one lightened alike. Where none does, the fastest
-    if clearly faster than the first. Also whether the fidelity fallback's float layers stay.
+    if clearly faster than the first; where even the fastest runs clearly slower than float (by
+    more than timing noise), nothing is quantized: the float computation, with a warning. Also
+    whether the fidelity fallback's float layers stay.
 
     Layers the fidelity fallback keeps float break integer chains: on a MobileNetV3 they added
     Q/DQ pairs and layout Transposes that made it run 1.96× float, against 1.23× without them.
@@ -212,6 +215,15 @@ def never_slower(
     (label, chosen, keeps_fallback), chosen_ms = picked
     listed = ", ".join(f"{label} {ms:.2f} ms" for (label, _, _), ms in timed)
     notes = [f"speed at batch 1: float {float_ms:.2f} ms, {listed}"]
+    if fastest[1] * SPEED_MARGIN > float_ms:  # every plan clearly slower, beyond timing noise
+        notes.append(
+            f"warning: nothing is quantized: every quantized plan ran slower than float on this CPU "
+            f"(the fastest {fastest[1] / float_ms:.2f}× float at batch 1): its integer kernels gain "
+            "less than the Q/DQ pairs cost on this model; the saved model computes what the float "
+            "model does (--no-speed-check quantizes anyway)"
+        )
+        everything = dict.fromkeys(chosen.plan.quantized_nodes, FLOAT_IS_FASTER)
+        return build(replan(keep_float=everything)), notes, False
     if not keeps_fallback:
         notes.append(
             f"fidelity: the layers kept float made the model slower ({times[0]:.2f} against "

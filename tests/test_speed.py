@@ -48,7 +48,7 @@ def test_float_neighbours_keeps_only_the_layer_before_the_hardswish_float():
 def test_a_lighter_plan_that_runs_faster_is_kept_and_named(monkeypatch):
     model = hardswish_cnn()
     data = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)
-    timings = iter([[1.0, 2.0], [1.0, 2.0, 1.5]])  # float, all-integer (, lighter: 25 % faster)
+    timings = iter([[1.0, 2.0], [1.0, 2.0, 1.05]])  # float, all-integer (, lighter: float speed, in noise)
     monkeypatch.setattr(speed, "compare", lambda models, feed: next(timings))
     result = onnxq.quantize(model, data, onnxq.QuantConfig())
     kept = "speed: kept the model with the 1 layers that feed ops without integer kernels kept float"
@@ -63,11 +63,33 @@ def test_a_lighter_plan_that_runs_faster_is_kept_and_named(monkeypatch):
 def test_a_lighter_plan_that_does_not_help_is_dropped(monkeypatch):
     model = hardswish_cnn()
     data = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)
-    timings = iter([[1.0, 2.0], [1.0, 2.0, 1.9]])  # within the margin: not worth a change
+    timings = iter([[1.0, 1.08], [1.0, 1.08, 1.05]])  # within the margin: not worth a change
     monkeypatch.setattr(speed, "compare", lambda models, feed: next(timings))
     result = onnxq.quantize(model, data, onnxq.QuantConfig())
-    assert any(note.startswith("warning: the quantized model runs 2.00× slower") for note in result.notes)
+    assert any(note.startswith("warning: the quantized model runs 1.08× slower") for note in result.notes)
     assert not any("float is faster" in why for why in result.float_nodes.values())
+    assert result.quantized_nodes > 0
+
+
+def test_a_model_every_plan_of_which_runs_clearly_slower_is_left_float(monkeypatch):
+    """A small MobileNetV3-style classifier on a CPU whose int8 kernels gain nothing: the Q/DQ
+    pairs only cost. Never slower than float means nothing quantized, said as a warning."""
+    model = hardswish_cnn()
+    data = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    timings = iter([[1.0, 2.0], [1.0, 2.0, 1.9]])  # the fastest plan 1.9× float
+    monkeypatch.setattr(speed, "compare", lambda models, feed: next(timings))
+    result = onnxq.quantize(model, data, onnxq.QuantConfig())
+    assert result.quantized_nodes == 0
+    ops = {n.op_type for n in result.model.graph.node}
+    assert not ops & {"QuantizeLinear", "DequantizeLinear"}
+    assert any(
+        note.startswith("warning: nothing is quantized: every quantized plan ran slower")
+        for note in result.notes
+    )
+    assert not any(note.startswith("warning: the quantized model runs") for note in result.notes)
+    feed = {"input": data[:4]}
+    want = onnxq.io.session(model).run(None, feed)[0]
+    np.testing.assert_allclose(onnxq.io.session(result.model).run(None, feed)[0], want, rtol=1e-4, atol=1e-5)
 
 
 def test_a_model_left_with_nothing_quantized_says_so_not_that_it_runs_slower(monkeypatch):
