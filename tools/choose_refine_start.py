@@ -1,0 +1,115 @@
+"""Choose where `--refine` starts its rounding by default, on calibration data only.
+
+AdaRound learns, per weight, one of two neighbouring integers. It can start from nearest
+rounding (AdaRound's own start: h = w/s − floor(w/s)) or from the integers GPTQ chose during
+the scale search (onnxq.calib.rounding; each weight may keep its GPTQ integer or move one step
+towards w/s). Each model and setting is quantized by `onnxq.quantize` with the mse scale search
+and `--refine` (its defaults otherwise) from both starts, calibrated on the protocol's 256
+calibration images and scored against the float model on calibration-pool images it never saw
+(CIFAR-10 train-1017[512:]; the even-class ImageNet images after the first 256): KL of the
+quantized from the float softmax, top-1 agreement, top-1. The start with the lower mean log
+held-out KL becomes the default. No evaluation image is read. Writes the "refine-start" section
+of BENCHMARKS.md. `--resume LOG` takes the rows a killed run printed instead of measuring them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench
+
+from onnxq.config import CalibrationMethod, QuantConfig
+
+SETTINGS = {"resnet20_cifar10": [(4, 4), (2, 4)], "mobilenet_v2": [(4, 8)]}
+STARTS = {"nearest": "nearest", "gptq": "gptq"}  # start → --weight-rounding
+
+
+def held_out_scores(name: str, widths: tuple[int, int], start: str, held, reference) -> dict:
+    config = QuantConfig(
+        weight_bits=widths[0],
+        activation_bits=widths[1],
+        calibration=CalibrationMethod.MSE,
+        max_samples=bench.LOW_BIT_SAMPLES,
+        speed_check=False,
+        refine=True,
+        weight_rounding=STARTS[start],
+        time_budget=float(bench.REFINE_BUDGETS[name]) if name in bench.REFINE_BUDGETS else None,
+    )
+    return bench.held_out_row(name, config, held, reference)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=bench.ROOT / "BENCHMARKS.md")
+    parser.add_argument("--models", nargs="+", default=list(SETTINGS))
+    parser.add_argument("--resume", type=Path, help="a log of this tool's printed rows to reuse")
+    args = parser.parse_args()
+    done = _printed_rows(args.resume) if args.resume else {}
+    lines = [
+        "## Where refinement's rounding starts, chosen on held-out calibration images",
+        "",
+        "`tools/choose_refine_start.py`: each model quantized by `onnxq.quantize` with the mse "
+        "scale search and `--refine` (pd loss, block units, 500 iterations; MobileNetV2 with "
+        "`--time-budget 1800`; `--max-samples 256`, `--no-speed-check`), its AdaRound rounding "
+        "started from nearest rounding (`--weight-rounding nearest`) or from the integers GPTQ chose "
+        "in the search (`--weight-rounding gptq`), calibrated on the protocol's 256 calibration "
+        "images and scored against float on calibration-pool images neither sees (CIFAR-10 "
+        "train-1017[512:]; the even-class ImageNet images after the first 256), never the "
+        "evaluation split. The start with the lower mean log held-out KL becomes the default. s: "
+        "wall time of `onnxq.quantize` on 2 cores.",
+        "",
+        "| model | setting | start | KL held-out | agreement % | top-1 % | s |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    logs: dict[str, list[float]] = {start: [] for start in STARTS}
+    wins = 0
+    for name in args.models:
+        held = bench.held_out_split(name)
+        reference = bench.logits(onnx.load(bench.model_path(name)), held[0])
+        for widths in SETTINGS[name]:
+            kl = {}
+            for start in STARTS:
+                key = f"| {name} | W{widths[0]}A{widths[1]} mse + --refine | {start} |"
+                if key in done:
+                    line, kl[start] = done[key]
+                else:
+                    result = held_out_scores(name, widths, start, held, reference)
+                    kl[start] = result["kl"]
+                    line = (
+                        f"{key} {result['kl']:.4f} | {100 * result['agreement']:.2f} | "
+                        f"{100 * result['top1']:.2f} | {result['seconds']:.0f} |"
+                    )
+                logs[start].append(float(np.log(kl[start])))
+                lines.append(line)
+                print(line, flush=True)
+            wins += kl["gptq"] < kl["nearest"]
+    means = {start: float(np.mean(values)) for start, values in logs.items()}
+    chosen = min(means, key=means.get)
+    lines += [
+        "",
+        f"GPTQ's start lowers the held-out KL on {wins} of {len(logs['gptq'])} rows; mean log held-out "
+        f"KL {means['nearest']:.2f} from nearest rounding, {means['gptq']:.2f} from GPTQ's integers: "
+        f"{chosen} by default.",
+    ]
+    bench.write_section(args.out, "refine-start", "\n".join(lines) + "\n", bench.machine_description())
+    print(lines[-1])
+
+
+def _printed_rows(log: Path) -> dict[str, tuple[str, float]]:
+    """Rows a previous run printed: their key (model, setting, start) → (the row, its KL)."""
+    rows = {}
+    for line in log.read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 7 and cells[2] in STARTS:
+            rows[f"| {cells[0]} | {cells[1]} | {cells[2]} |"] = (line.strip(), float(cells[3]))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
