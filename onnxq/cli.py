@@ -195,7 +195,8 @@ def main() -> None:
     show_default=True,
     help="Weight integers: nearest rounding, or gptq, which rounds each layer's weights column by "
     "column so that their errors cancel on the calibration inputs (GPTQ; numpy, no torch); auto: "
-    "gptq below 8-bit weights unless --refine learns the rounding.",
+    "gptq below 8-bit weights (with --refine, below 4-bit weights, where refinement starts from "
+    "GPTQ's integers).",
 )
 @click.option("--seed", type=int, default=QuantConfig.seed, show_default=True, help="Seed of the search.")
 @click.option(

@@ -269,7 +269,8 @@ class QuantConfig:
     bias_correction: bool | None = None  # None: see corrects_bias
     # weight integers: "nearest" rounding, or "gptq", chosen column by column against the
     # layer's input correlations on the calibration data (onnxq/calib/rounding.py); "auto":
-    # gptq below 8-bit weights unless --refine learns the rounding (see rounds_by_gptq)
+    # gptq below 8-bit weights, and with --refine below 4-bit weights only, where refinement
+    # starts from GPTQ's integers (see rounds_by_gptq)
     weight_rounding: str = "auto"
     # cross-layer equalization (onnxq/passes/equalize.py): activation channel ranges moved into
     # per-channel weights before a depthwise conv, before planning; None: see `equalizes`
@@ -382,14 +383,16 @@ class QuantConfig:
 
     @property
     def rounds_by_gptq(self) -> bool:
-        """auto: GPTQ where a weight is below 8 bits and refinement does not learn the rounding.
-        Top-1 on held-out calibration images (`tools/bench.py rounding`, one draw) rose in 9 of
-        13 (model, width, calibration) pairs, by up to 52 points (ResNet-20 W2A4: auto 9.7 →
-        61.4, mse 78.4 → 93.7), and fell in 4, by at most 2.9 (ResNet-56 W4A4 auto and mse,
-        MobileNetV2 W4A8 and W6A6 mse); at 8 bits it would need the calibration sweep that the
-        default W8A8 path skips."""
+        """auto: GPTQ where a weight is below 8 bits. Top-1 on held-out calibration images
+        (`tools/bench.py rounding`, one draw) rose in 9 of 13 (model, width, calibration) pairs,
+        by up to 52 points (ResNet-20 W2A4: auto 9.7 → 61.4, mse 78.4 → 93.7), and fell in 4, by
+        at most 2.9 (ResNet-56 W4A4 auto and mse, MobileNetV2 W4A8 and W6A6 mse); at 8 bits it
+        would need the calibration sweep that the default W8A8 path skips. With --refine, AdaRound
+        starts from GPTQ's integers below 4-bit weights (ResNet-20 W2A4 held-out KL 0.315 →
+        0.166) and from nearest rounding at 4 bits and wider (ResNet-20 W4A4 0.0325 against
+        0.0445, MobileNetV2 W4A8 0.1650 against 0.1662; tools/choose_refine_start.py)."""
         if self.weight_rounding == "auto":
-            return self.lowest_weight_bits < 8 and not self.refine
+            return self.lowest_weight_bits < (4 if self.refine else 8)
         return self.weight_rounding == "gptq"
 
     @property

@@ -232,3 +232,14 @@ def test_where_nothing_runs_at_float_speed_the_fastest_is_kept_even_without_the_
     assert any(note.startswith("speed: kept the model before the fidelity fallback") for note in result.notes)
     assert not any("kept float for fidelity" in why for why in result.float_nodes.values())
     assert any(note.startswith("warning: the quantized model runs 1.10× slower") for note in result.notes)
+
+
+def test_a_sub_millisecond_model_stays_quantized_whatever_its_timings(monkeypatch):
+    """Tens of µs are per-node overhead and noise: no reason to throw the quantization away."""
+    model = hardswish_cnn()
+    data = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    timings = iter([[0.05, 0.1], [0.05, 0.1, 0.095]])  # 2× float, but float takes 50 µs
+    monkeypatch.setattr(speed, "compare", lambda models, feed: next(timings))
+    result = onnxq.quantize(model, data, onnxq.QuantConfig())
+    assert result.quantized_nodes > 0
+    assert any(note.startswith("warning: the quantized model runs 2.00× slower") for note in result.notes)

@@ -8,7 +8,8 @@ and `--refine` (its defaults otherwise) from both starts, calibrated on the prot
 calibration images and scored against the float model on calibration-pool images it never saw
 (CIFAR-10 train-1017[512:]; the even-class ImageNet images after the first 256): KL of the
 quantized from the float softmax, top-1 agreement, top-1. The start with the lower mean log
-held-out KL becomes the default. No evaluation image is read. Writes the "refine-start" section
+held-out KL becomes the default, decided apart for weights below 4 bits and for wider ones.
+No evaluation image is read. Writes the "refine-start" section
 of BENCHMARKS.md. `--resume LOG` takes the rows a killed run printed instead of measuring them.
 """
 
@@ -26,7 +27,7 @@ import bench
 
 from onnxq.config import CalibrationMethod, QuantConfig
 
-SETTINGS = {"resnet20_cifar10": [(4, 4), (2, 4)], "mobilenet_v2": [(4, 8)]}
+SETTINGS = {"resnet20_cifar10": [(4, 4), (2, 4)], "mobilenet_v2": [(4, 8)]}  # (weight, activation bits)
 STARTS = {"nearest": "nearest", "gptq": "gptq"}  # start → --weight-rounding
 
 
@@ -67,13 +68,14 @@ def main() -> None:
         "| model | setting | start | KL held-out | agreement % | top-1 % | s |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
-    logs: dict[str, list[float]] = {start: [] for start in STARTS}
-    wins = 0
+    logs: dict[tuple[bool, str], list[float]] = {(n, s): [] for n in (False, True) for s in STARTS}
+    wins = {False: 0, True: 0}
     for name in args.models:
         held = bench.held_out_split(name)
         reference = bench.logits(onnx.load(bench.model_path(name)), held[0])
         for widths in SETTINGS[name]:
             kl = {}
+            narrow = widths[0] < 4
             for start in STARTS:
                 key = f"| {name} | W{widths[0]}A{widths[1]} mse + --refine | {start} |"
                 if key in done:
@@ -85,20 +87,23 @@ def main() -> None:
                         f"{key} {result['kl']:.4f} | {100 * result['agreement']:.2f} | "
                         f"{100 * result['top1']:.2f} | {result['seconds']:.0f} |"
                     )
-                logs[start].append(float(np.log(kl[start])))
+                logs[narrow, start].append(float(np.log(kl[start])))
                 lines.append(line)
                 print(line, flush=True)
-            wins += kl["gptq"] < kl["nearest"]
-    means = {start: float(np.mean(values)) for start, values in logs.items()}
-    chosen = min(means, key=means.get)
-    lines += [
-        "",
-        f"GPTQ's start lowers the held-out KL on {wins} of {len(logs['gptq'])} rows; mean log held-out "
-        f"KL {means['nearest']:.2f} from nearest rounding, {means['gptq']:.2f} from GPTQ's integers: "
-        f"{chosen} by default.",
-    ]
+            wins[narrow] += kl["gptq"] < kl["nearest"]
+    lines.append("")
+    for narrow, what in ((True, "weights below 4 bits"), (False, "4-bit and wider weights")):
+        if not logs[narrow, "gptq"]:
+            continue
+        means = {start: float(np.mean(logs[narrow, start])) for start in STARTS}
+        chosen = min(means, key=means.get)
+        lines.append(
+            f"{what}: GPTQ's start lowers the held-out KL on {wins[narrow]} of {len(logs[narrow, 'gptq'])} "
+            f"rows; mean log held-out KL {means['nearest']:.2f} from nearest rounding, "
+            f"{means['gptq']:.2f} from GPTQ's integers: {chosen} by default."
+        )
     bench.write_section(args.out, "refine-start", "\n".join(lines) + "\n", bench.machine_description())
-    print(lines[-1])
+    print("\n".join(lines[-2:]))
 
 
 def _printed_rows(log: Path) -> dict[str, tuple[str, float]]:

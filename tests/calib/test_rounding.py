@@ -240,12 +240,13 @@ def test_gptq_model_is_closer_to_float_and_stores_its_own_integers(
         assert np.abs(values.astype(np.int64)).max() <= np.abs(before[name].astype(np.int64)).max()
 
 
-def test_auto_rounding_is_gptq_below_8_bit_weights_unless_refinement_learns_it():
+def test_auto_rounding_is_gptq_below_8_bit_weights_and_below_4_with_refinement():
     assert not QuantConfig().rounds_by_gptq
     assert QuantConfig(weight_bits=4).rounds_by_gptq
     assert QuantConfig(weight_bits=4, weight_rounding="nearest").rounds_by_gptq is False
     assert QuantConfig(weight_rounding="gptq").rounds_by_gptq
-    assert not QuantConfig(weight_bits=4, refine=True).rounds_by_gptq
+    assert not QuantConfig(weight_bits=4, refine=True).rounds_by_gptq  # AdaRound from nearest
+    assert QuantConfig(weight_bits=2, refine=True).rounds_by_gptq  # AdaRound from GPTQ's integers
 
 
 def test_weight_rounding_is_checked():
