@@ -184,8 +184,7 @@ def never_slower(
     model before the fidelity fallback; that one lightened alike. Where none does, the fastest
     if clearly faster than the first; where even the fastest runs clearly slower than float (by
     more than timing noise) and float takes at least FLOAT_ONLY_MIN_MS, nothing is quantized:
-    the float computation, with a warning. Also
-    whether the fidelity fallback's float layers stay.
+    the float computation, with a warning. Also whether the fidelity fallback's float layers stay.
 
     Layers the fidelity fallback keeps float break integer chains: on a MobileNetV3 they added
     Q/DQ pairs and layout Transposes that made it run 1.96× float, against 1.23× without them.

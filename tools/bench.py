@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -426,6 +426,30 @@ def held_out_row(name: str, config: onnxq.QuantConfig, held: tuple, reference: n
     seconds = time.perf_counter() - start
     top1, agreement, kl = score(result.model, Split(calib, *held), reference)
     return {"kl": kl, "agreement": agreement, "top1": top1, "seconds": seconds}
+
+
+def printed_held_out_rows(log: Path, labels: Iterable[str]) -> dict[str, tuple[str, float]]:
+    """Rows of a tools/choose_*.py table a killed run printed, whose third cell is one of
+    `labels`: their key ("| model | setting | label |") → (the row, its held-out KL)."""
+    rows = {}
+    for line in log.read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 7 and cells[2] in labels:
+            rows[f"| {cells[0]} | {cells[1]} | {cells[2]} |"] = (line.strip(), float(cells[3]))
+    return rows
+
+
+def held_out_table_row(key: str, done: dict[str, tuple[str, float]], measure: Callable[[], dict]):
+    """(row, held-out KL) of a tools/choose_*.py table: reused from `done` (printed_held_out_rows)
+    or measured now by `measure` (a held_out_row)."""
+    if key in done:
+        return done[key]
+    result = measure()
+    line = (
+        f"{key} {result['kl']:.4f} | {100 * result['agreement']:.2f} | "
+        f"{100 * result['top1']:.2f} | {result['seconds']:.0f} |"
+    )
+    return line, result["kl"]
 
 
 def held_out_scored(held: tuple[np.ndarray, np.ndarray], label: str, flags: list[str]) -> Callable:

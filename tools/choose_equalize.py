@@ -13,6 +13,7 @@ BENCHMARKS.md. `--resume LOG` takes the rows a killed run printed instead of mea
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(SETTINGS))
     parser.add_argument("--resume", type=Path, help="a log of this tool's printed rows to reuse")
     args = parser.parse_args()
-    done = _printed_rows(args.resume) if args.resume else {}
+    done = bench.printed_held_out_rows(args.resume, ("on", "off")) if args.resume else {}
     lines = [
         "## Cross-layer equalization's default, chosen on held-out calibration images",
         "",
@@ -78,15 +79,9 @@ def main() -> None:
             narrow = setting[1] < 8
             for equalize in (False, True):
                 key = f"| {name} | W{setting[0]}A{setting[1]} {setting[2]} | {'on' if equalize else 'off'} |"
-                if key in done:
-                    line, kl[equalize] = done[key]
-                else:
-                    result = held_out_scores(name, setting, equalize, held, reference)
-                    kl[equalize] = result["kl"]
-                    line = (
-                        f"{key} {result['kl']:.4f} | {100 * result['agreement']:.2f} | "
-                        f"{100 * result['top1']:.2f} | {result['seconds']:.0f} |"
-                    )
+                line, kl[equalize] = bench.held_out_table_row(
+                    key, done, functools.partial(held_out_scores, name, setting, equalize, held, reference)
+                )
                 logs[narrow, equalize].append(float(np.log(kl[equalize])))
                 lines.append(line)
                 print(line, flush=True)
@@ -103,16 +98,6 @@ def main() -> None:
         )
     bench.write_section(args.out, "equalize-default", "\n".join(lines) + "\n", bench.machine_description())
     print("\n".join(lines[-2:]))
-
-
-def _printed_rows(log: Path) -> dict[str, tuple[str, float]]:
-    """Rows a previous run printed: their key (model, setting, on/off) → (the row, its KL)."""
-    rows = {}
-    for line in log.read_text().splitlines():
-        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if len(cells) == 7 and cells[2] in ("on", "off"):
-            rows[f"| {cells[0]} | {cells[1]} | {cells[2]} |"] = (line.strip(), float(cells[3]))
-    return rows
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ of BENCHMARKS.md. `--resume LOG` takes the rows a killed run printed instead of 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(SETTINGS))
     parser.add_argument("--resume", type=Path, help="a log of this tool's printed rows to reuse")
     args = parser.parse_args()
-    done = _printed_rows(args.resume) if args.resume else {}
+    done = bench.printed_held_out_rows(args.resume, STARTS) if args.resume else {}
     lines = [
         "## Where refinement's rounding starts, chosen on held-out calibration images",
         "",
@@ -78,15 +79,9 @@ def main() -> None:
             narrow = widths[0] < 4
             for start in STARTS:
                 key = f"| {name} | W{widths[0]}A{widths[1]} mse + --refine | {start} |"
-                if key in done:
-                    line, kl[start] = done[key]
-                else:
-                    result = held_out_scores(name, widths, start, held, reference)
-                    kl[start] = result["kl"]
-                    line = (
-                        f"{key} {result['kl']:.4f} | {100 * result['agreement']:.2f} | "
-                        f"{100 * result['top1']:.2f} | {result['seconds']:.0f} |"
-                    )
+                line, kl[start] = bench.held_out_table_row(
+                    key, done, functools.partial(held_out_scores, name, widths, start, held, reference)
+                )
                 logs[narrow, start].append(float(np.log(kl[start])))
                 lines.append(line)
                 print(line, flush=True)
@@ -104,16 +99,6 @@ def main() -> None:
         )
     bench.write_section(args.out, "refine-start", "\n".join(lines) + "\n", bench.machine_description())
     print("\n".join(lines[-2:]))
-
-
-def _printed_rows(log: Path) -> dict[str, tuple[str, float]]:
-    """Rows a previous run printed: their key (model, setting, start) → (the row, its KL)."""
-    rows = {}
-    for line in log.read_text().splitlines():
-        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if len(cells) == 7 and cells[2] in STARTS:
-            rows[f"| {cells[0]} | {cells[1]} | {cells[2]} |"] = (line.strip(), float(cells[3]))
-    return rows
 
 
 if __name__ == "__main__":
