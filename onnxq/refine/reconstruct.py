@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -19,6 +20,7 @@ from onnxq.progress import Progress
 from onnxq.refine.blocks import Unit
 from onnxq.refine.losses import PD_FEATURE_WEIGHT, PD_TEMPERATURE, prediction_difference, reconstruction
 from onnxq.refine.mirror import Env, Mirror
+from onnxq.refine.quantizers import random_mask
 
 EVAL_SAMPLES = 256  # samples the before/after loss of a unit is measured on
 RUN_BATCH = 64  # samples per run when a unit's outputs are computed for all samples
@@ -79,6 +81,7 @@ def reconstruct(
     torch.manual_seed(settings.seed)
     mirror.requires_grad_(False)  # each unit turns on its own parameters while it learns
     generator = torch.Generator().manual_seed(settings.seed)
+    masks = np.random.default_rng(settings.seed)  # QDrop's random masks (random_mask)
     count = len(next(iter(data.values())))
     with torch.no_grad():
         floating = _Batches(mirror.quantize_inputs(data, False), count)
@@ -91,7 +94,9 @@ def reconstruct(
             targets = _run_all(mirror, unit, floating, quantized=False)
         remaining = None if deadline is None else (deadline - time.monotonic()) / (len(units) - position)
         segments = [(later.begin, later.end) for later in units[position + 1 :]]
-        job = _UnitJob(mirror, unit, settings, generator, quantized, floating, targets, logits, segments)
+        job = _UnitJob(
+            mirror, unit, settings, (generator, masks), quantized, floating, targets, logits, segments
+        )
         progress.stage(
             f"refine {position + 1}/{len(units)}: {unit.describe(mirror)}", total=settings.iterations
         )
@@ -149,9 +154,10 @@ class _UnitJob:
     """One unit's learning: its parameters, its loss, its schedule."""
 
     def __init__(
-        self, mirror, unit, settings, generator, quantized, floating, targets, logits, segments
+        self, mirror, unit, settings, generators, quantized, floating, targets, logits, segments
     ) -> None:
-        self.mirror, self.unit, self.settings, self.generator = mirror, unit, settings, generator
+        self.mirror, self.unit, self.settings = mirror, unit, settings
+        self.generator, self.masks = generators  # torch's picks batches, numpy's draws QDrop's masks
         self.segments = segments  # the later units' node ranges: the blocks of pd's remainder
         self.quantized, self.floating, self.targets, self.logits = quantized, floating, targets, logits
         self.loss = settings.loss if settings.loss != "pd" or logits is not None else "mse"
@@ -225,6 +231,7 @@ class _UnitJob:
             weight.soft = on
         for quantizer in self.steps:
             quantizer.drop = self.settings.qdrop if on else 0.0
+            quantizer.random = self.masks
             quantizer.train(on)
 
     def _batch_loss(self) -> torch.Tensor:
@@ -236,10 +243,7 @@ class _UnitJob:
             floating = self.floating.take(index)
             for name, value in inputs.items():
                 if value.is_floating_point() and value.shape == floating[name].shape:
-                    keep = (
-                        torch.rand(value.shape, generator=self.generator).to(value.device)
-                        < self.settings.qdrop
-                    )
+                    keep = random_mask(value.shape, self.settings.qdrop, self.masks).to(value.device)
                     inputs[name] = torch.where(keep, floating[name], value)
         return self._loss(inputs, self.targets.take(index), index)
 

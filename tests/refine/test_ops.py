@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 from onnxq.io import session  # noqa: E402
 from onnxq.refine.mirror import Mirror  # noqa: E402
-from onnxq.refine.quantizers import fake_quantize  # noqa: E402
+from onnxq.refine.quantizers import MASK_LEVELS, fake_quantize, random_mask  # noqa: E402
 
 OPSET = 21
 
@@ -318,3 +318,17 @@ def test_qdrop_inside_the_quantizer_equals_a_select_around_it(bits, scale, drop,
     torch.testing.assert_close(fused[0], around[0], rtol=0, atol=0)
     torch.testing.assert_close(fused[1], around[1], rtol=0, atol=0)
     torch.testing.assert_close(fused[2], around[2], rtol=1e-5, atol=1e-4 * float(upstream.abs().sum()))
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.floats(0.0, 1.0), st.integers(0, 10**6))
+def test_qdrop_masks_keep_each_element_with_the_probability_asked(probability, seed):
+    """QDrop's masks: booleans of the shape asked, True at the rate asked (to 1/MASK_LEVELS)
+    within 4 binomial standard deviations, and the same mask again from the same seed."""
+    shape = (8, 16, 32, 32)
+    mask = random_mask(shape, probability, rng(seed))
+    assert mask.dtype == torch.bool and tuple(mask.shape) == shape
+    rate = round(probability * MASK_LEVELS) / MASK_LEVELS
+    count = mask.numel()
+    assert abs(float(mask.float().mean()) - rate) <= 4 * np.sqrt(rate * (1 - rate) / count) + 1e-12
+    assert torch.equal(mask, random_mask(shape, probability, rng(seed)))
