@@ -226,7 +226,10 @@ def never_slower(
             "less than the Q/DQ pairs cost on this model; the saved model computes what the float "
             "model does (--no-speed-check quantizes anyway)"
         )
-        everything = dict.fromkeys(chosen.plan.quantized_nodes, FLOAT_IS_FASTER)
+        # every layer any timed plan quantized: a lighter plan's float layers are float only
+        # because it was planned so, and would be quantized again by a plan that lists its own
+        quantized = [node for (_, candidate, _), _ in timed for node in candidate.plan.quantized_nodes]
+        everything = {**chosen.plan.kept_float, **dict.fromkeys(quantized, FLOAT_IS_FASTER)}
         return build(replan(keep_float=everything)), notes, False
     if not keeps_fallback:
         notes.append(
