@@ -47,7 +47,7 @@ def bench(
     preprocess: Preprocess | None = None,
     threads: int = 0,
 ) -> list[Latency]:
-    """Median latency of every model at every batch size, side by side, one batch size at a time."""
+    """Latency of every model at every batch size (onnxq.speed), side by side, one batch size at a time."""
     paths = [Path(p) for p in models]
     protos = [load_model(p) for p in paths]
     inputs = model_inputs(protos[0])

@@ -149,7 +149,7 @@ SPINNING = "session.intra_op.allow_spinning"
 
 def test_runs_while_other_sessions_settle_are_not_timed(monkeypatch):
     """A fake clock: each model's first runs in a block are slow (another session's threads still
-    spin), later ones fast; the medians are the fast runs of each."""
+    spin), later ones fast; the figures are the fast runs of each."""
     clock = {"now": 0.0, "block_runs": 0, "last": None}
     fast = {0: 0.004, 1: 0.002}
 
