@@ -9,7 +9,8 @@ adds. Load does not slow every model alike: on this project's shared 2-core mach
 classifier's block medians ran 1.7–1.9× its float model's in the quietest rounds and 1.1× in
 the busiest (correlation −0.91 over 60 rounds), so medians timed it anywhere from 1.08× to 1.62×
 float from one call to the next and the speed check kept it or not by chance; the 10th
-percentile of the same 60 rounds' runs gave 1.69×.
+percentile of the same 60 rounds' runs gave 1.69×, and of four speed checks 1.42–1.60×. A busy
+spell longer than the whole check still compresses the ratios (a fifth check: 1.14×).
 
 Blocks, not single runs: onnxruntime's pool threads spin for a while after a run ends, so a
 model run right after another session's run competes with that session's spinning threads.
