@@ -147,6 +147,18 @@ def _spins(runner) -> bool:
 SPINNING = "session.intra_op.allow_spinning"
 
 
+def test_latency_comes_from_the_quieter_rounds_paired():
+    """Load that compresses the ratio (the QDQ model 1.5× float on a quiet machine, 1.1× under
+    load) and a burst in one quiet round's second block: the figures are the quiet rounds'
+    float median and their median paired ratio."""
+    quiet = [[1.0, 1.5], [1.1, 1.65], [1.0, 4.0], [0.9, 1.35]]  # the third: a burst in one block
+    busy = [[2.8, 3.08], [3.0, 3.3], [2.9, 3.19], [3.1, 3.41]]
+    rounds = np.asarray([row for pair in zip(quiet, busy, strict=True) for row in pair]) / 1e3
+    float_ms, quantized_ms = speed.quiet_paired_ms(rounds)
+    assert float_ms == pytest.approx(1.0)
+    assert quantized_ms / float_ms == pytest.approx(1.5)
+
+
 def test_runs_while_other_sessions_settle_are_not_timed(monkeypatch):
     """A fake clock: each model's first runs in a block are slow (another session's threads still
     spin), later ones fast; the figures are the fast runs of each."""
