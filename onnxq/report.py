@@ -90,7 +90,7 @@ def print_reports(reports: list[ModelReport], console: Console | None = None) ->
 def print_latencies(rows: list[Latency], console: Console | None = None) -> None:
     """One row per model and batch size; ×first compares with the first model at that batch."""
     console = console or _console()
-    table = Table(title="onnxq bench (10th percentile of interleaved runs)")
+    table = Table(title="onnxq bench (interleaved runs, quieter half)")
     for column in ("model", "batch", "latency ms", "samples/s", "size MB", "kernels"):
         table.add_column(column, justify="left" if column in ("model", "kernels") else "right")
     reference: dict[int, float] = {}
