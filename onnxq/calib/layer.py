@@ -13,7 +13,7 @@ import onnx
 from onnx import helper
 
 from onnxq.calib.frontier import paired_batches
-from onnxq.calib.rounding import Factored, factor, gptq_round, input_correlation, refusal
+from onnxq.calib.rounding import Factored, factor, gptq_round, input_correlation, refusal, too_few_rows
 from onnxq.calib.simulate import Arrays, param_names
 from onnxq.io import session
 from onnxq.memory import return_free_pages
@@ -56,7 +56,11 @@ class LayerProbe:
             return reason
         values = quantized[self.node.input[0]]
         inputs = (q for q, _ in paired_batches(values, values, self.sweep.settings.batch_size))
-        self.factored = factor(input_correlation(self.node, self.weight, inputs))
+        correlation = input_correlation(self.node, self.weight, inputs)
+        reason = too_few_rows(correlation)
+        if reason:
+            return reason
+        self.factored = factor(correlation.gram)
         self._rounded.clear()
         return_free_pages()  # the patches, tens of MB per batch, would otherwise stay resident
         return None

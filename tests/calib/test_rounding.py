@@ -12,7 +12,7 @@ from onnx import helper
 
 import onnxq
 from onnxq.calib import rounding
-from onnxq.calib.rounding import factor, gptq_round, input_correlation, refusal, supports
+from onnxq.calib.rounding import factor, gptq_round, input_correlation, refusal, supports, too_few_rows
 from onnxq.config import Granularity, QuantConfig, RangeRule
 from onnxq.io import session
 from onnxq.quant import primitives as P
@@ -72,7 +72,8 @@ def test_conv_input_correlation_is_the_patches_gram_matrix(stride, pad, dilation
     patches = _patches(x, kernel, stride, pad, dilation, groups)
     expected = patches.transpose(0, 2, 1) @ patches
     measured = input_correlation(node, weight, [x[:2], x[2:]])  # batches add up
-    np.testing.assert_allclose(measured, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(measured.gram, expected, rtol=1e-5, atol=1e-6)
+    assert measured.rows == patches.shape[1]
 
 
 @pytest.mark.parametrize("op, trans_b", [("MatMul", 0), ("Gemm", 0), ("Gemm", 1)])
@@ -83,7 +84,9 @@ def test_matmul_input_correlation_is_the_rows_gram_matrix(op, trans_b):
     node = helper.make_node(op, ["x", "w"], ["y"], **({"transB": trans_b} if op == "Gemm" else {}))
     assert supports(node, weight)
     rows = x.reshape(-1, 6).astype(np.float64)
-    np.testing.assert_allclose(input_correlation(node, weight, [x])[0], rows.T @ rows, rtol=1e-6)
+    measured = input_correlation(node, weight, [x])
+    np.testing.assert_allclose(measured.gram[0], rows.T @ rows, rtol=1e-6)
+    assert measured.rows == 10
 
 
 def test_convtranspose_and_transposed_inputs_keep_nearest_rounding():
@@ -108,10 +111,12 @@ def test_large_maps_are_subsampled_to_an_estimate_of_the_same_correlation(monkey
     x = (smooth + 0.3 * rng.normal(size=smooth.shape)).astype(np.float32)
     weight = rng.normal(size=(8, 4, 3, 3)).astype(np.float32)
     node = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1] * 4)
-    full = input_correlation(node, weight, [x]) / (3 * 24 * 24)
+    full = input_correlation(node, weight, [x]).gram / (3 * 24 * 24)
     monkeypatch.setattr(rounding, "MAX_POSITIONS", 256)
-    sampled = input_correlation(node, weight, [x[:2], x[2:]])
-    np.testing.assert_array_equal(sampled, input_correlation(node, weight, [x[:2], x[2:]]))  # seeded
+    measured = input_correlation(node, weight, [x[:2], x[2:]])
+    assert measured.rows == 3 * 256
+    sampled = measured.gram
+    np.testing.assert_array_equal(sampled, input_correlation(node, weight, [x[:2], x[2:]]).gram)  # seeded
     assert not np.allclose(sampled / (3 * 256), full)  # a subset was read, not every patch
     assert np.linalg.norm(sampled / (3 * 256) - full) < 0.15 * np.linalg.norm(full)
 
@@ -149,7 +154,7 @@ def test_gptq_lowers_the_output_error_and_keeps_the_scales(bits, granularity, sy
     layout = WeightLayout(out_axis=0, in_axis=1)
     target = P.IntRange.signed(bits) if symmetric else P.IntRange.unsigned(bits)
     nearest = quantize_weight(weight, layout, Granularity.parse(granularity), RangeRule("minmax"), target)
-    rounded = gptq_round(weight, nearest, factor(input_correlation(node, weight, [x])), node, layout)
+    rounded = gptq_round(weight, nearest, factor(input_correlation(node, weight, [x]).gram), node, layout)
 
     def error(quantized) -> float:
         return float(np.sum(((weight - quantized.dequantize()).astype(np.float64) @ x.T) ** 2))
@@ -160,6 +165,47 @@ def test_gptq_lowers_the_output_error_and_keeps_the_scales(bits, granularity, sy
     np.testing.assert_array_equal(rounded.scale, nearest.scale)
     np.testing.assert_array_equal(rounded.zero_point, nearest.zero_point)
     assert rounded.axis == nearest.axis and rounded.block_size == nearest.block_size
+
+
+def test_a_correlation_from_fewer_rows_than_four_per_input_is_refused():
+    """A classifier's Dense after pooling reads one row per sample: 39 rows cannot estimate the
+    correlations of 512 inputs."""
+    rng = np.random.default_rng(4)
+    weight = rng.normal(size=(512, 10)).astype(np.float32)
+    node = helper.make_node("MatMul", ["x", "w"], ["y"])
+    pooled = input_correlation(node, weight, [rng.normal(size=(39, 512)).astype(np.float32)])
+    reason = too_few_rows(pooled)
+    assert reason is not None and "39 input rows for its 512 inputs" in reason
+    assert (
+        too_few_rows(input_correlation(node, weight, [rng.normal(size=(2048, 512)).astype(np.float32)]))
+        is None
+    )
+
+
+def test_gptq_from_too_few_rows_loses_to_nearest_rounding_on_new_inputs():
+    """Why the refusal: fitted on fewer rows than inputs, GPTQ wins on those rows and loses on
+    rows it never saw; from 4 rows per input on, it wins on both."""
+    rng = np.random.default_rng(5)
+    depth = 64
+    mixing = rng.normal(size=(depth, depth)) / np.sqrt(depth) + np.eye(depth)
+    weight = rng.normal(size=(8, depth)).astype(np.float32)
+    node = helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)
+    layout = WeightLayout(out_axis=0, in_axis=1)
+    nearest = quantize_weight(
+        weight, layout, Granularity.parse("channel"), RangeRule("minmax"), P.IntRange.signed(3)
+    )
+    unseen = rng.normal(size=(4096, depth)) @ mixing
+
+    def error(quantized, x) -> float:
+        return float(np.sum(((weight - quantized.dequantize()).astype(np.float64) @ x.T) ** 2))
+
+    for rows, wins_on_unseen in ((depth // 2, False), (rounding.MIN_ROWS_PER_INPUT * depth, True)):
+        seen = (rng.normal(size=(rows, depth)) @ mixing).astype(np.float32)
+        correlation = input_correlation(node, weight, [seen])
+        assert (too_few_rows(correlation) is None) == wins_on_unseen
+        rounded = gptq_round(weight, nearest, factor(correlation.gram), node, layout)
+        assert error(rounded, seen) < error(nearest, seen)
+        assert (error(rounded, unseen) < error(nearest, unseen)) == wins_on_unseen
 
 
 def test_uncorrelated_inputs_give_nearest_rounding():
@@ -182,7 +228,7 @@ def test_depthwise_groups_are_rounded_each_against_its_own_inputs():
     x[:, 1] *= 50.0  # one loud channel
     weight = rng.normal(size=(4, 1, 3, 3)).astype(np.float32)
     node = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1] * 4, group=4)
-    correlation = input_correlation(node, weight, [x])
+    correlation = input_correlation(node, weight, [x]).gram
     assert correlation.shape == (4, 9, 9)
     nearest = quantize_weight(
         weight, CONV_LAYOUT, Granularity.parse("channel"), RangeRule("minmax"), P.IntRange.signed(3)
