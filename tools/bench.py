@@ -10,7 +10,15 @@ Suites (each rewrites only its own section of BENCHMARKS.md):
     reparam  the re-parameterized models of models/: unfused, fused, W8A8 (issue 3)
     lowbit   2-8 bits x granularity x weight range rule (issue 4)
     calib    scales chosen by error: mse, mae, pd, bias correction (issue 5)
+    refine   rounding refinement: learned rounding and activation steps (issue 14)
+    rounding GPTQ weight rounding against nearest rounding (issue 14)
+    equalize cross-layer equalization against none (issues 13 and 14)
+    seeds    BatchNorm statistics: data-free calibration, distribution correction (issue 15)
+    qprep    merged re-parameterized models: refinement and QPRep (issue 15)
     zoo      real exported models of tools/build_zoo.py: tools/zoo_bench.py, which this runs
+
+Repeated calibration draws: tools/bench_draws.py. Defaults are chosen on held-out calibration
+images by the tools/choose_*.py scripts (their rows: tools/held_out.py), never here.
 
     .venv/bin/python tools/bench.py w8a8 [--models resnet20_cifar10 ...] [--out BENCHMARKS.md]
 """
@@ -26,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -415,41 +423,6 @@ def held_out_split(name: str) -> tuple[np.ndarray, np.ndarray]:
         return cifar_split(1017).calib[512:], np.load(SHARED / "data/cifar10/train-1017.npz")["y"][512:]
     pool = imagenet_split()
     return pool.calib[LOW_BIT_SAMPLES:], np.arange(0, 2 * len(pool.calib), 2)[LOW_BIT_SAMPLES:]
-
-
-def held_out_row(name: str, config: onnxq.QuantConfig, held: tuple, reference: np.ndarray) -> dict:
-    """`onnxq.quantize` on the protocol's 256 calibration images, timed, scored against float on
-    held-out calibration images (the tools/choose_*.py rows)."""
-    calib = split_for(name, LOW_BIT_SAMPLES).calib
-    start = time.perf_counter()
-    result = onnxq.quantize(model_path(name), calib, config)
-    seconds = time.perf_counter() - start
-    top1, agreement, kl = score(result.model, Split(calib, *held), reference)
-    return {"kl": kl, "agreement": agreement, "top1": top1, "seconds": seconds}
-
-
-def printed_held_out_rows(log: Path, labels: Iterable[str]) -> dict[str, tuple[str, float]]:
-    """Rows of a tools/choose_*.py table a killed run printed, whose third cell is one of
-    `labels`: their key ("| model | setting | label |") → (the row, its held-out KL)."""
-    rows = {}
-    for line in log.read_text().splitlines():
-        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if len(cells) == 7 and cells[2] in labels:
-            rows[f"| {cells[0]} | {cells[1]} | {cells[2]} |"] = (line.strip(), float(cells[3]))
-    return rows
-
-
-def held_out_table_row(key: str, done: dict[str, tuple[str, float]], measure: Callable[[], dict]):
-    """(row, held-out KL) of a tools/choose_*.py table: reused from `done` (printed_held_out_rows)
-    or measured now by `measure` (a held_out_row)."""
-    if key in done:
-        return done[key]
-    result = measure()
-    line = (
-        f"{key} {result['kl']:.4f} | {100 * result['agreement']:.2f} | "
-        f"{100 * result['top1']:.2f} | {result['seconds']:.0f} |"
-    )
-    return line, result["kl"]
 
 
 def held_out_scored(held: tuple[np.ndarray, np.ndarray], label: str, flags: list[str]) -> Callable:

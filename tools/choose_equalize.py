@@ -22,6 +22,7 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench
+import held_out
 
 from onnxq.config import CalibrationMethod, QuantConfig
 
@@ -44,7 +45,7 @@ def held_out_scores(name: str, setting: tuple[int, int, str], equalize: bool, he
         equalize=equalize,
         speed_check=False,
     )
-    return bench.held_out_row(name, config, held, reference)
+    return held_out.row(name, config, held, reference)
 
 
 def main() -> None:
@@ -53,7 +54,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(SETTINGS))
     parser.add_argument("--resume", type=Path, help="a log of this tool's printed rows to reuse")
     args = parser.parse_args()
-    done = bench.printed_held_out_rows(args.resume, ("on", "off")) if args.resume else {}
+    done = held_out.printed_rows(args.resume, ("on", "off")) if args.resume else {}
     lines = [
         "## Cross-layer equalization's default, chosen on held-out calibration images",
         "",
@@ -79,7 +80,7 @@ def main() -> None:
             narrow = setting[1] < 8
             for equalize in (False, True):
                 key = f"| {name} | W{setting[0]}A{setting[1]} {setting[2]} | {'on' if equalize else 'off'} |"
-                line, kl[equalize] = bench.held_out_table_row(
+                line, kl[equalize] = held_out.table_row(
                     key, done, functools.partial(held_out_scores, name, setting, equalize, held, reference)
                 )
                 logs[narrow, equalize].append(float(np.log(kl[equalize])))

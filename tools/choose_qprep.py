@@ -20,6 +20,7 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench
+import held_out
 
 from onnxq.config import CalibrationMethod, QuantConfig
 
@@ -41,7 +42,7 @@ def held_out_scores(
         qprep=qprep,
         speed_check=False,
     )
-    return bench.held_out_row(name, config, held, reference)
+    return held_out.row(name, config, held, reference)
 
 
 def main() -> None:

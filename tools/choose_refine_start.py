@@ -25,6 +25,7 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench
+import held_out
 
 from onnxq.config import CalibrationMethod, QuantConfig
 
@@ -43,7 +44,7 @@ def held_out_scores(name: str, widths: tuple[int, int], start: str, held, refere
         weight_rounding=STARTS[start],
         time_budget=float(bench.REFINE_BUDGETS[name]) if name in bench.REFINE_BUDGETS else None,
     )
-    return bench.held_out_row(name, config, held, reference)
+    return held_out.row(name, config, held, reference)
 
 
 def main() -> None:
@@ -52,7 +53,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(SETTINGS))
     parser.add_argument("--resume", type=Path, help="a log of this tool's printed rows to reuse")
     args = parser.parse_args()
-    done = bench.printed_held_out_rows(args.resume, STARTS) if args.resume else {}
+    done = held_out.printed_rows(args.resume, STARTS) if args.resume else {}
     lines = [
         "## Where refinement's rounding starts, chosen on held-out calibration images",
         "",
@@ -79,7 +80,7 @@ def main() -> None:
             narrow = widths[0] < 4
             for start in STARTS:
                 key = f"| {name} | W{widths[0]}A{widths[1]} mse + --refine | {start} |"
-                line, kl[start] = bench.held_out_table_row(
+                line, kl[start] = held_out.table_row(
                     key, done, functools.partial(held_out_scores, name, widths, start, held, reference)
                 )
                 logs[narrow, start].append(float(np.log(kl[start])))

@@ -80,8 +80,7 @@ def reconstruct(
     """Refine every unit in order; returns what happened to each."""
     torch.manual_seed(settings.seed)
     mirror.requires_grad_(False)  # each unit turns on its own parameters while it learns
-    generator = torch.Generator().manual_seed(settings.seed)
-    masks = np.random.default_rng(settings.seed)  # QDrop's random masks (random_mask)
+    random = _Random.seeded(settings.seed)
     count = len(next(iter(data.values())))
     with torch.no_grad():
         floating = _Batches(mirror.quantize_inputs(data, False), count)
@@ -94,9 +93,7 @@ def reconstruct(
             targets = _run_all(mirror, unit, floating, quantized=False)
         remaining = None if deadline is None else (deadline - time.monotonic()) / (len(units) - position)
         segments = [(later.begin, later.end) for later in units[position + 1 :]]
-        job = _UnitJob(
-            mirror, unit, settings, (generator, masks), quantized, floating, targets, logits, segments
-        )
+        job = _UnitJob(mirror, unit, settings, random, quantized, floating, targets, logits, segments)
         progress.stage(
             f"refine {position + 1}/{len(units)}: {unit.describe(mirror)}", total=settings.iterations
         )
@@ -150,14 +147,26 @@ def _float_logits(mirror: Mirror, floating: _Batches, count: int) -> torch.Tenso
     return logits if logits.dim() == 2 and logits.shape[0] == count and logits.shape[1] > 1 else None
 
 
+@dataclass(frozen=True)
+class _Random:
+    """The draws of one refinement, from its seed: the same seed gives the same file."""
+
+    batches: torch.Generator  # which samples each iteration learns on
+    masks: np.random.Generator  # QDrop's random masks (random_mask: numpy's bytes are cheaper)
+
+    @classmethod
+    def seeded(cls, seed: int) -> _Random:
+        return cls(torch.Generator().manual_seed(seed), np.random.default_rng(seed))
+
+
 class _UnitJob:
     """One unit's learning: its parameters, its loss, its schedule."""
 
     def __init__(
-        self, mirror, unit, settings, generators, quantized, floating, targets, logits, segments
-    ) -> None:
+        self, mirror, unit, settings, random: _Random, quantized, floating, targets, logits, segments
+    ):
         self.mirror, self.unit, self.settings = mirror, unit, settings
-        self.generator, self.masks = generators  # torch's picks batches, numpy's draws QDrop's masks
+        self.random = random
         self.segments = segments  # the later units' node ranges: the blocks of pd's remainder
         self.quantized, self.floating, self.targets, self.logits = quantized, floating, targets, logits
         self.loss = settings.loss if settings.loss != "pd" or logits is not None else "mse"
@@ -231,19 +240,21 @@ class _UnitJob:
             weight.soft = on
         for quantizer in self.steps:
             quantizer.drop = self.settings.qdrop if on else 0.0
-            quantizer.random = self.masks
+            quantizer.random = self.random.masks
             quantizer.train(on)
 
     def _batch_loss(self) -> torch.Tensor:
         index = torch.randint(
-            self.quantized.count, (min(self.settings.batch, self.quantized.count),), generator=self.generator
+            self.quantized.count,
+            (min(self.settings.batch, self.quantized.count),),
+            generator=self.random.batches,
         )
         inputs = self.quantized.take(index)
         if self.settings.qdrop > 0:
             floating = self.floating.take(index)
             for name, value in inputs.items():
                 if value.is_floating_point() and value.shape == floating[name].shape:
-                    keep = random_mask(value.shape, self.settings.qdrop, self.masks).to(value.device)
+                    keep = random_mask(value.shape, self.settings.qdrop, self.random.masks).to(value.device)
                     inputs[name] = torch.where(keep, floating[name], value)
         return self._loss(inputs, self.targets.take(index), index)
 

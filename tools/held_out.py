@@ -1,0 +1,52 @@
+"""The tools/choose_*.py scripts' rows: a setting quantized on the protocol's 256 calibration
+images and scored against float on held-out calibration images (`bench.held_out_split`, never the
+evaluation split), one table row each, and the rows a killed run printed, to resume it."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench
+
+import onnxq
+
+
+def row(name: str, config: onnxq.QuantConfig, held: tuple, reference: np.ndarray) -> dict:
+    """`onnxq.quantize` on the protocol's 256 calibration images, timed, scored against float on
+    held-out calibration images (the tools/choose_*.py rows)."""
+    calib = bench.split_for(name, bench.LOW_BIT_SAMPLES).calib
+    start = time.perf_counter()
+    result = onnxq.quantize(bench.model_path(name), calib, config)
+    seconds = time.perf_counter() - start
+    top1, agreement, kl = bench.score(result.model, bench.Split(calib, *held), reference)
+    return {"kl": kl, "agreement": agreement, "top1": top1, "seconds": seconds}
+
+
+def printed_rows(log: Path, labels: Iterable[str]) -> dict[str, tuple[str, float]]:
+    """Rows of a tools/choose_*.py table a killed run printed, whose third cell is one of
+    `labels`: their key ("| model | setting | label |") → (the row, its held-out KL)."""
+    rows = {}
+    for line in log.read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 7 and cells[2] in labels:
+            rows[f"| {cells[0]} | {cells[1]} | {cells[2]} |"] = (line.strip(), float(cells[3]))
+    return rows
+
+
+def table_row(key: str, done: dict[str, tuple[str, float]], measure: Callable[[], dict]):
+    """(row, held-out KL) of a tools/choose_*.py table: reused from `done` (printed_rows)
+    or measured now by `measure` (a `row`)."""
+    if key in done:
+        return done[key]
+    result = measure()
+    line = (
+        f"{key} {result['kl']:.4f} | {100 * result['agreement']:.2f} | "
+        f"{100 * result['top1']:.2f} | {result['seconds']:.0f} |"
+    )
+    return line, result["kl"]
