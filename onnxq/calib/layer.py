@@ -58,12 +58,11 @@ class LayerProbe:
         inputs = (q for q, _ in paired_batches(values, values, self.sweep.settings.batch_size))
         correlation = input_correlation(self.node, self.weight, inputs)
         reason = too_few_rows(correlation)
-        if reason:
-            return reason
-        self.factored = factor(correlation.gram)
-        self._rounded.clear()
+        if reason is None:
+            self.factored = factor(correlation.gram)
+            self._rounded.clear()
         return_free_pages()  # the patches, tens of MB per batch, would otherwise stay resident
-        return None
+        return reason
 
     def release_rounding(self) -> None:
         """Free H and GPTQ's results (a detector layer's H takes hundreds of MB)."""

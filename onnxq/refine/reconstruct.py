@@ -164,7 +164,7 @@ class _UnitJob:
 
     def __init__(
         self, mirror, unit, settings, random: _Random, quantized, floating, targets, logits, segments
-    ):
+    ) -> None:
         self.mirror, self.unit, self.settings = mirror, unit, settings
         self.random = random
         self.segments = segments  # the later units' node ranges: the blocks of pd's remainder
