@@ -349,6 +349,8 @@ class _Sweep:
         return float("nan")
 
     def _prepare_rounding(self, layer: LayerProbe, quantized: Arrays) -> None:
+        if layer.spec.name in self.nearest:  # refused once (op, size, too few rows): pd's revisit
+            return  # reads no more samples, and would measure H only to refuse it again
         reason = layer.prepare_rounding(quantized)
         if reason:
             self.nearest[layer.spec.name] = reason
