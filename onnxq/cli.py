@@ -296,7 +296,9 @@ def main() -> None:
     help="Cross-layer equalization: where a layer's output reaches a depthwise conv through Relu, "
     "ReLU6 or nothing, move its channels' range differences into the two layers' per-channel "
     "weights, so that one activation scale serves every channel [default: on with 6- and 7-bit "
-    "activations and per-channel weights].",
+    "activations and per-channel weights]. The moves across a float op (a conv output read only "
+    "by float ops such as HardSwish, a depthwise conv's input behind a Mul/Div by a constant) are "
+    "made at every width unless --no-equalize.",
 )
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
 @click.option(

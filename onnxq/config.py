@@ -409,6 +409,18 @@ class QuantConfig:
         return 6 <= self.lowest_activation_bits < 8 if self.equalize is None else self.equalize
 
     @property
+    def rescales_float_sides(self) -> bool:
+        """Default: on at every width wherever weights have a scale per output channel. Moves
+        across a float op (a Conv output only float ops read, a depthwise input behind a Mul/Div
+        by a constant) change nothing an integer kernel computes but the activation's rounding,
+        and what they fix is no question of levels: PP-PicoDet's stem has channels 340× narrower
+        than its widest, which its depthwise conv multiplies by 72; at W8A8 the layout detector's
+        lowest output went 1.3 → 16.6 dB (tools/zoo_bench.py)."""
+        if self.granularity.kind != "channel":
+            return False
+        return self.equalize is not False
+
+    @property
     def lowest_activation_bits(self) -> int:
         widths = [self.activation_bits, *(o.activation_bits for o in self.overrides if o.activation_bits)]
         return min(widths)

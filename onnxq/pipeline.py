@@ -284,7 +284,7 @@ EQUALIZE_BYTES = 128 << 20  # of them held at once at most (a 640×640 detector:
 def _equalized(prepared: FuseResult, stream, config: QuantConfig, progress: Progress, notes: list[str]):
     """The float model with its layer pairs' channels equalized (config.equalizes), the BatchNorm
     statistics rescaled with it, and the stream with the samples it looked at put back."""
-    if not config.equalizes:
+    if not config.equalizes and not config.rescales_float_sides:
         return prepared.model, prepared.statistics, stream
     progress.stage("equalize")
     peeked, stream = peek_samples(stream, EQUALIZE_SAMPLES, EQUALIZE_BYTES)
@@ -292,7 +292,9 @@ def _equalized(prepared: FuseResult, stream, config: QuantConfig, progress: Prog
     def per_channel(node) -> bool:
         return config.layer_settings(node.name, node.op_type).granularity.kind == "channel"
 
-    equalized = equalize_channels(prepared.model, peeked, prepared.statistics, per_channel)
+    equalized = equalize_channels(
+        prepared.model, peeked, prepared.statistics, per_channel, layer_pairs=config.equalizes
+    )
     notes += equalized.notes
     return equalized.model, equalized.statistics, stream
 
