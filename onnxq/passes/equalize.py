@@ -80,7 +80,7 @@ FLOAT_SIDE_MAX_SCALE = 1024.0
 # Channels across a float op are lined up to half the widest: room for new inputs wider than the
 # calibration samples. Chosen on held-out calibration samples (tools/choose_float_side.py: worst
 # output SQNR, mean over PP-PicoDet, PP-OCRv4 det and MobileNetV3 at W8A8: 13.6 dB lined up
-# fully, 14.0 at half, 13.3 at a quarter, 9.5 without the moves).
+# fully, 14.0 at half, 13.2 at a quarter, 9.5 without the moves).
 FLOAT_SIDE_HEADROOM = 2.0
 
 
