@@ -35,7 +35,8 @@ TARGETS = (0.999, 30.0)  # the issue's W8A8 targets for detector and segmentatio
 # Lowest (cosine, SQNR dB) per model at W8A8 default, on the test's samples: measured, then rounded
 # down with a margin. Raise them as the quantizer improves; never lower them to make a test pass.
 FLOORS: dict[str, tuple[float, float]] = {
-    "ppocr_det_v4": (0.98, 15.0),  # measured 0.990 / 17.1
+    "ppocr_det_v4": (0.985, 16.0),  # measured 0.990 / 17.1; 0.994 / 19.1 with moves across float ops
+    "picodet_layout": (0.95, 10.0),  # 0.965 / 11.5 (scores of the first stride)
     "ppocr_cls_v2": (0.999, 30.0),  # 1.00000 / 73.9
     "yolov8n_nudenet": (0.93, 7.0),  # scores 0.951 / 9.1, boxes 0.9992 / 27.9
     "yolox_ddddocr": (0.975, 14.0),  # boxes 0.987 / 15.9, scores 0.996 / 21.0

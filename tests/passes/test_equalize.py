@@ -177,6 +177,45 @@ def test_equalization_runs_at_6_and_7_bit_activations_with_per_channel_weights()
     assert not onnxq.QuantConfig(granularity="tensor", equalize=True).equalizes
 
 
+@pytest.mark.parametrize(
+    ("shape", "found"),
+    [((), True), ((1,), True), ((8, 1, 1), True), ((1, 8, 1, 1), True), ((1, 1, 1, 6), False), ((8,), False)],
+)
+def test_a_scaler_is_a_mul_by_one_value_or_one_per_channel(shape, found):
+    """A constant that varies along another axis than the channels (a (C,) vector broadcasts on
+    the width) cannot carry a per-channel scale."""
+    rng = np.random.default_rng(0)
+    initializers = [
+        numpy_helper.from_array(rng.uniform(0.5, 2, shape).astype(np.float32), "c"),
+        numpy_helper.from_array(rng.standard_normal((8, 1, 3, 3)).astype(np.float32), "w"),
+    ]
+    nodes = [
+        helper.make_node("Mul", ["input", "c"], ["m"], name="scale"),
+        helper.make_node("Conv", ["m", "w"], ["z"], group=8, pads=[1, 1, 1, 1], name="depthwise"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "scaler",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 8, 6, 6])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    pairs = find_pairs(to_ir(model).graph)
+    assert [p.constant_input for p in pairs] == ([1] if found else [])
+    if found:
+        x = rng.standard_normal((2, 8, 6, 6)).astype(np.float32)
+        spread = (x * 10 ** rng.uniform(-2, 1, (1, 8, 1, 1))).astype(np.float32)
+        equalized = equalize_channels(model, [{"input": spread}])
+        assert equalized.pairs == 1
+        np.testing.assert_allclose(
+            session(equalized.model, optimize=False).run(None, {"input": x})[0],
+            session(model, optimize=False).run(None, {"input": x})[0],
+            rtol=1e-4,
+            atol=1e-5,
+        )
+
+
 def test_moves_across_float_ops_run_at_every_width_unless_turned_off():
     assert onnxq.QuantConfig().rescales_float_sides
     assert onnxq.QuantConfig(weight_bits=4, activation_bits=4).rescales_float_sides
