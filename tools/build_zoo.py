@@ -558,7 +558,7 @@ def export_dynamo(module, example, target: Path, *, opset: int, dynamic: dict, o
 @dataclass(frozen=True)
 class Entry:
     name: str
-    kind: str  # classifier | detector | segmentation
+    kind: str  # classifier | detector | segmentation | sequence (class scores per position)
     exporter: str
     origin: str
     licence: str
@@ -607,6 +607,17 @@ def _ppocr_cls_data(zoo: Path) -> tuple[dict, dict]:
     x, _ = make("calib", 32, 3)
     ex, ey = make("eval", 128, 4)
     return {"x": x}, {"x": ex, "y": ey}
+
+
+def _ppocr_rec_data(zoo: Path) -> tuple[dict, dict]:
+    """Text lines as PaddleOCR's recognizer reads them: height 48, padded on the right to 320."""
+
+    def make(split, count, seed):
+        rng = np.random.default_rng(seed)
+        lines = [pad_line(text_crop(rng, image), 48, 320) for image, _ in photos(split, count, seed)]
+        return normalised(lines, (0.5,) * 3, (0.5,) * 3, bgr=True)
+
+    return {"x": make("calib", 64, 9)}, {"x": make("eval", 64, 10)}
 
 
 def _picodet_layout_data(zoo: Path) -> tuple[dict, dict]:
@@ -838,6 +849,19 @@ ZOO: list[Entry] = [
         "MatMul + Softmax head; labels: 0 upright text line, 1 turned by 180°",
         _from_wheel(RAPIDOCR, "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
         _ppocr_cls_data,
+    ),
+    Entry(
+        "ppocr_rec_v4",
+        "sequence",
+        "paddle2onnx (PaddleOCR PP-OCRv4 mobile text recognizer)",
+        f"PyPI {RAPIDOCR}: rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+        "Apache-2.0 (RapidOCR, PaddleOCR)",
+        "NCHW 48×320, BGR, (x/255-0.5)/0.5, dynamic batch and width",
+        "SVTR-LCNet: PP-LCNetV3 backbone (hard-swish op by op, learnable affine after it), an SVTR neck "
+        "with attention (MatMul of activations, Softmax) and LayerNorm written as ReduceMean/Pow/Sqrt, "
+        "a CTC head: per-position softmax over 6625 characters [N,40,6625]; text lines drawn here",
+        _from_wheel(RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"),
+        _ppocr_rec_data,
     ),
     Entry(
         "picodet_layout",

@@ -152,13 +152,13 @@ def zoo_measure(
     names = [o.name for o in float_model.graph.output]
     sample = {k: v[:batch] if batch == 1 else v[:1] for k, v in feed.items()}
     reference = zoo_outputs(float_model, feed, batch)
-    classifier = entry["kind"] == "classifier"
+    classifier = entry["kind"] in CLASS_SCORES
 
     def scored(row: ZooRow, model: onnx.ModelProto, outputs: list[np.ndarray]) -> ZooRow:
         row.fidelity = zoo_fidelity(entry, names, reference, outputs)
         if classifier:
-            predicted = outputs[0].reshape(len(outputs[0]), -1).argmax(1)
-            row.agreement = float((predicted == reference[0].reshape(len(predicted), -1).argmax(1)).mean())
+            predicted, expected = _predictions(entry, outputs[0]), _predictions(entry, reference[0])
+            row.agreement = float((predicted == expected).mean())
             row.top1 = float((predicted == labels).mean()) if labels is not None else None
         row.size_kb = len(model.SerializeToString()) / 1024
         row.kernels = kernel_summary(model)
@@ -190,6 +190,18 @@ def zoo_measure(
     for row, milliseconds in zip(timed, side_by_side_ms(models, sample), strict=True):
         row.latency_ms = milliseconds
     return rows
+
+
+# kinds whose first output holds class scores: one row per sample, or one per position of a
+# sequence (a CTC recognizer: its agreement is per character position)
+CLASS_SCORES = ("classifier", "sequence")
+
+
+def _predictions(entry: dict, scores: np.ndarray) -> np.ndarray:
+    """Argmax class per sample (classifier) or per sample and position (sequence)."""
+    if entry["kind"] == "sequence":
+        return scores.argmax(-1)
+    return scores.reshape(len(scores), -1).argmax(1)
 
 
 def _onnxruntime_zoo(path: Path, calib: Path, inputs: list[str], batch: int) -> tuple[onnx.ModelProto, float]:
@@ -251,7 +263,7 @@ def zoo_markdown(entry: dict, rows: list[ZooRow]) -> str:
         "",
     ]
     labels = list(dict.fromkeys(k for r in rows for k in r.fidelity))  # outputs, then their parts
-    classifier = entry["kind"] == "classifier"
+    classifier = entry["kind"] in CLASS_SCORES
     header = ["setting"] + [f"{k} cosine / SQNR dB" for k in labels]
     header += ["top-1 %", "agreement %"] if classifier else []
     header += ["latency ms", "×float", "calib. s", "peak MB", "size KB", "kernels"]
@@ -315,7 +327,7 @@ def zoo_summary(results: dict[str, tuple[dict, list[ZooRow]]]) -> str:
             if entry["kind"] == "classifier" and w8.top1 is not None and base.top1 is not None:
                 delta = f"{100 * (w8.top1 - base.top1):+.1f}"
                 target = "met" if base.top1 - w8.top1 <= 0.01 else "missed"
-            elif entry["kind"] == "classifier":
+            elif entry["kind"] in CLASS_SCORES:
                 delta = f"agreement {100 * (w8.agreement or 0):.1f} %"
             else:
                 ok = all(c >= 0.999 and s >= 30 for c, s in w8.fidelity.values())
