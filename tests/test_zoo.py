@@ -1,6 +1,7 @@
 """The zoo of real exported models (tools/build_zoo.py) quantized at W8A8 by `onnxq quantize`.
 
-Each model of the zoo's manifest is quantized with the default settings on a few of its
+Each model of the zoo's manifest (those in SLOW only with ONNXQ_ZOO_SLOW=1) is quantized with
+the default settings on a few of its
 calibration samples, must load and run in onnxruntime with the float model's output names,
 shapes and dtypes, and must keep a fidelity floor (cosine similarity and SQNR against the float
 model on evaluation samples, per output and per part of detector outputs). The floors are what
@@ -28,6 +29,11 @@ from onnxq.io import session
 ZOO = Path(os.environ.get("ONNXQ_ZOO") or Path.home() / ".cache" / "onnxq" / "zoo").expanduser()
 MANIFEST = ZOO / "zoo.json"
 CALIBRATION_SAMPLES = 8  # also --max-samples below
+# Models whose W8A8 test takes over a minute on 2 cores, run only with ONNXQ_ZOO_SLOW=1 (the suite
+# keeps to 10 minutes; tools/zoo_bench.py measures them): PP-PicoDet, 800×608 at batch 1, 82 s on
+# an AVX-512 EPYC, most of it the fidelity fallback's per-layer costs and the range scan over 102
+# layers, which run because it stays below the warning threshold (fewer samples: 72 s, 9.1 dB)
+SLOW = ("picodet_layout",)
 EVALUATION_SAMPLES = 16
 SMALL_SIDE = 320  # models with dynamic height and width are tested at this size (fewer pixels, faster)
 TARGETS = (0.999, 30.0)  # the issue's W8A8 targets for detector and segmentation outputs
@@ -36,7 +42,7 @@ TARGETS = (0.999, 30.0)  # the issue's W8A8 targets for detector and segmentatio
 # down with a margin. Raise them as the quantizer improves; never lower them to make a test pass.
 FLOORS: dict[str, tuple[float, float]] = {
     "ppocr_det_v4": (0.985, 16.0),  # measured 0.990 / 17.1; 0.994 / 19.1 with moves across float ops
-    "picodet_layout": (0.95, 10.0),  # 0.965 / 11.5 (scores of the first stride)
+    "picodet_layout": (0.95, 10.0),  # 0.965 / 11.5 (scores of the first stride); run in SLOW only
     "ppocr_rec_v4": (0.97, 12.0),  # 0.982 / 14.3, 97 % of character positions agree
     "ppocr_cls_v2": (0.999, 30.0),  # 1.00000 / 73.9
     "yolov8n_nudenet": (0.93, 7.0),  # scores 0.951 / 9.1, boxes 0.9992 / 27.9
@@ -67,7 +73,8 @@ def _params(only: tuple[str, ...] = ()):
     if not models:
         reason = f"no {'/'.join(only) or 'zoo'} at {ZOO} (build it with tools/build_zoo.py)"
         return [pytest.param(None, id="zoo", marks=pytest.mark.skip(reason=reason))]
-    return [pytest.param(m, id=m["name"]) for m in models]
+    slow = pytest.mark.skipif(not os.environ.get("ONNXQ_ZOO_SLOW"), reason="over a minute: ONNXQ_ZOO_SLOW=1")
+    return [pytest.param(m, id=m["name"], marks=[slow] if m["name"] in SLOW else []) for m in models]
 
 
 @pytest.fixture(scope="module")
