@@ -1,10 +1,10 @@
 """The zoo of real exported models (tools/build_zoo.py) quantized at W8A8 by `onnxq quantize`.
 
 Each model of the zoo's manifest (those in SLOW only with ONNXQ_ZOO_SLOW=1) is quantized with
-the default settings on a few of its
-calibration samples, must load and run in onnxruntime with the float model's output names,
-shapes and dtypes, and must keep a fidelity floor (cosine similarity and SQNR against the float
-model on evaluation samples, per output and per part of detector outputs). The floors are what
+the default settings on a few of its calibration samples, must load and run in onnxruntime with
+the float model's output names, shapes and dtypes, and must keep a fidelity floor (cosine
+similarity and SQNR against the float model on evaluation samples, per output and per part of
+detector outputs). The floors are what
 the quantizer reaches today, a little below; the issue's targets (cosine ≥ 0.999, SQNR ≥ 30 dB)
 are in TARGETS and BENCHMARKS.md tells which models miss them. The measured figures are printed
 at the end of the run. Skips cleanly when the zoo has not been built (`tools/build_zoo.py`;
