@@ -282,8 +282,9 @@ EQUALIZE_BYTES = 128 << 20  # of them held at once at most (a 640×640 detector:
 
 
 def _equalized(prepared: FuseResult, stream, config: QuantConfig, progress: Progress, notes: list[str]):
-    """The float model with its layer pairs' channels equalized (config.equalizes), the BatchNorm
-    statistics rescaled with it, and the stream with the samples it looked at put back."""
+    """The float model with its layer pairs' channels equalized (config.equalizes) and its
+    channels moved across float ops (config.rescales_float_sides), the BatchNorm statistics
+    rescaled with it, and the stream with the samples it looked at put back."""
     if not config.equalizes and not config.rescales_float_sides:
         return prepared.model, prepared.statistics, stream
     progress.stage("equalize")

@@ -54,6 +54,7 @@ FLOORS: dict[str, tuple[float, float]] = {
     "dbnet_640": (0.99, 17.0),  # 0.9946 / 19.7
 }
 DEFAULT_FLOOR = (0.95, 10.0)  # a model added to the zoo before its floor is measured
+CLASS_SCORES = ("classifier", "sequence")  # kinds scored by agreement (a sequence: per position)
 
 # Models onnxq cannot quantize yet: name → a pattern of its one-line error. The test expects the
 # failure while it happens and checks the floor once it is fixed. (ppocr_cls_v2, whose batch
@@ -186,14 +187,13 @@ def test_w8a8_default_runs_and_keeps_fidelity(entry, tmp_path, report):
         }.items():
             cosine, sqnr = fidelity(r, q)
             measured.append((label, cosine, sqnr))
-    if entry["kind"] in ("classifier", "sequence"):  # a sequence: per position
+    if entry["kind"] in CLASS_SCORES:
         agreement = float((reference[0].argmax(-1) == outputs[0].argmax(-1)).mean())
         measured_text = f" top-1 agreement {100 * agreement:.0f} %"
     else:
         measured_text = ""
     text = "; ".join(f"{label} {c:.5f} / {s:.1f}" for label, c, s in measured)
-    scores = entry["kind"] in ("classifier", "sequence")
-    met = scores or all(c >= TARGETS[0] and s >= TARGETS[1] for _, c, s in measured)
+    met = entry["kind"] in CLASS_SCORES or all(c >= TARGETS[0] and s >= TARGETS[1] for _, c, s in measured)
     miss = "" if met else "  (below the issue's target)"
     report.append(f"{entry['name']}: {text}{measured_text}{miss}")
     for label, cosine, sqnr in measured:

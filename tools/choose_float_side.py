@@ -12,51 +12,45 @@ output SQNR decides, averaged over the models whose outputs are not saturated pr
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from zoo_bench import zoo_batch, zoo_dir, zoo_fidelity, zoo_manifest, zoo_outputs
+
 import onnxq
-from onnxq.io import session
 from onnxq.passes import equalize
 
-ZOO = Path.home() / ".cache" / "onnxq" / "zoo"
 MODELS = ["picodet_layout", "ppocr_det_v4", "mobilenet_v3_nhwc", "ppocr_cls_v2"]
 SATURATED = {"ppocr_cls_v2"}  # a 2-class softmax output: its SQNR is one borderline sample's
 HEADROOMS = [None, 1.0, 2.0, 4.0]  # None: the moves off
 
 
-def outputs(model: onnx.ModelProto | str, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """The model's outputs, one sample at a time (some zoo models have a fixed batch of 1)."""
-    run = session(onnx.load(model) if isinstance(model, str) else model)
-    count = len(next(iter(feed.values())))
-    rows = [run.run(None, {k: v[i : i + 1] for k, v in feed.items()}) for i in range(count)]
-    return [np.concatenate([row[j] for row in rows]).astype(np.float64) for j in range(len(rows[0]))]
-
-
-def sqnr(reference: np.ndarray, got: np.ndarray) -> float:
-    return float(10 * np.log10(np.sum(reference**2) / max(np.sum((reference - got) ** 2), 1e-30)))
-
-
-def measure(name: str, headroom: float | None) -> tuple[float, float | None, float]:
+def measure(entry: dict, headroom: float | None) -> tuple[float, float | None, float]:
     """Worst output SQNR on the held-out half, top-1 agreement of a 2-D output, seconds."""
-    data = dict(np.load(ZOO / f"{name}.calib.npz"))
+    zoo = zoo_dir()
+    with np.load(zoo / entry["calib"]) as archive:
+        data = {name: archive[name] for name in entry["inputs"]}
     count = len(next(iter(data.values())))
     fit = {k: v[: count // 2] for k, v in data.items()}
     held = {k: v[count // 2 :] for k, v in data.items()}
-    path = str(ZOO / f"{name}.onnx")
+    float_model = onnx.load(zoo / entry["file"])
     if headroom is not None:
         equalize.FLOAT_SIDE_HEADROOM = headroom
     config = onnxq.QuantConfig(
         equalize=False if headroom is None else None, speed_check=False, fidelity_fallback=False
     )
     start = time.perf_counter()
-    model = onnxq.quantize(path, fit, config).model
+    model = onnxq.quantize(str(zoo / entry["file"]), fit, config).model
     seconds = time.perf_counter() - start
-    reference, got = outputs(path, held), outputs(model, held)
-    worst = min(sqnr(r, g) for r, g in zip(reference, got, strict=True))
+    batch = zoo_batch(entry, count)
+    reference, got = zoo_outputs(float_model, held, batch), zoo_outputs(model, held, batch)
+    names = [output.name for output in float_model.graph.output]
+    worst = min(sqnr for _, sqnr in zoo_fidelity(entry, names, reference, got).values())
     agreement = None
     if reference[0].ndim == 2:
         agreement = float(np.mean(reference[0].argmax(1) == got[0].argmax(1)) * 100)
@@ -70,10 +64,11 @@ def main() -> None:
     print("| model | moves across float ops | worst SQNR dB | agreement % | s |")
     print("| --- | --- | ---: | ---: | ---: |")
     means: dict[str, list[float]] = {}
+    manifest = zoo_manifest()
     for name in args.models:
         for headroom in HEADROOMS:
             label = "off" if headroom is None else f"lined up to the widest ÷ {headroom:g}"
-            worst, agreement, seconds = measure(name, headroom)
+            worst, agreement, seconds = measure(manifest[name], headroom)
             shown = "" if agreement is None else f"{agreement:.1f}"
             print(f"| {name} | {label} | {worst:.1f} | {shown} | {seconds:.0f} |", flush=True)
             if name not in SATURATED:

@@ -193,14 +193,7 @@ def test_a_scaler_is_a_mul_by_one_value_or_one_per_channel(shape, found):
         helper.make_node("Mul", ["input", "c"], ["m"], name="scale"),
         helper.make_node("Conv", ["m", "w"], ["z"], group=8, pads=[1, 1, 1, 1], name="depthwise"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "scaler",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 8, 6, 6])],
-        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
-        initializers,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model = _graph_model(nodes, initializers, [None, 8, 6, 6])
     pairs = find_pairs(to_ir(model).graph)
     assert [p.constant_input for p in pairs] == ([1] if found else [])
     if found:
@@ -329,10 +322,15 @@ def _pair_model(rng, channels: int, groups: int, kernel: int, activation: str | 
             "Conv", ["a" if activation else "y", "w2"], ["z"], group=groups, pads=[pad] * 4, name="second"
         )
     )
+    return _graph_model(nodes, initializers, [None, 4, 6, 6])
+
+
+def _graph_model(nodes, initializers, input_shape: list) -> onnx.ModelProto:
+    """Nodes reading "input" (float, `input_shape`) and writing "z", at opset 17."""
     graph = helper.make_graph(
         nodes,
-        "pair",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 4, 6, 6])],
+        "equalize",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, input_shape)],
         [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
         initializers,
     )
