@@ -51,6 +51,7 @@ from onnxq.passes.equalize import equalize_channels
 from onnxq.passes.float32 import compute_in_float32
 from onnxq.passes.fold_affine import fold_affine
 from onnxq.passes.fold_bn import ChannelStatistics, FoldReport, fold_batchnorm
+from onnxq.passes.fuse_activations import fuse_activations, needs_opset
 from onnxq.passes.fuse_branches import FuseReport, fuse_branches
 from onnxq.passes.graph_utils import constant, constants_to_initializers, name_nodes
 from onnxq.passes.infer_types import infer_types
@@ -531,11 +532,19 @@ def fuse(
         notes.append(note)
     progress.stage("fold and fuse")
     graph_model = to_ir(infer_types(proto))
+    if raised := needs_opset(graph_model.graph, _opset(proto)):
+        proto = _convert_opset(proto, raised)
+        notes.append(f"opset raised to {raised} for HardSwish")
+        graph_model = to_ir(infer_types(proto))
     name_nodes(graph_model.graph)  # later stages rebuild the graph and refer to nodes by name
     constants_to_initializers(graph_model.graph)
     folded = fold_batchnorm(graph_model.graph)
     if folded.folded:
         notes.append(f"folded {len(folded.folded)} BatchNormalization nodes")
+    if activations := fuse_activations(graph_model.graph, _opset(proto)):
+        notes.append(
+            f"fused {activations} hard-swish/hard-sigmoid activations written op by op into one node each"
+        )
     if affine := fold_affine(graph_model.graph, folded.statistics):
         notes.append(f"folded {len(affine)} constant Mul/Add nodes into the layers before them")
     fused = fuse_branches(graph_model.graph) if merge_branches else FuseReport()

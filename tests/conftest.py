@@ -24,7 +24,13 @@ def brief_speed_comparisons(monkeypatch):
 
 
 def export(
-    module, example, *, keep_bn: bool = False, dynamic_batch: bool = True, outputs=("logits",)
+    module,
+    example,
+    *,
+    keep_bn: bool = False,
+    dynamic_batch: bool = True,
+    outputs=("logits",),
+    opset: int = 17,
 ) -> onnx.ModelProto:
     """Export a torch module (eval mode) with the TorchScript exporter, as users' files are made."""
     import torch
@@ -38,7 +44,7 @@ def export(
         input_names=["input"],
         output_names=list(outputs),
         dynamic_axes={name: {0: "batch"} for name in ("input", *outputs)} if dynamic_batch else None,
-        opset_version=17,
+        opset_version=opset,
         training=torch.onnx.TrainingMode.PRESERVE if keep_bn else torch.onnx.TrainingMode.EVAL,
         do_constant_folding=not keep_bn,
         dynamo=False,

@@ -28,12 +28,14 @@ evaluation split ResNet-56 W4A4 lost 1.5 points. So DENSE_STRENGTH is 0: dense p
 alone. Channels that never leave 0 keep s = 1, and no channel moves more than MAX_SCALE.
 
 Across a float op, two more moves need no homogeneous activation, because no activation sees
-the scale. An outlet (find_outlets) is a Conv whose output only float ops read (HardSwish, or
-x·Clip(x + 3, 0, 6)/6 written op by op as paddle2onnx does): its output is quantized per tensor
+the scale. An outlet (find_outlets) is a Conv whose output only float ops read (HardSwish,
+Add/Mul/Div by constants or by values computed from it): its output is quantized per tensor
 only for the Conv's integer kernel, so its channels take s in the Conv's weights and bias and a
 Mul by 1/s after the DequantizeLinear gives the float ops what they read before. A scaler is a
 Mul or Div by a constant whose output a depthwise Conv reads: s goes into the constant, 1/s
-into the Conv's weights. Neither changes anything an integer kernel computes but the activation's
+into the Conv's weights; where a float activation writes a depthwise Conv's input, an inlet
+(insert_inlets), a Mul by ones per channel, is put between them to be that scaler, and taken out
+again where no channel moves. None of these changes anything an integer kernel computes but the activation's
 rounding, so they are made at every width (QuantConfig.rescales_float_sides), up to
 FLOAT_SIDE_MAX_SCALE.
 """
@@ -54,7 +56,9 @@ from onnxq.io import to_ir, to_proto
 from onnxq.passes.fold_bn import ChannelStatistics
 from onnxq.passes.graph_utils import (
     attribute,
+    bypass,
     constant,
+    drop_unused_initializers,
     output_channel_axis,
     scaled_gemm,
     set_initializer,
@@ -71,6 +75,9 @@ SCALERS = ("Mul", "Div")
 # Ops with no integer kernel that may read a rescaled Conv output (an outlet): the Mul that
 # undoes the scale sits between two float ops and breaks no integer chain.
 FLOAT_READERS = ("Add", "Mul", "Div", "HardSwish", "HardSigmoid")
+# Float activations a depthwise conv may read through an inlet (insert_inlets): not homogeneous,
+# so no layer before them can take a channel's scale.
+INLET_SOURCES = ("HardSwish", "HardSigmoid", "Sigmoid", "Mul", "Add", "Div")
 DENSE_STRENGTH = 0.0  # dense consumers: the share of the range moved into their weights (0: none)
 MAX_SCALE = 32.0  # no channel scaled by more (a channel nearly always 0 would take any s)
 # Across a float boundary (outlets, Mul/Div scalers) nothing but the activation's quantizer sees
@@ -110,6 +117,7 @@ def equalize_channels(
     `statistics` (tensor → BatchNorm's, from folding) follow the producers' outputs they describe."""
     statistics = dict(statistics or {})
     graph_model = to_ir(model)
+    inlets = insert_inlets(graph_model.graph, per_channel)
     nodes = {node.name: node for node in graph_model.graph}
     pairs = [
         pair
@@ -126,11 +134,12 @@ def equalize_channels(
         if node.name not in paired and node.outputs[0].name not in paired and per_channel(node)
     ]
     if not pairs and not outlets:
-        return Equalized(model, statistics)
+        return Equalized(model, statistics)  # no inlet either: each would be a scaler pair
     axes = {pair.tensor: channel_axis(pair) for pair in pairs}
     axes |= {nodes[name].outputs[0].name: 1 for name in outlets}
+    observed = to_proto(graph_model) if inlets else model  # the inlets' outputs exist only here
     observers, _ = collect_observers(
-        model, list(axes), batches, lambda t: ChannelMaxObserver(axes[t]), Silent()
+        observed, list(axes), batches, lambda t: ChannelMaxObserver(axes[t]), Silent()
     )
     spread, applied, rescaled = 1.0, 0, 0
     moves = [(pair.producer, pair.tensor, pair) for pair in pairs]
@@ -152,6 +161,7 @@ def equalize_channels(
             rescaled += 1
         else:
             applied += 1
+    rescaled -= remove_idle_inlets(graph_model.graph, inlets)
     result = to_proto(graph_model)
     result.ir_version = model.ir_version
     return Equalized(result, statistics, applied + rescaled, spread, _notes(applied, rescaled, spread))
@@ -168,7 +178,8 @@ def _notes(applied: int, rescaled: int, spread: float) -> list[str]:
         notes.append(
             f"equalized the channels of {rescaled} tensor{'s' * (rescaled != 1)} across a float op "
             "(a conv output only float ops read, undone by a Mul after its dequantization; a "
-            "depthwise conv's input behind a Mul/Div by a constant), so one scale serves them all"
+            "depthwise conv's input behind a Mul/Div by a constant, or behind a float activation "
+            "through a Mul inserted for it), so one scale serves them all"
         )
     return notes
 
@@ -305,6 +316,52 @@ def rescale_output(graph: ir.Graph, producer: ir.Node, scales: np.ndarray) -> No
         if user is not mul:
             user.replace_input_with(index, restored)
     graph.insert_after(producer, mul)
+
+
+def insert_inlets(graph: ir.Graph, per_channel: Callable[[ir.Node], bool]) -> list[ir.Node]:
+    """A Mul by ones per channel before each per-channel depthwise Conv whose input only it reads
+    and a float activation (INLET_SOURCES) writes: a scaler the pass can then set like any other,
+    where no layer, homogeneous activation or constant Mul/Div sits in between to take the scale
+    (PP-PicoDet's HardSwish between a stem 340× narrower in some channels and the depthwise conv
+    that multiplies them by 72). Returns the Muls inserted."""
+    inserted = []
+    for node in list(graph):
+        if (
+            node.op_type != "Conv"
+            or node.domain != ""
+            or not _scalable_consumer(node)
+            or not _depthwise(node)
+        ):
+            continue
+        value = node.inputs[0]
+        source = value.producer() if value is not None else None
+        if source is None or source.domain != "" or source.op_type not in INLET_SOURCES:
+            continue
+        if single_consumer(value) is not node or not per_channel(node):
+            continue
+        if source.op_type in SCALERS and _constant_operand(source) is not None:
+            continue  # a scaler already
+        channels = constant(node.inputs[1]).shape[0]
+        ones = set_initializer(graph, f"{node.name}_inlet_scale", np.ones((channels, 1, 1), np.float32))
+        scaled = ir.Value(name=f"{value.name}_inlet", shape=value.shape, type=value.type)
+        mul = ir.Node("", "Mul", inputs=[value, ones], outputs=[scaled], name=f"{node.name}_inlet")
+        graph.insert_before(node, mul)
+        node.replace_input_with(0, scaled)
+        inserted.append(mul)
+    return inserted
+
+
+def remove_idle_inlets(graph: ir.Graph, inlets: list[ir.Node]) -> int:
+    """Take out the inlets whose scales stayed 1 (their channels already within the headroom);
+    returns how many."""
+    removed = 0
+    for mul in inlets:
+        scale = constant(mul.inputs[1])
+        if scale is not None and np.all(scale == 1.0):
+            bypass(graph, mul, mul.inputs[0])
+            removed += 1
+    drop_unused_initializers(graph)
+    return removed
 
 
 def _spread(maxima: np.ndarray) -> float:

@@ -20,6 +20,8 @@ from onnxq.passes.equalize import (
     equalize_channels,
     find_outlets,
     find_pairs,
+    insert_inlets,
+    remove_idle_inlets,
 )
 from onnxq.passes.fold_bn import ChannelStatistics
 from tests.conftest import export
@@ -255,9 +257,20 @@ def test_outlets_are_convs_only_float_ops_read(swish_model):
     graph = to_ir(swish_model).graph
     convs = [node.name for node in graph if node.op_type == "Conv"]
     assert [node.name for node in find_outlets(graph)] == convs[:2]  # project's output is the output
+    assert not [p for p in find_pairs(graph) if p.constant_input is not None]  # hard-swishes fused
+    # a Mul by ones goes before the depthwise conv only (the 1×1 one is dense: left alone)
+    inlets = insert_inlets(graph, lambda node: True)
+    assert [mul.outputs[0].consumers()[0].name for mul in inlets] == [convs[1]]
     scalers = [p for p in find_pairs(graph) if p.constant_input is not None]
-    # each hard-swish's Div by 6 feeds a conv: the depthwise one, and the 1×1 one (dense: left alone)
-    assert sorted(p.depthwise for p in scalers) == [False, True]
+    assert [(p.producer, p.depthwise) for p in scalers] == [(inlets[0].name, True)]
+
+
+def test_inlets_whose_channels_need_no_move_are_taken_out(swish_model):
+    graph = to_ir(swish_model).graph
+    inlets = insert_inlets(graph, lambda node: True)
+    count = len(list(graph))
+    assert remove_idle_inlets(graph, inlets) == 1
+    assert len(list(graph)) == count - 1 and "Mul" not in [node.op_type for node in graph]
 
 
 def test_moves_across_float_ops_compute_the_same_and_line_up_the_quantized_tensors(swish_model, data):
