@@ -43,3 +43,37 @@ def test_a_row_is_reused_when_printed_and_measured_otherwise():
     line, kl = held_out.table_row(other, done, measure)
     assert calls and kl == 0.01584
     assert line == f"{other} 0.0158 | 96.30 | 93.66 | 392 |"
+
+
+def test_the_fidelity_bound_quantizes_as_the_numpy_reference(small_model, calibration_data):
+    """tools/fidelity_bound.py: each layer's weights land on 8-bit per-channel levels (nearest,
+    the numpy reference's), and each layer's data input goes through the min-max QDQ it states."""
+    import numpy as np
+    import onnx
+    from fidelity_bound import observed_ranges, weighted_layers, with_quantized_inputs, with_rounded_weights
+    from onnx import numpy_helper
+
+    from onnxq.io import session
+    from onnxq.quant.primitives import IntRange, affine_params, dequantize, quantize
+
+    layers = weighted_layers(small_model)
+    assert [node.op_type for node, _, _ in layers] == ["Conv", "Conv", "Conv", "Gemm"]
+    stored = {i.name: numpy_helper.to_array(i) for i in small_model.graph.initializer}
+    rounded = {i.name: numpy_helper.to_array(i) for i in with_rounded_weights(small_model).graph.initializer}
+    weight = stored[layers[0][2]]
+    scale = np.abs(weight).reshape(len(weight), -1).max(1) / 127
+    levels = rounded[layers[0][2]] / scale[:, None, None, None]
+    np.testing.assert_allclose(levels, np.rint(weight / scale[:, None, None, None]), atol=1e-3)
+
+    feed = {"input": calibration_data[:8]}
+    ranges = observed_ranges(small_model, feed, 4, per_channel=False)
+    data = layers[1][1]
+    low, high = ranges[data]
+    quantized = with_quantized_inputs(small_model, ranges)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(quantized)
+    probe.graph.output.extend([onnx.ValueInfoProto(name=data), onnx.ValueInfoProto(name=f"{data}_bound")])
+    value, got = session(probe, optimize=False).run([data, f"{data}_bound"], feed)
+    target = IntRange.unsigned(8)
+    s, z = affine_params(low, high, target)
+    np.testing.assert_allclose(got, dequantize(quantize(value, s, z, target), s, z), atol=1e-6)
