@@ -150,6 +150,8 @@ def equalize_channels(
             continue
         scales = channel_scales(pair, maxima)
         spread = max(spread, _spread(maxima))
+        if pair is None and np.all(scales == 1.0):
+            continue  # an outlet whose channels need no move: no Mul to run
         produced = nodes[producer].outputs[0].name
         if produced in statistics:
             statistics[produced] = statistics[produced].affine(scales, np.zeros_like(scales))
