@@ -30,6 +30,7 @@ from onnxq.calib.data import (
     model_inputs,
     peek_samples,
     random_sample,
+    sequence_first,
 )
 from onnxq.calib.observers import HistogramObserver, MinMaxObserver, ScaleClipObserver
 from onnxq.calib.runner import collect_observers, fixed_batch
@@ -173,6 +174,7 @@ def quantize(
     searched = config.calibration.searched or config.corrects_bias or output_rule or config.rounds_by_gptq
     refined = extremes = None  # extremes: auto's min-max alternative, where nothing is searched or refined
     if searched or config.refine:
+        _refuse_sequence_first(inputs)
         data, samples = _gather(stream)
         ranges = {}
         if not config.calibration.searched:
@@ -313,6 +315,20 @@ def _refuse_quantized(model: onnx.ModelProto) -> None:
         raise OnnxqError(
             f"the model is already quantized ({found} QuantizeLinear, DequantizeLinear or integer "
             "nodes): give onnxq the float model it came from"
+        )
+
+
+def _refuse_sequence_first(inputs) -> None:
+    """The calibration sweep cuts its data into batches along the first axis, which a
+    sequence-first export (an LSTM's time steps) uses for something else."""
+    spec = sequence_first(inputs)
+    if spec is not None:
+        raise OnnxqError(
+            f"input {spec.name!r} has its first axis fixed at {spec.shape[0]} and a later one free, so "
+            "its batch is not on the first axis: the calibration sweep (--calib-method mse, mae or "
+            "pd; GPTQ rounding and bias correction, the defaults below 8-bit weights; --refine) cuts "
+            "data along the first axis; quantize it with 8-bit weights and --calib-method "
+            "auto, minmax or percentile, or export it batch-first"
         )
 
 

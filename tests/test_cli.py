@@ -300,6 +300,11 @@ def test_lstm_is_named_as_kept_in_float_and_sequences_are_not_called_samples(tmp
     assert result.exit_code == 0, result.output
     assert "kept in float" in result.output and "LSTM" in result.output
     assert "calibrated on 1 run of input 'x' (first axis fixed at 12)" in result.output
+    # the calibration sweep cuts data along the first axis: refused before any work, nothing written
+    swept = tmp_path / "tagger.mse.onnx"
+    result = run("quantize", model, "-o", swept, "--calib", data, "--calib-method", "mse")
+    assert result.exit_code == 1 and not swept.exists()
+    assert "batch is not on the first axis" in result.output and "Traceback" not in result.output
 
 
 def test_cifar10_preset_sizes_images_to_32(tmp_path):

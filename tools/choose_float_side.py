@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from zoo_bench import zoo_batch, zoo_dir, zoo_fidelity, zoo_manifest, zoo_outputs
+from zoo_bench import zoo_batch, zoo_calibration_halves, zoo_dir, zoo_fidelity, zoo_manifest, zoo_outputs
 
 import onnxq
 from onnxq.passes import equalize
@@ -33,11 +33,7 @@ HEADROOMS = [None, 1.0, 2.0, 4.0]  # None: the moves off
 def measure(entry: dict, headroom: float | None) -> tuple[float, float | None, float]:
     """Worst output SQNR on the held-out half, top-1 agreement of a 2-D output, seconds."""
     zoo = zoo_dir()
-    with np.load(zoo / entry["calib"]) as archive:
-        data = {name: archive[name] for name in entry["inputs"]}
-    count = len(next(iter(data.values())))
-    fit = {k: v[: count // 2] for k, v in data.items()}
-    held = {k: v[count // 2 :] for k, v in data.items()}
+    fit, held = zoo_calibration_halves(entry)
     float_model = onnx.load(zoo / entry["file"])
     if headroom is not None:
         equalize.FLOAT_SIDE_HEADROOM = headroom
@@ -47,7 +43,7 @@ def measure(entry: dict, headroom: float | None) -> tuple[float, float | None, f
     start = time.perf_counter()
     model = onnxq.quantize(str(zoo / entry["file"]), fit, config).model
     seconds = time.perf_counter() - start
-    batch = zoo_batch(entry, count)
+    batch = zoo_batch(entry, len(next(iter(held.values()))))
     reference, got = zoo_outputs(float_model, held, batch), zoo_outputs(model, held, batch)
     names = [output.name for output in float_model.graph.output]
     worst = min(sqnr for _, sqnr in zoo_fidelity(entry, names, reference, got).values())

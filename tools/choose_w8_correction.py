@@ -28,7 +28,7 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench
 import held_out
-from zoo_bench import zoo_batch, zoo_dir, zoo_fidelity, zoo_manifest, zoo_outputs
+from zoo_bench import zoo_batch, zoo_calibration_halves, zoo_dir, zoo_fidelity, zoo_manifest, zoo_outputs
 
 import onnxq
 
@@ -58,16 +58,12 @@ def config(variant: str) -> onnxq.QuantConfig:
 def zoo_row(entry: dict, variant: str) -> tuple[float, float]:
     """Worst output SQNR on the held-out half of the calibration file, seconds."""
     zoo = zoo_dir()
-    with np.load(zoo / entry["calib"]) as archive:
-        data = {name: archive[name] for name in entry["inputs"]}
-    count = len(next(iter(data.values())))
-    fit = {k: v[: count // 2] for k, v in data.items()}
-    held = {k: v[count // 2 :] for k, v in data.items()}
+    fit, held = zoo_calibration_halves(entry)
     float_model = onnx.load(zoo / entry["file"])
     start = time.perf_counter()
     model = onnxq.quantize(str(zoo / entry["file"]), fit, config(variant)).model
     seconds = time.perf_counter() - start
-    batch = zoo_batch(entry, count)
+    batch = zoo_batch(entry, len(next(iter(held.values()))))
     reference, got = zoo_outputs(float_model, held, batch), zoo_outputs(model, held, batch)
     names = [output.name for output in float_model.graph.output]
     return min(sqnr for _, sqnr in zoo_fidelity(entry, names, reference, got).values()), seconds
@@ -110,7 +106,7 @@ def main() -> None:
         for variant in VARIANTS:
             scores = held_out.row(name, config(variant), held, reference)
             kl[variant].append(scores["kl"])
-            cells += [f"KL {scores['kl']:.4f}, top-1 {100 * scores['top1']:.2f}", f"{scores['seconds']:.0f}"]
+            cells += [f"KL {scores['kl']:.5f}, top-1 {100 * scores['top1']:.2f}", f"{scores['seconds']:.0f}"]
         lines.append(f"| {name} (held-out) | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
     lines.append("")

@@ -122,6 +122,15 @@ def zoo_views(entry: dict, names: list[str], values: list[np.ndarray]) -> dict[s
     return views
 
 
+def zoo_calibration_halves(entry: dict) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A zoo model's calibration file split in two: the first half to quantize on, the second to
+    score on (the tools/choose_*.py rows that never read the evaluation file)."""
+    with np.load(zoo_dir() / entry["calib"]) as archive:
+        data = {name: archive[name] for name in entry["inputs"]}
+    count = len(next(iter(data.values())))
+    return {k: v[: count // 2] for k, v in data.items()}, {k: v[count // 2 :] for k, v in data.items()}
+
+
 def zoo_batch(entry: dict, default: int) -> int:
     """The batch a zoo model runs in: its fixed batch dimension, or `default` where it has none."""
     fixed = entry["inputs"][next(iter(entry["inputs"]))]["shape"][0]

@@ -137,11 +137,21 @@ def describe_count(inputs: list[InputSpec], samples: int) -> str:
     """'N samples', or 'N runs' where the first axis is fixed but a later one is free (a fixed
     sequence length before a free batch axis, as LSTM exports have): there the first axis
     counts time steps, not samples."""
+    leading = sequence_first(inputs)
+    if leading is not None:
+        runs = samples // leading.shape[0]
+        fixed = f"first axis fixed at {leading.shape[0]}"
+        return f"{runs} run{'s' * (runs != 1)} of input {leading.name!r} ({fixed})"
+    return f"{samples} samples"
+
+
+def sequence_first(inputs: list[InputSpec]) -> InputSpec | None:
+    """The first input when its first axis is fixed and a later one free: the batch is not on the
+    first axis (LSTM exports put time steps there)."""
     leading = inputs[0].shape if inputs else ()
     if leading and leading[0] and any(d is None for d in leading[1:]):
-        runs = samples // leading[0]
-        return f"{runs} run{'s' * (runs != 1)} of input {inputs[0].name!r} (first axis fixed at {leading[0]})"
-    return f"{samples} samples"
+        return inputs[0]
+    return None
 
 
 def first_batch(stream: Iterator[Batch]) -> tuple[Batch, Iterator[Batch]]:
