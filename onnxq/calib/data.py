@@ -134,7 +134,7 @@ def _refuse_scalar_inputs(inputs: list[InputSpec]) -> None:
 
 
 def describe_count(inputs: list[InputSpec], samples: int) -> str:
-    """'N samples', or 'N runs' where the first axis is fixed but a later one is free (a fixed
+    """'N samples', or 'N runs' where the first axis is fixed and the second free (a fixed
     sequence length before a free batch axis, as LSTM exports have): there the first axis
     counts time steps, not samples."""
     leading = sequence_first(inputs)
@@ -146,10 +146,11 @@ def describe_count(inputs: list[InputSpec], samples: int) -> str:
 
 
 def sequence_first(inputs: list[InputSpec]) -> InputSpec | None:
-    """The first input when its first axis is fixed and a later one free: the batch is not on the
-    first axis (LSTM exports put time steps there)."""
+    """The first input when its first axis is fixed and its second free: the batch is not on the
+    first axis (LSTM exports put time steps there). A fixed batch before free spatial axes
+    ([1, 3, H, W]) is not taken for one."""
     leading = inputs[0].shape if inputs else ()
-    if leading and leading[0] and any(d is None for d in leading[1:]):
+    if len(leading) > 1 and leading[0] and leading[1] is None:
         return inputs[0]
     return None
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from onnxq.calib.data import InputSpec, batches, folder_labels, load_labels, peek_samples
+from onnxq.calib.data import InputSpec, batches, folder_labels, load_labels, peek_samples, sequence_first
 from onnxq.config import Preprocess
 from onnxq.errors import OnnxqError
 
@@ -140,3 +140,18 @@ def test_peeked_samples_stay_in_the_stream_and_respect_the_byte_cap():
     assert len(peeked) == 2
     peeked, stream = peek_samples(iter(chunks[:1]), 10)
     assert len(peeked) == 1 and len(list(stream)) == 1
+
+
+@pytest.mark.parametrize(
+    ("shape", "sequence"),
+    [
+        ((12, None, 8), True),  # an LSTM export: 12 time steps, then the batch
+        ((1, 3, None, None), False),  # a fixed batch of 1 before free spatial axes
+        ((None, 3, 224, 224), False),
+        ((4, 3, None, None), False),
+        ((12,), False),
+    ],
+)
+def test_only_a_fixed_first_axis_before_a_free_one_is_taken_for_time_steps(shape, sequence):
+    spec = [InputSpec("x", np.dtype(np.float32), shape)]
+    assert (sequence_first(spec) is not None) is sequence
