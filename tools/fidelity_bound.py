@@ -28,11 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+import onnx_ir as ir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import machine_description
 from zoo_bench import (
+    THREADS,
     WEIGHTED_OPS,
     zoo_batch,
     zoo_dir,
@@ -43,6 +44,8 @@ from zoo_bench import (
 )
 
 import onnxq
+from onnxq.io import session, to_ir, to_proto
+from onnxq.passes.graph_utils import constant, output_channel_axis, set_initializer
 from onnxq.quant.primitives import (
     IntRange,
     affine_params,
@@ -59,60 +62,53 @@ ACTIVATIONS = IntRange.unsigned(8)
 VARIANTS = ("weights only", "activations only", "activations per channel", "both", "onnxq W8A8 (default)")
 
 
-def weighted_layers(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str, str]]:
-    """(node, data input, constant weight) of each weighted layer."""
-    stored = {i.name for i in model.graph.initializer}
+def weighted_layers(model: onnx.ModelProto) -> list[tuple[ir.Node, str, str]]:
+    """(node, data input, constant weight) of each weighted layer, read from an IR copy."""
+    return _layers(to_ir(model).graph)
+
+
+def _layers(graph: ir.Graph) -> list[tuple[ir.Node, str, str]]:
     layers = []
-    for node in model.graph.node:
-        if node.op_type not in WEIGHTED_OPS or len(node.input) < 2:
+    for node in graph:
+        if node.op_type not in WEIGHTED_OPS or len(node.inputs) < 2 or None in node.inputs[:2]:
             continue
-        data, weight = node.input[0], node.input[1]
-        if node.op_type == "MatMul" and data in stored and weight not in stored:
+        data, weight = node.inputs[0], node.inputs[1]
+        if node.op_type == "MatMul" and constant(data) is not None and constant(weight) is None:
             data, weight = weight, data
-        if weight in stored and data not in stored:
-            layers.append((node, data, weight))
+        if constant(weight) is not None and constant(data) is None:
+            layers.append((node, data.name, weight.name))
     return layers
-
-
-def weight_axis(node: onnx.NodeProto, weight: np.ndarray) -> int | None:
-    """The output-channel axis of a layer's weight (onnxq.passes.graph_utils.output_channel_axis)."""
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "ConvTranspose":
-        return 1 if attrs.get("group", 1) == 1 else None
-    if node.op_type == "Gemm":
-        return 0 if attrs.get("transB", 0) else 1
-    return weight.ndim - 1
 
 
 def with_rounded_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with every weighted layer's weights rounded to 8-bit per-channel integers."""
-    model = _copy(model)
-    stored = {i.name: i for i in model.graph.initializer}
-    for node, _, name in weighted_layers(model):
-        weight = numpy_helper.to_array(stored[name]).astype(np.float32)
-        axis = weight_axis(node, weight)
+    graph_model = to_ir(model)
+    for node, _, name in _layers(graph_model.graph):
+        value = next(v for v in node.inputs if v is not None and v.name == name)
+        weight = constant(value).astype(np.float32)
+        axis = output_channel_axis(node, weight)
         scale = symmetric_scale(weight_absmax(weight, axis), WEIGHTS)
         zero = np.zeros_like(scale, dtype=np.int8)
         rounded = dequantize(quantize(weight, scale, zero, WEIGHTS, axis), scale, zero, axis)
-        stored[name].CopyFrom(numpy_helper.from_array(rounded.astype(weight.dtype), name))
-    return model
+        value.const_value = ir.tensor(rounded, name=name)  # nearest rounding is idempotent: shared weights
+    return to_proto(graph_model)
 
 
 def observed_ranges(
     model: onnx.ModelProto, calib: dict[str, np.ndarray], batch: int, per_channel: bool
 ) -> dict:
-    """Min and max of each weighted layer's data input over the calibration samples."""
+    """Min and max of each weighted layer's data input over the calibration samples, per tensor
+    or per channel (axis 1), in one onnxruntime session run batch by batch."""
     names = sorted({data for _, data, _ in weighted_layers(model)})
-    probe = _copy(model)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
     probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
+    run = session(probe, threads=THREADS, optimize=False).run
     lows: dict[str, np.ndarray] = {}
     highs: dict[str, np.ndarray] = {}
     count = len(next(iter(calib.values())))
     for start in range(0, count, batch):
-        feed = {k: v[start : start + batch] for k, v in calib.items()}
-        values = zoo_outputs(probe, feed, batch, optimize=False)[len(model.graph.output) :]
+        values = run(names, {k: v[start : start + batch] for k, v in calib.items()})
         for name, value in zip(names, values, strict=True):
             axes = tuple(i for i in range(value.ndim) if i != 1) if per_channel and value.ndim > 1 else None
             low, high = value.min(axis=axes), value.max(axis=axes)
@@ -121,10 +117,17 @@ def observed_ranges(
     return {name: (lows[name], highs[name]) for name in names}
 
 
+def per_tensor(ranges: dict) -> dict:
+    """Per-channel ranges folded into one range per tensor."""
+    return {name: (np.min(low), np.max(high)) for name, (low, high) in ranges.items()}
+
+
 def with_quantized_inputs(model: onnx.ModelProto, ranges: dict) -> onnx.ModelProto:
     """The model with a QuantizeLinear/DequantizeLinear pair (uint8) on each layer's data input."""
-    model = _copy(model)
-    pairs = []
+    graph_model = to_ir(model)
+    graph = graph_model.graph
+    values = {v.name: v for node in graph for v in node.outputs} | {v.name: v for v in graph.inputs}
+    bounded = {}
     for name, (low, high) in ranges.items():
         per_channel = np.ndim(low) > 0
         params = [
@@ -134,47 +137,22 @@ def with_quantized_inputs(model: onnx.ModelProto, ranges: dict) -> onnx.ModelPro
         zero = np.array([z for _, z in params], np.uint8)
         if not per_channel:
             scale, zero = scale.reshape(()), zero.reshape(())
-        model.graph.initializer.extend(
-            [
-                numpy_helper.from_array(scale, f"{name}_bound_scale"),
-                numpy_helper.from_array(zero, f"{name}_bound_zero"),
-            ]
-        )
-        axis = {"axis": 1} if per_channel else {}
-        operands = [f"{name}_bound_scale", f"{name}_bound_zero"]
-        pairs.append(helper.make_node("QuantizeLinear", [name, *operands], [f"{name}_bound_q"], **axis))
-        pairs.append(
-            helper.make_node("DequantizeLinear", [f"{name}_bound_q", *operands], [f"{name}_bound"], **axis)
-        )
-    for node, data, _ in weighted_layers(model):
-        node.input[list(node.input).index(data)] = f"{data}_bound"
-    _insert_sorted(model.graph, pairs)
-    return model
-
-
-def _insert_sorted(graph: onnx.GraphProto, extra: list[onnx.NodeProto]) -> None:
-    """Add nodes and keep the graph's nodes in topological order."""
-    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    pending, ordered = [*graph.node, *extra], []
-    while pending:
-        waiting = []
-        for node in pending:
-            if all(name in ready for name in node.input):
-                ordered.append(node)
-                ready.update(node.output)
-            else:
-                waiting.append(node)
-        if len(waiting) == len(pending):
-            raise RuntimeError(f"cannot order the graph: {waiting[0].name} waits for an input")
-        pending = waiting
-    del graph.node[:]
-    graph.node.extend(ordered)
-
-
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    copied = onnx.ModelProto()
-    copied.CopyFrom(model)
-    return copied
+        operands = [
+            set_initializer(graph, f"{name}_bound_scale", scale),
+            set_initializer(graph, f"{name}_bound_zero", zero),
+        ]
+        axis = [ir.AttrInt64("axis", 1)] if per_channel else []
+        quantized = ir.Node("", "QuantizeLinear", [values[name], *operands], axis, name=f"{name}_bound_q")
+        inputs = [quantized.outputs[0], *operands]
+        dequantized = ir.Node("", "DequantizeLinear", inputs, axis, name=f"{name}_bound_dq")
+        quantized.outputs[0].name, dequantized.outputs[0].name = f"{name}_bound_q", f"{name}_bound"
+        graph.extend([quantized, dequantized])
+        bounded[name] = dequantized.outputs[0]
+    for node, data, _ in _layers(graph):
+        if data in bounded:
+            node.replace_input_with([v.name for v in node.inputs].index(data), bounded[data])
+    graph.sort()
+    return to_proto(graph_model)
 
 
 def measure(entry: dict) -> tuple[dict[str, dict[str, tuple[float, float]]], float]:
@@ -192,14 +170,12 @@ def measure(entry: dict) -> tuple[dict[str, dict[str, tuple[float, float]]], flo
     names = [output.name for output in float_model.graph.output]
     reference = zoo_outputs(float_model, held, batch)
     rounded = with_rounded_weights(folded)
-    per_tensor = observed_ranges(folded, calib, zoo_batch(entry, OBSERVE_BATCH), per_channel=False)
+    per_channel = observed_ranges(folded, calib, zoo_batch(entry, OBSERVE_BATCH), per_channel=True)
     models = {
         "weights only": rounded,
-        "activations only": with_quantized_inputs(folded, per_tensor),
-        "activations per channel": with_quantized_inputs(
-            folded, observed_ranges(folded, calib, zoo_batch(entry, OBSERVE_BATCH), per_channel=True)
-        ),
-        "both": with_quantized_inputs(rounded, per_tensor),
+        "activations only": with_quantized_inputs(folded, per_tensor(per_channel)),
+        "activations per channel": with_quantized_inputs(folded, per_channel),
+        "both": with_quantized_inputs(rounded, per_tensor(per_channel)),
         "onnxq W8A8 (default)": zoo_quantized_default(entry),
     }
     found = {}

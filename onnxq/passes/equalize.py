@@ -57,6 +57,7 @@ from onnxq.passes.fold_bn import ChannelStatistics
 from onnxq.passes.graph_utils import (
     attribute,
     bypass,
+    clip_bounds,
     constant,
     drop_unused_initializers,
     output_channel_axis,
@@ -308,16 +309,24 @@ def _derived_from(value: ir.Value, source: ir.Value, depth: int = 3) -> bool:
 def rescale_output(graph: ir.Graph, producer: ir.Node, scales: np.ndarray) -> None:
     """Scale the Conv's output channels by `scales` and undo it with a Mul right after it."""
     _scale_layer_output(graph, producer, scales)
-    output = producer.outputs[0]
     spatial = [1] * (constant(producer.inputs[1]).ndim - 2)
     inverse = (1.0 / scales).reshape(-1, *spatial).astype(np.float32)
-    undo = set_initializer(graph, f"{producer.name}_unscale", inverse)
-    restored = ir.Value(name=f"{output.name}_unscaled", shape=output.shape, type=output.type)
-    mul = ir.Node("", "Mul", inputs=[output, undo], outputs=[restored], name=f"{producer.name}_unscale")
-    for user, index in list(output.uses()):
+    _multiply_channels(graph, producer.outputs[0], inverse, f"{producer.name}_unscale", "unscaled")
+
+
+def _multiply_channels(
+    graph: ir.Graph, value: ir.Value, factors: np.ndarray, name: str, suffix: str
+) -> ir.Node:
+    """A Mul of `value` by a per-channel constant, right after its producer, read by all that
+    read `value` before."""
+    constant_value = set_initializer(graph, name, factors)
+    product = ir.Value(name=f"{value.name}_{suffix}", shape=value.shape, type=value.type)
+    mul = ir.Node("", "Mul", inputs=[value, constant_value], outputs=[product], name=name)
+    for user, index in list(value.uses()):
         if user is not mul:
-            user.replace_input_with(index, restored)
-    graph.insert_after(producer, mul)
+            user.replace_input_with(index, product)
+    graph.insert_after(value.producer(), mul)
+    return mul
 
 
 def insert_inlets(graph: ir.Graph, per_channel: Callable[[ir.Node], bool]) -> list[ir.Node]:
@@ -343,13 +352,8 @@ def insert_inlets(graph: ir.Graph, per_channel: Callable[[ir.Node], bool]) -> li
             continue
         if source.op_type in SCALERS and _constant_operand(source) is not None:
             continue  # a scaler already
-        channels = constant(node.inputs[1]).shape[0]
-        ones = set_initializer(graph, f"{node.name}_inlet_scale", np.ones((channels, 1, 1), np.float32))
-        scaled = ir.Value(name=f"{value.name}_inlet", shape=value.shape, type=value.type)
-        mul = ir.Node("", "Mul", inputs=[value, ones], outputs=[scaled], name=f"{node.name}_inlet")
-        graph.insert_before(node, mul)
-        node.replace_input_with(0, scaled)
-        inserted.append(mul)
+        ones = np.ones((constant(node.inputs[1]).shape[0], 1, 1), np.float32)
+        inserted.append(_multiply_channels(graph, value, ones, f"{node.name}_inlet", "inlet"))
     return inserted
 
 
@@ -459,12 +463,8 @@ def _depthwise(node: ir.Node) -> bool:
 
 def _clip_top(node: ir.Node) -> float | None:
     """c of a Clip(0, c) with constant bounds, else None."""
-    low = constant(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
-    high = constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
-    if low is None or high is None or low.size != 1 or high.size != 1:
-        return None
-    low, high = float(low.ravel()[0]), float(high.ravel()[0])
-    return high if low == 0.0 and high > 0 else None
+    low, high = clip_bounds(node)
+    return high if low == 0.0 and high is not None and high > 0 else None
 
 
 def _scaled(weight: np.ndarray, axis: int, scales: np.ndarray) -> np.ndarray:

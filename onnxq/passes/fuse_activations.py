@@ -21,7 +21,14 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.passes.graph_utils import attribute, bypass, constant, drop_unused_initializers, single_consumer
+from onnxq.passes.graph_utils import (
+    attribute,
+    bypass,
+    clip_bounds,
+    constant,
+    drop_unused_initializers,
+    single_consumer,
+)
 
 SIXTH = 1.0 / 6.0
 HARD_SWISH_OPSET = 14
@@ -85,7 +92,7 @@ def _match_hard_swish(node: ir.Node) -> Match | None:
     for gate_index in (0, 1):
         clip = product.inputs[gate_index].producer() if product.inputs[gate_index] is not None else None
         x = product.inputs[1 - gate_index]
-        if clip is not None and _is_relu6_of_shifted(clip, x) and single_consumer(clip.outputs[0]) is product:
+        if _relu6_input(clip) is x and single_consumer(clip.outputs[0]) is product:
             return Match(x, [clip.inputs[0].producer(), clip, product, node], "HardSwish")
     return None
 
@@ -95,13 +102,10 @@ def _match_hard_sigmoid(node: ir.Node) -> Match | None:
     if not _scales_by_sixth(node):
         return None
     clip = node.inputs[0].producer()
-    if clip is None or clip.op_type != "Clip" or single_consumer(clip.outputs[0]) is not node:
+    x = _relu6_input(clip)
+    if x is None or single_consumer(clip.outputs[0]) is not node:
         return None
-    add = clip.inputs[0].producer() if clip.inputs and clip.inputs[0] is not None else None
-    x = _shifted_by_three(add) if add is not None and add.op_type == "Add" and add.domain == "" else None
-    if x is None or not _is_relu6_of_shifted(clip, x):
-        return None
-    return Match(x, [add, clip, node], "HardSigmoid")
+    return Match(x, [clip.inputs[0].producer(), clip, node], "HardSigmoid")
 
 
 def _replace(graph: ir.Graph, match: Match) -> None:
@@ -128,17 +132,23 @@ def _scales_by_sixth(node: ir.Node) -> bool:
     return node.inputs[0] is not None and _is_scalar(node.inputs[1], wanted)
 
 
-def _is_relu6_of_shifted(clip: ir.Node, x: ir.Value) -> bool:
-    """Clip(Add(x, 3), 0, 6), the Add read only by the Clip."""
-    if clip.op_type != "Clip" or clip.domain != "" or not clip.inputs or clip.inputs[0] is None:
-        return False
-    low, high = _clip_bounds(clip)
+def _relu6_input(clip: ir.Node | None) -> ir.Value | None:
+    """x of Clip(Add(x, 3), 0, 6), the Add read only by the Clip; else None."""
+    if (
+        clip is None
+        or clip.op_type != "Clip"
+        or clip.domain != ""
+        or not clip.inputs
+        or clip.inputs[0] is None
+    ):
+        return None
+    low, high = clip_bounds(clip)
     if low is None or high is None or abs(low) > TOLERANCE or abs(high - 6.0) > 6.0 * TOLERANCE:
-        return False
+        return None
     add = clip.inputs[0].producer()
-    if add is None or add.op_type != "Add" or add.domain != "":
-        return False
-    return _shifted_by_three(add) is x and single_consumer(add.outputs[0]) is clip
+    if add is None or add.op_type != "Add" or add.domain != "" or single_consumer(add.outputs[0]) is not clip:
+        return None
+    return _shifted_by_three(add)
 
 
 def _shifted_by_three(add: ir.Node) -> ir.Value | None:
@@ -149,17 +159,6 @@ def _shifted_by_three(add: ir.Node) -> ir.Value | None:
         if add.inputs[index] is not None and _is_scalar(add.inputs[1 - index], 3.0):
             return add.inputs[index]
     return None
-
-
-def _clip_bounds(clip: ir.Node) -> tuple[float | None, float | None]:
-    """Clip's min and max, from its inputs (opset 11+) or attributes (before)."""
-    if "min" in clip.attributes or "max" in clip.attributes:
-        return attribute(clip, "min", None), attribute(clip, "max", None)
-    bounds = []
-    for index in (1, 2):
-        array = constant(clip.inputs[index]) if len(clip.inputs) > index else None
-        bounds.append(None if array is None or array.size != 1 else float(array.reshape(())))
-    return bounds[0], bounds[1]
 
 
 def _is_sixth_hard_sigmoid(node: ir.Node | None, x: ir.Value) -> bool:

@@ -20,6 +20,18 @@ def attribute(node: ir.Node, name: str, default):
     return default if attr is None else attr.value
 
 
+def clip_bounds(clip: ir.Node) -> tuple[float | None, float | None]:
+    """A Clip's min and max, from its inputs (opset 11+) or attributes (before); None where
+    absent or not a one-value constant."""
+    if "min" in clip.attributes or "max" in clip.attributes:
+        return attribute(clip, "min", None), attribute(clip, "max", None)
+    bounds = []
+    for index in (1, 2):
+        array = constant(clip.inputs[index]) if len(clip.inputs) > index else None
+        bounds.append(None if array is None or array.size != 1 else float(array.reshape(())))
+    return bounds[0], bounds[1]
+
+
 def scaled_gemm(node: ir.Node) -> bool:
     """A Gemm with alpha or beta other than 1: its weights and bias are not W and b as stored."""
     return node.op_type == "Gemm" and (

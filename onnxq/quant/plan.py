@@ -24,6 +24,7 @@ import onnx_ir as ir
 from onnxq.config import Granularity, LayerSettings, QuantConfig, RangeRule
 from onnxq.passes.graph_utils import (
     attribute,
+    clip_bounds,
     computed_values,
     constant,
     output_channel_axis,
@@ -332,8 +333,7 @@ def _absorbed_activations(graph: ir.Graph, config: QuantConfig, plan: QuantPlan)
 
 
 def _clips_at_zero(node: ir.Node) -> bool:
-    low = constant(node.inputs[1]) if len(node.inputs) > 1 else attribute(node, "min", None)
-    return low is not None and float(np.asarray(low)) == 0.0
+    return clip_bounds(node)[0] == 0.0
 
 
 def _plan_compute(
