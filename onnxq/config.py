@@ -392,7 +392,7 @@ class QuantConfig:
         0.166) and from nearest rounding at 4 bits and wider (ResNet-20 W4A4 0.0325 against
         0.0445, MobileNetV2 W4A8 0.1650 against 0.1662; tools/choose_refine_start.py)."""
         if self.weight_rounding == "auto":
-            return self.lowest_weight_bits < (4 if self.refine else 8)
+            return self.lowest_weight_bits < 4 if self.refine else True
         return self.weight_rounding == "gptq"
 
     @property

@@ -20,7 +20,7 @@ from onnx import version_converter
 
 import onnxq
 from onnxq import tune
-from onnxq.calib import frontier
+from onnxq.calib import frontier, streamed_gptq
 from onnxq.calib.data import (
     DataSource,
     DataStats,
@@ -171,7 +171,14 @@ def quantize(
     choice = choose_weight_range(config.weight_range)
     search = None
     output_rule = any(spec.rule.kind == "output" for spec in plan.weights.values())
-    searched = config.calibration.searched or config.corrects_bias or output_rule or config.rounds_by_gptq
+    streams_gptq = _streams_gptq(config, output_rule)
+    searched = (
+        config.calibration.searched
+        or config.corrects_bias
+        or output_rule
+        or (config.rounds_by_gptq and not streams_gptq)
+    )
+    rounded = {}  # GPTQ's integers from the observation pass (8-bit weights)
     refined = extremes = None  # extremes: auto's min-max alternative, where nothing is searched or refined
     if searched or config.refine:
         _refuse_sequence_first(inputs)
@@ -222,12 +229,17 @@ def quantize(
                     f"QPRep: {len(affine)} merged re-parameterized convs learned a per-channel affine"
                 )
     else:
-        ranges, samples, extremes = _observe(float_model, plan, stream, config, progress)
+        streamed = streamed_gptq.prepare(float_model, list(plan.weights)) if streams_gptq else None
+        taps = streamed.taps if streamed else None
+        ranges, samples, extremes = _observe(float_model, plan, stream, config, progress, taps=taps)
         plan = _without_masks(float_model, graph_model.graph, plan, config, ranges, extremes)
+        if streamed:
+            rounded, lines = _rounded_on_float_inputs(streamed, plan, config, choice, progress)
+            notes += lines
 
     notes += stats.warnings()
     progress.stage("insert Q/DQ")
-    build = functools.partial(_build, float_model, config, ranges, search, choice, refined)
+    build = functools.partial(_build, float_model, config, ranges, search, choice, refined, rounded)
     replan = functools.partial(_replan, float_model, config)
     first = build(plan)
     progress.stage("validate")
@@ -239,7 +251,7 @@ def quantize(
     if extremes is not None:
 
         def builder(chosen: dict) -> tune.Build:
-            return functools.partial(_build, float_model, config, chosen, search, choice, refined)
+            return functools.partial(_build, float_model, config, chosen, search, choice, refined, rounded)
 
         progress.status("auto ranges: the percentile model against the min-max one")
         first, chosen, other, measured, ranged = tune.choose_ranges(
@@ -346,15 +358,20 @@ def _without_masks(float_model, graph, plan: QuantPlan, config: QuantConfig, *ra
 
 
 def _build(
-    float_model, config: QuantConfig, ranges, search, choice, refined, plan: QuantPlan
+    float_model, config: QuantConfig, ranges, search, choice, refined, rounded, plan: QuantPlan
 ) -> tune.Candidate:
-    """The QDQ model for `plan`, with its layers' (node, input, output) tensors."""
+    """The QDQ model for `plan`, with its layers' (node, input, output) tensors; `rounded`:
+    weight integers GPTQ chose in the observation pass."""
     graph_model = to_ir(infer_types(float_model))
     layers = _layer_tensors(graph_model.graph, plan)
     params = activation_params(plan, ranges, symmetric=config.activation_symmetric)
     if refined is not None:
         params.update({root: p for root, p in refined.activations.items() if root in params})
-    integers = {**(search.rounded if search else {}), **(refined.weights if refined is not None else {})}
+    integers = {
+        **(search.rounded if search else {}),
+        **rounded,
+        **(refined.weights if refined is not None else {}),
+    }
     insert_qdq(
         graph_model.graph,
         plan,
@@ -382,20 +399,40 @@ def _layer_tensors(graph, plan: QuantPlan) -> list[tuple[str, str, str]]:
     ]
 
 
-def _observe(float_model, plan, stream, config: QuantConfig, progress: Progress, tensors=None):
+def _observe(float_model, plan, stream, config: QuantConfig, progress: Progress, tensors=None, taps=None):
     """Float activation ranges by statistics (of `tensors`, or of all the plan observes), the
     samples seen, and (auto) the min-max ranges of the same values, the alternative to the
-    percentile ones."""
+    percentile ones. `taps` read their tensors in the same pass (GPTQ's input correlations)."""
     progress.stage(f"calibrate ({config.calibration.value})", total=config.max_samples)
     observer = _observer_factory(config, plan)
     tensors = plan.observed_tensors() if tensors is None else tensors
     if not tensors:
         return {}, 0, None
-    observers, samples = collect_observers(float_model, tensors, stream, observer, progress)
+    observers, samples = collect_observers(float_model, tensors, stream, observer, progress, taps)
     ranges = {name: o.range() for name, o in observers.items()}
     if config.calibration is not CalibrationMethod.AUTO:
         return ranges, samples, None
     return ranges, samples, {name: o.extreme_range() for name, o in observers.items()}
+
+
+def _streams_gptq(config: QuantConfig, output_rule: bool) -> bool:
+    """GPTQ with H measured on the float model in the observation pass (onnxq.calib.streamed_gptq):
+    where every weight is 8-bit and nothing else needs the calibration sweep."""
+    sweeps = config.calibration.searched or config.corrects_bias or output_rule or config.refine
+    return config.rounds_by_gptq and config.lowest_weight_bits >= 8 and not sweeps
+
+
+def _rounded_on_float_inputs(
+    streamed, plan: QuantPlan, config: QuantConfig, choice: WeightRangeChoice, progress: Progress
+) -> tuple[dict, list[str]]:
+    """GPTQ's integers for the weights whose H the observation pass measured, and notes."""
+    progress.status(f"GPTQ: rounding {len(streamed.layers)} weights")
+    rounded, nearest = streamed_gptq.round_weights(streamed, plan, config.weight_symmetric, choice)
+    notes = [f"GPTQ chose the integers of {len(rounded)} weights on float inputs (--weight-rounding)"]
+    if nearest:
+        first, why = next(iter(nearest.items()))
+        notes.append(f"GPTQ left {len(nearest)} weights at nearest rounding (first: {first}: {why})")
+    return rounded, notes
 
 
 def _gather(stream) -> tuple[dict[str, np.ndarray], int]:

@@ -4,7 +4,10 @@ GPTQ's rounding, or both, on held-out calibration data.
 tools/fidelity_bound.py shows 8-bit per-channel weights alone keep under 30 dB on most trained
 detectors: their rounding errors add up over 60-100 layers. Bias correction removes each layer's
 mean output error; GPTQ rounds each layer's weights so that their errors cancel on the
-calibration inputs. Both ran only below 8-bit weights until now.
+calibration inputs. "gptq" alone runs in the observation pass on the float model's inputs
+(onnxq.calib.streamed_gptq), so auto's choice between percentile and min-max ranges stays; with
+bias correction both run in the calibration sweep, on the quantized model's inputs, with the
+percentile ranges fixed.
 
 Rows: W8A8 at onnxq's defaults otherwise (no fidelity fallback, no speed check):
 - the zoo's trained models (tools/build_zoo.py): quantized on the first half of each calibration
@@ -12,7 +15,7 @@ Rows: W8A8 at onnxq's defaults otherwise (no fidelity fallback, no speed check):
 - the shared classifiers: quantized on the protocol's 256 calibration images, KL to float on the
   held-out calibration images (tools/held_out.py), never the evaluation split.
 
-    python tools/choose_w8_correction.py [--zoo ...] [--shared ...] [--out FILE]
+    python tools/choose_w8_correction.py [--zoo ...] [--shared ...] [--variants ...] [--out FILE]
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", nargs="*", default=ZOO)
     parser.add_argument("--shared", nargs="*", default=SHARED)
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", type=Path, help="also write the markdown section here")
     args = parser.parse_args()
     lines = [
@@ -84,16 +88,16 @@ def main() -> None:
         "images, KL to float on held-out calibration images. Never an evaluation split. s: wall time "
         "of `onnxq.quantize` on 2 cores.",
         "",
-        "| model | " + " | ".join(f"{v} | s" for v in VARIANTS) + " |",
-        "| --- |" + " ---: | ---: |" * len(VARIANTS),
+        "| model | " + " | ".join(f"{v} | s" for v in args.variants) + " |",
+        "| --- |" + " ---: | ---: |" * len(args.variants),
     ]
     print("\n".join(lines), flush=True)
-    sqnr: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    kl: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    sqnr: dict[str, list[float]] = {v: [] for v in args.variants}
+    kl: dict[str, list[float]] = {v: [] for v in args.variants}
     manifest = zoo_manifest() if args.zoo else {}
     for name in args.zoo:
         cells = []
-        for variant in VARIANTS:
+        for variant in args.variants:
             worst, seconds = zoo_row(manifest[name], variant)
             sqnr[variant].append(worst)
             cells += [f"{worst:.1f} dB", f"{seconds:.0f}"]
@@ -103,14 +107,14 @@ def main() -> None:
         held = bench.held_out_split(name)
         reference = bench.logits(onnx.load(bench.model_path(name)), held[0])
         cells = []
-        for variant in VARIANTS:
+        for variant in args.variants:
             scores = held_out.row(name, config(variant), held, reference)
             kl[variant].append(scores["kl"])
             cells += [f"KL {scores['kl']:.5f}, top-1 {100 * scores['top1']:.2f}", f"{scores['seconds']:.0f}"]
         lines.append(f"| {name} (held-out) | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
     lines.append("")
-    for variant in VARIANTS:
+    for variant in args.variants:
         mean_sqnr = np.mean(sqnr[variant]) if sqnr[variant] else float("nan")
         mean_kl = np.exp(np.mean(np.log(kl[variant]))) if kl[variant] else float("nan")
         lines.append(

@@ -6,7 +6,8 @@ into the observers and are dropped, so memory is one batch of activations at mos
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Protocol
 
 import numpy as np
 import onnx
@@ -18,27 +19,41 @@ from onnxq.io import run, session
 from onnxq.progress import Progress
 
 
+class Tap(Protocol):
+    """Anything that reads a tensor's values batch by batch."""
+
+    def update(self, values: np.ndarray) -> None: ...
+
+
 def collect_observers(
     model: onnx.ModelProto,
     tensors: list[str],
     stream: Iterable[Batch],
     make_observer: Callable[[str], Observer],
     progress: Progress,
+    taps: Mapping[str, list[Tap]] | None = None,
 ) -> tuple[dict[str, Observer], int]:
     """Each tensor's observer after all batches, and the number of samples seen;
-    `make_observer(tensor)` gives each tensor its observer."""
-    probe = with_outputs(model, tensors)
+    `make_observer(tensor)` gives each tensor its observer. `taps` are fed the values of the
+    tensors they name too (GPTQ's input correlations), in the same runs."""
+    taps = taps or {}
+    fetched = [*tensors, *(name for name in taps if name not in tensors)]
+    probe = with_outputs(model, fetched)
     runner = session(probe, optimize=True, arena=False)
     observers = {name: make_observer(name) for name in tensors}
     samples, chunk = 0, None
     for batch in stream:
         count = len(next(iter(batch.values())))
         for part in batches(batch, count if fixed_batch(model) else chunk or 1):
-            values = run(runner, part, tensors)
+            values = run(runner, part, fetched)
             if chunk is None:  # sized on the first sample: every observed tensor of a run is held
                 chunk = max(1, OBSERVED_BYTES // max(1, sum(v.nbytes for v in values)))
-            for name, array in zip(tensors, values, strict=False):
-                observers[name].update(np.asarray(array))
+            for name, array in zip(fetched, values, strict=False):
+                array = np.asarray(array)
+                if name in observers:
+                    observers[name].update(array)
+                for tap in taps.get(name, ()):
+                    tap.update(array)
             del values
         samples += count
         progress.advance(samples)
