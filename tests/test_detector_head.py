@@ -73,8 +73,48 @@ def _plan(model: onnx.ModelProto):
 def test_logits_whose_rounding_reaches_the_scores_through_float_ops_keep_no_pair():
     plan = _plan(head_model())
     assert {"b", "c", "cat", "bb", "cc"}.isdisjoint(plan.activations)
-    assert {"x", "a", "m", "sm"} <= set(plan.activations)  # the DFL Conv keeps its integer input
-    assert "dfl" in plan.layers and "cat" in plan.float_nodes
+    assert {"x", "a", "m"} <= set(plan.activations)
+    assert "cat" in plan.float_nodes
+
+
+def test_convs_whose_outputs_keep_no_pair_stay_float_and_keep_the_pairs_a_quantized_node_writes():
+    """onnxruntime would run box, cls and dfl as float Convs on dequantized weights: they stay
+    float. Their input m is written by the quantized SiLU Mul (QLinearMul): it keeps its pair;
+    dfl's input, a float Softmax's output, loses it."""
+    plan = _plan(head_model())
+    for name in ("box", "cls", "dfl"):
+        assert name not in plan.layers and "dequantized weights" in plan.float_nodes[name]
+    assert {"box.w", "cls.w", "dfl.w"}.isdisjoint(plan.weights)
+    assert not plan.biases.keys() & {"box.b", "cls.b"}
+    assert "m" in plan.activations and "sm" not in plan.activations
+    assert "stem" in plan.layers  # a model keeps its integer layers
+
+
+def test_no_conv_runs_in_float_on_dequantized_weights_in_onnxruntime(tmp_path):
+    data = np.random.default_rng(2).standard_normal((16, 3, 6, 6)).astype(np.float32)
+    config = onnxq.QuantConfig(fidelity_fallback=False, speed_check=False)
+    result = onnxq.quantize(head_model(), data, config)
+    optimized = tmp_path / "optimized.onnx"
+    session(result.model, optimized_path=str(optimized))
+    graph = onnx.load(optimized).graph
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    convs = [n for n in graph.node if n.op_type in ("Conv", "FusedConv")]
+    assert convs and all(producers.get(n.input[1]) != "DequantizeLinear" for n in convs)
+    assert any(n.op_type == "QLinearConv" for n in graph.node)
+
+
+def test_a_model_whose_only_layer_has_no_output_pair_keeps_its_weights():
+    """A single conv: its weights are all the quantization does, so they stay quantized."""
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], name="conv")
+    graph = helper.make_graph(
+        [conv],
+        "one",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])],
+        [numpy_helper.from_array(np.ones((2, 3, 1, 1), np.float32), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert "conv" in _plan(onnx.shape_inference.infer_shapes(model)).layers
 
 
 def test_a_tensor_a_layer_reads_keeps_its_pair_though_it_also_reaches_an_output():
@@ -85,7 +125,7 @@ def test_a_tensor_a_layer_reads_keeps_its_pair_though_it_also_reaches_an_output(
 def test_only_a_silu_or_hardswish_reader_lets_the_range_stop_at_its_floor():
     plan = _plan(head_model())
     assert plan.activations["a"].floor == SILU_FLOOR  # read by Sigmoid and Mul(a, σ(a))
-    assert plan.activations["m"].floor is None and plan.activations["sm"].floor is None
+    assert plan.activations["m"].floor is None
     assert plan.activations["a"].bounded(-50.0, 10.0) == (SILU_FLOOR, 10.0)
     assert plan.activations["a"].bounded(-2.0, 10.0) == (-2.0, 10.0)
 

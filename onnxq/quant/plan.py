@@ -32,7 +32,11 @@ from onnxq.passes.graph_utils import (
     single_consumer,
 )
 from onnxq.quant import kernels, masks
-from onnxq.quant.prune import drop_quantizers_that_do_not_pay, keep_float_neighbours
+from onnxq.quant.prune import (
+    drop_quantizers_that_do_not_pay,
+    keep_float_convs_without_output_pair,
+    keep_float_neighbours,
+)
 from onnxq.quant.weights import WeightLayout
 
 # Quantized only where every input comes from a quantized node and every width is 8 bits:
@@ -189,6 +193,7 @@ def plan_quantization(
     if float_neighbours:
         keep_float_neighbours(graph, plan)
     drop_quantizers_that_do_not_pay(graph, plan)
+    keep_float_convs_without_output_pair(graph, plan)
     _assign_activation_bits(graph, plan, config, alias)
     _floor_flattened_ranges(graph, plan)
     _widen_int2_containers(graph, plan)
