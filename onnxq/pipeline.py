@@ -176,7 +176,7 @@ def quantize(
         config.calibration.searched
         or config.corrects_bias
         or output_rule
-        or (config.rounds_by_gptq and not streams_gptq)
+        or (config.gptq_in_sweep and not streams_gptq)
     )
     rounded = {}  # GPTQ's integers from the observation pass (8-bit weights)
     refined = extremes = None  # extremes: auto's min-max alternative, where nothing is searched or refined
@@ -460,7 +460,7 @@ def _search(
         memory_budget=config.search_memory_gb * 1e9,
         half_cache=config.search_cache_half,
         fixed_batch=fixed_batch(float_model),
-        rounding="gptq" if config.rounds_by_gptq else "nearest",
+        rounding="gptq" if config.gptq_in_sweep else "nearest",
     )
     fixed = {
         spec.tensor: ranges[spec.observed] for spec in plan.activations.values() if spec.observed in ranges
