@@ -85,17 +85,13 @@ class CorrelationSum:
     """H accumulated batch by batch: x is what one output value reads (a Conv's patch across its
     group's channels, a Gemm/MatMul row). A Conv reads at most MAX_POSITIONS random patches per
     sample. Each batch's product is taken in float32 (BLAS sums it in blocks) and added to a
-    float64 total: widening the patches first took most of GPTQ's time on MobileNetV2."""
+    float64 total: widening every patch to float64 first cost more than the products."""
 
     def __init__(self, node: onnx.NodeProto, weight: np.ndarray):
         groups, self.depth = _correlation_shape(node, weight)
         self.unfold = _Unfold(node, weight) if node.op_type == "Conv" else None
         self.total = np.zeros((groups, self.depth, self.depth))
         self.rows = 0
-
-    @property
-    def nbytes(self) -> int:
-        return self.total.nbytes
 
     def update(self, batch: np.ndarray) -> None:
         batch = np.asarray(batch, np.float32)

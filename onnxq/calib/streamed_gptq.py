@@ -5,7 +5,7 @@ Below 8 bits GPTQ measures a layer's inputs on the quantized model, layer after 
 in onnxq.calib.search): the error earlier layers leave changes what a layer reads. At 8 bits a
 quantized input differs from the float one by at most half a step of 255, so H on the float
 inputs is H on the quantized ones up to that noise, and one pass serves every layer at once.
-The sweep cost MobileNetV2 at W8A8 six times the calibration time of the streamed pass.
+On MobileNetV2 at W8A8 (256 images) the sweep took 93-101 s, the streamed pass 35-42 s.
 
 Every layer's H is held through the pass; past MAX_TOTAL_BYTES, the layers left over keep
 nearest rounding, and the notes say which.
