@@ -171,13 +171,9 @@ def quantize(
     choice = choose_weight_range(config.weight_range)
     search = None
     output_rule = any(spec.rule.kind == "output" for spec in plan.weights.values())
-    streams_gptq = _streams_gptq(config, output_rule)
-    searched = (
-        config.calibration.searched
-        or config.corrects_bias
-        or output_rule
-        or (config.gptq_in_sweep and not streams_gptq)
-    )
+    sweeps = config.calibration.searched or config.corrects_bias or output_rule
+    streams_gptq = _streams_gptq(config, sweeps)
+    searched = sweeps or (config.gptq_in_sweep and not streams_gptq)
     rounded = {}  # GPTQ's integers from the observation pass (8-bit weights)
     refined = extremes = None  # extremes: auto's min-max alternative, where nothing is searched or refined
     if searched or config.refine:
@@ -415,11 +411,10 @@ def _observe(float_model, plan, stream, config: QuantConfig, progress: Progress,
     return ranges, samples, {name: o.extreme_range() for name, o in observers.items()}
 
 
-def _streams_gptq(config: QuantConfig, output_rule: bool) -> bool:
+def _streams_gptq(config: QuantConfig, sweeps: bool) -> bool:
     """GPTQ with H measured on the float model in the observation pass (onnxq.calib.streamed_gptq):
-    where every weight is 8-bit and nothing else needs the calibration sweep."""
-    sweeps = config.calibration.searched or config.corrects_bias or output_rule or config.refine
-    return config.rounds_by_gptq and config.lowest_weight_bits >= 8 and not sweeps
+    where every weight is 8-bit and nothing else (`sweeps`, refinement) needs the calibration sweep."""
+    return config.rounds_by_gptq and config.lowest_weight_bits >= 8 and not (sweeps or config.refine)
 
 
 def _rounded_on_float_inputs(
@@ -429,10 +424,15 @@ def _rounded_on_float_inputs(
     progress.status(f"GPTQ: rounding {len(streamed.layers)} weights")
     rounded, nearest = streamed_gptq.round_weights(streamed, plan, config.weight_symmetric, choice)
     notes = [f"GPTQ chose the integers of {len(rounded)} weights on float inputs (--weight-rounding)"]
-    if nearest:
-        first, why = next(iter(nearest.items()))
-        notes.append(f"GPTQ left {len(nearest)} weights at nearest rounding (first: {first}: {why})")
-    return rounded, notes
+    return rounded, notes + _left_nearest(nearest)
+
+
+def _left_nearest(nearest: dict[str, str]) -> list[str]:
+    """The note on the weights GPTQ left at nearest rounding (the first and why), if any."""
+    if not nearest:
+        return []
+    first, why = next(iter(nearest.items()))
+    return [f"GPTQ left {len(nearest)} weights at nearest rounding (first: {first}: {why})"]
 
 
 def _gather(stream) -> tuple[dict[str, np.ndarray], int]:
@@ -541,9 +541,7 @@ def _search_notes(search: SearchResult) -> list[str]:
     notes = [f"calibration search: {search.samples} samples, {spent}"]
     if search.rounded:
         notes.append(f"GPTQ chose the integers of {len(search.rounded)} weights (--weight-rounding)")
-    if search.nearest:
-        first, why = next(iter(search.nearest.items()))
-        notes.append(f"GPTQ left {len(search.nearest)} weights at nearest rounding (first: {first}: {why})")
+    notes += _left_nearest(search.nearest)
     if search.pd_loss:
         losses = ", ".join(f"{k} {v:.4g}" for k, v in search.pd_loss.items())
         notes.append(f"prediction difference (KL): {losses}")

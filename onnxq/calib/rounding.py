@@ -281,7 +281,7 @@ def _reads_in_place(attributes: dict) -> bool:
     return (
         all(v == 1 for v in attributes.get("strides", [1]))
         and not any(attributes.get("pads", [0]))
-        and attributes.get("auto_pad", b"NOTSET") in (b"NOTSET", b"VALID", "NOTSET", "VALID")
+        and attributes.get("auto_pad", b"NOTSET") in (b"NOTSET", b"VALID")  # onnx gives strings as bytes
     )
 
 
