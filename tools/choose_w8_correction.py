@@ -15,12 +15,18 @@ Rows: W8A8 at onnxq's defaults otherwise (no fidelity fallback, no speed check):
 - the shared classifiers: quantized on the protocol's 256 calibration images, KL to float on the
   held-out calibration images (tools/held_out.py), never the evaluation split.
 
-    python tools/choose_w8_correction.py [--zoo ...] [--shared ...] [--variants ...] [--out FILE]
+    python tools/choose_w8_correction.py [--zoo ...] [--shared ...] [--variants ...]
+        [--min-positions N ...] [--out FILE]
+
+--min-positions: each GPTQ variant once per value of onnxq.calib.rounding.MIN_POSITIONS, the
+patches per sample a Conv's H reads at least (16384 reads every position up to MAX_POSITIONS,
+as before the floor existed).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -34,6 +40,7 @@ import held_out
 from zoo_bench import zoo_batch, zoo_calibration_halves, zoo_dir, zoo_fidelity, zoo_manifest, zoo_outputs
 
 import onnxq
+from onnxq.calib import rounding
 
 ZOO = [
     "ppocr_det_v4",
@@ -72,13 +79,38 @@ def zoo_row(entry: dict, variant: str) -> tuple[float, float]:
     return min(sqnr for _, sqnr in zoo_fidelity(entry, names, reference, got).values()), seconds
 
 
+@contextlib.contextmanager
+def min_positions(value: int | None):
+    """rounding.MIN_POSITIONS set to `value` (None: left as it is) for the runs inside."""
+    before = rounding.MIN_POSITIONS
+    rounding.MIN_POSITIONS = before if value is None else value
+    try:
+        yield
+    finally:
+        rounding.MIN_POSITIONS = before
+
+
+def columns(variants: list[str], positions: list[int]) -> list[tuple[str, str, int | None]]:
+    """(label, variant, MIN_POSITIONS or None) per column: GPTQ variants once per value."""
+    result = []
+    for variant in variants:
+        if variant.startswith("gptq") and positions:
+            result += [(f"{variant}, ≥ {n} patches", variant, n) for n in positions]
+        else:
+            result.append((variant, variant, None))
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", nargs="*", default=ZOO)
     parser.add_argument("--shared", nargs="*", default=SHARED)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--min-positions", nargs="*", type=int, default=[])
     parser.add_argument("--out", type=Path, help="also write the markdown section here")
     args = parser.parse_args()
+    runs = columns(args.variants, args.min_positions)
+    labels = [label for label, _, _ in runs]
     lines = [
         "## What corrects 8-bit weights, chosen on held-out calibration data",
         "",
@@ -88,18 +120,19 @@ def main() -> None:
         "images, KL to float on held-out calibration images. Never an evaluation split. s: wall time "
         "of `onnxq.quantize` on 2 cores.",
         "",
-        "| model | " + " | ".join(f"{v} | s" for v in args.variants) + " |",
-        "| --- |" + " ---: | ---: |" * len(args.variants),
+        "| model | " + " | ".join(f"{label} | s" for label in labels) + " |",
+        "| --- |" + " ---: | ---: |" * len(runs),
     ]
     print("\n".join(lines), flush=True)
-    sqnr: dict[str, list[float]] = {v: [] for v in args.variants}
-    kl: dict[str, list[float]] = {v: [] for v in args.variants}
+    sqnr: dict[str, list[float]] = {label: [] for label in labels}
+    kl: dict[str, list[float]] = {label: [] for label in labels}
     manifest = zoo_manifest() if args.zoo else {}
     for name in args.zoo:
         cells = []
-        for variant in args.variants:
-            worst, seconds = zoo_row(manifest[name], variant)
-            sqnr[variant].append(worst)
+        for label, variant, positions in runs:
+            with min_positions(positions):
+                worst, seconds = zoo_row(manifest[name], variant)
+            sqnr[label].append(worst)
             cells += [f"{worst:.1f} dB", f"{seconds:.0f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
@@ -107,18 +140,19 @@ def main() -> None:
         held = bench.held_out_split(name)
         reference = bench.logits(onnx.load(bench.model_path(name)), held[0])
         cells = []
-        for variant in args.variants:
-            scores = held_out.row(name, config(variant), held, reference)
-            kl[variant].append(scores["kl"])
+        for label, variant, positions in runs:
+            with min_positions(positions):
+                scores = held_out.row(name, config(variant), held, reference)
+            kl[label].append(scores["kl"])
             cells += [f"KL {scores['kl']:.5f}, top-1 {100 * scores['top1']:.2f}", f"{scores['seconds']:.0f}"]
         lines.append(f"| {name} (held-out) | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
     lines.append("")
-    for variant in args.variants:
-        mean_sqnr = np.mean(sqnr[variant]) if sqnr[variant] else float("nan")
-        mean_kl = np.exp(np.mean(np.log(kl[variant]))) if kl[variant] else float("nan")
+    for label in labels:
+        mean_sqnr = np.mean(sqnr[label]) if sqnr[label] else float("nan")
+        mean_kl = np.exp(np.mean(np.log(kl[label]))) if kl[label] else float("nan")
         lines.append(
-            f"- {variant}: zoo mean worst SQNR {mean_sqnr:.2f} dB; shared geometric mean KL {mean_kl:.4f}"
+            f"- {label}: zoo mean worst SQNR {mean_sqnr:.2f} dB; shared geometric mean KL {mean_kl:.4f}"
         )
         print(lines[-1], flush=True)
     if args.out:

@@ -61,10 +61,15 @@ class HistogramObserver:
             self.limit = peak if peak > 0 else 1e-8
         while peak > self.limit:
             self._double()
-        width = 2.0 * self.limit / self.bins
-        index = np.floor((values.astype(np.float64) + self.limit) / width).astype(np.int64)
-        np.clip(index, 0, self.bins - 1, out=index)
-        self.counts += np.bincount(index, minlength=self.bins)
+        # bin positions in float32, in place: widening every activation to float64 and two int64
+        # copies took a third of MobileNetV2's calibration; float32 moves a value lying within
+        # its rounding of a bin edge (about one in 10⁴) to the neighbouring bin. fmax/fmin, not
+        # clip: a NaN goes to the first bin, as floor's did, not to a negative index
+        index = values * np.float32(self.bins / (2.0 * self.limit))
+        index += np.float32(self.bins / 2)
+        np.fmax(index, 0, out=index)
+        np.fmin(index, self.bins - 1, out=index)
+        self.counts += np.bincount(index.astype(np.intp), minlength=self.bins)
 
     def range(self) -> tuple[float, float]:
         low, high = self.extremes.range()

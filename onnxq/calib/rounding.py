@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
+from numpy.lib.stride_tricks import sliding_window_view
 from onnx import helper, numpy_helper
 
 from onnxq.io import session
@@ -33,9 +34,13 @@ UNFOLD_BYTES = 64 << 20  # largest patch tensor one onnxruntime run writes
 # 256 MiB serves every conv up to d = 5792 (ResNet-50's 512·3·3 = 4608); a VGG-style Gemm reading
 # 25088 inputs would need 4.7 GiB, and keeps nearest rounding instead.
 MAX_CORRELATION_BYTES = 256 << 20
-# Patches kept per sample: H is a mean over positions, and a random subset of a large map estimates
-# it well at a fraction of the d² products. 16384 = 128², above every map of a 224-pixel classifier
-# (MobileNetV2's largest is 112²), so only detector-sized inputs are subsampled.
+# Patches kept per sample: H is a mean over positions, and a random subset of a map estimates it
+# well at a fraction of the d² products: POSITIONS_PER_INPUT per input it correlates, at least
+# MIN_POSITIONS and at most MAX_POSITIONS. Neighbouring patches of one image are nearly alike, so
+# the rows that inform H come from many samples more than from many positions of one: MobileNetV2's
+# 112² depthwise maps (d = 9) gave 12544 patches per image where 1024 estimate the same 9×9 H.
+POSITIONS_PER_INPUT = 8
+MIN_POSITIONS = 1024
 MAX_POSITIONS = 16384
 # Rows of input (patches, or Gemm/MatMul rows) H needs per input it correlates. From n rows of d
 # inputs the sample H's smallest eigenvalues fall to about (1 − √(d/n))² of the true ones
@@ -83,7 +88,7 @@ class Correlation:
 
 class CorrelationSum:
     """H accumulated batch by batch: x is what one output value reads (a Conv's patch across its
-    group's channels, a Gemm/MatMul row). A Conv reads at most MAX_POSITIONS random patches per
+    group's channels, a Gemm/MatMul row). A Conv reads `positions_kept(d)` random patches per
     sample. Each batch's product is taken in float32 (BLAS sums it in blocks) and added to a
     float64 total: widening every patch to float64 first cost more than the products."""
 
@@ -231,35 +236,27 @@ class _RowView:
 
 
 class _Unfold:
-    """A Conv's input cut into the patches its output values read, by onnxruntime: a Conv with
-    one-hot kernels and the layer's own strides, pads, dilations and auto_pad, one kernel
-    position per output channel."""
+    """A Conv's input cut into the patches its output values read, up to `positions(d)` random
+    ones per sample. A 2-D Conv's are gathered by numpy at the chosen output positions only (the
+    patches of a whole map took most of GPTQ's time, and most were dropped); other ranks are cut
+    by onnxruntime, a Conv with one-hot kernels and the layer's own strides, pads, dilations and
+    auto_pad, one kernel position per output channel, and subsampled after."""
 
     def __init__(self, node: onnx.NodeProto, weight: np.ndarray):
         self.groups = _attribute(node, "group", 1)
         channels = weight.shape[1] * self.groups
-        kernel = weight.shape[2:]
-        positions = int(np.prod(kernel))
+        self.kernel = tuple(weight.shape[2:])
+        positions = int(np.prod(self.kernel))
         self.depth = weight.shape[1] * positions
-        one_hot = np.tile(
-            np.eye(positions, dtype=np.float32).reshape(positions, 1, *kernel),
-            (channels, 1) + (1,) * len(kernel),
-        )
+        self.keep = positions_kept(self.depth)
         keep = {"strides", "pads", "dilations", "auto_pad"}
-        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name in keep}
-        self.pointwise = positions == 1 and _reads_in_place(attributes)  # patches: the input itself
-        conv = helper.make_node("Conv", ["x", "k"], ["patches"], group=channels, **attributes)
-        graph = helper.make_graph(
-            [conv],
-            "unfold",
-            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
-            [helper.make_tensor_value_info("patches", onnx.TensorProto.FLOAT, None)],
-            [numpy_helper.from_array(one_hot, "k")],
-        )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
-        self.runner = session(model, arena=False)
+        self.attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name in keep}
+        self.pointwise = positions == 1 and _reads_in_place(self.attributes)  # patches: the input itself
+        self.gathers = len(self.kernel) == 2 and not self.pointwise
         self.expansion = positions
         self.rng = np.random.default_rng(0)  # the same patches on every run: the same file
+        if not self.gathers and not self.pointwise:
+            self.runner = _unfolding_session(self.kernel, channels, self.attributes)
 
     def __call__(self, batch: np.ndarray):
         """(samples, groups, d, positions) patch matrices, a few samples at a time."""
@@ -267,13 +264,92 @@ class _Unfold:
         step = max(1, UNFOLD_BYTES // per_sample)
         for start in range(0, len(batch), step):
             part = batch[start : start + step]
+            if self.gathers:
+                yield self._gathered(part)
+                continue
             patches = part if self.pointwise else self.runner.run(None, {"x": part})[0]
             samples = patches.shape[0]
             patches = patches.reshape(samples, self.groups, self.depth, -1)
-            if patches.shape[3] > MAX_POSITIONS:
-                keep = np.sort(self.rng.choice(patches.shape[3], MAX_POSITIONS, replace=False))
-                patches = patches[..., keep]
+            if patches.shape[3] > self.keep:
+                chosen = np.stack([self._positions(patches.shape[3]) for _ in range(samples)])
+                patches = np.take_along_axis(patches, chosen[:, None, None, :], axis=3)
             yield patches
+
+    def _positions(self, total: int) -> np.ndarray:
+        """Sorted random output positions of one sample, `keep` of them, or all."""
+        if total <= self.keep:
+            return np.arange(total)
+        return np.sort(self.rng.choice(total, self.keep, replace=False))
+
+    def _gathered(self, part: np.ndarray) -> np.ndarray:
+        """(samples, groups, d, positions) patches of a 2-D Conv, d in the weight's order (input
+        channel, kernel row, kernel column). A map with no more positions than are kept is copied
+        from a strided view of every window at once; a larger one is indexed at each sample's
+        chosen positions (six times cheaper per element kept, as copying every window to keep a
+        few costs more)."""
+        (kh, kw), (sh, sw) = self.kernel, self.attributes.get("strides", [1, 1])
+        dh, dw = self.attributes.get("dilations", [1, 1])
+        top, left, bottom, right = _pads_2d(self.attributes, part.shape[2:], self.kernel)
+        padded = np.pad(part, ((0, 0), (0, 0), (top, bottom), (left, right)))
+        out_h = (padded.shape[2] - dh * (kh - 1) - 1) // sh + 1
+        out_w = (padded.shape[3] - dw * (kw - 1) - 1) // sw + 1
+        samples = len(part)
+        if out_h * out_w <= self.keep:
+            span = (dh * (kh - 1) + 1, dw * (kw - 1) + 1)
+            windows = sliding_window_view(padded, span, axis=(2, 3))[:, :, ::sh, ::sw, ::dh, ::dw]
+            windows = windows[:, :, :out_h, :out_w]  # (samples, channels, out_h, out_w, kh, kw)
+            return windows.transpose(0, 1, 4, 5, 2, 3).reshape(samples, self.groups, self.depth, -1)
+        patches = []
+        for sample in padded:
+            rows, columns = np.divmod(self._positions(out_h * out_w), out_w)
+            rows = rows * sh + (np.arange(kh) * dh)[:, None, None]  # (kh, 1, positions)
+            columns = columns * sw + (np.arange(kw) * dw)[None, :, None]  # (1, kw, positions)
+            patches.append(sample[:, rows, columns].reshape(self.groups, self.depth, -1))
+        return np.stack(patches)
+
+
+def positions_kept(depth: int) -> int:
+    """Patches read per sample from a Conv correlating `depth` inputs."""
+    return min(MAX_POSITIONS, max(MIN_POSITIONS, POSITIONS_PER_INPUT * depth))
+
+
+def _pads_2d(attributes: dict, spatial: tuple[int, ...], kernel: tuple[int, ...]) -> tuple[int, ...]:
+    """(top, left, bottom, right) a 2-D Conv pads its input with, auto_pad resolved as ONNX does."""
+    auto_pad = attributes.get("auto_pad", b"NOTSET")
+    if auto_pad in (b"NOTSET", "NOTSET"):
+        top, left, bottom, right = attributes.get("pads", [0, 0, 0, 0])
+        return top, left, bottom, right
+    if auto_pad in (b"VALID", "VALID"):
+        return 0, 0, 0, 0
+    strides, dilations = attributes.get("strides", [1, 1]), attributes.get("dilations", [1, 1])
+    begins, ends = [], []
+    for size, k, stride, dilation in zip(spatial, kernel, strides, dilations, strict=True):
+        out = -(-size // stride)
+        total = max(0, (out - 1) * stride + (k - 1) * dilation + 1 - size)
+        small, large = total // 2, total - total // 2
+        upper = auto_pad in (b"SAME_UPPER", "SAME_UPPER")
+        begins.append(small if upper else large)
+        ends.append(large if upper else small)
+    return begins[0], begins[1], ends[0], ends[1]
+
+
+def _unfolding_session(kernel: tuple[int, ...], channels: int, attributes: dict):
+    """onnxruntime's session of a Conv whose one-hot kernels copy each patch into channels."""
+    positions = int(np.prod(kernel))
+    one_hot = np.tile(
+        np.eye(positions, dtype=np.float32).reshape(positions, 1, *kernel),
+        (channels, 1) + (1,) * len(kernel),
+    )
+    conv = helper.make_node("Conv", ["x", "k"], ["patches"], group=channels, **attributes)
+    graph = helper.make_graph(
+        [conv],
+        "unfold",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("patches", onnx.TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(one_hot, "k")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    return session(model, arena=False)
 
 
 def _reads_in_place(attributes: dict) -> bool:

@@ -76,6 +76,46 @@ def test_conv_input_correlation_is_the_patches_gram_matrix(stride, pad, dilation
     assert measured.rows == patches.shape[1]
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    auto_pad=st.sampled_from(["SAME_UPPER", "SAME_LOWER", "VALID", "NOTSET"]),
+    stride=st.integers(1, 3),
+    dilation=st.integers(1, 2),
+    kernel=st.sampled_from([(1, 1), (2, 2), (3, 3), (2, 3)]),
+    size=st.tuples(st.integers(5, 9), st.integers(5, 9)),
+    kept=st.sampled_from([7, 1024]),
+    seed=st.integers(0, 2**16),
+)
+def test_gathered_patches_equal_onnxruntimes_unfolding(auto_pad, stride, dilation, kernel, size, kept, seed):
+    """numpy's gather of a 2-D Conv's patches against onnxruntime's one-hot Conv (the path of
+    other ranks), auto_pad resolved as ONNX does (onnxruntime refuses dilations with SAME
+    padding): every position, or 7 per sample, the same ones drawn from the same seed."""
+    dilation = 1 if auto_pad.startswith("SAME") else dilation
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(2, 4, *size)).astype(np.float32)
+    weight = np.zeros((4, 2, *kernel), np.float32)
+    shape = dict(strides=[stride] * 2, dilations=[dilation] * 2, group=2)
+    padding = dict(auto_pad=auto_pad) if auto_pad != "NOTSET" else dict(pads=[1, 0, 2, 1])
+    node = helper.make_node("Conv", ["x", "w"], ["y"], **shape, **padding)
+    gathered = rounding._Unfold(node, weight)
+    by_onnxruntime = rounding._Unfold(node, weight)
+    gathered.keep = by_onnxruntime.keep = kept
+    by_onnxruntime.gathers = False
+    by_onnxruntime.runner = rounding._unfolding_session(kernel, 4, by_onnxruntime.attributes)
+    assert gathered.gathers or kernel == (1, 1)
+    (expected,) = by_onnxruntime(x)
+    (measured,) = gathered(x)
+    np.testing.assert_array_equal(measured, expected)
+
+
+def test_patches_per_sample_grow_with_the_inputs_correlated():
+    """A depthwise 3×3 (d = 9) reads MIN_POSITIONS patches per sample, a dense 3×3 over 128
+    channels 8 per input, one over 512 at most MAX_POSITIONS."""
+    assert rounding.positions_kept(9) == rounding.MIN_POSITIONS
+    assert rounding.positions_kept(128 * 9) == rounding.POSITIONS_PER_INPUT * 128 * 9
+    assert rounding.positions_kept(512 * 9) == rounding.MAX_POSITIONS
+
+
 @pytest.mark.parametrize("op, trans_b", [("MatMul", 0), ("Gemm", 0), ("Gemm", 1)])
 def test_matmul_input_correlation_is_the_rows_gram_matrix(op, trans_b):
     rng = np.random.default_rng(0)
