@@ -1,7 +1,8 @@
 """The quantization pipeline, top to bottom:
 
-load → simplify (guarded) → fold BatchNormalization → fuse branches → plan → calibrate →
-correct distribution → refine → insert Q/DQ → validate. `fuse()` is the first half on its own
+load → simplify (guarded) → fold BatchNormalization → fuse branches → plan → calibrate (ranges,
+scale search, GPTQ, distribution correction and refinement: onnxq.calibrate) → insert Q/DQ →
+validate → tune (ranges, fidelity, speed: onnxq.tune). `fuse()` is the first half on its own
 (what `onnxq fuse` runs). With `calibration="bn-stats"` the calibration data is synthesised from
 the model's BatchNorm statistics first (data-free).
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -20,7 +20,6 @@ from onnx import version_converter
 
 import onnxq
 from onnxq import tune
-from onnxq.calib import frontier, streamed_gptq
 from onnxq.calib.data import (
     DataSource,
     DataStats,
@@ -30,23 +29,19 @@ from onnxq.calib.data import (
     model_inputs,
     peek_samples,
     random_sample,
-    sequence_first,
 )
-from onnxq.calib.observers import HistogramObserver, MinMaxObserver, ScaleClipObserver
-from onnxq.calib.runner import collect_observers, fixed_batch
-from onnxq.calib.search import SearchResult, SearchSettings, search_parameters
-from onnxq.calib.simulate import build_simulation
-from onnxq.config import CalibrationMethod, Preprocess, QuantConfig
+from onnxq.calib.runner import fixed_batch
+from onnxq.calib.search import SearchResult
+from onnxq.calibrate import calibrate
+from onnxq.config import Preprocess, QuantConfig
 from onnxq.correct import (
     DATA_FREE,
     check_synthesis_inputs,
-    corrected_for_refinement,
     synthesised_calibration,
 )
 from onnxq.errors import OnnxqError
 from onnxq.fidelity import Fidelity, HoldBack
 from onnxq.io import check_writable, load_model, run, save_model, session, to_ir, to_proto
-from onnxq.memory import release_free_memory
 from onnxq.passes.contrib import standard_ops
 from onnxq.passes.equalize import equalize_channels
 from onnxq.passes.float32 import compute_in_float32
@@ -54,19 +49,16 @@ from onnxq.passes.fold_affine import fold_affine
 from onnxq.passes.fold_bn import ChannelStatistics, FoldReport, fold_batchnorm
 from onnxq.passes.fuse_activations import fuse_activations, needs_opset
 from onnxq.passes.fuse_branches import FuseReport, fuse_branches
-from onnxq.passes.graph_utils import constant, constants_to_initializers, name_nodes
+from onnxq.passes.graph_utils import constants_to_initializers, name_nodes
 from onnxq.passes.infer_types import infer_types
 from onnxq.passes.insert_qdq import (
     activation_params,
     insert_qdq,
-    planned_weight,
     required_opset,
-    weight_target,
 )
 from onnxq.passes.simplify import simplify
 from onnxq.progress import Progress, Silent
-from onnxq.quant import masks
-from onnxq.quant.kernels import WeightRangeChoice, choose_weight_range
+from onnxq.quant.kernels import choose_weight_range
 from onnxq.quant.plan import QuantPlan, plan_quantization
 from onnxq.refine import require_refinement
 
@@ -169,74 +161,29 @@ def quantize(
         graph_model = to_ir(infer_types(float_model))
         plan = plan_quantization(graph_model.graph, config)
     choice = choose_weight_range(config.weight_range)
-    search = None
-    output_rule = any(spec.rule.kind == "output" for spec in plan.weights.values())
-    sweeps = config.calibration.searched or config.corrects_bias or output_rule
-    streams_gptq = _streams_gptq(config, sweeps)
-    searched = sweeps or (config.gptq_in_sweep and not streams_gptq)
-    rounded = {}  # GPTQ's integers from the observation pass (8-bit weights)
-    refined = extremes = None  # extremes: auto's min-max alternative, where nothing is searched or refined
-    if searched or config.refine:
-        _refuse_sequence_first(inputs)
-        data, samples = _gather(stream)
-        ranges = {}
-        if not config.calibration.searched:
-            ranges, _, _ = _observe(
-                float_model,
-                plan,
-                frontier.batches(data, fixed_batch(float_model) or config.batch_size),
-                config,
-                progress,
-            )
-            plan = _without_masks(float_model, graph_model.graph, plan, config, ranges)
-        if searched:
-            search = _search(float_model, plan, data, ranges, config, choice, progress)
-            if config.calibration.searched:  # nothing observed yet: the sharers, for later plans
-                chunks = frontier.batches(data, fixed_batch(float_model) or config.batch_size)
-                ranges, _, _ = _observe(float_model, plan, chunks, config, progress, plan.sharer_tensors())
-            searched_ranges = {plan.activations[root].observed: r for root, r in search.ranges.items()}
-            ranges = {**ranges, **searched_ranges}
-            notes += _search_notes(search)
-        if config.refine:
-            release_free_memory()  # the search's freed activations must not sit under refinement's peak
-            started = time.perf_counter()
-            data, corrected = corrected_for_refinement(
-                float_model, statistics, data, config, data_free, progress
-            )
-            notes += corrected
-            spent = time.perf_counter() - started + (search.seconds if search else 0.0)
-            affine = {block.conv for block in prepared.fused.merged} if config.qprep else set()
-            refined = _refine(
-                float_model,
-                graph_model.graph,
-                plan,
-                ranges,
-                search,
-                data,
-                config,
-                choice,
-                progress,
-                spent,
-                affine,
-            )
-            notes += refined.notes(config.refine_loss)
-            if affine:
-                notes.append(
-                    f"QPRep: {len(affine)} merged re-parameterized convs learned a per-channel affine"
-                )
-    else:
-        streamed = streamed_gptq.prepare(float_model, list(plan.weights)) if streams_gptq else None
-        taps = streamed.taps if streamed else None
-        ranges, samples, extremes = _observe(float_model, plan, stream, config, progress, taps=taps)
-        plan = _without_masks(float_model, graph_model.graph, plan, config, ranges, extremes)
-        if streamed:
-            rounded, lines = _rounded_on_float_inputs(streamed, plan, config, choice, progress)
-            notes += lines
+    affine = frozenset(block.conv for block in prepared.fused.merged) if config.qprep else frozenset()
+    replan = functools.partial(_replan, float_model, config)
+    calibrated = calibrate(
+        float_model,
+        graph_model.graph,
+        plan,
+        stream,
+        inputs,
+        config,
+        choice,
+        progress,
+        replan,
+        statistics=statistics,
+        data_free=data_free,
+        affine_layers=affine,
+    )
+    notes += calibrated.notes
+    plan, ranges, search, refined = calibrated.plan, calibrated.ranges, calibrated.search, calibrated.refined
+    rounded, extremes, samples = calibrated.rounded, calibrated.extremes, calibrated.samples
 
     notes += stats.warnings()
     progress.stage("insert Q/DQ")
     build = functools.partial(_build, float_model, config, ranges, search, choice, refined, rounded)
-    replan = functools.partial(_replan, float_model, config)
     first = build(plan)
     progress.stage("validate")
     validate(first.model, sample, check=not checker_error)
@@ -326,31 +273,9 @@ def _refuse_quantized(model: onnx.ModelProto) -> None:
         )
 
 
-def _refuse_sequence_first(inputs) -> None:
-    """The calibration sweep cuts its data into batches along the first axis, which a
-    sequence-first export (an LSTM's time steps) uses for something else."""
-    spec = sequence_first(inputs)
-    if spec is not None:
-        raise OnnxqError(
-            f"input {spec.name!r} has its first axis fixed at {spec.shape[0]} and a later one free, so "
-            "its batch is not on the first axis: the calibration sweep (--calib-method mse, mae or "
-            "pd; GPTQ rounding and bias correction, the defaults below 8-bit weights; --refine) cuts "
-            "data along the first axis; quantize it with 8-bit weights and --calib-method "
-            "auto, minmax or percentile, or export it batch-first"
-        )
-
-
 def _replan(float_model, config: QuantConfig, **options) -> QuantPlan:
     """The plan again, with layers kept float (tune's fallbacks)."""
     return plan_quantization(to_ir(infer_types(float_model)).graph, config, **options)
-
-
-def _without_masks(float_model, graph, plan: QuantPlan, config: QuantConfig, *ranges) -> QuantPlan:
-    """The plan again with the nodes around tensors observed at a mask's values kept float."""
-    masked = {}
-    for observed in ranges:
-        masked |= masks.observed_unbounded(graph, plan, observed or {})
-    return _replan(float_model, config, keep_float={**plan.kept_float, **masked}) if masked else plan
 
 
 def _build(
@@ -395,133 +320,6 @@ def _layer_tensors(graph, plan: QuantPlan) -> list[tuple[str, str, str]]:
     ]
 
 
-def _observe(float_model, plan, stream, config: QuantConfig, progress: Progress, tensors=None, taps=None):
-    """Float activation ranges by statistics (of `tensors`, or of all the plan observes), the
-    samples seen, and (auto) the min-max ranges of the same values, the alternative to the
-    percentile ones. `taps` read their tensors in the same pass (GPTQ's input correlations)."""
-    progress.stage(f"calibrate ({config.calibration.value})", total=config.max_samples)
-    observer = _observer_factory(config, plan)
-    tensors = plan.observed_tensors() if tensors is None else tensors
-    if not tensors:
-        return {}, 0, None
-    observers, samples = collect_observers(float_model, tensors, stream, observer, progress, taps)
-    ranges = {name: o.range() for name, o in observers.items()}
-    if config.calibration is not CalibrationMethod.AUTO:
-        return ranges, samples, None
-    return ranges, samples, {name: o.extreme_range() for name, o in observers.items()}
-
-
-def _streams_gptq(config: QuantConfig, sweeps: bool) -> bool:
-    """GPTQ with H measured on the float model in the observation pass (onnxq.calib.streamed_gptq):
-    where every weight is 8-bit and nothing else (`sweeps`, refinement) needs the calibration sweep."""
-    return config.rounds_by_gptq and config.lowest_weight_bits >= 8 and not (sweeps or config.refine)
-
-
-def _rounded_on_float_inputs(
-    streamed, plan: QuantPlan, config: QuantConfig, choice: WeightRangeChoice, progress: Progress
-) -> tuple[dict, list[str]]:
-    """GPTQ's integers for the weights whose H the observation pass measured, and notes."""
-    progress.status(f"GPTQ: rounding {len(streamed.layers)} weights")
-    rounded, nearest = streamed_gptq.round_weights(streamed, plan, config.weight_symmetric, choice)
-    notes = [f"GPTQ chose the integers of {len(rounded)} weights on float inputs (--weight-rounding)"]
-    return rounded, notes + _left_nearest(nearest)
-
-
-def _left_nearest(nearest: dict[str, str]) -> list[str]:
-    """The note on the weights GPTQ left at nearest rounding (the first and why), if any."""
-    if not nearest:
-        return []
-    first, why = next(iter(nearest.items()))
-    return [f"GPTQ left {len(nearest)} weights at nearest rounding (first: {first}: {why})"]
-
-
-def _gather(stream) -> tuple[dict[str, np.ndarray], int]:
-    """All calibration batches in memory: the search revisits them many times."""
-    parts = list(stream)
-    data = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-    return data, len(next(iter(data.values())))
-
-
-def _search(
-    float_model, plan, data, ranges, config: QuantConfig, int8_range: WeightRangeChoice, progress
-) -> SearchResult:
-    """Scales chosen by error in onnxruntime (or fixed ranges with bias correction only)."""
-    method = config.calibration.value if config.calibration.searched else "fixed"
-    settings = SearchSettings(
-        method=method,
-        bias_correction=config.corrects_bias,
-        symmetric_weights=config.weight_symmetric,
-        symmetric_activations=config.activation_symmetric,
-        int8_range=int8_range,
-        pd_lambda=config.pd_lambda,
-        holdout=config.holdout if method == "pd" else 0.0,
-        seed=config.seed,
-        time_budget=config.time_budget,
-        memory_budget=config.search_memory_gb * 1e9,
-        half_cache=config.search_cache_half,
-        fixed_batch=fixed_batch(float_model),
-        rounding="gptq" if config.gptq_in_sweep else "nearest",
-    )
-    fixed = {
-        spec.tensor: ranges[spec.observed] for spec in plan.activations.values() if spec.observed in ranges
-    }
-    return search_parameters(build_simulation(float_model, plan), plan, data, settings, progress, fixed)
-
-
-def _refine(
-    float_model,
-    graph,
-    plan: QuantPlan,
-    ranges,
-    search,
-    data,
-    config: QuantConfig,
-    int8_range: WeightRangeChoice,
-    progress,
-    spent: float,
-    affine_layers: set[str],
-):
-    """Learned rounding and activation steps, starting from the calibrated ones (onnxq.refine).
-
-    `graph` is the IR graph the plan was made from: its initializers are the float weights;
-    `spent`: seconds of --time-budget already used (search, distribution correction);
-    `affine_layers` learn QPRep's per-channel affine too."""
-    from onnxq.refine import refine
-    from onnxq.refine.reconstruct import RefineSettings
-
-    ratios = search.weight_ratios if search else {}
-    seeded = search.rounded if search else {}  # GPTQ's integers: refinement starts from them
-    weights = {
-        name: seeded[name]
-        if name in seeded
-        else planned_weight(
-            constant(graph.initializers[name]),
-            spec,
-            weight_target(spec, config.weight_symmetric, int8_range),
-            ratios.get(name),
-        )
-        for name, spec in plan.weights.items()
-    }
-    params = activation_params(plan, ranges, symmetric=config.activation_symmetric)
-    budget = None if config.time_budget is None else max(1.0, config.time_budget - spent)
-    settings = RefineSettings(
-        unit=config.refine_unit,
-        loss=config.refine_loss,
-        iterations=config.refine_iters,
-        batch=config.refine_batch,
-        qdrop=config.qdrop,
-        time_budget=budget,
-        seed=config.seed,
-        threads=config.threads,
-        device=config.device,
-        compiled=config.refine_compile,
-    )
-    biases = search.biases if search else None
-    return refine(
-        float_model, plan, params, weights, biases, data, settings, progress, affine_layers, frozenset(seeded)
-    )
-
-
 def _synthesise(proto, inputs, config: QuantConfig, progress) -> tuple[dict[str, np.ndarray], str]:
     """Data-free calibration inputs (onnxq.correct), from the model with its branches unmerged:
     every branch's BatchNorm keeps its statistics."""
@@ -529,33 +327,6 @@ def _synthesise(proto, inputs, config: QuantConfig, progress) -> tuple[dict[str,
     shape = check_synthesis_inputs(inputs)
     prepared = fuse(proto, simplify_first=config.simplify, merge_branches=False, progress=progress)
     return synthesised_calibration(prepared.model, prepared.statistics, shape, config, progress)
-
-
-def _search_notes(search: SearchResult) -> list[str]:
-    spent = f"{search.seconds:.1f} s"
-    if search.pd_seconds:
-        pruned, candidates = search.pd_pruned
-        spent += (
-            f" (pd {search.pd_seconds:.1f} s; {pruned} of {candidates} candidates ruled out by λ·regulariser)"
-        )
-    notes = [f"calibration search: {search.samples} samples, {spent}"]
-    if search.rounded:
-        notes.append(f"GPTQ chose the integers of {len(search.rounded)} weights (--weight-rounding)")
-    notes += _left_nearest(search.nearest)
-    if search.pd_loss:
-        losses = ", ".join(f"{k} {v:.4g}" for k, v in search.pd_loss.items())
-        notes.append(f"prediction difference (KL): {losses}")
-    if search.pd_kept_start:
-        notes.append("pd found nothing better than the mse choice on the calibration KL: kept the mse choice")
-    local = [name for name in search.skipped if not name.endswith(" (pd)")]
-    refined = [name for name in search.skipped if name.endswith(" (pd)")]
-    if local:
-        notes.append(
-            f"time budget reached: {len(local)} items kept min-max ranges and their bias (first: {local[0]})"
-        )
-    if refined:
-        notes.append(f"time budget reached: pd skipped {len(refined)} items, which keep their mse choice")
-    return notes
 
 
 def fuse(
@@ -685,16 +456,6 @@ def _convert_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
         raise OnnxqError(f"cannot upgrade the model from opset {version} to {target}: {first}") from None
     converted.ir_version = _ir_version(converted)
     return converted
-
-
-def _observer_factory(config: QuantConfig, plan: QuantPlan):
-    """tensor → its observer; Scale-Clip's K follows the bit width of the activation observed."""
-    if config.calibration is CalibrationMethod.MINMAX:
-        return lambda name: MinMaxObserver()
-    if config.calibration is CalibrationMethod.SCALECLIP:
-        bits = {spec.observed: spec.bits for spec in plan.activations.values()}
-        return lambda name: ScaleClipObserver(config.activation_scaleclip_k(bits.get(name, 8)))
-    return lambda name: HistogramObserver(config.percentile)
 
 
 def _write_metadata(model: onnx.ModelProto, config: QuantConfig, weight_reason: str) -> None:

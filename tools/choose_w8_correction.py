@@ -16,11 +16,12 @@ Rows: W8A8 at onnxq's defaults otherwise (no fidelity fallback, no speed check):
   held-out calibration images (tools/held_out.py), never the evaluation split.
 
     python tools/choose_w8_correction.py [--zoo ...] [--shared ...] [--variants ...]
-        [--min-positions N ...] [--out FILE]
+        [--max-positions N ...] [--out FILE]
 
---min-positions: each GPTQ variant once per value of onnxq.calib.rounding.MIN_POSITIONS, the
-patches per sample a Conv's H reads at least (16384 reads every position up to MAX_POSITIONS,
-as before the floor existed).
+--max-positions: each GPTQ variant once per value of onnxq.calib.rounding.MAX_POSITIONS, the
+patches per sample a Conv's H reads at most (random ones where a map has more). The section
+"GPTQ's patches per sample" was measured at d785161 with --min-positions, a floor of patches
+per sample (max(floor, 8 per input correlated), at most 16384) since taken back.
 """
 
 from __future__ import annotations
@@ -80,22 +81,22 @@ def zoo_row(entry: dict, variant: str) -> tuple[float, float]:
 
 
 @contextlib.contextmanager
-def min_positions(value: int | None):
-    """rounding.MIN_POSITIONS set to `value` (None: left as it is) for the runs inside."""
-    before = rounding.MIN_POSITIONS
-    rounding.MIN_POSITIONS = before if value is None else value
+def max_positions(value: int | None):
+    """rounding.MAX_POSITIONS set to `value` (None: left as it is) for the runs inside."""
+    before = rounding.MAX_POSITIONS
+    rounding.MAX_POSITIONS = before if value is None else value
     try:
         yield
     finally:
-        rounding.MIN_POSITIONS = before
+        rounding.MAX_POSITIONS = before
 
 
 def columns(variants: list[str], positions: list[int]) -> list[tuple[str, str, int | None]]:
-    """(label, variant, MIN_POSITIONS or None) per column: GPTQ variants once per value."""
+    """(label, variant, MAX_POSITIONS or None) per column: GPTQ variants once per value."""
     result = []
     for variant in variants:
         if variant.startswith("gptq") and positions:
-            result += [(f"{variant}, ≥ {n} patches", variant, n) for n in positions]
+            result += [(f"{variant}, ≤ {n} patches", variant, n) for n in positions]
         else:
             result.append((variant, variant, None))
     return result
@@ -106,10 +107,10 @@ def main() -> None:
     parser.add_argument("--zoo", nargs="*", default=ZOO)
     parser.add_argument("--shared", nargs="*", default=SHARED)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--min-positions", nargs="*", type=int, default=[])
+    parser.add_argument("--max-positions", nargs="*", type=int, default=[])
     parser.add_argument("--out", type=Path, help="also write the markdown section here")
     args = parser.parse_args()
-    runs = columns(args.variants, args.min_positions)
+    runs = columns(args.variants, args.max_positions)
     labels = [label for label, _, _ in runs]
     lines = [
         "## What corrects 8-bit weights, chosen on held-out calibration data",
@@ -130,7 +131,7 @@ def main() -> None:
     for name in args.zoo:
         cells = []
         for label, variant, positions in runs:
-            with min_positions(positions):
+            with max_positions(positions):
                 worst, seconds = zoo_row(manifest[name], variant)
             sqnr[label].append(worst)
             cells += [f"{worst:.1f} dB", f"{seconds:.0f}"]
@@ -141,7 +142,7 @@ def main() -> None:
         reference = bench.logits(onnx.load(bench.model_path(name)), held[0])
         cells = []
         for label, variant, positions in runs:
-            with min_positions(positions):
+            with max_positions(positions):
                 scores = held_out.row(name, config(variant), held, reference)
             kl[label].append(scores["kl"])
             cells += [f"KL {scores['kl']:.5f}, top-1 {100 * scores['top1']:.2f}", f"{scores['seconds']:.0f}"]

@@ -34,13 +34,12 @@ UNFOLD_BYTES = 64 << 20  # largest patch tensor one onnxruntime run writes
 # 256 MiB serves every conv up to d = 5792 (ResNet-50's 512·3·3 = 4608); a VGG-style Gemm reading
 # 25088 inputs would need 4.7 GiB, and keeps nearest rounding instead.
 MAX_CORRELATION_BYTES = 256 << 20
-# Patches kept per sample: H is a mean over positions, and a random subset of a map estimates it
-# well at a fraction of the d² products: POSITIONS_PER_INPUT per input it correlates, at least
-# MIN_POSITIONS and at most MAX_POSITIONS. Neighbouring patches of one image are nearly alike, so
-# the rows that inform H come from many samples more than from many positions of one: MobileNetV2's
-# 112² depthwise maps (d = 9) gave 12544 patches per image where 1024 estimate the same 9×9 H.
-POSITIONS_PER_INPUT = 8
-MIN_POSITIONS = 1024
+# Patches kept per sample: H is a mean over positions, and a random subset of a large map estimates
+# it well at a fraction of the d² products. 16384 = 128², above every map of a 224-pixel classifier
+# (MobileNetV2's largest is 112²), so only detector-sized inputs are subsampled. Fewer did not pay
+# on held-out data (BENCHMARKS.md "GPTQ's patches per sample"): at least 1024 per sample, or 8 per
+# input correlated, lowered the zoo's mean worst SQNR 19.09 → 18.99 dB and took MobileNetV2 27-28 s
+# against 25-26 s, as indexing chosen positions costs more per patch than copying every window.
 MAX_POSITIONS = 16384
 # Rows of input (patches, or Gemm/MatMul rows) H needs per input it correlates. From n rows of d
 # inputs the sample H's smallest eigenvalues fall to about (1 − √(d/n))² of the true ones
@@ -88,7 +87,7 @@ class Correlation:
 
 class CorrelationSum:
     """H accumulated batch by batch: x is what one output value reads (a Conv's patch across its
-    group's channels, a Gemm/MatMul row). A Conv reads `positions_kept(d)` random patches per
+    group's channels, a Gemm/MatMul row). A Conv reads at most MAX_POSITIONS random patches per
     sample. Each batch's product is taken in float32 (BLAS sums it in blocks) and added to a
     float64 total: widening every patch to float64 first cost more than the products."""
 
@@ -236,7 +235,7 @@ class _RowView:
 
 
 class _Unfold:
-    """A Conv's input cut into the patches its output values read, up to `positions(d)` random
+    """A Conv's input cut into the patches its output values read, up to MAX_POSITIONS random
     ones per sample. A 2-D Conv's are gathered by numpy at the chosen output positions only (the
     patches of a whole map took most of GPTQ's time, and most were dropped); other ranks are cut
     by onnxruntime, a Conv with one-hot kernels and the layer's own strides, pads, dilations and
@@ -248,7 +247,7 @@ class _Unfold:
         self.kernel = tuple(weight.shape[2:])
         positions = int(np.prod(self.kernel))
         self.depth = weight.shape[1] * positions
-        self.keep = positions_kept(self.depth)
+        self.keep = MAX_POSITIONS
         keep = {"strides", "pads", "dilations", "auto_pad"}
         self.attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name in keep}
         self.pointwise = positions == 1 and _reads_in_place(self.attributes)  # patches: the input itself
@@ -284,9 +283,8 @@ class _Unfold:
     def _gathered(self, part: np.ndarray) -> np.ndarray:
         """(samples, groups, d, positions) patches of a 2-D Conv, d in the weight's order (input
         channel, kernel row, kernel column). A map with no more positions than are kept is copied
-        from a strided view of every window at once; a larger one is indexed at each sample's
-        chosen positions (six times cheaper per element kept, as copying every window to keep a
-        few costs more)."""
+        from a strided view of every window at once (six times cheaper per patch than indexing);
+        a larger one is indexed at each sample's chosen positions."""
         (kh, kw), (sh, sw) = self.kernel, self.attributes.get("strides", [1, 1])
         dh, dw = self.attributes.get("dilations", [1, 1])
         top, left, bottom, right = _pads_2d(self.attributes, part.shape[2:], self.kernel)
@@ -306,11 +304,6 @@ class _Unfold:
             columns = columns * sw + (np.arange(kw) * dw)[None, :, None]  # (1, kw, positions)
             patches.append(sample[:, rows, columns].reshape(self.groups, self.depth, -1))
         return np.stack(patches)
-
-
-def positions_kept(depth: int) -> int:
-    """Patches read per sample from a Conv correlating `depth` inputs."""
-    return min(MAX_POSITIONS, max(MIN_POSITIONS, POSITIONS_PER_INPUT * depth))
 
 
 def _pads_2d(attributes: dict, spatial: tuple[int, ...], kernel: tuple[int, ...]) -> tuple[int, ...]:

@@ -108,14 +108,6 @@ def test_gathered_patches_equal_onnxruntimes_unfolding(auto_pad, stride, dilatio
     np.testing.assert_array_equal(measured, expected)
 
 
-def test_patches_per_sample_grow_with_the_inputs_correlated():
-    """A depthwise 3×3 (d = 9) reads MIN_POSITIONS patches per sample, a dense 3×3 over 128
-    channels 8 per input, one over 512 at most MAX_POSITIONS."""
-    assert rounding.positions_kept(9) == rounding.MIN_POSITIONS
-    assert rounding.positions_kept(128 * 9) == rounding.POSITIONS_PER_INPUT * 128 * 9
-    assert rounding.positions_kept(512 * 9) == rounding.MAX_POSITIONS
-
-
 @pytest.mark.parametrize("op, trans_b", [("MatMul", 0), ("Gemm", 0), ("Gemm", 1)])
 def test_matmul_input_correlation_is_the_rows_gram_matrix(op, trans_b):
     rng = np.random.default_rng(0)
