@@ -261,7 +261,10 @@ def _nothing_quantized(
 ) -> Candidate:
     """Every layer any timed plan quantized kept float, with the warning saying why (`how`: the
     timings that showed it). A lighter plan's float layers are float only because it was planned
-    so, and would be quantized again by a plan that lists its own."""
+    so, and would be quantized again by a plan that lists its own; and a plan whose other layers
+    are all float quantizes what it would not otherwise (a detector head's last convs, which
+    stay float only beside integer layers, read tensors nobody observed): those are kept float
+    too, until the plan quantizes nothing."""
     notes.append(
         f"warning: nothing is quantized: every quantized plan ran slower than float on this CPU "
         f"({how}): its integer kernels gain less than the Q/DQ pairs cost on this model; the "
@@ -269,7 +272,11 @@ def _nothing_quantized(
     )
     quantized = [node for (_, candidate, _), _ in timed for node in candidate.plan.quantized_nodes]
     everything = {**chosen.plan.kept_float, **dict.fromkeys(quantized, FLOAT_IS_FASTER)}
-    return build(replan(keep_float=everything))
+    plan = replan(keep_float=everything)
+    while plan.quantized_nodes:  # each round keeps more nodes float, so it ends
+        everything.update(dict.fromkeys(plan.quantized_nodes, FLOAT_IS_FASTER))
+        plan = replan(keep_float=everything)
+    return build(plan)
 
 
 def final_report(

@@ -216,3 +216,19 @@ def test_the_fallback_ranks_first_the_layer_whose_quantizers_cost_the_output_mos
     ranked = layer_costs(model, result.model, plan, layers, [{"x": data[i : i + 1]} for i in range(4)], "out")
     assert ranked[0][0] == coarse and ranked[0][1] > 4 * ranked[1][1]
     assert all(cost >= 0 for _, cost in ranked)
+
+
+def test_a_head_left_float_for_speed_quantizes_nothing_not_its_last_convs(monkeypatch):
+    """Every plan clearly slower than float: nothing is quantized. With every other layer float,
+    the head's box, cls and dfl convs would be the model's only layers and keep their weights,
+    reading tensors calibration never observed (dfl reads the Softmax output): they stay float."""
+    from onnxq import speed
+
+    monkeypatch.setattr(speed, "compare", lambda models, feed: [1.0] + [2.0] * (len(models) - 1))
+    data = np.random.default_rng(2).standard_normal((16, 3, 6, 6)).astype(np.float32)
+    result = onnxq.quantize(head_model(), data, onnxq.QuantConfig(fidelity_fallback=False))
+    assert result.quantized_nodes == 0
+    assert not {n.op_type for n in result.model.graph.node} & {"QuantizeLinear", "DequantizeLinear"}
+    feed = {"x": data[:4]}
+    want = session(head_model()).run(None, feed)[0]
+    np.testing.assert_allclose(session(result.model).run(None, feed)[0], want, rtol=1e-4, atol=1e-5)

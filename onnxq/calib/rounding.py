@@ -7,11 +7,11 @@ and spreads what it left over the columns not yet rounded, weighted by the inver
 H = Σ x xᵀ over the layer's inputs, which minimises ‖W X − Ŵ X‖² one column at a time.
 
 Only the integers change: every scale and zero point stays what the range rule or the search
-chose, so the model's form and size are the same. numpy, plus onnxruntime to cut a Conv's
-inputs into patches with the layer's own strides, pads and dilations. Rows of a weight (output
-channels) are independent given H, so a per-channel search can still mix ratios per channel.
-H must be estimated from enough rows (`too_few_rows`): a layer read once per sample, or a
-detector's deepest convs on a few calibration images, keeps nearest rounding.
+chose, so the model's form and size are the same. numpy (onnxruntime cuts the patches of 1-D
+and 3-D Convs). Rows of a weight (output channels) are independent given H, so a per-channel
+search can still mix ratios per channel. H must be estimated from enough rows
+(`too_few_rows`): a layer read once per sample, or a detector's deepest convs on a few
+calibration images, keeps nearest rounding.
 """
 
 from __future__ import annotations
@@ -236,10 +236,11 @@ class _RowView:
 
 class _Unfold:
     """A Conv's input cut into the patches its output values read, up to MAX_POSITIONS random
-    ones per sample. A 2-D Conv's are gathered by numpy at the chosen output positions only (the
-    patches of a whole map took most of GPTQ's time, and most were dropped); other ranks are cut
-    by onnxruntime, a Conv with one-hot kernels and the layer's own strides, pads, dilations and
-    auto_pad, one kernel position per output channel, and subsampled after."""
+    ones per sample. A 2-D Conv's are gathered by numpy (onnxruntime's one-hot Conv below took
+    most of GPTQ's time on MobileNetV2, and wrote every patch of a detector's map to keep a
+    few); other ranks are cut by onnxruntime, a Conv with one-hot kernels and the layer's own
+    strides, pads, dilations and auto_pad, one kernel position per output channel, and
+    subsampled after."""
 
     def __init__(self, node: onnx.NodeProto, weight: np.ndarray):
         self.groups = _attribute(node, "group", 1)
