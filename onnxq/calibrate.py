@@ -104,7 +104,13 @@ def calibrate(
         data, corrected = corrected_for_refinement(float_model, statistics, data, config, data_free, progress)
         result.notes += corrected
         spent = time.perf_counter() - started + (result.search.seconds if result.search else 0.0)
-        _refined(float_model, graph, result, data, config, choice, progress, spent, affine_layers)
+        result.refined = _refine(
+            float_model, graph, result, data, config, choice, progress, spent, affine_layers
+        )
+        result.notes += result.refined.notes(config.refine_loss)
+        if affine_layers:
+            learned = f"{len(affine_layers)} merged re-parameterized convs learned a per-channel affine"
+            result.notes.append(f"QPRep: {learned}")
     return result
 
 
@@ -118,18 +124,6 @@ def _observed(float_model, graph, plan, stream, config, choice, progress, replan
     if streamed:
         result.rounded, result.notes = _rounded_on_float_inputs(streamed, plan, config, choice, progress)
     return result
-
-
-def _refined(float_model, graph, result: Calibrated, data, config, choice, progress, spent, affine) -> None:
-    """Learned rounding and activation steps into `result` (`spent`: seconds of --time-budget
-    already used by the search and distribution correction)."""
-    plan, ranges, search = result.plan, result.ranges, result.search
-    args = (float_model, graph, plan, ranges, search, data, config, choice, progress, spent, set(affine))
-    result.refined = _refine(*args)
-    result.notes += result.refined.notes(config.refine_loss)
-    if affine:
-        learned = f"{len(affine)} merged re-parameterized convs learned a per-channel affine"
-        result.notes.append(f"QPRep: {learned}")
 
 
 def _without_masks(graph, plan: QuantPlan, replan: Replan, *ranges) -> QuantPlan:
@@ -230,15 +224,13 @@ def _search(
 def _refine(
     float_model,
     graph,
-    plan: QuantPlan,
-    ranges,
-    search,
+    calibrated: Calibrated,
     data,
     config: QuantConfig,
     int8_range: WeightRangeChoice,
     progress,
     spent: float,
-    affine_layers: set[str],
+    affine_layers: frozenset[str],
 ):
     """Learned rounding and activation steps, starting from the calibrated ones (onnxq.refine).
 
@@ -247,6 +239,7 @@ def _refine(
     `affine_layers` learn QPRep's per-channel affine too."""
     from onnxq.refine.reconstruct import RefineSettings
 
+    plan, ranges, search = calibrated.plan, calibrated.ranges, calibrated.search
     ratios = search.weight_ratios if search else {}
     seeded = search.rounded if search else {}  # GPTQ's integers: refinement starts from them
     weights = {

@@ -309,11 +309,11 @@ class _Unfold:
 
 def _pads_2d(attributes: dict, spatial: tuple[int, ...], kernel: tuple[int, ...]) -> tuple[int, ...]:
     """(top, left, bottom, right) a 2-D Conv pads its input with, auto_pad resolved as ONNX does."""
-    auto_pad = attributes.get("auto_pad", b"NOTSET")
-    if auto_pad in (b"NOTSET", "NOTSET"):
+    auto_pad = attributes.get("auto_pad", b"NOTSET")  # onnx gives strings as bytes
+    if auto_pad == b"NOTSET":
         top, left, bottom, right = attributes.get("pads", [0, 0, 0, 0])
         return top, left, bottom, right
-    if auto_pad in (b"VALID", "VALID"):
+    if auto_pad == b"VALID":
         return 0, 0, 0, 0
     strides, dilations = attributes.get("strides", [1, 1]), attributes.get("dilations", [1, 1])
     begins, ends = [], []
@@ -321,7 +321,7 @@ def _pads_2d(attributes: dict, spatial: tuple[int, ...], kernel: tuple[int, ...]
         out = -(-size // stride)
         total = max(0, (out - 1) * stride + (k - 1) * dilation + 1 - size)
         small, large = total // 2, total - total // 2
-        upper = auto_pad in (b"SAME_UPPER", "SAME_UPPER")
+        upper = auto_pad == b"SAME_UPPER"
         begins.append(small if upper else large)
         ends.append(large if upper else small)
     return begins[0], begins[1], ends[0], ends[1]
