@@ -16,10 +16,12 @@ Rows: W8A8 at onnxq's defaults otherwise (no fidelity fallback, no speed check):
   held-out calibration images (tools/held_out.py), never the evaluation split.
 
     python tools/choose_w8_correction.py [--zoo ...] [--shared ...] [--variants ...]
-        [--max-positions N ...] [--out FILE]
+        [--max-positions N ...] [--grid-rows N|every ...] [--out FILE]
 
 --max-positions: each GPTQ variant once per value of onnxq.calib.rounding.MAX_POSITIONS, the
-patches per sample a Conv's H reads at most (random ones where a map has more). The section
+patches per sample a Conv's H reads at most (random ones where a map has more). --grid-rows: once
+per value of GRID_ROWS_PER_INPUT, the patches per input per sample below which a gathered map is
+read in full and above which on a sub-grid ('every': always in full). The section
 "GPTQ's patches per sample" was measured at d785161 with --min-positions, a floor of patches
 per sample (max(floor, 8 per input correlated), at most 16384) since taken back.
 """
@@ -81,24 +83,32 @@ def zoo_row(entry: dict, variant: str) -> tuple[float, float]:
 
 
 @contextlib.contextmanager
-def max_positions(value: int | None):
-    """rounding.MAX_POSITIONS set to `value` (None: left as it is) for the runs inside."""
-    before = rounding.MAX_POSITIONS
-    rounding.MAX_POSITIONS = before if value is None else value
+def patch_sampling(setting: dict[str, object]):
+    """onnxq.calib.rounding's constants named in `setting` (MAX_POSITIONS, GRID_ROWS_PER_INPUT)
+    set for the runs inside."""
+    before = {name: getattr(rounding, name) for name in setting}
+    for name, value in setting.items():
+        setattr(rounding, name, value)
     try:
         yield
     finally:
-        rounding.MAX_POSITIONS = before
+        for name, value in before.items():
+            setattr(rounding, name, value)
 
 
-def columns(variants: list[str], positions: list[int]) -> list[tuple[str, str, int | None]]:
-    """(label, variant, MAX_POSITIONS or None) per column: GPTQ variants once per value."""
+def columns(variants: list[str], positions: list[int], grids: list[str]) -> list[tuple[str, str, dict]]:
+    """(label, variant, rounding constants) per column: GPTQ variants once per value given."""
+    settings = [(f", ≤ {n} patches", {"MAX_POSITIONS": n}) for n in positions]
+    for grid in grids:
+        every = grid == "every"
+        label = ", every position" if every else f", sub-grid ≥ {grid} per input"
+        settings.append((label, {"GRID_ROWS_PER_INPUT": None if every else int(grid)}))
     result = []
     for variant in variants:
-        if variant.startswith("gptq") and positions:
-            result += [(f"{variant}, ≤ {n} patches", variant, n) for n in positions]
+        if variant.startswith("gptq") and settings:
+            result += [(variant + label, variant, setting) for label, setting in settings]
         else:
-            result.append((variant, variant, None))
+            result.append((variant, variant, {}))
     return result
 
 
@@ -108,9 +118,10 @@ def main() -> None:
     parser.add_argument("--shared", nargs="*", default=SHARED)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--max-positions", nargs="*", type=int, default=[])
+    parser.add_argument("--grid-rows", nargs="*", default=[], help="GRID_ROWS_PER_INPUT values, or 'every'")
     parser.add_argument("--out", type=Path, help="also write the markdown section here")
     args = parser.parse_args()
-    runs = columns(args.variants, args.max_positions)
+    runs = columns(args.variants, args.max_positions, args.grid_rows)
     labels = [label for label, _, _ in runs]
     lines = [
         "## What corrects 8-bit weights, chosen on held-out calibration data",
@@ -130,8 +141,8 @@ def main() -> None:
     manifest = zoo_manifest() if args.zoo else {}
     for name in args.zoo:
         cells = []
-        for label, variant, positions in runs:
-            with max_positions(positions):
+        for label, variant, setting in runs:
+            with patch_sampling(setting):
                 worst, seconds = zoo_row(manifest[name], variant)
             sqnr[label].append(worst)
             cells += [f"{worst:.1f} dB", f"{seconds:.0f}"]
@@ -141,8 +152,8 @@ def main() -> None:
         held = bench.held_out_split(name)
         reference = bench.logits(onnx.load(bench.model_path(name)), held[0])
         cells = []
-        for label, variant, positions in runs:
-            with max_positions(positions):
+        for label, variant, setting in runs:
+            with patch_sampling(setting):
                 scores = held_out.row(name, config(variant), held, reference)
             kl[label].append(scores["kl"])
             cells += [f"KL {scores['kl']:.5f}, top-1 {100 * scores['top1']:.2f}", f"{scores['seconds']:.0f}"]

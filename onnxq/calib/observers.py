@@ -9,6 +9,8 @@ from typing import Protocol
 
 import numpy as np
 
+from onnxq.calib.scratch import scratch
+
 
 class Observer(Protocol):
     def update(self, values: np.ndarray) -> None: ...
@@ -65,11 +67,13 @@ class HistogramObserver:
         # copies took a third of MobileNetV2's calibration; float32 moves a value lying within
         # its rounding of a bin edge (about one in 10⁴) to the neighbouring bin. fmax/fmin, not
         # clip: a NaN goes to the first bin, as floor's did, not to a negative index
-        index = values * np.float32(self.bins / (2.0 * self.limit))
+        index = np.multiply(values, np.float32(self.bins / (2.0 * self.limit)), out=scratch(values.shape))
         index += np.float32(self.bins / 2)
         np.fmax(index, 0, out=index)
         np.fmin(index, self.bins - 1, out=index)
-        self.counts += np.bincount(index.astype(np.intp), minlength=self.bins)
+        bins = scratch(values.shape, np.intp)
+        np.copyto(bins, index, casting="unsafe")
+        self.counts += np.bincount(bins, minlength=self.bins)
 
     def range(self) -> tuple[float, float]:
         low, high = self.extremes.range()

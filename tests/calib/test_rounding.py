@@ -103,9 +103,27 @@ def test_gathered_patches_equal_onnxruntimes_unfolding(auto_pad, stride, dilatio
     by_onnxruntime.gathers = False
     by_onnxruntime.runner = rounding._unfolding_session(kernel, 4, by_onnxruntime.attributes)
     assert gathered.gathers or kernel == (1, 1)
-    (expected,) = by_onnxruntime(x)
+    (expected,) = [patches.copy() for patches in by_onnxruntime(x)]  # views of a reused buffer
     (measured,) = gathered(x)
     np.testing.assert_array_equal(measured, expected)
+
+
+def test_a_large_map_is_read_on_a_sub_grid_at_every_phase(monkeypatch):
+    """Past GRID_ROWS_PER_INPUT patches per input, a sample's patches are every g-th row and
+    column's, at a phase drawn per sample: each one is one of the full set's, and over samples
+    every position is read."""
+    image = np.random.default_rng(0).normal(size=(1, 4, 8, 8)).astype(np.float32)
+    x = np.repeat(image, 32, axis=0)
+    weight = np.zeros((4, 1, 3, 3), np.float32)  # depthwise: 9 inputs per group
+    node = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1] * 4, group=4)
+    monkeypatch.setattr(rounding, "GRID_ROWS_PER_INPUT", None)
+    (every,) = [patches[:, :, :64].copy() for patches in rounding._Unfold(node, weight)(image)]
+    monkeypatch.setattr(rounding, "GRID_ROWS_PER_INPUT", 1)  # 16 of 64 positions keep 9 per input
+    (grid,) = rounding._Unfold(node, weight)(x)
+    assert grid.shape == (4, 9, 32 * 16)
+    matches = (grid[:, :, :, None] == every[:, :, None, :]).all(axis=1)  # (groups, grid, every)
+    assert matches.any(axis=2).all()  # each grid patch is one of the image's patches
+    assert matches.any(axis=1).all()  # and every position's patch is read by some sample
 
 
 @pytest.mark.parametrize("op, trans_b", [("MatMul", 0), ("Gemm", 0), ("Gemm", 1)])
