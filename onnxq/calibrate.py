@@ -35,9 +35,8 @@ from onnxq.passes.insert_qdq import activation_params, planned_weight, weight_ta
 from onnxq.progress import Progress
 from onnxq.quant import masks
 from onnxq.quant.kernels import WeightRangeChoice
-from onnxq.quant.plan import QuantPlan
+from onnxq.quant.plan import QuantPlan, Replan
 from onnxq.refine import refine
-from onnxq.tune import Replan
 
 
 @dataclass

@@ -27,7 +27,7 @@ from onnxq.calib.runner import fixed_batch
 from onnxq.config import QuantConfig
 from onnxq.errors import OnnxqError
 from onnxq.fidelity import Fidelity
-from onnxq.quant.plan import QuantPlan
+from onnxq.quant.plan import QuantPlan, Replan
 
 FALLBACK_SHARE = 0.1  # at most this part of the layers is kept float for fidelity
 SPEED_MARGIN = 0.9  # a lighter plan must run this much faster to replace the first (timings are noisy)
@@ -57,7 +57,6 @@ class Candidate:
 
 
 Ranges = dict[str, tuple[float, float]]  # observed activation → its clipping range
-Replan = Callable[..., QuantPlan]  # keyword arguments of plan_quantization → a plan
 Build = Callable[[QuantPlan], Candidate]
 
 

@@ -46,7 +46,9 @@ MAX_POSITIONS = 16384
 # read on a regular sub-grid (every g-th row and column, g dividing both, at a random phase per
 # sample, so every position is read as often). Neighbouring patches overlap and tell H little
 # more than one of them: MobileNetV2's first depthwise convs read 12544 patches of 9 inputs per
-# sample, and spent a third of GPTQ's time on them. None: every position.
+# sample and took about 40 % of GPTQ's time. On held-out data 64 was as good as every position
+# (BENCHMARKS.md "GPTQ's patches on a sub-grid"); 16 lost 1-4 dB on two zoo models. None: every
+# position.
 GRID_ROWS_PER_INPUT: int | None = 64
 # Rows of input (patches, or Gemm/MatMul rows) H needs per input it correlates. From n rows of d
 # inputs the sample H's smallest eigenvalues fall to about (1 − √(d/n))² of the true ones

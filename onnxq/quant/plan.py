@@ -16,6 +16,7 @@ Graph outputs stay float, so the logits lose no precision to a final QuantizeLin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -139,6 +140,11 @@ class QuantPlan:
         while spec.shares is not None:
             spec = self.activations[spec.shares]
         return spec.tensor
+
+
+# plan_quantization with the graph and config bound: its keyword arguments → a plan (the stages
+# that replan after calibration or a speed check take one)
+Replan = Callable[..., QuantPlan]
 
 
 def plan_quantization(
