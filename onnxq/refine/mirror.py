@@ -21,6 +21,8 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
+from onnxq.calib.runner import fixed_batch
+from onnxq.errors import OnnxqError
 from onnxq.io import session
 from onnxq.quant.plan import QuantPlan
 from onnxq.quant.weights import QuantizedWeight
@@ -58,6 +60,7 @@ class Mirror(nn.Module):
         """`affine_layers`: layer nodes whose weight also learns QPRep's per-channel affine;
         `seeded`: weights whose rounding starts from their given integers (GPTQ's), not nearest."""
         super().__init__()
+        self.fixed_batch = fixed_batch(model)  # N where the input fixes its batch: runs of N samples
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
         self.constants: Env = {t.name: _tensor(numpy_helper.to_array(t)) for t in model.graph.initializer}
         self.nodes: list[MirrorNode] = []
@@ -152,10 +155,39 @@ class Mirror(nn.Module):
         return env
 
     def run(self, env: Env, begin: int, end: int, *, quantized: bool, keep: Iterable[str] = ()) -> Env:
-        """Run nodes[begin:end] on `env` (updated in place and returned).
+        """Run nodes[begin:end] on `env`; returns it with the outputs added.
 
         Tensors no node after `end` reads are dropped as soon as they are used, except `keep`.
+        A model whose input fixes its batch at N runs N samples at a time: its export may have
+        baked N into shapes anywhere (a Reshape's target with the batch third, a class token
+        expanded to the batch as a constant), which batches of many samples would not fit, or
+        worse, would fit wrongly.
         """
+        parts = self._micro_batches(env)
+        if parts is None:
+            return self._run(env, begin, end, quantized=quantized, keep=keep)
+        runs = [self._run(part, begin, end, quantized=quantized, keep=keep) for part in parts]
+        return _joined(runs, self.fixed_batch)
+
+    def _micro_batches(self, env: Env) -> list[Env] | None:
+        """`env` cut into runs of the model's fixed batch, or None where it is one already (or
+        the model's batch is free)."""
+        if self.fixed_batch is None:
+            return None
+        batches = [v.shape[0] for v in env.values() if v.dim() >= 2 and v.is_floating_point()]
+        batch = max(batches, default=0)
+        if batch <= self.fixed_batch or batch % self.fixed_batch:
+            return None
+        return [
+            {
+                k: v[start : start + self.fixed_batch] if v.dim() and v.shape[0] == batch else v
+                for k, v in env.items()
+            }
+            for start in range(0, batch, self.fixed_batch)
+        ]
+
+    def _run(self, env: Env, begin: int, end: int, *, quantized: bool, keep: Iterable[str] = ()) -> Env:
+        """`run` on one batch the model takes, `env` updated in place."""
         keep = set(keep) | set(self.graph_outputs)
         weights: Env = {}
         for index in range(begin, end):
@@ -292,3 +324,21 @@ def _last_uses(nodes: list[MirrorNode], outputs: list[str]) -> dict[str, int]:
     for name in outputs:
         last[name] = len(nodes)
     return last
+
+
+def _joined(runs: list[Env], batch: int) -> Env:
+    """The runs' tensors joined along the batch axis; those without it (shapes, constants) once.
+    A tensor that holds its samples on another axis cannot be joined: it stops refinement."""
+    joined: Env = {}
+    for name, value in runs[0].items():
+        parts = [run[name] for run in runs]
+        if value.dim() and value.shape[0] == batch and all(p.shape == value.shape for p in parts):
+            joined[name] = torch.cat(parts)
+        elif all(p.shape == value.shape and torch.equal(p, value) for p in parts[1:]):
+            joined[name] = value
+        else:
+            raise OnnxqError(
+                f"refinement cannot join tensor {name!r} of the model's fixed batch of {batch}: its samples "
+                "lie on another axis than the first; export the model with a free batch axis"
+            )
+    return joined

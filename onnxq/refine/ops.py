@@ -215,6 +215,29 @@ def batch_norm(attrs, x, scale, bias, mean, var):
     return (F.batch_norm(x, mean, var, scale, bias, False, 0.0, attrs.get("epsilon", 1e-5)),)
 
 
+@op("LayerNormalization")
+def layer_norm(attrs, x, scale, bias=None):
+    """Normalised over the axes from `axis` on (the transformer's LayerNorm); only the first
+    output, the others (mean, inverse deviation) are training outputs no export reads."""
+    axis = attrs.get("axis", -1) % x.dim()
+    mean = x.mean(dim=tuple(range(axis, x.dim())), keepdim=True)
+    centred = x - mean
+    variance = (centred * centred).mean(dim=tuple(range(axis, x.dim())), keepdim=True)
+    y = centred * torch.rsqrt(variance + attrs.get("epsilon", 1e-5)) * scale
+    return (y if bias is None else y + bias,)
+
+
+@op("InstanceNormalization")
+def instance_norm(attrs, x, scale, bias):
+    return (F.instance_norm(x, weight=scale, bias=bias, eps=attrs.get("epsilon", 1e-5)),)
+
+
+@op("Gelu")
+def gelu(attrs, x):
+    approximate = attrs.get("approximate", b"none")
+    return (F.gelu(x, approximate="tanh" if approximate in (b"tanh", "tanh") else "none"),)
+
+
 # ----------------------------------------------------------------------------- pooling
 
 
@@ -334,17 +357,7 @@ def reshape(attrs, x, shape):
     shape = _ints(shape)
     if not attrs.get("allowzero", 0):
         shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
-    return (x.reshape(_batch_free(shape, x)),)
-
-
-def _batch_free(shape: list[int], x: torch.Tensor) -> list[int]:
-    """A target whose leading size the export baked from its batch of one ([1, 576] in a
-    static dynamo export) keeps the leading size of the batch the mirror runs instead: the
-    mirror learns on batches of many samples; onnxruntime runs the model as exported."""
-    if not shape or not x.dim() or shape[0] != 1 or x.shape[0] == 1 or -1 in shape:
-        return shape
-    rest = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-    return [x.shape[0], *shape[1:]] if x.shape[0] * rest == x.numel() else shape
+    return (x.reshape(shape),)
 
 
 @op("Flatten")

@@ -121,6 +121,8 @@ UNARY = [
     ("AveragePool", {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1}),
     ("MaxPool", {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}),
     ("MaxPool", {"kernel_shape": [2, 2], "strides": [1, 1], "pads": [0, 0, 1, 1]}),
+    ("Gelu", {}),
+    ("Gelu", {"approximate": "tanh"}),
 ]
 
 
@@ -130,6 +132,54 @@ UNARY = [
 def test_unary_ops_match(op_type, attrs, batch, channels, size, seed):
     x = (rng(seed).standard_normal((batch, channels, size, size)) * 4).astype(np.float32)
     assert_mirror_matches(single_node(op_type, {"x": x}, {}, **attrs), {"x": x})
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    st.integers(1, 3),
+    st.integers(2, 6),
+    st.integers(4, 8),
+    st.sampled_from([-1, 2, 1]),
+    st.integers(0, 10**6),
+)
+def test_normalizations_match(batch, channels, size, axis, seed):
+    """LayerNormalization over the axes from `axis` on (with and without a bias), and
+    InstanceNormalization, the normalisations of transformers and style/segmentation heads."""
+    r = rng(seed)
+    x = (r.standard_normal((batch, channels, size, size)) * 3 + 1).astype(np.float32)
+    normalised = x.shape[axis:]
+    scale, bias = (r.standard_normal(normalised).astype(np.float32) for _ in range(2))
+    for constants in ({"s": scale, "b": bias}, {"s": scale}):
+        model = single_node("LayerNormalization", {"x": x}, constants, axis=axis, epsilon=1e-5)
+        assert_mirror_matches(model, {"x": x})
+    per_channel = {
+        "s": r.standard_normal(channels).astype(np.float32),
+        "b": r.standard_normal(channels).astype(np.float32),
+    }
+    assert_mirror_matches(single_node("InstanceNormalization", {"x": x}, per_channel), {"x": x})
+
+
+def test_a_model_whose_input_fixes_its_batch_runs_that_many_samples_at_a_time():
+    """A static export bakes its batch of one into constants and shapes anywhere (a class token
+    expanded to the batch, a Reshape whose target has the batch second); the mirror learns on
+    batches of many samples, which run one at a time there, as onnxruntime runs the model."""
+    r = rng(0)
+    token = r.standard_normal((1, 1, 4)).astype(np.float32)
+    nodes = [
+        helper.make_node("Concat", ["x", "t"], ["c"], axis=1),
+        helper.make_node("Reshape", ["c", "shape"], ["r"]),
+        helper.make_node("Transpose", ["r"], ["y0"], perm=[1, 0, 2, 3]),
+    ]
+    constants = {"t": token, "shape": np.array([4, 1, 2, 2], np.int64)}
+    model = graph_model(nodes, {"x": np.zeros((1, 3, 4), np.float32)}, constants)
+    samples = r.standard_normal((5, 1, 3, 4)).astype(np.float32)
+    runner = session(model)
+    expected = np.concatenate([runner.run(None, {"x": sample})[0] for sample in samples])
+    mirror = Mirror(model)
+    with torch.no_grad():
+        (got,) = mirror({"x": torch.from_numpy(samples[:, 0])}, quantized=False)
+    assert mirror.fixed_batch == 1
+    np.testing.assert_array_equal(got.numpy(), expected)
 
 
 @settings(max_examples=10, deadline=None)
