@@ -408,6 +408,44 @@ def test_a_model_exported_with_its_batch_of_one_baked_in_refines():
     assert result.refinement is not None and result.fidelity.min_sqnr > 10
 
 
+def test_a_static_dynamo_export_of_a_vision_transformer_refines_every_unit(tmp_path):
+    """torch's dynamo exporter, given a batch of one and no dynamic shapes, bakes that batch into
+    the class token's expansion (a [1, 1, d] constant) and into attention's Reshapes (the batch
+    third); its blocks hold LayerNormalization and Gelu's Erf. --refine stopped with an internal
+    error there, and before that ran every transformer block in onnxruntime, unrefined."""
+    import torch
+    from torch import nn
+
+    class TinyViT(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.patch = nn.Conv2d(3, 16, 4, 4)
+            self.token = nn.Parameter(torch.randn(1, 1, 16) * 0.02)
+            self.block = nn.TransformerEncoderLayer(
+                16, 2, 32, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+            )
+            self.norm, self.head = nn.LayerNorm(16), nn.Linear(16, 5)
+
+        def forward(self, x):
+            x = self.patch(x).flatten(2).transpose(1, 2)
+            x = self.block(torch.cat([self.token.expand(x.shape[0], -1, -1), x], 1))
+            return self.head(self.norm(x[:, 0]))
+
+    torch.manual_seed(0)
+    path = tmp_path / "vit.onnx"
+    torch.onnx.export(
+        TinyViT().eval(), (torch.zeros(1, 3, 8, 8),), str(path), dynamo=True, external_data=False
+    )
+    model = onnx.load(path)
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    data = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    config = onnxq.QuantConfig(weight_bits=4, refine=True, refine_iters=3, speed_check=False)
+    result = onnxq.quantize(model, data, config)
+    units = result.refinement.units
+    assert len(units) > 1 and not [unit.skipped for unit in units if unit.skipped]
+    assert result.fidelity.min_sqnr > 10
+
+
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2**16), bits=st.integers(2, 8))
 def test_a_seeded_rounding_starts_on_its_seed_and_may_move_one_step_towards_the_weight(seed, bits):
