@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from onnxq.calib import scratch
 from onnxq.calib.frontier import paired_batches
 from onnxq.calib.rounding import Factored, factor, gptq_round, input_correlation, refusal, too_few_rows
 from onnxq.calib.simulate import Arrays, param_names
@@ -61,7 +62,8 @@ class LayerProbe:
         if reason is None:
             self.factored = factor(correlation.gram)
             self._rounded.clear()
-        return_free_pages()  # the patches, tens of MB per batch, would otherwise stay resident
+        scratch.release()  # the patches, tens of MB per batch, would otherwise stay resident
+        return_free_pages()
         return reason
 
     def release_rounding(self) -> None:

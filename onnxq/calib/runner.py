@@ -12,6 +12,7 @@ from typing import Protocol
 import numpy as np
 import onnx
 
+from onnxq.calib import scratch
 from onnxq.calib.data import Batch
 from onnxq.calib.frontier import batches
 from onnxq.calib.observers import Observer
@@ -57,6 +58,7 @@ def collect_observers(
             del values
         samples += count
         progress.advance(samples)
+    scratch.release()  # the observers' and taps' working arrays: as large as a batch's tensors
     return observers, samples
 
 
