@@ -270,7 +270,8 @@ class _Unfold:
         at a time. One product per group over all of them: a product per sample (tried first)
         left a d×d result per sample to sum, 20 times its input on MobileNetV2's 7×7 maps of 960
         channels, and took ten times as long there. The matrices are views of one reused buffer
-        (onnxq.calib.scratch): each is read before the next is made."""
+        (onnxq.calib.scratch), or of the input itself (one sample of a pointwise conv): each is
+        read before the next is made."""
         per_sample = max(1, batch[0].size * self.expansion * 4)
         step = max(1, UNFOLD_BYTES // per_sample)
         for start in range(0, len(batch), step):
@@ -295,8 +296,9 @@ class _Unfold:
     def _gathered(self, part: np.ndarray) -> np.ndarray:
         """(groups, d, rows) patches of a 2-D Conv, d in the weight's order (input channel,
         kernel row, kernel column). A map with no more positions than are kept is copied from a
-        strided view of every window at once (six times cheaper per patch than indexing); a
-        larger one is indexed at each sample's chosen positions."""
+        strided view of every window at once (six times cheaper per patch than indexing), on a
+        sub-grid where it has more than GRID_ROWS_PER_INPUT per input; a larger one is indexed
+        at each sample's chosen positions."""
         (kh, kw), (sh, sw) = self.kernel, self.attributes.get("strides", [1, 1])
         dh, dw = self.attributes.get("dilations", [1, 1])
         top, left, bottom, right = _pads_2d(self.attributes, part.shape[2:], self.kernel)

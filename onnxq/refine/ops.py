@@ -219,10 +219,9 @@ def batch_norm(attrs, x, scale, bias, mean, var):
 def layer_norm(attrs, x, scale, bias=None):
     """Normalised over the axes from `axis` on (the transformer's LayerNorm); only the first
     output, the others (mean, inverse deviation) are training outputs no export reads."""
-    axis = attrs.get("axis", -1) % x.dim()
-    mean = x.mean(dim=tuple(range(axis, x.dim())), keepdim=True)
-    centred = x - mean
-    variance = (centred * centred).mean(dim=tuple(range(axis, x.dim())), keepdim=True)
+    dims = tuple(range(attrs.get("axis", -1) % x.dim(), x.dim()))
+    centred = x - x.mean(dim=dims, keepdim=True)
+    variance = (centred * centred).mean(dim=dims, keepdim=True)
     y = centred * torch.rsqrt(variance + attrs.get("epsilon", 1e-5)) * scale
     return (y if bias is None else y + bias,)
 
@@ -234,8 +233,8 @@ def instance_norm(attrs, x, scale, bias):
 
 @op("Gelu")
 def gelu(attrs, x):
-    approximate = attrs.get("approximate", b"none")
-    return (F.gelu(x, approximate="tanh" if approximate in (b"tanh", "tanh") else "none"),)
+    tanh = attrs.get("approximate", b"none") == b"tanh"  # onnx gives strings as bytes
+    return (F.gelu(x, approximate="tanh" if tanh else "none"),)
 
 
 # ----------------------------------------------------------------------------- pooling
