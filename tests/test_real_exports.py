@@ -288,6 +288,34 @@ def test_searched_calibration_of_a_transformer_whose_tensors_lose_the_batch_axis
     assert result.quantized_nodes > 0 and result.fidelity.min_sqnr > 25.0
 
 
+@pytest.mark.parametrize("method", ["mse", "pd"])
+def test_searched_calibration_of_a_recurrent_tagger_whose_first_op_drops_the_batch_axis(method):
+    """torch exports a Linear on [batch, steps, features] before a GRU as Reshape → Gemm on
+    [batch·steps, features]: from the first cut on no tensor has a batch axis, and the search's
+    frontier must still know its sample count (it was read as 0 samples: KeyError on the Gemm)."""
+    import torch
+    from torch import nn
+
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.gru, self.out = (
+                nn.Linear(8, 16),
+                nn.GRU(16, 16, batch_first=True),
+                nn.Linear(16, 5),
+            )
+
+        def forward(self, x):
+            return self.out(self.gru(torch.relu(self.embed(x)))[0])
+
+    torch.manual_seed(0)
+    model = export(Tagger(), torch.zeros(1, 6, 8))
+    data = np.random.default_rng(0).standard_normal((24, 6, 8)).astype(np.float32)
+    config = onnxq.QuantConfig(weight_bits=4, calibration=method, speed_check=False)
+    result = onnxq.quantize(model, data, config)
+    assert result.quantized_nodes > 0 and result.fidelity.min_sqnr > 20.0
+
+
 def test_eval_of_a_detector_reports_its_lowest_output_part_not_class_agreement(head, images, tmp_path):
     """A (batch, 7, anchors) head is no set of class scores: no agreement or KL over its
     flattened values; the SQNR is the lowest over the output and its parts, as after quantizing."""

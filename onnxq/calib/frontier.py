@@ -20,16 +20,25 @@ BATCH_BYTES = 64 << 20  # largest float32 tensor of one batch: bounds onnxruntim
 
 
 class PerBatch(list):
-    """One value per batch of `size` samples, for a tensor with no batch axis."""
+    """One value per batch of `size` samples, for a tensor with no batch axis, and how many
+    samples the batches held (a frontier of such tensors alone must still say its count: a
+    recurrent model's [samples × steps, features] after its first Reshape)."""
 
     def __init__(self, size: int) -> None:
         super().__init__()
         self.size = size
+        self.samples = 0
+
+    def add(self, value: np.ndarray, samples: int) -> None:
+        self.append(value)
+        self.samples += samples
 
 
 def count(data: Arrays) -> int:
     batched = [v for v in data.values() if not isinstance(v, PerBatch)]
-    return len(batched[0]) if batched else 0
+    if batched:
+        return len(batched[0])
+    return max((v.samples for v in data.values()), default=0)
 
 
 def batches(data: Arrays, size: int):
@@ -126,7 +135,7 @@ def advance(
         for name in segment.outputs:
             value = values[name]
             if not has_batch_axis(value, samples) or isinstance(after.get(name), PerBatch):
-                after.setdefault(name, PerBatch(batch_size)).append(value)
+                after.setdefault(name, PerBatch(batch_size)).add(value, samples)
                 continue
             if name not in after:
                 after[name] = np.empty((total, *value.shape[1:]), cache_dtype(value, half))

@@ -301,7 +301,8 @@ def test_batches_count_samples_whatever_order_the_frontier_is_in():
     from onnxq.calib.frontier import PerBatch, sized_batches
 
     shape = PerBatch(4)
-    shape += [np.array([7]), np.array([7]), np.array([7])]
+    for samples in (4, 4, 2):
+        shape.add(np.array([7]), samples)
     frontier = {"shape": shape, "x": np.zeros((10, 3), np.float32)}
     sizes = [
         (batch["x"].shape[0], samples, batch["shape"].tolist())
