@@ -18,7 +18,7 @@ Rows: W8A8 at onnxq's defaults otherwise (no fidelity fallback, no speed check):
     python tools/choose_w8_correction.py [--zoo ...] [--shared ...] [--variants ...]
         [--max-positions N ...] [--grid-rows N|every ...] [--out FILE]
 
---max-positions: each GPTQ variant once per value of onnxq.calib.rounding.MAX_POSITIONS, the
+--max-positions: each GPTQ variant once per value of onnxq.calib.patches.MAX_POSITIONS, the
 patches per sample a Conv's H reads at most (random ones where a map has more). --grid-rows: once
 per value of GRID_ROWS_PER_INPUT, the patches per input per sample below which a gathered map is
 read in full and above which on a sub-grid ('every': always in full). The section
@@ -43,7 +43,7 @@ import held_out
 from zoo_bench import zoo_batch, zoo_calibration_halves, zoo_dir, zoo_fidelity, zoo_manifest, zoo_outputs
 
 import onnxq
-from onnxq.calib import rounding
+from onnxq.calib import patches
 
 ZOO = [
     "ppocr_det_v4",
@@ -84,16 +84,16 @@ def zoo_row(entry: dict, variant: str) -> tuple[float, float]:
 
 @contextlib.contextmanager
 def patch_sampling(setting: dict[str, object]):
-    """onnxq.calib.rounding's constants named in `setting` (MAX_POSITIONS, GRID_ROWS_PER_INPUT)
+    """onnxq.calib.patches's constants named in `setting` (MAX_POSITIONS, GRID_ROWS_PER_INPUT)
     set for the runs inside."""
-    before = {name: getattr(rounding, name) for name in setting}
+    before = {name: getattr(patches, name) for name in setting}
     for name, value in setting.items():
-        setattr(rounding, name, value)
+        setattr(patches, name, value)
     try:
         yield
     finally:
         for name, value in before.items():
-            setattr(rounding, name, value)
+            setattr(patches, name, value)
 
 
 def columns(variants: list[str], positions: list[int], grids: list[str]) -> list[tuple[str, str, dict]]:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from onnx import helper
 
 import onnxq
-from onnxq.calib import rounding
+from onnxq.calib import patches, rounding
 from onnxq.calib.rounding import factor, gptq_round, input_correlation, refusal, supports, too_few_rows
 from onnxq.config import Granularity, QuantConfig, RangeRule
 from onnxq.io import session
@@ -76,56 +76,6 @@ def test_conv_input_correlation_is_the_patches_gram_matrix(stride, pad, dilation
     assert measured.rows == patches.shape[1]
 
 
-@settings(max_examples=25, deadline=None)
-@given(
-    auto_pad=st.sampled_from(["SAME_UPPER", "SAME_LOWER", "VALID", "NOTSET"]),
-    stride=st.integers(1, 3),
-    dilation=st.integers(1, 2),
-    kernel=st.sampled_from([(1, 1), (2, 2), (3, 3), (2, 3)]),
-    size=st.tuples(st.integers(5, 9), st.integers(5, 9)),
-    kept=st.sampled_from([7, 1024]),
-    seed=st.integers(0, 2**16),
-)
-def test_gathered_patches_equal_onnxruntimes_unfolding(auto_pad, stride, dilation, kernel, size, kept, seed):
-    """numpy's gather of a 2-D Conv's patches against onnxruntime's one-hot Conv (the path of
-    other ranks), auto_pad resolved as ONNX does (onnxruntime refuses dilations with SAME
-    padding): every position, or 7 per sample, the same ones drawn from the same seed."""
-    dilation = 1 if auto_pad.startswith("SAME") else dilation
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(2, 4, *size)).astype(np.float32)
-    weight = np.zeros((4, 2, *kernel), np.float32)
-    shape = dict(strides=[stride] * 2, dilations=[dilation] * 2, group=2)
-    padding = dict(auto_pad=auto_pad) if auto_pad != "NOTSET" else dict(pads=[1, 0, 2, 1])
-    node = helper.make_node("Conv", ["x", "w"], ["y"], **shape, **padding)
-    gathered = rounding._Unfold(node, weight)
-    by_onnxruntime = rounding._Unfold(node, weight)
-    gathered.keep = by_onnxruntime.keep = kept
-    by_onnxruntime.gathers = False
-    by_onnxruntime.runner = rounding._unfolding_session(kernel, 4, by_onnxruntime.attributes)
-    assert gathered.gathers or kernel == (1, 1)
-    (expected,) = [patches.copy() for patches in by_onnxruntime(x)]  # views of a reused buffer
-    (measured,) = gathered(x)
-    np.testing.assert_array_equal(measured, expected)
-
-
-def test_a_large_map_is_read_on_a_sub_grid_at_every_phase(monkeypatch):
-    """Past GRID_ROWS_PER_INPUT patches per input, a sample's patches are every g-th row and
-    column's, at a phase drawn per sample: each one is one of the full set's, and over samples
-    every position is read."""
-    image = np.random.default_rng(0).normal(size=(1, 4, 8, 8)).astype(np.float32)
-    x = np.repeat(image, 32, axis=0)
-    weight = np.zeros((4, 1, 3, 3), np.float32)  # depthwise: 9 inputs per group
-    node = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1] * 4, group=4)
-    monkeypatch.setattr(rounding, "GRID_ROWS_PER_INPUT", None)
-    (every,) = [patches[:, :, :64].copy() for patches in rounding._Unfold(node, weight)(image)]
-    monkeypatch.setattr(rounding, "GRID_ROWS_PER_INPUT", 1)  # 16 of 64 positions keep 9 per input
-    (grid,) = rounding._Unfold(node, weight)(x)
-    assert grid.shape == (4, 9, 32 * 16)
-    matches = (grid[:, :, :, None] == every[:, :, None, :]).all(axis=1)  # (groups, grid, every)
-    assert matches.any(axis=2).all()  # each grid patch is one of the image's patches
-    assert matches.any(axis=1).all()  # and every position's patch is read by some sample
-
-
 @pytest.mark.parametrize("op, trans_b", [("MatMul", 0), ("Gemm", 0), ("Gemm", 1)])
 def test_matmul_input_correlation_is_the_rows_gram_matrix(op, trans_b):
     rng = np.random.default_rng(0)
@@ -162,7 +112,7 @@ def test_large_maps_are_subsampled_to_an_estimate_of_the_same_correlation(monkey
     weight = rng.normal(size=(8, 4, 3, 3)).astype(np.float32)
     node = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1] * 4)
     full = input_correlation(node, weight, [x]).gram / (3 * 24 * 24)
-    monkeypatch.setattr(rounding, "MAX_POSITIONS", 256)
+    monkeypatch.setattr(patches, "MAX_POSITIONS", 256)
     measured = input_correlation(node, weight, [x[:2], x[2:]])
     assert measured.rows == 3 * 256
     sampled = measured.gram
