@@ -107,15 +107,26 @@ class _StatisticsRun:
         self.elements_per_sample: int | None = None
 
     def micro_batch(self, inputs: torch.Tensor) -> int:
-        """Samples per piece: as many as MEMORY_BUDGET holds, at least one."""
+        """Samples per piece: as many as MEMORY_BUDGET holds, in whole runs of the model's fixed
+        batch where its input fixes one (its export may bake that batch into shapes), at least
+        one run."""
+        unit = self.mirror.fixed_batch or 1
         if self.elements_per_sample is None:
             produced = {o for node in self.mirror.nodes[: self.end] for o in node.outputs if o}
             with torch.no_grad():
-                env = self.mirror.run({self.input: inputs[:1]}, 0, self.end, quantized=False, keep=produced)
-            self.elements_per_sample = sum(
+                env = self.mirror.run(
+                    {self.input: inputs[:unit]}, 0, self.end, quantized=False, keep=produced
+                )
+            elements = sum(
                 v.numel() for name, v in env.items() if name in produced and isinstance(v, torch.Tensor)
             )
-        return max(1, int(MEMORY_BUDGET // (BYTES_PER_ELEMENT * max(self.elements_per_sample, 1))))
+            self.elements_per_sample = elements // unit
+        return self.whole_runs(int(MEMORY_BUDGET // (BYTES_PER_ELEMENT * max(self.elements_per_sample, 1))))
+
+    def whole_runs(self, samples: int) -> int:
+        """`samples` rounded down to whole runs of the model's fixed batch (at least one run)."""
+        unit = self.mirror.fixed_batch or 1
+        return max(unit, samples // unit * unit)
 
     def loss(self, inputs: torch.Tensor) -> float:
         """The statistics loss of the whole batch (no gradient)."""
@@ -186,7 +197,7 @@ def correct_distribution(
     original = data[name]
     corrected = np.empty_like(original)
     before = after = change = 0.0
-    batches = _slices(len(original), settings.batch)
+    batches = _slices(len(original), run.whole_runs(settings.batch))
     started = time.perf_counter()
     (progress or Silent()).stage("distribution correction", total=len(batches) * settings.steps)
     for index, part in enumerate(batches):
@@ -223,7 +234,7 @@ def synthesize(
     settings = settings or MatchSettings()
     run = _prepare(model, statistics, settings)
     generator = torch.Generator().manual_seed(settings.seed)
-    batches = _slices(count, settings.batch)
+    batches = _slices(count, run.whole_runs(settings.batch))
     (progress or Silent()).stage("synthesise calibration data", total=len(batches) * settings.synthesis_steps)
     parts, before, after = [], 0.0, 0.0
     started = time.perf_counter()

@@ -209,3 +209,37 @@ def test_data_free_calibration_of_a_model_with_a_fixed_batch_of_one():
     result = onnxq.quantize(model, "bn-stats", onnxq.QuantConfig(max_samples=2, speed_check=False))
     assert result.notes[0].startswith("data-free: 2 calibration samples synthesised")
     assert result.samples == 2
+
+
+def test_a_model_whose_input_fixes_its_batch_is_corrected_in_runs_of_that_batch(monkeypatch):
+    """A static export of batch 4 whose simplified graph bakes 4 into a Reshape between two
+    BatchNorms: the statistics run (and its micro-batches, past the memory budget) must feed
+    the mirror whole multiples of 4 samples, as onnxruntime would need."""
+    from torch import nn
+
+    from onnxq.correct import matching
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.conv2, self.bn2 = nn.Conv2d(8, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            x = torch.relu(self.bn1(self.conv1(x)))
+            n = x.shape[0]
+            x = torch.softmax(x.reshape(n, 8, -1), dim=-1).reshape(n, 8, 12, 12)
+            return self.bn2(self.conv2(x)).mean(dim=(2, 3))
+
+    torch.manual_seed(0)
+    net = Net()
+    net.bn2.running_mean += 0.3
+    folded = fuse(export(net, torch.zeros(4, 3, 12, 12), keep_bn=True, dynamic_batch=False))
+    data = np.random.default_rng(0).standard_normal((24, 3, 12, 12)).astype(np.float32)
+    run = _StatisticsRun(folded.model, folded.statistics)
+    whole = run.loss(torch.from_numpy(data))
+    monkeypatch.setattr(matching, "MEMORY_BUDGET", matching.BYTES_PER_ELEMENT * run.elements_per_sample * 6)
+    assert run.micro_batch(torch.from_numpy(data)) == 4  # 6 samples fit: the largest multiple of 4
+    assert run.loss(torch.from_numpy(data)) == pytest.approx(whole, rel=1e-5)
+    corrected, report = correct_distribution(folded.model, folded.statistics, {"input": data}, FAST)
+    assert report.after < report.before and corrected["input"].shape == data.shape
