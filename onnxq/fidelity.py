@@ -47,7 +47,7 @@ class OutputFidelity:
     def __str__(self) -> str:
         if self.equal is not None:
             text = f"output {self.name!r}: equal to float's in {100 * self.equal:.1f} % of elements"
-        elif self.reshaped == self.runs:
+        elif self.runs and self.reshaped == self.runs:  # every run skipped: nothing measured
             text = f"output {self.name!r}:"
         else:
             text = f"output {self.name!r}: SQNR {self.sqnr_db:.1f} dB, cosine {self.cosine:.4f}"

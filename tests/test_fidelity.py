@@ -139,6 +139,7 @@ def test_an_output_of_boxes_and_scores_is_measured_per_part():
         rtol=1e-4,
     )
     assert report.min_sqnr == scores.sqnr_db and report.poor
+    assert str(scores) == f"output 'y[:, 4:10]': SQNR {scores.sqnr_db:.1f} dB, cosine {scores.cosine:.4f}"
 
 
 def test_an_output_of_one_magnitude_and_a_quiet_channel_is_not_split():
