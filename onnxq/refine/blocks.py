@@ -46,15 +46,20 @@ def parse_unit(text: str) -> tuple[str, int]:
     raise OnnxqError(f"refine unit must be layer, block or window:K (K ≥ 1), got {text!r}")
 
 
-def partition(mirror: Mirror, layers: set[str], unit: str = "block") -> list[Unit]:
-    """The units of `mirror` for `unit`; each holds at least one of `layers` (node names)."""
+def partition(
+    mirror: Mirror, layers: set[str], unit: str = "block", uncuttable: set[str] | frozenset[str] = frozenset()
+) -> list[Unit]:
+    """The units of `mirror` for `unit`; each holds at least one of `layers` (node names). No
+    unit starts or ends where a tensor of `uncuttable` is alive (one whose samples do not lie
+    along its first axis: refinement draws a unit's samples along it)."""
     kind, count = parse_unit(unit)
     alive = _alive(mirror)
     is_layer = [node.name in layers for node in mirror.nodes]
     if kind == "layer":
         cuts = [i for i, layer in enumerate(is_layer) if layer]
     else:
-        cuts = _block_cuts(mirror, alive, is_layer)
+        cuts = _block_cuts(mirror, alive, is_layer, uncuttable)
+    cuts = [i for i in cuts if not alive[i] & uncuttable]
     bounds = _merge_without_layers(sorted({0, *cuts, len(mirror.nodes)}), is_layer)
     if kind == "window":
         bounds = bounds[::count] if bounds[-1] in bounds[::count] else [*bounds[::count], bounds[-1]]
@@ -70,8 +75,8 @@ GROUP_LAYERS = 3
 ELEMENTWISE = frozenset({"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSwish", "Mul", "PRelu"})
 
 
-def _block_cuts(mirror: Mirror, alive: list[set[str]], is_layer: list[bool]) -> list[int]:
-    single = [i for i in range(1, len(mirror.nodes)) if len(alive[i]) == 1]
+def _block_cuts(mirror: Mirror, alive: list[set[str]], is_layer: list[bool], uncuttable) -> list[int]:
+    single = [i for i in range(1, len(mirror.nodes)) if len(alive[i]) == 1 and not alive[i] & uncuttable]
     readers: dict[str, int] = {}
     for node in mirror.nodes:
         for name in set(node.inputs):

@@ -22,7 +22,7 @@ from onnxq.quant.weights import QuantizedWeight
 from onnxq.refine import fused
 from onnxq.refine.blocks import partition
 from onnxq.refine.mirror import ActivationParams, Mirror
-from onnxq.refine.reconstruct import RefineSettings, UnitReport, reconstruct
+from onnxq.refine.reconstruct import RefineSettings, UnitReport, mixed_sample_tensors, reconstruct
 
 
 @dataclass
@@ -86,8 +86,8 @@ def refine(
         torch.set_num_threads(settings.threads)
     device = torch.device(settings.device)
     mirror = Mirror(model, plan, activations, weights, biases, affine_layers, seeded).to_device(device)
-    units = partition(mirror, set(plan.layers), settings.unit)
     feeds = {name: torch.from_numpy(np.ascontiguousarray(value)).to(device) for name, value in data.items()}
+    units = partition(mirror, set(plan.layers), settings.unit, mixed_sample_tensors(mirror, feeds))
     with fused.compiled_kernels(settings.compiled):
         reports = reconstruct(mirror, units, feeds, settings, progress or Silent())
     return Refinement(

@@ -130,6 +130,30 @@ def _run_all(mirror: Mirror, unit: Unit, batches: _Batches, *, quantized: bool) 
     return _Batches(joined, batches.count)
 
 
+def mixed_sample_tensors(mirror: Mirror, data: Env) -> set[str]:
+    """Tensors whose shape follows the sample count without one row per sample on the first axis:
+    [samples·steps, features] after a recurrent tagger's Reshape, a sequence-first [steps,
+    samples, features]. A unit's samples are drawn along the first axis, so no unit may start or
+    end at them (blocks.partition). Found by running the float mirror on one sample and on two;
+    a model whose input fixes its batch is left as it is (its mirror joins runs of that batch)."""
+    batched = {k: v for k, v in data.items() if v.dim() > 0}
+    if mirror.fixed_batch is not None or not batched or min(len(v) for v in batched.values()) < 2:
+        return set()
+    names = {name for node in mirror.nodes for name in node.outputs if name}
+    shapes = []
+    with torch.no_grad():
+        for samples in (1, 2):
+            feeds = {k: v[:samples] if k in batched else v for k, v in data.items()}
+            env = mirror.run(feeds, 0, len(mirror.nodes), quantized=False, keep=names)
+            shapes.append({k: tuple(v.shape) for k, v in env.items() if isinstance(v, torch.Tensor)})
+    one, two = shapes
+    return {
+        name
+        for name, shape in one.items()
+        if name in two and shape != two[name] and not (shape[:1] == (1,) and two[name] == (2, *shape[1:]))
+    }
+
+
 def _has_batch_axis(value: torch.Tensor, samples: int) -> bool:
     """Whether `value` holds one row per sample of a run of `samples` (shapes, constants do not)."""
     return value.dim() > 0 and value.shape[0] == samples

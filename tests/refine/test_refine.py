@@ -446,6 +446,43 @@ def test_a_static_dynamo_export_of_a_vision_transformer_refines_every_unit(tmp_p
     assert result.fidelity.min_sqnr > 10
 
 
+@pytest.mark.parametrize("unit", ["layer", "block"])
+def test_units_never_start_where_samples_are_folded_into_rows(unit):
+    """A per-token MLP written as reshape(-1, features) holds [samples·tokens, features] between
+    its layers: a unit starting there would be handed all samples' rows beside a batch of the
+    others ("The size of tensor a (48) must match the size of tensor b (32)"). Its cuts are kept
+    off those tensors, and every unit still learns."""
+    import torch
+    from torch import nn
+
+    from onnxq.refine.reconstruct import mixed_sample_tensors
+    from tests.conftest import export
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.mlp = nn.Conv1d(4, 8, 3, padding=1), nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            tokens = torch.relu(self.stem(x)).transpose(1, 2)  # [samples, tokens, 8]
+            rows = self.head(self.mlp(tokens.reshape(-1, 8)))  # [samples·tokens, 3]
+            return rows.reshape(x.shape[0], -1, 3).mean(1)
+
+    torch.manual_seed(0)
+    model = export(Tokens(), torch.zeros(1, 4, 6))
+    data = np.random.default_rng(0).standard_normal((24, 4, 6)).astype(np.float32)
+    folded = fuse(model).model
+    mirror = Mirror(folded)
+    mixed = mixed_sample_tensors(mirror, {"input": torch.from_numpy(data)})
+    rows = {o for node in mirror.nodes if node.op_type in ("Gemm", "MatMul", "Relu") for o in node.outputs}
+    assert mixed & rows
+    config = onnxq.QuantConfig(weight_bits=4, refine_unit=unit, **{**FAST, "refine_iters": 5})
+    result = onnxq.quantize(model, data, config)
+    assert result.refinement is not None and not [u.skipped for u in result.refinement.units if u.skipped]
+    assert result.fidelity.min_sqnr > 10
+
+
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2**16), bits=st.integers(2, 8))
 def test_a_seeded_rounding_starts_on_its_seed_and_may_move_one_step_towards_the_weight(seed, bits):
