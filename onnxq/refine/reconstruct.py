@@ -131,27 +131,39 @@ def _run_all(mirror: Mirror, unit: Unit, batches: _Batches, *, quantized: bool) 
 
 
 def mixed_sample_tensors(mirror: Mirror, data: Env) -> set[str]:
-    """Tensors whose shape follows the sample count without one row per sample on the first axis:
+    """Tensors that follow the sample count without one row per sample on the first axis:
     [samples·steps, features] after a recurrent tagger's Reshape, a sequence-first [steps,
-    samples, features]. A unit's samples are drawn along the first axis, so no unit may start or
-    end at them (blocks.partition). Found by running the float mirror on one sample and on two;
-    a model whose input fixes its batch is left as it is (its mirror joins runs of that batch)."""
+    samples, features], and a shape read at run time ([samples, 4, 8, 1024] for a later
+    Reshape). A unit's samples are drawn along the first axis and tensors without that axis are
+    handed over whole, so no unit may start or end where one of these is alive
+    (blocks.partition). Found by running the float mirror on one sample and on two; a model
+    whose input fixes its batch is left as it is (its mirror joins runs of that batch)."""
     batched = {k: v for k, v in data.items() if v.dim() > 0}
     if mirror.fixed_batch is not None or not batched or min(len(v) for v in batched.values()) < 2:
         return set()
     names = {name for node in mirror.nodes for name in node.outputs if name}
-    shapes = []
     with torch.no_grad():
-        for samples in (1, 2):
-            feeds = {k: v[:samples] if k in batched else v for k, v in data.items()}
-            env = mirror.run(feeds, 0, len(mirror.nodes), quantized=False, keep=names)
-            shapes.append({k: tuple(v.shape) for k, v in env.items() if isinstance(v, torch.Tensor)})
-    one, two = shapes
-    return {
-        name
-        for name, shape in one.items()
-        if name in two and shape != two[name] and not (shape[:1] == (1,) and two[name] == (2, *shape[1:]))
-    }
+        one, two = (
+            mirror.run(
+                {k: v[:samples] if k in batched else v for k, v in data.items()},
+                0,
+                len(mirror.nodes),
+                quantized=False,
+                keep=names,
+            )
+            for samples in (1, 2)
+        )
+    mixed = set()
+    for name, value in one.items():
+        other = two.get(name)
+        if not isinstance(value, torch.Tensor) or not isinstance(other, torch.Tensor):
+            continue
+        if value.shape != other.shape:
+            if not (value.shape[:1] == (1,) and other.shape == (2, *value.shape[1:])):
+                mixed.add(name)
+        elif not torch.equal(value, other):
+            mixed.add(name)  # no sample axis, yet its values follow the sample count
+    return mixed
 
 
 def _has_batch_axis(value: torch.Tensor, samples: int) -> bool:

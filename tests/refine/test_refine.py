@@ -483,6 +483,38 @@ def test_units_never_start_where_samples_are_folded_into_rows(unit):
     assert result.fidelity.min_sqnr > 10
 
 
+def test_units_never_start_where_a_shape_read_at_run_time_is_alive():
+    """TorchScript writes `n, c, h, w = y.shape` as Shape where it is read: a shape of the first
+    conv's output, used by a Reshape three layers later, crosses every layer cut between. Kept
+    whole for a unit while its other inputs come a batch at a time, it stopped refinement with
+    "shape '[48, 4, 8, 1024]' is invalid" on a YOLO-style head."""
+    import torch
+    from torch import nn
+
+    from tests.conftest import export
+
+    class Late(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.convs = nn.ModuleList(nn.Conv2d(c, 4, 3, padding=1) for c in (3, 4, 4))
+            self.head = nn.Linear(4 * 36, 3)
+
+        def forward(self, x):
+            y = torch.relu(self.convs[0](x))
+            n, c, h, w = y.shape
+            for conv in self.convs[1:]:
+                y = torch.relu(conv(y))
+            return self.head(y.reshape(n, c // 2, 2 * h * w).reshape(n, -1))
+
+    torch.manual_seed(0)
+    model = export(Late(), torch.zeros(1, 3, 6, 6))
+    data = np.random.default_rng(0).standard_normal((24, 3, 6, 6)).astype(np.float32)
+    config = onnxq.QuantConfig(weight_bits=4, refine_unit="layer", **{**FAST, "refine_iters": 5})
+    result = onnxq.quantize(model, data, config)
+    assert result.refinement is not None and not [u.skipped for u in result.refinement.units if u.skipped]
+    assert result.fidelity.min_sqnr > 10
+
+
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2**16), bits=st.integers(2, 8))
 def test_a_seeded_rounding_starts_on_its_seed_and_may_move_one_step_towards_the_weight(seed, bits):
