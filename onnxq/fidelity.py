@@ -335,10 +335,18 @@ def _part_axes(shape: tuple[int, ...]) -> list[int]:
 
 
 def looks_like_scores(values: np.ndarray) -> bool:
-    """(samples, classes) or (samples, classes, 1, 1) with a few classes at least."""
+    """(samples, classes) or (samples, classes, 1, 1) with a few classes at least, and not an
+    L2-normalised embedding (a face or image encoder's output), whose largest entry is no class."""
     if values.ndim < 2 or any(d != 1 for d in values.shape[2:]):
         return False
-    return values.shape[1] >= 2 and values.dtype.kind == "f"
+    return values.shape[1] >= 2 and values.dtype.kind == "f" and not _unit_embeddings(values)
+
+
+def _unit_embeddings(values: np.ndarray) -> bool:
+    """Rows of unit length with negative entries (probabilities, also of unit length when one
+    class takes all, have none)."""
+    rows = values.reshape(len(values), -1).astype(np.float64)
+    return bool((rows < 0).any()) and bool(np.allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-3))
 
 
 def first_samples(batches: list[Batch], limit: int | None, whole: bool) -> Iterator[Batch]:

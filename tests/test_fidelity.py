@@ -203,3 +203,17 @@ def test_cli_layer_report_prints_the_table_and_the_sizes(tmp_path, small_model_p
     assert result.exit_code == 0, result.output
     assert "per-layer error" in result.output and "fall dB" in result.output
     assert f"wrote {out} (" in result.output and "the float model" in result.output
+
+
+def test_an_l2_normalised_embedding_is_no_set_of_class_scores():
+    """A face or image encoder's unit-length embedding has no classes: no top-1 agreement (its
+    argmax moving would read as a poor model); a saturated softmax, also of unit length, keeps it."""
+    rng = np.random.default_rng(0)
+    embedding = rng.normal(size=(16, 32))
+    embedding /= np.linalg.norm(embedding, axis=1, keepdims=True)
+    noisy = embedding + 0.01 * rng.normal(size=embedding.shape)
+    (output,) = fidelity.compare_outputs(["embedding"], [([embedding], [noisy])])
+    assert output.agreement is None and output.cosine > 0.99
+    saturated = np.tile(np.array([[1.0 - 1e-6, 1e-6]]), (8, 1))
+    (scores,) = fidelity.compare_outputs(["scores"], [([saturated], [saturated[:, ::-1]])])
+    assert scores.agreement == 0.0
