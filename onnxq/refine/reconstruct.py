@@ -131,34 +131,42 @@ def _run_all(mirror: Mirror, unit: Unit, batches: _Batches, *, quantized: bool) 
 
 
 def mixed_sample_tensors(mirror: Mirror, data: Env) -> set[str]:
-    """Tensors that follow the sample count without one row per sample on the first axis:
-    [samples·steps, features] after a recurrent tagger's Reshape, a sequence-first [steps,
-    samples, features], and a shape read at run time ([samples, 4, 8, 1024] for a later
-    Reshape). A unit's samples are drawn along the first axis and tensors without that axis are
-    handed over whole, so no unit may start or end where one of these is alive
-    (blocks.partition). Found by running the float mirror on one sample and on two; a model
-    whose input fixes its batch is left as it is (its mirror joins runs of that batch)."""
+    """Tensors whose samples do not lie one per row of the first axis: [samples·steps, features]
+    after a recurrent tagger's Reshape, a sequence-first [steps, samples, features], and a shape
+    read at run time ([samples, 4, 8, 1024] for a later Reshape). A unit's samples are drawn
+    along the first axis and tensors without that axis are handed over whole, so no unit may
+    start or end where one of these is alive (blocks.partition).
+
+    Found by two runs of the float mirror: on one sample and on two, a tensor whose shape or
+    (without a sample axis) values change otherwise than by its first axis; where the input
+    fixes the batch at N, on two different runs of N samples, a tensor whose first axis is not
+    N and whose values change with the data (a constant grid or shape stays the same)."""
     batched = {k: v for k, v in data.items() if v.dim() > 0}
-    if mirror.fixed_batch is not None or not batched or min(len(v) for v in batched.values()) < 2:
+    unit = mirror.fixed_batch or 1
+    if not batched or min(len(v) for v in batched.values()) < 2 * unit:
         return set()
+    parts = [slice(0, unit), slice(unit, 2 * unit)] if mirror.fixed_batch else [slice(0, 1), slice(0, 2)]
     names = {name for node in mirror.nodes for name in node.outputs if name}
     with torch.no_grad():
         one, two = (
             mirror.run(
-                {k: v[:samples] if k in batched else v for k, v in data.items()},
+                {k: v[part] if k in batched else v for k, v in data.items()},
                 0,
                 len(mirror.nodes),
                 quantized=False,
                 keep=names,
             )
-            for samples in (1, 2)
+            for part in parts
         )
     mixed = set()
     for name, value in one.items():
         other = two.get(name)
         if not isinstance(value, torch.Tensor) or not isinstance(other, torch.Tensor):
             continue
-        if value.shape != other.shape:
+        if mirror.fixed_batch:
+            if value.shape[:1] != (unit,) and (value.shape != other.shape or not torch.equal(value, other)):
+                mixed.add(name)
+        elif value.shape != other.shape:
             if not (value.shape[:1] == (1,) and other.shape == (2, *value.shape[1:])):
                 mixed.add(name)
         elif not torch.equal(value, other):

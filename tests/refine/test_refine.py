@@ -408,11 +408,14 @@ def test_a_model_exported_with_its_batch_of_one_baked_in_refines():
     assert result.refinement is not None and result.fidelity.min_sqnr > 10
 
 
-def test_a_static_dynamo_export_of_a_vision_transformer_refines_every_unit(tmp_path):
+@pytest.mark.parametrize("unit", ["block", "layer"])
+def test_a_static_dynamo_export_of_a_vision_transformer_refines_every_unit(tmp_path, unit):
     """torch's dynamo exporter, given a batch of one and no dynamic shapes, bakes that batch into
     the class token's expansion (a [1, 1, d] constant) and into attention's Reshapes (the batch
     third); its blocks hold LayerNormalization and Gelu's Erf. --refine stopped with an internal
-    error there, and before that ran every transformer block in onnxruntime, unrefined."""
+    error there, and before that ran every transformer block in onnxruntime, unrefined. Its MLP
+    reads [tokens, features] (the batch of one folded into rows): `layer` units must not start
+    there (they stopped with "cannot join tensor 'transpose_1'")."""
     import torch
     from torch import nn
 
@@ -439,7 +442,9 @@ def test_a_static_dynamo_export_of_a_vision_transformer_refines_every_unit(tmp_p
     model = onnx.load(path)
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
     data = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)
-    config = onnxq.QuantConfig(weight_bits=4, refine=True, refine_iters=3, speed_check=False)
+    config = onnxq.QuantConfig(
+        weight_bits=4, refine=True, refine_iters=3, refine_unit=unit, speed_check=False
+    )
     result = onnxq.quantize(model, data, config)
     units = result.refinement.units
     assert len(units) > 1 and not [unit.skipped for unit in units if unit.skipped]
