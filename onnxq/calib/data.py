@@ -272,7 +272,13 @@ def _sliced(data: np.ndarray | dict, inputs: list[InputSpec], pre: Preprocess | 
     arrays = data if isinstance(data, dict) else {inputs[0].name: data} if len(inputs) == 1 else None
     if arrays is None:
         raise OnnxqError(f"{what}: a single array can only feed a model with one input")
-    count = min(len(np.atleast_1d(a)) for a in arrays.values())
+    counts = {name: len(np.atleast_1d(a)) for name, a in arrays.items() if name in {i.name for i in inputs}}
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{name!r} {count}" for name, count in counts.items())
+        raise OnnxqError(
+            f"{what}: the inputs hold different numbers of samples ({listed}); each sample needs every input"
+        )
+    count = min(counts.values(), default=0)
     for start in range(0, count, 64):
         part = {name: np.asarray(a[start : start + 64]) for name, a in arrays.items()}
         yield _arrays_to_batch(part, inputs, pre, what)
@@ -292,6 +298,8 @@ def _arrays_to_batch(
         array = np.asarray(data[spec.name])
         if pre is not None and np.issubdtype(array.dtype, np.integer) and spec.dtype.kind == "f":
             array = _normalise(array.astype(np.float32) * pre.scale, pre, channel_axis=_channel_axis(pre))
+        if array.dtype.kind == "f" and spec.dtype.kind == "f":
+            array = array.astype(spec.dtype, copy=False)  # numpy's float64 default, a float16 export
         batch[spec.name] = array
     return batch
 

@@ -60,7 +60,7 @@ def test_image_folder_with_class_subfolders(tmp_path):
     ("data", "message"),
     [
         (np.zeros((2, 3, 9, 8), np.float32), "has shape [2, 3, 9, 8], the model expects ?×3×8×8"),
-        (np.zeros((2, 3, 8, 8), np.float64), "is float64, the model expects float32"),
+        (np.zeros((2, 3, 8, 8), np.int64), "is int64, the model expects float32"),
         (np.zeros((2, 3, 8, 8), np.uint8), "--preset"),
         (np.full((2, 3, 8, 8), np.nan, np.float32), "NaN"),
         (np.zeros((0, 3, 8, 8), np.float32), "no samples"),
@@ -70,6 +70,34 @@ def test_bad_arrays_are_refused(data, message):
     with pytest.raises(OnnxqError, match=None) as err:
         collect(data)
     assert message in str(err.value)
+
+
+def test_float64_data_is_taken_as_the_models_float32():
+    """numpy's default float64 (np.random.rand) is what a user most often saves."""
+    data = np.random.default_rng(0).random((3, 3, 8, 8))
+    (batch,) = collect(data, batch_size=4)
+    assert batch["input"].dtype == np.float32
+    np.testing.assert_array_equal(batch["input"], data.astype(np.float32))
+
+
+def test_inputs_with_different_sample_counts_are_refused(tmp_path):
+    """Samples pair up across inputs: 8 of one and 6 of the other cannot be calibrated on (the
+    extra 2 were dropped without a word)."""
+    from onnx import TensorProto, helper
+
+    from onnxq.calib.data import batches, model_inputs
+
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["y"])],
+        "two",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 4]) for n in ("a", "b")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+    )
+    inputs = model_inputs(helper.make_model(graph))
+    path = tmp_path / "pairs.npz"
+    np.savez(path, a=np.ones((8, 4), np.float32), b=np.ones((6, 4), np.float32))
+    with pytest.raises(OnnxqError, match=r"different numbers of samples \('a' 8, 'b' 6\)"):
+        list(batches(path, inputs))
 
 
 def test_missing_and_unreadable_files(tmp_path):
