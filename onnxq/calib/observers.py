@@ -26,8 +26,11 @@ class MinMaxObserver:
 
     def update(self, values: np.ndarray) -> None:
         if values.size:
-            self.low = min(self.low, float(values.min()))
-            self.high = max(self.high, float(values.max()))
+            self.include(float(values.min()), float(values.max()))
+
+    def include(self, low: float, high: float) -> None:
+        """A batch's own minimum and maximum, already computed."""
+        self.low, self.high = min(self.low, low), max(self.high, high)
 
     def range(self) -> tuple[float, float]:
         return (0.0, 0.0) if self.low > self.high else (self.low, self.high)
@@ -57,7 +60,15 @@ class HistogramObserver:
         values = values.ravel()
         if not values.size:
             return
-        self.extremes.update(values)
+        low, high = float(values.min()), float(values.max())  # NaN where any value is NaN
+        finite = np.isfinite(low) and np.isfinite(high)
+        if not finite and np.isnan(low):  # the range of the values that are numbers
+            numbers = values[~np.isnan(values)]
+            low, high = (float(numbers.min()), float(numbers.max())) if numbers.size else (np.inf, -np.inf)
+        self.extremes.include(low, high)
+        if self.extremes.low > self.extremes.high:  # nothing but NaN so far: no range to bin in
+            self.counts[0] += values.size
+            return
         peak = max(abs(self.extremes.low), abs(self.extremes.high))
         if self.limit == 0.0:
             self.limit = peak if peak > 0 else 1e-8
@@ -65,15 +76,19 @@ class HistogramObserver:
             self._double()
         # bin positions in float32, in place: widening every activation to float64 and two int64
         # copies took a third of MobileNetV2's calibration; float32 moves a value lying within
-        # its rounding of a bin edge (about one in 10⁴) to the neighbouring bin. fmax/fmin, not
-        # clip: a NaN goes to the first bin, as floor's did, not to a negative index
+        # its rounding of a bin edge (about one in 10⁴) to the neighbouring bin
         index = np.multiply(values, np.float32(self.bins / (2.0 * self.limit)), out=scratch(values.shape))
         index += np.float32(self.bins / 2)
-        np.fmax(index, 0, out=index)
-        np.fmin(index, self.bins - 1, out=index)
+        if not finite:  # fmax/fmin, not clip: a NaN goes to the first bin, not to a negative index
+            np.fmax(index, 0, out=index)
+            np.fmin(index, self.bins - 1, out=index)
+        # finite values within ±limit land in [0, bins]; truncation sends a rounding below 0 to
+        # bin 0, and the one index past the last bin (a value at +limit) is folded into it
         bins = scratch(values.shape, np.intp)
         np.copyto(bins, index, casting="unsafe")
-        self.counts += np.bincount(bins, minlength=self.bins)
+        counts = np.bincount(bins, minlength=self.bins)
+        self.counts += counts[: self.bins]
+        self.counts[-1] += counts[self.bins :].sum()
 
     def range(self) -> tuple[float, float]:
         low, high = self.extremes.range()

@@ -29,6 +29,28 @@ def test_histogram_clips_at_most_the_tail_and_is_tight_to_one_bin(seed, batches,
     assert observer.counts.sum() == data.size
 
 
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), peak=st.floats(1e-3, 1e3))
+def test_histogram_bins_agree_with_numpys_and_keep_both_extremes(seed, peak):
+    """Every value in the bin numpy's histogram puts it in, up to float32 rounding at an edge; the
+    values at ±limit in the first and last bins (the one index past the last is folded back)."""
+    rng = np.random.default_rng(seed)
+    data = np.concatenate([rng.uniform(-peak, peak, 20000), [-peak, peak]]).astype(np.float32)
+    observer = HistogramObserver(percentile=99.0)
+    observer.update(data)
+    expected, _ = np.histogram(data.astype(np.float64), observer.bins, (-observer.limit, observer.limit))
+    assert observer.counts.sum() == data.size
+    assert np.abs(observer.counts - expected).sum() <= 2 * 10  # a few values on bin edges move
+    assert observer.counts[0] >= 1 and observer.counts[-1] >= 1
+
+
+def test_a_nan_lands_in_the_first_bin_without_moving_the_range():
+    observer = HistogramObserver(percentile=100.0)
+    observer.update(np.array([0.5, np.nan, -1.0, 2.0], np.float32))
+    assert observer.counts.sum() == 4 and observer.counts[0] >= 1
+    assert observer.extreme_range() == (-1.0, 2.0)
+
+
 def test_histogram_at_100_percent_is_min_max():
     observer = HistogramObserver(percentile=100.0)
     data = np.array([-3.0, 0.5, 7.25], np.float32)
