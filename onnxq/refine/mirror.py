@@ -13,7 +13,7 @@ own, without a gradient; a unit holding one is not refined (see reconstruct.py).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -22,6 +22,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from onnxq.calib.runner import fixed_batch
+from onnxq.calib.simulate import node_reads
 from onnxq.errors import OnnxqError
 from onnxq.io import session
 from onnxq.quant.plan import QuantPlan
@@ -42,6 +43,7 @@ class MirrorNode:
     attrs: dict
     proto: onnx.NodeProto
     in_torch: bool  # False: onnxruntime runs it, without a gradient
+    outer: list[str] = field(default_factory=list)  # what its subgraphs (If, Loop) read around it
 
 
 class Mirror(nn.Module):
@@ -71,8 +73,11 @@ class Mirror(nn.Module):
             attrs = {a.name: _attribute_value(a) for a in node.attribute}
             name = node.name or f"{node.op_type}_{node.output[0]}"
             in_torch = node.op_type in OPS and node.domain in ("", "ai.onnx")
+            outer = [n for n in node_reads(node) if n and n not in node.input]
             self.nodes.append(
-                MirrorNode(name, node.op_type, list(node.input), list(node.output), attrs, node, in_torch)
+                MirrorNode(
+                    name, node.op_type, list(node.input), list(node.output), attrs, node, in_torch, outer
+                )
             )
         self.graph_inputs = [i.name for i in model.graph.input if i.name not in self.constants]
         self.graph_outputs = [o.name for o in model.graph.output]
@@ -193,14 +198,15 @@ class Mirror(nn.Module):
         for index in range(begin, end):
             node = self.nodes[index]
             inputs = [self._value(name, env, weights, quantized) if name else None for name in node.inputs]
-            outputs = self._execute(node, inputs)
+            around = {name: self._value(name, env, weights, quantized) for name in node.outer}
+            outputs = self._execute(node, inputs, around)
             for name, value in zip(node.outputs, outputs, strict=False):
                 if not name:
                     continue
                 if quantized and name in self.quant_points:
                     value = self.activation[self.quant_points[name]](value)
                 env[name] = value
-            for name in node.inputs:
+            for name in [*node.inputs, *node.outer]:
                 if name in env and self.last_use.get(name, -1) <= index and name not in keep:
                     del env[name]
         return env
@@ -236,7 +242,7 @@ class Mirror(nn.Module):
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
         return round_ste(bias / scale) * scale
 
-    def _execute(self, node: MirrorNode, inputs: list) -> tuple:
+    def _execute(self, node: MirrorNode, inputs: list, around: Env) -> tuple:
         if node.in_torch:
             try:
                 fn = OPS[node.op_type]
@@ -245,11 +251,13 @@ class Mirror(nn.Module):
                 return fn(node.attrs, *inputs)
             except NotImplementedError:
                 node.in_torch = False
-        return self._onnxruntime(node, inputs)
+        return self._onnxruntime(node, inputs, around)
 
-    def _onnxruntime(self, node: MirrorNode, inputs: list) -> tuple:
-        """The node alone in onnxruntime: no gradient, but the values are right."""
+    def _onnxruntime(self, node: MirrorNode, inputs: list, around: Env) -> tuple:
+        """The node alone in onnxruntime: no gradient, but the values are right. The tensors its
+        subgraphs read from the graph around it are inputs of that model under their own names."""
         arrays = [None if v is None else np.ascontiguousarray(v.detach().cpu().numpy()) for v in inputs]
+        outer = {name: np.ascontiguousarray(v.detach().cpu().numpy()) for name, v in around.items()}
         if node.name not in self._sessions:
             if self._types is None:
                 self._types = _value_types(self._model)
@@ -258,6 +266,10 @@ class Mirror(nn.Module):
                 helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), None)
                 for n, a in zip(names, arrays, strict=True)
                 if a is not None
+            ]
+            infos += [
+                helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), None)
+                for n, a in outer.items()
             ]
             outputs = [
                 helper.make_tensor_value_info(f"out{i}", self._types.get(o, onnx.TensorProto.FLOAT), None)
@@ -276,7 +288,7 @@ class Mirror(nn.Module):
             model.ir_version = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
             self._sessions[node.name] = session(model, arena=False)
         runner = self._sessions[node.name]
-        feed = {f"in{i}": a for i, a in enumerate(arrays) if a is not None}
+        feed = {f"in{i}": a for i, a in enumerate(arrays) if a is not None} | outer
         device = next((v.device for v in inputs if v is not None), torch.device("cpu"))
         return tuple(torch.from_numpy(np.asarray(v)).to(device) for v in runner.run(None, feed))
 
@@ -319,7 +331,7 @@ def _value_types(model: onnx.ModelProto) -> dict[str, int]:
 def _last_uses(nodes: list[MirrorNode], outputs: list[str]) -> dict[str, int]:
     last: dict[str, int] = {}
     for index, node in enumerate(nodes):
-        for name in node.inputs:
+        for name in [*node.inputs, *node.outer]:
             last[name] = index
     for name in outputs:
         last[name] = len(nodes)

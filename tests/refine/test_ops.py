@@ -292,6 +292,37 @@ def test_an_op_missing_from_the_table_runs_in_onnxruntime():
     np.testing.assert_allclose(got, np.sin(x), atol=1e-6)
 
 
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_an_if_whose_branches_read_tensors_around_it_runs_in_onnxruntime(sign):
+    """torch.cond exports as If whose branches read tensors of the graph around it by name (not as
+    inputs): the mirror must keep them alive up to the If and hand them to onnxruntime under
+    those names (it stopped with "Nodes in a graph must be topologically sorted")."""
+    x = (sign * np.abs(rng(2).standard_normal((2, 3)))).astype(np.float32)
+
+    def branch(op_type: str) -> onnx.GraphProto:
+        node = helper.make_node(op_type, ["h"], ["b"])
+        return helper.make_graph(
+            [node], op_type, [], [helper.make_tensor_value_info("b", TensorProto.FLOAT, None)]
+        )
+
+    nodes = [
+        helper.make_node("Relu", ["x"], ["h"]),
+        helper.make_node("Neg", ["x"], ["n"]),
+        helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+        helper.make_node("Greater", ["total", "zero"], ["positive"]),
+        helper.make_node(
+            "If", ["positive"], ["chosen"], then_branch=branch("Sigmoid"), else_branch=branch("Exp")
+        ),
+        helper.make_node("Add", ["chosen", "n"], ["y0"]),
+    ]
+    model = graph_model(nodes, {"x": x}, {"zero": np.zeros((), np.float32)})
+    expected = session(model).run(None, {"x": x})[0]
+    mirror = Mirror(model)
+    with torch.no_grad():
+        (got,) = mirror({"x": torch.from_numpy(x)}, quantized=False)
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-6)
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     st.integers(2, 8),
