@@ -125,6 +125,7 @@ UNARY = {
     "Floor": torch.floor,
     "Ceil": torch.ceil,
     "Softplus": F.softplus,
+    "Mish": F.mish,
 }
 BINARY = {
     "Add": torch.add,
@@ -542,3 +543,56 @@ def depth_to_space(attrs, x):
         return (F.pixel_shuffle(x, block),)
     y = x.reshape(n, block, block, c // block**2, h, w).permute(0, 3, 4, 1, 5, 2)
     return (y.reshape(n, c // block**2, h * block, w * block),)
+
+
+# ----------------------------------------------------------------------------- heads and samplers
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value  # onnx gives strings as bytes
+
+
+@op("CumSum")
+def cumsum(attrs, x, axis):
+    axis = int(axis.reshape(-1)[0]) % x.dim()
+    y = x.flip(axis) if attrs.get("reverse", 0) else x
+    y = torch.cumsum(y, axis)
+    if attrs.get("exclusive", 0):
+        y = y - (x.flip(axis) if attrs.get("reverse", 0) else x)
+    return (y.flip(axis) if attrs.get("reverse", 0) else y,)
+
+
+@op("TopK")
+def top_k(attrs, x, k):
+    largest, ordered = bool(attrs.get("largest", 1)), bool(attrs.get("sorted", 1))
+    values, indices = torch.topk(x, int(k.reshape(-1)[0]), attrs.get("axis", -1), largest, ordered)
+    return values, indices.long()
+
+
+@op("Einsum")
+def einsum(attrs, *operands):
+    return (torch.einsum(_text(attrs["equation"]), *operands),)
+
+
+GRID_MODES = {
+    "linear": "bilinear",
+    "bilinear": "bilinear",
+    "nearest": "nearest",
+    "cubic": "bicubic",
+    "bicubic": "bicubic",
+}
+
+
+@op("GridSample")
+def grid_sample(attrs, x, grid):
+    mode = GRID_MODES.get(_text(attrs.get("mode", "linear")))  # opset 16 says bilinear, 20 linear
+    if mode is None or (mode == "bicubic" and x.dim() != 4):
+        raise NotImplementedError  # onnxruntime runs it
+    padding = _text(attrs.get("padding_mode", "zeros"))
+    corners = bool(attrs.get("align_corners", 0))
+    return (F.grid_sample(x, grid, mode=mode, padding_mode=padding, align_corners=corners),)
+
+
+@op("AffineGrid")
+def affine_grid(attrs, theta, size):
+    return (F.affine_grid(theta, _ints(size), align_corners=bool(attrs.get("align_corners", 0))),)

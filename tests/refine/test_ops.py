@@ -123,6 +123,7 @@ UNARY = [
     ("MaxPool", {"kernel_shape": [2, 2], "strides": [1, 1], "pads": [0, 0, 1, 1]}),
     ("Gelu", {}),
     ("Gelu", {"approximate": "tanh"}),
+    ("Mish", {}),
 ]
 
 
@@ -290,6 +291,42 @@ def test_an_op_missing_from_the_table_runs_in_onnxruntime():
         got = mirror({"x": torch.from_numpy(x)}, quantized=False)[0].numpy()
     assert not mirror.nodes[0].in_torch
     np.testing.assert_allclose(got, np.sin(x), atol=1e-6)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    st.integers(0, 10**6),
+    st.sampled_from(["linear", "nearest", "cubic"]),
+    st.sampled_from(["zeros", "border", "reflection"]),
+    st.booleans(),
+)
+def test_samplers_and_head_ops_match(seed, mode, padding, corners):
+    """GridSample and AffineGrid (spatial transformers), CumSum, TopK and Einsum: ops of
+    detector heads and attention-style blocks that dynamo exports as they are."""
+    r = rng(seed)
+    x = r.standard_normal((2, 3, 5, 6)).astype(np.float32)
+    grid = r.uniform(-1.2, 1.2, (2, 4, 7, 2)).astype(np.float32)
+    sample = single_node(
+        "GridSample", {"x": x, "g": grid}, {}, mode=mode, padding_mode=padding, align_corners=corners
+    )
+    assert_mirror_matches(sample, {"x": x, "g": grid})
+    theta = (np.eye(2, 3) + 0.2 * r.standard_normal((2, 2, 3))).astype(np.float32)
+    size = np.array([2, 3, 4, 5], np.int64)
+    affine = single_node("AffineGrid", {"theta": theta}, {"size": size}, align_corners=corners)
+    assert_mirror_matches(affine, {"theta": theta})
+    for exclusive in (0, 1):
+        for reverse in (0, 1):
+            model = single_node(
+                "CumSum", {"x": x}, {"axis": np.array(2)}, exclusive=exclusive, reverse=reverse
+            )
+            assert_mirror_matches(model, {"x": x})
+    top = single_node("TopK", {"x": x}, {"k": np.array([3])}, outputs=2, axis=-1, largest=int(corners))
+    top.graph.output[1].type.tensor_type.elem_type = TensorProto.INT64  # the indices
+    assert_mirror_matches(top, {"x": x})
+    w = r.standard_normal((3, 4)).astype(np.float32)
+    assert_mirror_matches(
+        single_node("Einsum", {"x": x, "w": w}, {}, equation="nchw,ck->nkhw"), {"x": x, "w": w}
+    )
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
