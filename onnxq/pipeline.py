@@ -345,9 +345,13 @@ def fuse(
     progress = progress or Silent()
     proto = load_model(model) if isinstance(model, str | os.PathLike) else model
     proto, unfused = standard_ops(proto)
+    exported = _opset(proto)
     proto = _supported_opset(proto)
+    raised = (
+        f"opset raised from {exported} to {MIN_OPSET} (per-channel Q/DQ)" if _opset(proto) > exported else ""
+    )
     proto, widened = compute_in_float32(proto)
-    notes: list[str] = [note for note in (unfused, widened) if note]
+    notes: list[str] = [note for note in (unfused, raised, widened) if note]
     if simplify_first:
         progress.stage("simplify")
         proto, note = simplify(proto, sample if sample is not None else random_sample(model_inputs(proto)))

@@ -282,3 +282,17 @@ def test_the_fidelity_stage_says_which_step_it_is_on(small_model, calibration_da
     after = progress.events[progress.events.index(("stage", "check fidelity")) :]
     statuses = [message for kind, message in after if kind == "status"]
     assert [message.split(":")[0] for message in statuses] == ["auto ranges", "fallback", "auto ranges"]
+
+
+def test_an_old_opset_export_is_raised_for_per_channel_scales_and_says_so(calibration_data):
+    """An opset-9 export (as old model zoos hold) has no per-axis QuantizeLinear: onnxq raises it
+    to 13 before anything else, and the notes say from where."""
+    import torch
+
+    from tests.conftest import export, small_cnn
+
+    model = export(small_cnn(), torch.zeros(1, 3, 16, 16), opset=9)
+    result = onnxq.quantize(model, calibration_data, onnxq.QuantConfig(speed_check=False))
+    assert "opset raised from 9 to 13 (per-channel Q/DQ)" in result.notes
+    assert next(o.version for o in result.model.opset_import if o.domain in ("", "ai.onnx")) >= 13
+    assert result.fidelity.min_sqnr > 20
