@@ -376,21 +376,26 @@ def fuse(
     fused = fuse_branches(graph_model.graph) if merge_branches else FuseReport()
     if fused.merged:
         notes.append(f"merged {fused.branches_merged} branches into {len(fused.merged)} Conv nodes")
-    statistics = _output_statistics(graph_model.graph, folded.statistics, fused)
+    statistics = _output_statistics(graph_model.graph, folded.statistics, folded.kept, fused)
     result = to_proto(graph_model)
     result.ir_version = _ir_version(result)
     return FuseResult(result, folded, fused, notes, statistics)
 
 
-def _output_statistics(graph, by_layer: dict[str, ChannelStatistics], fused: FuseReport):
-    """BatchNorm statistics by the tensor each folded layer now produces; a merged Conv's output
-    is a sum of branches whose covariance no BatchNorm recorded, so it has none."""
+def _output_statistics(
+    graph, by_layer: dict[str, ChannelStatistics], kept: dict[str, ChannelStatistics], fused: FuseReport
+):
+    """BatchNorm statistics by the tensor each folded layer now produces, and by the output of each
+    BatchNormalization left in the graph; a merged Conv's output is a sum of branches whose
+    covariance no BatchNorm recorded, so it has none."""
     merged = {name for block in fused.merged for name in (block.conv, *block.branches)}
-    return {
+    folded = {
         node.outputs[0].name: by_layer[node.name]
         for node in graph
         if node.name in by_layer and node.name not in merged
     }
+    produced = {value.name for node in graph for value in node.outputs}
+    return folded | {name: stats for name, stats in kept.items() if name in produced}
 
 
 def fuse_file(source: str | os.PathLike, target: str | os.PathLike, **kwargs) -> FuseResult:

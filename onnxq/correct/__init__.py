@@ -75,7 +75,8 @@ def corrected_for_refinement(
     if synthesised:
         return data, [skipped + "the data was synthesised from the same statistics"]
     if not statistics:
-        return data, [skipped + "the model has no BatchNormalization statistics (none was folded)"]
+        reason = "the model has no BatchNormalization statistics (its exporter may have folded them away)"
+        return data, [skipped + reason]
     if len(data) != 1 or next(iter(data.values())).dtype.kind != "f":
         return data, [skipped + "it corrects models with one float input only"]
     budget = None if config.time_budget is None else CORRECTION_SHARE * config.time_budget

@@ -51,6 +51,9 @@ class FoldReport:
     folded: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     statistics: dict[str, ChannelStatistics] = field(default_factory=dict)  # layer node → its output's
+    # a BatchNormalization left in the graph (after an Add, before its conv): its output tensor →
+    # that output's statistics, which distribution correction can match as well
+    kept: dict[str, ChannelStatistics] = field(default_factory=dict)
 
 
 def fold_batchnorm(graph: ir.Graph) -> FoldReport:
@@ -62,8 +65,21 @@ def fold_batchnorm(graph: ir.Graph) -> FoldReport:
             report.folded.append(bn.name or bn.outputs[0].name)
         else:
             report.skipped[bn.name or bn.outputs[0].name] = reason
+            if (kept := _kept_statistics(bn)) is not None:
+                report.kept[bn.outputs[0].name] = kept
     drop_unused_initializers(graph)
     return report
+
+
+def _kept_statistics(bn: ir.Node) -> ChannelStatistics | None:
+    """The output statistics of an inference-mode BatchNormalization with constant parameters."""
+    if attribute(bn, "training_mode", 0) or len(bn.outputs) > 1:
+        return None
+    params = [constant(v) for v in bn.inputs[1:5]]
+    if any(p is None for p in params):
+        return None
+    gamma, beta, _, var = (np.asarray(p, np.float64) for p in params)
+    return ChannelStatistics(beta.copy(), gamma**2 * var / (var + attribute(bn, "epsilon", 1e-5)))
 
 
 def _fold_one(graph: ir.Graph, bn: ir.Node, statistics: dict[str, ChannelStatistics]) -> str | None:

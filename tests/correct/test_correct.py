@@ -87,6 +87,36 @@ def test_statistics_survive_folding_exactly(matched, data):
         np.testing.assert_allclose(value.var(axis=(0, 2, 3)), stats.var, rtol=1e-3, atol=1e-4)
 
 
+def test_a_batchnorm_left_in_the_graph_gives_its_output_statistics(data):
+    """A pre-activation BatchNorm (after an Add, before ReLU and the next conv) cannot fold, and
+    torch's dynamo exporter folds the rest away itself: the one left still says what its output
+    should look like, exactly as the folded ones do, so correction and data-free calibration run."""
+    from torch import nn
+
+    class PreActivation(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.conv = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.bn, self.head = nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            x = self.stem(x)
+            x = x + self.conv(x)
+            return self.head(torch.relu(self.bn(x))).mean(dim=(2, 3))
+
+    torch.manual_seed(0)
+    net = PreActivation()
+    bn_matched_to(net, data)
+    prepared = fuse(export(net, torch.zeros(1, 3, 12, 12), keep_bn=True))
+    kept = [n for n in prepared.model.graph.node if n.op_type == "BatchNormalization"]
+    assert len(kept) == 1 and list(prepared.statistics) == [kept[0].output[0]]
+    name = kept[0].output[0]
+    (value,) = session(with_outputs(prepared.model, [name]), optimize=False).run([name], {"input": data})
+    stats = prepared.statistics[name]
+    np.testing.assert_allclose(value.mean(axis=(0, 2, 3)), stats.mean, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(value.var(axis=(0, 2, 3)), stats.var, rtol=1e-3, atol=1e-4)
+
+
 def test_statistics_are_never_written_into_the_model(matched):
     prepared = fuse(matched)
     sizes = sorted(int(np.prod(t.dims)) for t in prepared.model.graph.initializer)
