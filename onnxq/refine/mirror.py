@@ -12,7 +12,7 @@ own, without a gradient; a unit holding one is not refined (see reconstruct.py).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -159,10 +159,20 @@ class Mirror(nn.Module):
                     env[name] = self.activation[self.quant_points[name]](env[name])
         return env
 
-    def run(self, env: Env, begin: int, end: int, *, quantized: bool, keep: Iterable[str] = ()) -> Env:
+    def run(
+        self,
+        env: Env,
+        begin: int,
+        end: int,
+        *,
+        quantized: bool,
+        keep: Iterable[str] = (),
+        observe: Callable[[str, torch.Tensor], None] | None = None,
+    ) -> Env:
         """Run nodes[begin:end] on `env`; returns it with the outputs added.
 
-        Tensors no node after `end` reads are dropped as soon as they are used, except `keep`.
+        Tensors no node after `end` reads are dropped as soon as they are used, except `keep`;
+        `observe` sees each output as it is made (a probe that keeps none of them).
         A model whose input fixes its batch at N runs N samples at a time: its export may have
         baked N into shapes anywhere (a Reshape's target with the batch third, a class token
         expanded to the batch as a constant), which batches of many samples would not fit, or
@@ -170,8 +180,10 @@ class Mirror(nn.Module):
         """
         parts = self._micro_batches(env)
         if parts is None:
-            return self._run(env, begin, end, quantized=quantized, keep=keep)
-        runs = [self._run(part, begin, end, quantized=quantized, keep=keep) for part in parts]
+            return self._run(env, begin, end, quantized=quantized, keep=keep, observe=observe)
+        runs = [
+            self._run(part, begin, end, quantized=quantized, keep=keep, observe=observe) for part in parts
+        ]
         return _joined(runs, self.fixed_batch)
 
     def _micro_batches(self, env: Env) -> list[Env] | None:
@@ -191,7 +203,16 @@ class Mirror(nn.Module):
             for start in range(0, batch, self.fixed_batch)
         ]
 
-    def _run(self, env: Env, begin: int, end: int, *, quantized: bool, keep: Iterable[str] = ()) -> Env:
+    def _run(
+        self,
+        env: Env,
+        begin: int,
+        end: int,
+        *,
+        quantized: bool,
+        keep: Iterable[str] = (),
+        observe: Callable[[str, torch.Tensor], None] | None = None,
+    ) -> Env:
         """`run` on one batch the model takes, `env` updated in place."""
         keep = set(keep) | set(self.graph_outputs)
         weights: Env = {}
@@ -206,6 +227,8 @@ class Mirror(nn.Module):
                 if quantized and name in self.quant_points:
                     value = self.activation[self.quant_points[name]](value)
                 env[name] = value
+                if observe is not None:
+                    observe(name, value)
             for name in [*node.inputs, *node.outer]:
                 if name in env and self.last_use.get(name, -1) <= index and name not in keep:
                     del env[name]
