@@ -31,6 +31,7 @@ from onnxq.refine.ops import OPS
 from onnxq.refine.quantizers import ActivationQuantizer, RoundingWeight, round_ste
 
 Env = dict[str, torch.Tensor]
+Observe = Callable[[str, torch.Tensor], None] | None  # sees each output as the mirror makes it
 ActivationParams = dict[str, tuple]  # root tensor → (scale, zero point, IntRange), as insert_qdq
 
 
@@ -167,7 +168,7 @@ class Mirror(nn.Module):
         *,
         quantized: bool,
         keep: Iterable[str] = (),
-        observe: Callable[[str, torch.Tensor], None] | None = None,
+        observe: Observe = None,
     ) -> Env:
         """Run nodes[begin:end] on `env`; returns it with the outputs added.
 
@@ -180,10 +181,8 @@ class Mirror(nn.Module):
         """
         parts = self._micro_batches(env)
         if parts is None:
-            return self._run(env, begin, end, quantized=quantized, keep=keep, observe=observe)
-        runs = [
-            self._run(part, begin, end, quantized=quantized, keep=keep, observe=observe) for part in parts
-        ]
+            return self._run(env, begin, end, quantized, keep, observe)
+        runs = [self._run(part, begin, end, quantized, keep, observe) for part in parts]
         return _joined(runs, self.fixed_batch)
 
     def _micro_batches(self, env: Env) -> list[Env] | None:
@@ -204,14 +203,7 @@ class Mirror(nn.Module):
         ]
 
     def _run(
-        self,
-        env: Env,
-        begin: int,
-        end: int,
-        *,
-        quantized: bool,
-        keep: Iterable[str] = (),
-        observe: Callable[[str, torch.Tensor], None] | None = None,
+        self, env: Env, begin: int, end: int, quantized: bool, keep: Iterable[str], observe: Observe
     ) -> Env:
         """`run` on one batch the model takes, `env` updated in place."""
         keep = set(keep) | set(self.graph_outputs)
