@@ -272,7 +272,8 @@ def _sliced(data: np.ndarray | dict, inputs: list[InputSpec], pre: Preprocess | 
     arrays = data if isinstance(data, dict) else {inputs[0].name: data} if len(inputs) == 1 else None
     if arrays is None:
         raise OnnxqError(f"{what}: a single array can only feed a model with one input")
-    counts = {name: len(np.atleast_1d(a)) for name, a in arrays.items() if name in {i.name for i in inputs}}
+    names = {spec.name for spec in inputs}
+    counts = {name: len(np.atleast_1d(a)) for name, a in arrays.items() if name in names}
     if len(set(counts.values())) > 1:
         listed = ", ".join(f"{name!r} {count}" for name, count in counts.items())
         raise OnnxqError(
