@@ -60,7 +60,9 @@ def partition(
     else:
         cuts = _block_cuts(mirror, alive, is_layer, uncuttable)
     cuts = [i for i in cuts if not alive[i] & uncuttable]
-    bounds = _merge_without_layers(sorted({0, *cuts, len(mirror.nodes)}), is_layer)
+    outside = [not node.in_torch for node in mirror.nodes]
+    cuts += _around_outside(outside, is_layer, [not alive[i] & uncuttable for i in range(len(alive))])
+    bounds = _merge_without_layers(sorted({0, *cuts, len(mirror.nodes)}), is_layer, outside)
     if kind == "window":
         bounds = bounds[::count] if bounds[-1] in bounds[::count] else [*bounds[::count], bounds[-1]]
     units = []
@@ -127,13 +129,32 @@ def _alive(mirror: Mirror) -> list[set[str]]:
     return alive
 
 
-def _merge_without_layers(bounds: list[int], is_layer: list[bool]) -> list[int]:
+def _around_outside(outside: list[bool], is_layer: list[bool], cuttable: list[bool]) -> list[int]:
+    """Cuts just before and just after each stretch of nodes the mirror runs in onnxruntime (an
+    LSTM, a GRU) that holds no layer: the unit holding such a node learns nothing, so it is kept
+    to those nodes, and the layers around it learn in units of their own."""
+    cuts = []
+    for start, group in itertools.groupby(range(len(outside)), key=lambda i: outside[i]):
+        if not start:
+            continue
+        nodes = list(group)
+        if any(is_layer[i] for i in nodes):
+            continue
+        before = next((i for i in range(nodes[0], 0, -1) if cuttable[i]), None)
+        after = next((i for i in range(nodes[-1] + 1, len(outside)) if cuttable[i]), None)
+        cuts += [i for i in (before, after) if i is not None]
+    return cuts
+
+
+def _merge_without_layers(bounds: list[int], is_layer: list[bool], outside: list[bool]) -> list[int]:
     """Drop cuts so every segment holds a layer: a segment without one joins the next (the last,
-    the one before)."""
+    the one before), unless it holds a node the mirror runs in onnxruntime, which would keep the
+    unit it joined from learning."""
     kept = [bounds[0]]
     for begin, end in itertools.pairwise(bounds):
-        if any(is_layer[begin:end]) or end == bounds[-1]:
+        if any(is_layer[begin:end]) or any(outside[begin:end]) or end == bounds[-1]:
             kept.append(end)
-    if len(kept) > 2 and not any(is_layer[kept[-2] : kept[-1]]):
+    last = slice(kept[-2], kept[-1]) if len(kept) > 2 else None
+    if last is not None and not any(is_layer[last]) and not any(outside[last]):
         del kept[-2]  # trailing nodes without a layer join the last unit
     return kept

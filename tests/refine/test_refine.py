@@ -520,6 +520,36 @@ def test_units_never_start_where_a_shape_read_at_run_time_is_alive():
     assert result.fidelity.min_sqnr > 10
 
 
+def test_layers_around_a_node_the_mirror_cannot_run_learn_in_units_of_their_own():
+    """A Conv1d, an LSTM (onnxruntime runs it, without gradients) and a Linear: as one block the
+    LSTM kept both layers from learning (0 of 1 units refined); the LSTM now sits in a unit of its
+    own and the layers on either side learn."""
+    import torch
+    from torch import nn
+
+    from tests.conftest import export
+
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.lstm, self.out = (
+                nn.Conv1d(8, 16, 3, padding=1),
+                nn.LSTM(16, 12, batch_first=True),
+                nn.Linear(12, 5),
+            )
+
+        def forward(self, x):
+            return self.out(self.lstm(torch.relu(self.conv(x)).transpose(1, 2))[0])
+
+    torch.manual_seed(0)
+    model = export(Tagger(), torch.zeros(1, 8, 10))
+    data = np.random.default_rng(0).standard_normal((24, 8, 10)).astype(np.float32)
+    result = onnxq.quantize(model, data, onnxq.QuantConfig(weight_bits=4, **{**FAST, "refine_iters": 5}))
+    units = result.refinement.units
+    assert [u.skipped.startswith("LSTM runs in onnxruntime") for u in units] == [False, True, False]
+    assert all(u.iterations == 5 for u in (units[0], units[2]))
+
+
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2**16), bits=st.integers(2, 8))
 def test_a_seeded_rounding_starts_on_its_seed_and_may_move_one_step_towards_the_weight(seed, bits):
