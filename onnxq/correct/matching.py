@@ -104,29 +104,28 @@ class _StatisticsRun:
         self.statistics = {name: s for name, s in statistics.items() if name in produced}
         self.end = 1 + max((produced[name] for name in self.statistics), default=-1)
         self.input = self.mirror.graph_inputs[0]
+        self.unit = self.mirror.fixed_batch or 1  # the mirror's smallest run: its fixed batch, or one
         self.elements_per_sample: int | None = None
 
     def micro_batch(self, inputs: torch.Tensor) -> int:
         """Samples per piece: as many as MEMORY_BUDGET holds, in whole runs of the model's fixed
         batch where its input fixes one (its export may bake that batch into shapes), at least
         one run."""
-        unit = self.mirror.fixed_batch or 1
         if self.elements_per_sample is None:
             produced = {o for node in self.mirror.nodes[: self.end] for o in node.outputs if o}
             with torch.no_grad():
                 env = self.mirror.run(
-                    {self.input: inputs[:unit]}, 0, self.end, quantized=False, keep=produced
+                    {self.input: inputs[: self.unit]}, 0, self.end, quantized=False, keep=produced
                 )
             elements = sum(
                 v.numel() for name, v in env.items() if name in produced and isinstance(v, torch.Tensor)
             )
-            self.elements_per_sample = elements // unit
+            self.elements_per_sample = elements // self.unit
         return self.whole_runs(int(MEMORY_BUDGET // (BYTES_PER_ELEMENT * max(self.elements_per_sample, 1))))
 
     def whole_runs(self, samples: int) -> int:
         """`samples` rounded down to whole runs of the model's fixed batch (at least one run)."""
-        unit = self.mirror.fixed_batch or 1
-        return max(unit, samples // unit * unit)
+        return max(self.unit, samples // self.unit * self.unit)
 
     def loss(self, inputs: torch.Tensor) -> float:
         """The statistics loss of the whole batch (no gradient)."""

@@ -65,14 +65,15 @@ def fold_batchnorm(graph: ir.Graph) -> FoldReport:
             report.folded.append(bn.name or bn.outputs[0].name)
         else:
             report.skipped[bn.name or bn.outputs[0].name] = reason
-            if (kept := _kept_statistics(bn)) is not None:
+            if (kept := _bn_output_statistics(bn)) is not None:
                 report.kept[bn.outputs[0].name] = kept
     drop_unused_initializers(graph)
     return report
 
 
-def _kept_statistics(bn: ir.Node) -> ChannelStatistics | None:
-    """The output statistics of an inference-mode BatchNormalization with constant parameters."""
+def _bn_output_statistics(bn: ir.Node) -> ChannelStatistics | None:
+    """The output statistics of an inference-mode BatchNormalization with constant parameters:
+    mean β and variance γ²·var/(var + ε), folded or not."""
     if attribute(bn, "training_mode", 0) or len(bn.outputs) > 1:
         return None
     params = [constant(v) for v in bn.inputs[1:5]]
@@ -119,6 +120,6 @@ def _fold_one(graph: ir.Graph, bn: ir.Node, statistics: dict[str, ChannelStatist
     if len(layer.inputs) < 3:
         layer.resize_inputs(3)
     layer.replace_input_with(2, bias_input)
+    statistics[layer.name] = _bn_output_statistics(bn)  # read while the BatchNorm is still there
     bypass(graph, bn, layer.outputs[0])
-    statistics[layer.name] = ChannelStatistics(beta.copy(), gamma**2 * var / (var + epsilon))
     return None

@@ -54,14 +54,14 @@ def partition(
     along its first axis: refinement draws a unit's samples along it)."""
     kind, count = parse_unit(unit)
     alive = _alive(mirror)
+    cuttable = [not tensors & uncuttable for tensors in alive]
     is_layer = [node.name in layers for node in mirror.nodes]
     if kind == "layer":
-        cuts = [i for i, layer in enumerate(is_layer) if layer]
+        cuts = [i for i, layer in enumerate(is_layer) if layer and cuttable[i]]
     else:
-        cuts = _block_cuts(mirror, alive, is_layer, uncuttable)
-    cuts = [i for i in cuts if not alive[i] & uncuttable]
+        cuts = _block_cuts(mirror, alive, is_layer, cuttable)
     outside = [not node.in_torch for node in mirror.nodes]
-    cuts += _around_outside(outside, is_layer, [not alive[i] & uncuttable for i in range(len(alive))])
+    cuts += _around_outside(outside, is_layer, cuttable)
     bounds = _merge_without_layers(sorted({0, *cuts, len(mirror.nodes)}), is_layer, outside)
     if kind == "window":
         bounds = bounds[::count] if bounds[-1] in bounds[::count] else [*bounds[::count], bounds[-1]]
@@ -77,8 +77,10 @@ GROUP_LAYERS = 3
 ELEMENTWISE = frozenset({"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSwish", "Mul", "PRelu"})
 
 
-def _block_cuts(mirror: Mirror, alive: list[set[str]], is_layer: list[bool], uncuttable) -> list[int]:
-    single = [i for i in range(1, len(mirror.nodes)) if len(alive[i]) == 1 and not alive[i] & uncuttable]
+def _block_cuts(
+    mirror: Mirror, alive: list[set[str]], is_layer: list[bool], cuttable: list[bool]
+) -> list[int]:
+    single = [i for i in range(1, len(mirror.nodes)) if len(alive[i]) == 1 and cuttable[i]]
     readers: dict[str, int] = {}
     for node in mirror.nodes:
         for name in set(node.inputs):

@@ -22,7 +22,8 @@ from onnxq.quant.weights import QuantizedWeight
 from onnxq.refine import fused
 from onnxq.refine.blocks import partition
 from onnxq.refine.mirror import ActivationParams, Mirror
-from onnxq.refine.reconstruct import RefineSettings, UnitReport, mixed_sample_tensors, reconstruct
+from onnxq.refine.reconstruct import RefineSettings, UnitReport, reconstruct
+from onnxq.refine.sample_axes import mixed_sample_tensors
 
 
 @dataclass

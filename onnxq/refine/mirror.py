@@ -317,10 +317,16 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
 
 def _attribute_value(attribute: onnx.AttributeProto):
     """An attribute's value as the op table reads it: tensors (ConstantOfShape's value, which
-    ultralytics' heads set) as numpy arrays, not TensorProtos."""
+    ultralytics' heads set) as numpy arrays, not TensorProtos; strings as str, not the bytes onnx
+    gives."""
     value = helper.get_attribute_value(attribute)
-    tensor = attribute.type == onnx.AttributeProto.TENSOR
-    return numpy_helper.to_array(value).copy() if tensor else value  # a writable copy, as torch wants
+    if attribute.type == onnx.AttributeProto.TENSOR:
+        return numpy_helper.to_array(value).copy()  # a writable copy, as torch wants
+    if attribute.type == onnx.AttributeProto.STRING:
+        return value.decode()
+    if attribute.type == onnx.AttributeProto.STRINGS:
+        return [v.decode() for v in value]
+    return value
 
 
 def _constant_value(node: onnx.NodeProto) -> np.ndarray:

@@ -38,8 +38,7 @@ def _ints(t) -> list[int]:
 def _conv_padding(attrs: dict, x: torch.Tensor, kernel: list[int], strides, dilations):
     """Explicit (begin..., end...) pads, resolving auto_pad as onnxruntime does."""
     spatial = len(kernel)
-    auto = attrs.get("auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
+    auto = attrs.get("auto_pad", "NOTSET")
     if auto in ("SAME_UPPER", "SAME_LOWER"):
         pads_begin, pads_end = [], []
         for i in range(spatial):
@@ -234,7 +233,7 @@ def instance_norm(attrs, x, scale, bias):
 
 @op("Gelu")
 def gelu(attrs, x):
-    tanh = attrs.get("approximate", b"none") == b"tanh"  # onnx gives strings as bytes
+    tanh = attrs.get("approximate", "none") == "tanh"
     return (F.gelu(x, approximate="tanh" if tanh else "none"),)
 
 
@@ -396,8 +395,7 @@ def unsqueeze(attrs, x, axes=None):
 @op("Pad")
 def pad(attrs, x, pads=None, value=None, axes=None):
     pads = _ints(pads) if pads is not None else list(attrs["pads"])
-    mode = attrs.get("mode", b"constant")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
+    mode = attrs.get("mode", "constant")
     rank = x.dim()
     axes = [a % rank for a in _ints(axes)] if axes is not None else list(range(rank))
     begin, end = pads[: len(axes)], pads[len(axes) :]
@@ -416,18 +414,15 @@ def pad(attrs, x, pads=None, value=None, axes=None):
 
 @op("Resize")
 def resize(attrs, x, roi=None, scales=None, sizes=None):
-    mode = attrs.get("mode", b"nearest")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
-    transform = attrs.get("coordinate_transformation_mode", b"half_pixel")
-    transform = transform.decode() if isinstance(transform, bytes) else transform
+    mode = attrs.get("mode", "nearest")
+    transform = attrs.get("coordinate_transformation_mode", "half_pixel")
     if sizes is not None and sizes.numel():
         size = _ints(sizes)[2:]
     else:
         factors = [float(s) for s in scales.tolist()][2:]
         size = [math.floor(d * f) for d, f in zip(x.shape[2:], factors, strict=True)]
     if mode == "nearest":
-        nearest = attrs.get("nearest_mode", b"round_prefer_floor")
-        nearest = nearest.decode() if isinstance(nearest, bytes) else nearest
+        nearest = attrs.get("nearest_mode", "round_prefer_floor")
         integral = all(s % d == 0 for s, d in zip(size, x.shape[2:], strict=True))
         if (transform == "asymmetric" and nearest == "floor") or (integral and transform != "align_corners"):
             return (F.interpolate(x, size=size, mode="nearest"),)
@@ -536,8 +531,7 @@ def argmax(attrs, x):
 @op("DepthToSpace")
 def depth_to_space(attrs, x):
     block = attrs["blocksize"]
-    mode = attrs.get("mode", b"DCR")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
+    mode = attrs.get("mode", "DCR")
     n, c, h, w = x.shape
     if mode == "CRD":
         return (F.pixel_shuffle(x, block),)
@@ -548,18 +542,14 @@ def depth_to_space(attrs, x):
 # ----------------------------------------------------------------------------- heads and samplers
 
 
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else value  # onnx gives strings as bytes
-
-
 @op("CumSum")
 def cumsum(attrs, x, axis):
-    axis = int(axis.reshape(-1)[0]) % x.dim()
-    y = x.flip(axis) if attrs.get("reverse", 0) else x
-    y = torch.cumsum(y, axis)
+    axis, reverse = int(axis.reshape(-1)[0]) % x.dim(), bool(attrs.get("reverse", 0))
+    ordered = x.flip(axis) if reverse else x
+    total = torch.cumsum(ordered, axis)
     if attrs.get("exclusive", 0):
-        y = y - (x.flip(axis) if attrs.get("reverse", 0) else x)
-    return (y.flip(axis) if attrs.get("reverse", 0) else y,)
+        total = total - ordered
+    return (total.flip(axis) if reverse else total,)
 
 
 @op("TopK")
@@ -571,7 +561,7 @@ def top_k(attrs, x, k):
 
 @op("Einsum")
 def einsum(attrs, *operands):
-    return (torch.einsum(_text(attrs["equation"]), *operands),)
+    return (torch.einsum(attrs["equation"], *operands),)
 
 
 GRID_MODES = {
@@ -585,10 +575,10 @@ GRID_MODES = {
 
 @op("GridSample")
 def grid_sample(attrs, x, grid):
-    mode = GRID_MODES.get(_text(attrs.get("mode", "linear")))  # opset 16 says bilinear, 20 linear
+    mode = GRID_MODES.get(attrs.get("mode", "linear"))  # opset 16 says bilinear, 20 linear
     if mode is None or (mode == "bicubic" and x.dim() != 4):
         raise NotImplementedError  # onnxruntime runs it
-    padding = _text(attrs.get("padding_mode", "zeros"))
+    padding = attrs.get("padding_mode", "zeros")
     corners = bool(attrs.get("align_corners", 0))
     return (F.grid_sample(x, grid, mode=mode, padding_mode=padding, align_corners=corners),)
 

@@ -460,7 +460,7 @@ def test_units_never_start_where_samples_are_folded_into_rows(unit):
     import torch
     from torch import nn
 
-    from onnxq.refine.reconstruct import mixed_sample_tensors
+    from onnxq.refine.sample_axes import mixed_sample_tensors
     from tests.conftest import export
 
     class Tokens(nn.Module):
