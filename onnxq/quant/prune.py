@@ -117,17 +117,26 @@ def drop_quantizers_that_do_not_pay(graph: ir.Graph, plan: QuantPlan) -> None:
       logits' pair alone cost them down to 15 dB SQNR). A tensor a layer reads keeps its pair.
     - Between two float ops (inside a HardSwish written as x·clip(x+3, 0, 6)/6, around an Add
       with a constant): neither side runs on integers, so the pair is pure loss and time.
+    - Where only integer elementwise ops read the tensor and no layer reads what they write (a
+      transformer's residual stream: each Add's sum goes to a float LayerNormalization and the
+      next Add): the integer Adds save almost nothing, while the stream is rounded again at every
+      block and the normalization scales the error up (a ViT's class token: 21 → 9 dB at the
+      output). A Conv's output keeps its pair, and so does a Gemm's with a float bias:
+      onnxruntime runs their integer kernels only with one; a MatMul writes float from its
+      integer kernel (MatMulIntegerToFloat) without one.
     """
     feeds_layer = _nodes_feeding_a_layer(graph, plan)
     feeds_output = _nodes_passing_rounding_to_an_output(graph, plan)
     planned = set(plan.quantized_nodes)
     values = computed_values(graph)
     while True:
+        serving = _values_serving_a_layer(graph, plan, planned)
         dropped = [
             name
             for name, spec in plan.activations.items()
             if not _pays(values[spec.tensor], plan, planned, feeds_layer)
             or (_reaches(values[spec.tensor], feeds_output) and not _layer_reads(name, plan, values))
+            or not (spec.tensor in serving or _producer_needs_pair(values[spec.tensor], plan))
         ]
         if not dropped:
             break
@@ -156,6 +165,41 @@ def _layer_reads(name: str, plan: QuantPlan, values: dict[str, ir.Value]) -> boo
     return any(
         _layer_reads(other, plan, values) for other, spec in plan.activations.items() if spec.shares == name
     )
+
+
+def _values_serving_a_layer(graph: ir.Graph, plan: QuantPlan, planned: set[str]) -> set[str]:
+    """Names of the tensors a quantized layer reads, or a quantized node reads whose planned
+    output is such a tensor in turn (an Add's sum that a Conv reads, through MaxPool or Concat):
+    the tensors whose integer form some layer's integer kernel consumes."""
+    serving: set[str] = set()
+
+    def serves(value: ir.Value) -> bool:
+        return any(
+            reader.name in plan.layers
+            or (reader.name in planned and any(out.name in serving for out in reader.outputs))
+            for reader in _readers(value, plan)
+        )
+
+    # every reader comes after its tensor's producer: walked backwards, it is decided first
+    for value in [*(v for node in reversed(list(graph)) for v in node.outputs), *graph.inputs]:
+        if serves(value):
+            serving.add(value.name)
+    return serving
+
+
+def _producer_needs_pair(value: ir.Value, plan: QuantPlan) -> bool:
+    """Whether the tensor's producer runs on integers only with a QuantizeLinear after it: a
+    Conv (QLinearConv), or a Gemm whose bias stays float (QGemm writes float only with an int32
+    bias or none; otherwise onnxruntime runs a float Gemm on dequantized weights)."""
+    producer = value.producer()
+    if producer is not None and producer.name in plan.absorbed:  # a Relu/Clip folded into its layer
+        producer = producer.inputs[0].producer()
+    if producer is None or producer.name not in plan.layers:
+        return False
+    if producer.op_type == "Gemm":
+        bias = producer.inputs[2] if len(producer.inputs) > 2 else None
+        return bias is not None and bias.name not in plan.biases
+    return producer.op_type in ("Conv", "ConvTranspose")
 
 
 def _nodes_feeding_a_layer(graph: ir.Graph, plan: QuantPlan) -> set[str]:

@@ -69,8 +69,12 @@ class _Attention:
 def _check(additive: bool) -> None:
     model, data = _Attention.export(additive), _Attention.data(additive)
     result = onnxq.quantize(model, data, onnxq.QuantConfig(speed_check=False))
-    kept = [name for name, why in result.float_nodes.items() if why == masks.REASON]
-    assert kept, result.float_nodes
+    if not additive:  # found from the constant before planning
+        kept = [name for name, why in result.float_nodes.items() if why == masks.REASON]
+        assert kept, result.float_nodes
+    softmax_inputs = {n.input[0] for n in result.model.graph.node if n.op_type == "Softmax"}
+    rounded = {n.input[0] for n in result.model.graph.node if n.op_type == "QuantizeLinear"}
+    assert rounded.isdisjoint({"mask", *softmax_inputs})
     assert result.quantized_nodes > 0
     sample = {k: v[:8] for k, v in data.items()}
     want = session(model).run(None, sample)[0].astype(np.float64)
@@ -89,14 +93,53 @@ def test_a_mask_built_from_an_infinite_constant_stays_float():
     _check(additive=False)
 
 
-def test_an_additive_mask_given_as_input_stays_float_once_observed():
-    """-1e9 where padded, added to the scores: no constant shows it, the observed range does."""
+def test_an_additive_mask_given_as_input_stays_float():
+    """-1e9 where padded, added to the scores: no constant shows it; only the float Softmax reads
+    the sum, so no pair rounds it."""
     from onnxq.io import to_ir
     from onnxq.passes.infer_types import infer_types
 
     graph = to_ir(infer_types(_Attention.export(additive=True))).graph
     assert not masks.unbounded_tensors(graph)
     _check(additive=True)
+
+
+def test_a_layer_reading_a_masked_input_stays_float_once_its_range_is_observed():
+    """A -1e9 mask added to features a Linear reads: no constant shows it, the observed range of
+    the sum does, and the Linear stays float while the one before it quantizes."""
+    import torch
+    from torch import nn
+
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x, mask):
+            return self.head(self.embed(x) + mask)
+
+    torch.manual_seed(0)
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        Masked().eval(),
+        (torch.zeros(1, 6), torch.zeros(1, 6)),
+        buffer,
+        input_names=["x", "mask"],
+        output_names=["logits"],
+        dynamic_axes={"x": {0: "n"}, "mask": {0: "n"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    model = onnx.load_from_string(buffer.getvalue())
+    rng = np.random.default_rng(0)
+    mask = np.where(rng.random((48, 6)) < 0.3, -1e9, 0.0).astype(np.float32)
+    data = {"x": rng.standard_normal((48, 6)).astype(np.float32), "mask": mask}
+    result = onnxq.quantize(model, data, onnxq.QuantConfig(speed_check=False, fidelity_fallback=False))
+    kept = [name for name, why in result.float_nodes.items() if why == masks.REASON]
+    assert kept and result.quantized_nodes > 0
+    sample = {k: v[:8] for k, v in data.items()}
+    want = session(model).run(None, sample)[0]
+    assert np.isfinite(session(result.model).run(None, sample)[0]).all() and np.isfinite(want).all()
 
 
 def test_an_infinite_bound_or_padding_under_a_maxpool_marks_nothing_downstream():

@@ -546,7 +546,7 @@ def test_layers_around_a_node_the_mirror_cannot_run_learn_in_units_of_their_own(
     data = np.random.default_rng(0).standard_normal((24, 8, 10)).astype(np.float32)
     result = onnxq.quantize(model, data, onnxq.QuantConfig(weight_bits=4, **{**FAST, "refine_iters": 5}))
     units = result.refinement.units
-    assert [u.skipped.startswith("LSTM runs in onnxruntime") for u in units] == [False, True, False]
+    assert [bool(u.skipped) for u in units] == [False, True, False]  # the LSTM's unit learns nothing
     assert all(u.iterations == 5 for u in (units[0], units[2]))
 
 
