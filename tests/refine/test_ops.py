@@ -450,3 +450,27 @@ def test_qdrop_masks_keep_each_element_with_the_probability_asked(probability, s
     count = mask.numel()
     assert abs(float(mask.float().mean()) - rate) <= 4 * np.sqrt(rate * (1 - rate) / count) + 1e-12
     assert torch.equal(mask, random_mask(shape, probability, rng(seed)))
+
+
+def test_a_strided_pointwise_conv_on_few_channels_learns_without_corrupting_memory():
+    """torch 2.13's backward of a 1×1 stride-2 conv on a channels-last input with 3 to 12
+    channels corrupts the heap (FastViT's stem aborted refinement: "corrupted size vs.
+    prev_size"). The mirror runs such convs on contiguous inputs; a subprocess keeps a crash
+    from taking the test run with it."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from onnxq.refine.ops import OPS\n"
+        "torch.manual_seed(0)\n"
+        "for _ in range(3):\n"
+        "    x = torch.randn(4, 3, 64, 64).contiguous(memory_format=torch.channels_last)\n"
+        "    w = torch.randn(8, 3, 1, 1, requires_grad=True)\n"
+        "    (y,) = OPS['Conv']({'strides': [2, 2]}, x, w)\n"
+        "    y.square().mean().backward()\n"
+        "print(tuple(y.shape))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert done.stdout.strip() == "(4, 8, 32, 32)"
