@@ -75,9 +75,14 @@ class Fidelity:
         return min((o.sqnr_db for o in self.outputs), default=float("inf"))
 
     @property
-    def poor(self) -> bool:
+    def lowest_agreement(self) -> float | None:
         agreements = [o.agreement for o in self.outputs if o.agreement is not None]
-        return self.min_sqnr < self.threshold_db or any(a < WARN_AGREEMENT for a in agreements)
+        return min(agreements) if agreements else None
+
+    @property
+    def poor(self) -> bool:
+        agreement = self.lowest_agreement
+        return self.min_sqnr < self.threshold_db or (agreement is not None and agreement < WARN_AGREEMENT)
 
     def lines(self) -> list[str]:
         where = "held-back samples" if self.held_back else "calibration samples (too few to hold any back)"
@@ -87,10 +92,14 @@ class Fidelity:
         """The warning and the culprits; `searched`: whether scales were already searched by error."""
         if not self.poor:
             return []
+        measured = f"lowest output SQNR {self.min_sqnr:.1f} dB"
+        agreement = self.lowest_agreement
+        if agreement is not None and agreement < WARN_AGREEMENT:  # name what set the warning off
+            measured += f", top-1 agreement {100 * agreement:.1f} %"
         text = [
-            f"warning: the quantized model departs from the float model (lowest output SQNR "
-            f"{self.min_sqnr:.1f} dB; warned below {self.threshold_db:g} dB or {100 * WARN_AGREEMENT:g} % "
-            "agreement): check it on your own data before deploying"
+            f"warning: the quantized model departs from the float model ({measured}; warned below "
+            f"{self.threshold_db:g} dB or {100 * WARN_AGREEMENT:g} % agreement): check it on your own "
+            "data before deploying"
         ]
         text += [
             f"  loses most: {layer} (SQNR of its input {_db(before)}, of its output {after:.1f} dB)"

@@ -209,7 +209,8 @@ def never_slower(
         lighter = replan(keep_float=base.plan.kept_float, float_neighbours=True)
         kept = len(base.plan.layers) - len(lighter.layers)
         if kept:
-            with_float = f"{label} with the {kept} layers that feed ops without integer kernels kept float"
+            layers = "layer that feeds an op" if kept == 1 else f"{kept} layers that feed ops"
+            with_float = f"{label} with the {layers} without integer kernels kept float"
             candidates.append((with_float, build(lighter), base is best))
     if len(candidates) > 1:
         float_ms, *times = speed.compare([float_model, *(c.model for _, c, _ in candidates)], one)

@@ -52,7 +52,7 @@ def test_a_lighter_plan_that_runs_faster_is_kept_and_named(monkeypatch):
     timings = iter([[1.0, 2.0], [1.0, 2.0, 1.05], [1.0, 0.99]])
     monkeypatch.setattr(speed, "compare", lambda models, feed: next(timings))
     result = onnxq.quantize(model, data, onnxq.QuantConfig())
-    kept = "speed: kept the model with the 1 layers that feed ops without integer kernels kept float"
+    kept = "speed: kept the model with the layer that feeds an op without integer kernels kept float"
     assert any(note.startswith(kept) for note in result.notes)
     kept_float = [name for name, why in result.float_nodes.items() if "float is faster" in why]
     assert len(kept_float) == 1
