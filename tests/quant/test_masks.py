@@ -44,18 +44,7 @@ class _Attention:
     def export(additive: bool) -> onnx.ModelProto:
         import torch
 
-        buffer = io.BytesIO()
-        torch.onnx.export(
-            _Attention.module(additive),
-            (torch.zeros(1, 6, 16), torch.ones(1, 6)),
-            buffer,
-            input_names=["x", "mask"],
-            output_names=["logits"],
-            dynamic_axes={"x": {0: "n"}, "mask": {0: "n"}},
-            opset_version=17,
-            dynamo=False,
-        )
-        return onnx.load_from_string(buffer.getvalue())
+        return _export_with_mask(_Attention.module(additive), torch.zeros(1, 6, 16), torch.ones(1, 6))
 
     @staticmethod
     def data(additive: bool, count: int = 48) -> dict[str, np.ndarray]:
@@ -64,6 +53,24 @@ class _Attention:
         keep[:, 4:] = 0.0  # the last two tokens are padding
         mask = np.where(keep > 0, 0.0, -1e9).astype(np.float32) if additive else keep
         return {"x": rng.standard_normal((count, 6, 16)).astype(np.float32), "mask": mask}
+
+
+def _export_with_mask(module, x, mask) -> onnx.ModelProto:
+    """A module of (x, mask) → logits, exported by TorchScript with a dynamic batch."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        module,
+        (x, mask),
+        buffer,
+        input_names=["x", "mask"],
+        output_names=["logits"],
+        dynamic_axes={"x": {0: "n"}, "mask": {0: "n"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    return onnx.load_from_string(buffer.getvalue())
 
 
 def _check(additive: bool) -> None:
@@ -119,18 +126,7 @@ def test_a_layer_reading_a_masked_input_stays_float_once_its_range_is_observed()
             return self.head(self.embed(x) + mask)
 
     torch.manual_seed(0)
-    buffer = io.BytesIO()
-    torch.onnx.export(
-        Masked().eval(),
-        (torch.zeros(1, 6), torch.zeros(1, 6)),
-        buffer,
-        input_names=["x", "mask"],
-        output_names=["logits"],
-        dynamic_axes={"x": {0: "n"}, "mask": {0: "n"}},
-        opset_version=17,
-        dynamo=False,
-    )
-    model = onnx.load_from_string(buffer.getvalue())
+    model = _export_with_mask(Masked().eval(), torch.zeros(1, 6), torch.zeros(1, 6))
     rng = np.random.default_rng(0)
     mask = np.where(rng.random((48, 6)) < 0.3, -1e9, 0.0).astype(np.float32)
     data = {"x": rng.standard_normal((48, 6)).astype(np.float32), "mask": mask}
