@@ -199,10 +199,11 @@ def _linear_input(node: ir.Node) -> ir.Value | None:
 
 
 def _as_map(node: ir.Node, channels: int, rank: int) -> LinearMap:
-    """The node as a LinearMap on a `channels`-channel input with `rank` spatial dimensions."""
-    for value in node.inputs[1:]:
-        if value is not None and len(value.uses()) > 1:
-            raise Refused(f"weights of {node.op_type} {node.name!r} are shared with another node")
+    """The node as a LinearMap on a `channels`-channel input with `rank` spatial dimensions.
+
+    Its constants are read, never changed: weights another node reads too (tied convs, or the
+    ones and zeros of fresh BatchNorms that an exporter stored once for all of them) stay for
+    that node."""
     if node.op_type == "Conv":
         return _conv_map(node, rank)
     if node.op_type == "AveragePool":
