@@ -76,7 +76,7 @@ def conv(attrs, x, w, b=None):
         # oneDNN's depthwise and 1×1 convs run forward and backward 2.5–3× faster on CPU with
         # channels-last inputs; outputs keep the layout, so a chain of convs converts once. A
         # strided 1×1 conv is the exception: torch 2.13's backward of one on a channels-last
-        # input with few channels (3 to 12 of them, stride 2, FastViT's stem) corrupts the heap.
+        # input with fewer than 16 channels (stride 2: FastViT's stem) corrupts the heap.
         strided_pointwise = kernel == [1, 1] and any(s > 1 for s in strides)
         x = x.contiguous(memory_format=torch.contiguous_format if strided_pointwise else torch.channels_last)
     fn = (F.conv1d, F.conv2d, F.conv3d)[len(kernel) - 1]
