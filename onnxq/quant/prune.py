@@ -71,16 +71,20 @@ def _drop_input_pair_nobody_needs(value: ir.Value, plan: QuantPlan, planned: set
     """A floated conv's input pair stays where a quantized node produces it (its integer kernel
     writes int8; floating the producer too would cascade up the head and cost its integer
     kernels) or another quantized node reads it; otherwise it only rounds a float tensor."""
+    value = _before_absorbed(value, plan)
     producer = value.producer()
-    if producer is not None and producer.name in plan.absorbed:  # a Relu/Clip folded into its layer
-        value = producer.inputs[0]
-        producer = value.producer()
     if value.name not in plan.activations:
         return
     if producer is not None and producer.name in planned:
         return
     if not _read_by(value, plan, planned):
         _drop_activation(plan, value.name)
+
+
+def _before_absorbed(value: ir.Value, plan: QuantPlan) -> ir.Value:
+    """The layer's own output where `value` comes from a Relu/Clip folded into its layer."""
+    producer = value.producer()
+    return producer.inputs[0] if producer is not None and producer.name in plan.absorbed else value
 
 
 def _keep_float(graph: ir.Graph, plan: QuantPlan, node: ir.Node, reason: str) -> None:
@@ -191,9 +195,7 @@ def _producer_needs_pair(value: ir.Value, plan: QuantPlan) -> bool:
     """Whether the tensor's producer runs on integers only with a QuantizeLinear after it: a
     Conv (QLinearConv), or a Gemm whose bias stays float (QGemm writes float only with an int32
     bias or none; otherwise onnxruntime runs a float Gemm on dequantized weights)."""
-    producer = value.producer()
-    if producer is not None and producer.name in plan.absorbed:  # a Relu/Clip folded into its layer
-        producer = producer.inputs[0].producer()
+    producer = _before_absorbed(value, plan).producer()
     if producer is None or producer.name not in plan.layers:
         return False
     if producer.op_type == "Gemm":
