@@ -296,3 +296,25 @@ def test_an_old_opset_export_is_raised_for_per_channel_scales_and_says_so(calibr
     assert "opset raised from 9 to 13 (per-channel Q/DQ)" in result.notes
     assert next(o.version for o in result.model.opset_import if o.domain in ("", "ai.onnx")) >= 13
     assert result.fidelity.min_sqnr > 20
+
+
+def test_an_8_bit_run_never_imports_torch(tmp_path, small_model_path, calibration_data):
+    """torch serves refinement and distribution correction only: a W8A8 run (onnxsim included,
+    which tries `import torch` for an integration of its own) leaves it unimported, and torch
+    still imports afterwards where it is installed."""
+    import subprocess
+    import sys
+
+    np.save(tmp_path / "calib.npy", calibration_data)
+    script = (
+        "import importlib.util, sys, onnxq\n"
+        f"onnxq.quantize_file({str(small_model_path)!r}, {str(tmp_path / 'q.onnx')!r}, "
+        f"calibration={str(tmp_path / 'calib.npy')!r})\n"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
+        "if importlib.util.find_spec('torch'):\n"
+        "    import torch\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "q.onnx").is_file()

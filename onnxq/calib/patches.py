@@ -114,12 +114,20 @@ class Unfold:
                 grid = windows[index, :, phase[0] :: step, phase[1] :: step]
                 np.copyto(patches[:, :, :, index], grid.transpose(0, 3, 4, 1, 2))
             return patches.reshape(self.groups, self.depth, -1)
+        # Offsets into each channel's flattened padded map: one np.take per sample. Indexing the
+        # map by row and column arrays instead built a transposed result and copied it again,
+        # 40 times slower (2.7 s against 0.07 s for 16 samples of a 32-channel 3×3 conv on a
+        # 640×640 detector's 320² map).
+        width = padded.shape[3]
+        kernel = (np.arange(kh) * dh * width)[:, None, None] + (np.arange(kw) * dw)[None, :, None]
+        flat = padded.reshape(samples, channels, -1)
         patches = scratch((self.groups, self.depth, samples, self.keep))
-        for index, sample in enumerate(padded):
+        gathered = np.empty((channels, kh * kw * self.keep), padded.dtype)
+        for index, sample in enumerate(flat):
             rows, columns = np.divmod(self._positions(out_h * out_w), out_w)
-            rows = rows * sh + (np.arange(kh) * dh)[:, None, None]  # (kh, 1, positions)
-            columns = columns * sw + (np.arange(kw) * dw)[None, :, None]  # (1, kw, positions)
-            patches[:, :, index] = sample[:, rows, columns].reshape(self.groups, self.depth, -1)
+            offsets = (kernel + (rows * sh * width + columns * sw)).reshape(-1)  # (kh, kw, positions)
+            np.take(sample, offsets, axis=1, out=gathered, mode="clip")
+            patches[:, :, index] = gathered.reshape(self.groups, self.depth, -1)
         return patches.reshape(self.groups, self.depth, -1)
 
     def _grid_step(self, height: int, width: int) -> int:
