@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -302,9 +304,6 @@ def test_an_8_bit_run_never_imports_torch(tmp_path, small_model_path, calibratio
     """torch serves refinement and distribution correction only: a W8A8 run (onnxsim included,
     which tries `import torch` for an integration of its own) leaves it unimported, and torch
     still imports afterwards where it is installed."""
-    import subprocess
-    import sys
-
     np.save(tmp_path / "calib.npy", calibration_data)
     script = (
         "import importlib.util, sys, onnxq\n"
