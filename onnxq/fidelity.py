@@ -80,9 +80,14 @@ class Fidelity:
         return min(agreements) if agreements else None
 
     @property
-    def poor(self) -> bool:
+    def disagrees(self) -> bool:
+        """Whether the lowest top-1 agreement falls below WARN_AGREEMENT."""
         agreement = self.lowest_agreement
-        return self.min_sqnr < self.threshold_db or (agreement is not None and agreement < WARN_AGREEMENT)
+        return agreement is not None and agreement < WARN_AGREEMENT
+
+    @property
+    def poor(self) -> bool:
+        return self.min_sqnr < self.threshold_db or self.disagrees
 
     def lines(self) -> list[str]:
         where = "held-back samples" if self.held_back else "calibration samples (too few to hold any back)"
@@ -93,9 +98,8 @@ class Fidelity:
         if not self.poor:
             return []
         measured = f"lowest output SQNR {self.min_sqnr:.1f} dB"
-        agreement = self.lowest_agreement
-        if agreement is not None and agreement < WARN_AGREEMENT:  # name what set the warning off
-            measured += f", top-1 agreement {100 * agreement:.1f} %"
+        if self.disagrees:  # name what set the warning off
+            measured += f", top-1 agreement {100 * self.lowest_agreement:.1f} %"
         text = [
             f"warning: the quantized model departs from the float model ({measured}; warned below "
             f"{self.threshold_db:g} dB or {100 * WARN_AGREEMENT:g} % agreement): check it on your own "
