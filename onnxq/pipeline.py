@@ -9,6 +9,7 @@ the model's BatchNorm statistics first (data-free).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -202,24 +203,40 @@ def quantize(
         )
         build, alternative = builder(chosen), (chosen, other)
         notes += ranged
-    progress.status("fallback: layers kept float where the outputs fall short")
-    tuned, measured, fallback = tune.recover_fidelity(
-        float_model, first, checked, config, replan, build, measured
-    )
-    switched: list[str] = []
-    if alternative is not None:
-        progress.status("auto ranges: activations tried under the other rule")
-        tuned, build, measured, switched = tune.switch_ranges(
-            float_model, tuned, *alternative, builder, checked, config, measured
-        )
     progress.stage("compare speed")
-    best, timing, kept_fallback = tune.never_slower(float_model, tuned, sample, config, replan, build, first)
-    fallback = fallback if kept_fallback else []  # undone where it made the model slower
+    base, timing = tune.choose_speed(float_model, first, sample, config, replan, build)
+    final, switched, fallback = base, [], []
+    if base.candidate.plan.quantized_nodes:
+        progress.stage("recover fidelity")
+        if base.candidate is not first:
+            measured = None
+        progress.status("fallback: layers kept float where the outputs fall short")
+        tuned, measured, fallback = tune.recover_fidelity(
+            float_model, base.candidate, checked, config, base.replan, build, measured
+        )
+        final, kept = tune.keep_fallback(float_model, tuned, base, sample)
+        timing += kept
+        if final.candidate is not tuned:
+            fallback, measured = [], None  # undone: it made the model slower
+        if alternative is not None:
+            progress.status("auto ranges: activations tried under the other rule")
+            switched_model, build, measured, switched = tune.switch_ranges(
+                float_model, final.candidate, *alternative, builder, checked, config, measured
+            )
+            final = dataclasses.replace(final, candidate=switched_model)
+    best = final.candidate
     if best is not first:
         validate(best.model, sample, check=not checker_error)
-    measured = measured if best is tuned else None
+    measured = measured if best.plan.quantized_nodes else None
     report = tune.final_report(float_model, best, checked, held.held_back, config, measured)
-    notes += fallback + switched + timing + report.lines() + report.warnings(config.calibration.searched)
+    notes += (
+        fallback
+        + switched
+        + timing
+        + tune.speed_warnings(final)
+        + report.lines()
+        + report.warnings(config.calibration.searched)
+    )
     return QuantResult(
         best.model,
         notes,

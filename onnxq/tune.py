@@ -1,21 +1,27 @@
 """After the first QDQ model: choose its activation ranges, win back fidelity and speed by
 keeping layers float, measured.
 
+In the order they run:
 - Ranges (`--calib-method auto`): the model built with percentile ranges or the one with
-  min-max ranges, whichever keeps the lowest output closer to float; once the fidelity fallback
-  is done, each activation that does better under the other rule takes it (onnxq.range_choice).
+  min-max ranges, whichever keeps the lowest output closer to float.
+- Speed: where the QDQ model runs slower than float at batch 1, the layers feeding ops without
+  an integer kernel are kept float too, if that runs faster; where no plan runs at float speed,
+  nothing is quantized. Only at 8 bits: narrower widths have no integer kernels in onnxruntime,
+  so they run simulated whatever the plan. Timed first, so that the fidelity fallback works on
+  the plan that is kept.
 - Fidelity: where the outputs fall below the warning threshold on held-back samples, the layers
   whose quantizers alone cost the lowest output most (onnxq.sensitivity) are kept float a few at a time,
   while that raises the lowest output SQNR, up to a tenth of the layers; a round that does not
-  help is undone and the next layers are tried, up to three such rounds.
-- Speed: where the QDQ model runs slower than float at batch 1, the layers feeding ops without
-  an integer kernel are kept float too, if that runs faster. Only at 8 bits: narrower widths have
-  no integer kernels in onnxruntime, so they run simulated whatever the plan.
+  help is undone and the next layers are tried, up to three such rounds. Taken back where its
+  float layers made the model slower than float.
+- Ranges again: each activation that does better under the other rule takes it (onnxq.range_choice).
 Each step rebuilds the model from the same calibration (no new statistics) and says what it did.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -100,12 +106,13 @@ def switch_ranges(
     builder: Callable[[Ranges], Build],
     samples: list[Batch],
     config: QuantConfig,
-    measured: Fidelity,
+    measured: Fidelity | None,
 ) -> tuple[Candidate, Build, Fidelity, list[str]]:
     """`best` (built from `chosen` ranges) with the activations that do better under the `other`
     rule switched to it (onnxq.range_choice), where that lifts the lowest output on the check's
     samples; the builder of its ranges, its fidelity, and a note. Outputs already within
     range_choice.ENOUGH_DB of float are left as they are (the scan costs up to 30 s on the zoo)."""
+    measured = measured or fidelity.measure(float_model, best.model, samples, config.lowest_bits)
     if measured.min_sqnr >= range_choice.ENOUGH_DB:
         return best, builder(chosen), measured, []
     alternative = builder(other)(best.plan)
@@ -169,91 +176,133 @@ def recover_fidelity(
     return best, report, [note]
 
 
-def never_slower(
+@dataclass
+class SpeedChoice:
+    """The plan the fidelity fallback starts from: the first model, a lighter plan of it, or
+    nothing quantized; how to replan around it; and its batch-1 timing against float."""
+
+    candidate: Candidate
+    replan: Replan
+    float_ms: float | None = None  # None: not timed (no speed check, or narrower than 8 bits)
+    ms: float | None = None
+
+
+def choose_speed(
     float_model: onnx.ModelProto,
-    best: Candidate,
+    first: Candidate,
     sample: Batch,
     config: QuantConfig,
     replan: Replan,
     build: Build,
-    before_fallback: Candidate | None = None,
-) -> tuple[Candidate, list[str], bool]:
+) -> tuple[SpeedChoice, list[str]]:
     """Where the QDQ model runs slower than float at batch 1, the first of these that runs at
-    float speed: it; it with the layers that feed ops lacking an integer kernel kept float; the
-    model before the fidelity fallback; that one lightened alike. Where none does, the fastest
-    if clearly faster than the first. Where even that runs slower than float, and float takes
-    at least FLOAT_ONLY_MIN_MS, nothing is quantized (the float computation, with a warning):
-    at once where every plan is clearly slower (by more than timing noise), otherwise once a
-    second timing of the chosen plan against float finds it slower again. Also whether the
-    fidelity fallback's float layers stay.
+    float speed: it; it with the layers that feed ops lacking an integer kernel kept float.
+    Where neither does, the lighter one if clearly faster than the first. Where even that runs
+    slower than float, and float takes at least FLOAT_ONLY_MIN_MS, nothing is quantized (the
+    float computation, with a warning): at once where every plan is clearly slower (by more
+    than timing noise), otherwise once a second timing of the chosen plan against float finds
+    it slower again.
 
-    Layers the fidelity fallback keeps float break integer chains: on a MobileNetV3 they added
-    Q/DQ pairs and layout Transposes that made it run 1.96× float, against 1.23× without them.
-    The second timing: a small MobileNetV3 timed 1.08× float in the check and 1.16–1.34× float
-    when timed alone afterwards, so a plan inside the noise margin was kept slower than float.
+    Timed before the fidelity fallback, which then works on the plan that will be kept: on a
+    PP-PicoDet whose every conv feeds a HardSwish the fallback spent 47 s of a 108 s run on
+    layers the speed check then kept float. The second timing: a small MobileNetV3 timed 1.08×
+    float in the check and 1.16–1.34× float when timed alone afterwards, so a plan inside the
+    noise margin was kept slower than float.
     """
     if not config.speed_check:
-        return best, [], True
+        return SpeedChoice(first, replan), []
     if config.lowest_bits < 8:
-        return best, [_SIMULATED_NOTE.format(bits=config.lowest_bits)], True
-    one = sample if fixed_batch(float_model) else {k: v[:1] for k, v in sample.items()}
-    float_ms, best_ms = speed.compare([float_model, best.model], one)
-    if best_ms <= float_ms:
-        return best, [], True
-    bases = [("the model", best)]
-    if before_fallback is not None and before_fallback is not best:
-        bases.append(("the model before the fidelity fallback", before_fallback))
-    candidates = []
-    for label, base in bases:
-        candidates.append((label, base, base is best))
-        lighter = replan(keep_float=base.plan.kept_float, float_neighbours=True)
-        kept = len(base.plan.layers) - len(lighter.layers)
-        if kept:
-            layers = "layer that feeds an op" if kept == 1 else f"{kept} layers that feed ops"
-            with_float = f"{label} with the {layers} without integer kernels kept float"
-            candidates.append((with_float, build(lighter), base is best))
-    if len(candidates) > 1:
+        return SpeedChoice(first, replan), [_SIMULATED_NOTE.format(bits=config.lowest_bits)]
+    one = _one_sample(float_model, sample)
+    float_ms, first_ms = speed.compare([float_model, first.model], one)
+    if first_ms <= float_ms:
+        return SpeedChoice(first, replan, float_ms, first_ms), []
+    lighter_replan = functools.partial(replan, float_neighbours=True)
+    candidates = [("the model", first, replan)]
+    lighter = lighter_replan(keep_float=first.plan.kept_float)
+    kept = len(first.plan.layers) - len(lighter.layers)
+    if kept:
+        layers = "layer that feeds an op" if kept == 1 else f"{kept} layers that feed ops"
+        label = f"the model with the {layers} without integer kernels kept float"
+        candidates.append((label, build(lighter), lighter_replan))
         float_ms, *times = speed.compare([float_model, *(c.model for _, c, _ in candidates)], one)
     else:
-        times = [best_ms]
+        times = [first_ms]
     timed = list(zip(candidates, times, strict=True))
     fastest = min(timed, key=lambda item: item[1])
     clearly_faster = fastest if fastest[1] < SPEED_MARGIN * times[0] else timed[0]
-    picked = next((item for item in timed if item[1] <= float_ms), clearly_faster)
-    (label, chosen, keeps_fallback), chosen_ms = picked
+    (label, chosen, chosen_replan), chosen_ms = next(
+        (item for item in timed if item[1] <= float_ms), clearly_faster
+    )
     listed = ", ".join(f"{label} {ms:.2f} ms" for (label, _, _), ms in timed)
     notes = [f"speed at batch 1: float {float_ms:.2f} ms, {listed}"]
     slower = chosen_ms > float_ms >= FLOAT_ONLY_MIN_MS
     if slower and fastest[1] * SPEED_MARGIN > float_ms:  # every plan clearly slower
         how = f"the fastest {fastest[1] / float_ms:.2f}× float at batch 1"
-        return _nothing_quantized(timed, chosen, replan, build, notes, how), notes, False
+        return SpeedChoice(_nothing_quantized(timed, chosen, replan, build, notes, how), replan), notes
     if slower and chosen.plan.quantized_nodes:  # within the noise margin: timed again, alone with float
         again_float_ms, again_ms = speed.compare([float_model, chosen.model], one)
         notes.append(f"speed: timed again: float {again_float_ms:.2f} ms, {label} {again_ms:.2f} ms")
         if again_ms > again_float_ms:
             how = f"{label} {chosen_ms / float_ms:.2f}× and {again_ms / again_float_ms:.2f}× float at batch 1"
-            return _nothing_quantized(timed, chosen, replan, build, notes, how), notes, False
+            return SpeedChoice(_nothing_quantized(timed, chosen, replan, build, notes, how), replan), notes
         float_ms, chosen_ms = again_float_ms, again_ms
-    if not keeps_fallback:
-        notes.append(
-            f"fidelity: the layers kept float made the model slower ({times[0]:.2f} against "
-            f"{float_ms:.2f} ms float): taken back"
-        )
-    if chosen is not best:
+    if chosen is not first:
         notes.append(f"speed: kept {label} ({chosen_ms:.2f} ms)")
-    if not chosen.plan.quantized_nodes:
-        notes.append(
+    return SpeedChoice(chosen, chosen_replan, float_ms, chosen_ms), notes
+
+
+def keep_fallback(
+    float_model: onnx.ModelProto, tuned: Candidate, base: SpeedChoice, sample: Batch
+) -> tuple[SpeedChoice, list[str]]:
+    """`tuned` (the fidelity fallback's model, built from `base`) and its timing, unless its
+    float layers made it slower than float where `base` ran at float speed, or clearly slower
+    than `base` where that ran slower than float already (a sub-millisecond model): then
+    `base`. Layers the fallback keeps float break integer chains: on a MobileNetV3 they added
+    Q/DQ pairs and layout Transposes that made it run 1.96× float, against 1.23× without them."""
+    if tuned is base.candidate or base.float_ms is None or base.ms is None:
+        return dataclasses.replace(base, candidate=tuned), []
+    one = _one_sample(float_model, sample)
+    if base.ms <= base.float_ms:  # at float speed: the fallback must keep it there
+        float_ms, tuned_ms = speed.compare([float_model, tuned.model], one)
+        timed = f"float {float_ms:.2f} ms, the model {tuned_ms:.2f} ms"
+        if tuned_ms <= float_ms:
+            return dataclasses.replace(base, candidate=tuned, float_ms=float_ms, ms=tuned_ms), [
+                f"speed with the fidelity fallback's float layers: {timed}"
+            ]
+        taken = f"fidelity: the layers kept float made the model slower than float ({timed}): taken back"
+        return base, [taken]
+    float_ms, tuned_ms, base_ms = speed.compare([float_model, tuned.model, base.candidate.model], one)
+    timed = f"float {float_ms:.2f} ms, the model {tuned_ms:.2f} ms, without its float layers {base_ms:.2f} ms"
+    if base_ms >= SPEED_MARGIN * tuned_ms:  # not clearly faster without them: they stay
+        return dataclasses.replace(base, candidate=tuned, float_ms=float_ms, ms=tuned_ms), [
+            f"speed with the fidelity fallback's float layers: {timed}"
+        ]
+    taken = f"fidelity: the layers kept float made the model clearly slower ({timed}): taken back"
+    return dataclasses.replace(base, float_ms=float_ms, ms=base_ms), [taken]
+
+
+def speed_warnings(final: SpeedChoice) -> list[str]:
+    """What the saved model's timing says: nothing quantized, or slower than float."""
+    if final.float_ms is None or final.ms is None:
+        return []  # not timed, or already left float with its own warning
+    if not final.candidate.plan.quantized_nodes:
+        return [
             "warning: nothing is quantized: every integer layer feeds an op without an integer "
             "kernel, and the Q/DQ pairs around those made the model slower than float on this CPU; "
             "the saved model computes what the float model does (--no-speed-check quantizes anyway)"
-        )
-    elif chosen_ms > float_ms:
-        notes.append(
-            f"warning: the quantized model runs {chosen_ms / float_ms:.2f}× slower than float on this "
-            f"CPU ({chosen_ms:.2f} against {float_ms:.2f} ms at batch 1): Q/DQ pairs and layout "
-            "changes around ops without integer kernels cost more than the integer layers save"
-        )
-    return chosen, notes, keeps_fallback
+        ]
+    if final.ms > final.float_ms:
+        return [
+            f"warning: the quantized model runs {final.ms / final.float_ms:.2f}× slower than float on "
+            f"this CPU ({final.ms:.2f} against {final.float_ms:.2f} ms at batch 1): Q/DQ pairs and "
+            "layout changes around ops without integer kernels cost more than the integer layers save"
+        ]
+    return []
+
+
+def _one_sample(float_model: onnx.ModelProto, sample: Batch) -> Batch:
+    return sample if fixed_batch(float_model) else {k: v[:1] for k, v in sample.items()}
 
 
 def _nothing_quantized(
