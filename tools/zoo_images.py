@@ -126,6 +126,23 @@ def text_crop(rng: np.random.Generator, background: Image.Image) -> Image.Image:
     return paper
 
 
+def document(rng: np.random.Generator, background: Image.Image) -> Image.Image:
+    """A page of text lines: dark ink on paper with a faint photo behind it, as document
+    orientation classifiers see scans and phone shots of pages."""
+    w, h = int(rng.integers(480, 800)), int(rng.integers(640, 1000))
+    paper = tuple(int(v) for v in rng.integers(215, 256, 3))
+    page = Image.blend(background.convert("RGB").resize((w, h)), Image.new("RGB", (w, h), paper), 0.8)
+    draw = ImageDraw.Draw(page)
+    size = int(rng.integers(h // 40, h // 18))
+    y = int(rng.integers(size, 3 * size))
+    while y < h - 2 * size:
+        text = " ".join(rng.choice(WORDS, size=int(rng.integers(3, 9))))
+        ink = tuple(int(v) for v in rng.integers(0, 90, 3))
+        draw.text((int(rng.integers(size, 4 * size)), y), text, fill=ink, font=font(size))
+        y += int(size * rng.uniform(1.4, 2.2))
+    return page
+
+
 def pad_line(image: Image.Image, height: int, width: int) -> np.ndarray:
     """PaddleOCR's recognizer/classifier input: resize to `height`, keep the ratio, pad right with 0."""
     w, h = image.size
