@@ -214,7 +214,7 @@ def quantize(
         tuned, measured, fallback = tune.recover_fidelity(
             float_model, base.candidate, checked, config, base.replan, build, measured
         )
-        final, kept = tune.keep_fallback(float_model, tuned, base, sample)
+        final, kept = tune.keep_fallback(float_model, tuned, base, sample, replan, build)
         timing += kept
         if final.candidate is not tuned:
             fallback, measured = [], None  # undone: it made the model slower
