@@ -189,7 +189,12 @@ class SpeedChoice:
     # slower than float within the timing noise: timed again after the fidelity fallback, with
     # everything the check timed (for the float fallback's plan) where it is slower again
     timed_again: list | None = None
-    clearly_slower: bool = False  # every plan ran clearly slower: float unless the fallback changes that
+
+    @property
+    def clearly_slower(self) -> bool:
+        """Every plan timed ran clearly slower than float: float unless the fallback changes that."""
+        fastest = min((ms for _, ms in self.timed_again or ()), default=None)
+        return fastest is not None and self.float_ms is not None and fastest * SPEED_MARGIN > self.float_ms
 
 
 def choose_speed(
@@ -203,10 +208,10 @@ def choose_speed(
     """Where the QDQ model runs slower than float at batch 1, the first of these that runs at
     float speed: it; it with the layers that feed ops lacking an integer kernel kept float.
     Where neither does, the lighter one if clearly faster than the first. Where even that runs
-    slower than float, and float takes at least FLOAT_ONLY_MIN_MS, nothing is quantized (the
-    float computation, with a warning): at once where every plan is clearly slower (by more
-    than timing noise), otherwise once a second timing of the chosen plan against float finds
-    it slower again.
+    slower than float, and float takes at least FLOAT_ONLY_MIN_MS, the choice carries what was
+    timed (`timed_again`): keep_fallback times it again after the fidelity fallback and leaves
+    nothing quantized where it is still slower, or at once where every plan was clearly slower
+    (by more than timing noise) and the fallback changed nothing.
 
     Timed before the fidelity fallback, which then works on the plan that will be kept: on a
     PP-PicoDet whose every conv feeds a HardSwish the fallback spent 47 s of a 108 s run on
@@ -243,9 +248,7 @@ def choose_speed(
     notes = [f"speed at batch 1: float {float_ms:.2f} ms, {listed}"]
     slower = chosen_ms > float_ms >= FLOAT_ONLY_MIN_MS
     if slower and fastest[1] * SPEED_MARGIN > float_ms:  # every plan clearly slower
-        return SpeedChoice(
-            chosen, chosen_replan, float_ms, chosen_ms, label, timed, clearly_slower=True
-        ), notes
+        return SpeedChoice(chosen, chosen_replan, float_ms, chosen_ms, label, timed), notes
     if slower and chosen.plan.quantized_nodes:  # within the noise margin: timed again after the fallback
         return SpeedChoice(chosen, chosen_replan, float_ms, chosen_ms, label, timed), notes
     if chosen is not first:
