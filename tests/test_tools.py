@@ -77,3 +77,54 @@ def test_the_fidelity_bound_quantizes_as_the_numpy_reference(small_model, calibr
     target = IntRange.unsigned(8)
     s, z = affine_params(low, high, target)
     np.testing.assert_allclose(got, dequantize(quantize(value, s, z, target), s, z), atol=1e-6)
+
+
+def test_the_zoo_summary_reads_every_models_table_back(tmp_path, monkeypatch):
+    """tools/zoo_bench.py: a zoo run over one model rebuilds the summary from every model's
+    table, so the summary never keeps figures an earlier run measured over the whole zoo."""
+    import numpy as np
+    import zoo_bench
+    from zoo_bench import ZooRow
+
+    monkeypatch.setenv("ONNXQ_ZOO", str(tmp_path))
+    np.savez(tmp_path / "det.calib.npz", images=np.zeros((4, 3, 8, 8), np.float32))
+    entry = {
+        "name": "det", "kind": "detector", "opset": 17, "exporter": "an exporter (details)",
+        "origin": "here", "licence": "MIT", "layout": "NCHW", "notes": "a detector", "calib": "det.calib.npz",
+        "inputs": {"images": {"shape": [1, 3, 8, 8], "dtype": "float32"}},
+        "samples": {"eval": {"images": [2, 3, 8, 8]}},
+    }  # fmt: skip
+    parts = ("output0[boxes]", "output0[scores]")
+    rows = [
+        ZooRow(
+            "float",
+            fidelity=dict.fromkeys(parts, (1.0, float("inf"))),
+            latency_ms=8.0,
+            size_kb=100,
+            kernels="float",
+        ),
+        ZooRow(
+            zoo_bench.ZOO_W8A8[0],
+            fidelity={parts[0]: (0.99991, 37.2), parts[1]: (0.99742, 22.9)},
+            latency_ms=7.1,
+            calib_s=32.3,
+            peak_mb=902,
+            size_kb=30,
+            kernels="mixed (53 integer, 11 float layers)",
+        ),
+        ZooRow(
+            zoo_bench.ZOO_PEER,
+            error="onnxruntime cannot run the model: ... Error Unrecognized attribute: axis",
+        ),
+    ]
+    out = tmp_path / "BENCHMARKS.md"
+    zoo_bench.write_section(out, "zoo/det", zoo_bench.zoo_markdown(entry, rows), "a machine")
+
+    (_, read), *others = zoo_bench.zoo_results_in(out, {"det": entry, "absent": {}}).values()
+    assert not others  # a model without a section has no row
+    assert [r.setting for r in read] == [r.setting for r in rows]
+    assert read[1].fidelity == rows[1].fidelity and read[1].latency_ms == 7.1 and read[1].peak_mb == 902
+    assert read[2].error == rows[2].error
+    summary = zoo_bench.zoo_summary({"det": (entry, read)})
+    assert "| det | detector | an exporter | 17 | 0.99742 / 22.9 |  | missed |" in summary
+    assert "failed: Unrecognized attribute: axis" in summary

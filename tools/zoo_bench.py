@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -245,6 +246,17 @@ def _quiet_logging():
         root.setLevel(level)
 
 
+def source_version() -> str:
+    """The commit the benchmark runs (`git describe`), marked where the work tree differs from it."""
+    described = subprocess.run(
+        ["git", "describe", "--always", "--dirty=, with uncommitted changes"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    return described.stdout.strip() or "an unknown commit (not a git checkout)"
+
+
 def zoo_markdown(entry: dict, rows: list[ZooRow]) -> str:
     with np.load(zoo_dir() / entry["calib"]) as archive:
         calib = {k: list(archive[k].shape) for k in archive.files}
@@ -268,7 +280,7 @@ def zoo_markdown(entry: dict, rows: list[ZooRow]) -> str:
         f"calib. s is its wall time, peak MB its peak resident memory{peer}). Evaluation: "
         f"{next(iter(entry['samples']['eval'].values()))[0]} samples. "
         f"Latency: batch 1, {THREADS} threads, float and every setting timed side by side "
-        "in interleaved blocks once all are built (onnxq.speed).",
+        f"in interleaved blocks once all are built (onnxq.speed). Measured at {source_version()}.",
         "",
     ]
     labels = list(dict.fromkeys(k for r in rows for k in r.fidelity))  # outputs, then their parts
@@ -308,7 +320,8 @@ def zoo_summary(results: dict[str, tuple[dict, list[ZooRow]]]) -> str:
         "",
         "Worst cosine / SQNR over each model's outputs and output parts (detector boxes and scores apart). "
         "Issue targets at W8A8: cosine ≥ 0.999 and SQNR ≥ 30 dB on detector and segmentation outputs, "
-        "≤ 1 point of top-1 lost on classifiers. Tables per model below.",
+        "≤ 1 point of top-1 lost on classifiers. Each row is read back from its model's table below "
+        "(rebuilt after every zoo run, whichever models it measured); each table says when it was measured.",
         "",
         "| model | kind | exporter | opset | W8A8 worst cos / SQNR | W8A8 top-1 Δ | W8A8 target | "
         "W8A8 mse worst cos / SQNR | W4A8 mse worst cos / SQNR | onnxruntime W8A8 worst cos / SQNR | "
@@ -377,21 +390,64 @@ def zoo_command(description: str, wanted=lambda entry: True) -> tuple[dict[str, 
     return manifest, zoo_selection(manifest, args.models, wanted), args.out
 
 
+def zoo_rows_from_section(text: str) -> list[ZooRow]:
+    """The rows of a zoo section's table (zoo_markdown), read back at the table's precision."""
+    lines = [line.strip() for line in text.splitlines() if line.strip().startswith("|")]
+    if len(lines) < 3:
+        return []
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    outputs = [h.removesuffix(" cosine / SQNR dB") for h in header if h.endswith(" cosine / SQNR dB")]
+    rows = []
+    for line in lines[2:]:
+        cells = dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")), strict=True))
+        setting = cells["setting"]
+        if " (failed: " in setting:
+            label, error = setting.split(" (failed: ", 1)
+            rows.append(ZooRow(label, error=error.removesuffix(")")))
+            continue
+        row = ZooRow(setting, kernels=cells["kernels"])
+        for name in outputs:
+            cosine, sqnr = cells[f"{name} cosine / SQNR dB"].split(" / ")
+            row.fidelity[name] = (float(cosine), float(sqnr.replace("∞", "inf")))
+        row.top1 = _number(cells.get("top-1 %"), 0.01)
+        row.agreement = _number(cells.get("agreement %"), 0.01)
+        row.latency_ms, row.calib_s = _number(cells["latency ms"]), _number(cells["calib. s"])
+        row.peak_mb, row.size_kb = _number(cells["peak MB"]), _number(cells["size KB"])
+        rows.append(row)
+    return rows
+
+
+def _number(cell: str | None, unit: float = 1.0) -> float | None:
+    return None if not cell else float(cell) * unit
+
+
+def zoo_results_in(out: Path, manifest: dict[str, dict]) -> dict[str, tuple[dict, list[ZooRow]]]:
+    """Every zoo model's rows as its section of `out` holds them, in the zoo's order."""
+    text = out.read_text() if out.exists() else ""
+    results = {}
+    for name, entry in manifest.items():
+        begin, end = f"<!-- suite: zoo/{name} -->", f"<!-- end suite: zoo/{name} -->"
+        if begin in text and end in text:
+            rows = zoo_rows_from_section(text.split(begin, 1)[1].split(end, 1)[0])
+            if rows:
+                results[name] = (entry, rows)
+    return results
+
+
 def run_zoo(models: list[str] | None, out: Path) -> None:
+    """Measures the models (the whole zoo by default) into their sections, then rebuilds the
+    summary from every zoo section in `out`, so that a run over a few models updates it too."""
     manifest = zoo_manifest()
     names = zoo_selection(manifest, models)
     machine = machine_description()
-    if not models and "<!-- suite: zoo -->" not in (out.read_text() if out.exists() else ""):
+    if "<!-- suite: zoo -->" not in (out.read_text() if out.exists() else ""):
         write_section(out, "zoo", "## Zoo summary\n\n(being measured)\n", machine)  # placed first
-    results = {}
     for name in names:
         entry = manifest[name]
         rows = zoo_measure(entry)
-        results[name] = (entry, rows)
         write_section(out, f"zoo/{name}", zoo_markdown(entry, rows), machine)
         print("wrote", name, "to", out, flush=True)
-    if not models:  # the summary only from a run over the whole zoo
-        write_section(out, "zoo", zoo_summary(results), machine)
+    write_section(out, "zoo", zoo_summary(zoo_results_in(out, manifest)), machine)
 
 
 def main() -> None:
