@@ -495,6 +495,9 @@ def refine_extra(name: str) -> str:
 
 SEEDS_MODELS = ["resnet20_cifar10_bn", "mobilenet_v2_bn"]
 DATA_FREE = Path(onnxq.correct.DATA_FREE)  # `--calib bn-stats`: inputs synthesised from BatchNorm statistics
+# --time-budget of the ImageNet refinement rows (issue 14's 30 minutes); tools/bench_draws.py
+# --seeds-budget lowers it where three draws of both rows must fit in a session
+SEEDS_BUDGET_S = 1800
 
 
 def seeds_settings(name: str) -> dict[str, Callable]:
@@ -502,7 +505,7 @@ def seeds_settings(name: str) -> dict[str, Callable]:
     real data at W8A8 and W4A8, activation Scale-Clip against percentile ranges at A4 and A6,
     refinement with and without distribution correction at W4A4."""
     synthesised = "64"  # a forward and backward pass per sample and step: MobileNetV2 about 24 min
-    budget = [] if "cifar" in name else ["--time-budget", "1800"]
+    budget = [] if "cifar" in name else ["--time-budget", str(SEEDS_BUDGET_S)]
     refine = ["--w-bits", "4", "--a-bits", "4", "--calib-method", "mse", "--no-speed-check", "--refine"]
     refine += budget
     settings = {}

@@ -67,7 +67,12 @@ def markdown(suite: str, name: str, float_top1: float, rows: dict[str, list], dr
         "deviation over draws. vs first row: draws on which the setting's top-1 was higher / equal / "
         "lower than the first row's on the same draw. calib. s and peak MB: mean over draws of the "
         "process's wall time and peak resident memory, where the setting runs `onnxq quantize` in its "
-        "own process. Settings as in the suite's own table.",
+        "own process. Settings as in the suite's own table"
+        + (
+            f", with `--time-budget {bench.SEEDS_BUDGET_S}` on the refinement rows."
+            if _budgeted(suite, name)
+            else "."
+        ),
         "",
         "| setting | top-1 % | top-1 per draw | agreement % | KL | vs first row | calib. s | peak MB |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
@@ -92,6 +97,11 @@ def markdown(suite: str, name: str, float_top1: float, rows: dict[str, list], dr
     return "\n".join(lines) + "\n"
 
 
+def _budgeted(suite: str, name: str) -> bool:
+    """Whether the suite's refinement rows of this model run under bench.SEEDS_BUDGET_S."""
+    return suite == "seeds" and "cifar" not in name
+
+
 def _mean_cell(values: list[float | None], form: str) -> str:
     """The mean of a per-draw measure, or a dash where a setting does not record it."""
     known = [v for v in values if v is not None]
@@ -107,7 +117,14 @@ def main() -> None:
     )
     parser.add_argument("--draws", type=int, default=5)
     parser.add_argument("--out", type=Path, default=bench.ROOT / "BENCHMARKS.md")
+    parser.add_argument(
+        "--seeds-budget",
+        type=int,
+        default=bench.SEEDS_BUDGET_S,
+        help="--time-budget (s) of the seeds suite's ImageNet refinement rows.",
+    )
     args = parser.parse_args()
+    bench.SEEDS_BUDGET_S = args.seeds_budget
     if args.draws < 2:
         raise SystemExit("--draws must be at least 2 (a spread needs two draws)")
     if not bench.SHARED.is_dir():
