@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +34,11 @@ def draw(pool: np.ndarray, samples: int, seed: int) -> np.ndarray:
     return pool[np.sort(picks)]
 
 
-def measure_draws(name: str, suite: str, labels: list[str], draws: int) -> tuple[float, dict[str, list]]:
-    """Every chosen setting on every draw: {label: [Row per draw]}."""
+def measure_draws(
+    name: str, suite: str, labels: list[str], draws: int, after_draw: Callable | None = None
+) -> tuple[float, dict[str, list]]:
+    """Every chosen setting on every draw: {label: [Row per draw]}. `after_draw(float_top1, rows)`
+    runs after each draw, so that a long run keeps the draws it finished."""
     make_settings, samples, _ = bench.SUITES[suite]
     settings = make_settings(name)
     missing = [label for label in labels if label not in settings]
@@ -52,14 +56,20 @@ def measure_draws(name: str, suite: str, labels: list[str], draws: int) -> tuple
             if row.setting != label:
                 raise SystemExit(f"{name}: {row.setting}")
             rows[label].append(row)
+        if after_draw is not None:
+            after_draw(float_top1, rows)
     return float_top1, rows
 
 
-def markdown(suite: str, name: str, float_top1: float, rows: dict[str, list], draws: int) -> str:
+def markdown(
+    suite: str, name: str, float_top1: float, rows: dict[str, list], draws: int, planned: int | None = None
+) -> str:
+    """The section for `draws` finished draws (of `planned`, where the run is not through)."""
     samples = bench.SUITES[suite][1]
+    unfinished = f" ({draws} of the {planned} planned: the run did not get further)" if planned else ""
     reference = [r.top1 for r in next(iter(rows.values()))]
     lines = [
-        f"## {bench.SUITE_TITLES[suite]}, over {draws} calibration draws: {name} "
+        f"## {bench.SUITE_TITLES[suite]}, over {draws} calibration draws{unfinished}: {name} "
         f"(float top-1 {100 * float_top1:.2f} %)",
         "",
         f"Each draw: {samples} calibration images chosen at random (seeds 1 to {draws}) from the "
@@ -131,10 +141,16 @@ def main() -> None:
         raise SystemExit(f"{bench.SHARED} is missing: the benchmark needs ../shared")
     machine = bench.machine_description()
     for name in args.models:
-        float_top1, rows = measure_draws(name, args.suite, args.only, args.draws)
         section = f"draws/{args.suite}/{name}: " + ", ".join(args.only)
-        text = markdown(args.suite, name, float_top1, rows, args.draws)
-        bench.write_section(args.out, section, text, machine)
+
+        def write(float_top1: float, rows: dict[str, list], section=section, name=name) -> None:
+            done = len(next(iter(rows.values())))
+            if done >= 2:  # a spread needs two draws
+                planned = args.draws if done < args.draws else None
+                text = markdown(args.suite, name, float_top1, rows, done, planned)
+                bench.write_section(args.out, section, text, machine)
+
+        measure_draws(name, args.suite, args.only, args.draws, after_draw=write)
         print("wrote", name, "to", args.out, flush=True)
 
 
