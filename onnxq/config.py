@@ -164,7 +164,7 @@ class CalibrationMethod(enum.Enum):
     MINMAX, PERCENTILE and SCALECLIP (α = K·mean|A|, GDRQ's Scale-Clip) set activation ranges
     from float statistics (weights follow their range rule); AUTO builds the model with the
     percentile ranges and with the min-max ranges of one statistics pass and keeps the one whose
-    outputs stay closer to float on held-back samples (onnxq.tune.choose_ranges). MSE, MAE and
+    outputs stay closer to float on held-back samples (onnxq.tune.ranges). MSE, MAE and
     PD search every weight and activation scale by the error it causes, in onnxruntime, layer by
     layer on the quantized model's own activations; PD then refines them by the prediction
     difference at the output (PD-Quant).

@@ -9,7 +9,6 @@ the model's BatchNorm statistics first (data-free).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -184,59 +183,18 @@ def quantize(
 
     notes += stats.warnings()
     progress.stage("insert Q/DQ")
-    build = functools.partial(_build, float_model, config, ranges, search, choice, refined, rounded)
-    first = build(plan)
+
+    def builder(chosen: tune.Ranges) -> tune.Build:
+        return functools.partial(_build, float_model, config, chosen, search, choice, refined, rounded)
+
+    first = builder(ranges)(plan)
     progress.stage("validate")
-    validate(first.model, sample, check=not checker_error)
-    checked = held.batches or [sample]
-    progress.stage("check fidelity")
-    measured = None
-    alternative = None  # auto: the ranges it chose and the other rule's
-    if extremes is not None:
-
-        def builder(chosen: dict) -> tune.Build:
-            return functools.partial(_build, float_model, config, chosen, search, choice, refined, rounded)
-
-        progress.status("auto ranges: the percentile model against the min-max one")
-        first, chosen, other, measured, ranged = tune.choose_ranges(
-            float_model, first, ranges, extremes, builder, checked, config
-        )
-        build, alternative = builder(chosen), (chosen, other)
-        notes += ranged
-    progress.stage("compare speed")
-    base, timing = tune.choose_speed(float_model, first, sample, config, replan, build)
-    final, switched, fallback = base, [], []
-    if base.candidate.plan.quantized_nodes:
-        progress.stage("recover fidelity")
-        if base.candidate is not first:
-            measured = None
-        progress.status("fallback: layers kept float where the outputs fall short")
-        tuned, measured, fallback = tune.recover_fidelity(
-            float_model, base.candidate, checked, config, base.replan, build, measured
-        )
-        final, kept = tune.keep_fallback(float_model, tuned, base, sample, replan, build)
-        timing += kept
-        if final.candidate is not tuned:
-            fallback, measured = [], None  # undone: it made the model slower
-        if alternative is not None:
-            progress.status("auto ranges: activations tried under the other rule")
-            switched_model, build, measured, switched = tune.switch_ranges(
-                float_model, final.candidate, *alternative, builder, checked, config, measured
-            )
-            final = dataclasses.replace(final, candidate=switched_model)
-    best = final.candidate
-    if best is not first:
-        validate(best.model, sample, check=not checker_error)
-    measured = measured if best.plan.quantized_nodes else None
-    report = tune.final_report(float_model, best, checked, held.held_back, config, measured)
-    notes += (
-        fallback
-        + switched
-        + timing
-        + tune.speed_warnings(final)
-        + report.lines()
-        + report.warnings(config.calibration.searched)
-    )
+    check = functools.partial(validate, sample=sample, check=not checker_error)
+    check(first.model)
+    rebuild = tune.Rebuild(builder, replan, check)
+    tuned = tune.tune_model(float_model, first, ranges, extremes, rebuild, sample, held, config, progress)
+    notes += tuned.notes
+    best, report = tuned.candidate, tuned.fidelity
     return QuantResult(
         best.model,
         notes,

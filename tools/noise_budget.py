@@ -34,7 +34,7 @@ import zoo_bench
 KINDS = ("detector", "segmentation")
 SAMPLES = 8  # evaluation samples each variant runs on
 TARGET_DB = 30.0  # issue 13's W8A8 target for detector and segmentation outputs
-FLOAT_SHARE = 0.1  # the fidelity fallback's share of layers kept float (onnxq.tune.FALLBACK_SHARE)
+FLOAT_SHARE = 0.1  # the fidelity fallback's share of layers kept float (onnxq.tune.fallback.FALLBACK_SHARE)
 
 
 @dataclass

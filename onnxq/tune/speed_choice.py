@@ -1,49 +1,30 @@
-"""After the first QDQ model: choose its activation ranges, win back fidelity and speed by
-keeping layers float, measured.
-
-In the order they run:
-- Ranges (`--calib-method auto`): the model built with percentile ranges or the one with
-  min-max ranges, whichever keeps the lowest output closer to float.
-- Speed: where the QDQ model runs slower than float at batch 1, the layers feeding ops without
-  an integer kernel are kept float too, if that runs faster; where no plan runs at float speed,
-  nothing is quantized. Only at 8 bits: narrower widths have no integer kernels in onnxruntime,
-  so they run simulated whatever the plan. Timed first, so that the fidelity fallback works on
-  the plan that is kept.
-- Fidelity: where the outputs fall below the warning threshold on held-back samples, the layers
-  whose quantizers alone cost the lowest output most (onnxq.sensitivity) are kept float a few at a time,
-  while that raises the lowest output SQNR, up to a tenth of the layers; a round that does not
-  help is undone and the next layers are tried, up to three such rounds. Taken back where its
-  float layers made the model slower than float.
-- Ranges again: each activation that does better under the other rule takes it (onnxq.range_choice).
-Each step rebuilds the model from the same calibration (no new statistics) and says what it did.
-"""
+"""The speed check: where the QDQ model runs slower than float at batch 1, the layers feeding
+ops without an integer kernel are kept float too, if that runs faster; where no plan runs at
+float speed, nothing is quantized. Only at 8 bits: narrower widths have no integer kernels in
+onnxruntime, so they run simulated whatever the plan. Timed before the fidelity fallback, so that
+the fallback works on the plan that is kept, and again after it (keep_fallback)."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import onnx
 
-from onnxq import fidelity, range_choice, sensitivity, speed
+from onnxq import speed
 from onnxq.calib.data import Batch
 from onnxq.calib.runner import fixed_batch
 from onnxq.config import QuantConfig
-from onnxq.errors import OnnxqError
-from onnxq.fidelity import Fidelity
-from onnxq.quant.plan import QuantPlan, Replan
+from onnxq.quant.plan import Replan
+from onnxq.tune.candidate import Build, Candidate
 
-FALLBACK_SHARE = 0.1  # at most this part of the layers is kept float for fidelity
 SPEED_MARGIN = 0.9  # a lighter plan must run this much faster to replace the first (timings are noisy)
 FLOAT_IS_FASTER = "float is faster on this CPU: every quantized plan ran slower than float"
 # Below this float latency a model is left quantized even where every plan runs slower: its
 # timings are per-node overhead and noise (the suite's 16×16 models run in tens of µs), and the
 # loss is microseconds; PaddleOCR's text-angle classifier, 1.6 ms, is well above it.
 FLOAT_ONLY_MIN_MS = 0.5
-FALLBACK_STEP = 2  # layers kept float per round
-FALLBACK_MISSES = 3  # rounds that did not help before the fallback gives up
 # Below 8 bits onnxruntime runs Q/DQ as float, so the model is never as fast as float and
 # keeping layers float for speed would take back the widths the user asked for (a W4A8 YOLOX
 # kept 3 of 83 layers quantized).
@@ -51,129 +32,6 @@ _SIMULATED_NOTE = (
     "speed: not compared with float: onnxruntime has no integer kernels for {bits}-bit tensors "
     "and runs their Q/DQ in float (`onnxq eval` times it); no layer is kept float for speed"
 )
-
-
-@dataclass
-class Candidate:
-    """A QDQ model, the plan it was built from, and its layers' (node, input, output) tensors."""
-
-    model: onnx.ModelProto
-    plan: QuantPlan
-    layers: list[tuple[str, str, str]]
-
-
-Ranges = dict[str, tuple[float, float]]  # observed activation → its clipping range
-Build = Callable[[QuantPlan], Candidate]
-
-
-def choose_ranges(
-    float_model: onnx.ModelProto,
-    percentile: Candidate,
-    ranges: Ranges,
-    extremes: Ranges,
-    builder: Callable[[Ranges], Build],
-    samples: list[Batch],
-    config: QuantConfig,
-) -> tuple[Candidate, Ranges, Ranges, Fidelity, list[str]]:
-    """`--calib-method auto`: the model with percentile ranges or the one with min-max ranges,
-    whichever keeps the lowest output closer to float on the check's samples; its ranges, the
-    other rule's, its fidelity, and a note.
-
-    Percentile ranges clip the rare large activations that classifiers can spare and detectors
-    rely on (W8A8 lowest output SQNR: yolov8n scores 9.6 dB with percentile ranges, 12.2 dB
-    with min-max; ppocr_cls 36.3 against 33.6 dB the other way round).
-    """
-    extremes_model = builder(extremes)(percentile.plan)
-    first, second = (
-        fidelity.measure(float_model, m.model, samples, config.lowest_bits)
-        for m in (percentile, extremes_model)
-    )
-    wider = second.min_sqnr > first.min_sqnr
-    note = (
-        f"activation ranges: {'min-max' if wider else 'percentile'} (lowest output SQNR "
-        f"{first.min_sqnr:.1f} dB with percentile ranges, {second.min_sqnr:.1f} dB with min-max)"
-    )
-    if wider:
-        return extremes_model, extremes, ranges, second, [note]
-    return percentile, ranges, extremes, first, [note]
-
-
-def switch_ranges(
-    float_model: onnx.ModelProto,
-    best: Candidate,
-    chosen: Ranges,
-    other: Ranges,
-    builder: Callable[[Ranges], Build],
-    samples: list[Batch],
-    config: QuantConfig,
-    measured: Fidelity | None,
-) -> tuple[Candidate, Build, Fidelity, list[str]]:
-    """`best` (built from `chosen` ranges) with the activations that do better under the `other`
-    rule switched to it (onnxq.range_choice), where that lifts the lowest output on the check's
-    samples; the builder of its ranges, its fidelity, and a note. Outputs already within
-    range_choice.ENOUGH_DB of float are left as they are (the scan costs up to 30 s on the zoo)."""
-    measured = measured or fidelity.measure(float_model, best.model, samples, config.lowest_bits)
-    if measured.min_sqnr >= range_choice.ENOUGH_DB:
-        return best, builder(chosen), measured, []
-    alternative = builder(other)(best.plan)
-    switched, cut_short = range_choice.switched_activations(
-        float_model, best.plan, best.model, alternative.model, samples
-    )
-    if switched:
-        observed = {best.plan.activations[root].observed for root in switched}
-        mixed = {**chosen, **{name: other[name] for name in observed}}
-        candidate = builder(mixed)(best.plan)
-        report = fidelity.measure(float_model, candidate.model, samples, config.lowest_bits)
-        if report.min_sqnr > measured.min_sqnr:
-            note = (
-                f"activation ranges: {len(switched)} switched to the other rule's ranges, lifting the "
-                f"lowest output SQNR {measured.min_sqnr:.1f} → {report.min_sqnr:.1f} dB"
-            )
-            return candidate, builder(mixed), report, [*cut_short, note]
-    return best, builder(chosen), measured, cut_short
-
-
-def recover_fidelity(
-    float_model: onnx.ModelProto,
-    best: Candidate,
-    samples: list[Batch],
-    config: QuantConfig,
-    replan: Replan,
-    build: Build,
-    measured: Fidelity | None = None,
-) -> tuple[Candidate, Fidelity, list[str]]:
-    """The model with the fewest float layers that lifts the outputs, its fidelity (`measured`
-    when already known for `best`), and notes."""
-    report = measured or fidelity.measure(float_model, best.model, samples, config.lowest_bits)
-    if not config.fidelity_fallback or not report.poor:
-        return best, report, []
-    budget = int(FALLBACK_SHARE * len(best.plan.layers))
-    initial = dict(best.plan.kept_float)
-    floated, start, tried, misses = initial, report.min_sqnr, set(), 0
-    ranking: list[str] | None = None  # the first model's layers, costliest first (costs add up)
-    while report.poor and misses < FALLBACK_MISSES and len(floated) + FALLBACK_STEP <= len(initial) + budget:
-        if ranking is None:
-            lowest = min(report.outputs, key=lambda o: o.sqnr_db).name
-            ranked = sensitivity.layer_costs(float_model, best.model, best.plan, best.layers, samples, lowest)
-            ranking = [name for name, _ in ranked]
-        pair = [name for name in ranking if name not in tried][:FALLBACK_STEP]
-        if not pair:
-            break
-        tried.update(pair)
-        reason = f"kept float for fidelity: the outputs fell to {start:.1f} dB SQNR"
-        trial = {**floated, **dict.fromkeys(pair, reason)}
-        candidate = build(replan(keep_float=trial))
-        trial_report = fidelity.measure(float_model, candidate.model, samples, config.lowest_bits)
-        if trial_report.min_sqnr <= report.min_sqnr:
-            misses += 1  # these layers did not help: try the next ones of the same ranking
-            continue
-        best, report, floated = candidate, trial_report, trial
-    if floated is initial:
-        return best, report, []
-    added = len(floated) - len(initial)
-    lifted = f"{start:.1f} → {report.min_sqnr:.1f} dB"
-    note = f"fidelity: {added} layers kept float lift the lowest output SQNR {lifted}"
-    return best, report, [note]
 
 
 @dataclass
@@ -377,28 +235,3 @@ def _nothing_quantized(
         everything.update(dict.fromkeys(plan.quantized_nodes, FLOAT_IS_FASTER))
         plan = replan(keep_float=everything)
     return build(plan)
-
-
-def final_report(
-    float_model: onnx.ModelProto,
-    best: Candidate,
-    samples: list[Batch],
-    held_back: bool,
-    config: QuantConfig,
-    measured: Fidelity | None = None,
-) -> Fidelity:
-    """The saved model's fidelity (`measured` when already known); the layers that lose most
-    when it falls short; an error below `config.min_sqnr` (scripted use: nothing is saved)."""
-    report = measured or fidelity.measure(float_model, best.model, samples, config.lowest_bits)
-    report.held_back = held_back
-    below = config.min_sqnr is not None and report.min_sqnr < config.min_sqnr
-    if report.poor or below:
-        report.worst_layers = fidelity.worst_layers(float_model, best.model, best.layers, samples)
-    if config.layer_report:
-        report.layers = fidelity.layer_errors(float_model, best.model, best.layers, samples)
-    if below:
-        worst = f"; loses most: {report.worst_layers[0][0]}" if report.worst_layers else ""
-        raise OnnxqError(
-            f"output SQNR {report.min_sqnr:.1f} dB is below --min-sqnr {config.min_sqnr:g} dB{worst}"
-        )
-    return report
