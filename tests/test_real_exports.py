@@ -288,6 +288,33 @@ def test_searched_calibration_of_a_transformer_whose_tensors_lose_the_batch_axis
     assert result.quantized_nodes > 0 and result.fidelity.min_sqnr > 25.0
 
 
+def test_a_product_of_two_activations_stays_float_and_the_notes_say_why():
+    """Attention's Q·Kᵀ reads no constant weight: the layer before it is quantized, the product
+    stays float, and its reason names the missing constant (it read "weights are not float32
+    constants", as if a weight were there in another type)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxq.io import to_ir
+    from onnxq.quant.plan import plan_quantization
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["q"], name="project"),
+            helper.make_node("Transpose", ["q"], ["k"], name="transpose", perm=[0, 2, 1]),
+            helper.make_node("MatMul", ["q", "k"], ["scores"], name="scores"),
+        ],
+        "attention",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 8])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", 4, 4])],
+        [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    plan = plan_quantization(to_ir(onnx.shape_inference.infer_shapes(model)).graph, onnxq.QuantConfig())
+    assert "project" in plan.layers
+    assert "computed at run time" in plan.float_nodes["scores"]
+
+
 @pytest.mark.parametrize("method", ["mse", "pd"])
 def test_searched_calibration_of_a_recurrent_tagger_whose_first_op_drops_the_batch_axis(method):
     """torch exports a Linear on [batch, steps, features] before a GRU as Reshape → Gemm on

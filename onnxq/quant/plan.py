@@ -352,8 +352,10 @@ def _plan_compute(
 ) -> str | None:
     weight_value = node.inputs[1] if len(node.inputs) > 1 else None
     weight = constant(weight_value)
-    if weight is None or weight.dtype != np.float32:
-        return "weights are not float32 constants"
+    if weight is None:  # attention's Q·Kᵀ and scores·V: onnxq quantizes constant weights only
+        return "its weights are computed at run time, not constants (a product of two activations)"
+    if weight.dtype != np.float32:
+        return f"weights are {weight.dtype} constants, not float32"
     if weight_value.producer() is not None:
         return "weights come from a node, not an initializer"
     activation = node.inputs[0]
