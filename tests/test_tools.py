@@ -128,3 +128,22 @@ def test_the_zoo_summary_reads_every_models_table_back(tmp_path, monkeypatch):
     summary = zoo_bench.zoo_summary({"det": (entry, read)})
     assert "| det | detector | an exporter | 17 | 0.99742 / 22.9 |  | missed |" in summary
     assert "failed: Unrecognized attribute: axis" in summary
+
+
+def test_a_draws_section_written_before_the_last_draw_says_how_many_it_holds():
+    """tools/bench_draws.py writes its section after every draw from the second on, so that a run
+    stopped early keeps them; until the last, the title says how many of the planned draws it
+    holds, and each setting's mean and spread are over those."""
+    import bench
+    import bench_draws
+
+    def row(setting, top1):
+        return bench.Row(setting, top1, 0.9, 0.05, 100.0, calib_s=10.0)
+
+    rows = {"a": [row("a", 0.60), row("a", 0.62)], "b": [row("b", 0.58), row("b", 0.61)]}
+    partial = bench_draws.markdown("seeds", "resnet20_cifar10_bn", 0.9164, rows, 2, planned=3)
+    assert "over 2 calibration draws (2 of the 3 planned" in partial
+    assert "| a | 61.00 ± 1.41 | 60.00, 62.00 |" in partial
+    assert "| b | 59.50 ± 2.12 | 58.00, 61.00 |" in partial and "| 0 / 0 / 2 |" in partial
+    whole = bench_draws.markdown("seeds", "resnet20_cifar10_bn", 0.9164, rows, 2)
+    assert "planned" not in whole
