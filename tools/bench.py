@@ -500,14 +500,18 @@ DATA_FREE = Path(onnxq.correct.DATA_FREE)  # `--calib bn-stats`: inputs synthesi
 SEEDS_BUDGET_S = 1800
 
 
+def seeds_budget(name: str) -> list[str]:
+    """The seeds suite's refinement flags for a time budget: none on CIFAR, SEEDS_BUDGET_S on ImageNet."""
+    return [] if "cifar" in name else ["--time-budget", str(SEEDS_BUDGET_S)]
+
+
 def seeds_settings(name: str) -> dict[str, Callable]:
     """Issue 15's pieces with and without, everything else equal: data-free calibration against
     real data at W8A8 and W4A8, activation Scale-Clip against percentile ranges at A4 and A6,
     refinement with and without distribution correction at W4A4."""
     synthesised = "64"  # a forward and backward pass per sample and step: MobileNetV2 about 24 min
-    budget = [] if "cifar" in name else ["--time-budget", str(SEEDS_BUDGET_S)]
     refine = ["--w-bits", "4", "--a-bits", "4", "--calib-method", "mse", "--no-speed-check", "--refine"]
-    refine += budget
+    refine += seeds_budget(name)
     settings = {}
     for w in (8, 4):
         widths = ["--w-bits", str(w), "--no-speed-check"]

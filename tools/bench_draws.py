@@ -80,7 +80,7 @@ def markdown(
         "own process. Settings as in the suite's own table"
         + (
             f", with `--time-budget {bench.SEEDS_BUDGET_S}` on the refinement rows."
-            if _budgeted(suite, name)
+            if suite == "seeds" and bench.seeds_budget(name)
             else "."
         ),
         "",
@@ -105,11 +105,6 @@ def markdown(
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _budgeted(suite: str, name: str) -> bool:
-    """Whether the suite's refinement rows of this model run under bench.SEEDS_BUDGET_S."""
-    return suite == "seeds" and "cifar" not in name
 
 
 def _mean_cell(values: list[float | None], form: str) -> str:

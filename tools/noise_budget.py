@@ -31,10 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench
 import zoo_bench
 
+from onnxq.tune.fallback import FALLBACK_SHARE  # the fidelity fallback's share of layers kept float
+
 KINDS = ("detector", "segmentation")
 SAMPLES = 8  # evaluation samples each variant runs on
 TARGET_DB = 30.0  # issue 13's W8A8 target for detector and segmentation outputs
-FLOAT_SHARE = 0.1  # the fidelity fallback's share of layers kept float (onnxq.tune.fallback.FALLBACK_SHARE)
 
 
 @dataclass
@@ -168,7 +169,7 @@ def budget(entry: dict) -> list[str]:
         shares = np.array([max(a[view] - weights[view], 0.0) for a in alone])
         total = shares.sum()
         order = np.sort(shares)[::-1]
-        top = order[: max(1, int(FLOAT_SHARE * len(order)))].sum()
+        top = order[: max(1, int(FALLBACK_SHARE * len(order)))].sum()
         spared = max(full[view] - top, weights[view]) if total > 0 else full[view]
         largest = f"{100 * order[0] / total:.1f}" if total > 0 else ""
         needed = pairs_for_target(full[view], weights[view], weights_alone[view], order)
@@ -197,7 +198,7 @@ def main() -> None:
         "no choice of activation ranges or activation width can beat with these weights. "
         "*Largest pair %*: the share of the activation noise (noise above weights only) that the "
         "costliest single activation pair causes alone. *Costliest tenth float*: the SQNR were the "
-        f"{100 * FLOAT_SHARE:g} % costliest activation pairs kept float and the noise of the others "
+        f"{100 * FALLBACK_SHARE:g} % costliest activation pairs kept float and the noise of the others "
         "simply added up (an optimistic bound for the fidelity fallback's share). *Float pairs for "
         f"{TARGET_DB:g} dB*: how many of the costliest activation pairs would have to stay float, on "
         "the same additive bound.",
