@@ -308,6 +308,7 @@ class QuantConfig:
     # distribution correction (onnxq/correct/): the inputs refinement learns from are nudged
     # towards the BatchNorm statistics folded away; runs with --refine where there were any
     distribution_correction: bool = True
+    correction_closeness: float = 1.0  # λ of the term that keeps corrected inputs near the originals
     # QPRep (RepAPQ): with --refine, merged re-parameterized convs also learn a per-channel
     # affine of their output, folded into their weight scales and bias at export; on because it
     # lowered the held-out KL on merged RepVGG and MobileOne at W6A6 and W4A8 (tools/choose_qprep.py)
@@ -333,6 +334,8 @@ class QuantConfig:
             raise OnnxqError(f"activation Scale-Clip K must be positive, got {self.activation_scaleclip}")
         if self.pd_lambda < 0:
             raise OnnxqError(f"pd lambda must be non-negative, got {self.pd_lambda}")
+        if self.correction_closeness < 0:
+            raise OnnxqError(f"correction closeness must be non-negative, got {self.correction_closeness}")
         if self.time_budget is not None and self.time_budget <= 0:
             raise OnnxqError(f"time budget must be positive, got {self.time_budget}")
         if self.refine:

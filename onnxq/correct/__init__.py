@@ -80,7 +80,7 @@ def corrected_for_refinement(
     if len(data) != 1 or next(iter(data.values())).dtype.kind != "f":
         return data, [skipped + "it corrects models with one float input only"]
     budget = None if config.time_budget is None else CORRECTION_SHARE * config.time_budget
-    settings = _settings(model, config, time_budget=budget)
+    settings = _settings(model, config, time_budget=budget, closeness=config.correction_closeness)
     corrected, report = correct_distribution(model, statistics, data, settings, progress)
     return corrected, [report.note(f"distribution correction ({report.seconds:.0f} s)")]
 

@@ -176,6 +176,23 @@ def test_closeness_keeps_inputs_nearer_the_originals(shifted, data):
     assert held.change < free.change
 
 
+def test_the_configs_closeness_reaches_the_correction(shifted, data):
+    from onnxq.correct import corrected_for_refinement
+    from onnxq.progress import Silent
+
+    def change(closeness: float) -> float:
+        config = onnxq.QuantConfig(refine=True, correction_closeness=closeness)
+        corrected, notes = corrected_for_refinement(
+            shifted.model, shifted.statistics, {"input": data}, config, False, Silent()
+        )
+        assert len(notes) == 1 and "inputs moved by" in notes[0]
+        return float(np.sqrt(np.mean((corrected["input"] - data) ** 2) / np.mean(data**2)))
+
+    assert change(100.0) < change(0.0)
+    with pytest.raises(onnxq.OnnxqError, match="correction closeness"):
+        onnxq.QuantConfig(correction_closeness=-1.0)
+
+
 def test_synthesised_inputs_match_the_statistics_better_than_noise(shifted):
     out, report = synthesize(shifted.model, shifted.statistics, (3, 12, 12), 20, FAST)
     assert out["input"].shape == (20, 3, 12, 12)
