@@ -526,7 +526,9 @@ def seeds_settings(name: str) -> dict[str, Callable]:
     settings["onnxq W4A4 mse + --refine, no DC"] = lambda p, c: run_onnxq_cli(
         p, c, [*refine, "--no-distribution-correction"]
     )
-    settings["onnxq W4A4 mse + --refine + DC"] = lambda p, c: run_onnxq_cli(p, c, refine)
+    settings["onnxq W4A4 mse + --refine + DC"] = lambda p, c: run_onnxq_cli(
+        p, c, [*refine, "--distribution-correction"]
+    )
     return settings
 
 

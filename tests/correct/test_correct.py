@@ -181,7 +181,7 @@ def test_the_configs_closeness_reaches_the_correction(shifted, data):
     from onnxq.progress import Silent
 
     def change(closeness: float) -> float:
-        config = onnxq.QuantConfig(refine=True, correction_closeness=closeness)
+        config = onnxq.QuantConfig(refine=True, distribution_correction=True, correction_closeness=closeness)
         corrected, notes = corrected_for_refinement(
             shifted.model, shifted.statistics, {"input": data}, config, False, Silent()
         )
@@ -208,22 +208,22 @@ def test_statistics_loss_weighs_layers_by_their_own_scale():
     assert torch.isclose(small_loss, large_loss, rtol=1e-3)
 
 
-def test_refinement_runs_on_corrected_data_and_says_so(small_model_bn, calibration_data):
+def test_refinement_runs_on_corrected_data_when_asked_and_says_so(small_model_bn, calibration_data):
     fast = dict(refine=True, refine_iters=5, speed_check=False, fidelity_fallback=False)
-    config = onnxq.QuantConfig(weight_bits=4, activation_bits=4, **fast)
+    config = onnxq.QuantConfig(weight_bits=4, activation_bits=4, distribution_correction=True, **fast)
     result = onnxq.quantize(small_model_bn, calibration_data, config)
     notes = [n for n in result.notes if n.startswith("distribution correction (")]
     assert len(notes) == 1 and "BatchNorm-statistics loss" in notes[0]
-    off = onnxq.quantize(
-        small_model_bn,
-        calibration_data,
-        onnxq.QuantConfig(**{**config.__dict__, "distribution_correction": False}),
+    default = onnxq.quantize(
+        small_model_bn, calibration_data, onnxq.QuantConfig(weight_bits=4, activation_bits=4, **fast)
     )
-    assert not any("distribution correction" in n for n in off.notes)
+    assert not any("distribution correction" in n for n in default.notes)  # off unless asked
 
 
 def test_correction_is_skipped_with_the_reason_without_batchnorm(small_model, calibration_data):
-    config = onnxq.QuantConfig(refine=True, refine_iters=5, speed_check=False, fidelity_fallback=False)
+    config = onnxq.QuantConfig(
+        refine=True, refine_iters=5, speed_check=False, fidelity_fallback=False, distribution_correction=True
+    )
     result = onnxq.quantize(small_model, calibration_data, config)
     assert any(n.startswith("distribution correction skipped: the model has no") for n in result.notes)
 
