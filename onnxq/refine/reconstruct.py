@@ -25,6 +25,12 @@ from onnxq.refine.quantizers import random_mask
 EVAL_SAMPLES = 256  # samples the before/after loss of a unit is measured on
 RUN_BATCH = 64  # samples per run when a unit's outputs are computed for all samples
 PROBE_ITERATIONS = 3  # iterations timed before a time budget sets a unit's count
+# Ops whose outputs are integers or booleans, with no gradient to learn from: a unit ending in
+# one (a segmentation head's ArgMax) learns towards the float tensors it reads instead.
+GRADIENT_FREE_OPS = frozenset(
+    {"ArgMax", "ArgMin", "Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Not", "And", "Or"}
+    | {"Xor", "NonZero", "IsNaN", "IsInf", "Shape", "Size"}
+)
 
 
 @dataclass(frozen=True)
@@ -90,7 +96,7 @@ def reconstruct(
     reports = []
     for position, unit in enumerate(units):
         with torch.no_grad():
-            targets = _run_all(mirror, unit, floating, quantized=False)
+            targets = _run_all(mirror, unit, floating, quantized=False, names=learned_tensors(mirror, unit))
         remaining = None if deadline is None else (deadline - time.monotonic()) / (len(units) - position)
         segments = [(later.begin, later.end) for later in units[position + 1 :]]
         job = _UnitJob(mirror, unit, settings, random, quantized, floating, targets, logits, segments)
@@ -108,17 +114,33 @@ def reconstruct(
     return reports
 
 
-def _run_all(mirror: Mirror, unit: Unit, batches: _Batches, *, quantized: bool) -> _Batches:
-    """The unit's outputs for every sample, run RUN_BATCH samples at a time into tensors
-    allocated once (joining the parts afterwards would hold every output twice)."""
+def learned_tensors(mirror: Mirror, unit: Unit) -> list[str]:
+    """What the unit learns towards: its outputs and, for each one a gradient-free op makes
+    inside the unit (ArgMax, a comparison), the tensors that op reads there. Without them a
+    segmentation model ending in ArgMax had no float output in its last unit, and no loss."""
+    nodes = mirror.nodes[unit.begin : unit.end]
+    made = {name for node in nodes for name in node.outputs}
+    learned = list(unit.outputs)
+    for node in nodes:
+        if node.op_type in GRADIENT_FREE_OPS and set(node.outputs) & set(unit.outputs):
+            learned += [name for name in node.inputs if name in made and name not in learned]
+    return learned
+
+
+def _run_all(
+    mirror: Mirror, unit: Unit, batches: _Batches, *, quantized: bool, names: list[str] | None = None
+) -> _Batches:
+    """The unit's outputs (or `names` it makes) for every sample, run RUN_BATCH samples at a time
+    into tensors allocated once (joining the parts afterwards would hold every output twice)."""
+    names = unit.outputs if names is None else names
     joined: Env = {}
     batched: set[str] = set()  # outputs with the batch axis, decided on the first run
     for start in range(0, batches.count, RUN_BATCH):
         env = batches.take(slice(start, start + RUN_BATCH))
         env = mirror.run(
-            {k: env[k] for k in unit.inputs}, unit.begin, unit.end, quantized=quantized, keep=unit.outputs
+            {k: env[k] for k in unit.inputs}, unit.begin, unit.end, quantized=quantized, keep=names
         )
-        for name in unit.outputs:
+        for name in names:
             part = env.pop(name)
             if start == 0 and _has_batch_axis(part, min(RUN_BATCH, batches.count)):
                 batched.add(name)
@@ -180,6 +202,7 @@ class _UnitJob:
         self.steps = [mirror.activation[i] for i in indices]
         self.outside = sorted({node.op_type for node in nodes if not node.in_torch})
         self.recompute: bool | None = None  # whether pd's remainder is recomputed; decided on first use
+        self.learned = learned_tensors(mirror, unit)
 
     def run(self, seconds: float | None, progress: Progress) -> UnitReport:
         report = UnitReport(self.unit.describe(self.mirror), loss=self.loss)
@@ -188,6 +211,9 @@ class _UnitJob:
             return report
         if self.outside:
             report.skipped = f"{', '.join(self.outside)} runs in onnxruntime, without gradients"
+            return report
+        if not any(self.targets.values[name].is_floating_point() for name in self.learned):
+            report.skipped = "its outputs are integers, with no gradient to learn from"
             return report
         start = self._state()
         report.before = self.evaluate()
@@ -261,10 +287,10 @@ class _UnitJob:
     def _loss(self, inputs: Env, targets: Env, index) -> torch.Tensor:
         unit = self.unit
         env = self.mirror.run(
-            {k: inputs[k] for k in unit.inputs}, unit.begin, unit.end, quantized=True, keep=unit.outputs
+            {k: inputs[k] for k in unit.inputs}, unit.begin, unit.end, quantized=True, keep=self.learned
         )
-        outputs = [env[name] for name in unit.outputs]
-        error = reconstruction(self.loss, outputs, [targets[name] for name in unit.outputs])
+        outputs = [env[name] for name in self.learned]
+        error = reconstruction(self.loss, outputs, [targets[name] for name in self.learned])
         if self.loss != "pd":
             return error
         rest = self._remainder({k: env[k] for k in unit.outputs}, len(index))
