@@ -573,11 +573,14 @@ def test_a_seeded_rounding_starts_on_its_seed_and_may_move_one_step_towards_the_
 
 def test_refinement_after_gptq_starts_from_its_integers(small_model, calibration_data, monkeypatch):
     """--refine --weight-rounding gptq: AdaRound starts on GPTQ's integers and ends within a step."""
-    from onnxq.refine import quantizers
+    from onnxq.refine import quantizers, reconstruct
 
     # h starts 0.005 from the flip, so 40 iterations move some weights on any CPU's float kernels
     # (0.45 moved some on AVX2 and none on an AVX-512 EPYC, where 0.48 moved 5 and 0.495 moved 17)
     monkeypatch.setattr(quantizers, "SEEDED_REST", 0.495)
+    # What was learned is kept even where a unit's loss ended no lower: on an AVX2 EPYC without
+    # VNNI all three units went back to GPTQ's integers, and nothing was left to check
+    monkeypatch.setattr(reconstruct._UnitJob, "_restore", lambda self, state: None)
     widths = dict(weight_bits=3, speed_check=False, fidelity_fallback=False, equalize=False)
     gptq = onnxq.quantize(small_model, calibration_data, onnxq.QuantConfig(**widths, weight_rounding="gptq"))
     config = onnxq.QuantConfig(**{**widths, **FAST}, weight_rounding="gptq")
@@ -590,3 +593,32 @@ def test_refinement_after_gptq_starts_from_its_integers(small_model, calibration
         assert np.abs(quantized.integers.astype(np.int64) - start).max() <= 1
         moved += int((quantized.integers != start).sum())
     assert moved > 0
+
+
+def test_a_segmentation_head_ending_in_argmax_learns_towards_the_logits_it_reads():
+    """A model whose only output is ArgMax over classes (a segmentation mask, int64): its last
+    unit has no float output, so it learns towards the logits the ArgMax reads. Before, its loss
+    had no gradient and refinement stopped with a torch error."""
+    from torch import nn
+
+    from tests.conftest import export
+
+    class Segmenter(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+            self.head = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(x))).argmax(1)
+
+    torch.manual_seed(0)
+    model = export(Segmenter(), torch.zeros(1, 3, 12, 12), outputs=("mask",))
+    data = np.random.default_rng(0).standard_normal((24, 3, 12, 12)).astype(np.float32)
+    config = onnxq.QuantConfig(weight_bits=4, first_last_8bit=False, **{**FAST, "refine_iters": 5})
+    result = onnxq.quantize(model, data, config)
+    units = result.refinement.units
+    assert units and not [u.skipped for u in units if u.skipped]
+    assert all(u.iterations == 5 and np.isfinite(u.before) for u in units)
+    mask = reference_run(result.model, data)
+    assert mask.dtype == np.int64 and mask.shape == (24, 12, 12)
