@@ -203,6 +203,7 @@ def plan_quantization(
     _assign_activation_bits(graph, plan, config, alias)
     _floor_flattened_ranges(graph, plan)
     _widen_int2_containers(graph, plan)
+    _widen_blockwise_int8_containers(graph, plan)
     plan.unmatched_overrides = [
         f"{o.pattern}" + (f" (op {o.op_type})" if o.op_type else "")
         for o in config.overrides
@@ -227,6 +228,24 @@ def _widen_int2_containers(graph: ir.Graph, plan: QuantPlan) -> None:
         output = plan.activations.get(node.outputs[0].name)
         if output is None or output.bits >= 8:
             plan.weights[spec.name] = replace(spec, container_bits=4)
+
+
+def _widen_blockwise_int8_containers(graph: ir.Graph, plan: QuantPlan) -> None:
+    """Block-wise 8-bit weights of a MatMul or Gemm go in INT16.
+
+    onnxruntime fuses DequantizeLinear → MatMul with a float output into MatMulIntegerToFloat,
+    which fails at run time on block-wise scales ("Attempting to broadcast an axis by a
+    dimension other than 1"; a transformer's in-projection). INT16 is no type its integer
+    kernels take, so the layer runs as written, DequantizeLinear in float: the values stay
+    8-bit. With a float input no integer kernel could run the layer anyway. 4-bit and narrower
+    weights are stored in INT4, which these fusions do not take.
+    """
+    for node in graph:
+        if node.name not in plan.layers or node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+            continue
+        spec = plan.weights.get(node.inputs[1].name)
+        if spec is not None and spec.granularity.kind == "block" and spec.bits > 4:
+            plan.weights[spec.name] = replace(spec, container_bits=16)
 
 
 def _assign_activation_bits(graph: ir.Graph, plan: QuantPlan, config: QuantConfig, alias) -> None:

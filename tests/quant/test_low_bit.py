@@ -221,3 +221,51 @@ def test_bad_override_files_are_refused(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(OnnxqError, match=message):
         QuantConfig(overrides=load_overrides(path))
+
+
+def token_mixer_model() -> onnx.ModelProto:
+    """Tokens [batch, 6, 32] through two bias-free Linear layers exported from torch: MatMuls
+    with 3-D inputs and float outputs, as a transformer's projections are."""
+    torch = pytest.importorskip("torch")
+    from tests.conftest import export
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(
+        torch.nn.Linear(32, 64, bias=False), torch.nn.ReLU(), torch.nn.Linear(64, 16, bias=False)
+    )
+    return export(module, torch.zeros(1, 6, 32))
+
+
+@pytest.mark.parametrize(
+    ("w_bits", "container"), [(8, TensorProto.INT16), (4, TensorProto.INT4)], ids=["W8-INT16", "W4-INT4"]
+)
+def test_blockwise_weights_of_a_matmul_run_on_onnxruntimes_default_level(w_bits, container):
+    """onnxruntime fuses an 8-bit block-wise weight and a quantized input into MatMulIntegerToFloat,
+    which fails on block-wise scales: such weights are stored in INT16 and run as written; 4-bit
+    ones stay in INT4, which no integer kernel takes."""
+    import onnxq
+
+    model = token_mixer_model()
+    data = np.random.default_rng(0).standard_normal((16, 6, 32)).astype(np.float32)
+    config = QuantConfig(
+        weight_bits=w_bits,
+        granularity=Granularity.parse("block:16"),
+        first_last_8bit=False,
+        calibration=onnxq.CalibrationMethod.MINMAX,
+        speed_check=False,
+    )
+    result = onnxq.quantize(model, data, config)
+    feed = {"input": data}
+    deployed = session(result.model).run(None, feed)[0]
+    reference = session(result.model, optimize=False).run(None, feed)[0]
+    np.testing.assert_allclose(deployed, reference, atol=1e-4 * np.abs(reference).max())
+    blocked = [n for n in result.model.graph.node if n.op_type == "DequantizeLinear" and _block_size(n)]
+    stored = {t.name: t.data_type for t in result.model.graph.initializer}
+    assert len(blocked) == 2 and all(stored[n.input[0]] == container for n in blocked)
+    limit = 2 ** (w_bits - 1)
+    integers = [numpy_helper.to_array(t) for t in result.model.graph.initializer if t.data_type == container]
+    assert integers and all(v.min() >= -limit and v.max() < limit for v in integers)
+
+
+def _block_size(node: onnx.NodeProto) -> int:
+    return next((a.i for a in node.attribute if a.name == "block_size"), 0)
