@@ -201,7 +201,7 @@ def main() -> None:
         f"{100 * FALLBACK_SHARE:g} % costliest activation pairs kept float and the noise of the others "
         "simply added up (an optimistic bound for the fidelity fallback's share). *Float pairs for "
         f"{TARGET_DB:g} dB*: how many of the costliest activation pairs would have to stay float, on "
-        "the same additive bound.",
+        f"the same additive bound. Measured at {zoo_bench.source_version()}.",
         "",
         "| model | output | all Q/DQ | weights only | weights alone | activation pairs | largest pair % | "
         f"costliest tenth float | float pairs for {TARGET_DB:g} dB |",

@@ -92,7 +92,8 @@ def main() -> None:
         "(onnxruntime with its graph optimisations, as deployed) against float. An anchor is padded "
         "where its whole input cell (stride 8, 16 or 32) equals the bottom-right pixel, the "
         "letterbox's fill. Over constant padding every quantizer's rounding error repeats at every "
-        "position and adds up instead of averaging out; those anchors are background. SQNR in dB.",
+        "position and adds up instead of averaging out; those anchors are background. SQNR in dB. "
+        f"Measured at {zoo_bench.source_version()}.",
         "",
         "| model | output part | padded anchors % | SQNR, all anchors | SQNR, image anchors | "
         "padded share of the noise % |",
