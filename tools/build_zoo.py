@@ -512,7 +512,8 @@ ZOO: list[Entry] = [
         "Apache-2.0 (Google Magika)",
         "int32 [N, 2048] byte tokens (first and last 1024 bytes, 256 = padding)",
         "file-type classifier (214 types): token embedding by one-hot, Conv, LayerNorm written as "
-        "ReduceSum/Sqrt/Reciprocal, GlobalMaxPool, MatMul, Softmax; files of Python's standard library and models/",
+        "ReduceSum/Sqrt/Reciprocal, GlobalMaxPool, MatMul, Softmax; files of Python's standard "
+        "library and models/",
         _from_wheel("magika==1.0.3", "magika/models/standard_v3_3/model.onnx", "manylinux_2_28_x86_64"),
         _magika_data,
     ),
