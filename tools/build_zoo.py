@@ -136,6 +136,8 @@ class Entry:
     external_data: bool = False
     # detector outputs whose channels mean different things: output → (axis, {part: [start, stop]})
     parts: dict = field(default_factory=dict)
+    # raised when `data` changes what it makes: a cached zoo rebuilds the arrays of that version
+    data_version: int = 1
 
 
 def _text_photos(split, count: int, seed: int) -> list[np.ndarray]:
@@ -516,6 +518,7 @@ ZOO: list[Entry] = [
         "library and models/",
         _from_wheel("magika==1.0.3", "magika/models/standard_v3_3/model.onnx", "manylinux_2_28_x86_64"),
         _magika_data,
+        data_version=2,  # 2: files of the standard library and models/, not of this machine
     ),
     Entry(
         "efficientnet_lite0",
@@ -608,7 +611,9 @@ def describe(path: Path) -> dict:
     }
 
 
-def build(entry: Entry, zoo: Path, force: bool) -> dict:
+def build(entry: Entry, zoo: Path, force: bool, cached_data_version: int | None = None) -> dict:
+    """Fetch or export the model and make its data where missing (or `force`, or where the cached
+    data were made by another `data_version` of the entry's recipe)."""
     model, calib, evaluation = (zoo / f"{entry.name}{s}" for s in (".onnx", ".calib.npz", ".eval.npz"))
     start = time.perf_counter()
     if force or not model.exists():
@@ -624,7 +629,8 @@ def build(entry: Entry, zoo: Path, force: bool) -> dict:
             partial.unlink()
         else:
             partial.replace(model)
-    if force or not (calib.exists() and evaluation.exists()):
+    stale = cached_data_version is not None and cached_data_version != entry.data_version
+    if force or stale or not (calib.exists() and evaluation.exists()):
         calib_arrays, eval_arrays = entry.data(zoo)
         np.savez(calib, **calib_arrays)
         np.savez(evaluation, **eval_arrays)
@@ -646,6 +652,7 @@ def build(entry: Entry, zoo: Path, force: bool) -> dict:
         "notes": entry.notes,
         "calib": calib.name,
         "eval": evaluation.name,
+        "data_version": entry.data_version,
         "labels": "y" if "y" in samples["eval"] else None,
         "samples": samples,
         "parts": {k: {"axis": axis, "parts": p} for k, (axis, p) in entry.parts.items()},
@@ -678,7 +685,8 @@ def main() -> None:
                 models.append(old[entry.name])
             continue
         try:
-            record = build(entry, zoo, args.force)
+            cached = old[entry.name].get("data_version", 1) if entry.name in old else None
+            record = build(entry, zoo, args.force, cached)
         except Exception as err:  # one model that cannot be fetched or exported leaves the others usable
             failed.append(entry.name)
             print(
