@@ -231,20 +231,25 @@ def _widen_int2_containers(graph: ir.Graph, plan: QuantPlan) -> None:
 
 
 def _widen_blockwise_int8_containers(graph: ir.Graph, plan: QuantPlan) -> None:
-    """Block-wise 8-bit weights of a MatMul or Gemm go in INT16.
+    """Block-wise 8-bit weights that onnxruntime would fuse into an integer kernel go in INT16.
 
-    onnxruntime fuses DequantizeLinear → MatMul with a float output into MatMulIntegerToFloat,
-    which fails at run time on block-wise scales ("Attempting to broadcast an axis by a
-    dimension other than 1"; a transformer's in-projection). INT16 is no type its integer
-    kernels take, so the layer runs as written, DequantizeLinear in float: the values stay
-    8-bit. With a float input no integer kernel could run the layer anyway. 4-bit and narrower
-    weights are stored in INT4, which these fusions do not take.
+    Its fusions fail at run time on block-wise scales: a bias-free Conv with a quantized output
+    becomes QLinearConv ("filter scale shape invalid": Magika's first Conv; with a bias, which
+    stays float beside block-wise scales, nothing is fused), a MatMul or Gemm with a quantized
+    input MatMulIntegerToFloat ("Attempting to broadcast an axis by a dimension other than 1": a
+    transformer's in-projection). INT16 is no type its integer kernels take, so the layer runs
+    as written, DequantizeLinear in float: the values stay 8-bit. 4-bit and narrower weights
+    are stored in INT4, which these fusions do not take.
     """
     for node in graph:
-        if node.name not in plan.layers or node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+        if node.name not in plan.layers or len(node.inputs) < 2 or node.inputs[1] is None:
             continue
         spec = plan.weights.get(node.inputs[1].name)
-        if spec is not None and spec.granularity.kind == "block" and spec.bits > 4:
+        if spec is None or spec.granularity.kind != "block" or spec.bits <= 4:
+            continue
+        biased = len(node.inputs) > 2 and node.inputs[2] is not None
+        fused_conv = node.op_type == "Conv" and not biased and node.outputs[0].name in plan.activations
+        if fused_conv or node.op_type in ("MatMul", "Gemm"):
             plan.weights[spec.name] = replace(spec, container_bits=16)
 
 

@@ -223,7 +223,7 @@ def test_bad_override_files_are_refused(tmp_path, text, message):
         QuantConfig(overrides=load_overrides(path))
 
 
-def token_mixer_model() -> onnx.ModelProto:
+def token_mixer_model() -> tuple[onnx.ModelProto, np.ndarray]:
     """Tokens [batch, 6, 32] through two bias-free Linear layers exported from torch: MatMuls
     with 3-D inputs and float outputs, as a transformer's projections are."""
     torch = pytest.importorskip("torch")
@@ -233,20 +233,46 @@ def token_mixer_model() -> onnx.ModelProto:
     module = torch.nn.Sequential(
         torch.nn.Linear(32, 64, bias=False), torch.nn.ReLU(), torch.nn.Linear(64, 16, bias=False)
     )
-    return export(module, torch.zeros(1, 6, 32))
+    data = np.random.default_rng(0).standard_normal((16, 6, 32)).astype(np.float32)
+    return export(module, torch.zeros(1, 6, 32)), data
+
+
+def wide_conv_model() -> tuple[onnx.ModelProto, np.ndarray]:
+    """Bias-free Convs over 32 input channels (two blocks of 16) with quantized outputs, the
+    pattern onnxruntime fuses into QLinearConv (with a float bias it leaves them alone)."""
+    torch = pytest.importorskip("torch")
+    from tests.conftest import export
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(
+        torch.nn.Conv2d(32, 32, 3, padding=1, bias=False),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 32, 3, padding=1, bias=False),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 8, 1),
+    )
+    data = np.random.default_rng(0).standard_normal((16, 32, 8, 8)).astype(np.float32)
+    return export(module, torch.zeros(1, 32, 8, 8)), data
 
 
 @pytest.mark.parametrize(
-    ("w_bits", "container"), [(8, TensorProto.INT16), (4, TensorProto.INT4)], ids=["W8-INT16", "W4-INT4"]
+    ("make", "w_bits", "container"),
+    [
+        (token_mixer_model, 8, TensorProto.INT16),
+        (token_mixer_model, 4, TensorProto.INT4),
+        (wide_conv_model, 8, TensorProto.INT16),
+        (wide_conv_model, 4, TensorProto.INT4),
+    ],
+    ids=["MatMul-W8-INT16", "MatMul-W4-INT4", "Conv-W8-INT16", "Conv-W4-INT4"],
 )
-def test_blockwise_weights_of_a_matmul_run_on_onnxruntimes_default_level(w_bits, container):
-    """onnxruntime fuses an 8-bit block-wise weight and a quantized input into MatMulIntegerToFloat,
-    which fails on block-wise scales: such weights are stored in INT16 and run as written; 4-bit
-    ones stay in INT4, which no integer kernel takes."""
+def test_blockwise_weights_run_on_onnxruntimes_default_level(make, w_bits, container):
+    """onnxruntime fuses an 8-bit block-wise weight into MatMulIntegerToFloat (a MatMul with a
+    quantized input and a float output) or QLinearConv (a Conv with a quantized output), which
+    fail on block-wise scales: such weights are stored in INT16 and run as written; 4-bit ones
+    stay in INT4, which no integer kernel takes."""
     import onnxq
 
-    model = token_mixer_model()
-    data = np.random.default_rng(0).standard_normal((16, 6, 32)).astype(np.float32)
+    model, data = make()
     config = QuantConfig(
         weight_bits=w_bits,
         granularity=Granularity.parse("block:16"),
@@ -261,7 +287,7 @@ def test_blockwise_weights_of_a_matmul_run_on_onnxruntimes_default_level(w_bits,
     np.testing.assert_allclose(deployed, reference, atol=1e-4 * np.abs(reference).max())
     blocked = [n for n in result.model.graph.node if n.op_type == "DequantizeLinear" and _block_size(n)]
     stored = {t.name: t.data_type for t in result.model.graph.initializer}
-    assert len(blocked) == 2 and all(stored[n.input[0]] == container for n in blocked)
+    assert len(blocked) >= 2 and all(stored[n.input[0]] == container for n in blocked)
     limit = 2 ** (w_bits - 1)
     integers = [numpy_helper.to_array(t) for t in result.model.graph.initializer if t.data_type == container]
     assert integers and all(v.min() >= -limit and v.max() < limit for v in integers)
