@@ -31,19 +31,21 @@ def export(
     dynamic_batch: bool = True,
     outputs=("logits",),
     opset: int = 17,
+    inputs=("input",),
 ) -> onnx.ModelProto:
-    """Export a torch module (eval mode) with the TorchScript exporter, as users' files are made."""
+    """Export a torch module (eval mode) with the TorchScript exporter, as users' files are made.
+    `example` is one tensor, or a tuple of them, one per name in `inputs`."""
     import torch
 
     module.eval()
     buffer = io.BytesIO()
     torch.onnx.export(
         module,
-        (example,),
+        example if isinstance(example, tuple) else (example,),
         buffer,
-        input_names=["input"],
+        input_names=list(inputs),
         output_names=list(outputs),
-        dynamic_axes={name: {0: "batch"} for name in ("input", *outputs)} if dynamic_batch else None,
+        dynamic_axes={name: {0: "batch"} for name in (*inputs, *outputs)} if dynamic_batch else None,
         opset_version=opset,
         training=torch.onnx.TrainingMode.PRESERVE if keep_bn else torch.onnx.TrainingMode.EVAL,
         do_constant_folding=not keep_bn,

@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 
 import onnxq  # noqa: E402
 from onnxq.io import session  # noqa: E402
+from tests.conftest import export  # noqa: E402
 
 nn, F = torch.nn, torch.nn.functional
 
@@ -176,38 +177,18 @@ def _measure_batchnorm(module: nn.Module, example: dict[str, np.ndarray]) -> Non
 
 
 def _exported(module: nn.Module, example: dict[str, np.ndarray]):
-    import io
-
-    import onnx
-
     _measure_batchnorm(module, example)
     module.eval()
-    names = list(example)
-    buffer = io.BytesIO()
+    tensors = tuple(torch.from_numpy(v[:2]) for v in example.values())
     with torch.no_grad():
-        outputs = module(*(torch.from_numpy(v[:2]) for v in example.values()))
+        outputs = module(*tensors)
     count = len(outputs) if isinstance(outputs, tuple) else 1
-    output_names = [f"output{i}" for i in range(count)]
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # the fused attention kernel has no export
     try:
-        _export(module, example, buffer, names, output_names)
+        return export(module, tensors, inputs=tuple(example), outputs=[f"output{i}" for i in range(count)])
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
-    return onnx.load_from_string(buffer.getvalue())
-
-
-def _export(module: nn.Module, example: dict[str, np.ndarray], buffer, names, output_names) -> None:
-    torch.onnx.export(
-        module,
-        tuple(torch.from_numpy(v[:2]) for v in example.values()),
-        buffer,
-        input_names=names,
-        output_names=output_names,
-        dynamic_axes={name: {0: "batch"} for name in names + output_names},
-        opset_version=17,
-        dynamo=False,
-    )
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -16,7 +16,7 @@ Graph outputs stay float, so the logits lose no precision to a final QuantizeLin
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -212,6 +212,15 @@ def plan_quantization(
     return plan
 
 
+def _layer_weights(graph: ir.Graph, plan: QuantPlan) -> Iterator[tuple[ir.Node, WeightSpec]]:
+    """Each planned layer with the spec of the weight it reads."""
+    for node in graph:
+        weight = node.inputs[1] if node.name in plan.layers and len(node.inputs) > 1 else None
+        spec = plan.weights.get(weight.name) if weight is not None else None
+        if spec is not None:
+            yield node, spec
+
+
 def _widen_int2_containers(graph: ir.Graph, plan: QuantPlan) -> None:
     """2-bit weights of layers onnxruntime may fuse into an integer kernel go in INT4 types.
 
@@ -220,10 +229,8 @@ def _widen_int2_containers(graph: ir.Graph, plan: QuantPlan) -> None:
     quantized below 8 bits gets a Clip before its QuantizeLinear, which no fusion matches, so
     only those layers keep INT2 storage; the values are 2-bit either way.
     """
-    for node in graph:
-        weight = node.inputs[1] if node.name in plan.layers and len(node.inputs) > 1 else None
-        spec = plan.weights.get(weight.name) if weight is not None else None
-        if spec is None or spec.bits > 2:
+    for node, spec in _layer_weights(graph, plan):
+        if spec.bits > 2:
             continue
         output = plan.activations.get(node.outputs[0].name)
         if output is None or output.bits >= 8:
@@ -241,11 +248,8 @@ def _widen_blockwise_int8_containers(graph: ir.Graph, plan: QuantPlan) -> None:
     as written, DequantizeLinear in float: the values stay 8-bit. 4-bit and narrower weights
     are stored in INT4, which these fusions do not take.
     """
-    for node in graph:
-        if node.name not in plan.layers or len(node.inputs) < 2 or node.inputs[1] is None:
-            continue
-        spec = plan.weights.get(node.inputs[1].name)
-        if spec is None or spec.granularity.kind != "block" or spec.bits <= 4:
+    for node, spec in _layer_weights(graph, plan):
+        if spec.granularity.kind != "block" or spec.bits <= 4:
             continue
         biased = len(node.inputs) > 2 and node.inputs[2] is not None
         fused_conv = node.op_type == "Conv" and not biased and node.outputs[0].name in plan.activations

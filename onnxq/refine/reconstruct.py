@@ -202,7 +202,7 @@ class _UnitJob:
         self.steps = [mirror.activation[i] for i in indices]
         self.outside = sorted({node.op_type for node in nodes if not node.in_torch})
         self.recompute: bool | None = None  # whether pd's remainder is recomputed; decided on first use
-        self.learned = learned_tensors(mirror, unit)
+        self.learned = list(targets.values)  # reconstruct ran the unit for learned_tensors
 
     def run(self, seconds: float | None, progress: Progress) -> UnitReport:
         report = UnitReport(self.unit.describe(self.mirror), loss=self.loss)
