@@ -443,3 +443,34 @@ def test_a_residual_stream_only_normalizations_read_stays_float(tmp_path):
     ]
     assert len(layers) == 6 and ops.count("QGemm") + ops.count("MatMulIntegerToFloat") == 6
     assert result.fidelity.min_sqnr > 30.0
+
+
+def test_an_ir3_model_whose_weights_are_also_graph_inputs_quantizes_them_as_constants():
+    """Files written before IR version 4 (the ONNX model zoo's opset 7–9 models, old
+    exporters) list every initializer among the graph inputs too, where a runtime may let a
+    caller override it. onnxq quantizes them as the weights they are, and the saved model takes
+    only the real input."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 4))
+    model = export(module, torch.zeros(1, 3, 16, 16), opset=9)
+    weights = {init.name for init in model.graph.initializer}
+    model.graph.input.extend(
+        onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+        for init in model.graph.initializer
+    )
+    model.ir_version = 3
+    x = np.random.default_rng(0).standard_normal((16, 3, 16, 16)).astype(np.float32)
+
+    result = onnxq.quantize(model, x, onnxq.QuantConfig(speed_check=False))
+
+    assert [i.name for i in result.model.graph.input] == ["input"]
+    dequantized = {node.output[0] for node in result.model.graph.node if node.op_type == "DequantizeLinear"}
+    layers = [node for node in result.model.graph.node if node.op_type in {"Conv", "Gemm", "MatMul"}]
+    assert len(layers) == 2 and all(node.input[1] in dequantized for node in layers)
+    assert not weights & {init.name for init in result.model.graph.initializer if init.data_type == 1}
+    want = session(model).run(None, {"input": x})[0]
+    got = session(result.model).run(None, {"input": x})[0]
+    assert 10 * np.log10(np.square(want).sum() / np.square(want - got).sum()) >= 30.0
