@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
+import pytest
 from click.testing import CliRunner
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import onnxq
@@ -73,6 +76,47 @@ def test_the_warning_names_what_set_it_off(sqnr, agreement):
     if lines:
         assert f"SQNR {sqnr:.1f} dB" in lines[0]
         assert ("top-1 agreement" in lines[0]) == (agreement < fidelity.WARN_AGREEMENT)
+
+
+@pytest.mark.parametrize(
+    ("sqnr", "agree", "samples", "warned"),
+    [
+        (46.0, 16, 16, False),
+        (46.0, 14, 16, False),
+        (46.0, 13, 16, True),
+        (25.4, 13, 16, True),
+        (46.0, 899, 1000, False),
+        (46.0, 880, 1000, True),
+        (9.2, 14, 16, True),
+    ],
+)
+def test_agreement_of_a_close_output_warns_only_below_90_percent_beyond_chance(sqnr, agree, samples, warned):
+    """Two flips in the check's 16 samples (87.5 %) are what a model agreeing 90 % of the time
+    shows half the time: at 46 dB (a near-tied random classifier) that warned and set off the
+    fallback. Three (81 %, the SKResNet-18 export above at 25.4 dB) still warn, and so do two
+    where the output is not close (a W2A2 model at 9.2 dB, over its 8 dB threshold)."""
+    output = fidelity.OutputFidelity("logits", sqnr, 1.0, agree / samples, compared=samples)
+    assert fidelity.Fidelity(samples, True, [output], threshold_db=8.0).poor == warned
+
+
+@given(samples=st.integers(1, 400), data=st.data())
+def test_the_agreement_test_is_the_binomial_tail(samples, data):
+    """A close output (46 dB) is warned about exactly when a model agreeing 90 % of the time
+    would agree this rarely or less in under a quarter of draws (the tail summed here in logs,
+    as a reference)."""
+    agree = data.draw(st.integers(0, samples))
+    k = np.arange(agree + 1)
+    log_pmf = (
+        np.vectorize(math.lgamma)(samples + 1)
+        - np.vectorize(math.lgamma)(k + 1)
+        - np.vectorize(math.lgamma)(samples - k + 1)
+        + k * np.log(0.9)
+        + (samples - k) * np.log(0.1)
+    )
+    tail = float(np.exp(log_pmf).sum())
+    output = fidelity.OutputFidelity("logits", 46.0, 1.0, agree / samples, compared=samples)
+    assume(abs(tail - fidelity.AGREEMENT_CHANCE) > 1e-9)
+    assert output.disagrees == (tail < fidelity.AGREEMENT_CHANCE)
 
 
 def test_min_sqnr_fails_the_run_and_writes_nothing(tmp_path, small_model_path, calibration_data):
