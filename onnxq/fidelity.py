@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from math import comb
+from math import exp, lgamma, log
 
 import numpy as np
 import onnx
@@ -137,9 +137,14 @@ class Fidelity:
 
 
 def _agrees_this_rarely(agree: int, samples: int) -> float:
-    """P(at most `agree` of `samples` agree) for a model that agrees WARN_AGREEMENT of the time."""
+    """P(at most `agree` of `samples` agree) for a model that agrees WARN_AGREEMENT of the time
+    (summed in logs: binomial coefficients of thousands of samples overflow a float)."""
     p = WARN_AGREEMENT
-    return sum(comb(samples, k) * p**k * (1 - p) ** (samples - k) for k in range(agree + 1))
+    log_total = lgamma(samples + 1)
+    return sum(
+        exp(log_total - lgamma(k + 1) - lgamma(samples - k + 1) + k * log(p) + (samples - k) * log(1 - p))
+        for k in range(agree + 1)
+    )
 
 
 def _db(value: float) -> str:

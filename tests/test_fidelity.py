@@ -87,6 +87,8 @@ def test_the_warning_names_what_set_it_off(sqnr, agreement):
         (25.4, 13, 16, True),
         (46.0, 899, 1000, False),
         (46.0, 880, 1000, True),
+        (46.0, 4400, 5000, True),  # 88 %: a binomial coefficient of 5000 overflows a float
+        (46.0, 4500, 5000, False),
         (9.2, 14, 16, True),
     ],
 )
