@@ -24,12 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench
 import zoo_bench
 
-# The speed check stays off: where it leaves a model float (ppocr_det_v4 on an AVX2 EPYC without
-# VNNI at 37b0d93), every form would read as float and the forms could not be compared.
 FORMS = [
-    ("reduced", ["--int8-range", "reduced", "--no-speed-check"]),
-    ("unsigned", ["--int8-range", "unsigned", "--no-speed-check"]),
-    ("full int8", ["--int8-range", "full", "--no-speed-check"]),
+    ("reduced", ["--int8-range", "reduced"]),
+    ("unsigned", ["--int8-range", "unsigned"]),
+    ("full int8", ["--int8-range", "full"]),
 ]
 
 
@@ -51,7 +49,9 @@ def main() -> None:
         __doc__.splitlines()[0],
         lambda entry: zoo_bench.has_weights(onnx.load(zoo / entry["file"], load_external_data=False)),
     )
-    labels = [(f"onnxq W8A8, {form} weights", flags) for form, flags in FORMS]
+    # The speed check stays off: where it leaves a model float (ppocr_det_v4 on an AVX2 EPYC
+    # without VNNI at 37b0d93), every form would read as float and could not be compared.
+    labels = [(f"onnxq W8A8, {form} weights", [*flags, "--no-speed-check"]) for form, flags in FORMS]
     lines = [
         "## 8-bit weights on a CPU without VNNI: reduced, unsigned, full int8 (tools/int8_range.py)",
         "",
