@@ -141,6 +141,14 @@ def main() -> None:
     "as BRECQ and QDrop leave them unquantized; set it to --a-bits for one width everywhere.",
 )
 @click.option(
+    "--split-sums/--no-split-sums",
+    default=True,
+    show_default=True,
+    help="Where an Add and a layer read the same tensor (a residual block's input), the Add reads "
+    "it at --addend-bits and the layer through a quantizer of its own at --a-bits; "
+    "--no-split-sums quantizes it once, at --a-bits, for both.",
+)
+@click.option(
     "--granularity",
     default="channel",
     show_default=True,
@@ -392,6 +400,7 @@ def quantize(model, output, calib, **options):
         weight_bits=options.pop("w_bits"),
         activation_bits=options.pop("a_bits"),
         addend_bits=options.pop("addend_bits"),
+        split_sums=options.pop("split_sums"),
         granularity=Granularity.parse(options.pop("granularity")),
         weight_rule=RangeRule.parse(options.pop("w_range")),
         weight_symmetric=not options.pop("w_asym"),

@@ -258,6 +258,9 @@ class QuantConfig:
     # at W4A4, 4-bit addends raised ResNet-20's held-out KL after the search from 0.040 to 0.062.
     # The activation width here quantizes every activation alike.
     addend_bits: int = 8
+    # a tensor an Add and a layer both read: the Add at addend_bits, the layer through its own
+    # quantizer at its activation bits (onnxq/passes/split_addend_reads.py); False: one quantizer
+    split_sums: bool = True
     overrides: tuple[LayerOverride, ...] = ()
     simplify: bool = True
     # Merge re-parameterized branches before quantizing? None: only when every weight is 8-bit.

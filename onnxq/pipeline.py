@@ -57,6 +57,7 @@ from onnxq.passes.insert_qdq import (
     required_opset,
 )
 from onnxq.passes.simplify import simplify
+from onnxq.passes.split_addend_reads import split_addend_reads
 from onnxq.progress import Progress, Silent
 from onnxq.quant.kernels import choose_weight_range
 from onnxq.quant.plan import QuantPlan, plan_quantization
@@ -144,6 +145,7 @@ def quantize(
     )
     notes += prepared.notes
     float_model, statistics, stream = _equalized(prepared, stream, config, progress, notes)
+    float_model = _split_addend_reads(float_model, config, notes)
     graph_model = to_ir(infer_types(float_model))
     plan = plan_quantization(graph_model.graph, config)
     notes += [f"override {pattern!r} matches no layer" for pattern in plan.unmatched_overrides]
@@ -236,6 +238,20 @@ def _equalized(prepared: FuseResult, stream, config: QuantConfig, progress: Prog
 QUANTIZED_OPS = frozenset(
     {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"}
 )
+
+
+def _split_addend_reads(model: onnx.ModelProto, config: QuantConfig, notes: list[str]) -> onnx.ModelProto:
+    """Where layers read activations narrower than --addend-bits, the sums Add nodes also read
+    keep the addend width for the Adds (onnxq.passes.split_addend_reads)."""
+    if not config.split_sums or config.lowest_activation_bits >= config.addend_bits:
+        return model
+    model, count = split_addend_reads(model, config.op_types)
+    if count:
+        notes.append(
+            f"{count} tensors read by Add and by layers: the Adds read them at {config.addend_bits} bits, "
+            f"the layers through a quantizer of their own (--addend-bits)"
+        )
+    return model
 
 
 def _refuse_quantized(model: onnx.ModelProto) -> None:

@@ -485,6 +485,21 @@ def equalize_settings(name: str) -> dict[str, Callable]:
     return settings
 
 
+def sums_settings(name: str) -> dict[str, Callable]:
+    """Residual sums quantized once at the activation width against split (the Add at 8 bits, the
+    layer through its own quantizer) at refinement's widths below 8-bit activations, mse scale
+    search with its default GPTQ rounding, everything else equal; top-1 on held-out calibration
+    images beside."""
+    scored = functools.partial(held_out_scored, held_out_split(name))
+    settings = {}
+    for w, a in [(w, a) for w, a in REFINE_WIDTHS.get(name, [(4, 4)]) if a < 8]:
+        base = ["--w-bits", str(w), "--a-bits", str(a), "--max-samples", "256", "--no-speed-check"]
+        for flag, what in (("--no-split-sums", "one quantizer per sum"), ("--split-sums", "split sums")):
+            label = f"onnxq W{w}A{a} mse, {what}"
+            settings[label] = scored(label, [*base, "--calib-method", "mse", flag])
+    return settings
+
+
 def refine_extra(name: str) -> str:
     if not HELD_OUT:
         return ""
@@ -569,6 +584,7 @@ SUITES = {
     "qprep": (qprep_settings, LOW_BIT_SAMPLES, False),
     "rounding": (rounding_settings, LOW_BIT_SAMPLES, False),
     "equalize": (equalize_settings, LOW_BIT_SAMPLES, False),
+    "sums": (sums_settings, LOW_BIT_SAMPLES, False),
 }
 DEFAULT_MODELS = {
     "w8a8": [
@@ -587,9 +603,10 @@ DEFAULT_MODELS = {
     "qprep": ["repvgg_cifar10", "mobileone_cifar10"],
     "rounding": list(REFINE_WIDTHS),
     "equalize": list(REFINE_WIDTHS),
+    "sums": list(REFINE_WIDTHS),
 }
 # rows run `onnxq quantize` in its own process
-PEAK_MB_SUITES = ("calib", "refine", "seeds", "qprep", "rounding", "equalize")
+PEAK_MB_SUITES = ("calib", "refine", "seeds", "qprep", "rounding", "equalize", "sums")
 SUITE_TITLES = {
     "w8a8": "W8A8 against onnxruntime (issue 2)",
     "reparam": "Re-parameterized models: unfused, fused, W8A8 (issue 3)",
@@ -600,6 +617,7 @@ SUITE_TITLES = {
     "qprep": "Merged re-parameterized models: refinement and QPRep (issue 15)",
     "rounding": "GPTQ weight rounding against nearest rounding (issue 14)",
     "equalize": "Cross-layer equalization against none (issues 13 and 14)",
+    "sums": "Residual sums with a second quantizer against one (issue 14)",
 }
 
 
@@ -667,6 +685,14 @@ def markdown(suite: str, name: str, float_top1: float, rows: list[Row], samples:
         "`--weight-rounding gptq` (onnxq/calib/rounding.py), the same scales. One calibration draw. "
         "calib. s is the `onnxq quantize` process's wall time on 2 cores and peak MB its peak resident "
         "memory.",
+        "sums": f"Calibration: {samples} CIFAR-10 training images or {samples} even-class ImageNet "
+        "images; per-channel symmetric weights, first and last layers at 8 bits, tensors only Add reads at "
+        "8 bits, mse scale search with GPTQ rounding (the default below 8-bit weights). One quantizer "
+        "per sum (`--no-split-sums`): a tensor an Add and a layer both read (a residual block's input) "
+        "is quantized once, at the activation width; split sums (`--split-sums`): the Add reads it at "
+        "8 bits, the layer through a quantizer of its own at the activation width "
+        "(onnxq/passes/split_addend_reads.py). One calibration draw. calib. s is the `onnxq quantize` "
+        "process's wall time on 2 cores and peak MB its peak resident memory.",
         "equalize": f"Calibration: {samples} CIFAR-10 training images or {samples} even-class ImageNet "
         "images; per-channel symmetric weights, first and last layers at 8 bits, tensors only Add reads at "
         "8 bits, mse scale search with GPTQ rounding (the default below 8-bit weights). --equalize: "
@@ -782,7 +808,7 @@ def main() -> None:
             section += " (" + ", ".join(args.only) + ")"
         float_top1, rows = measure(name, settings, samples=samples, latency=latency)
         extra = fusion_check(name) if args.suite == "reparam" else ""
-        if args.suite in ("refine", "rounding", "equalize"):
+        if args.suite in ("refine", "rounding", "equalize", "sums"):
             extra, _ = refine_extra(name), HELD_OUT.clear()
         text = markdown(args.suite, section.split("/", 1)[1], float_top1, rows, samples, extra)
         write_section(args.out, section, text, machine)

@@ -32,6 +32,7 @@ from onnxq.passes.graph_utils import (
     scaled_gemm,
     single_consumer,
 )
+from onnxq.passes.split_addend_reads import is_layer_read
 from onnxq.quant import kernels, masks
 from onnxq.quant.prune import (
     drop_quantizers_that_do_not_pay,
@@ -201,6 +202,7 @@ def plan_quantization(
     drop_quantizers_that_do_not_pay(graph, plan)
     keep_float_convs_without_output_pair(graph, plan)
     _assign_activation_bits(graph, plan, config, alias)
+    _share_unwidened_layer_reads(graph, plan, alias)
     _floor_flattened_ranges(graph, plan)
     _widen_int2_containers(graph, plan)
     _widen_blockwise_int8_containers(graph, plan)
@@ -281,6 +283,21 @@ def _assign_activation_bits(graph: ir.Graph, plan: QuantPlan, config: QuantConfi
         plan.activations[name] = replace(spec, bits=roots[plan.root(name)])
 
 
+def _share_unwidened_layer_reads(graph: ir.Graph, plan: QuantPlan, alias: dict[str, str]) -> None:
+    """A layer read (onnxq.passes.split_addend_reads) of a tensor that kept the layers' width
+    shares the tensor's quantizer: quantizing again at the same scale changes nothing, so the
+    split costs no precision where the Adds could not take more bits (a MaxPool's output)."""
+    for node in graph:
+        if not is_layer_read(node.name):
+            continue
+        source, output = _resolve(node.inputs[0].name, alias), node.outputs[0].name
+        if source not in plan.activations or output not in plan.activations:
+            continue
+        root = plan.activations[plan.root(source)]
+        if root.bits <= plan.activations[output].bits:
+            plan.activations[output] = replace(plan.activations[output], shares=root.tensor, bits=root.bits)
+
+
 # x·σ(x) moves by under 8·σ(-8) < 0.003 below -8; HardSwish is exactly 0 below -3
 SILU_FLOOR = -8.0
 HARDSWISH_FLOOR = -3.0
@@ -319,11 +336,14 @@ def _flattening_floor(value: ir.Value) -> float | None:
 
 def _addends(graph: ir.Graph, plan: QuantPlan, alias: dict[str, str]) -> list[str]:
     """Activations with their own scale that only Add nodes read: a residual branch before its
-    sum. No layer reads them, so "A bits" (the inputs of weighted layers) does not bind them."""
+    sum, or a sum whose layers read it through their own quantizer (onnxq.passes.split_addend_reads).
+    No layer reads them, so "A bits" (the inputs of weighted layers) does not bind them."""
     readers: dict[str, set[str]] = {}
     for node in graph:
         for value in node.inputs:
-            if value is not None and (name := _resolve(value.name, alias)) in plan.activations:
+            # not the absorbed Relu a tensor stands for, nor the layers' own copy (they read that)
+            skip = value is None or node.name in plan.absorbed or is_layer_read(node.name)
+            if not skip and (name := _resolve(value.name, alias)) in plan.activations:
                 readers.setdefault(name, set()).add(node.op_type)
     return [
         name
@@ -337,6 +357,8 @@ def _role(node: ir.Node, config: QuantConfig) -> str | None:
         return None
     if node.op_type in config.op_types:
         return "compute"
+    if node.op_type == "Identity" and is_layer_read(node.name):
+        return "own"  # the layers' own quantizer of a tensor an Add also reads
     if node.op_type in OWN_SCALE_OPS:
         # below 8 bits no integer kernel runs: a chained op's pair would only add noise (a 4-bit
         # sigmoid inside every SiLU)
