@@ -248,8 +248,8 @@ def _split_addend_reads(model: onnx.ModelProto, config: QuantConfig, notes: list
     model, count = split_addend_reads(model, config.op_types)
     if count:
         notes.append(
-            f"{count} tensors read by Add and by layers: the Adds read them at {config.addend_bits} bits, "
-            f"the layers through a quantizer of their own (--addend-bits)"
+            f"{count} tensors read by Add and by layers: the layers read them through a quantizer of "
+            f"their own, so the Adds can read them at {config.addend_bits} bits (--split-sums)"
         )
     return model
 

@@ -4,7 +4,7 @@ A ResNet block's output is read twice: by the next block's first conv and by the
 Add (the shortcut). With one quantizer on it, activations narrower than --addend-bits round the
 whole residual stream to their width at every block, and the error adds up along the network:
 ResNet-56 at 4-bit activations lost most of its accuracy there (held-out KL to float 0.032 with
-8-bit weights, 0.0060 once the shortcut read the sum at 8 bits; BENCHMARKS.md, addend-reads).
+8-bit weights, 0.0060 once the shortcut read the sum at 8 bits; BENCHMARKS.md, split-sums).
 Here the weighted layers read such a tensor through an Identity of their own: the plan gives
 the Identity's output the layers' activation width and the tensor itself, now read only by Add
 and these Identities, the addend width. Every weighted layer still reads A-bit activations;
