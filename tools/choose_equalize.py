@@ -12,13 +12,10 @@ BENCHMARKS.md. `--resume LOG` takes the rows a killed run printed instead of mea
 
 from __future__ import annotations
 
-import argparse
-import functools
 import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench
@@ -49,11 +46,7 @@ def held_out_scores(name: str, setting: tuple[int, int, str], equalize: bool, he
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=bench.ROOT / "BENCHMARKS.md")
-    parser.add_argument("--models", nargs="+", default=list(SETTINGS))
-    parser.add_argument("--resume", type=Path, help="a log of this tool's printed rows to reuse")
-    args = parser.parse_args()
+    args = held_out.arguments(__doc__.splitlines()[0], SETTINGS)
     done = held_out.printed_rows(args.resume, ("on", "off")) if args.resume else {}
     lines = [
         "## Cross-layer equalization's default, chosen on held-out calibration images",
@@ -72,20 +65,18 @@ def main() -> None:
     ]
     logs: dict[tuple[bool, bool], list[float]] = {(a, e): [] for a in (False, True) for e in (False, True)}
     wins = {False: 0, True: 0}
-    for name in args.models:
-        held = bench.held_out_split(name)
-        reference = bench.logits(onnx.load(bench.model_path(name)), held[0])
-        for setting in SETTINGS[name]:
-            kl = {}
-            narrow = setting[1] < 8
-            for equalize in (False, True):
-                key = f"| {name} | W{setting[0]}A{setting[1]} {setting[2]} | {'on' if equalize else 'off'} |"
-                line, kl[equalize] = held_out.table_row(
-                    key, done, functools.partial(held_out_scores, name, setting, equalize, held, reference)
-                )
-                logs[narrow, equalize].append(float(np.log(kl[equalize])))
-                lines.append(line)
-                print(line, flush=True)
+    kl: dict[bool, float] = {}
+
+    def key(name: str, setting: tuple[int, int, str], equalize: bool) -> str:
+        return f"| {name} | W{setting[0]}A{setting[1]} {setting[2]} | {'on' if equalize else 'off'} |"
+
+    rows = held_out.choice_rows(args.models, SETTINGS, (False, True), key, held_out_scores, done)
+    for _, setting, equalize, line, loss in rows:
+        narrow = setting[1] < 8
+        kl[equalize] = loss
+        logs[narrow, equalize].append(float(np.log(loss)))
+        lines.append(line)
+        if equalize:  # the pair's second row
             wins[narrow] += kl[True] < kl[False]
     lines.append("")
     for narrow, what in ((False, "8-bit activations"), (True, "narrower activations")):

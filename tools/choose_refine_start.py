@@ -15,13 +15,10 @@ of BENCHMARKS.md. `--resume LOG` takes the rows a killed run printed instead of 
 
 from __future__ import annotations
 
-import argparse
-import functools
 import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench
@@ -48,11 +45,7 @@ def held_out_scores(name: str, widths: tuple[int, int], start: str, held, refere
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=bench.ROOT / "BENCHMARKS.md")
-    parser.add_argument("--models", nargs="+", default=list(SETTINGS))
-    parser.add_argument("--resume", type=Path, help="a log of this tool's printed rows to reuse")
-    args = parser.parse_args()
+    args = held_out.arguments(__doc__.splitlines()[0], SETTINGS)
     done = held_out.printed_rows(args.resume, STARTS) if args.resume else {}
     lines = [
         "## Where refinement's rounding starts, chosen on held-out calibration images",
@@ -72,20 +65,18 @@ def main() -> None:
     ]
     logs: dict[tuple[bool, str], list[float]] = {(n, s): [] for n in (False, True) for s in STARTS}
     wins = {False: 0, True: 0}
-    for name in args.models:
-        held = bench.held_out_split(name)
-        reference = bench.logits(onnx.load(bench.model_path(name)), held[0])
-        for widths in SETTINGS[name]:
-            kl = {}
-            narrow = widths[0] < 4
-            for start in STARTS:
-                key = f"| {name} | W{widths[0]}A{widths[1]} mse + --refine | {start} |"
-                line, kl[start] = held_out.table_row(
-                    key, done, functools.partial(held_out_scores, name, widths, start, held, reference)
-                )
-                logs[narrow, start].append(float(np.log(kl[start])))
-                lines.append(line)
-                print(line, flush=True)
+    kl: dict[str, float] = {}
+
+    def key(name: str, widths: tuple[int, int], start: str) -> str:
+        return f"| {name} | W{widths[0]}A{widths[1]} mse + --refine | {start} |"
+
+    rows = held_out.choice_rows(args.models, SETTINGS, STARTS, key, held_out_scores, done)
+    for _, widths, start, line, loss in rows:
+        narrow = widths[0] < 4
+        kl[start] = loss
+        logs[narrow, start].append(float(np.log(loss)))
+        lines.append(line)
+        if start == "gptq":  # the pair's second row
             wins[narrow] += kl["gptq"] < kl["nearest"]
     lines.append("")
     for narrow, what in ((True, "weights below 4 bits"), (False, "4-bit and wider weights")):

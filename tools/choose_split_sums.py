@@ -16,13 +16,10 @@ log held-out KL. No evaluation image is read. Writes the "split-sums" section of
 
 from __future__ import annotations
 
-import argparse
-import functools
 import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench
@@ -38,24 +35,20 @@ SETTINGS = {  # (weight, activation bits): the widths below 8-bit activations of
 CHOICES = {"one quantizer": False, "split": True}  # label → split_sums
 
 
-def held_out_scores(name: str, widths: tuple[int, int], split: bool, held, reference) -> dict:
+def held_out_scores(name: str, widths: tuple[int, int], label: str, held, reference) -> dict:
     config = QuantConfig(
         weight_bits=widths[0],
         activation_bits=widths[1],
         calibration=CalibrationMethod.MSE,
         max_samples=bench.LOW_BIT_SAMPLES,
         speed_check=False,
-        split_sums=split,
+        split_sums=CHOICES[label],
     )
     return held_out.row(name, config, held, reference)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=bench.ROOT / "BENCHMARKS.md")
-    parser.add_argument("--models", nargs="+", default=list(SETTINGS))
-    parser.add_argument("--resume", type=Path, help="a log of this tool's printed rows to reuse")
-    args = parser.parse_args()
+    args = held_out.arguments(__doc__.splitlines()[0], SETTINGS)
     done = held_out.printed_rows(args.resume, CHOICES) if args.resume else {}
     lines = [
         "## Residual sums with a second quantizer, chosen on held-out calibration images",
@@ -75,20 +68,18 @@ def main() -> None:
         "| --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
     logs: dict[str, list[float]] = {label: [] for label in CHOICES}
+    kl: dict[str, float] = {}
     wins = 0
-    for name in args.models:
-        held = bench.held_out_split(name)
-        reference = bench.logits(onnx.load(bench.model_path(name)), held[0])
-        for widths in SETTINGS[name]:
-            kl = {}
-            for label, split in CHOICES.items():
-                key = f"| {name} | W{widths[0]}A{widths[1]} mse | {label} |"
-                line, kl[label] = held_out.table_row(
-                    key, done, functools.partial(held_out_scores, name, widths, split, held, reference)
-                )
-                logs[label].append(float(np.log(kl[label])))
-                lines.append(line)
-                print(line, flush=True)
+
+    def key(name: str, widths: tuple[int, int], label: str) -> str:
+        return f"| {name} | W{widths[0]}A{widths[1]} mse | {label} |"
+
+    rows = held_out.choice_rows(args.models, SETTINGS, CHOICES, key, held_out_scores, done)
+    for _, _, label, line, loss in rows:
+        kl[label] = loss
+        logs[label].append(float(np.log(loss)))
+        lines.append(line)
+        if label == "split":  # the pair's second row
             wins += kl["split"] < kl["one quantizer"]
     means = {label: float(np.mean(values)) for label, values in logs.items()}
     chosen = "split" if means["split"] < means["one quantizer"] else "one quantizer"

@@ -4,12 +4,15 @@ evaluation split), one table row each, and the rows a killed run printed, to res
 
 from __future__ import annotations
 
+import argparse
+import functools
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench
@@ -50,3 +53,36 @@ def table_row(key: str, done: dict[str, tuple[str, float]], measure: Callable[[]
         f"{100 * result['top1']:.2f} | {result['seconds']:.0f} |"
     )
     return line, result["kl"]
+
+
+def arguments(description: str, models: Iterable[str]) -> argparse.Namespace:
+    """--out, --models and --resume, the arguments every tools/choose_*.py script takes."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=bench.ROOT / "BENCHMARKS.md")
+    parser.add_argument("--models", nargs="+", default=list(models))
+    parser.add_argument("--resume", type=Path, help="a log of this tool's printed rows to reuse")
+    return parser.parse_args()
+
+
+def choice_rows(
+    models: Iterable[str],
+    settings: dict[str, list],
+    choices: Iterable,
+    key: Callable[[str, object, object], str],
+    measure: Callable[..., dict],
+    done: dict[str, tuple[str, float]],
+) -> Iterator[tuple[str, object, object, str, float]]:
+    """(model, setting, choice, row, held-out KL) for every setting of every model and every
+    choice, printed as it comes: reused from `done` (printed_rows) by its `key(model, setting,
+    choice)` ("| model | setting | choice |"), or measured by `measure(model, setting, choice, held,
+    reference)` (a `row`) on the model's held-out split."""
+    choices = list(choices)
+    for name in models:
+        held = bench.held_out_split(name)
+        reference = bench.logits(onnx.load(bench.model_path(name)), held[0])
+        for setting in settings[name]:
+            for choice in choices:
+                scores = functools.partial(measure, name, setting, choice, held, reference)
+                line, kl = table_row(key(name, setting, choice), done, scores)
+                print(line, flush=True)
+                yield name, setting, choice, line, kl

@@ -16,7 +16,9 @@ from __future__ import annotations
 from collections.abc import Collection
 
 import onnx
-from onnx import helper
+import onnx_ir as ir
+
+from onnxq.io import to_ir, to_proto
 
 LAYER_READ_PREFIX = "onnxq_layer_read/"  # the Identities this pass adds (onnxq.quant.plan reads it)
 
@@ -30,50 +32,45 @@ def split_addend_reads(model: onnx.ModelProto, layer_ops: Collection[str]) -> tu
     """(model, how many tensors were split): every float tensor that Add nodes and weighted layers
     (`layer_ops` with a constant weight, reading it as their data input) read, and nothing else,
     reaches those layers through an Identity. The input model is not changed."""
-    graph = model.graph
-    constants = {i.name for i in graph.initializer} | {
-        o for n in graph.node if n.op_type == "Constant" for o in n.output
-    }
-    outputs = {o.name for o in graph.output}
-    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for node in graph.node:
-        for index, name in enumerate(node.input):
-            if name:
-                readers.setdefault(name, []).append((node, index))
-
-    def layer_read(node: onnx.NodeProto, index: int) -> bool:
-        weighted = len(node.input) > 1 and node.input[1] in constants
-        return node.op_type in layer_ops and node.domain == "" and index == 0 and weighted
-
-    def add(node: onnx.NodeProto) -> bool:
-        return node.op_type == "Add" and node.domain == ""
-
-    split = {
-        name
-        for name, reads in readers.items()
-        if name not in outputs
-        and name not in constants
-        and any(add(node) for node, _ in reads)
-        and any(layer_read(node, index) for node, index in reads)
-        and all(layer_read(node, index) or add(node) for node, index in reads)
-    }
+    graph_model = to_ir(model)
+    graph = graph_model.graph
+    split = [
+        value for node in list(graph) for value in node.outputs if _read_by_adds_and_layers(value, layer_ops)
+    ]
+    split += [value for value in graph.inputs if _read_by_adds_and_layers(value, layer_ops)]
     if not split:
         return model, 0
-    result = onnx.ModelProto()
-    result.CopyFrom(model)
-    nodes: list[onnx.NodeProto] = []
-    added: set[str] = set()
-    for original in model.graph.node:
-        node = onnx.NodeProto()
-        node.CopyFrom(original)
-        for index, name in enumerate(node.input):
-            if name in split and layer_read(node, index):
-                copy = f"{LAYER_READ_PREFIX}{name}"
-                if name not in added:
-                    nodes.append(helper.make_node("Identity", [name], [copy], name=copy))
-                    added.add(name)
-                node.input[index] = copy
-        nodes.append(node)
-    del result.graph.node[:]
-    result.graph.node.extend(nodes)
-    return result, len(split)
+    for value in split:
+        layer_reads = [(node, index) for node, index in value.uses() if _layer_read(node, index, layer_ops)]
+        name = f"{LAYER_READ_PREFIX}{value.name}"
+        copy = ir.node("Identity", [value], name=name)
+        copy.outputs[0].name = name
+        producer = value.producer()
+        if producer is None:  # a graph input
+            graph.insert_before(next(iter(graph)), copy)
+        else:
+            graph.insert_after(producer, copy)
+        for node, index in layer_reads:
+            node.replace_input_with(index, copy.outputs[0])
+    return to_proto(graph_model), len(split)
+
+
+def _read_by_adds_and_layers(value: ir.Value, layer_ops: Collection[str]) -> bool:
+    """Read by at least one Add and one weighted layer, by nothing else, and no graph output."""
+    uses = list(value.uses())
+    if not uses or value.is_graph_output() or _is_constant(value):
+        return False
+    layers = [_layer_read(node, index, layer_ops) for node, index in uses]
+    adds = [node.op_type == "Add" and node.domain == "" for node, _ in uses]
+    return any(layers) and any(adds) and all(a or b for a, b in zip(layers, adds, strict=True))
+
+
+def _layer_read(node: ir.Node, index: int, layer_ops: Collection[str]) -> bool:
+    """Whether `node` is a weighted layer reading the value as its data input."""
+    weighted = len(node.inputs) > 1 and _is_constant(node.inputs[1])
+    return node.op_type in layer_ops and node.domain == "" and index == 0 and weighted
+
+
+def _is_constant(value: ir.Value | None) -> bool:
+    """An initializer or a Constant node's output (without decoding it, as constant() would)."""
+    return value is not None and ir.convenience.get_const_tensor(value) is not None
