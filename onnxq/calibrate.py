@@ -174,7 +174,7 @@ def _rounded_on_float_inputs(
 ) -> tuple[dict, list[str]]:
     """GPTQ's integers for the weights whose H the observation pass measured, and notes."""
     progress.status(f"GPTQ: rounding {len(streamed.layers)} weights")
-    rounded, nearest = streamed_gptq.round_weights(streamed, plan, config.weight_symmetric, choice)
+    rounded, nearest = streamed_gptq.round_weights(streamed, plan, config.symmetric_weights, choice)
     notes = [f"GPTQ chose the integers of {len(rounded)} weights on float inputs (--weight-rounding)"]
     return rounded, notes + _left_nearest(nearest)
 
@@ -202,7 +202,7 @@ def _search(
     settings = SearchSettings(
         method=method,
         bias_correction=config.corrects_bias,
-        symmetric_weights=config.weight_symmetric,
+        symmetric_weights=config.symmetric_weights,
         symmetric_activations=config.activation_symmetric,
         int8_range=int8_range,
         pd_lambda=config.pd_lambda,
@@ -247,7 +247,7 @@ def _refine(
         else planned_weight(
             constant(graph.initializers[name]),
             spec,
-            weight_target(spec, config.weight_symmetric, int8_range),
+            weight_target(spec, config.symmetric_weights, int8_range),
             ratios.get(name),
         )
         for name, spec in plan.weights.items()

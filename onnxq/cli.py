@@ -162,7 +162,15 @@ def main() -> None:
     help="Weight clipping per scale group: minmax, percentile:P, mse, mae, scaleclip[:K], or "
     "output (by the layer's output error on the calibration data).",
 )
-@click.option("--w-asym", is_flag=True, help="Unsigned weights with a zero point (default: symmetric).")
+@click.option(
+    "--w-zero-point",
+    type=click.Choice(["auto", "none", "narrow", "all"]),
+    default="auto",
+    show_default=True,
+    help="Which weights are unsigned with a zero point (the others symmetric): none, narrow (below "
+    "8 bits), all; auto: narrow with 8-bit activations or weights below 4 bits, else none.",
+)
+@click.option("--w-asym", is_flag=True, help="Every weight unsigned with a zero point (--w-zero-point all).")
 @click.option("--a-sym", is_flag=True, help="Signed activations with zero point 0 (default: asymmetric).")
 @click.option(
     "--quantize-first-last", is_flag=True, help="Give the first and last layers the low widths too."
@@ -403,7 +411,7 @@ def quantize(model, output, calib, **options):
         split_sums=options.pop("split_sums"),
         granularity=Granularity.parse(options.pop("granularity")),
         weight_rule=RangeRule.parse(options.pop("w_range")),
-        weight_symmetric=not options.pop("w_asym"),
+        weight_zero_point=_weight_zero_point(options.pop("w_zero_point"), options.pop("w_asym")),
         activation_symmetric=options.pop("a_sym"),
         first_last_8bit=not options.pop("quantize_first_last"),
         overrides=load_overrides(overrides) if (overrides := options.pop("overrides")) else (),
@@ -553,3 +561,8 @@ def bench_command(models, batch_sizes, data, shapes, threads, **rest):
 
 if __name__ == "__main__":
     main()
+
+
+def _weight_zero_point(chosen: str, asym: bool) -> str:
+    """--w-asym, the older flag, means --w-zero-point all."""
+    return "all" if asym else chosen

@@ -288,7 +288,7 @@ def _build(
         graph_model.graph,
         plan,
         params,
-        symmetric_weights=config.weight_symmetric,
+        symmetric_weights=config.symmetric_weights,
         int8_range=choice,
         weight_ratios=search.weight_ratios if search else None,
         biases={**(search.biases if search else {}), **(refined.biases if refined is not None else {})},

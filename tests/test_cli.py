@@ -205,7 +205,38 @@ def test_low_bit_flags_and_overrides(tmp_path, small_model_path, calib_file):
     model = onnx.load(out)
     assert next(o.version for o in model.opset_import if o.domain == "") == 21
     types = {t.data_type for t in model.graph.initializer if t.name.endswith("_quantized")}
-    assert onnx.TensorProto.INT4 in types and onnx.TensorProto.INT8 in types
+    assert onnx.TensorProto.INT4 in types and onnx.TensorProto.INT8 in types  # W4A6: symmetric
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--w-bits", "4"], {onnx.TensorProto.UINT4, onnx.TensorProto.INT8}),
+        (["--w-bits", "4", "--a-bits", "4"], {onnx.TensorProto.INT4, onnx.TensorProto.INT8}),
+        (["--w-bits", "4", "--w-zero-point", "none"], {onnx.TensorProto.INT4, onnx.TensorProto.INT8}),
+        (
+            ["--w-bits", "4", "--a-bits", "4", "--w-zero-point", "narrow"],
+            {onnx.TensorProto.UINT4, onnx.TensorProto.INT8},
+        ),
+        (
+            ["--w-bits", "4", "--a-bits", "4", "--w-zero-point", "all"],
+            {onnx.TensorProto.UINT4, onnx.TensorProto.UINT8},
+        ),
+        (["--w-bits", "4", "--a-bits", "4", "--w-asym"], {onnx.TensorProto.UINT4, onnx.TensorProto.UINT8}),
+    ],
+    ids=["default-W4A8", "default-W4A4", "none", "narrow", "all", "w-asym"],
+)
+def test_weight_zero_point_flags(tmp_path, small_model_path, calib_file, args, expected):
+    """By default 4-bit weights get a zero point under 8-bit activations and stay signed under
+    4-bit ones, and the 8-bit first and last layers stay signed;
+    signed; --w-zero-point and --w-asym (all) override."""
+    out = tmp_path / "small.zero_point.onnx"
+    args = ["--calib", calib_file, "--calib-method", "minmax", *args]
+    result = run("quantize", small_model_path, "-o", out, *args)
+    assert result.exit_code == 0, result.output
+    model = onnx.load(out)
+    types = {t.data_type for t in model.graph.initializer if t.name.endswith("_quantized")}
+    assert types - {onnx.TensorProto.INT32} == expected  # biases are int32 either way
 
 
 def test_searched_calibration_reports_its_losses(tmp_path, small_model_path, calib_file):

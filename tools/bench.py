@@ -271,6 +271,8 @@ def reparam_settings(name: str) -> dict[str, Callable]:
     return settings
 
 
+# the weights of the low-bit suites (symmetric before the zero-point suite; auto since)
+WEIGHTS = "per-channel weights (`--w-zero-point auto`)"
 LOW_BIT_WIDTHS = [(8, 8), (6, 6), (4, 8), (4, 4), (3, 3), (2, 4)]
 RULES_AT_W4A8 = ["mse", "mae", "scaleclip", "percentile:99.9", "output"]
 
@@ -281,7 +283,7 @@ def lowbit_config(w: int, a: int, granularity: str, rule: str, symmetric: bool =
         activation_bits=a,
         granularity=Granularity.parse(granularity),
         weight_rule=RangeRule.parse(rule),
-        weight_symmetric=symmetric,
+        weight_zero_point="none" if symmetric else "all",
         calibration=onnxq.CalibrationMethod.MINMAX,
         bias_correction=False,  # the issue-4 baseline: ranges only (calib suite has the rest)
     )
@@ -471,33 +473,47 @@ def rounding_settings(name: str) -> dict[str, Callable]:
     return settings
 
 
-def equalize_settings(name: str) -> dict[str, Callable]:
-    """Cross-layer equalization against none at refinement's widths below 8-bit activations (where
-    it is the default), with the mse scale search and its default GPTQ rounding, everything else
-    equal; top-1 on held-out calibration images beside."""
+def flag_pair_settings(
+    name: str, choices: tuple[tuple[tuple[str, ...], str], ...], widths: Callable[[int, int], bool]
+) -> dict[str, Callable]:
+    """One setting against another (`choices`: (flags, what the label calls it)) at refinement's widths
+    that `widths(w, a)` keeps, with the mse scale search and its default GPTQ rounding, everything
+    else equal; top-1 on held-out calibration images beside."""
     scored = functools.partial(held_out_scored, held_out_split(name))
     settings = {}
-    for w, a in [(w, a) for w, a in REFINE_WIDTHS.get(name, [(4, 4)]) if a < 8]:
+    for w, a in [(w, a) for w, a in REFINE_WIDTHS.get(name, [(4, 4)]) if widths(w, a)]:
         base = ["--w-bits", str(w), "--a-bits", str(a), "--max-samples", "256", "--no-speed-check"]
-        for equalize in ("no-equalize", "equalize"):
-            label = f"onnxq W{w}A{a} mse, --{equalize}"
-            settings[label] = scored(label, [*base, "--calib-method", "mse", f"--{equalize}"])
+        for flags, what in choices:
+            label = f"onnxq W{w}A{a} mse, {what}"
+            settings[label] = scored(label, [*base, "--calib-method", "mse", *flags])
     return settings
+
+
+def below_8bit_activations(w: int, a: int) -> bool:
+    return a < 8
+
+
+def equalize_settings(name: str) -> dict[str, Callable]:
+    """Cross-layer equalization against none below 8-bit activations, where it is the default."""
+    choices = ((("--no-equalize",), "--no-equalize"), (("--equalize",), "--equalize"))
+    return flag_pair_settings(name, choices, below_8bit_activations)
 
 
 def sums_settings(name: str) -> dict[str, Callable]:
     """Residual sums quantized once at the activation width against split (the Add at 8 bits, the
-    layer through its own quantizer) at refinement's widths below 8-bit activations, mse scale
-    search with its default GPTQ rounding, everything else equal; top-1 on held-out calibration
-    images beside."""
-    scored = functools.partial(held_out_scored, held_out_split(name))
-    settings = {}
-    for w, a in [(w, a) for w, a in REFINE_WIDTHS.get(name, [(4, 4)]) if a < 8]:
-        base = ["--w-bits", str(w), "--a-bits", str(a), "--max-samples", "256", "--no-speed-check"]
-        for flag, what in (("--no-split-sums", "one quantizer per sum"), ("--split-sums", "split sums")):
-            label = f"onnxq W{w}A{a} mse, {what}"
-            settings[label] = scored(label, [*base, "--calib-method", "mse", flag])
-    return settings
+    layer through its own quantizer) below 8-bit activations."""
+    choices = ((("--no-split-sums",), "one quantizer per sum"), (("--split-sums",), "split sums"))
+    return flag_pair_settings(name, choices, below_8bit_activations)
+
+
+def zero_point_settings(name: str) -> dict[str, Callable]:
+    """Every weight symmetric against a zero point on those below 8 bits, at every refinement width
+    (each has weights below 8 bits)."""
+    choices = (
+        (("--w-zero-point", "none"), "symmetric weights"),
+        (("--w-zero-point", "narrow"), "weights below 8 bits with a zero point"),
+    )
+    return flag_pair_settings(name, choices, lambda w, a: True)
 
 
 def refine_extra(name: str) -> str:
@@ -585,6 +601,7 @@ SUITES = {
     "rounding": (rounding_settings, LOW_BIT_SAMPLES, False),
     "equalize": (equalize_settings, LOW_BIT_SAMPLES, False),
     "sums": (sums_settings, LOW_BIT_SAMPLES, False),
+    "zero-point": (zero_point_settings, LOW_BIT_SAMPLES, False),
 }
 DEFAULT_MODELS = {
     "w8a8": [
@@ -604,9 +621,10 @@ DEFAULT_MODELS = {
     "rounding": list(REFINE_WIDTHS),
     "equalize": list(REFINE_WIDTHS),
     "sums": list(REFINE_WIDTHS),
+    "zero-point": list(REFINE_WIDTHS),
 }
 # rows run `onnxq quantize` in its own process
-PEAK_MB_SUITES = ("calib", "refine", "seeds", "qprep", "rounding", "equalize", "sums")
+PEAK_MB_SUITES = ("calib", "refine", "seeds", "qprep", "rounding", "equalize", "sums", "zero-point")
 SUITE_TITLES = {
     "w8a8": "W8A8 against onnxruntime (issue 2)",
     "reparam": "Re-parameterized models: unfused, fused, W8A8 (issue 3)",
@@ -618,6 +636,7 @@ SUITE_TITLES = {
     "rounding": "GPTQ weight rounding against nearest rounding (issue 14)",
     "equalize": "Cross-layer equalization against none (issues 13 and 14)",
     "sums": "Residual sums with a second quantizer against one (issue 14)",
+    "zero-point": "Weights below 8 bits with a zero point against symmetric ones (issue 14)",
 }
 
 
@@ -654,12 +673,12 @@ def markdown(suite: str, name: str, float_top1: float, rows: list[Row], samples:
         "lowbit": f"Calibration: {samples} CIFAR-10 training images or {samples} even-class ImageNet "
         "images; activation ranges min-max. First and last layers stay at 8 bits.",
         "calib": f"Calibration: {samples} CIFAR-10 training images or {samples} even-class ImageNet images; "
-        "per-channel symmetric weights, first and last layers at 8 bits. onnxq rows run `onnxq quantize` "
+        f"{WEIGHTS}, first and last layers at 8 bits. onnxq rows run `onnxq quantize` "
         "in its own process: calib. s is that process's wall time (imports and saving included) and "
         "peak MB its peak resident memory. pd keeps 20 % of the calibration images out of its search. "
         "Re-parameterized models: below 8 bits branches are quantized one by one unless merged.",
         "refine": f"Calibration: {samples} CIFAR-10 training images or {samples} even-class ImageNet images; "
-        "per-channel symmetric weights, first and last layers at 8 bits, tensors only Add reads at 8 bits "
+        f"{WEIGHTS}, first and last layers at 8 bits, tensors only Add reads at 8 bits "
         "(`--addend-bits`), branches of re-parameterized models unmerged. `--refine` starts from the "
         "mse scale search and runs its defaults (block units, "
         "QDrop 0.5, 500 iterations per block, batch 32, seed 0; the loss as the row says); "
@@ -679,22 +698,29 @@ def markdown(suite: str, name: str, float_top1: float, rows: list[Row], samples:
         "torch thread; one calibration draw. calib. s is the `onnxq quantize` process's wall time and "
         "peak MB its peak resident memory.",
         "rounding": f"Calibration: {samples} CIFAR-10 training images or {samples} even-class ImageNet "
-        "images; per-channel symmetric weights, first and last layers at 8 bits, tensors only Add reads at "
+        f"images; {WEIGHTS}, first and last layers at 8 bits, tensors only Add reads at "
         "8 bits, branches of re-parameterized models unmerged. auto: ranges from statistics with bias "
         "correction; mse: the scale search. nearest: every weight rounded to its nearest integer; gptq: "
         "`--weight-rounding gptq` (onnxq/calib/rounding.py), the same scales. One calibration draw. "
         "calib. s is the `onnxq quantize` process's wall time on 2 cores and peak MB its peak resident "
         "memory.",
         "sums": f"Calibration: {samples} CIFAR-10 training images or {samples} even-class ImageNet "
-        "images; per-channel symmetric weights, first and last layers at 8 bits, tensors only Add reads at "
+        f"images; {WEIGHTS}, first and last layers at 8 bits, tensors only Add reads at "
         "8 bits, mse scale search with GPTQ rounding (the default below 8-bit weights). One quantizer "
         "per sum (`--no-split-sums`): a tensor an Add and a layer both read (a residual block's input) "
         "is quantized once, at the activation width; split sums (`--split-sums`): the Add reads it at "
         "8 bits, the layer through a quantizer of its own at the activation width "
         "(onnxq/passes/split_addend_reads.py). One calibration draw. calib. s is the `onnxq quantize` "
         "process's wall time on 2 cores and peak MB its peak resident memory.",
+        "zero-point": f"Calibration: {samples} CIFAR-10 training images or {samples} even-class ImageNet "
+        "images; first and last layers at 8 bits, tensors only Add reads at 8 bits, residual sums split, "
+        "mse scale search with GPTQ rounding (the default below 8-bit weights). Symmetric weights "
+        "(`--w-zero-point none`): signed, zero point 0; with a zero point (`--w-zero-point narrow`): "
+        "weights narrower than 8 bits unsigned with a zero point per channel, 8-bit ones symmetric. "
+        "One calibration draw. calib. s is the `onnxq quantize` process's wall time on 2 cores and "
+        "peak MB its peak resident memory.",
         "equalize": f"Calibration: {samples} CIFAR-10 training images or {samples} even-class ImageNet "
-        "images; per-channel symmetric weights, first and last layers at 8 bits, tensors only Add reads at "
+        f"images; {WEIGHTS}, first and last layers at 8 bits, tensors only Add reads at "
         "8 bits, mse scale search with GPTQ rounding (the default below 8-bit weights). --equalize: "
         "cross-layer equalization (onnxq/passes/equalize.py) before planning; --no-equalize: none. One "
         "calibration draw. calib. s is the `onnxq quantize` process's wall time on 2 cores and peak MB "
@@ -808,7 +834,7 @@ def main() -> None:
             section += " (" + ", ".join(args.only) + ")"
         float_top1, rows = measure(name, settings, samples=samples, latency=latency)
         extra = fusion_check(name) if args.suite == "reparam" else ""
-        if args.suite in ("refine", "rounding", "equalize", "sums"):
+        if args.suite in ("refine", "rounding", "equalize", "sums", "zero-point"):
             extra, _ = refine_extra(name), HELD_OUT.clear()
         text = markdown(args.suite, section.split("/", 1)[1], float_top1, rows, samples, extra)
         write_section(args.out, section, text, machine)

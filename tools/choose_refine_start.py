@@ -24,19 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench
 import held_out
 
-from onnxq.config import CalibrationMethod, QuantConfig
-
 SETTINGS = {"resnet20_cifar10": [(4, 4), (2, 4)], "mobilenet_v2": [(4, 8)]}  # (weight, activation bits)
 STARTS = {"nearest": "nearest", "gptq": "gptq"}  # start → --weight-rounding
 
 
 def held_out_scores(name: str, widths: tuple[int, int], start: str, held, reference) -> dict:
-    config = QuantConfig(
-        weight_bits=widths[0],
-        activation_bits=widths[1],
-        calibration=CalibrationMethod.MSE,
-        max_samples=bench.LOW_BIT_SAMPLES,
-        speed_check=False,
+    config = held_out.mse_config(
+        widths,
         refine=True,
         weight_rounding=STARTS[start],
         time_budget=float(bench.REFINE_BUDGETS[name]) if name in bench.REFINE_BUDGETS else None,

@@ -25,8 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench
 import held_out
 
-from onnxq.config import CalibrationMethod, QuantConfig
-
 SETTINGS = {  # (weight, activation bits): the widths below 8-bit activations of issue 14's targets
     "resnet20_cifar10": [(4, 4), (2, 4)],
     "resnet56_cifar10": [(4, 4)],
@@ -36,14 +34,7 @@ CHOICES = {"one quantizer": False, "split": True}  # label → split_sums
 
 
 def held_out_scores(name: str, widths: tuple[int, int], label: str, held, reference) -> dict:
-    config = QuantConfig(
-        weight_bits=widths[0],
-        activation_bits=widths[1],
-        calibration=CalibrationMethod.MSE,
-        max_samples=bench.LOW_BIT_SAMPLES,
-        speed_check=False,
-        split_sums=CHOICES[label],
-    )
+    config = held_out.mse_config(widths, split_sums=CHOICES[label])
     return held_out.row(name, config, held, reference)
 
 

@@ -20,6 +20,19 @@ import bench
 import onnxq
 
 
+def mse_config(widths: tuple[int, int], **changes) -> onnxq.QuantConfig:
+    """The tools/choose_*.py base: W/A bits, the mse scale search on the protocol's sample count,
+    no speed check (it would time the model on shared cores), and the setting's `changes`."""
+    return onnxq.QuantConfig(
+        weight_bits=widths[0],
+        activation_bits=widths[1],
+        calibration=onnxq.CalibrationMethod.MSE,
+        max_samples=bench.LOW_BIT_SAMPLES,
+        speed_check=False,
+        **changes,
+    )
+
+
 def row(name: str, config: onnxq.QuantConfig, held: tuple, reference: np.ndarray) -> dict:
     """`onnxq.quantize` on the protocol's 256 calibration images, timed, scored against float on
     held-out calibration images (the tools/choose_*.py rows)."""

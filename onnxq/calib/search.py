@@ -54,7 +54,7 @@ ACTIVATION_POSITIONS = 1 << 20  # positions per tensor the activation search sco
 class SearchSettings:
     method: str  # "fixed" (given ranges; only "output" weights searched), "mse", "mae" or "pd"
     bias_correction: bool = True
-    symmetric_weights: bool = True
+    symmetric_weights: bool | None = True  # None: symmetric at 8 bits only (weight_target)
     symmetric_activations: bool = False
     int8_range: WeightRangeChoice = FULL_RANGE
     pd_lambda: float = 0.1

@@ -86,7 +86,7 @@ def prepare(model: onnx.ModelProto, weights: list[str]) -> StreamedGptq:
 
 
 def round_weights(
-    streamed: StreamedGptq, plan: QuantPlan, symmetric: bool, int8_range: WeightRangeChoice
+    streamed: StreamedGptq, plan: QuantPlan, symmetric: bool | None, int8_range: WeightRangeChoice
 ) -> tuple[dict[str, QuantizedWeight], dict[str, str]]:
     """GPTQ's integers for every planned weight whose H was measured well enough (scales as
     the range rule sets them), and why the others keep nearest rounding. Each H is freed once

@@ -77,7 +77,7 @@ def insert_qdq(
     plan: QuantPlan,
     params: ActivationParams,
     *,
-    symmetric_weights: bool = True,
+    symmetric_weights: bool | None = True,
     int8_range: WeightRangeChoice = FULL_RANGE,
     weight_ratios: dict[str, np.ndarray] | None = None,
     biases: dict[str, np.ndarray] | None = None,
@@ -142,9 +142,15 @@ def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
 
 
 def weight_target(
-    spec: WeightSpec, symmetric: bool, int8_range: WeightRangeChoice = FULL_RANGE
+    spec: WeightSpec, symmetric: bool | None, int8_range: WeightRangeChoice = FULL_RANGE
 ) -> P.IntRange:
-    """The integers a weight may take: `int8_range` narrows 8-bit ones where kernels saturate."""
+    """The integers a weight may take: `int8_range` narrows 8-bit ones where kernels saturate.
+
+    `symmetric=None` (QuantConfig's default) keeps 8-bit weights symmetric, for onnxruntime's
+    integer kernels, and gives narrower ones a zero point: no integer kernel runs them, and a
+    skewed channel (a depthwise filter) then spends all of its few levels on its own range."""
+    if symmetric is None:
+        symmetric = spec.bits >= 8
     if not symmetric:
         return P.IntRange.unsigned(spec.bits)
     return P.IntRange.signed(7 if spec.bits == 8 and int8_range.reduces(spec.kernel) else spec.bits)

@@ -45,7 +45,7 @@ def quantize_conv(weight, config: QuantConfig, low: float = -1.0, high: float = 
     graph_model = to_ir(conv_model(weight, opset))
     plan = plan_quantization(graph_model.graph, config)
     params = activation_params(plan, {"x": (low, high)}, symmetric=config.activation_symmetric)
-    insert_qdq(graph_model.graph, plan, params, symmetric_weights=config.weight_symmetric)
+    insert_qdq(graph_model.graph, plan, params, symmetric_weights=config.symmetric_weights)
     graph = graph_model.graph
     for name in ("w_dequantized", "x_dequantized"):
         value = next(v for n in graph for v in n.outputs if v.name == name)
@@ -69,18 +69,19 @@ weights = arrays(
     bits=st.integers(2, 8),
     granularity=st.sampled_from(GRANULARITIES),
     rule=st.sampled_from(RULES),
-    symmetric=st.booleans(),
+    zero_point=st.sampled_from(["none", "all", "narrow"]),
 )
-def test_weights_in_onnxruntime_match_the_numpy_reference(weight, bits, granularity, rule, symmetric):
+def test_weights_in_onnxruntime_match_the_numpy_reference(weight, bits, granularity, rule, zero_point):
     config = QuantConfig(
         weight_bits=bits,
         granularity=Granularity.parse(granularity),
         weight_rule=RangeRule.parse(rule),
-        weight_symmetric=symmetric,
+        weight_zero_point=zero_point,
         first_last_8bit=False,
     )
     model, _ = quantize_conv(weight, config)
-    target = P.IntRange.signed(bits) if symmetric else P.IntRange.unsigned(bits)
+    signed = zero_point == "none" or (zero_point == "narrow" and bits == 8)
+    target = P.IntRange.signed(bits) if signed else P.IntRange.unsigned(bits)
     reference = quantize_weight(weight, WeightLayout(0, 1), config.granularity, config.weight_rule, target)
     assert reference.integers.min() >= target.qmin and reference.integers.max() <= target.qmax
     x = np.zeros((2, weight.shape[1], 5, 5), np.float32)
@@ -115,31 +116,42 @@ def test_activations_take_at_most_2_to_the_bits_values(x, bits, symmetric, low, 
 
 
 @pytest.mark.parametrize(
-    ("bits", "granularity", "opset", "data_type"),
+    ("bits", "granularity", "zero_point", "opset", "data_type"),
     [
-        (4, "channel", 21, TensorProto.INT4),
-        (3, "channel", 21, TensorProto.INT4),
-        (2, "channel", 21, TensorProto.INT4),  # a float output: onnxruntime may fuse the layer
-        (8, "block:2", 21, TensorProto.INT8),
-        (6, "group:2", 17, TensorProto.INT8),
+        (4, "channel", "none", 21, TensorProto.INT4),
+        (4, "channel", "auto", 21, TensorProto.UINT4),  # with 8-bit activations: a zero point
+        (3, "channel", "auto", 21, TensorProto.UINT4),
+        (2, "channel", "none", 21, TensorProto.INT4),  # a float output: onnxruntime may fuse the layer
+        (2, "channel", "auto", 21, TensorProto.UINT4),
+        (8, "block:2", "auto", 21, TensorProto.INT8),
+        (6, "group:2", "none", 17, TensorProto.INT8),
+        (6, "group:2", "auto", 17, TensorProto.UINT8),
     ],
 )
-def test_storage_type_and_opset_follow_the_width(bits, granularity, opset, data_type):
+def test_storage_type_and_opset_follow_the_width(bits, granularity, zero_point, opset, data_type):
     weight = np.random.default_rng(0).standard_normal((4, 4, 3, 3)).astype(np.float32)
-    config = QuantConfig(weight_bits=bits, granularity=Granularity.parse(granularity), first_last_8bit=False)
+    config = QuantConfig(
+        weight_bits=bits,
+        granularity=Granularity.parse(granularity),
+        weight_zero_point=zero_point,
+        first_last_8bit=False,
+    )
     model, _ = quantize_conv(weight, config)
     stored = next(t for t in model.graph.initializer if t.name == "w_quantized")
     assert stored.data_type == data_type
     assert next(o.version for o in model.opset_import if o.domain == "") == opset
 
 
+@pytest.mark.parametrize("zero_point", ["none", "auto"])
 @pytest.mark.parametrize(
     ("a_bits", "first_last"),
     [(8, False), (8, True), (4, True), (4, False)],
     ids=["W2A8", "W2A8-first-last", "W2A4-first-last", "W2A4"],
 )
-def test_2bit_weights_run_on_onnxruntimes_default_level(small_model, calibration_data, a_bits, first_last):
-    """Integer kernels reject INT2: layers they may take keep 2-bit values in an INT4 type."""
+def test_2bit_weights_run_on_onnxruntimes_default_level(
+    small_model, calibration_data, a_bits, first_last, zero_point
+):
+    """Integer kernels reject INT2/UINT2: layers they may take keep 2-bit values in a 4-bit type."""
     import onnxq
 
     config = QuantConfig(
@@ -147,20 +159,26 @@ def test_2bit_weights_run_on_onnxruntimes_default_level(small_model, calibration
         activation_bits=a_bits,
         first_last_8bit=not first_last,
         calibration=onnxq.CalibrationMethod.MINMAX,
+        weight_zero_point=zero_point,  # auto: 2-bit weights get one
     )
+    symmetric = zero_point == "none"
     result = onnxq.quantize(small_model, calibration_data[:16], config)
     feed = {"input": calibration_data[:16]}
     deployed = session(result.model).run(None, feed)[0]
     reference = session(result.model, optimize=False).run(None, feed)[0]
     np.testing.assert_allclose(deployed, reference, atol=1e-4 * np.abs(reference).max())
+    two_bit, four_bit = (
+        (TensorProto.INT2, TensorProto.INT4) if symmetric else (TensorProto.UINT2, TensorProto.UINT4)
+    )
+    low, high = (-1, 1) if symmetric else (0, 3)
     stored = {
         t.name: (t.data_type, numpy_helper.to_array(t))
         for t in result.model.graph.initializer
-        if t.data_type in (TensorProto.INT2, TensorProto.INT4)
+        if t.data_type in (two_bit, four_bit)
     }
-    assert stored and all(v.min() >= -1 and v.max() <= 1 for _, v in stored.values())
+    assert stored and all(v.min() >= low and v.max() <= high for _, v in stored.values())
     types = {t for t, _ in stored.values()}
-    assert (TensorProto.INT2 in types) == (a_bits == 4)  # outputs below 8 bits: nothing fuses
+    assert (two_bit in types) == (a_bits == 4)  # outputs below 8 bits: nothing fuses
 
 
 def test_packed_4bit_weights_take_an_eighth_of_their_float_bytes():
@@ -259,17 +277,17 @@ def wide_conv_model() -> tuple[onnx.ModelProto, np.ndarray]:
     ("make", "w_bits", "container"),
     [
         (token_mixer_model, 8, TensorProto.INT16),
-        (token_mixer_model, 4, TensorProto.INT4),
+        (token_mixer_model, 4, TensorProto.UINT4),
         (wide_conv_model, 8, TensorProto.INT16),
-        (wide_conv_model, 4, TensorProto.INT4),
+        (wide_conv_model, 4, TensorProto.UINT4),
     ],
-    ids=["MatMul-W8-INT16", "MatMul-W4-INT4", "Conv-W8-INT16", "Conv-W4-INT4"],
+    ids=["MatMul-W8-INT16", "MatMul-W4-UINT4", "Conv-W8-INT16", "Conv-W4-UINT4"],
 )
 def test_blockwise_weights_run_on_onnxruntimes_default_level(make, w_bits, container):
     """onnxruntime fuses an 8-bit block-wise weight into MatMulIntegerToFloat (a MatMul with a
     quantized input and a float output) or QLinearConv (a Conv with a quantized output), which
     fail on block-wise scales: such weights are stored in INT16 and run as written; 4-bit ones
-    stay in INT4, which no integer kernel takes."""
+    stay in UINT4 (with a zero point, the default below 8 bits), which no integer kernel takes."""
     import onnxq
 
     model, data = make()
@@ -288,10 +306,37 @@ def test_blockwise_weights_run_on_onnxruntimes_default_level(make, w_bits, conta
     blocked = [n for n in result.model.graph.node if n.op_type == "DequantizeLinear" and _block_size(n)]
     stored = {t.name: t.data_type for t in result.model.graph.initializer}
     assert len(blocked) >= 2 and all(stored[n.input[0]] == container for n in blocked)
-    limit = 2 ** (w_bits - 1)
+    half = 2 ** (w_bits - 1)
+    low, high = (0, 2**w_bits) if container == TensorProto.UINT4 else (-half, half)
     integers = [numpy_helper.to_array(t) for t in result.model.graph.initializer if t.data_type == container]
-    assert integers and all(v.min() >= -limit and v.max() < limit for v in integers)
+    assert integers and all(v.min() >= low and v.max() < high for v in integers)
 
 
 def _block_size(node: onnx.NodeProto) -> int:
     return next((a.i for a in node.attribute if a.name == "block_size"), 0)
+
+
+@pytest.mark.parametrize(
+    ("w_bits", "a_bits", "asked", "expected"),
+    [
+        (8, 8, "auto", None),  # every weight 8-bit: weight_target keeps them symmetric
+        (4, 8, "auto", None),  # 8-bit activations: a zero point below 8 bits
+        (2, 4, "auto", None),  # weights below 4 bits: a zero point
+        (3, 3, "auto", None),
+        (4, 4, "auto", True),  # 4-bit and wider weights under narrower activations: symmetric
+        (6, 6, "auto", True),
+        (4, 4, "narrow", None),
+        (4, 4, "all", False),
+        (2, 4, "none", True),
+    ],
+)
+def test_weight_zero_point_default_follows_the_widths(w_bits, a_bits, asked, expected):
+    config = QuantConfig(weight_bits=w_bits, activation_bits=a_bits, weight_zero_point=asked)
+    assert config.symmetric_weights is expected
+
+
+def test_an_unknown_weight_zero_point_is_refused():
+    from onnxq.errors import OnnxqError
+
+    with pytest.raises(OnnxqError, match="weight zero point"):
+        QuantConfig(weight_zero_point="some")
