@@ -559,10 +559,10 @@ def bench_command(models, batch_sizes, data, shapes, threads, **rest):
     print_latencies(rows)
 
 
-if __name__ == "__main__":
-    main()
-
-
 def _weight_zero_point(chosen: str, asym: bool) -> str:
     """--w-asym, the older flag, means --w-zero-point all."""
     return "all" if asym else chosen
+
+
+if __name__ == "__main__":
+    main()
