@@ -560,7 +560,9 @@ def bench_command(models, batch_sizes, data, shapes, threads, **rest):
 
 
 def _weight_zero_point(chosen: str, asym: bool) -> str:
-    """--w-asym, the older flag, means --w-zero-point all."""
+    """--w-asym, the older flag, means --w-zero-point all; with another choice it is refused."""
+    if asym and chosen not in ("auto", "all"):
+        raise OnnxqError(f"--w-asym means --w-zero-point all; it contradicts --w-zero-point {chosen}")
     return "all" if asym else chosen
 
 

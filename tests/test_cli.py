@@ -239,6 +239,14 @@ def test_weight_zero_point_flags(tmp_path, small_model_path, calib_file, args, e
     assert types - {onnx.TensorProto.INT32} == expected  # biases are int32 either way
 
 
+def test_w_asym_with_another_zero_point_choice_is_refused(tmp_path, small_model_path, calib_file):
+    out = tmp_path / "small.refused.onnx"
+    args = ["--calib", calib_file, "--w-bits", "4", "--w-asym", "--w-zero-point", "none"]
+    result = run("quantize", small_model_path, "-o", out, *args)
+    assert result.exit_code == 1 and not out.exists()
+    assert result.output.count("\n") == 1 and "contradicts --w-zero-point none" in result.output
+
+
 def test_searched_calibration_reports_its_losses(tmp_path, small_model_path, calib_file):
     out = tmp_path / "small.w4a4.pd.onnx"
     args = ["--w-bits", "4", "--a-bits", "4", "--calib-method", "pd", "--seed", "1"]
