@@ -63,28 +63,20 @@ def main() -> None:
         "| model | setting | equalize | KL held-out | agreement % | top-1 % | s |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
-    logs: dict[tuple[bool, bool], list[float]] = {(a, e): [] for a in (False, True) for e in (False, True)}
-    wins = {False: 0, True: 0}
-    kl: dict[bool, float] = {}
 
     def key(name: str, setting: tuple[int, int, str], equalize: bool) -> str:
         return f"| {name} | W{setting[0]}A{setting[1]} {setting[2]} | {'on' if equalize else 'off'} |"
 
     rows = held_out.choice_rows(args.models, SETTINGS, (False, True), key, held_out_scores, done)
-    for _, setting, equalize, line, loss in rows:
-        narrow = setting[1] < 8
-        kl[equalize] = loss
-        logs[narrow, equalize].append(float(np.log(loss)))
-        lines.append(line)
-        if equalize:  # the pair's second row
-            wins[narrow] += kl[True] < kl[False]
-    lines.append("")
+    table, logs = held_out.grouped_log_kls(rows, lambda setting: setting[1] < 8)
+    lines += [*table, ""]
     for narrow, what in ((False, "8-bit activations"), (True, "narrower activations")):
-        if not logs[narrow, True]:
+        if narrow not in logs:
             continue
-        without, with_ = (float(np.mean(logs[narrow, e])) for e in (False, True))
+        without, with_ = (float(np.mean(logs[narrow][e])) for e in (False, True))
+        wins = held_out.wins(logs[narrow], False, True)
         lines.append(
-            f"{what}: equalization lowers the held-out KL on {wins[narrow]} of {len(logs[narrow, True])} "
+            f"{what}: equalization lowers the held-out KL on {wins} of {len(logs[narrow][True])} "
             f"rows; mean log held-out KL {without:.2f} without, {with_:.2f} with: "
             f"{'on' if with_ < without else 'off'} by default."
         )

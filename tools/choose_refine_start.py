@@ -57,29 +57,21 @@ def main() -> None:
         "| model | setting | start | KL held-out | agreement % | top-1 % | s |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
-    logs: dict[tuple[bool, str], list[float]] = {(n, s): [] for n in (False, True) for s in STARTS}
-    wins = {False: 0, True: 0}
-    kl: dict[str, float] = {}
 
     def key(name: str, widths: tuple[int, int], start: str) -> str:
         return f"| {name} | W{widths[0]}A{widths[1]} mse + --refine | {start} |"
 
     rows = held_out.choice_rows(args.models, SETTINGS, STARTS, key, held_out_scores, done)
-    for _, widths, start, line, loss in rows:
-        narrow = widths[0] < 4
-        kl[start] = loss
-        logs[narrow, start].append(float(np.log(loss)))
-        lines.append(line)
-        if start == "gptq":  # the pair's second row
-            wins[narrow] += kl["gptq"] < kl["nearest"]
-    lines.append("")
+    table, logs = held_out.grouped_log_kls(rows, lambda widths: widths[0] < 4)
+    lines += [*table, ""]
     for narrow, what in ((True, "weights below 4 bits"), (False, "4-bit and wider weights")):
-        if not logs[narrow, "gptq"]:
+        if narrow not in logs:
             continue
-        means = {start: float(np.mean(logs[narrow, start])) for start in STARTS}
+        means = {start: float(np.mean(logs[narrow][start])) for start in STARTS}
         chosen = min(means, key=means.get)
+        wins = held_out.wins(logs[narrow], "nearest", "gptq")
         lines.append(
-            f"{what}: GPTQ's start lowers the held-out KL on {wins[narrow]} of {len(logs[narrow, 'gptq'])} "
+            f"{what}: GPTQ's start lowers the held-out KL on {wins} of {len(logs[narrow]['gptq'])} "
             f"rows; mean log held-out KL {means['nearest']:.2f} from nearest rounding, "
             f"{means['gptq']:.2f} from GPTQ's integers: {chosen} by default."
         )

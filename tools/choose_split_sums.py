@@ -58,20 +58,15 @@ def main() -> None:
         "| model | setting | sums | KL held-out | agreement % | top-1 % | s |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
-    logs: dict[str, list[float]] = {label: [] for label in CHOICES}
-    kl: dict[str, float] = {}
-    wins = 0
 
     def key(name: str, widths: tuple[int, int], label: str) -> str:
         return f"| {name} | W{widths[0]}A{widths[1]} mse | {label} |"
 
     rows = held_out.choice_rows(args.models, SETTINGS, CHOICES, key, held_out_scores, done)
-    for _, _, label, line, loss in rows:
-        kl[label] = loss
-        logs[label].append(float(np.log(loss)))
-        lines.append(line)
-        if label == "split":  # the pair's second row
-            wins += kl["split"] < kl["one quantizer"]
+    table, grouped = held_out.grouped_log_kls(rows, lambda widths: "all")
+    lines += table
+    logs = grouped["all"]
+    wins = held_out.wins(logs, "one quantizer", "split")
     means = {label: float(np.mean(values)) for label, values in logs.items()}
     chosen = "split" if means["split"] < means["one quantizer"] else "one quantizer"
     lines += [

@@ -71,21 +71,16 @@ def main() -> None:
         "| model | setting | weights | KL held-out | agreement % | top-1 % | s |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
-    logs: dict[str, dict[str, list[float]]] = {}  # width class → label → log KL per row
-    kl: dict[str, float] = {}
 
     def key(name: str, widths: tuple[int, int], label: str) -> str:
         return f"| {name} | W{widths[0]}A{widths[1]} mse | {label} |"
 
     rows = held_out.choice_rows(args.models, SETTINGS, CHOICES, key, held_out_scores, done)
-    for _, widths, label, line, loss in rows:
-        kl[label] = loss
-        logs.setdefault(width_class(*widths), {c: [] for c in CHOICES})[label].append(float(np.log(loss)))
-        lines.append(line)
-    lines.append("")
+    table, logs = held_out.grouped_log_kls(rows, lambda widths: width_class(*widths))
+    lines += [*table, ""]
     for group, by_label in logs.items():
         means = {label: float(np.mean(values)) for label, values in by_label.items()}
-        wins = sum(z < s for s, z in zip(by_label["symmetric"], by_label["zero point"], strict=True))
+        wins = held_out.wins(by_label, "symmetric", "zero point")
         chosen = "zero point" if means["zero point"] < means["symmetric"] else "symmetric"
         lines.append(
             f"- {group}: a zero point lowers the held-out KL on {wins} of {len(by_label['symmetric'])} rows; "

@@ -77,6 +77,24 @@ def arguments(description: str, models: Iterable[str]) -> argparse.Namespace:
     return parser.parse_args()
 
 
+def grouped_log_kls(
+    rows: Iterable[tuple[str, object, object, str, float]], group: Callable[[object], object]
+) -> tuple[list[str], dict[object, dict[object, list[float]]]]:
+    """The table lines of `choice_rows`, and per group of settings (`group(setting)`: the class a
+    default is decided for) each choice's log held-out KL, in row order."""
+    lines: list[str] = []
+    logs: dict[object, dict[object, list[float]]] = {}
+    for _, setting, choice, line, loss in rows:
+        lines.append(line)
+        logs.setdefault(group(setting), {}).setdefault(choice, []).append(float(np.log(loss)))
+    return lines, logs
+
+
+def wins(logs: dict[object, list[float]], base: object, candidate: object) -> int:
+    """The rows on which `candidate` has a lower held-out KL than `base` (the pair's rows)."""
+    return sum(c < b for b, c in zip(logs[base], logs[candidate], strict=True))
+
+
 def choice_rows(
     models: Iterable[str],
     settings: dict[str, list],
