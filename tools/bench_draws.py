@@ -24,6 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench
+import bench_suites
 
 WHOLE_POOL = 10**6  # bench.split_for keeps the first N calibration images: all of them
 
@@ -39,7 +40,7 @@ def measure_draws(
 ) -> tuple[float, dict[str, list]]:
     """Every chosen setting on every draw: {label: [Row per draw]}. `after_draw(float_top1, rows)`
     runs after each draw, so that a long run keeps the draws it finished."""
-    make_settings, samples, _ = bench.SUITES[suite]
+    make_settings, samples, _ = bench_suites.SUITES[suite]
     settings = make_settings(name)
     missing = [label for label in labels if label not in settings]
     if missing:
@@ -65,11 +66,11 @@ def markdown(
     suite: str, name: str, float_top1: float, rows: dict[str, list], draws: int, planned: int | None = None
 ) -> str:
     """The section for `draws` finished draws (of `planned`, where the run is not through)."""
-    samples = bench.SUITES[suite][1]
+    samples = bench_suites.SUITES[suite][1]
     unfinished = f" ({draws} of the {planned} planned: the run did not get further)" if planned else ""
     reference = [r.top1 for r in next(iter(rows.values()))]
     lines = [
-        f"## {bench.SUITE_TITLES[suite]}, over {draws} calibration draws{unfinished}: {name} "
+        f"## {bench_suites.SUITE_TITLES[suite]}, over {draws} calibration draws{unfinished}: {name} "
         f"(float top-1 {100 * float_top1:.2f} %)",
         "",
         f"Each draw: {samples} calibration images chosen at random (seeds 1 to {draws}) from the "
@@ -79,8 +80,8 @@ def markdown(
         "process's wall time and peak resident memory, where the setting runs `onnxq quantize` in its "
         "own process. Settings as in the suite's own table"
         + (
-            f", with `--time-budget {bench.SEEDS_BUDGET_S}` on the refinement rows."
-            if suite == "seeds" and bench.seeds_budget(name)
+            f", with `--time-budget {bench_suites.SEEDS_BUDGET_S}` on the refinement rows."
+            if suite == "seeds" and bench_suites.seeds_budget(name)
             else "."
         ),
         "",
@@ -115,7 +116,7 @@ def _mean_cell(values: list[float | None], form: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("suite", choices=sorted(bench.SUITES))
+    parser.add_argument("suite", choices=sorted(bench_suites.SUITES))
     parser.add_argument("--models", nargs="+", required=True)
     parser.add_argument(
         "--only", nargs="+", required=True, help="Whole setting labels; the first is the reference."
@@ -125,11 +126,11 @@ def main() -> None:
     parser.add_argument(
         "--seeds-budget",
         type=int,
-        default=bench.SEEDS_BUDGET_S,
+        default=bench_suites.SEEDS_BUDGET_S,
         help="--time-budget (s) of the seeds suite's ImageNet refinement rows.",
     )
     args = parser.parse_args()
-    bench.SEEDS_BUDGET_S = args.seeds_budget
+    bench_suites.SEEDS_BUDGET_S = args.seeds_budget
     if args.draws < 2:
         raise SystemExit("--draws must be at least 2 (a spread needs two draws)")
     if not bench.SHARED.is_dir():

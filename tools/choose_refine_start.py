@@ -22,6 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench
+import bench_suites
 import held_out
 
 SETTINGS = {"resnet20_cifar10": [(4, 4), (2, 4)], "mobilenet_v2": [(4, 8)]}  # (weight, activation bits)
@@ -33,7 +34,7 @@ def held_out_scores(name: str, widths: tuple[int, int], start: str, held, refere
         widths,
         refine=True,
         weight_rounding=STARTS[start],
-        time_budget=float(bench.REFINE_BUDGETS[name]) if name in bench.REFINE_BUDGETS else None,
+        time_budget=float(bench_suites.REFINE_BUDGETS[name]) if name in bench_suites.REFINE_BUDGETS else None,
     )
     return held_out.row(name, config, held, reference)
 
