@@ -147,3 +147,26 @@ def test_a_draws_section_written_before_the_last_draw_says_how_many_it_holds():
     assert "| b | 59.50 ± 2.12 | 58.00, 61.00 |" in partial and "| 0 / 0 / 2 |" in partial
     whole = bench_draws.markdown("seeds", "resnet20_cifar10_bn", 0.9164, rows, 2)
     assert "planned" not in whole
+
+
+def test_device_refine_packs_images_that_rebuild_the_preset_array_exactly(tmp_path):
+    """tools/device_refine.py resizes and crops here and stores lossless WebP, so the array a GPU
+    machine rebuilds with the preset's normalisation alone equals what load_image gives on the
+    original file, portrait, landscape and square."""
+    import numpy as np
+    from device_refine import _centre_crop, _resized, cropped_preprocess
+    from PIL import Image
+
+    import onnxq
+    from onnxq.calib.data import load_image
+
+    pre = onnxq.Preprocess.preset("imagenet")
+    rng = np.random.default_rng(0)
+    for index, size in enumerate([(300, 257), (257, 300), (260, 260)]):
+        original = tmp_path / f"{index}.png"
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(original)
+        packed = tmp_path / f"{index}.webp"
+        with Image.open(original) as image:
+            cropped = _centre_crop(_resized(image.convert("RGB"), pre.resize), pre.crop)
+        cropped.save(packed, lossless=True, quality=100)
+        assert np.array_equal(load_image(packed, cropped_preprocess()), load_image(original, pre))
