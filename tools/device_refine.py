@@ -11,6 +11,9 @@ calibration images.
     .venv/bin/python tools/device_refine.py pack --dir .gpu          # here; /.gpu/ in .git/info/exclude
     python3 tools/device_refine.py run --dir .gpu --out $OUT/q.onnx -- --w-bits 4 --a-bits 4 ...
     .venv/bin/python tools/device_refine.py score /work/.device/N/q.onnx
+
+The middle line is the device call's command, with carry [".gpu"]: an ignored folder travels only
+when carried. The packed folder holds about 31 MB; with the working tree it must stay under 64 MiB.
 """
 
 from __future__ import annotations
