@@ -154,11 +154,11 @@ def test_device_refine_packs_images_that_rebuild_the_preset_array_exactly(tmp_pa
     machine rebuilds with the preset's normalisation alone equals what load_image gives on the
     original file, portrait, landscape and square."""
     import numpy as np
-    from device_refine import _centre_crop, _resized, cropped_preprocess
+    from device_refine import cropped_preprocess
     from PIL import Image
 
     import onnxq
-    from onnxq.calib.data import load_image
+    from onnxq.calib.data import load_image, resized_and_cropped
 
     pre = onnxq.Preprocess.preset("imagenet")
     rng = np.random.default_rng(0)
@@ -167,6 +167,6 @@ def test_device_refine_packs_images_that_rebuild_the_preset_array_exactly(tmp_pa
         Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(original)
         packed = tmp_path / f"{index}.webp"
         with Image.open(original) as image:
-            cropped = _centre_crop(_resized(image.convert("RGB"), pre.resize), pre.crop)
+            cropped = resized_and_cropped(image.convert("RGB"), pre, original)
         cropped.save(packed, lossless=True, quality=100)
         assert np.array_equal(load_image(packed, cropped_preprocess()), load_image(original, pre))

@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import onnxq
-from onnxq.calib.data import load_image
+from onnxq.calib.data import load_image, resized_and_cropped
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,7 +59,7 @@ def pack(folder: Path) -> None:
     for index, path in enumerate(files):
         with Image.open(path) as opened:
             image = opened.convert("RGB")
-        image = _centre_crop(_resized(image, pre.resize), pre.crop)
+        image = resized_and_cropped(image, pre, path)
         image.save(folder / "calib" / f"{index:03d}.webp", lossless=True, quality=100, method=6)
     rebuilt = calibration(folder)
     expected = bench.imagenet_split(SAMPLES).calib
@@ -71,26 +71,9 @@ def pack(folder: Path) -> None:
     print(f"packed {len(files)} images and {MODEL} ({note}) into {folder}")
 
 
-def _resized(image, short: int):
-    """load_image's resize (its short side to `short`, bilinear), on a Pillow image."""
-    from PIL import Image
-
-    width, height = image.size
-    if width <= height:
-        return image.resize((short, int(short * height / width)), Image.BILINEAR)
-    return image.resize((int(short * width / height), short), Image.BILINEAR)
-
-
-def _centre_crop(image, size: int):
-    """load_image's crop, on a Pillow image."""
-    width, height = image.size
-    left, top = round((width - size) / 2.0), round((height - size) / 2.0)
-    return image.crop((left, top, left + size, top + size))
-
-
 def calibration(folder: Path) -> np.ndarray:
-    files = sorted((folder / "calib").glob("*.webp"))
-    return np.stack([load_image(f, cropped_preprocess()) for f in files]).astype(np.float32)
+    files, pre = sorted((folder / "calib").glob("*.webp")), cropped_preprocess()
+    return np.stack([load_image(f, pre) for f in files]).astype(np.float32)
 
 
 def run(folder: Path, out: Path, flags: list[str]) -> int:

@@ -333,6 +333,16 @@ def load_image(path: Path, pre: Preprocess) -> np.ndarray:
             image = opened.convert("RGB")
     except (UnidentifiedImageError, OSError) as err:
         raise OnnxqError(f"cannot decode image {path}: {err}") from None
+    image = resized_and_cropped(image, pre, path)
+    array = np.asarray(image, dtype=np.float32) * pre.scale  # H, W, C
+    array = _normalise(array, pre, channel_axis=-1)
+    return array.transpose(2, 0, 1) if pre.layout == "NCHW" else array
+
+
+def resized_and_cropped(image, pre: Preprocess, path: Path):
+    """The Pillow image after `pre`'s resize (short side, bilinear) and centre crop."""
+    from PIL import Image
+
     if pre.resize:
         w, h = image.size
         short = min(w, h)
@@ -344,9 +354,7 @@ def load_image(path: Path, pre: Preprocess) -> np.ndarray:
             raise OnnxqError(f"crop {pre.crop} is larger than image {path} ({w}×{h}); add --resize")
         left, top = round((w - pre.crop) / 2.0), round((h - pre.crop) / 2.0)
         image = image.crop((left, top, left + pre.crop, top + pre.crop))
-    array = np.asarray(image, dtype=np.float32) * pre.scale  # H, W, C
-    array = _normalise(array, pre, channel_axis=-1)
-    return array.transpose(2, 0, 1) if pre.layout == "NCHW" else array
+    return image
 
 
 def _channel_axis(pre: Preprocess) -> int:
