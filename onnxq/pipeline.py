@@ -59,7 +59,7 @@ from onnxq.passes.insert_qdq import (
 from onnxq.passes.simplify import simplify
 from onnxq.passes.split_addend_reads import split_addend_reads
 from onnxq.progress import Progress, Silent
-from onnxq.quant.kernels import choose_weight_range
+from onnxq.quant.int8_form import choose_int8_range
 from onnxq.quant.plan import QuantPlan, plan_quantization
 from onnxq.refine import require_refinement
 
@@ -162,7 +162,8 @@ def quantize(
         notes.append(f"opset raised to {opset} for the integer types in use")
         graph_model = to_ir(infer_types(float_model))
         plan = plan_quantization(graph_model.graph, config)
-    choice = choose_weight_range(config.weight_range)
+    choice, ranged = choose_int8_range(float_model, plan, sample, config)
+    notes += ranged
     affine = frozenset(block.conv for block in prepared.fused.merged) if config.qprep else frozenset()
     replan = functools.partial(_replan, float_model, config)
     calibrated = calibrate(

@@ -67,7 +67,8 @@ def _logits(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 def test_quantizing_unfused_equals_quantizing_fused(trained):
     original, fused = trained
     calib = _inputs()[:32]
-    config = onnxq.QuantConfig(calibration=onnxq.CalibrationMethod.MINMAX)
+    # no speed check: where int8 kernels saturate, timing chooses how 8-bit weights are stored
+    config = onnxq.QuantConfig(calibration=onnxq.CalibrationMethod.MINMAX, speed_check=False)
     from_unfused = onnxq.quantize(original, calib, config).model
     from_fused = onnxq.quantize(fused.model, calib, config).model
     assert from_unfused.graph.SerializeToString() == from_fused.graph.SerializeToString()
