@@ -262,7 +262,7 @@ def main() -> None:
     default=QuantConfig.weight_range.value,
     show_default=True,
     help="8-bit weights: auto uses [-63, 63] where onnxruntime's int8 kernels would saturate "
-    "(x86 without VNNI), or unsigned where that runs at float speed (timed); unsigned keeps the "
+    "(x86 without VNNI), or unsigned where that runs clearly faster than float (timed); unsigned keeps the "
     "full range as uint8 around zero point 128, which onnxruntime's u8×u8 kernels run exactly "
     "on every CPU.",
 )

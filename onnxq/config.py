@@ -193,7 +193,7 @@ class WeightRange(enum.Enum):
     and stores it as uint8 around zero point 128: onnxruntime then runs its u8×u8 kernels, which
     widen to int16 before multiplying and never saturate, at some cost in speed. AUTO probes
     onnxruntime's own kernels on this machine and picks FULL where they do not saturate; where
-    they do, UNSIGNED if a model with it runs at float speed, else REDUCED (onnxq.quant.int8_form).
+    they do, UNSIGNED if a model with it runs clearly faster than float, else REDUCED (onnxq.quant.int8_form).
     """
 
     AUTO = "auto"
