@@ -45,6 +45,11 @@ def to_proto(model: ir.Model | onnx.ModelProto) -> onnx.ModelProto:
     return model if isinstance(model, onnx.ModelProto) else ir.to_proto(model)
 
 
+def oldest_ir_version(model: onnx.ModelProto) -> int:
+    """The oldest IR version that allows the model's opsets: onnxruntime rejects newer ones."""
+    return onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+
+
 def model_bytes(model: ir.Model | onnx.ModelProto) -> bytes:
     """Serialized model for an onnxruntime session; sessions accept bytes, so nothing hits disk."""
     return to_proto(model).SerializeToString()

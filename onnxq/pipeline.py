@@ -41,7 +41,16 @@ from onnxq.correct import (
 )
 from onnxq.errors import OnnxqError
 from onnxq.fidelity import Fidelity, HoldBack
-from onnxq.io import check_writable, load_model, run, save_model, session, to_ir, to_proto
+from onnxq.io import (
+    check_writable,
+    load_model,
+    oldest_ir_version,
+    run,
+    save_model,
+    session,
+    to_ir,
+    to_proto,
+)
 from onnxq.passes.contrib import standard_ops
 from onnxq.passes.equalize import equalize_channels
 from onnxq.passes.float32 import compute_in_float32
@@ -296,7 +305,7 @@ def _build(
         refined_weights=integers,
     )
     quantized = to_proto(graph_model)
-    quantized.ir_version = _ir_version(quantized)
+    quantized.ir_version = oldest_ir_version(quantized)
     _write_metadata(quantized, config, choice.reason)
     return tune.Candidate(quantized, plan, layers)
 
@@ -370,7 +379,7 @@ def fuse(
         notes.append(f"merged {fused.branches_merged} branches into {len(fused.merged)} Conv nodes")
     statistics = _output_statistics(graph_model.graph, folded.statistics, folded.kept, fused)
     result = to_proto(graph_model)
-    result.ir_version = _ir_version(result)
+    result.ir_version = oldest_ir_version(result)
     return FuseResult(result, folded, fused, notes, statistics)
 
 
@@ -439,11 +448,6 @@ def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def _ir_version(model: onnx.ModelProto) -> int:
-    """The oldest IR version that allows the model's opsets: onnxruntime rejects newer ones."""
-    return onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
-
-
 def _supported_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     return model if _opset(model) >= MIN_OPSET else _convert_opset(model, MIN_OPSET)
 
@@ -455,7 +459,7 @@ def _convert_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     except Exception as err:  # the converter raises plain RuntimeError and C++ errors
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise OnnxqError(f"cannot upgrade the model from opset {version} to {target}: {first}") from None
-    converted.ir_version = _ir_version(converted)
+    converted.ir_version = oldest_ir_version(converted)
     return converted
 
 

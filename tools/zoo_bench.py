@@ -171,7 +171,8 @@ def zoo_measure(
             row.agreement = float((predicted == expected).mean())
             row.top1 = float((predicted == labels).mean()) if labels is not None else None
         row.size_kb = len(model.SerializeToString()) / 1024
-        row.kernels = kernel_summary(model) + _weight_form(model)
+        summary = kernel_summary(model)
+        row.kernels = summary + _weight_form(model, summary)
         return row
 
     rows, models = [scored(ZooRow("float"), float_model, reference)], [float_model]
@@ -434,11 +435,12 @@ def zoo_results_in(out: Path, manifest: dict[str, dict]) -> dict[str, tuple[dict
     return results
 
 
-def _weight_form(model: onnx.ModelProto) -> str:
+def _weight_form(model: onnx.ModelProto, kernels: str) -> str:
     """How onnxq stored 8-bit weights where kernels run (its metadata): ", uint8 weights" or
-    ", 7-bit weights" (--int8-range auto chooses by timing where int8 kernels saturate)."""
+    ", 7-bit weights" (--int8-range auto chooses by timing where int8 kernels saturate);
+    nothing where `kernels` (its kernel_summary) says no integer kernel runs."""
     meta = {p.key: p.value for p in model.metadata_props}.get("onnxq.weight_range", "")
-    if kernel_summary(model).startswith("float") or not meta:
+    if kernels.startswith("float") or not meta:
         return ""
     if "uint8" in meta:
         return ", uint8 weights"

@@ -23,7 +23,7 @@ import onnx
 from onnxq.calib.data import Batch
 from onnxq.calib.runner import fixed_batch
 from onnxq.config import QuantConfig, WeightRange
-from onnxq.io import run, session, to_ir, to_proto
+from onnxq.io import oldest_ir_version, run, session, to_ir, to_proto
 from onnxq.passes.infer_types import infer_types
 from onnxq.passes.insert_qdq import activation_params, insert_qdq
 from onnxq.quant import kernels
@@ -64,9 +64,8 @@ def choose_int8_range(
     if unsigned_ms <= UNSIGNED_MARGIN * float_ms:
         reason = f"{kernels.UNSIGNED_REASON}: clearly faster than float on this CPU ({timed})"
         return kernels.WeightRangeChoice(8, reason, unsigned=True), [f"int8 range: {reason}"]
-    return choice, [
-        f"int8 range: unsigned 8-bit weights ran slower than float ({timed}); kept {choice.reason}"
-    ]
+    not_faster = f"not {1 - UNSIGNED_MARGIN:.0%} faster than float"
+    return choice, [f"int8 range: unsigned 8-bit weights {not_faster} ({timed}); kept {choice.reason}"]
 
 
 def _worth_timing(plan: QuantPlan, config: QuantConfig) -> bool:
@@ -101,5 +100,5 @@ def _probe(
     ranges = {spec.observed: _PLACEHOLDER_RANGE for spec in plan.activations.values()}
     insert_qdq(model.graph, plan, activation_params(plan, ranges), int8_range=choice)
     probe = to_proto(model)
-    probe.ir_version = onnx.helper.find_min_ir_version_for(list(probe.opset_import), ignore_unknown=True)
+    probe.ir_version = oldest_ir_version(probe)
     return probe

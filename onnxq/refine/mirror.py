@@ -24,7 +24,7 @@ from torch import nn
 from onnxq.calib.runner import fixed_batch
 from onnxq.calib.simulate import node_reads
 from onnxq.errors import OnnxqError
-from onnxq.io import session
+from onnxq.io import oldest_ir_version, session
 from onnxq.quant.plan import QuantPlan
 from onnxq.quant.weights import QuantizedWeight
 from onnxq.refine.ops import OPS
@@ -300,7 +300,7 @@ class Mirror(nn.Module):
             single.attribute.extend(node.proto.attribute)
             graph = helper.make_graph([single], node.name, infos, outputs)
             model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
-            model.ir_version = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+            model.ir_version = oldest_ir_version(model)
             self._sessions[node.name] = session(model, arena=False)
         runner = self._sessions[node.name]
         feed = {f"in{i}": a for i, a in enumerate(arrays) if a is not None} | outer
