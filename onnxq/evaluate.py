@@ -7,8 +7,6 @@ onnxruntime fuses them; the report says which kernels ran.
 from __future__ import annotations
 
 import os
-import tempfile
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,16 +20,7 @@ from onnxq.config import Preprocess
 from onnxq.errors import OnnxqError
 from onnxq.fidelity import OutputComparison, looks_like_scores
 from onnxq.io import load_model, run, session
-
-INTEGER_OPS = (
-    "QLinearConv",
-    "QLinearMatMul",
-    "QGemm",
-    "ConvInteger",
-    "MatMulInteger",
-    "MatMulIntegerToFloat",
-)
-FLOAT_COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul")
+from onnxq.kernels import count_kernels
 
 
 @dataclass(frozen=True)
@@ -202,17 +191,7 @@ def _report(
 
 def kernel_summary(model: onnx.ModelProto) -> str:
     """Which compute kernels onnxruntime runs after its own optimizations: integer or float."""
-    with tempfile.TemporaryDirectory() as folder:
-        optimized = os.path.join(folder, "optimized.onnx")
-        session(model, optimized_path=optimized)
-        counts = Counter(n.op_type for n in onnx.load(optimized).graph.node)
-    integer = sum(counts[op] for op in INTEGER_OPS)
-    floating = sum(counts[op] for op in FLOAT_COMPUTE_OPS)
-    if integer and not floating:
-        return f"integer ({integer} layers)"
-    if integer:
-        return f"mixed ({integer} integer, {floating} float layers)"
-    return "float" if not counts["DequantizeLinear"] else f"float, simulated ({floating} layers)"
+    return count_kernels(model).summary()
 
 
 def file_size(path: Path) -> int:

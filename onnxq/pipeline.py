@@ -171,7 +171,7 @@ def quantize(
         notes.append(f"opset raised to {opset} for the integer types in use")
         graph_model = to_ir(infer_types(float_model))
         plan = plan_quantization(graph_model.graph, config)
-    choice, ranged = choose_int8_range(float_model, plan, sample, config)
+    choice, ranged = choose_int8_range(float_model, plan, sample, config, baseline=prepared.model)
     notes += ranged
     affine = frozenset(block.conv for block in prepared.fused.merged) if config.qprep else frozenset()
     replan = functools.partial(_replan, float_model, config)
@@ -204,7 +204,9 @@ def quantize(
     check = functools.partial(validate, sample=sample, check=not checker_error)
     check(first.model)
     rebuild = tune.Rebuild(builder, replan, check)
-    tuned = tune.tune_model(float_model, first, ranges, extremes, rebuild, sample, held, config, progress)
+    tuned = tune.tune_model(
+        float_model, prepared.model, first, ranges, extremes, rebuild, sample, held, config, progress
+    )
     notes += tuned.notes
     best, report = tuned.candidate, tuned.fidelity
     return QuantResult(
@@ -213,13 +215,20 @@ def quantize(
         choice.reason,
         choice.bits,
         len(best.plan.quantized_nodes),
-        best.plan.float_nodes,
+        _present(best.plan.float_nodes, best.model),
         samples,
         describe_count(inputs, samples),
         search,
         report,
         refined,
     )
+
+
+def _present(float_nodes: dict[str, str], model: onnx.ModelProto) -> dict[str, str]:
+    """The float nodes the saved model holds: where nothing was quantized it is the float model
+    before equalization, without the Muls that pass added."""
+    names = {node.name for node in model.graph.node}
+    return {node: reason for node, reason in float_nodes.items() if node in names}
 
 
 EQUALIZE_SAMPLES = 64  # calibration samples whose channel maxima set the equalization

@@ -288,8 +288,29 @@ def test_a_model_left_float_for_speed_spends_nothing_on_a_fallback_it_does_not_n
     data = np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32)
     result = onnxq.quantize(deep_hardswish_cnn(), data, onnxq.QuantConfig())
     assert result.quantized_nodes == 0
-    assert result.fidelity.min_sqnr == float("inf")
+    # saved: the float model as prepared before equalization, whose Mul after the conv that
+    # feeds the HardSwish served only its quantizer; equal to float within float32 rounding
+    assert any(note.startswith("equalized the channels of 1 tensor") for note in result.notes)
+    assert "Mul" not in {node.op_type for node in result.model.graph.node}
+    assert result.fidelity.min_sqnr > 100
     assert any("(the fastest 1.90× float at batch 1)" in note for note in result.notes)
+
+
+def test_a_lighter_plan_that_runs_no_integer_kernel_is_not_timed(monkeypatch):
+    """A lighter plan whose quantized nodes all run as float ops between Q/DQ pairs buys no
+    speed, only noise: it is not a candidate, so a clearly slower model is left float."""
+    from onnxq.kernels import Kernels
+    from onnxq.tune import speed_choice
+
+    monkeypatch.setattr(speed_choice, "count_kernels", lambda model: Kernels(0, 20, 4))
+    timings = iter([[1.0, 2.0]])  # float, the model; a second timing would end the iterator
+    monkeypatch.setattr(speed, "compare", lambda models, feed: next(timings))
+    data = np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32)
+    result = onnxq.quantize(deep_hardswish_cnn(), data, onnxq.QuantConfig())
+    assert result.quantized_nodes == 0
+    lighter = "the model with the layer that feeds an op without integer kernels kept float"
+    assert f"speed: {lighter} runs no integer kernel" in "\n".join(result.notes)
+    assert any(note.startswith("warning: nothing is quantized") for note in result.notes)
 
 
 def test_a_model_every_plan_of_which_is_clearly_slower_is_timed_again_after_a_fallback(monkeypatch):

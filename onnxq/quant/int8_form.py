@@ -44,22 +44,27 @@ _PLACEHOLDER_RANGE = (0.0, 1.0)
 
 
 def choose_int8_range(
-    float_model: onnx.ModelProto, plan: QuantPlan, sample: Batch, config: QuantConfig
+    float_model: onnx.ModelProto,
+    plan: QuantPlan,
+    sample: Batch,
+    config: QuantConfig,
+    baseline: onnx.ModelProto | None = None,
 ) -> tuple[kernels.WeightRangeChoice, list[str]]:
     """`--int8-range`'s choice for this model, and a note where timing decided it.
 
     With `auto` on a CPU whose GEMM kernels saturate, and the speed check on: the unsigned form
-    where a model with it runs clearly faster than float at batch 1, else the 7-bit range. Otherwise the
-    rule of onnxq.quant.kernels.choose_weight_range."""
+    where a model with it runs clearly faster than float at batch 1 (`baseline`, `float_model`
+    unless given), else the 7-bit range. Otherwise the rule of onnxq.quant.kernels.choose_weight_range."""
     choice = kernels.choose_weight_range(config.weight_range)
     if not _worth_timing(plan, config) or not kernels.int8_kernels_saturate():
         return choice, []
+    baseline = float_model if baseline is None else baseline
     one = sample if fixed_batch(float_model) else {k: v[:1] for k, v in sample.items()}
-    if _rough_ms(float_model, one) < PROBE_MIN_MS:
+    if _rough_ms(baseline, one) < PROBE_MIN_MS:
         return choice, []
     unsigned = kernels.WeightRangeChoice(8, kernels.UNSIGNED_REASON, unsigned=True)
     probe = _probe(float_model, plan, unsigned)
-    float_ms, unsigned_ms = compare_latency([float_model, probe], one, seconds=PROBE_SECONDS)
+    float_ms, unsigned_ms = compare_latency([baseline, probe], one, seconds=PROBE_SECONDS)
     timed = f"float {float_ms:.2f} ms, unsigned 8-bit weights {unsigned_ms:.2f} ms at batch 1"
     if unsigned_ms <= UNSIGNED_MARGIN * float_ms:
         reason = f"{kernels.UNSIGNED_REASON}: clearly faster than float on this CPU ({timed})"

@@ -51,6 +51,7 @@ class Tuned:
 
 def tune_model(
     float_model: onnx.ModelProto,
+    baseline: onnx.ModelProto,
     first: Candidate,
     ranges: Ranges,
     extremes: Ranges | None,
@@ -62,7 +63,12 @@ def tune_model(
 ) -> Tuned:
     """The steps above on `first` (built from `ranges`; `extremes`: the min-max ranges where
     `--calib-method auto` compares the two rules, else None), each scored on the held-back
-    samples (`sample` where none were held back) and timed on `sample`."""
+    samples (`sample` where none were held back) and timed on `sample` against `baseline`.
+
+    `baseline` is the float model as onnxq prepared it, before the passes that serve only the
+    quantizers (equalization's per-channel Muls): the fastest float model onnxq can give, so
+    what quantization must beat, and what is saved where nothing ends up quantized. PP-PicoDet's
+    124 equalization Muls made its float model 1.15× slower than without them."""
     builder, replan = rebuild.builder, rebuild.replan
     checked = held.batches or [sample]
     progress.stage("check fidelity")
@@ -76,7 +82,7 @@ def tune_model(
         build, alternative = builder(chosen), (chosen, other)
         notes += ranged
     progress.stage("compare speed")
-    base, timing = choose_speed(float_model, first, sample, config, replan, build)
+    base, timing = choose_speed(baseline, first, sample, config, replan, build)
     final, switched, fallback = base, [], []
     if base.candidate.plan.quantized_nodes:
         progress.stage("recover fidelity")
@@ -86,17 +92,17 @@ def tune_model(
         tuned, measured, fallback = recover_fidelity(
             float_model, base.candidate, checked, config, base.replan, build, measured
         )
-        final, kept = keep_fallback(float_model, tuned, base, sample, replan, build)
+        final, kept = keep_fallback(baseline, tuned, base, sample, replan, build)
         timing += kept
         if final.candidate is not tuned:
             fallback, measured = [], None  # undone: it made the model slower
-        if alternative is not None:
+        if alternative is not None and final.candidate.plan.quantized_nodes:
             progress.status("auto ranges: activations tried under the other rule")
             switched_model, build, measured, switched = switch_ranges(
                 float_model, final.candidate, *alternative, builder, checked, config, measured
             )
             final = dataclasses.replace(final, candidate=switched_model)
-    best = final.candidate
+    best = final.candidate if final.candidate.plan.quantized_nodes else _left_float(baseline, final.candidate)
     if best is not validated:
         rebuild.validate(best.model)
     measured = measured if best.plan.quantized_nodes else None
@@ -110,3 +116,13 @@ def tune_model(
         + report.warnings(config.calibration.searched)
     )
     return Tuned(best, report, notes)
+
+
+def _left_float(baseline: onnx.ModelProto, candidate: Candidate) -> Candidate:
+    """Nothing quantized: `baseline` with the candidate's metadata (onnxq's settings and notes)
+    saved in its place, so the saved model runs as fast as float can here."""
+    model = onnx.ModelProto()
+    model.CopyFrom(baseline)
+    del model.metadata_props[:]
+    model.metadata_props.extend(candidate.model.metadata_props)
+    return dataclasses.replace(candidate, model=model)

@@ -16,7 +16,8 @@ from onnxq import speed
 from onnxq.calib.data import Batch
 from onnxq.calib.runner import fixed_batch
 from onnxq.config import QuantConfig
-from onnxq.quant.plan import Replan
+from onnxq.kernels import count_kernels
+from onnxq.quant.plan import QuantPlan, Replan
 from onnxq.tune.candidate import Build, Candidate
 
 SPEED_MARGIN = 0.9  # a lighter plan must run this much faster to replace the first (timings are noisy)
@@ -31,6 +32,14 @@ FLOAT_ONLY_MIN_MS = 0.5
 _SIMULATED_NOTE = (
     "speed: not compared with float: onnxruntime has no integer kernels for {bits}-bit tensors "
     "and runs their Q/DQ in float (`onnxq eval` times it); no layer is kept float for speed"
+)
+
+# A lighter plan whose every layer runs float gains no speed (its Q/DQ round trips only cost
+# time and fidelity): on PP-PicoDet it kept two SE-block convs quantized around a 1×1 pool, which
+# onnxruntime ran as float convs between Q/DQ pairs, timed within the noise of float.
+_NO_INTEGER_KERNEL = (
+    "speed: {label} runs no integer kernel (its {nodes} quantized nodes would run float between "
+    "Q/DQ pairs): not a candidate"
 )
 
 
@@ -88,11 +97,9 @@ def choose_speed(
     lighter_replan = functools.partial(replan, float_neighbours=True)
     candidates = [("the model", first, replan)]
     lighter = lighter_replan(keep_float=first.plan.kept_float)
-    kept = len(first.plan.layers) - len(lighter.layers)
-    if kept:
-        layers = "layer that feeds an op" if kept == 1 else f"{kept} layers that feed ops"
-        label = f"the model with the {layers} without integer kernels kept float"
-        candidates.append((label, build(lighter), lighter_replan))
+    label, lighter_model, notes = _lighter_candidate(first, lighter, build)
+    if lighter_model is not None:
+        candidates.append((label, lighter_model, lighter_replan))
         float_ms, *times = speed.compare([float_model, *(c.model for _, c, _ in candidates)], one)
     else:
         times = [first_ms]
@@ -103,7 +110,7 @@ def choose_speed(
         (item for item in timed if item[1] <= float_ms), clearly_faster
     )
     listed = ", ".join(f"{label} {ms:.2f} ms" for (label, _, _), ms in timed)
-    notes = [f"speed at batch 1: float {float_ms:.2f} ms, {listed}"]
+    notes.insert(0, f"speed at batch 1: float {float_ms:.2f} ms, {listed}")
     slower = chosen_ms > float_ms >= FLOAT_ONLY_MIN_MS
     if slower and fastest[1] * SPEED_MARGIN > float_ms:  # every plan clearly slower
         return SpeedChoice(chosen, chosen_replan, float_ms, chosen_ms, label, timed), notes
@@ -112,6 +119,22 @@ def choose_speed(
     if chosen is not first:
         notes.append(f"speed: kept {label} ({chosen_ms:.2f} ms)")
     return SpeedChoice(chosen, chosen_replan, float_ms, chosen_ms, label), notes
+
+
+def _lighter_candidate(
+    first: Candidate, lighter: QuantPlan, build: Build
+) -> tuple[str, Candidate | None, list[str]]:
+    """The lighter plan's label and model: None where it keeps no more layers float than the
+    first, or runs no integer kernel (with a note saying so)."""
+    kept = len(first.plan.layers) - len(lighter.layers)
+    layers = "layer that feeds an op" if kept == 1 else f"{kept} layers that feed ops"
+    label = f"the model with the {layers} without integer kernels kept float"
+    if not kept:
+        return label, None, []
+    model = build(lighter)
+    if lighter.quantized_nodes and not count_kernels(model.model).integer:
+        return label, None, [_NO_INTEGER_KERNEL.format(label=label, nodes=len(lighter.quantized_nodes))]
+    return label, model, []
 
 
 def keep_fallback(
