@@ -73,8 +73,8 @@ def choose_speed(
     build: Build,
 ) -> tuple[SpeedChoice, list[str]]:
     """Where the QDQ model runs slower than float at batch 1, the first of these that runs at
-    float speed: it; it with the layers that feed ops lacking an integer kernel kept float.
-    Where neither does, the lighter one if clearly faster than the first. Where even that runs
+    float speed: it; it with the layers that feed ops lacking an integer kernel kept float,
+    unless none of its quantized layers then runs on an integer kernel. Where neither does, the lighter one if clearly faster than the first. Where even that runs
     slower than float, and float takes at least FLOAT_ONLY_MIN_MS, the choice carries what was
     timed (`timed_again`): keep_fallback times it again after the fidelity fallback and leaves
     nothing quantized where it is still slower, or at once where every plan was clearly slower
