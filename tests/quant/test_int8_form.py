@@ -82,3 +82,31 @@ def test_the_probe_decides_nothing_where_kernels_do_not_saturate(
     result = onnxq.quantize(small_model, calibration_data[:16], config)
     assert all(q.dtype == np.int8 for q, _ in _gemm_weights(result.model))
     assert result.int8_weight_bits == 8
+
+
+def test_the_probe_times_unsigned_weights_against_the_baseline_it_is_given(
+    monkeypatch, small_model, calibration_data
+):
+    """The pipeline gives the float model as prepared before equalization: the probe is timed
+    against it, and built from the model the plan was made on."""
+    from onnxq.io import to_ir
+    from onnxq.passes.infer_types import infer_types
+    from onnxq.quant.plan import plan_quantization
+
+    monkeypatch.setattr(kernels, "int8_kernels_saturate", lambda: True)
+    monkeypatch.setattr(int8_form, "_rough_ms", lambda model, feed: 10.0)
+    timed = []
+    monkeypatch.setattr(
+        int8_form, "compare_latency", lambda models, feed, seconds: timed.append(models) or [10.0, 8.0]
+    )
+    baseline = onnx.ModelProto()
+    baseline.CopyFrom(small_model)
+    baseline.doc_string = "the baseline"
+    config = onnxq.QuantConfig()
+    plan = plan_quantization(to_ir(infer_types(small_model)).graph, config)
+    sample = {small_model.graph.input[0].name: calibration_data[:1]}
+    choice, notes = int8_form.choose_int8_range(small_model, plan, sample, config, baseline=baseline)
+    assert choice.unsigned and notes
+    ((first, probe),) = timed
+    assert first is baseline
+    assert any(node.op_type == "QuantizeLinear" for node in probe.graph.node)
