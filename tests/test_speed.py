@@ -319,13 +319,31 @@ def test_a_model_every_plan_of_which_is_clearly_slower_is_timed_again_after_a_fa
     from onnxq import fidelity
 
     monkeypatch.setattr(fidelity, "WARN_SQNR_DB", {8: 99.0, 0: 99.0})  # the fallback always runs
-    timings = iter([[1.0, 2.0], [1.0, 2.0, 1.9], [1.0, 1.8]])
+    timings = iter([[1.0, 1.24], [1.0, 1.24, 1.2], [1.0, 1.18]])
     monkeypatch.setattr(speed, "compare", lambda models, feed: next(timings))
     data = np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32)
     result = onnxq.quantize(deep_hardswish_cnn(), data, onnxq.QuantConfig())
     assert result.quantized_nodes == 0
     warning = next(note for note in result.notes if note.startswith("warning: nothing is quantized"))
-    assert "2.00× and 1.80× float" in warning
+    assert "1.24× and 1.18× float" in warning
+
+
+def test_a_model_far_slower_than_float_is_left_float_without_a_fallback(monkeypatch):
+    """Beyond 1.25× float no fallback of a tenth of the layers is tried: nothing is ranked,
+    nothing timed again, even where the outputs fall short."""
+    from onnxq import fidelity, sensitivity
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fallback ranked layers of a model far slower than float")
+
+    monkeypatch.setattr(fidelity, "WARN_SQNR_DB", {8: 99.0, 0: 99.0})  # the outputs fall short
+    monkeypatch.setattr(sensitivity, "layer_costs", refuse)
+    timings = iter([[1.0, 1.3], [1.0, 1.3, 1.26]])
+    monkeypatch.setattr(speed, "compare", lambda models, feed: next(timings))
+    data = np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32)
+    result = onnxq.quantize(deep_hardswish_cnn(), data, onnxq.QuantConfig())
+    assert result.quantized_nodes == 0
+    assert any("(the fastest 1.26× float at batch 1)" in note for note in result.notes)
 
 
 def deep_hardswish_cnn() -> onnx.ModelProto:

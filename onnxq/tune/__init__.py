@@ -13,7 +13,8 @@ In the order they run:
   samples, the layers whose quantizers alone cost the lowest output most (onnxq.sensitivity) are
   kept float a few at a time, while that raises the lowest output SQNR, up to a tenth of the
   layers; a round that does not help is undone and the next layers are tried, up to three such
-  rounds. Taken back where its float layers made the model slower than float.
+  rounds. Taken back where its float layers made the model slower than float; not tried where
+  every plan ran more than 1.25× float (speed_choice.RESCUE_RATIO), since nothing will be quantized.
 - Ranges again (ranges.py): each activation that does better under the other rule takes it
   (onnxq.range_choice).
 - Report (report.py): the saved model's fidelity, and `--min-sqnr`'s error.
@@ -85,13 +86,15 @@ def tune_model(
     base, timing = choose_speed(baseline, first, sample, config, replan, build)
     final, switched, fallback = base, [], []
     if base.candidate.plan.quantized_nodes:
-        progress.stage("recover fidelity")
+        tuned = base.candidate
         if base.candidate is not first:
             measured = None
-        progress.status("fallback: layers kept float where the outputs fall short")
-        tuned, measured, fallback = recover_fidelity(
-            float_model, base.candidate, checked, config, base.replan, build, measured
-        )
+        if not base.beyond_rescue:
+            progress.stage("recover fidelity")
+            progress.status("fallback: layers kept float where the outputs fall short")
+            tuned, measured, fallback = recover_fidelity(
+                float_model, base.candidate, checked, config, base.replan, build, measured
+            )
         final, kept = keep_fallback(baseline, tuned, base, sample, replan, build)
         timing += kept
         if final.candidate is not tuned:

@@ -26,6 +26,11 @@ FLOAT_IS_FASTER = "float is faster on this CPU: every quantized plan ran slower 
 # timings are per-node overhead and noise (the suite's 16×16 models run in tens of µs), and the
 # loss is microseconds; PaddleOCR's text-angle classifier, 1.6 ms, is well above it.
 FLOAT_ONLY_MIN_MS = 0.5
+# Beyond this many times float's latency the fidelity fallback is not tried for speed: it keeps
+# at most a tenth of the layers float, chosen for fidelity, not speed. It took PP-OCRv4's
+# detector from 1.10× float to 0.90× (its 640×640 stem convs); PP-PicoDet stayed 1.65× → 1.64×
+# and spent 108 s of a 162 s run on it before everything was left float.
+RESCUE_RATIO = 1.25
 # Below 8 bits onnxruntime runs Q/DQ as float, so the model is never as fast as float and
 # keeping layers float for speed would take back the widths the user asked for (a W4A8 YOLOX
 # kept 3 of 83 layers quantized).
@@ -63,6 +68,12 @@ class SpeedChoice:
         fastest = min((ms for _, ms in self.timed_again or ()), default=None)
         return fastest is not None and self.float_ms is not None and fastest * SPEED_MARGIN > self.float_ms
 
+    @property
+    def beyond_rescue(self) -> bool:
+        """Every plan timed ran more than RESCUE_RATIO× float: nothing will be quantized."""
+        fastest = min((ms for _, ms in self.timed_again or ()), default=None)
+        return fastest is not None and self.float_ms is not None and fastest > RESCUE_RATIO * self.float_ms
+
 
 def choose_speed(
     float_model: onnx.ModelProto,
@@ -74,8 +85,9 @@ def choose_speed(
 ) -> tuple[SpeedChoice, list[str]]:
     """Where the QDQ model runs slower than float at batch 1, the first of these that runs at
     float speed: it; it with the layers that feed ops lacking an integer kernel kept float,
-    unless none of its quantized layers then runs on an integer kernel. Where neither does, the lighter one if clearly faster than the first. Where even that runs
-    slower than float, and float takes at least FLOAT_ONLY_MIN_MS, the choice carries what was
+    unless none of its quantized layers then runs on an integer kernel. Where neither does, the
+    lighter one if clearly faster than the first. Where even that runs slower than float, and
+    float takes at least FLOAT_ONLY_MIN_MS, the choice carries what was
     timed (`timed_again`): keep_fallback times it again after the fidelity fallback and leaves
     nothing quantized where it is still slower, or at once where every plan was clearly slower
     (by more than timing noise) and the fallback changed nothing.
