@@ -36,6 +36,7 @@ class Kernels:
     dequantizers: int
 
     def summary(self) -> str:
+        """One line for reports: integer, mixed, float, or float simulated through Q/DQ."""
         if self.integer and not self.floating:
             return f"integer ({self.integer} layers)"
         if self.integer:

@@ -47,6 +47,8 @@ _NO_INTEGER_KERNEL = (
     "Q/DQ pairs): not a candidate"
 )
 
+_SAVED_FLOAT = "the saved model is the float model as prepared (simplified, BatchNorm folded, no Q/DQ)"
+
 
 @dataclass
 class SpeedChoice:
@@ -234,7 +236,7 @@ def speed_warnings(final: SpeedChoice) -> list[str]:
         return [
             "warning: nothing is quantized: every integer layer feeds an op without an integer "
             "kernel, and the Q/DQ pairs around those made the model slower than float on this CPU; "
-            "the saved model computes what the float model does (--no-speed-check quantizes anyway)"
+            f"{_SAVED_FLOAT} (--no-speed-check quantizes anyway)"
         ]
     if final.ms > final.float_ms:
         return [
@@ -260,8 +262,8 @@ def _nothing_quantized(
     too, until the plan quantizes nothing."""
     notes.append(
         f"warning: nothing is quantized: every quantized plan ran slower than float on this CPU "
-        f"({how}): its integer kernels gain less than the Q/DQ pairs cost on this model; the "
-        "saved model computes what the float model does (--no-speed-check quantizes anyway)"
+        f"({how}): its integer kernels gain less than the Q/DQ pairs cost on this model; "
+        f"{_SAVED_FLOAT} (--no-speed-check quantizes anyway)"
     )
     quantized = [node for (_, candidate, _), _ in timed for node in candidate.plan.quantized_nodes]
     everything = {**chosen.plan.kept_float, **dict.fromkeys(quantized, FLOAT_IS_FASTER)}
