@@ -20,7 +20,7 @@ from onnxq.config import Preprocess
 from onnxq.errors import OnnxqError
 from onnxq.fidelity import OutputComparison, looks_like_scores
 from onnxq.io import load_model, run, session
-from onnxq.kernels import count_kernels
+from onnxq.runtime_kernels import count_kernels
 
 
 @dataclass(frozen=True)

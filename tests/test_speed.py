@@ -299,7 +299,7 @@ def test_a_model_left_float_for_speed_spends_nothing_on_a_fallback_it_does_not_n
 def test_a_lighter_plan_that_runs_no_integer_kernel_is_not_timed(monkeypatch):
     """A lighter plan whose quantized nodes all run as float ops between Q/DQ pairs buys no
     speed, only noise: it is not a candidate, so a clearly slower model is left float."""
-    from onnxq.kernels import Kernels
+    from onnxq.runtime_kernels import Kernels
     from onnxq.tune import speed_choice
 
     monkeypatch.setattr(speed_choice, "count_kernels", lambda model: Kernels(0, 20, 4))

@@ -16,8 +16,8 @@ from onnxq import speed
 from onnxq.calib.data import Batch
 from onnxq.calib.runner import fixed_batch
 from onnxq.config import QuantConfig
-from onnxq.kernels import count_kernels
 from onnxq.quant.plan import QuantPlan, Replan
+from onnxq.runtime_kernels import count_kernels
 from onnxq.tune.candidate import Build, Candidate
 
 SPEED_MARGIN = 0.9  # a lighter plan must run this much faster to replace the first (timings are noisy)
