@@ -264,10 +264,7 @@ def test_where_the_model_was_already_slower_the_fallback_stays_unless_clearly_sl
     from tests.test_fidelity import deep_cnn
 
     monkeypatch.setattr(fidelity, "WARN_SQNR_DB", {8: 99.0, 0: 99.0})  # the fallback always runs
-    timings = iter([[0.3, 0.4], [0.3, after_ms, 0.4]])
-    monkeypatch.setattr(speed, "compare", lambda models, feed: next(timings))
-    data = np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32)
-    result = onnxq.quantize(deep_cnn(), data, onnxq.QuantConfig())
+    result = _quantize_timed(monkeypatch, deep_cnn(), [[0.3, 0.4], [0.3, after_ms, 0.4]])
     fallback_nodes = [name for name, why in result.float_nodes.items() if "kept float for fidelity" in why]
     assert bool(fallback_nodes) == kept
     slower = next(note for note in result.notes if note.startswith("warning: the quantized model runs"))
@@ -279,14 +276,10 @@ def test_a_model_left_float_for_speed_spends_nothing_on_a_fallback_it_does_not_n
     outputs keep their fidelity, no layer is ranked and nothing is timed again."""
     from onnxq import sensitivity
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("the fallback ranked layers of a model left float")
-
-    monkeypatch.setattr(sensitivity, "layer_costs", refuse)
-    timings = iter([[1.0, 2.0], [1.0, 2.0, 1.9]])
-    monkeypatch.setattr(speed, "compare", lambda models, feed: next(timings))
-    data = np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32)
-    result = onnxq.quantize(deep_hardswish_cnn(), data, onnxq.QuantConfig())
+    monkeypatch.setattr(
+        sensitivity, "layer_costs", _refuse("the fallback ranked layers of a model left float")
+    )
+    result = _quantize_timed(monkeypatch, deep_hardswish_cnn(), [[1.0, 2.0], [1.0, 2.0, 1.9]])
     assert result.quantized_nodes == 0
     # saved: the float model as prepared before equalization, whose Mul after the conv that
     # feeds the HardSwish served only its quantizer; equal to float within float32 rounding
@@ -303,10 +296,8 @@ def test_a_lighter_plan_that_runs_no_integer_kernel_is_not_timed(monkeypatch):
     from onnxq.tune import speed_choice
 
     monkeypatch.setattr(speed_choice, "count_kernels", lambda model: Kernels(0, 20, 4))
-    timings = iter([[1.0, 2.0]])  # float, the model; a second timing would end the iterator
-    monkeypatch.setattr(speed, "compare", lambda models, feed: next(timings))
-    data = np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32)
-    result = onnxq.quantize(deep_hardswish_cnn(), data, onnxq.QuantConfig())
+    # float, the model; a second timing would end the iterator
+    result = _quantize_timed(monkeypatch, deep_hardswish_cnn(), [[1.0, 2.0]])
     assert result.quantized_nodes == 0
     lighter = "the model with the layer that feeds an op without integer kernels kept float"
     assert f"speed: {lighter} runs no integer kernel" in "\n".join(result.notes)
@@ -319,10 +310,7 @@ def test_a_model_every_plan_of_which_is_clearly_slower_is_timed_again_after_a_fa
     from onnxq import fidelity
 
     monkeypatch.setattr(fidelity, "WARN_SQNR_DB", {8: 99.0, 0: 99.0})  # the fallback always runs
-    timings = iter([[1.0, 1.24], [1.0, 1.24, 1.2], [1.0, 1.18]])
-    monkeypatch.setattr(speed, "compare", lambda models, feed: next(timings))
-    data = np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32)
-    result = onnxq.quantize(deep_hardswish_cnn(), data, onnxq.QuantConfig())
+    result = _quantize_timed(monkeypatch, deep_hardswish_cnn(), [[1.0, 1.24], [1.0, 1.24, 1.2], [1.0, 1.18]])
     assert result.quantized_nodes == 0
     warning = next(note for note in result.notes if note.startswith("warning: nothing is quantized"))
     assert "1.24× and 1.18× float" in warning
@@ -333,15 +321,10 @@ def test_a_model_far_slower_than_float_is_left_float_without_a_fallback(monkeypa
     nothing timed again, even where the outputs fall short."""
     from onnxq import fidelity, sensitivity
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("the fallback ranked layers of a model far slower than float")
-
+    why = "the fallback ranked layers of a model far slower than float"
     monkeypatch.setattr(fidelity, "WARN_SQNR_DB", {8: 99.0, 0: 99.0})  # the outputs fall short
-    monkeypatch.setattr(sensitivity, "layer_costs", refuse)
-    timings = iter([[1.0, 1.3], [1.0, 1.3, 1.26]])
-    monkeypatch.setattr(speed, "compare", lambda models, feed: next(timings))
-    data = np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32)
-    result = onnxq.quantize(deep_hardswish_cnn(), data, onnxq.QuantConfig())
+    monkeypatch.setattr(sensitivity, "layer_costs", _refuse(why))
+    result = _quantize_timed(monkeypatch, deep_hardswish_cnn(), [[1.0, 1.3], [1.0, 1.3, 1.26]])
     assert result.quantized_nodes == 0
     assert any("(the fastest 1.26× float at batch 1)" in note for note in result.notes)
 
@@ -364,10 +347,7 @@ def test_the_fidelity_fallback_on_a_lighter_plan_keeps_its_float_neighbours_floa
     from onnxq import fidelity
 
     monkeypatch.setattr(fidelity, "WARN_SQNR_DB", {8: 99.0, 0: 99.0})  # the fallback always runs
-    timings = iter([[1.0, 2.0], [1.0, 2.0, 0.95], [1.0, 0.97]])
-    monkeypatch.setattr(speed, "compare", lambda models, feed: next(timings))
-    data = np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32)
-    result = onnxq.quantize(deep_hardswish_cnn(), data, onnxq.QuantConfig())
+    result = _quantize_timed(monkeypatch, deep_hardswish_cnn(), [[1.0, 2.0], [1.0, 2.0, 0.95], [1.0, 0.97]])
     assert any(
         note.startswith("speed: kept the model with the layer that feeds an op") for note in result.notes
     )
@@ -384,12 +364,28 @@ def test_a_model_slower_than_float_within_the_noise_keeps_a_fallback_that_makes_
     from tests.test_fidelity import deep_cnn
 
     monkeypatch.setattr(fidelity, "WARN_SQNR_DB", {8: 99.0, 0: 99.0})  # the fallback always runs
-    timings = iter([[1.0, 1.08], [1.0, 0.72]])  # no lighter plan: no op lacks an integer kernel
-    monkeypatch.setattr(speed, "compare", lambda models, feed: next(timings))
-    data = np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32)
-    result = onnxq.quantize(deep_cnn(), data, onnxq.QuantConfig())
+    # no lighter plan: no op lacks an integer kernel
+    result = _quantize_timed(monkeypatch, deep_cnn(), [[1.0, 1.08], [1.0, 0.72]])
     assert result.quantized_nodes > 0
     assert any("kept float for fidelity" in why for why in result.float_nodes.values())
     again = "speed: timed again: float 1.00 ms, the model and the fidelity fallback's float layers 0.72 ms"
     assert again in result.notes
     assert not any(note.startswith("warning") and "slower" in note for note in result.notes)
+
+
+def _quantize_timed(monkeypatch, model: onnx.ModelProto, timings: list[list[float]]):
+    """`model` quantized at the defaults on random 8×8 images, speed.compare answering `timings`
+    in turn (one answer too few ends the iterator: a timing the test did not expect fails)."""
+    answers = iter(timings)
+    monkeypatch.setattr(speed, "compare", lambda models, feed: next(answers))
+    data = np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32)
+    return onnxq.quantize(model, data, onnxq.QuantConfig())
+
+
+def _refuse(why: str):
+    """A stand-in that fails the test with `why` when called."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(why)
+
+    return refuse

@@ -48,17 +48,18 @@ def choose_int8_range(
     plan: QuantPlan,
     sample: Batch,
     config: QuantConfig,
-    baseline: onnx.ModelProto | None = None,
+    *,
+    baseline: onnx.ModelProto,
 ) -> tuple[kernels.WeightRangeChoice, list[str]]:
     """`--int8-range`'s choice for this model, and a note where timing decided it.
 
     With `auto` on a CPU whose GEMM kernels saturate, and the speed check on: the unsigned form
-    where a model with it runs clearly faster than float at batch 1 (`baseline`, `float_model`
-    unless given), else the 7-bit range. Otherwise the rule of onnxq.quant.kernels.choose_weight_range."""
+    where a model with it runs clearly faster than float at batch 1 (`baseline`: the float
+    model as prepared, before equalization), else the 7-bit range. Otherwise the rule of
+    onnxq.quant.kernels.choose_weight_range."""
     choice = kernels.choose_weight_range(config.weight_range)
     if not _worth_timing(plan, config) or not kernels.int8_kernels_saturate():
         return choice, []
-    baseline = float_model if baseline is None else baseline
     one = sample if fixed_batch(float_model) else {k: v[:1] for k, v in sample.items()}
     if _rough_ms(baseline, one) < PROBE_MIN_MS:
         return choice, []

@@ -65,16 +65,23 @@ class SpeedChoice:
     timed_again: list | None = None
 
     @property
+    def fastest_ms(self) -> float | None:
+        """The fastest plan's timing where it is to be timed again, else None."""
+        if self.float_ms is None:
+            return None
+        return min((ms for _, ms in self.timed_again or ()), default=None)
+
+    @property
     def clearly_slower(self) -> bool:
         """Every plan timed ran clearly slower than float: float unless the fallback changes that."""
-        fastest = min((ms for _, ms in self.timed_again or ()), default=None)
-        return fastest is not None and self.float_ms is not None and fastest * SPEED_MARGIN > self.float_ms
+        fastest = self.fastest_ms
+        return fastest is not None and fastest * SPEED_MARGIN > self.float_ms
 
     @property
     def beyond_rescue(self) -> bool:
         """Every plan timed ran more than RESCUE_RATIO× float: nothing will be quantized."""
-        fastest = min((ms for _, ms in self.timed_again or ()), default=None)
-        return fastest is not None and self.float_ms is not None and fastest > RESCUE_RATIO * self.float_ms
+        fastest = self.fastest_ms
+        return fastest is not None and fastest > RESCUE_RATIO * self.float_ms
 
 
 def choose_speed(
@@ -208,8 +215,7 @@ def _timed_again(
     alone afterwards). Where every plan ran clearly slower and the fallback changed nothing,
     nothing is quantized without timing it again."""
     if tuned is base.candidate and base.clearly_slower:
-        fastest_ms = min(ms for _, ms in base.timed_again)
-        how = f"the fastest {fastest_ms / base.float_ms:.2f}× float at batch 1"
+        how = f"the fastest {base.fastest_ms / base.float_ms:.2f}× float at batch 1"
         notes: list[str] = []
         return SpeedChoice(
             _nothing_quantized(base.timed_again, tuned, replan, build, notes, how), replan
