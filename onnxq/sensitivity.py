@@ -53,7 +53,7 @@ def layer_costs(
         feed = variants.setdefault(node, {})
         for item in (weights.get(node), _root(plan, source), _root(plan, target)):
             feed.update(feeds.get(item, {}))
-    compared = compare_variants(tunable, float_feed, variants, batches, names)
+    compared = compare_variants(tunable, float_feed, variants, batches, names, float_model=float_model)
     costs = []
     for node in variants:
         results = {result.name: result.sqnr_db for result in compared[node]}

@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxq
 from onnxq.branching import compare_variants
-from onnxq.calib.simulate import cut_simulation, tunable_model
+from onnxq.calib.simulate import cut_simulation, float_frontier, tunable_model
 from onnxq.fidelity import compare_outputs
 from onnxq.io import session, to_ir
 from onnxq.quant.plan import plan_quantization
@@ -47,6 +47,10 @@ def _residual_cnn():
 
 
 def _setting():
+    return _setting_and_model()[:4]
+
+
+def _setting_and_model():
     model = _residual_cnn()
     data = np.random.default_rng(0).standard_normal((6, 3, 8, 8)).astype(np.float32)
     config = onnxq.QuantConfig(fidelity_fallback=False, speed_check=False)
@@ -55,7 +59,7 @@ def _setting():
     tunable, float_feed, _ = tunable_model(model, plan)
     feeds = quantized_feeds(quantized, plan)
     batches = [{"input": data[i : i + 1]} for i in range(3)]
-    return tunable, float_feed, feeds, batches
+    return tunable, float_feed, feeds, batches, model
 
 
 def _whole_runs(tunable, base, variant, batches, reference):
@@ -80,6 +84,28 @@ def test_each_variant_run_from_its_cut_matches_whole_runs():
         assert got.runs == len(batches)
         assert np.isfinite(got.sqnr_db) and got.sqnr_db == pytest.approx(want.sqnr_db, abs=1e-3), name
         assert got.cosine == pytest.approx(want.cosine, abs=1e-9), name
+
+
+def test_variants_run_on_in_the_float_model_once_their_parameters_are_read():
+    """The fallback's form (one layer's quantizers at a time over the float feed), each branch
+    finished in the float model: what whole runs of the tunable graph give."""
+    tunable, float_feed, feeds, batches, model = _setting_and_model()
+    runner = session(tunable, arena=False)
+    reference = [runner.run(["logits"], {**batch, **float_feed}) for batch in batches]
+    variants = {"none": {}, **feeds}
+    compared = compare_variants(tunable, float_feed, variants, batches, ["logits"], float_model=model)
+    assert compared["none"][0].sqnr_db > 100  # the float model and the tunable one at float agree
+    for name, feed in feeds.items():
+        (want,) = _whole_runs(tunable, float_feed, feed, batches, reference)
+        # the float model's kernels round differently: 0.003 dB at 73 dB of weight noise
+        assert compared[name][0].sqnr_db == pytest.approx(want.sqnr_db, abs=0.01), name
+
+
+def test_a_cut_crossed_by_a_fake_quantizer_output_maps_to_float_names_or_to_none():
+    x, y = np.zeros(1), np.ones(1)
+    assert float_frontier({"a::fq": x, "b": y}) == {"a": x, "b": y}
+    assert float_frontier({"a": x, "a::fq": y}) is None  # a graph output read quantized later on
+    assert float_frontier({"a::fq_div": x}) is None  # inside a fake quantizer
 
 
 def test_variants_over_a_quantized_base_against_a_given_reference():

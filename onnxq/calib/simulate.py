@@ -31,6 +31,8 @@ from onnxq.quant.plan import QuantPlan
 FLOAT_SCALE = np.float32(2.0**-30)  # a power of two: x / s · s is exact
 UNBOUNDED = np.float32(3.0e38)
 PARAM_SUFFIXES = ("scale", "low", "high")  # low, high: qmin and qmax less the zero point
+FAKE_QUANT_SUFFIX = "::fq"  # a fake quantizer's output: its input's name and this
+FAKE_QUANT_MARK = "::fq_"  # its nodes: the output's name and _div, _round, _clip, _mul
 
 Arrays = dict[str, np.ndarray]
 
@@ -172,17 +174,17 @@ def _insert_fake_quantizers(graph: onnx.GraphProto, plan: QuantPlan, params: Arr
             for graph_input in (names[s] for s in PARAM_SUFFIXES):
                 graph.input.append(helper.make_tensor_value_info(graph_input, onnx.TensorProto.FLOAT, []))
             params.update(identity_feed(root))
-        out = f"{observed}::fq"
+        out = f"{observed}{FAKE_QUANT_SUFFIX}"
         steps = [
-            helper.make_node("Div", [observed, names["scale"]], [f"{out}_div"], name=f"{observed}::fq_div"),
-            helper.make_node("Round", [f"{out}_div"], [f"{out}_round"], name=f"{observed}::fq_round"),
+            helper.make_node("Div", [observed, names["scale"]], [f"{out}_div"], name=f"{out}_div"),
+            helper.make_node("Round", [f"{out}_div"], [f"{out}_round"], name=f"{out}_round"),
             helper.make_node(
                 "Clip",
                 [f"{out}_round", names["low"], names["high"]],
                 [f"{out}_clip"],
-                name=f"{observed}::fq_clip",
+                name=f"{out}_clip",
             ),
-            helper.make_node("Mul", [f"{out}_clip", names["scale"]], [out], name=f"{observed}::fq_mul"),
+            helper.make_node("Mul", [f"{out}_clip", names["scale"]], [out], name=f"{out}_mul"),
         ]
         inserts.setdefault(produced_at.get(observed, -1), []).extend(steps)
         starts[spec.tensor] = steps[0].name
@@ -195,6 +197,29 @@ def _insert_fake_quantizers(graph: onnx.GraphProto, plan: QuantPlan, params: Arr
     del graph.node[:]
     graph.node.extend(ordered)
     return starts
+
+
+def float_positions(tunable: onnx.ModelProto) -> list[int]:
+    """Each tunable node index (and the end) → the index of the same place in the float model:
+    the number of the float model's nodes before it."""
+    positions, count = [], 0
+    for node in tunable.graph.node:
+        positions.append(count)
+        count += FAKE_QUANT_MARK not in node.name
+    return [*positions, count]
+
+
+def float_frontier(frontier: Arrays) -> Arrays | None:
+    """Tensors crossing a cut of the tunable graph under the float model's names (a fake
+    quantizer's output under its input's), or None where a cut falls inside a fake quantizer or
+    a tensor crosses both raw and quantized (a graph output that later nodes read quantized)."""
+    renamed = {}
+    for name, value in frontier.items():
+        original = name.removesuffix(FAKE_QUANT_SUFFIX)
+        if "::" in original or original in renamed:
+            return None
+        renamed[original] = value
+    return renamed
 
 
 def _read_renamed(node: onnx.NodeProto, renames: dict[str, str]) -> None:
