@@ -61,15 +61,16 @@ class _Branches:
         self.starts = {
             key: min((readers.get(n, nodes) for n in feed), default=nodes) for key, feed in variants.items()
         }
+        self.positions = float_positions(tunable)
         self.ends = {}
-        if float_model is not None:
+        # the float tail only where the tunable graph's own nodes are exactly the float model's
+        if float_model is not None and self.positions[-1] == len(float_model.graph.node):
             for key, feed in variants.items():
                 self.ends[key] = max((last[n] + 1 for n in feed if n in last), default=nodes)
         cuts = {i for i in [*self.starts.values(), *self.ends.values()] if i < nodes}
         self.sim = cut_simulation(tunable, base, cuts)
         self.segment_at = _segment_index(self.sim, nodes)
-        self.positions = float_positions(tunable)
-        self.float_sim = None
+        self.float_sim, self.float_segment_at = None, {}
         if self.ends:
             float_cuts = {self.positions[end] for end in self.ends.values() if end < nodes}
             self.float_sim = cut_simulation(float_model, {}, float_cuts)

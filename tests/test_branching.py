@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -99,6 +100,21 @@ def test_variants_run_on_in_the_float_model_once_their_parameters_are_read():
         (want,) = _whole_runs(tunable, float_feed, feed, batches, reference)
         # the float model's kernels round differently: 0.003 dB at 73 dB of weight noise
         assert compared[name][0].sqnr_db == pytest.approx(want.sqnr_db, abs=0.01), name
+
+
+def test_a_float_model_whose_nodes_are_not_the_tunable_graphs_is_not_used():
+    """A float model that is not the one the tunable graph was made from (here one node more)
+    would start each tail at the wrong node: the branches stay in the tunable graph."""
+    tunable, float_feed, feeds, batches, model = _setting_and_model()
+    other = onnx.ModelProto()
+    other.CopyFrom(model)
+    other.graph.node.insert(0, helper.make_node("Identity", ["input"], ["unused"], name="extra"))
+    runner = session(tunable, arena=False)
+    reference = [runner.run(["logits"], {**batch, **float_feed}) for batch in batches]
+    compared = compare_variants(tunable, float_feed, feeds, batches, ["logits"], float_model=other)
+    for name, feed in feeds.items():
+        (want,) = _whole_runs(tunable, float_feed, feed, batches, reference)
+        assert compared[name][0].sqnr_db == pytest.approx(want.sqnr_db, abs=1e-3), name
 
 
 def test_a_cut_crossed_by_a_fake_quantizer_output_maps_to_float_names_or_to_none():
