@@ -22,11 +22,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import machine_description, write_section
-from zoo_bench import zoo_dir, zoo_manifest
+from zoo_bench import zoo_dir, zoo_manifest, zoo_selection
 
 import onnxq
 from onnxq import branching, sensitivity
-from onnxq.tune import fallback
 
 KINDS = ("detector", "segmentation")
 
@@ -34,7 +33,7 @@ KINDS = ("detector", "segmentation")
 def recorded_ranking(entry: dict, samples: int) -> tuple | None:
     """The arguments of the pipeline's first layer_costs call on this model, or None."""
     calls = []
-    original = fallback.sensitivity.layer_costs
+    original = sensitivity.layer_costs  # onnxq.tune.fallback calls it through the module
 
     def record(*args):
         calls.append(args)
@@ -43,11 +42,11 @@ def recorded_ranking(entry: dict, samples: int) -> tuple | None:
     zoo = zoo_dir()
     with np.load(zoo / entry["calib"]) as archive:
         data = {name: archive[name][:samples] for name in entry["inputs"]}
-    fallback.sensitivity.layer_costs = record
+    sensitivity.layer_costs = record
     try:
         onnxq.quantize(zoo / entry["file"], data, onnxq.QuantConfig(speed_check=False))
     finally:
-        fallback.sensitivity.layer_costs = original
+        sensitivity.layer_costs = original
     return calls[0] if calls else None
 
 
@@ -123,7 +122,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the markdown section here")
     args = parser.parse_args()
     manifest = zoo_manifest()
-    chosen = args.models or [name for name, entry in manifest.items() if entry["kind"] in KINDS]
+    chosen = zoo_selection(manifest, args.models, lambda entry: entry["kind"] in KINDS)
     results = {}
     for name in chosen:
         results[name] = measure(manifest[name], args.samples, args.repeats)
