@@ -29,9 +29,9 @@ _compiled: dict[str, Callable] = {}
 
 
 def quantize_forward(x, scale, zero: float, qmin: float, qmax: float, keep):
-    """(clamp(round(x / s) + z, qmin, qmax) − z)·s, x itself where `keep` is set (QDrop)."""
+    """(clamp(round(x / s) + z, qmin, qmax) − z)·s, x itself where `keep` is 1 (QDrop)."""
     y = (torch.clamp(torch.round(x / scale) + zero, qmin, qmax) - zero) * scale
-    return y if keep is None else torch.where(keep, x, y)
+    return y if keep is None else torch.where(keep != 0, x, y)
 
 
 def quantize_backward(x, scale, zero: float, qmin: float, qmax: float, keep, grad):
@@ -43,7 +43,8 @@ def quantize_backward(x, scale, zero: float, qmin: float, qmax: float, keep, gra
     step = torch.where(inside, rounded - scaled, torch.clamp(rounded, low, high)) * grad
     if keep is None:
         return torch.where(inside, grad, 0.0), step.sum()
-    return torch.where(inside | keep, grad, 0.0), torch.where(keep, 0.0, step).sum()
+    kept = keep != 0
+    return torch.where(inside | kept, grad, 0.0), torch.where(kept, 0.0, step).sum()
 
 
 def kernel(name: str, x: torch.Tensor) -> Callable | None:

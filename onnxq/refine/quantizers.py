@@ -23,16 +23,32 @@ ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h reaches 0 and
 MASK_LEVELS = 256  # a random mask's probability is rounded to a multiple of 1/MASK_LEVELS
 
 
-def random_mask(
-    shape: tuple[int, ...] | torch.Size, probability: float, random: np.random.Generator
-) -> torch.Tensor:
-    """Booleans, each True with `probability` (to 1/MASK_LEVELS): QDrop's float elements.
+def random_mask(like: torch.Tensor, probability: float, random: np.random.Generator) -> torch.Tensor:
+    """QDrop's float elements: float32 ones and zeros in `like`'s shape and memory layout, each
+    one with `probability` (to 1/MASK_LEVELS).
 
     One random byte per element from numpy's PCG64 costs about a third of torch's CPU uniform
-    draw (mt19937, one float per element), which took a tenth of ResNet-20's refinement."""
-    count = int(np.prod(shape, dtype=np.int64))
-    levels = np.frombuffer(random.bytes(count), np.uint8).reshape(tuple(shape))
-    return torch.from_numpy(levels < round(probability * MASK_LEVELS))
+    draw (mt19937, one float per element), which took a tenth of ResNet-20's refinement. The
+    mask is float and laid out like the activation (channels-last after a conv) because torch's
+    CPU selects on a random boolean mask (where, masked_fill) run 5-20 times slower than
+    multiplications, which is what `blend` does with it."""
+    count, level = like.numel(), round(probability * MASK_LEVELS)
+    values = np.empty(count, np.float32)
+    if 2 * level == MASK_LEVELS:  # QDrop's default, one half: a random bit per element does
+        values[:] = np.unpackbits(np.frombuffer(random.bytes(-(-count // 8)), np.uint8), count=count)
+    else:
+        np.less(np.frombuffer(random.bytes(count), np.uint8), level, out=values, casting="unsafe")
+    mask = torch.from_numpy(values)
+    if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
+        batch, channels, height, width = like.shape
+        return mask.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+    return mask.reshape(like.shape)
+
+
+def blend(keep: torch.Tensor, kept: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """torch.where(keep == 1, kept, other) for a 0/1 float `keep` and finite values, exactly:
+    other − other·keep + kept·keep, where every product is a value or a zero."""
+    return torch.addcmul(other - other * keep, kept, keep)
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -48,9 +64,9 @@ def fake_quantize(
     keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """QuantizeLinear then DequantizeLinear with one scale for the tensor; gradients as LSQ's
-    straight-through estimator gives them. Elements where the boolean `keep` is set stay float
-    (QDrop): the same values and gradients as torch.where(keep, x, fake_quantize(x)), in fewer
-    passes over the tensor."""
+    straight-through estimator gives them. Elements where the 0/1 float `keep` is 1 stay float
+    (QDrop): the same values and gradients as torch.where(keep == 1, x, fake_quantize(x)), in
+    fewer passes over the tensor."""
     return _FakeQuantize.apply(x, scale, zero, qmin, qmax, keep)
 
 
@@ -75,10 +91,14 @@ class _FakeQuantize(torch.autograd.Function):
             if result is not None:
                 return result
         # One new tensor, updated in place: the same float32 operations in the same order as
-        # (clamp(round(x / s) + z, qmin, qmax) − z)·s, without a temporary per operation.
+        # (clamp(round(x / s) + z, qmin, qmax) − z)·s, without a temporary per operation (adding
+        # and taking away a zero point of 0 changes no value, so those passes are skipped).
         y = x / scale
-        y.round_().add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)
-        return y if keep is None else torch.where(keep, x, y, out=y)
+        if zero:
+            y.round_().add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)
+        else:
+            y.round_().clamp_(qmin, qmax).mul_(scale)
+        return y if keep is None else y.sub_(y * keep).addcmul_(x, keep)  # blend, in y
 
     @staticmethod
     def backward(ctx, grad):
@@ -90,18 +110,20 @@ class _FakeQuantize(torch.autograd.Function):
         scaled = x / scale
         rounded = torch.round(scaled)
         # round(x/s) + z inside [qmin, qmax] ⇔ round(x/s) inside [qmin − z, qmax − z] (integers).
-        low, high = qmin - zero, qmax - zero
-        inside = (rounded >= low) & (rounded <= high)
+        # Masks are 0/1 floats made by arithmetic: torch's CPU compares and selects on them run
+        # several times slower than these passes. Outside the range |round − clamp| ≥ 1.
+        clamped = rounded.clamp(qmin - zero, qmax - zero)
+        inside = rounded.sub_(clamped).abs_().clamp_(max=1.0).neg_().add_(1.0)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.where(inside if keep is None else inside | keep, grad, 0.0)
+            grad_x = grad * (inside if keep is None else torch.maximum(inside, keep))
         grad_scale = None
         if ctx.needs_input_grad[1]:
-            residual = scaled.neg_().add_(rounded)  # round(x/s) − x/s, in scaled's memory
-            step = torch.where(inside, residual, rounded.clamp_(low, high), out=residual)
+            # round(x/s) − x/s inside, the saturated integer − z outside: each product is exact.
+            step = clamped.addcmul_(scaled, inside, value=-1.0).mul_(grad)
             if keep is not None:
-                step.masked_fill_(keep, 0.0)
-            grad_scale = step.mul_(grad).sum().reshape(scale.shape)
+                step.sub_(step * keep)
+            grad_scale = step.sum().reshape(scale.shape)
         return grad_x, grad_scale, None, None, None, None
 
 
@@ -121,7 +143,7 @@ class ActivationQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dropping = self.training and self.drop > 0
-        keep_float = random_mask(x.shape, self.drop, self.random).to(x.device) if dropping else None
+        keep_float = random_mask(x, self.drop, self.random).to(x.device) if dropping else None
         return fake_quantize(x, self.scale.clamp_min(1e-12), self.zero, self.qmin, self.qmax, keep_float)
 
     def learned_scale(self) -> np.float32:

@@ -20,7 +20,7 @@ from onnxq.progress import Progress
 from onnxq.refine.blocks import Unit
 from onnxq.refine.losses import PD_FEATURE_WEIGHT, PD_TEMPERATURE, prediction_difference, reconstruction
 from onnxq.refine.mirror import Env, Mirror
-from onnxq.refine.quantizers import random_mask
+from onnxq.refine.quantizers import blend, random_mask
 
 EVAL_SAMPLES = 256  # samples the before/after loss of a unit is measured on
 RUN_BATCH = 64  # samples per run when a unit's outputs are computed for all samples
@@ -280,8 +280,8 @@ class _UnitJob:
             floating = self.floating.take(index)
             for name, value in inputs.items():
                 if value.is_floating_point() and value.shape == floating[name].shape:
-                    keep = random_mask(value.shape, self.settings.qdrop, self.random.masks).to(value.device)
-                    inputs[name] = torch.where(keep, floating[name], value)
+                    keep = random_mask(value, self.settings.qdrop, self.random.masks).to(value.device)
+                    inputs[name] = blend(keep, floating[name], value)
         return self._loss(inputs, self.targets.take(index), index)
 
     def _loss(self, inputs: Env, targets: Env, index) -> torch.Tensor:

@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from onnxq.refine import fused  # noqa: E402
-from onnxq.refine.quantizers import fake_quantize  # noqa: E402
+from onnxq.refine.quantizers import fake_quantize, random_mask  # noqa: E402
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def test_compiled_learning_passes_equal_the_eager_ones(fresh_kernels, drop):
     assert np.prod(shape) >= fused.MIN_ELEMENTS
     x = torch.from_numpy((generator.standard_normal(shape) * 0.6).astype(np.float32))
     x = x.contiguous(memory_format=torch.channels_last)
-    keep = torch.from_numpy(generator.random(shape) < 0.5) if drop else None
+    keep = random_mask(x, 0.5, generator) if drop else None
     upstream = torch.from_numpy(generator.standard_normal(shape).astype(np.float32))
     with fused.compiled_kernels(False):
         eager = learn_once(x, keep, upstream, 3.0, 15.0)
@@ -64,7 +64,7 @@ def test_a_failing_compiler_switches_to_eager_passes_once(fresh_kernels, monkeyp
     monkeypatch.setattr(torch, "compile", broken)
     x = torch.linspace(-2, 2, fused.MIN_ELEMENTS).reshape(64, -1)
     upstream = torch.ones_like(x)
-    keep = torch.zeros_like(x, dtype=torch.bool)
+    keep = torch.zeros_like(x)
     with fused.compiled_kernels(False):
         eager = learn_once(x, keep, upstream, 0.0, 15.0)
     fallen_back = learn_once(x, keep, upstream, 0.0, 15.0)
