@@ -45,10 +45,14 @@ def random_mask(like: torch.Tensor, probability: float, random: np.random.Genera
     return mask.reshape(like.shape)
 
 
-def blend(keep: torch.Tensor, kept: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+def blend(
+    keep: torch.Tensor, kept: torch.Tensor, other: torch.Tensor, *, in_place: bool = False
+) -> torch.Tensor:
     """torch.where(keep == 1, kept, other) for a 0/1 float `keep` and finite values, exactly:
-    other − other·keep + kept·keep, where every product is a value or a zero."""
-    return torch.addcmul(other - other * keep, kept, keep)
+    other − other·keep + kept·keep, where every product is a value or a zero. `in_place` writes
+    it into `other` (a tensor nothing else holds)."""
+    target = other if in_place else other.clone()
+    return target.sub_(target * keep).addcmul_(kept, keep)
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -98,7 +102,7 @@ class _FakeQuantize(torch.autograd.Function):
             y.round_().add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)
         else:
             y.round_().clamp_(qmin, qmax).mul_(scale)
-        return y if keep is None else y.sub_(y * keep).addcmul_(x, keep)  # blend, in y
+        return y if keep is None else blend(keep, x, y, in_place=True)
 
     @staticmethod
     def backward(ctx, grad):
