@@ -195,7 +195,9 @@ def elu(attrs, x):
 
 @op("PRelu")
 def prelu(attrs, x, slope):
-    return (torch.where(x >= 0, x, x * slope),)
+    """x where x ≥ 0, else slope·x, as a sum: torch's CPU `where` on a data-dependent mask ran
+    about twenty times slower than an elementwise op (see quantizers.blend)."""
+    return (torch.clamp_min(x, 0) + slope * torch.clamp_max(x, 0),)
 
 
 @op("Identity", "Dropout")

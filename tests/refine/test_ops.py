@@ -135,6 +135,20 @@ def test_unary_ops_match(op_type, attrs, batch, channels, size, seed):
 
 
 @settings(max_examples=10, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 5), st.integers(2, 6), st.booleans(), st.integers(0, 10**6))
+def test_prelu_matches(batch, channels, size, per_channel, seed):
+    """PRelu's slope as exporters write it: one per channel, (C, 1, 1) against NCHW, or a single
+    one; negative and zero slopes too. The mirror computes it as a sum, not a select."""
+    r = rng(seed)
+    x = (r.standard_normal((batch, channels, size, size)) * 4).astype(np.float32)
+    x[..., 0, 0] = 0.0  # the boundary itself
+    shape = (channels, 1, 1) if per_channel else (1,)
+    slope = r.uniform(-1.0, 1.0, shape).astype(np.float32)
+    slope.flat[0] = 0.0
+    assert_mirror_matches(single_node("PRelu", {"x": x}, {"slope": slope}), {"x": x})
+
+
+@settings(max_examples=10, deadline=None)
 @given(
     st.integers(1, 3),
     st.integers(2, 6),
