@@ -349,7 +349,7 @@ def test_lstm_is_named_as_kept_in_float_and_sequences_are_not_called_samples(tmp
 def test_cifar10_preset_sizes_images_to_32(tmp_path):
     from PIL import Image
 
-    from onnxq.calib.data import load_image
+    from onnxq.calib.images import load_image
     from onnxq.config import Preprocess
 
     path = tmp_path / "big.png"

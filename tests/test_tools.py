@@ -158,7 +158,7 @@ def test_device_refine_packs_images_that_rebuild_the_preset_array_exactly(tmp_pa
     from PIL import Image
 
     import onnxq
-    from onnxq.calib.data import load_image, resized_and_cropped
+    from onnxq.calib.images import load_image, resized_and_cropped
 
     pre = onnxq.Preprocess.preset("imagenet")
     rng = np.random.default_rng(0)

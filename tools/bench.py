@@ -46,7 +46,7 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import onnxq
 from onnxq import speed
-from onnxq.calib.data import load_image
+from onnxq.calib.images import load_image
 from onnxq.evaluate import kernel_summary, kl_divergence
 from onnxq.io import session
 

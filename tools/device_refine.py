@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import onnxq
-from onnxq.calib.data import load_image, resized_and_cropped
+from onnxq.calib.images import load_image, resized_and_cropped
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,11 +18,11 @@ from typing import Any, Protocol
 import numpy as np
 import onnx
 
+from onnxq.calib.images import channel_axis, image_files, load_image, normalise
 from onnxq.config import Preprocess
 from onnxq.errors import OnnxqError
 
 Batch = dict[str, np.ndarray]
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 LABEL_KEYS = ("y", "label", "labels")
 
 
@@ -205,7 +205,7 @@ def folder_labels(folder: str | Path) -> np.ndarray | None:
     folder = Path(folder)
     if (folder / "labels.txt").is_file():
         return load_labels(folder / "labels.txt")
-    files = _image_files(folder)
+    files = image_files(folder)
     if not files or all(f.parent == folder for f in files):
         return None
     classes = sorted({f.parent.name for f in files})
@@ -298,7 +298,7 @@ def _arrays_to_batch(
             raise OnnxqError(f"{what}: no data for model input {spec.name!r}")
         array = np.asarray(data[spec.name])
         if pre is not None and np.issubdtype(array.dtype, np.integer) and spec.dtype.kind == "f":
-            array = _normalise(array.astype(np.float32) * pre.scale, pre, channel_axis=_channel_axis(pre))
+            array = normalise(array.astype(np.float32) * pre.scale, pre, channel_axis=channel_axis(pre))
         if array.dtype.kind == "f" and spec.dtype.kind == "f":
             array = array.astype(spec.dtype, copy=False)  # numpy's float64 default, a float16 export
         batch[spec.name] = array
@@ -310,69 +310,14 @@ def _reader_chunks(reader: DataReader) -> Iterator[Batch]:
         yield {name: np.asarray(value) for name, value in item.items()}
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-
-
 def _image_chunks(folder: Path, inputs: list[InputSpec], pre: Preprocess) -> Iterator[Batch]:
     if len(inputs) != 1:
         raise OnnxqError("an image folder can only feed a model with one input")
-    files = _image_files(folder)
+    files = image_files(folder)
     if not files:
         raise OnnxqError(f"no images found in {folder}")
     for file in files:
         yield {inputs[0].name: load_image(file, pre)[None].astype(inputs[0].dtype, copy=False)}
-
-
-def load_image(path: Path, pre: Preprocess) -> np.ndarray:
-    """Decode one image with Pillow and preprocess it like torchvision (bilinear resize, centre crop)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as opened:
-            image = opened.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise OnnxqError(f"cannot decode image {path}: {err}") from None
-    image = resized_and_cropped(image, pre, path)
-    array = np.asarray(image, dtype=np.float32) * pre.scale  # H, W, C
-    array = _normalise(array, pre, channel_axis=-1)
-    return array.transpose(2, 0, 1) if pre.layout == "NCHW" else array
-
-
-def resized_and_cropped(image, pre: Preprocess, path: Path):
-    """The Pillow image after `pre`'s resize (short side, bilinear) and centre crop."""
-    from PIL import Image
-
-    if pre.resize:
-        w, h = image.size
-        short = min(w, h)
-        size = (pre.resize, int(pre.resize * h / w)) if w == short else (int(pre.resize * w / h), pre.resize)
-        image = image.resize(size, Image.BILINEAR)
-    if pre.crop:
-        w, h = image.size
-        if pre.crop > min(w, h):
-            raise OnnxqError(f"crop {pre.crop} is larger than image {path} ({w}×{h}); add --resize")
-        left, top = round((w - pre.crop) / 2.0), round((h - pre.crop) / 2.0)
-        image = image.crop((left, top, left + pre.crop, top + pre.crop))
-    return image
-
-
-def _channel_axis(pre: Preprocess) -> int:
-    return 1 if pre.layout == "NCHW" else -1
-
-
-def _normalise(array: np.ndarray, pre: Preprocess, channel_axis: int) -> np.ndarray:
-    if not pre.mean:
-        return array
-    shape = [1] * array.ndim
-    shape[channel_axis] = len(pre.mean)
-    if array.shape[channel_axis] != len(pre.mean):
-        raise OnnxqError(
-            f"mean/std have {len(pre.mean)} channels but the data has {array.shape[channel_axis]}"
-        )
-    mean = np.asarray(pre.mean, np.float32).reshape(shape)
-    std = np.asarray(pre.std, np.float32).reshape(shape)
-    return (array - mean) / std
 
 
 # --- batching and checks -------------------------------------------------------------------------
