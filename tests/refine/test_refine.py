@@ -1,10 +1,9 @@
-"""Rounding refinement end to end on small models: blocks, learning, export, the CLI."""
+"""Rounding refinement end to end on small models: learning, export, seeds, the CLI."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from hypothesis import given, settings
@@ -20,38 +19,7 @@ from onnxq.quant.plan import plan_quantization  # noqa: E402
 from onnxq.refine.blocks import partition  # noqa: E402
 from onnxq.refine.mirror import Mirror  # noqa: E402
 from tests.conftest import needs_shared  # noqa: E402
-
-FAST = dict(refine=True, refine_iters=40, refine_batch=16, speed_check=False, fidelity_fallback=False)
-
-
-def reference_run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    """onnxruntime on the QDQ graph as written (no fusion into integer kernels)."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    runner = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return runner.run(None, {runner.get_inputs()[0].name: x})[0]
-
-
-def mirror_run(mirror: Mirror, x: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return mirror({mirror.graph_inputs[0]: torch.from_numpy(x)}, quantized=True)[0].numpy()
-
-
-def sqnr(reference: np.ndarray, other: np.ndarray) -> float:
-    noise = max(float(np.sum((other.astype(np.float64) - reference) ** 2)), 1e-30)
-    return 10 * np.log10(float(np.sum(reference.astype(np.float64) ** 2)) / noise)
-
-
-def assert_same_as_qdq(mirror: Mirror, model: onnx.ModelProto, x: np.ndarray) -> None:
-    """Equal up to float summation order. An activation that sits on a rounding boundary may land
-    one step away in one of the two and carry that step on (on MobileNetV2, 1 element of 800 000
-    at the first layer), so the two must agree 10 dB beyond the quantization noise itself and
-    pick the same classes."""
-    want, got = reference_run(model, x), mirror_run(mirror, x)
-    with torch.no_grad():
-        floating = mirror({mirror.graph_inputs[0]: torch.from_numpy(x)}, quantized=False)[0].numpy()
-    assert sqnr(want, got) >= sqnr(floating, want) + 10.0
-    assert (got.argmax(1) == want.argmax(1)).all()
+from tests.refine.common import FAST, assert_same_as_qdq, reference_run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -176,20 +144,6 @@ def test_every_loss_and_unit_runs(small_model, calibration_data, loss):
     assert len(result.refinement.units) >= 1
 
 
-def test_blocks_of_a_residual_network(small_model):
-    model = fuse(small_model).model
-    plan = plan_quantization(onnxq.io.to_ir(model).graph, onnxq.QuantConfig())
-    mirror = Mirror(model)
-    blocks = partition(mirror, set(plan.layers), "block")
-    layers = partition(mirror, set(plan.layers), "layer")
-    # stem conv | branch conv → depthwise → Add (one tensor crosses before and after) | head
-    assert [len(b.layers) for b in blocks] == [1, 2, 1]
-    assert [len(u.layers) for u in layers] == [1, 1, 1, 1]
-    assert any(len(u.inputs) == 2 for u in layers)  # the skip connection crosses a layer cut
-    assert len(partition(mirror, set(plan.layers), "window:2")) == 2
-    assert sum(len(b.layers) for b in blocks) == len(plan.layers)
-
-
 def test_unit_outputs_run_in_parts_equal_one_run_over_all_samples(small_model, monkeypatch):
     """_run_all writes each part into one preallocated tensor; the last part is shorter."""
     from onnxq.refine import reconstruct
@@ -207,50 +161,6 @@ def test_unit_outputs_run_in_parts_equal_one_run_over_all_samples(small_model, m
     assert parts.count == 23
     for name in unit.outputs:
         torch.testing.assert_close(parts.values[name], whole[name], rtol=1e-6, atol=1e-6)
-
-
-def test_a_long_stretch_without_single_tensor_cuts_is_one_unit():
-    """Two parallel branches of three convs (a detector head's box and class branches): more
-    than MAX_BLOCK_LAYERS layers with two tensors alive at every cut inside."""
-    from onnxq.refine import blocks as partitioning
-    from tests.conftest import export
-
-    class TwoBranches(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
-            self.box = torch.nn.Sequential(*[torch.nn.Conv2d(8, 8, 3, padding=1) for _ in range(3)])
-            self.cls = torch.nn.Sequential(*[torch.nn.Conv2d(8, 8, 3, padding=1) for _ in range(3)])
-
-        def forward(self, x):
-            x = torch.relu(self.stem(x))
-            return torch.cat([self.box(x), self.cls(x)], 1)
-
-    torch.manual_seed(0)
-    model = fuse(export(TwoBranches(), torch.zeros(1, 3, 8, 8))).model
-    # at 8 bits the convs whose outputs keep no pair stay float
-    config = onnxq.QuantConfig(weight_bits=4, first_last_8bit=False)
-    plan = plan_quantization(onnxq.io.to_ir(model).graph, config)
-    units = partition(Mirror(model), set(plan.layers), "block")
-    head = units[-1]
-    assert len(head.layers) == 6 > partitioning.MAX_BLOCK_LAYERS
-    assert sum(len(u.layers) for u in units) == len(plan.layers) == 7
-
-
-@pytest.mark.parametrize(
-    ("name", "blocks"),
-    [("resnet20_cifar10", 11), ("mobilenet_v2", 18), ("repvgg_cifar10", 11)],
-)
-def test_blocks_of_real_networks(name, blocks):
-    from pathlib import Path
-
-    local = Path(__file__).resolve().parents[2] / "models" / f"{name}.onnx"
-    path = local if local.exists() else needs_shared("models", f"{name}.onnx")
-    model = fuse(onnx.load(path), merge_branches=False).model
-    plan = plan_quantization(onnxq.io.to_ir(model).graph, onnxq.QuantConfig())
-    units = partition(Mirror(model), set(plan.layers), "block")
-    assert len(units) == blocks
-    assert all(len(u.inputs) == 1 for u in units)
 
 
 def test_mirror_equals_onnxruntime_on_shared_models():
@@ -312,85 +222,6 @@ def test_pd_without_class_scores_says_it_learned_with_mse():
     result = onnxq.quantize(model, data, config)
     assert any(n.startswith("refined ") and "(mse loss)" in n for n in result.notes)
     assert any("pd needs class scores" in n for n in result.notes)
-
-
-def repvgg_net():
-    """Stem, two RepVGG blocks (3×3, 1×1 and identity branches with BatchNorm), a linear head."""
-    from tests.passes.test_fuse_branches import Block, conv_bn
-
-    class Net(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.stem = torch.nn.Sequential(*conv_bn(3, 8, (3, 3)), torch.nn.ReLU())
-            self.blocks = torch.nn.Sequential(
-                *(Block([conv_bn(8, 8, (3, 3)), conv_bn(8, 8, (1, 1))], "bn") for _ in range(2))
-            )
-            self.head = torch.nn.Linear(8, 10)
-
-        def forward(self, x):
-            return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
-
-    torch.manual_seed(0)
-    return Net()
-
-
-def _perturbed_affine(mirror, units, feeds, settings, progress):
-    """Stands in for learning: every QPRep γ and β set to values far from their start."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name in mirror.affine_weights:
-            rounding = mirror.rounding[mirror.weight_index[name]]
-            rounding.gain.copy_(0.7 + 0.6 * torch.rand(rounding.gain.shape, generator=generator))
-            rounding.shift.copy_(0.3 * torch.randn(rounding.shift.shape, generator=generator))
-    return []
-
-
-def _repvgg_quantized(monkeypatch, data, **options):
-    import onnxq.refine.export
-    from tests.conftest import export, randomise_batchnorm
-
-    monkeypatch.setattr(onnxq.refine.export, "reconstruct", _perturbed_affine)
-    net = repvgg_net()
-    randomise_batchnorm(net)
-    model = export(net, torch.zeros(1, 3, 16, 16), keep_bn=True)
-    config = onnxq.QuantConfig(weight_bits=4, activation_bits=4, fuse_branches=True, **options, **FAST)
-    return onnxq.quantize(model, data, config)
-
-
-@pytest.fixture
-def qprep(monkeypatch, calibration_data):
-    """QPRep at its default: on."""
-    return _repvgg_quantized(monkeypatch, calibration_data)
-
-
-def test_qprep_gives_each_merged_conv_an_affine(qprep):
-    assert "QPRep: 2 merged re-parameterized convs learned a per-channel affine" in qprep.notes
-    mirror = qprep.refinement.mirror
-    assert len(mirror.affine_weights) == 2
-    changed = {b for b, w in mirror.bias_weights.items() if w in mirror.affine_weights}
-    assert set(qprep.refinement.biases) == changed and changed
-
-
-def test_qprep_absorbed_into_scales_and_bias_leaves_the_export_equal_to_the_mirror(
-    qprep, monkeypatch, calibration_data
-):
-    """γ far from 1 and β far from 0, folded into per-channel scales and int32 biases: onnxruntime
-    on the exported QDQ model computes what the mirror computes with them, and the graph has
-    the same nodes as without QPRep."""
-    from collections import Counter
-
-    mirror = qprep.refinement.mirror
-    assert_same_as_qdq(mirror, qprep.model, calibration_data[:8])
-    for name in mirror.affine_weights:
-        rounding = mirror.rounding[mirror.weight_index[name]]
-        calibrated = rounding.scale.reshape(len(rounding.scale), -1)[:, 0]
-        expected = (calibrated * rounding.channel_gain()).detach().numpy()
-        np.testing.assert_allclose(qprep.refinement.weights[name].scale, expected, rtol=1e-6)
-    plain = _repvgg_quantized(monkeypatch, calibration_data, qprep=False)
-    assert not plain.refinement.mirror.affine_weights
-    assert Counter(n.op_type for n in qprep.model.graph.node) == Counter(
-        n.op_type for n in plain.model.graph.node
-    )
 
 
 def test_a_model_exported_with_its_batch_of_one_baked_in_refines():
@@ -460,105 +291,6 @@ def test_a_static_dynamo_export_of_a_vision_transformer_refines_every_unit(tmp_p
     units = result.refinement.units
     assert len(units) > 1 and not [unit.skipped for unit in units if unit.skipped]
     assert result.fidelity.min_sqnr > 10
-
-
-@pytest.mark.parametrize("unit", ["layer", "block"])
-def test_units_never_start_where_samples_are_folded_into_rows(unit):
-    """A per-token MLP written as reshape(-1, features) holds [samples·tokens, features] between
-    its layers: a unit starting there would be handed all samples' rows beside a batch of the
-    others ("The size of tensor a (48) must match the size of tensor b (32)"). Its cuts are kept
-    off those tensors, and every unit still learns."""
-    import torch
-    from torch import nn
-
-    from onnxq.refine.sample_axes import mixed_sample_tensors
-    from tests.conftest import export
-
-    class Tokens(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.stem, self.mlp = nn.Conv1d(4, 8, 3, padding=1), nn.Sequential(nn.Linear(8, 16), nn.ReLU())
-            self.head = nn.Linear(16, 3)
-
-        def forward(self, x):
-            tokens = torch.relu(self.stem(x)).transpose(1, 2)  # [samples, tokens, 8]
-            rows = self.head(self.mlp(tokens.reshape(-1, 8)))  # [samples·tokens, 3]
-            return rows.reshape(x.shape[0], -1, 3).mean(1)
-
-    torch.manual_seed(0)
-    model = export(Tokens(), torch.zeros(1, 4, 6))
-    data = np.random.default_rng(0).standard_normal((24, 4, 6)).astype(np.float32)
-    folded = fuse(model).model
-    mirror = Mirror(folded)
-    mixed = mixed_sample_tensors(mirror, {"input": torch.from_numpy(data)})
-    rows = {o for node in mirror.nodes if node.op_type in ("Gemm", "MatMul", "Relu") for o in node.outputs}
-    assert mixed & rows
-    config = onnxq.QuantConfig(weight_bits=4, refine_unit=unit, **{**FAST, "refine_iters": 5})
-    result = onnxq.quantize(model, data, config)
-    assert result.refinement is not None and not [u.skipped for u in result.refinement.units if u.skipped]
-    assert result.fidelity.min_sqnr > 10
-
-
-def test_units_never_start_where_a_shape_read_at_run_time_is_alive():
-    """TorchScript writes `n, c, h, w = y.shape` as Shape where it is read: a shape of the first
-    conv's output, used by a Reshape three layers later, crosses every layer cut between. Kept
-    whole for a unit while its other inputs come a batch at a time, it stopped refinement with
-    "shape '[48, 4, 8, 1024]' is invalid" on a YOLO-style head."""
-    import torch
-    from torch import nn
-
-    from tests.conftest import export
-
-    class Late(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.convs = nn.ModuleList(nn.Conv2d(c, 4, 3, padding=1) for c in (3, 4, 4))
-            self.head = nn.Linear(4 * 36, 3)
-
-        def forward(self, x):
-            y = torch.relu(self.convs[0](x))
-            n, c, h, w = y.shape
-            for conv in self.convs[1:]:
-                y = torch.relu(conv(y))
-            return self.head(y.reshape(n, c // 2, 2 * h * w).reshape(n, -1))
-
-    torch.manual_seed(0)
-    model = export(Late(), torch.zeros(1, 3, 6, 6))
-    data = np.random.default_rng(0).standard_normal((24, 3, 6, 6)).astype(np.float32)
-    config = onnxq.QuantConfig(weight_bits=4, refine_unit="layer", **{**FAST, "refine_iters": 5})
-    result = onnxq.quantize(model, data, config)
-    assert result.refinement is not None and not [u.skipped for u in result.refinement.units if u.skipped]
-    assert result.fidelity.min_sqnr > 10
-
-
-def test_layers_around_a_node_the_mirror_cannot_run_learn_in_units_of_their_own():
-    """A Conv1d, an LSTM (onnxruntime runs it, without gradients) and a Linear: as one block the
-    LSTM kept both layers from learning (0 of 1 units refined); the LSTM now sits in a unit of its
-    own and the layers on either side learn."""
-    import torch
-    from torch import nn
-
-    from tests.conftest import export
-
-    class Tagger(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv, self.lstm, self.out = (
-                nn.Conv1d(8, 16, 3, padding=1),
-                nn.LSTM(16, 12, batch_first=True),
-                nn.Linear(12, 5),
-            )
-
-        def forward(self, x):
-            return self.out(self.lstm(torch.relu(self.conv(x)).transpose(1, 2))[0])
-
-    torch.manual_seed(0)
-    model = export(Tagger(), torch.zeros(1, 8, 10))
-    data = np.random.default_rng(0).standard_normal((24, 8, 10)).astype(np.float32)
-    result = onnxq.quantize(model, data, onnxq.QuantConfig(weight_bits=4, **{**FAST, "refine_iters": 5}))
-    units = result.refinement.units
-    assert [bool(u.skipped) for u in units] == [False, True, False]  # the LSTM's unit learns nothing
-    assert all(u.iterations == 5 for u in (units[0], units[2]))
 
 
 @settings(max_examples=30, deadline=None)
