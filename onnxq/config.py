@@ -277,8 +277,8 @@ class QuantConfig:
     bias_correction: bool | None = None  # None: see corrects_bias
     # weight integers: "nearest" rounding, or "gptq", chosen column by column against the
     # layer's input correlations on the calibration data (onnxq/calib/rounding.py); "auto":
-    # gptq at every width, and with --refine below 4-bit weights only, where refinement
-    # starts from GPTQ's integers (see rounds_by_gptq)
+    # gptq at every width, and with --refine below 4-bit weights and with 8-bit activations
+    # only, where refinement starts from GPTQ's integers (see rounds_by_gptq)
     weight_rounding: str = "auto"
     # cross-layer equalization (onnxq/passes/equalize.py): activation channel ranges moved into
     # per-channel weights before a depthwise conv, before planning; None: see `equalizes`
@@ -426,10 +426,15 @@ class QuantConfig:
         −0.1) and MobileNetV2's KL fell 0.034 → 0.028 (ResNet-20 0.00047 → 0.00056, top-1 100 %
         either way; tools/choose_w8_correction.py). With --refine, AdaRound
         starts from GPTQ's integers below 4-bit weights (ResNet-20 W2A4 held-out KL 0.315 →
-        0.166) and from nearest rounding at 4 bits and wider (ResNet-20 W4A4 0.0325 against
-        0.0445, MobileNetV2 W4A8 0.1650 against 0.1662; tools/choose_refine_start.py)."""
+        0.166) and, below 8-bit weights, with 8-bit activations, where weights get a zero point
+        (MobileNetV2 W4A8 0.136 → 0.107); from nearest rounding otherwise (ResNet-20 W4A4 0.0325
+        against 0.0445; tools/choose_refine_start.py). MobileNetV2 W4A8 had favoured nearest
+        with symmetric weights (0.1650 against 0.1662), before the zero point was its default."""
         if self.weight_rounding == "auto":
-            return self.lowest_weight_bits < 4 if self.refine else True
+            if not self.refine:
+                return True
+            with_zero_point = self.lowest_activation_bits >= 8 and self.lowest_weight_bits < 8
+            return self.lowest_weight_bits < 4 or with_zero_point
         return self.weight_rounding == "gptq"
 
     @property

@@ -8,7 +8,8 @@ and `--refine` (its defaults otherwise) from both starts, calibrated on the prot
 calibration images and scored against the float model on calibration-pool images it never saw
 (CIFAR-10 train-1017[512:]; the even-class ImageNet images after the first 256): KL of the
 quantized from the float softmax, top-1 agreement, top-1. The start with the lower mean log
-held-out KL becomes the default, decided apart for weights below 4 bits and for wider ones.
+held-out KL becomes the default, decided apart for weights below 4 bits, for wider weights
+with 8-bit activations (where weights get a zero point) and for the rest.
 No evaluation image is read. Writes the "refine-start" section
 of BENCHMARKS.md. `--resume LOG` takes the rows a killed run printed instead of measuring them.
 """
@@ -27,6 +28,20 @@ import held_out
 
 SETTINGS = {"resnet20_cifar10": [(4, 4), (2, 4)], "mobilenet_v2": [(4, 8)]}  # (weight, activation bits)
 STARTS = {"nearest": "nearest", "gptq": "gptq"}  # start → --weight-rounding
+
+
+CLASSES = {
+    "narrow": "weights below 4 bits",
+    "a8": "4- to 7-bit weights with 8-bit activations (a zero point on the weights)",
+    "rest": "4-bit and wider weights with narrower activations",
+}
+
+
+def width_class(widths: tuple[int, int]) -> str:
+    """The class of widths a default start is decided for (QuantConfig.rounds_by_gptq)."""
+    if widths[0] < 4:
+        return "narrow"
+    return "a8" if widths[1] >= 8 and widths[0] < 8 else "rest"
 
 
 def held_out_scores(name: str, widths: tuple[int, int], start: str, held, reference) -> dict:
@@ -63,16 +78,16 @@ def main() -> None:
         return f"| {name} | W{widths[0]}A{widths[1]} mse + --refine | {start} |"
 
     rows = held_out.choice_rows(args.models, SETTINGS, STARTS, key, held_out_scores, done)
-    table, logs = held_out.grouped_log_kls(rows, lambda widths: widths[0] < 4)
+    table, logs = held_out.grouped_log_kls(rows, width_class)
     lines += [*table, ""]
-    for narrow, what in ((True, "weights below 4 bits"), (False, "4-bit and wider weights")):
-        if narrow not in logs:
+    for group, what in CLASSES.items():
+        if group not in logs:
             continue
-        means = {start: float(np.mean(logs[narrow][start])) for start in STARTS}
+        means = {start: float(np.mean(logs[group][start])) for start in STARTS}
         chosen = min(means, key=means.get)
-        wins = held_out.wins(logs[narrow], "nearest", "gptq")
+        wins = held_out.wins(logs[group], "nearest", "gptq")
         lines.append(
-            f"{what}: GPTQ's start lowers the held-out KL on {wins} of {len(logs[narrow]['gptq'])} "
+            f"{what}: GPTQ's start lowers the held-out KL on {wins} of {len(logs[group]['gptq'])} "
             f"rows; mean log held-out KL {means['nearest']:.2f} from nearest rounding, "
             f"{means['gptq']:.2f} from GPTQ's integers: {chosen} by default."
         )

@@ -286,13 +286,14 @@ def test_gptq_model_is_closer_to_float_and_stores_its_own_integers(
         assert np.abs(values.astype(np.int64)).max() <= np.abs(before[name].astype(np.int64)).max()
 
 
-def test_auto_rounding_is_gptq_and_below_4_bits_only_with_refinement():
+def test_auto_rounding_is_gptq_and_with_refinement_below_4_bits_or_with_8_bit_activations():
     assert QuantConfig().rounds_by_gptq  # 8 bits: in the observation pass (test_streamed_gptq)
     assert not QuantConfig(refine=True).rounds_by_gptq
     assert QuantConfig(weight_bits=4).rounds_by_gptq
     assert QuantConfig(weight_bits=4, weight_rounding="nearest").rounds_by_gptq is False
     assert QuantConfig(weight_rounding="gptq").rounds_by_gptq
-    assert not QuantConfig(weight_bits=4, refine=True).rounds_by_gptq  # AdaRound from nearest
+    assert not QuantConfig(weight_bits=4, activation_bits=4, refine=True).rounds_by_gptq  # from nearest
+    assert QuantConfig(weight_bits=4, refine=True).rounds_by_gptq  # W4A8: from GPTQ's integers
     assert QuantConfig(weight_bits=2, refine=True).rounds_by_gptq  # AdaRound from GPTQ's integers
 
 
