@@ -433,8 +433,8 @@ class QuantConfig:
         if self.weight_rounding == "auto":
             if not self.refine:
                 return True
-            with_zero_point = self.lowest_activation_bits >= 8 and self.lowest_weight_bits < 8
-            return self.lowest_weight_bits < 4 or with_zero_point
+            eight_bit_activations = self.lowest_activation_bits >= 8 and self.lowest_weight_bits < 8
+            return self.lowest_weight_bits < 4 or eight_bit_activations
         return self.weight_rounding == "gptq"
 
     @property

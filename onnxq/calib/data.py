@@ -298,7 +298,7 @@ def _arrays_to_batch(
             raise OnnxqError(f"{what}: no data for model input {spec.name!r}")
         array = np.asarray(data[spec.name])
         if pre is not None and np.issubdtype(array.dtype, np.integer) and spec.dtype.kind == "f":
-            array = normalise(array.astype(np.float32) * pre.scale, pre, channel_axis=channel_axis(pre))
+            array = normalise(array.astype(np.float32) * pre.scale, pre, axis=channel_axis(pre))
         if array.dtype.kind == "f" and spec.dtype.kind == "f":
             array = array.astype(spec.dtype, copy=False)  # numpy's float64 default, a float16 export
         batch[spec.name] = array

@@ -33,7 +33,7 @@ def load_image(path: Path, pre: Preprocess) -> np.ndarray:
         raise OnnxqError(f"cannot decode image {path}: {err}") from None
     image = resized_and_cropped(image, pre, path)
     array = np.asarray(image, dtype=np.float32) * pre.scale  # H, W, C
-    array = normalise(array, pre, channel_axis=-1)
+    array = normalise(array, pre, axis=-1)
     return array.transpose(2, 0, 1) if pre.layout == "NCHW" else array
 
 
@@ -60,16 +60,15 @@ def channel_axis(pre: Preprocess) -> int:
     return 1 if pre.layout == "NCHW" else -1
 
 
-def normalise(array: np.ndarray, pre: Preprocess, channel_axis: int) -> np.ndarray:
-    """(array − mean) / std per channel, where `pre` has a mean; its channel count must match."""
+def normalise(array: np.ndarray, pre: Preprocess, axis: int) -> np.ndarray:
+    """(array − mean) / std per channel along `axis`, where `pre` has a mean; its channel count
+    must match."""
     if not pre.mean:
         return array
     shape = [1] * array.ndim
-    shape[channel_axis] = len(pre.mean)
-    if array.shape[channel_axis] != len(pre.mean):
-        raise OnnxqError(
-            f"mean/std have {len(pre.mean)} channels but the data has {array.shape[channel_axis]}"
-        )
+    shape[axis] = len(pre.mean)
+    if array.shape[axis] != len(pre.mean):
+        raise OnnxqError(f"mean/std have {len(pre.mean)} channels but the data has {array.shape[axis]}")
     mean = np.asarray(pre.mean, np.float32).reshape(shape)
     std = np.asarray(pre.std, np.float32).reshape(shape)
     return (array - mean) / std

@@ -23,7 +23,6 @@ from onnxq.passes.graph_utils import attribute, constant, drop_unused_initialize
 from onnxq.passes.linear_maps import LinearMap, Refused, as_map, compose, per_channel, sum_maps
 
 SUM_OPS = ("Add", "Sum")
-CHANNEL_OPS = ("BatchNormalization", "Mul", "Add", "Sub", "Div", "Identity")
 
 
 @dataclass
