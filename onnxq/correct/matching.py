@@ -17,6 +17,7 @@ import onnx
 import torch
 
 from onnxq.errors import OnnxqError
+from onnxq.memory import heap_allocations
 from onnxq.passes.fold_bn import ChannelStatistics
 from onnxq.progress import Progress, Silent
 from onnxq.refine.mirror import Mirror
@@ -276,17 +277,18 @@ def _optimise(run: _StatisticsRun, inputs, lr, steps, penalty, progress, done, s
     optimiser = torch.optim.Adam([inputs], lr=lr)
     first = run.loss(inputs)
     deadline = None if seconds is None else time.perf_counter() + seconds
-    for step in range(steps):
-        if deadline is not None and step and time.perf_counter() > deadline:
-            break
-        optimiser.zero_grad(set_to_none=True)
-        loss = run.backward(inputs)
-        if penalty is not None:
-            penalty(inputs).backward()
-        optimiser.step()
-        if progress is not None and step % 10 == 0:
-            progress.advance(done + step)
-            progress.status(f"loss {loss:.4g}")
+    with heap_allocations():  # each step's activations reused, not faulted in afresh
+        for step in range(steps):
+            if deadline is not None and step and time.perf_counter() > deadline:
+                break
+            optimiser.zero_grad(set_to_none=True)
+            loss = run.backward(inputs)
+            if penalty is not None:
+                penalty(inputs).backward()
+            optimiser.step()
+            if progress is not None and step % 10 == 0:
+                progress.advance(done + step)
+                progress.status(f"loss {loss:.4g}")
     last = run.loss(inputs)
     return first, last, inputs.detach()
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from onnxq.memory import release_free_memory
+from onnxq.memory import heap_allocations, release_free_memory
 from onnxq.progress import Progress
 from onnxq.refine.blocks import Unit
 from onnxq.refine.losses import PD_FEATURE_WEIGHT, PD_TEMPERATURE, prediction_difference, reconstruction
@@ -103,7 +103,8 @@ def reconstruct(
         progress.stage(
             f"refine {position + 1}/{len(units)}: {unit.describe(mirror)}", total=settings.iterations
         )
-        reports.append(job.run(remaining, progress))
+        with heap_allocations():  # an iteration's activations reused, not faulted in afresh
+            reports.append(job.run(remaining, progress))
         # The unit's float inputs and its job are not needed for the next unit's inputs: freed
         # first, and the allocator's free pages handed back, so units do not stack their peaks.
         del job
