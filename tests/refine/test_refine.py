@@ -87,6 +87,26 @@ def test_a_time_budget_that_does_not_bind_learns_the_same_model(small_model, cal
     assert budgeted.model.graph == refined.model.graph  # the metadata records the budget
 
 
+@given(
+    left=st.floats(-10.0, 1e4),
+    pace=st.floats(1e-4, 100.0),
+    done=st.integers(0, 10),
+    total=st.integers(0, 1000),
+)
+def test_a_budget_gives_a_unit_what_the_time_left_allows(left, pace, done, total):
+    """Those done, plus what the time left buys at the timed pace; never above the count asked."""
+    from onnxq.refine.reconstruct import iterations_within
+
+    got = iterations_within(left, pace, done, total)
+    assert done <= got <= max(done, total)
+    assert (got - done) * pace <= max(left, 0.0) * (1 + 1e-9)  # the extra ones fit in the time left
+    if left >= pace * (total - done + 1):
+        assert got == max(done, total)  # time enough for every iteration asked
+    elif got < total:
+        assert (got - done + 1) * pace >= left * (1 - 1e-9)  # one more would not have fitted
+    assert iterations_within(left + pace, pace, done, total) >= got  # more time, never fewer
+
+
 def test_pd_remainder_recomputed_block_by_block_learns_the_same(monkeypatch, small_model, calibration_data):
     """Over the memory limit, pd's float remainder keeps only its block cuts for the backward pass
     and recomputes the rest: the same gradients, so the same learned model."""
