@@ -32,6 +32,7 @@ from bench import (
 
 import onnxq
 from onnxq.config import Granularity, RangeRule
+from onnxq.evaluate import kl_divergence
 
 # ----------------------------------------------------------------------------- suites
 
@@ -194,23 +195,34 @@ REFINE_LOSSES = {"resnet20_cifar10": ["mse", "pd"], "mobilenet_v2": ["pd", "mse"
 # --time-budget (search and refinement together) where full refinement would take too long on 2 cores:
 # issue 14 allows MobileNetV2 30 minutes; ResNet-56's pd refinement alone took over an hour.
 REFINE_BUDGETS = {"mobilenet_v2": "1800", "resnet56_cifar10": "900"}
-HELD_OUT: dict[str, float] = {}  # setting → top-1 on held-out calibration images (never the eval split)
+# setting → (top-1, KL from float) on held-out calibration images (never the evaluation split)
+HELD_OUT: dict[str, tuple[float, float]] = {}
 
 
-def held_out_scored(held: tuple[np.ndarray, np.ndarray], label: str, flags: list[str]) -> Callable:
-    """A setting run by `onnxq quantize` with `flags` that also records its top-1 on `held`
-    (held-out calibration images) in HELD_OUT."""
+@functools.cache
+def held_out_reference(name: str) -> np.ndarray:
+    """The float model's logits on `name`'s held-out calibration images, computed once."""
+    return logits(onnx.load(model_path(name)), held_out_split(name)[0])
+
+
+def held_out_scored(name: str, label: str, flags: list[str]) -> Callable:
+    """A setting run by `onnxq quantize` with `flags` that also records its top-1 and its mean KL
+    from float on `name`'s held-out calibration images in HELD_OUT: top-1 on a few hundred images
+    moves by a few images between runs, where the KL, which every choose tool follows, does not."""
 
     def build(path, calib):
         model, seconds, peak = run_onnxq_cli(path, calib, flags)
-        HELD_OUT[label] = float((logits(model, held[0]).argmax(1) == held[1]).mean())
+        held_x, held_y = held_out_split(name)
+        out = logits(model, held_x)
+        kl = float(kl_divergence(held_out_reference(name), out).mean())
+        HELD_OUT[label] = (float((out.argmax(1) == held_y).mean()), kl)
         return model, seconds, peak
 
     return build
 
 
 def refine_settings(name: str) -> dict[str, Callable]:
-    scored = functools.partial(held_out_scored, held_out_split(name))
+    scored = functools.partial(held_out_scored, name)
     settings = {}
     for w, a in REFINE_WIDTHS.get(name, [(4, 4)]):
         base = ["--w-bits", str(w), "--a-bits", str(a), "--max-samples", "256", "--no-speed-check"]
@@ -231,7 +243,7 @@ def rounding_settings(name: str) -> dict[str, Callable]:
     """GPTQ against nearest rounding at refinement's widths: the mse scale search and the default
     calibration, each with both roundings, everything else equal; top-1 on held-out calibration
     images beside (where the default is chosen)."""
-    scored = functools.partial(held_out_scored, held_out_split(name))
+    scored = functools.partial(held_out_scored, name)
     settings = {}
     for w, a in REFINE_WIDTHS.get(name, [(4, 4)]):
         base = ["--w-bits", str(w), "--a-bits", str(a), "--max-samples", "256", "--no-speed-check"]
@@ -249,7 +261,7 @@ def flag_pair_settings(
     """One setting against another (`choices`: (flags, what the label calls it)) at refinement's widths
     that `widths(w, a)` keeps, with the mse scale search and its default GPTQ rounding, everything
     else equal; top-1 on held-out calibration images beside."""
-    scored = functools.partial(held_out_scored, held_out_split(name))
+    scored = functools.partial(held_out_scored, name)
     settings = {}
     for w, a in [(w, a) for w, a in REFINE_WIDTHS.get(name, [(4, 4)]) if widths(w, a)]:
         base = ["--w-bits", str(w), "--a-bits", str(a), "--max-samples", "256", "--no-speed-check"]
@@ -289,9 +301,10 @@ def zero_point_settings(name: str) -> dict[str, Callable]:
 def refine_extra(name: str) -> str:
     if not HELD_OUT:
         return ""
-    cells = "; ".join(f"{label}: {100 * top1:.2f}" for label, top1 in HELD_OUT.items())
+    cells = "; ".join(f"{label}: {100 * top1:.2f} %, KL {kl:.4f}" for label, (top1, kl) in HELD_OUT.items())
     held = HELD_OUT_NAMES["cifar" if "cifar" in name else "imagenet"]
-    return f"Top-1 on held-out calibration images ({held}, where defaults are chosen): {cells}."
+    what = f"Top-1 and mean KL from float on held-out calibration images ({held}, where defaults are chosen)"
+    return f"{what}: {cells}."
 
 
 SEEDS_MODELS = ["resnet20_cifar10_bn", "mobilenet_v2_bn"]
