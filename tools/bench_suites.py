@@ -21,18 +21,19 @@ from bench import (
     LOW_BIT_SAMPLES,
     ROOT,
     Row,
+    Split,
     held_out_split,
     logits,
     model_path,
     run_onnxq,
     run_onnxq_cli,
     run_onnxruntime,
+    score,
     split_for,
 )
 
 import onnxq
 from onnxq.config import Granularity, RangeRule
-from onnxq.evaluate import kl_divergence
 
 # ----------------------------------------------------------------------------- suites
 
@@ -200,9 +201,11 @@ HELD_OUT: dict[str, tuple[float, float]] = {}
 
 
 @functools.cache
-def held_out_reference(name: str) -> np.ndarray:
-    """The float model's logits on `name`'s held-out calibration images, computed once."""
-    return logits(onnx.load(model_path(name)), held_out_split(name)[0])
+def held_out_scoring(name: str) -> tuple[Split, np.ndarray]:
+    """`name`'s held-out calibration images (as the split bench.score reads) and the float model's
+    logits on them: decoded and run once for every setting a suite scores."""
+    x, y = held_out_split(name)
+    return Split(x[:0], x, y), logits(onnx.load(model_path(name)), x)
 
 
 def held_out_scored(name: str, label: str, flags: list[str]) -> Callable:
@@ -212,10 +215,8 @@ def held_out_scored(name: str, label: str, flags: list[str]) -> Callable:
 
     def build(path, calib):
         model, seconds, peak = run_onnxq_cli(path, calib, flags)
-        held_x, held_y = held_out_split(name)
-        out = logits(model, held_x)
-        kl = float(kl_divergence(held_out_reference(name), out).mean())
-        HELD_OUT[label] = (float((out.argmax(1) == held_y).mean()), kl)
+        top1, _, kl = score(model, *held_out_scoring(name))
+        HELD_OUT[label] = (top1, kl)
         return model, seconds, peak
 
     return build
