@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxq import speed
+from onnxq import selections, speed
 from onnxq.calib.data import DataSource, batches, model_inputs
 from onnxq.calib.frontier import count
 from onnxq.config import Preprocess
 from onnxq.errors import OnnxqError
-from onnxq.fidelity import OutputComparison, looks_like_scores
+from onnxq.fidelity import OutputComparison, OutputFidelity, looks_like_scores
 from onnxq.io import load_model, run, session
 from onnxq.runtime_kernels import count_kernels
 
@@ -91,12 +91,19 @@ def evaluate(
     if labels is not None and max_samples is not None:
         labels = labels[:max_samples]
     sessions = [session(m, threads=threads, spin=True) for m in models]
+    # outputs picked by indices (TopK, NMS) are judged by what they pick from: fetched by
+    # sessions of their own, so that the timed ones run the models as deployed
+    found = selections.find(models[0])
+    extra = selections.fetchable(found, *models)
+    runners = sessions
+    if extra:
+        runners = [session(selections.with_candidates(m, extra), threads=threads) for m in models]
     scores = [_Scores() for _ in models]
-    comparisons = [OutputComparison(names) for _ in models[1:]]
+    comparisons = [OutputComparison([*names, *extra], found) for _ in models[1:]]
     first, classify = None, labels is not None
     for batch in batches(data, inputs, preprocess=preprocess, batch_size=32, max_samples=max_samples):
         first = first or {k: v[:1] for k, v in batch.items()}
-        outputs = [run(s, batch) for s in sessions]
+        outputs = [run(s, batch) for s in runners]
         for comparison, got in zip(comparisons, outputs[1:], strict=True):
             comparison.add(outputs[0], got)
         # class scores (or labels given): top-1, agreement and KL of the first output
@@ -174,7 +181,8 @@ def _report(
     name, path, model, score: _Scores, labelled: bool, classified: bool, milliseconds: float, results
 ) -> ModelReport:
     n = max(score.count, 1)
-    lowest = min(results, key=lambda r: r.sqnr_db) if results else None
+    judged = [r for r in results if r.judged] if results else []
+    lowest = min(judged, key=lambda r: r.sqnr_db) if judged else None
     return ModelReport(
         name=name,
         samples=score.count,
@@ -185,8 +193,14 @@ def _report(
         size_bytes=file_size(path),
         latency_ms=milliseconds,
         kernels=kernel_summary(model),
-        lowest_output=lowest.name if lowest and len(results) > 1 else None,
+        lowest_output=_where(lowest) if lowest and len(judged) > 1 else None,
     )
+
+
+def _where(lowest: OutputFidelity) -> str:
+    if lowest.picks_for is None:
+        return lowest.name
+    return f"{lowest.name} (what output {lowest.picks_for} is picked from by indices)"
 
 
 def kernel_summary(model: onnx.ModelProto) -> str:

@@ -12,6 +12,7 @@ a layer's loss is how far its output's SQNR falls below that of its input.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from math import exp, lgamma, log
@@ -19,6 +20,7 @@ from math import exp, lgamma, log
 import numpy as np
 import onnx
 
+from onnxq import selections
 from onnxq.calib import frontier
 from onnxq.calib.data import Batch
 from onnxq.calib.runner import fixed_batch, with_outputs
@@ -51,6 +53,12 @@ class OutputFidelity:
     reshaped: int = 0  # runs whose output shape differs from float's (NMS, thresholds): skipped
     runs: int = 0
     compared: int = 0  # samples behind the agreement (0: unknown, the fraction is taken as it is)
+    picked_by: str | None = None  # an output picked by this op's indices: reported, not judged
+    picks_for: str | None = None  # a tensor the picked output of this name picks from: judged
+
+    @property
+    def judged(self) -> bool:
+        return self.picked_by is None
 
     @property
     def disagrees(self) -> bool:
@@ -63,12 +71,17 @@ class OutputFidelity:
         return _agrees_this_rarely(round(self.agreement * self.compared), self.compared) < AGREEMENT_CHANCE
 
     def __str__(self) -> str:
+        what = f"output {self.name!r}"
+        if self.picked_by is not None:
+            what += f" (picked by {self.picked_by} indices, where near-ties swap places: not judged)"
+        elif self.picks_for is not None:
+            what = f"tensor {self.name!r} (what output {self.picks_for!r} is picked from)"
         if self.equal is not None:
-            text = f"output {self.name!r}: equal to float's in {100 * self.equal:.1f} % of elements"
+            text = f"{what}: equal to float's in {100 * self.equal:.1f} % of elements"
         elif self.runs and self.reshaped == self.runs:  # every run skipped: nothing measured
-            text = f"output {self.name!r}:"
+            text = f"{what}:"
         else:
-            text = f"output {self.name!r}: SQNR {self.sqnr_db:.1f} dB, cosine {self.cosine:.4f}"
+            text = f"{what}: SQNR {self.sqnr_db:.1f} dB, cosine {self.cosine:.4f}"
             if self.agreement is not None:
                 text += f", top-1 agreement {100 * self.agreement:.1f} %"
         if self.reshaped:
@@ -89,12 +102,22 @@ class Fidelity:
     layers: list[tuple[str, float, float]] = field(default_factory=list)  # every layer (--layer-report)
 
     @property
+    def judged(self) -> list[OutputFidelity]:
+        """The outputs and tensors the check judges (not those picked by indices)."""
+        return [o for o in self.outputs if o.judged]
+
+    @property
     def min_sqnr(self) -> float:
-        return min((o.sqnr_db for o in self.outputs), default=float("inf"))
+        return min((o.sqnr_db for o in self.judged), default=float("inf"))
+
+    @property
+    def lowest(self) -> OutputFidelity | None:
+        """The judged output (or output part, or candidate tensor) furthest from float."""
+        return min(self.judged, key=lambda o: o.sqnr_db, default=None)
 
     @property
     def lowest_agreement(self) -> float | None:
-        agreements = [o.agreement for o in self.outputs if o.agreement is not None]
+        agreements = [o.agreement for o in self.judged if o.agreement is not None]
         return min(agreements) if agreements else None
 
     @property
@@ -102,7 +125,7 @@ class Fidelity:
         """Whether some output's top-1 agreement is below WARN_AGREEMENT (beyond chance where
         its output is close: 16 samples cannot tell 87.5 % from 90 %, and a false alarm also
         sets off the fallback)."""
-        return any(o.disagrees for o in self.outputs)
+        return any(o.disagrees for o in self.judged)
 
     @property
     def poor(self) -> bool:
@@ -181,12 +204,19 @@ class HoldBack:
 def measure(
     float_model: onnx.ModelProto, quantized: onnx.ModelProto, samples: list[Batch], lowest_bits: int
 ) -> Fidelity:
-    """Per-output SQNR, cosine and agreement of `quantized` against `float_model` on `samples`."""
-    reference, deployed = session(float_model), session(quantized)
-    names = [o.name for o in float_model.graph.output]
+    """Per-output SQNR, cosine and agreement of `quantized` against `float_model` on `samples`;
+    outputs picked by indices are reported, and what they pick from is judged in their place
+    (onnxq.selections: fetching those tensors may keep onnxruntime from fusing their producers)."""
+    found = selections.find(float_model)
+    extra = selections.fetchable(found, float_model, quantized)
+    reference = session(selections.with_candidates(float_model, extra))
+    deployed = session(selections.with_candidates(quantized, extra))
+    outputs = [o.name for o in float_model.graph.output]
+    names = [*outputs, *(name for name in extra if name not in outputs)]
     fixed = fixed_batch(float_model) is not None
     batches = first_samples(samples, None, whole=fixed)
-    outputs = compare_outputs(names, ((run(reference, batch), run(deployed, batch)) for batch in batches))
+    runs = ((run(reference, batch, names), run(deployed, batch, names)) for batch in batches)
+    outputs = compare_outputs(names, runs, found)
     threshold = WARN_SQNR_DB[8] if lowest_bits >= 8 else WARN_SQNR_DB[0]
     return Fidelity(sum(frontier.count(b) for b in samples), False, outputs, threshold)
 
@@ -234,10 +264,13 @@ def layer_errors(
 
 
 def compare_outputs(
-    names: list[str], runs: Iterable[tuple[list[np.ndarray], list[np.ndarray]]]
+    names: list[str],
+    runs: Iterable[tuple[list[np.ndarray], list[np.ndarray]]],
+    found: selections.Selections | None = None,
 ) -> list[OutputFidelity]:
-    """Fidelity of each output, and of its parts, over (float outputs, quantized outputs) runs."""
-    comparison = OutputComparison(names)
+    """Fidelity of each output, and of its parts, over (float outputs, quantized outputs) runs;
+    `found`: which of them are picked by indices, and which are what those pick from."""
+    comparison = OutputComparison(names, found)
     for wanted, got in runs:
         comparison.add(wanted, got)
     return comparison.results()
@@ -246,17 +279,22 @@ def compare_outputs(
 class OutputComparison:
     """compare_outputs fed one run at a time (`onnxq eval` streams batches to several models)."""
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: list[str], found: selections.Selections | None = None) -> None:
         self.names = names
         self.sums = {name: _Sums() for name in names}
+        self.found = found or selections.Selections()
+        for name in self.found.candidates:  # a tensor picked from by position: no class scores
+            if name in self.sums:
+                self.sums[name].classes = False
 
     def add(self, wanted: list[np.ndarray], got: list[np.ndarray]) -> None:
         for name, want, have in zip(self.names, wanted, got, strict=True):
             self.sums[name].add(want, have)
 
     def results(self) -> list[OutputFidelity]:
+        picked, candidates = self.found.picked, self.found.candidates
         return [
-            result
+            dataclasses.replace(result, picked_by=picked.get(name), picks_for=candidates.get(name))
             for name in self.names
             if self.sums[name].runs
             for result in (self.sums[name].result(name), *self.sums[name].part_results(name))

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 import numpy as np
 import onnx
 
+from onnxq import selections
 from onnxq.branching import compare_variants
 from onnxq.calib.data import Batch
 from onnxq.calib.runner import fixed_batch
@@ -61,12 +62,12 @@ def switched_activations(
     """The activations (plan roots) that should take `other`'s range rather than `chosen`'s, and
     a note where the safety cap cut the scan short."""
     seconds = SAFETY_SECONDS if seconds is None else seconds
+    float_model, names = selections.judged_model(float_model)
     tunable, float_feed, _ = tunable_model(float_model, plan)
     runner = session(tunable, arena=False)
-    names = [o.name for o in float_model.graph.output]
     whole = fixed_batch(float_model) is not None
     batches = list(first_samples(samples, 2 * LAYER_SAMPLES, whole=whole))
-    reference = [run(runner, {**batch, **float_feed}) for batch in batches]
+    reference = [run(runner, {**batch, **float_feed}, names) for batch in batches]
     chosen_on = max(1, len(batches) // 2)  # the rest confirm the choice on samples it never saw
     scanned = max(1, SCAN_SAMPLES * chosen_on // LAYER_SAMPLES)
     base, alternative = quantized_feeds(chosen, plan), quantized_feeds(other, plan)
@@ -79,7 +80,7 @@ def switched_activations(
         for root in switch:
             feed.update(alternative[root])
         pairs = zip(batches[first:count], reference[first:count], strict=True)
-        runs = ((want, run(runner, {**batch, **feed})) for batch, want in pairs)
+        runs = ((want, run(runner, {**batch, **feed}, names)) for batch, want in pairs)
         return min((result.sqnr_db for result in compare_outputs(names, runs)), default=float("inf"))
 
     def scan(variants: dict[str, Arrays]) -> dict[str, float]:

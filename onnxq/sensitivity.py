@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from onnxq import selections
 from onnxq.branching import compare_variants
 from onnxq.calib.data import Batch
 from onnxq.calib.runner import fixed_batch
@@ -41,8 +42,8 @@ def layer_costs(
     first: the layer's weights and the quantizers of its input and output, switched on together
     and alone in the float model (one run per layer and sample, from the layer's first quantizer
     on: onnxq.branching)."""
+    float_model, names = selections.judged_model(float_model)
     tunable, float_feed, _ = tunable_model(float_model, plan)
-    names = [o.name for o in float_model.graph.output]
     batches = list(first_samples(samples, LAYER_SAMPLES, whole=fixed_batch(float_model) is not None))
     feeds = quantized_feeds(quantized, plan)
     weights = {

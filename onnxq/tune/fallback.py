@@ -40,7 +40,7 @@ def recover_fidelity(
     ranking: list[str] | None = None  # the first model's layers, costliest first (costs add up)
     while report.poor and misses < FALLBACK_MISSES and len(floated) + FALLBACK_STEP <= len(initial) + budget:
         if ranking is None:
-            lowest = min(report.outputs, key=lambda o: o.sqnr_db).name
+            lowest = report.lowest.name
             ranked = sensitivity.layer_costs(float_model, best.model, best.plan, best.layers, samples, lowest)
             ranking = [name for name, _ in ranked]
         pair = [name for name in ranking if name not in tried][:FALLBACK_STEP]
