@@ -16,7 +16,7 @@ from onnxq.io import session, to_ir, to_proto
 from onnxq.passes.insert_qdq import activation_params, activation_quantizer, insert_qdq, required_opset
 from onnxq.quant import primitives as P
 from onnxq.quant.plan import plan_quantization
-from onnxq.quant.weights import WeightLayout, quantize_weight
+from onnxq.quant.weights import WeightLayout, group_ranges, quantize_weight
 
 GRANULARITIES = ["tensor", "channel", "group:1", "group:3", "block:1", "block:2", "block:4"]
 RULES = ["minmax", "percentile:99", "mse", "mae", "scaleclip", "scaleclip:1.5"]
@@ -89,6 +89,30 @@ def test_weights_in_onnxruntime_match_the_numpy_reference(weight, bits, granular
     np.testing.assert_array_equal(dequantized, reference.dequantize())
     stored = _stored_integers(model)
     np.testing.assert_array_equal(stored, reference.integers.astype(np.int64))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    weight=weights,
+    bits=st.integers(2, 8),
+    granularity=st.sampled_from(GRANULARITIES),
+    rule=st.sampled_from(RULES),
+    signed=st.booleans(),
+    ratio=st.floats(0.05, 1.0),
+)
+def test_ranges_kept_for_a_weight_give_the_same_integers_at_any_ratio(
+    weight, bits, granularity, rule, signed, ratio
+):
+    """The search quantizes one weight at many ratios from its group ranges, computed once."""
+    layout, granularity, rule = WeightLayout(0, 1), Granularity.parse(granularity), RangeRule.parse(rule)
+    target = P.IntRange.signed(bits) if signed else P.IntRange.unsigned(bits)
+    kept = group_ranges(weight, layout, granularity, rule, target)
+    ratios = np.full(len(kept.low), ratio)
+    fresh = quantize_weight(weight, layout, granularity, rule, target, ratios)
+    cached = quantize_weight(weight, layout, granularity, rule, target, ratios, kept)
+    np.testing.assert_array_equal(cached.integers, fresh.integers)
+    np.testing.assert_array_equal(cached.scale, fresh.scale)
+    np.testing.assert_array_equal(cached.zero_point, fresh.zero_point)
 
 
 def _stored_integers(model: onnx.ModelProto) -> np.ndarray:
