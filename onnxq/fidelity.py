@@ -211,8 +211,7 @@ def measure(
     extra = selections.fetchable(found, float_model, quantized)
     reference = session(selections.with_candidates(float_model, extra))
     deployed = session(selections.with_candidates(quantized, extra))
-    outputs = [o.name for o in float_model.graph.output]
-    names = [*outputs, *(name for name in extra if name not in outputs)]
+    names = [*(o.name for o in float_model.graph.output), *extra]  # candidates are never outputs
     fixed = fixed_batch(float_model) is not None
     batches = first_samples(samples, None, whole=fixed)
     runs = ((run(reference, batch, names), run(deployed, batch, names)) for batch in batches)

@@ -61,7 +61,7 @@ def judged_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     extra = fetchable(found, model)
     outputs = [o.name for o in model.graph.output]
     judged = [name for name in outputs if name not in found.picked]
-    return with_candidates(model, extra), [*judged, *(name for name in extra if name not in judged)]
+    return with_candidates(model, extra), [*judged, *extra]  # candidates are never outputs
 
 
 def fetchable(selections: Selections, *models: onnx.ModelProto) -> list[str]:
