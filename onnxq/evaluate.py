@@ -14,12 +14,13 @@ import numpy as np
 import onnx
 
 from onnxq import selections, speed
-from onnxq.calib.data import DataSource, batches, model_inputs
+from onnxq.calib.data import DataSource, batches, first_batch, model_inputs
 from onnxq.calib.frontier import count
 from onnxq.config import Preprocess
 from onnxq.errors import OnnxqError
 from onnxq.fidelity import OutputComparison, OutputFidelity, looks_like_scores
 from onnxq.io import load_model, run, session
+from onnxq.passes.batch_axis import add_batch_axis
 from onnxq.runtime_kernels import count_kernels
 
 
@@ -90,24 +91,34 @@ def evaluate(
             raise OnnxqError(f"{path} has {len(model.graph.output)} outputs, {paths[0]} {len(names)}")
     if labels is not None and max_samples is not None:
         labels = labels[:max_samples]
-    sessions = [session(m, threads=threads, spin=True) for m in models]
+    # inputs exported without a batch axis get one of 1 to run the stacked samples through
+    unbatched: list[str] = []
+    stream = batches(
+        data, inputs, preprocess=preprocess, batch_size=32, max_samples=max_samples, unbatched=unbatched
+    )
+    _, stream = first_batch(stream)
+    runnable = [add_batch_axis(m, unbatched) for m in models]
+    sessions = [session(m, threads=threads, spin=True) for m in runnable]
     # outputs picked by indices (TopK, NMS) are judged by what they pick from: fetched by
     # sessions of their own, so that the timed ones run the models as deployed
-    found = selections.find(models[0])
-    extra = selections.fetchable(found, *models)
+    found = selections.find(runnable[0])
+    extra = selections.fetchable(found, *runnable)
     runners = sessions
     if extra:
-        runners = [session(selections.with_candidates(m, extra), threads=threads) for m in models]
+        runners = [session(selections.with_candidates(m, extra), threads=threads) for m in runnable]
     scores = [_Scores() for _ in models]
     comparisons = [OutputComparison([*names, *extra], found) for _ in models[1:]]
     first, classify = None, labels is not None
-    for batch in batches(data, inputs, preprocess=preprocess, batch_size=32, max_samples=max_samples):
+    for batch in stream:
         first = first or {k: v[:1] for k, v in batch.items()}
         outputs = [run(s, batch) for s in runners]
         for comparison, got in zip(comparisons, outputs[1:], strict=True):
-            comparison.add(outputs[0], got)
+            comparison.add(outputs[0], got, count(batch))
         # class scores (or labels given): top-1, agreement and KL of the first output
-        classify = classify or (scores[0].count == 0 and looks_like_scores(outputs[0][0]))
+        # one row per sample: a batch-1 detector's [boxes, 4] or [boxes, classes] holds no class scores
+        classify = classify or (
+            scores[0].count == 0 and len(outputs[0][0]) == count(batch) and looks_like_scores(outputs[0][0])
+        )
         if classify:
             _score_classes(scores, [o[0] for o in outputs], paths, labels)
         else:

@@ -133,7 +133,24 @@ class Fidelity:
 
     def lines(self) -> list[str]:
         where = "held-back samples" if self.held_back else "calibration samples (too few to hold any back)"
-        return [f"fidelity on {self.samples} {where}: {o}" for o in self.outputs]
+        return [f"fidelity on {self.samples} {where}: {text}" for text in self._described()]
+
+    def _described(self) -> list[str]:
+        """Each output; of the tensors a picked output picks from, only the lowest and how many
+        more (a torchvision detector's per-level NMS gathers from a dozen of them)."""
+        texts, shown = [], set()
+        for output in self.outputs:
+            if output.picks_for is None:
+                texts.append(str(output))
+                continue
+            if output.picks_for in shown:
+                continue
+            shown.add(output.picks_for)
+            group = [o for o in self.outputs if o.picks_for == output.picks_for]
+            lowest = min(group, key=lambda o: o.sqnr_db)
+            more = len(group) - 1
+            texts.append(str(lowest) + (f" (the lowest of {len(group)} such tensors)" if more else ""))
+        return texts
 
     def warnings(self, searched: bool = True) -> list[str]:
         """The warning and the culprits; `searched`: whether scales were already searched by error."""
@@ -214,8 +231,10 @@ def measure(
     names = [*(o.name for o in float_model.graph.output), *extra]  # candidates are never outputs
     fixed = fixed_batch(float_model) is not None
     batches = first_samples(samples, None, whole=fixed)
-    runs = ((run(reference, batch, names), run(deployed, batch, names)) for batch in batches)
-    outputs = compare_outputs(names, runs, found)
+    comparison = OutputComparison(names, found)
+    for batch in batches:
+        comparison.add(run(reference, batch, names), run(deployed, batch, names), frontier.count(batch))
+    outputs = comparison.results()
     threshold = WARN_SQNR_DB[8] if lowest_bits >= 8 else WARN_SQNR_DB[0]
     return Fidelity(sum(frontier.count(b) for b in samples), False, outputs, threshold)
 
@@ -286,9 +305,10 @@ class OutputComparison:
             if name in self.sums:
                 self.sums[name].classes = False
 
-    def add(self, wanted: list[np.ndarray], got: list[np.ndarray]) -> None:
+    def add(self, wanted: list[np.ndarray], got: list[np.ndarray], samples: int | None = None) -> None:
+        """One run's outputs; `samples`: how many samples the run took, where known."""
         for name, want, have in zip(self.names, wanted, got, strict=True):
-            self.sums[name].add(want, have)
+            self.sums[name].add(want, have, samples)
 
     def results(self) -> list[OutputFidelity]:
         picked, candidates = self.found.picked, self.found.candidates
@@ -311,12 +331,15 @@ class _Sums:
         self.integer = False  # class ids, indices: compared element by element, no SQNR
         self.along: dict[int, _AxisSums] = {}  # axis → per-index sums, to split the output in parts
 
-    def add(self, want: np.ndarray, got: np.ndarray) -> None:
+    def add(self, want: np.ndarray, got: np.ndarray, samples: int | None = None) -> None:
+        """One run's values; with `samples`, an output without one row per sample (a batch-1
+        detector's [boxes, 4]) is no class scores."""
         self.runs += 1
         if want.shape != got.shape:
             self.reshaped += 1
             return
-        self.classes = self.classes and looks_like_scores(want)
+        rows_are_samples = samples is None or (want.ndim > 0 and len(want) == samples)
+        self.classes = self.classes and rows_are_samples and looks_like_scores(want)
         if want.dtype.kind in "biu":
             self.integer = True
             self.equal += int((want == got).sum())

@@ -51,6 +51,7 @@ from onnxq.io import (
     to_ir,
     to_proto,
 )
+from onnxq.passes.batch_axis import add_batch_axis, remove_batch_axis
 from onnxq.passes.contrib import standard_ops
 from onnxq.passes.equalize import equalize_channels
 from onnxq.passes.float32 import compute_in_float32
@@ -132,6 +133,7 @@ def quantize(
         calibration, synthesised = _synthesise(proto, inputs, config, progress)
         notes.append(synthesised)
     stats = DataStats()
+    unbatched: list[str] = []
     stream = batches(
         calibration,
         inputs,
@@ -139,8 +141,13 @@ def quantize(
         batch_size=config.batch_size,
         max_samples=config.max_samples,
         stats=stats,
+        unbatched=unbatched,
     )
     first, stream = first_batch(stream)
+    if unbatched:
+        proto = add_batch_axis(proto, unbatched)
+        inputs = model_inputs(proto)
+        notes.append(_unbatched_note(unbatched))
     sample = first if fixed_batch(proto) else {k: v[:CHECK_SAMPLES] for k, v in first.items()}
     held = HoldBack()
     stream = held.split(stream)
@@ -210,7 +217,7 @@ def quantize(
     notes += tuned.notes
     best, report = tuned.candidate, tuned.fidelity
     return QuantResult(
-        best.model,
+        remove_batch_axis(best.model, unbatched),
         notes,
         choice.reason,
         choice.bits,
@@ -221,6 +228,14 @@ def quantize(
         search,
         report,
         refined,
+    )
+
+
+def _unbatched_note(names: list[str]) -> str:
+    listed = ", ".join(map(repr, names))
+    return (
+        f"input {listed} takes one sample without a batch axis: calibrated one sample per run, "
+        "saved with the input as exported"
     )
 
 

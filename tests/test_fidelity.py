@@ -273,3 +273,34 @@ def test_an_l2_normalised_embedding_is_no_set_of_class_scores():
     saturated = np.tile(np.array([[1.0 - 1e-6, 1e-6]]), (8, 1))
     (scores,) = fidelity.compare_outputs(["scores"], [([saturated], [saturated[:, ::-1]])])
     assert scores.agreement == 0.0
+
+
+def test_rows_that_are_not_samples_are_not_class_scores():
+    """A batch-1 detector returns [boxes, 4] per image: its rows are boxes, not samples."""
+    from onnxq.fidelity import OutputComparison
+
+    rng = np.random.default_rng(0)
+    boxes = [rng.standard_normal((7, 4)).astype(np.float32) for _ in range(3)]
+    per_image, unknown = OutputComparison(["boxes"]), OutputComparison(["boxes"])
+    for value in boxes:
+        per_image.add([value], [value + 0.01], samples=1)
+        unknown.add([value], [value + 0.01])
+    (result,) = per_image.results()
+    assert result.agreement is None
+    assert np.isfinite(result.sqnr_db)
+    (taken_as_scores,) = unknown.results()
+    assert taken_as_scores.agreement == 1.0
+
+
+def test_the_tensors_a_picked_output_picks_from_are_listed_by_their_lowest():
+    from onnxq.fidelity import Fidelity, OutputFidelity
+
+    outputs = [
+        OutputFidelity("boxes", float("inf"), 1.0, None, picked_by="NonMaxSuppression"),
+        *(OutputFidelity(f"level{i}", 40.0 + i, 1.0, None, picks_for="boxes") for i in range(3)),
+        OutputFidelity("scores", 30.0, 1.0, None),
+    ]
+    lines = Fidelity(16, True, outputs, 30.0).lines()
+    assert len(lines) == 3
+    assert "'level0'" in lines[1] and "lowest of 3" in lines[1]
+    assert "'scores'" in lines[2]

@@ -11,7 +11,7 @@ import itertools
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -103,22 +103,43 @@ def batches(
     batch_size: int = 8,
     max_samples: int | None = None,
     stats: DataStats | None = None,
+    unbatched: list[str] | None = None,
 ) -> Iterator[Batch]:
     """Checked batches of model input from any supported source.
 
     A model whose batch dimension is fixed gets batches of exactly that size. With `stats`
     (calibration), data that is constant for an input is refused once the stream has ended:
-    it gives ranges of zero width and a model that computes nothing useful.
+    it gives ranges of zero width and a model that computes nothing useful. With `unbatched` (a
+    list the caller reads once the first batch is out), an input that takes one sample without a
+    batch axis ([3, H, W]) while the data stacks samples (N×3×H×W) gets batches of one sample with
+    that axis kept, and its name goes into the list: the caller lends the model the axis
+    (onnxq.passes.batch_axis). Without it such data is refused.
     """
     what = _describe(source)
     _refuse_scalar_inputs(inputs)
+    chunks = _chunks(source, inputs, preprocess)
+    if unbatched is not None:
+        chunks, inputs = _lend_batch_axis(chunks, inputs, unbatched)
     fixed = {spec.shape[0] for spec in inputs if spec.shape and spec.shape[0]}
     batch_size = next(iter(fixed)) if fixed else batch_size
     hint = _image_hint(source, preprocess)
-    stream = _rebatch(_chunks(source, inputs, preprocess), batch_size, max_samples, hint)
+    stream = _rebatch(chunks, batch_size, max_samples, hint)
     if fixed:
         stream = _whole_batches(stream, batch_size, inputs, what)
     yield from _checked(stream, inputs, what, hint, stats)
+
+
+def _lend_batch_axis(
+    chunks: Iterator[Batch], inputs: list[InputSpec], lent: list[str]
+) -> tuple[Iterator[Batch], list[InputSpec]]:
+    """The chunks (the first put back) and the inputs as batches must match them, with a batch
+    axis of 1 for each input whose first chunk stacks samples it takes one at a time (`lent`)."""
+    first = next(chunks, None)
+    if first is None:
+        return iter(()), inputs
+    lent += [spec.name for spec in inputs if _one_sample_per_run(first.get(spec.name), spec)]
+    specs = [replace(spec, shape=(1, *spec.shape)) if spec.name in lent else spec for spec in inputs]
+    return itertools.chain([first], chunks), specs
 
 
 def _refuse_scalar_inputs(inputs: list[InputSpec]) -> None:
@@ -439,11 +460,13 @@ def _check_array(array: np.ndarray | None, spec: InputSpec, what: str, hint: str
         raise OnnxqError(f"{what}: data for input {spec.name!r} contains NaN or infinite values")
 
 
-def _one_sample_per_run(array: np.ndarray, spec: InputSpec) -> bool:
+def _one_sample_per_run(array: np.ndarray | None, spec: InputSpec) -> bool:
     """Data with one axis more than a fully fixed input, the rest matching: samples stacked for
     a model that takes one at a time (torchvision detectors' [3, H, W] images)."""
     return (
-        array.ndim == len(spec.shape) + 1
+        array is not None
+        and bool(spec.shape)
+        and np.ndim(array) == len(spec.shape) + 1
         and None not in spec.shape
         and tuple(array.shape[1:]) == tuple(spec.shape)
     )

@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxq.passes.graph_utils import rename_uses
+
 HALF = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
@@ -92,7 +94,7 @@ def _cast_interface(graph: onnx.GraphProto) -> tuple[list[str], list[str]]:
     casts_in = []
     for value in inputs:
         widened = f"{value.name}_float32"
-        _rename_uses(graph, value.name, widened)
+        rename_uses(graph, value.name, widened)
         casts_in.append(
             helper.make_node("Cast", [value.name], [widened], name=f"{widened}_Cast", to=TensorProto.FLOAT)
         )
@@ -109,19 +111,10 @@ def _cast_interface(graph: onnx.GraphProto) -> tuple[list[str], list[str]]:
     return [v.name for v in inputs], [v.name for v in outputs]
 
 
-def _rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
-    """Nodes (of this graph and the subgraphs that read it by name) read `new` instead of `old`."""
-    for node in graph.node:
-        node.input[:] = [new if name == old else name for name in node.input]
-        for attr in node.attribute:
-            for subgraph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                _rename_uses(subgraph, old, new)
-
-
 def _rename_producer_and_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
     for node in graph.node:
         node.output[:] = [new if name == old else name for name in node.output]
-    _rename_uses(graph, old, new)
+    rename_uses(graph, old, new)
     for value in graph.value_info:
         if value.name == old:
             value.name = new

@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_ir as ir
+
+
+def rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Nodes (of this graph and the subgraphs that read it by name) read `new` instead of `old`."""
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        for attr in node.attribute:
+            for subgraph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                rename_uses(subgraph, old, new)
 
 
 def constant(value: ir.Value | None) -> np.ndarray | None:

@@ -8,7 +8,10 @@ batch through onnxruntime without optimizations, and dropped with a note when th
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
+from collections.abc import Iterator
 from types import ModuleType
 
 import numpy as np
@@ -24,7 +27,8 @@ def simplify(model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> tuple[onn
     try:
         onnxsim = _import_onnxsim()
         # BatchNormalization is left to fold_bn, which keeps its statistics
-        simplified, checked = onnxsim.simplify(model, skip_fuse_bn=True)
+        with _quiet_stderr():
+            simplified, checked = onnxsim.simplify(model, skip_fuse_bn=True)
     except Exception as err:  # onnxsim surfaces C++ errors of many types
         return model, f"onnxsim failed ({str(err).splitlines()[0][:120]}); kept the model as is"
     if not checked:
@@ -37,6 +41,22 @@ def simplify(model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> tuple[onn
         )
     before, after = len(model.graph.node), len(simplified.graph.node)
     return simplified, f"simplified: {before} → {after} nodes"
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Standard error at the file-descriptor level sent nowhere: onnxsim's C++ constant folding
+    writes a "WARNING: failed to run ..." line to it for every node whose inputs are only known
+    at run time (102 lines on a torchvision SSD export), which it then leaves as it was."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as sink:
+            os.dup2(sink.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _import_onnxsim() -> ModuleType:

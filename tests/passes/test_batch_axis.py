@@ -1,0 +1,110 @@
+"""Models exported without a batch axis (torchvision's detectors take one [3, H, W] image per run)
+are lent one while they are quantized and saved as exported."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxq
+from onnxq.calib.data import InputSpec, batches
+from onnxq.evaluate import evaluate
+from onnxq.io import session
+from onnxq.passes.batch_axis import add_batch_axis, remove_batch_axis
+from tests.conftest import export
+
+
+def _unbatched_model(opset: int) -> onnx.ModelProto:
+    """One [3, 16, 16] image in, its boxes' scores out, as a detector without a batch axis: the
+    batch of one is made and dropped inside the graph."""
+    import torch
+    from torch import nn
+
+    class OneImage(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(
+                nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, 1, 1), nn.ReLU(), nn.Conv2d(8, 4, 1)
+            )
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            return self.body(image.unsqueeze(0))[0].flatten(1).transpose(0, 1)
+
+    torch.manual_seed(0)
+    return export(OneImage(), torch.zeros(3, 16, 16), dynamic_batch=False, opset=opset, outputs=("scores",))
+
+
+def _images(count: int) -> np.ndarray:
+    return np.random.default_rng(1).standard_normal((count, 3, 16, 16)).astype(np.float32)
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int]:
+    return [d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+@pytest.mark.parametrize("opset", [11, 17])  # Squeeze's axes: an attribute, then an input
+def test_the_lent_axis_computes_the_same_and_is_taken_back(opset):
+    model = _unbatched_model(opset)
+    image = _images(1)
+    lent = add_batch_axis(model, ["input"])
+    assert _dims(lent.graph.input[0]) == [1, 3, 16, 16]
+    onnx.checker.check_model(lent)
+    (want,) = session(model).run(None, {"input": image[0]})
+    (got,) = session(lent).run(None, {"input": image})
+    np.testing.assert_array_equal(got, want)
+    restored = remove_batch_axis(lent, ["input"])
+    onnx.checker.check_model(restored)
+    assert _dims(restored.graph.input[0]) == [3, 16, 16]
+    assert len(restored.graph.node) == len(model.graph.node)
+    assert len(restored.graph.initializer) == len(model.graph.initializer)
+    (again,) = session(restored).run(None, {"input": image[0]})
+    np.testing.assert_array_equal(again, want)
+
+
+def test_stacked_samples_are_batched_one_at_a_time_when_the_caller_lends_the_axis():
+    spec = [InputSpec("image", np.dtype(np.float32), (3, 8, 8))]
+    lent: list[str] = []
+    stream = batches(np.ones((5, 3, 8, 8), np.float32), spec, unbatched=lent)
+    shapes = [batch["image"].shape for batch in stream]
+    assert lent == ["image"]
+    assert shapes == [(1, 3, 8, 8)] * 5
+
+
+def test_data_of_the_model_own_shape_lends_nothing():
+    spec = [InputSpec("image", np.dtype(np.float32), (2, 8, 8))]
+    lent: list[str] = []
+    shapes = [batch["image"].shape for batch in batches(np.ones((4, 8, 8), np.float32), spec, unbatched=lent)]
+    assert lent == []
+    assert shapes == [(2, 8, 8)] * 2
+
+
+def test_a_model_without_a_batch_axis_quantizes_and_keeps_its_input(tmp_path):
+    model = _unbatched_model(13)
+    source, target = tmp_path / "one_image.onnx", tmp_path / "one_image.int8.onnx"
+    onnx.save(model, source)
+    images = _images(24)
+    config = onnxq.QuantConfig(max_samples=24, speed_check=False)  # quantized whatever the CPU
+    result = onnxq.pipeline.quantize_file(source, target, images, config)
+    saved = onnx.load(target)
+    assert _dims(saved.graph.input[0]) == [3, 16, 16]
+    assert any(node.op_type == "QuantizeLinear" for node in saved.graph.node)
+    assert any("without a batch axis" in note for note in result.notes)
+    float_run, quantized_run = session(model), session(saved)
+    for image in images[:4]:
+        (want,) = float_run.run(None, {"input": image})
+        (got,) = quantized_run.run(None, {"input": image})
+        assert got.shape == want.shape
+        noise = np.square(got - want).sum()
+        assert 10 * np.log10(np.square(want).sum() / noise) > 25
+
+
+def test_eval_runs_models_without_a_batch_axis_on_stacked_samples(tmp_path):
+    model = _unbatched_model(13)
+    source, target = tmp_path / "one_image.onnx", tmp_path / "one_image.int8.onnx"
+    onnx.save(model, source)
+    images = _images(12)
+    onnxq.pipeline.quantize_file(source, target, images, onnxq.QuantConfig(speed_check=False))
+    reports = evaluate(source, [target], images)
+    assert [report.samples for report in reports] == [12, 12]
+    assert reports[1].sqnr_db > 25
