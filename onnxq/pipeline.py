@@ -216,13 +216,14 @@ def quantize(
     )
     notes += tuned.notes
     best, report = tuned.candidate, tuned.fidelity
+    saved = remove_batch_axis(best.model, unbatched)
     return QuantResult(
-        remove_batch_axis(best.model, unbatched),
+        saved,
         notes,
         choice.reason,
         choice.bits,
         len(best.plan.quantized_nodes),
-        _present(best.plan.float_nodes, best.model),
+        _present(best.plan.float_nodes, saved),
         samples,
         describe_count(inputs, samples),
         search,

@@ -15,9 +15,10 @@ from onnxq.passes.batch_axis import add_batch_axis, remove_batch_axis
 from tests.conftest import export
 
 
-def _unbatched_model(opset: int) -> onnx.ModelProto:
+def _unbatched_model(opset: int, normalise: bool = False) -> onnx.ModelProto:
     """One [3, 16, 16] image in, its boxes' scores out, as a detector without a batch axis: the
-    batch of one is made and dropped inside the graph."""
+    batch of one is made and dropped inside the graph (`normalise`: after a normalisation of the
+    image, as torchvision's detectors do first)."""
     import torch
     from torch import nn
 
@@ -29,6 +30,8 @@ def _unbatched_model(opset: int) -> onnx.ModelProto:
             )
 
         def forward(self, image: torch.Tensor) -> torch.Tensor:
+            if normalise:
+                image = (image - 0.5) / 0.25
             return self.body(image.unsqueeze(0))[0].flatten(1).transpose(0, 1)
 
     torch.manual_seed(0)
@@ -79,8 +82,9 @@ def test_data_of_the_model_own_shape_lends_nothing():
     assert shapes == [(2, 8, 8)] * 2
 
 
-def test_a_model_without_a_batch_axis_quantizes_and_keeps_its_input(tmp_path):
-    model = _unbatched_model(13)
+@pytest.mark.parametrize("normalise", [False, True])  # the lent Squeeze merged away, or kept
+def test_a_model_without_a_batch_axis_quantizes_and_keeps_its_input(tmp_path, normalise):
+    model = _unbatched_model(13, normalise)
     source, target = tmp_path / "one_image.onnx", tmp_path / "one_image.int8.onnx"
     onnx.save(model, source)
     images = _images(24)
@@ -90,6 +94,7 @@ def test_a_model_without_a_batch_axis_quantizes_and_keeps_its_input(tmp_path):
     assert _dims(saved.graph.input[0]) == [3, 16, 16]
     assert any(node.op_type == "QuantizeLinear" for node in saved.graph.node)
     assert any("without a batch axis" in note for note in result.notes)
+    assert not any("onnxq_lent" in node for node in result.float_nodes)  # the saved model has none
     float_run, quantized_run = session(model), session(saved)
     for image in images[:4]:
         (want,) = float_run.run(None, {"input": image})
