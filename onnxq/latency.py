@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxq import speed
-from onnxq.calib.data import DataSource, InputSpec, batches, model_inputs
+from onnxq.calib.data import DataSource, InputSpec, batches, first_batch, model_inputs
 from onnxq.config import Preprocess
 from onnxq.errors import OnnxqError
 from onnxq.evaluate import check_same_inputs, display_names, file_size, kernel_summary
@@ -83,11 +83,20 @@ def _feed(
 
 
 def _from_data(inputs, size: int, data: DataSource, preprocess) -> dict[str, np.ndarray]:
+    lent: list[str] = []  # inputs exported without a batch axis ([3, H, W]): one sample a run
+    stream = batches(data, inputs, preprocess=preprocess, batch_size=size, max_samples=size, unbatched=lent)
+    first, stream = first_batch(stream)
+    if lent:
+        if size != 1:
+            raise OnnxqError(
+                "the model takes one sample per run (an input without a batch axis): --batch must be 1"
+            )
+        return {name: array[0] if name in lent else array for name, array in first.items()}
     fixed = {spec.shape[0] for spec in inputs if spec.shape and spec.shape[0]}
     if fixed and size not in fixed:
         raise OnnxqError(f"the model's batch size is fixed at {fixed.pop()}: --batch must be that")
     taken: dict[str, list[np.ndarray]] = {}
-    for chunk in batches(data, inputs, preprocess=preprocess, batch_size=size, max_samples=size):
+    for chunk in stream:
         for name, array in chunk.items():
             taken.setdefault(name, []).append(array)
     feed = {name: np.concatenate(parts)[:size] for name, parts in taken.items()}

@@ -113,3 +113,15 @@ def test_eval_runs_models_without_a_batch_axis_on_stacked_samples(tmp_path):
     reports = evaluate(source, [target], images)
     assert [report.samples for report in reports] == [12, 12]
     assert reports[1].sqnr_db > 25
+
+
+def test_bench_feeds_a_model_without_a_batch_axis_one_sample(tmp_path):
+    from onnxq.errors import OnnxqError
+    from onnxq.latency import bench
+
+    source = tmp_path / "one_image.onnx"
+    onnx.save(_unbatched_model(13), source)
+    (row,) = bench([source], data=_images(4))
+    assert row.batch == 1 and row.milliseconds > 0
+    with pytest.raises(OnnxqError):
+        bench([source], data=_images(4), batch_sizes=(2,))
