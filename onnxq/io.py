@@ -143,7 +143,9 @@ def session(
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
-    options.log_severity_level = 3
+    # fatal only: onnxruntime logs a failed run as an error line of its own before raising, and
+    # onnxq turns the exception into its one-line error (or handles it)
+    options.log_severity_level = 4
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:

@@ -398,3 +398,24 @@ def test_bench_asks_for_the_shape_of_free_dimensions(tmp_path):
     result = run("bench", model)
     assert result.exit_code == 1 and "--shape input=" in result.output
     assert run("bench", model, "--shape", "input=1x3x12x12").exit_code == 0
+
+
+def test_a_failed_onnxruntime_run_is_one_line_without_onnxruntime_own_log(capfd):
+    """onnxruntime logs a failed run on standard error before raising; onnxq's line says it."""
+    from onnx import TensorProto, helper
+
+    from onnxq.errors import OnnxqError
+    from onnxq.io import run as run_model
+    from onnxq.io import session
+
+    graph = helper.make_graph(
+        [helper.make_node("Concat", ["x", "c"], ["y"], axis=0)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "width"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor("c", TensorProto.FLOAT, [1, 4], np.zeros(4))],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    with pytest.raises(OnnxqError, match="cannot run the model on this data"):
+        run_model(session(model), {"x": np.zeros((2, 3), np.float32)})
+    assert "onnxruntime" not in capfd.readouterr().err
