@@ -148,8 +148,9 @@ class Fidelity:
             shown.add(output.picks_for)
             group = [o for o in self.outputs if o.picks_for == output.picks_for]
             lowest = min(group, key=lambda o: o.sqnr_db)
-            more = len(group) - 1
-            texts.append(str(lowest) + (f" (the lowest of {len(group)} such tensors)" if more else ""))
+            texts.append(
+                str(lowest) + (f" (the lowest of {len(group)} such tensors)" if len(group) > 1 else "")
+            )
         return texts
 
     def warnings(self, searched: bool = True) -> list[str]:
