@@ -137,3 +137,22 @@ def test_the_scan_reach_is_a_count_and_a_cut_short_scan_says_so(monkeypatch):
     monkeypatch.setattr(range_choice, "SAFETY_SECONDS", 0.0)
     cut = onnxq.quantize(two_branches(), data, config)
     assert any("the scan stopped after 0 s at 0 of" in note for note in cut.notes)
+
+
+def test_the_safety_cap_also_stops_the_taking_after_the_scan(monkeypatch):
+    """A model whose scan used up the cap tries no switch after it: each trial is a full run of
+    the model (Keypoint R-CNN: 111 s of them after a 188 s scan), and the notes say so."""
+    from types import SimpleNamespace
+
+    from onnxq import range_choice
+
+    x1 = data_with_spikes(0)
+    x1[0] = x1[1]
+    x1[17, 0, 0, 0] = x1[21, 0, 0, 0] = 1000.0
+    data = {"x1": x1, "x2": data_with_spikes(0)}
+    config = onnxq.QuantConfig(fidelity_fallback=False, speed_check=False)
+    readings = iter([0.0, 0.0])  # the deadline is set, the scan's one chunk starts; then past it
+    monkeypatch.setattr(range_choice, "time", SimpleNamespace(perf_counter=lambda: next(readings, 1e9)))
+    cut = onnxq.quantize(two_branches(), data, config)
+    assert any("the search stopped after 180 s at 0 of 1 switches tried" in note for note in cut.notes)
+    assert not any("switched to the other rule's ranges" in note for note in cut.notes)
