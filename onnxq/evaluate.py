@@ -115,10 +115,7 @@ def evaluate(
         for comparison, got in zip(comparisons, outputs[1:], strict=True):
             comparison.add(outputs[0], got, count(batch))
         # class scores (or labels given): top-1, agreement and KL of the first output
-        # one row per sample: a batch-1 detector's [boxes, 4] or [boxes, classes] holds no class scores
-        classify = classify or (
-            scores[0].count == 0 and len(outputs[0][0]) == count(batch) and looks_like_scores(outputs[0][0])
-        )
+        classify = classify or (scores[0].count == 0 and looks_like_scores(outputs[0][0], count(batch)))
         if classify:
             _score_classes(scores, [o[0] for o in outputs], paths, labels)
         else:

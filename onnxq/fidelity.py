@@ -333,14 +333,12 @@ class _Sums:
         self.along: dict[int, _AxisSums] = {}  # axis → per-index sums, to split the output in parts
 
     def add(self, want: np.ndarray, got: np.ndarray, samples: int | None = None) -> None:
-        """One run's values; with `samples`, an output without one row per sample (a batch-1
-        detector's [boxes, 4]) is no class scores."""
+        """One run's values; `samples`: how many samples the run took, where known."""
         self.runs += 1
         if want.shape != got.shape:
             self.reshaped += 1
             return
-        rows_are_samples = samples is None or (want.ndim > 0 and len(want) == samples)
-        self.classes = self.classes and rows_are_samples and looks_like_scores(want)
+        self.classes = self.classes and looks_like_scores(want, samples)
         if want.dtype.kind in "biu":
             self.integer = True
             self.equal += int((want == got).sum())
@@ -441,10 +439,14 @@ def _part_axes(shape: tuple[int, ...]) -> list[int]:
     return [a for a in axes if 2 <= shape[a] <= PART_AXIS_SIZE]
 
 
-def looks_like_scores(values: np.ndarray) -> bool:
+def looks_like_scores(values: np.ndarray, samples: int | None = None) -> bool:
     """(samples, classes) or (samples, classes, 1, 1) with a few classes at least, and not an
-    L2-normalised embedding (a face or image encoder's output), whose largest entry is no class."""
+    L2-normalised embedding (a face or image encoder's output), whose largest entry is no class.
+    With `samples` (the run's), rows that are not one per sample (a batch-1 detector's
+    [boxes, 4]) are no class scores."""
     if values.ndim < 2 or any(d != 1 for d in values.shape[2:]):
+        return False
+    if samples is not None and len(values) != samples:
         return False
     return values.shape[1] >= 2 and values.dtype.kind == "f" and not _unit_embeddings(values)
 

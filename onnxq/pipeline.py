@@ -59,7 +59,7 @@ from onnxq.passes.fold_affine import fold_affine
 from onnxq.passes.fold_bn import ChannelStatistics, FoldReport, fold_batchnorm
 from onnxq.passes.fuse_activations import fuse_activations, needs_opset
 from onnxq.passes.fuse_branches import FuseReport, fuse_branches
-from onnxq.passes.graph_utils import constants_to_initializers, name_nodes
+from onnxq.passes.graph_utils import constants_to_initializers, name_nodes, opset_version
 from onnxq.passes.infer_types import infer_types
 from onnxq.passes.insert_qdq import (
     activation_params,
@@ -173,7 +173,7 @@ def quantize(
     if not plan.weights and not plan.activations:
         raise OnnxqError("nothing to quantize: the model has no Conv, Gemm or MatMul with constant weights")
     opset = required_opset(plan)
-    if opset > _opset(float_model):
+    if opset > opset_version(float_model):
         float_model = _convert_opset(float_model, opset)
         notes.append(f"opset raised to {opset} for the integer types in use")
         graph_model = to_ir(infer_types(float_model))
@@ -371,10 +371,12 @@ def fuse(
     progress = progress or Silent()
     proto = load_model(model) if isinstance(model, str | os.PathLike) else model
     proto, unfused = standard_ops(proto)
-    exported = _opset(proto)
+    exported = opset_version(proto)
     proto = _supported_opset(proto)
     raised = (
-        f"opset raised from {exported} to {MIN_OPSET} (per-channel Q/DQ)" if _opset(proto) > exported else ""
+        f"opset raised from {exported} to {MIN_OPSET} (per-channel Q/DQ)"
+        if opset_version(proto) > exported
+        else ""
     )
     proto, widened = compute_in_float32(proto)
     notes: list[str] = [note for note in (unfused, raised, widened) if note]
@@ -384,7 +386,7 @@ def fuse(
         notes.append(note)
     progress.stage("fold and fuse")
     graph_model = to_ir(infer_types(proto))
-    if raised := needs_opset(graph_model.graph, _opset(proto)):
+    if raised := needs_opset(graph_model.graph, opset_version(proto)):
         proto = _convert_opset(proto, raised)
         notes.append(f"opset raised to {raised} for HardSwish")
         graph_model = to_ir(infer_types(proto))
@@ -393,7 +395,7 @@ def fuse(
     folded = fold_batchnorm(graph_model.graph)
     if folded.folded:
         notes.append(f"folded {len(folded.folded)} BatchNormalization nodes")
-    if activations := fuse_activations(graph_model.graph, _opset(proto)):
+    if activations := fuse_activations(graph_model.graph, opset_version(proto)):
         notes.append(
             f"fused {activations} hard-swish/hard-sigmoid activations written op by op into one node each"
         )
@@ -469,16 +471,12 @@ def _checker_error(model: onnx.ModelProto) -> str | None:
     return None
 
 
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
 def _supported_opset(model: onnx.ModelProto) -> onnx.ModelProto:
-    return model if _opset(model) >= MIN_OPSET else _convert_opset(model, MIN_OPSET)
+    return model if opset_version(model) >= MIN_OPSET else _convert_opset(model, MIN_OPSET)
 
 
 def _convert_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
-    version = _opset(model)
+    version = opset_version(model)
     try:
         converted = version_converter.convert_version(model, target)
     except Exception as err:  # the converter raises plain RuntimeError and C++ errors

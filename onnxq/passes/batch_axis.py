@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxq.passes.graph_utils import rename_uses
+from onnxq.passes.graph_utils import opset_version, rename_uses
 
 SUFFIX = "/onnxq_unbatched"  # the Squeeze's output: what the model read as the input before
 BATCHED_SUFFIX = "/onnxq_batched"  # the saved model's Unsqueeze, where the Squeeze was merged away
@@ -27,8 +27,7 @@ def add_batch_axis(model: onnx.ModelProto, names: Collection[str]) -> onnx.Model
     """A copy of `model` whose inputs `names` take a leading batch axis of size 1."""
     if not names:
         return model
-    result = onnx.ModelProto()
-    result.CopyFrom(model)
+    result = _copy(model)
     graph = result.graph
     squeezes = []
     for value in graph.input:
@@ -38,7 +37,7 @@ def add_batch_axis(model: onnx.ModelProto, names: Collection[str]) -> onnx.Model
         rename_uses(graph, value.name, inner)
         _rename_outputs(graph, value.name, inner)
         value.type.tensor_type.shape.dim.insert(0, onnx.TensorShapeProto.Dimension(dim_value=1))
-        squeezes.append(_squeeze(graph, value.name, inner, _opset(result)))
+        squeezes.append(_squeeze(graph, value.name, inner, opset_version(result)))
     nodes = [*squeezes, *graph.node]
     del graph.node[:]
     graph.node.extend(nodes)
@@ -51,8 +50,7 @@ def remove_batch_axis(model: onnx.ModelProto, names: Collection[str]) -> onnx.Mo
     into what the model did with the input (a detector that makes a batch of its one image)."""
     if not names:
         return model
-    result = onnx.ModelProto()
-    result.CopyFrom(model)
+    result = _copy(model)
     graph = result.graph
     added = []
     for name in names:
@@ -66,7 +64,7 @@ def remove_batch_axis(model: onnx.ModelProto, names: Collection[str]) -> onnx.Mo
             batched = name + BATCHED_SUFFIX
             rename_uses(graph, name, batched)
             _rename_outputs(graph, name, batched)
-            added.append(_unsqueeze(graph, name, batched, _opset(result)))
+            added.append(_unsqueeze(graph, name, batched, opset_version(result)))
         value = next(v for v in graph.input if v.name == name)
         del value.type.tensor_type.shape.dim[0]
         kept = [v for v in graph.value_info if v.name != inner]
@@ -114,5 +112,7 @@ def _rename_outputs(graph: onnx.GraphProto, old: str, new: str) -> None:
             value.name = new
 
 
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    return result

@@ -17,6 +17,7 @@ import onnx
 from onnx import helper
 
 from onnxq.errors import OnnxqError
+from onnxq.passes.graph_utils import opset_version
 
 MICROSOFT = "com.microsoft"
 NCHWC = "com.microsoft.nchwc"
@@ -36,7 +37,7 @@ def standard_ops(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
         return model, None
     result = onnx.ModelProto()
     result.CopyFrom(model)
-    opset = next((o.version for o in result.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = opset_version(result)
     nodes = []
     for node in result.graph.node:
         is_fused = node.domain == MICROSOFT and node.op_type == "FusedConv"

@@ -7,6 +7,11 @@ import onnx
 import onnx_ir as ir
 
 
+def opset_version(model: onnx.ModelProto) -> int:
+    """The model's default-domain opset (0 where it imports none)."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
 def rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
     """Nodes (of this graph and the subgraphs that read it by name) read `new` instead of `old`."""
     for node in graph.node:
