@@ -105,7 +105,7 @@ def evaluate(
     extra = selections.fetchable(found, *runnable)
     runners = sessions
     if extra:
-        runners = [session(selections.with_candidates(m, extra), threads=threads) for m in runnable]
+        runners = [session(m, outputs=extra, threads=threads) for m in runnable]
     scores = [_Scores() for _ in models]
     comparisons = [OutputComparison([*names, *extra], found) for _ in models[1:]]
     first, classify = None, labels is not None

@@ -23,7 +23,7 @@ import onnx
 from onnxq import selections
 from onnxq.calib import frontier
 from onnxq.calib.data import Batch
-from onnxq.calib.runner import fixed_batch, with_outputs
+from onnxq.calib.runner import fixed_batch
 from onnxq.io import run, session
 
 HELD_BACK = 16  # samples kept out of calibration for the check
@@ -227,8 +227,8 @@ def measure(
     (onnxq.selections: fetching those tensors may keep onnxruntime from fusing their producers)."""
     found = selections.find(float_model)
     extra = selections.fetchable(found, float_model, quantized)
-    reference = session(selections.with_candidates(float_model, extra))
-    deployed = session(selections.with_candidates(quantized, extra))
+    reference = session(float_model, outputs=extra)
+    deployed = session(quantized, outputs=extra)
     names = [*(o.name for o in float_model.graph.output), *extra]  # candidates are never outputs
     fixed = fixed_batch(float_model) is not None
     batches = first_samples(samples, None, whole=fixed)
@@ -271,8 +271,8 @@ def layer_errors(
     layers = [layer for layer in layers if layer[1] in both and layer[2] in both]
     tensors = sorted({t for _, source, target in layers for t in (source, target)})
     sums = {t: _Sums() for t in tensors}
-    reference = session(with_outputs(float_model, tensors), optimize=False)
-    simulated = session(with_outputs(quantized, tensors), optimize=False)
+    reference = session(float_model, outputs=tensors, optimize=False)
+    simulated = session(quantized, outputs=tensors, optimize=False)
     fixed = fixed_batch(float_model) is not None
     for batch in first_samples(samples, LAYER_SAMPLES, whole=fixed):
         for name, want, got in zip(

@@ -48,7 +48,6 @@ from onnxq.io import (
     run,
     save_model,
     session,
-    to_ir,
     to_proto,
 )
 from onnxq.passes.batch_axis import add_batch_axis, remove_batch_axis
@@ -60,7 +59,7 @@ from onnxq.passes.fold_bn import ChannelStatistics, FoldReport, fold_batchnorm
 from onnxq.passes.fuse_activations import fuse_activations, needs_opset
 from onnxq.passes.fuse_branches import FuseReport, fuse_branches
 from onnxq.passes.graph_utils import constants_to_initializers, name_nodes, opset_version
-from onnxq.passes.infer_types import infer_types
+from onnxq.passes.infer_types import typed_ir
 from onnxq.passes.insert_qdq import (
     activation_params,
     insert_qdq,
@@ -159,10 +158,11 @@ def quantize(
         merge_branches=config.merges_branches,
         progress=progress,
     )
+    del proto  # the exported weights: from here on the prepared model stands for them
     notes += prepared.notes
     float_model, statistics, stream = _equalized(prepared, stream, config, progress, notes)
     float_model = _split_addend_reads(float_model, config, notes)
-    graph_model = to_ir(infer_types(float_model))
+    graph_model = typed_ir(float_model)
     plan = plan_quantization(graph_model.graph, config)
     notes += [f"override {pattern!r} matches no layer" for pattern in plan.unmatched_overrides]
     if plan.widened_addends:
@@ -176,7 +176,7 @@ def quantize(
     if opset > opset_version(float_model):
         float_model = _convert_opset(float_model, opset)
         notes.append(f"opset raised to {opset} for the integer types in use")
-        graph_model = to_ir(infer_types(float_model))
+        graph_model = typed_ir(float_model)
         plan = plan_quantization(graph_model.graph, config)
     choice, ranged = choose_int8_range(float_model, plan, sample, config, baseline=prepared.model)
     notes += ranged
@@ -301,7 +301,7 @@ def _refuse_quantized(model: onnx.ModelProto) -> None:
 
 def _replan(float_model, config: QuantConfig, **options) -> QuantPlan:
     """The plan again, with layers kept float (tune's fallbacks)."""
-    return plan_quantization(to_ir(infer_types(float_model)).graph, config, **options)
+    return plan_quantization(typed_ir(float_model).graph, config, **options)
 
 
 def _build(
@@ -309,7 +309,7 @@ def _build(
 ) -> tune.Candidate:
     """The QDQ model for `plan`, with its layers' (node, input, output) tensors; `rounded`:
     weight integers GPTQ chose in the observation pass."""
-    graph_model = to_ir(infer_types(float_model))
+    graph_model = typed_ir(float_model)
     layers = _layer_tensors(graph_model.graph, plan)
     params = activation_params(plan, ranges, symmetric=config.activation_symmetric)
     if refined is not None:
@@ -385,11 +385,11 @@ def fuse(
         proto, note = simplify(proto, sample if sample is not None else random_sample(model_inputs(proto)))
         notes.append(note)
     progress.stage("fold and fuse")
-    graph_model = to_ir(infer_types(proto))
+    graph_model = typed_ir(proto)
     if raised := needs_opset(graph_model.graph, opset_version(proto)):
         proto = _convert_opset(proto, raised)
         notes.append(f"opset raised to {raised} for HardSwish")
-        graph_model = to_ir(infer_types(proto))
+        graph_model = typed_ir(proto)
     name_nodes(graph_model.graph)  # later stages rebuild the graph and refer to nodes by name
     constants_to_initializers(graph_model.graph)
     folded = fold_batchnorm(graph_model.graph)

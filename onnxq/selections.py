@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from onnxq.calib.runner import with_outputs
-from onnxq.passes.infer_types import infer_types
+from onnxq.passes.infer_types import typed_structure
 
 # op type → positions of its outputs that are indices chosen by comparing float values (an
 # ArgMax over int64 token ids, as CLIP's text encoder picks its end token, is exact: not one)
@@ -38,7 +38,7 @@ def find(model: onnx.ModelProto) -> Selections:
     graph = model.graph
     if not any(node.op_type in INDEX_OUTPUTS for node in graph.node):
         return Selections()
-    floats = _float_tensors(infer_types(model).graph)
+    floats = _float_tensors(typed_structure(model).graph)
     picked_by = _picked_tensors(graph, floats)
     outputs = [o.name for o in graph.output if o.name in picked_by]
     if not outputs:

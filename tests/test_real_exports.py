@@ -90,11 +90,10 @@ def test_shape_arithmetic_stays_integer_and_the_model_runs(head, images, method,
 def test_the_head_after_the_last_layer_stays_float(head):
     """Box and score tensors concatenated and split after the last Conv: no Q/DQ there. The SiLUs
     between the Convs stay in the integer chain (their Sigmoid and Mul outputs are quantized)."""
-    from onnxq.io import to_ir
-    from onnxq.passes.infer_types import infer_types
+    from onnxq.passes.infer_types import typed_ir
     from onnxq.quant.plan import plan_quantization
 
-    graph = to_ir(infer_types(head)).graph
+    graph = typed_ir(head).graph
     plan = plan_quantization(graph, onnxq.QuantConfig())
     producers = {v.name: n for n in graph for v in n.outputs}
     quantized_by = {producers[name].name for name in plan.activations if name in producers}
@@ -158,15 +157,14 @@ def test_sigmoid_and_mul_after_quantized_nodes_run_on_integer_kernels(tmp_path):
 def test_below_8_bits_sigmoid_and_mul_stay_float():
     """No integer kernel runs below 8 bits, so a SiLU gets no 4-bit sigmoid: the plan is the one
     before Sigmoid and Mul could be quantized."""
-    from onnxq.io import to_ir
-    from onnxq.passes.infer_types import infer_types
+    from onnxq.passes.infer_types import typed_ir
     from onnxq.quant.plan import plan_quantization
 
     model = gated_net()
     producers = {o: n.op_type for n in model.graph.node for o in n.output}
     for bits, chained in ((8, True), (4, False)):
         config = onnxq.QuantConfig(weight_bits=bits)
-        plan = plan_quantization(to_ir(infer_types(model)).graph, config)
+        plan = plan_quantization(typed_ir(model).graph, config)
         sigmoids = [name for name in plan.activations if producers.get(name) == "Sigmoid"]
         assert bool(sigmoids) is chained
         assert any(producers.get(name) == "Conv" for name in plan.activations)
@@ -197,14 +195,13 @@ def pooled_net():
 def test_a_plan_with_more_layers_float_quantizes_only_observed_tensors():
     """The MaxPools share the SiLU's scale; with the Conv before them kept float, the Concat gives
     them scales of their own, whose ranges the first plan must already have measured."""
-    from onnxq.io import to_ir
-    from onnxq.passes.infer_types import infer_types
+    from onnxq.passes.infer_types import typed_ir
     from onnxq.quant.plan import plan_quantization
 
     model, config = pooled_net(), onnxq.QuantConfig()
-    first = plan_quantization(to_ir(infer_types(model)).graph, config)
+    first = plan_quantization(typed_ir(model).graph, config)
     reduce = next(name for name in first.layers if "reduce" in name)
-    later = plan_quantization(to_ir(infer_types(model)).graph, config, keep_float={reduce: "test"})
+    later = plan_quantization(typed_ir(model).graph, config, keep_float={reduce: "test"})
     pooled = [name for name in first.sharer_tensors() if "MaxPool" in name]
     assert len(pooled) == 2 and set(pooled) <= set(later.observed_tensors(sharers=False))
     assert set(later.observed_tensors()) <= set(first.observed_tensors())

@@ -8,8 +8,7 @@ import pytest
 
 import onnxq
 from onnxq import speed
-from onnxq.io import to_ir
-from onnxq.passes.infer_types import infer_types
+from onnxq.passes.infer_types import typed_ir
 from onnxq.quant.plan import plan_quantization
 from tests.conftest import export
 
@@ -35,9 +34,9 @@ def hardswish_cnn() -> onnx.ModelProto:
 
 def test_float_neighbours_keeps_only_the_layer_before_the_hardswish_float():
     model = hardswish_cnn()
-    graph = to_ir(infer_types(model)).graph
+    graph = typed_ir(model).graph
     full = plan_quantization(graph, onnxq.QuantConfig())
-    lighter = plan_quantization(to_ir(infer_types(model)).graph, onnxq.QuantConfig(), float_neighbours=True)
+    lighter = plan_quantization(typed_ir(model).graph, onnxq.QuantConfig(), float_neighbours=True)
     dropped = set(full.layers) - set(lighter.layers)
     assert len(dropped) == 1
     (name,) = dropped

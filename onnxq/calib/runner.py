@@ -39,8 +39,7 @@ def collect_observers(
     tensors they name too (GPTQ's input correlations), in the same runs."""
     taps = taps or {}
     fetched = [*tensors, *(name for name in taps if name not in tensors)]
-    probe = with_outputs(model, fetched)
-    runner = session(probe, optimize=True, arena=False)
+    runner = session(model, outputs=fetched, optimize=True, arena=False)
     observers = {name: make_observer(name) for name in tensors}
     samples, chunk = 0, None
     for batch in stream:

@@ -23,8 +23,8 @@ import onnx
 from onnxq.calib.data import Batch
 from onnxq.calib.runner import fixed_batch
 from onnxq.config import QuantConfig, WeightRange
-from onnxq.io import oldest_ir_version, run, session, to_ir, to_proto
-from onnxq.passes.infer_types import infer_types
+from onnxq.io import oldest_ir_version, run, session, to_proto
+from onnxq.passes.infer_types import typed_ir
 from onnxq.passes.insert_qdq import activation_params, insert_qdq
 from onnxq.quant import kernels
 from onnxq.quant.plan import QuantPlan
@@ -102,7 +102,7 @@ def _probe(
     float_model: onnx.ModelProto, plan: QuantPlan, choice: kernels.WeightRangeChoice
 ) -> onnx.ModelProto:
     """The QDQ model of `plan` with weights stored as `choice` says and placeholder activation ranges."""
-    model = to_ir(infer_types(float_model))
+    model = typed_ir(float_model)
     ranges = {spec.observed: _PLACEHOLDER_RANGE for spec in plan.activations.values()}
     insert_qdq(model.graph, plan, activation_params(plan, ranges), int8_range=choice)
     probe = to_proto(model)

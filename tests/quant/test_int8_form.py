@@ -89,8 +89,7 @@ def test_the_probe_times_unsigned_weights_against_the_baseline_it_is_given(
 ):
     """The pipeline gives the float model as prepared before equalization: the probe is timed
     against it, and built from the model the plan was made on."""
-    from onnxq.io import to_ir
-    from onnxq.passes.infer_types import infer_types
+    from onnxq.passes.infer_types import typed_ir
     from onnxq.quant.plan import plan_quantization
 
     monkeypatch.setattr(kernels, "int8_kernels_saturate", lambda: True)
@@ -103,7 +102,7 @@ def test_the_probe_times_unsigned_weights_against_the_baseline_it_is_given(
     baseline.CopyFrom(small_model)
     baseline.doc_string = "the baseline"
     config = onnxq.QuantConfig()
-    plan = plan_quantization(to_ir(infer_types(small_model)).graph, config)
+    plan = plan_quantization(typed_ir(small_model).graph, config)
     sample = {small_model.graph.input[0].name: calibration_data[:1]}
     choice, notes = int8_form.choose_int8_range(small_model, plan, sample, config, baseline=baseline)
     assert choice.unsigned and notes

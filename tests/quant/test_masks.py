@@ -92,10 +92,9 @@ def _check(additive: bool) -> None:
 def test_a_mask_built_from_an_infinite_constant_stays_float():
     """Found from the -inf constant, before any data is seen (the searched calibrations never
     observe min-max ranges)."""
-    from onnxq.io import to_ir
-    from onnxq.passes.infer_types import infer_types
+    from onnxq.passes.infer_types import typed_ir
 
-    graph = to_ir(infer_types(_Attention.export(additive=False))).graph
+    graph = typed_ir(_Attention.export(additive=False)).graph
     assert masks.unbounded_tensors(graph)
     _check(additive=False)
 
@@ -103,10 +102,9 @@ def test_a_mask_built_from_an_infinite_constant_stays_float():
 def test_an_additive_mask_given_as_input_stays_float():
     """-1e9 where padded, added to the scores: no constant shows it; only the float Softmax reads
     the sum, so no pair rounds it."""
-    from onnxq.io import to_ir
-    from onnxq.passes.infer_types import infer_types
+    from onnxq.passes.infer_types import typed_ir
 
-    graph = to_ir(infer_types(_Attention.export(additive=True))).graph
+    graph = typed_ir(_Attention.export(additive=True)).graph
     assert not masks.unbounded_tensors(graph)
     _check(additive=True)
 
