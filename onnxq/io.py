@@ -14,6 +14,7 @@ import onnxruntime as ort
 from google.protobuf.message import DecodeError
 
 from onnxq.errors import OnnxqError
+from onnxq.hollow import add_float_outputs, float_weight_bytes, weights_on_disk
 
 _PROTO_LIMIT = 2**31 - 2**20  # protobuf's 2 GB ceiling, with room for the graph itself
 
@@ -58,15 +59,12 @@ def model_bytes(model: ir.Model | onnx.ModelProto, outputs: Sequence[str] = ()) 
     while it is serialized: a copy of the model with them would copy its weights too (on a
     226 MB Keypoint R-CNN, each check session's copy lifted the peak by as much)."""
     proto = to_proto(model)
-    present = {output.name for output in proto.graph.output}
-    added = [name for name in dict.fromkeys(outputs) if name not in present]
-    for name in added:
-        proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    added = add_float_outputs(proto, outputs)
     try:
         return proto.SerializeToString()
     finally:
         if added:
-            del proto.graph.output[-len(added) :]
+            del proto.graph.output[-added:]
 
 
 def check_writable(path: str | os.PathLike, *, source: str | os.PathLike | None = None) -> Path:
@@ -145,6 +143,8 @@ def session(
 ) -> ort.InferenceSession:
     """A CPU session. optimize=False is the float-exact reference (no fusions, no int8 kernels).
     `outputs`: float tensors it returns besides the model's outputs (model_bytes).
+    A model with FILE_SESSION_BYTES of float weights or more is given to onnxruntime as a file
+    with its weights in an external-data file, which onnxruntime maps instead of copying twice.
 
     arena=False returns memory after each run: calibration holds a hundred small sessions, and
     each arena would otherwise keep its largest batch's tensors for good.
@@ -169,9 +169,24 @@ def session(
         options.inter_op_num_threads = 1
     if optimized_path:
         options.optimized_model_filepath = optimized_path
-    data = model if isinstance(model, bytes) else model_bytes(model, outputs)
+    if isinstance(model, bytes):
+        return _inference_session(model, options)
+    proto = to_proto(model)
+    if float_weight_bytes(proto) < FILE_SESSION_BYTES:
+        return _inference_session(model_bytes(proto, outputs), options)
     try:
-        return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        with weights_on_disk(proto, outputs) as path:
+            return _inference_session(path, options)
+    except OSError:  # no room or no permission for the temporary files
+        return _inference_session(model_bytes(proto, outputs), options)
+
+
+FILE_SESSION_BYTES = 32 << 20  # float weights from which sessions read them from a file (onnxq.hollow)
+
+
+def _inference_session(source: bytes | str, options: ort.SessionOptions) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises several private exception types
         raise OnnxqError(f"onnxruntime cannot run the model: {_first_line(err)}") from None
 

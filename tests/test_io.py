@@ -1,9 +1,16 @@
-"""Sessions that also return inner tensors: the model they were built from is left as it was."""
+"""Sessions: inner tensors returned without changing the model they were built from, and large
+weights read from a temporary file with the results of bytes."""
 
 from __future__ import annotations
 
-import numpy as np
+import tempfile
 
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from onnxq import hollow, io
 from onnxq.calib.runner import with_outputs
 from onnxq.io import session
 
@@ -21,3 +28,46 @@ def test_a_session_returns_inner_tensors_as_a_copy_with_them_would_and_leaves_th
     assert len(got) == len(names)
     for actual, expected in zip(got, want, strict=True):
         np.testing.assert_array_equal(actual, expected)
+
+
+def _weights_in_typed_fields(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its initializers stored in float_data, as some exporters write them."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for index, tensor in enumerate(copy.graph.initializer):
+        array = numpy_helper.to_array(tensor)
+        if array.dtype == np.float32:
+            typed = onnx.helper.make_tensor(tensor.name, onnx.TensorProto.FLOAT, array.shape, array.ravel())
+            copy.graph.initializer[index].CopyFrom(typed)
+    return copy
+
+
+@pytest.mark.parametrize("typed_fields", [False, True])
+def test_a_session_that_reads_the_weights_from_a_file_computes_what_one_from_bytes_does(
+    monkeypatch, tmp_path, small_model, calibration_data, typed_fields
+):
+    model = _weights_in_typed_fields(small_model) if typed_fields else small_model
+    inner = [node.output[0] for node in model.graph.node if node.op_type == "Conv"]
+    feed = {"input": calibration_data[:4]}
+    from_bytes = session(model, outputs=inner).run(inner, feed)
+    monkeypatch.setattr(io, "FILE_SESSION_BYTES", 0)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert hollow.float_weight_bytes(model) > 0
+    from_file = session(model, outputs=inner).run(inner, feed)
+    assert not list(tmp_path.iterdir())  # the temporary files are gone once the session is made
+    for got, want in zip(from_file, from_bytes, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_session_falls_back_to_bytes_where_no_temporary_file_can_be_written(
+    monkeypatch, small_model, calibration_data
+):
+    def refused(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    feed = {"input": calibration_data[:2]}
+    expected = session(small_model, optimize=False).run(None, feed)
+    monkeypatch.setattr(io, "FILE_SESSION_BYTES", 0)
+    monkeypatch.setattr(tempfile, "mkdtemp", refused)
+    fallen_back = session(small_model, optimize=False).run(None, feed)
+    np.testing.assert_array_equal(fallen_back[0], expected[0])

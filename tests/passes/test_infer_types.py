@@ -8,14 +8,15 @@ import onnx
 import onnx_ir as ir
 import pytest
 
+from onnxq.hollow import HOLLOW_BYTES
 from onnxq.io import session, to_proto
-from onnxq.passes.infer_types import SHELL_BYTES, typed_ir, typed_structure
+from onnxq.passes.infer_types import typed_ir, typed_structure
 from tests.conftest import export
 
 
 def _detector_like():
     """A conv body with a head that computes its Reshape target from the input's shape (int64
-    arithmetic shape inference propagates), and weights far above SHELL_BYTES."""
+    arithmetic shape inference propagates), and weights far above HOLLOW_BYTES."""
     import torch
     from torch import nn
 
@@ -50,7 +51,7 @@ def test_the_weightless_copy_gets_the_types_the_whole_model_gets(model):
     assert [o.SerializeToString() for o in typed.graph.output] == [
         o.SerializeToString() for o in whole.graph.output
     ]
-    assert any(t.ByteSize() > SHELL_BYTES for t in model.graph.initializer)  # something was left out
+    assert any(t.ByteSize() > HOLLOW_BYTES for t in model.graph.initializer)  # something was left out
 
 
 def test_the_typed_ir_computes_what_the_model_computes_and_types_every_value(model):
@@ -68,6 +69,6 @@ def test_the_typed_ir_weights_are_the_models_own(model):
     for tensor in model.graph.initializer:
         value = graph_model.graph.initializers[tensor.name].const_value
         np.testing.assert_array_equal(value.numpy(), onnx.numpy_helper.to_array(tensor))
-        if tensor.ByteSize() > SHELL_BYTES:
+        if tensor.ByteSize() > HOLLOW_BYTES:
             assert isinstance(value, ir.TensorProtoTensor)
             assert value.raw is tensor  # wrapped, not copied
