@@ -64,18 +64,21 @@ def switched_activations(
     """The activations (plan roots) that should take `other`'s range rather than `chosen`'s, and
     a note where the safety cap cut the scan short."""
     seconds = SAFETY_SECONDS if seconds is None else seconds
-    float_model, names = selections.judged_model(float_model)
-    tunable, float_feed, _ = tunable_model(float_model, plan)
+    judged, names = selections.judged_model(float_model)
+    tunable, float_feed, _ = tunable_model(judged, plan)
+    del judged  # a copy with outputs added, where the model has picked outputs: only the tunable graph runs
     runner = session(tunable, arena=False)
     whole = fixed_batch(float_model) is not None
     batches = list(first_samples(samples, 2 * LAYER_SAMPLES, whole=whole))
     reference = [run(runner, {**batch, **float_feed}, names) for batch in batches]
     chosen_on = max(1, len(batches) // 2)  # the rest confirm the choice on samples it never saw
     scanned = max(1, SCAN_SAMPLES * chosen_on // LAYER_SAMPLES)
-    base, alternative = quantized_feeds(chosen, plan), quantized_feeds(other, plan)
+    # the two models differ in activation ranges only: their weights are read from `chosen`
+    base, alternative = quantized_feeds(chosen, plan), quantized_feeds(other, plan, weights=False)
     roots = [root for root in plan.activations if _differs(base.get(root), alternative.get(root))]
     roots.sort(key=lambda root: -_step_ratio(root, base, alternative))  # the time cap cuts the closest
     chosen_feed = {**float_feed, **_merged(base)}
+    del float_feed  # the float weights chosen_feed replaced: as much memory as the model
 
     def lowest(switch: list[str], count: int = chosen_on, first: int = 0) -> float:
         feed = dict(chosen_feed)

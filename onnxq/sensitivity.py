@@ -63,16 +63,22 @@ def layer_costs(
     return sorted(costs, key=lambda item: -item[1])
 
 
-def quantized_feeds(quantized: onnx.ModelProto, plan: QuantPlan) -> dict[str, Arrays]:
+def quantized_feeds(
+    quantized: onnx.ModelProto, plan: QuantPlan, *, weights: bool = True
+) -> dict[str, Arrays]:
     """Each quantizer's feed of the tunable graph as the QDQ model holds it: an activation's
-    scale, zero point and integer bounds; a layer's dequantized weights (and its bias)."""
-    constants = {t.name: onnx.numpy_helper.to_array(t) for t in quantized.graph.initializer}
+    scale, zero point and integer bounds; a layer's dequantized weights (and its bias), unless
+    `weights` is False (a model whose weights another feed already holds: a copy of them all)."""
     quantizers = {n.output[0]: n for n in quantized.graph.node if n.op_type == "QuantizeLinear"}
+    read = {name for node in quantizers.values() for name in _parameter_names(node)}
+    constants = {t.name: onnx.numpy_helper.to_array(t) for t in quantized.graph.initializer if t.name in read}
     feeds: dict[str, Arrays] = {}
     for name, spec in plan.activations.items():
         node = quantizers.get(f"{name}_quantized")
         if spec.shares is None and node is not None:
             feeds[name] = fake_quant_feed(name, *_activation_params(node, constants))
+    if not weights:
+        return feeds
     dequantized = _dequantized_constants(quantized, [*plan.weights, *plan.biases])
     biases = {spec.weight: spec.name for spec in plan.biases.values()}
     for name in plan.weights:
@@ -80,6 +86,16 @@ def quantized_feeds(quantized: onnx.ModelProto, plan: QuantPlan) -> dict[str, Ar
         if name in feed:
             feeds[name] = feed
     return feeds
+
+
+def _parameter_names(node: onnx.NodeProto) -> list[str]:
+    """The constants _activation_params reads for a QuantizeLinear: its scale and zero point, and
+    the bounds of a Clip before it."""
+    names = list(node.input[1:3])
+    if node.input[0].endswith("_clipped"):
+        tensor = node.input[0][: -len("_clipped")]
+        names += [f"{tensor}_clip_min", f"{tensor}_clip_max"]
+    return names
 
 
 def _activation_params(node: onnx.NodeProto, constants: Arrays) -> tuple[float, float, float, float]:
