@@ -165,6 +165,8 @@ def equalize_channels(
         else:
             applied += 1
     rescaled -= remove_idle_inlets(graph_model.graph, inlets)
+    if not applied + rescaled:  # every channel was left as it was: no second copy of the weights
+        return Equalized(model, statistics, 0, spread)
     result = to_proto(graph_model)
     result.ir_version = model.ir_version
     return Equalized(result, statistics, applied + rescaled, spread, _notes(applied, rescaled, spread))

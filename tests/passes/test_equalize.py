@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxq
 from onnxq.calib.observers import ChannelMaxObserver
 from onnxq.io import session, to_ir, to_proto
+from onnxq.passes import equalize
 from onnxq.passes.equalize import (
     FLOAT_SIDE_MAX_SCALE,
     MAX_SCALE,
@@ -351,3 +352,11 @@ def _graph_model(nodes, initializers, input_shape: list) -> onnx.ModelProto:
         initializers,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_a_model_whose_channels_need_no_move_comes_back_as_it_was(monkeypatch, swish_model, data):
+    # a headroom wider than the stem's 1000x spread: every channel counts as lined up already
+    monkeypatch.setattr(equalize, "FLOAT_SIDE_HEADROOM", 1e6)
+    equalized = equalize_channels(swish_model, [{"input": data}], layer_pairs=False)
+    assert equalized.pairs == 0 and not equalized.notes
+    assert equalized.model is swish_model  # not a copy: a second copy of the weights for the whole run
