@@ -3,9 +3,9 @@
 - Shape inference (onnxq.passes.infer_types) reads a float initializer's dims, never its values.
 - onnxruntime reads weights given in an external-data file by mapping the file, where a model
   given as bytes costs it two copies of them: on a 226 MB Keypoint R-CNN a session built from
-  bytes held 474 MB after it was made (1.17 GB at its peak, with the bytes), one built from a
-  file 234 MB. `weights_on_disk` writes such a file for the sessions of models whose weights
-  dominate their memory.
+  bytes held 474-493 MB after it was made (about 750 MB at its peak, the bytes aside), one built
+  from a file 234 MB (371 MB at its peak). `weights_on_disk` writes such a file for the
+  sessions of models whose weights dominate their memory.
 """
 
 from __future__ import annotations

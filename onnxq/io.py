@@ -53,7 +53,8 @@ def oldest_ir_version(model: onnx.ModelProto) -> int:
 
 
 def model_bytes(model: ir.Model | onnx.ModelProto, outputs: Sequence[str] = ()) -> bytes:
-    """Serialized model for an onnxruntime session; sessions accept bytes, so nothing hits disk.
+    """Serialized model for an onnxruntime session (sessions of models below FILE_SESSION_BYTES
+    of float weights are built from bytes, so nothing hits disk).
 
     `outputs`: float tensors the serialized model also returns. They are added to the model only
     while it is serialized: a copy of the model with them would copy its weights too (on a

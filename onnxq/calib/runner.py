@@ -16,6 +16,7 @@ from onnxq.calib import scratch
 from onnxq.calib.data import Batch
 from onnxq.calib.frontier import batches
 from onnxq.calib.observers import Observer
+from onnxq.hollow import add_float_outputs
 from onnxq.io import run, session
 from onnxq.progress import Progress
 
@@ -71,11 +72,9 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
 
 
 def with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
-    """A copy of the model that also returns the given float tensors."""
+    """A copy of the model that also returns the given float tensors (a copy of its weights too:
+    for a session, `onnxq.io.session(model, outputs=...)` adds them without one)."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    present = {o.name for o in probe.graph.output}
-    for name in tensors:
-        if name not in present:
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    add_float_outputs(probe, tensors)
     return probe
