@@ -35,7 +35,7 @@ def hollow_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.Tens
     _copy_fields(model.graph, shell.graph, skip="initializer")
     hollow = []
     for tensor in model.graph.initializer:
-        if tensor.data_type in FLOAT_TYPES and tensor.ByteSize() > HOLLOW_BYTES:
+        if _hollowed(tensor):
             shell.graph.initializer.add(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type)
             hollow.append(tensor)
         else:
@@ -45,11 +45,11 @@ def hollow_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.Tens
 
 def float_weight_bytes(model: onnx.ModelProto) -> int:
     """What the main graph's large float initializers take (those hollow_copy leaves out)."""
-    return sum(
-        tensor.ByteSize()
-        for tensor in model.graph.initializer
-        if tensor.data_type in FLOAT_TYPES and tensor.ByteSize() > HOLLOW_BYTES
-    )
+    return sum(tensor.ByteSize() for tensor in model.graph.initializer if _hollowed(tensor))
+
+
+def _hollowed(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_type in FLOAT_TYPES and tensor.ByteSize() > HOLLOW_BYTES
 
 
 @contextlib.contextmanager

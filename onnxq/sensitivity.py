@@ -100,16 +100,14 @@ def _parameter_names(node: onnx.NodeProto) -> list[str]:
 
 def _activation_params(node: onnx.NodeProto, constants: Arrays) -> tuple[float, float, float, float]:
     """(scale, zero point, qmin, qmax) of a QuantizeLinear; a Clip before it narrows the bounds."""
-    scale, zero = constants[node.input[1]], constants[node.input[2]]
+    scale_name, zero_name, *bounds = _parameter_names(node)
+    scale, zero = constants[scale_name], constants[zero_name]
     info = np.iinfo(zero.dtype)
     qmin, qmax = float(info.min), float(info.max)
-    source = node.input[0]
-    if source.endswith("_clipped"):
-        tensor = source[: -len("_clipped")]
-        low, high = (constants.get(f"{tensor}_clip_{side}") for side in ("min", "max"))
-        if low is not None and high is not None:
-            qmin = float(np.rint(low / scale)) + float(zero)
-            qmax = float(np.rint(high / scale)) + float(zero)
+    low, high = (constants.get(name) for name in bounds) if bounds else (None, None)
+    if low is not None and high is not None:
+        qmin = float(np.rint(low / scale)) + float(zero)
+        qmax = float(np.rint(high / scale)) + float(zero)
     return float(scale), float(zero), qmin, qmax
 
 
