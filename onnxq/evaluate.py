@@ -18,7 +18,7 @@ from onnxq.calib.data import DataSource, batches, first_batch, model_inputs
 from onnxq.calib.frontier import count
 from onnxq.config import Preprocess
 from onnxq.errors import OnnxqError
-from onnxq.fidelity import OutputComparison, OutputFidelity, looks_like_scores
+from onnxq.fidelity import OutputComparison, OutputFidelity, looks_like_scores, sorted_like_topk
 from onnxq.io import load_model, run, session
 from onnxq.passes.batch_axis import add_batch_axis
 from onnxq.runtime_kernels import count_kernels
@@ -115,7 +115,7 @@ def evaluate(
         for comparison, got in zip(comparisons, outputs[1:], strict=True):
             comparison.add(outputs[0], got, count(batch))
         # class scores (or labels given): top-1, agreement and KL of the first output
-        classify = classify or (scores[0].count == 0 and looks_like_scores(outputs[0][0], count(batch)))
+        classify = classify or (scores[0].count == 0 and _class_scores(outputs[0][0], count(batch)))
         if classify:
             _score_classes(scores, [o[0] for o in outputs], paths, labels)
         else:
@@ -137,6 +137,11 @@ def evaluate(
             strict=True,
         )
     ]
+
+
+def _class_scores(values: np.ndarray, samples: int) -> bool:
+    """Whether the first output holds class scores (TopK's sorted values hold none)."""
+    return looks_like_scores(values, samples) and not sorted_like_topk(values)
 
 
 def _score_classes(scores: list[_Scores], logits: list[np.ndarray], paths: list[Path], labels) -> None:

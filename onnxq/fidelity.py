@@ -41,6 +41,13 @@ WORST_LAYERS = 3
 EXACT_DB = 60.0  # an input this close to float counts as exact when ranking the falls
 PART_RATIO = 10.0  # an output splits in two parts where every index of one is this much louder
 PART_AXIS_SIZE = 1024  # longest axis searched for such a split
+# TopK's values come sorted, largest first, so their top-1 "agreement" is always 100 %: rows all
+# sorted that way are taken for TopK's, not class scores, where class scores would come out so
+# by chance at most this often (rows of w entries: (1/w!)^rows; one row of 8 or more, two of 5),
+# and only from TOPK_WIDTH entries on: a 2-class classifier sure of one class on every sample
+# (an orientation classifier on upright text) sorts its rows too.
+SORTED_BY_CHANCE = 1e-4
+TOPK_WIDTH = 5
 
 
 @dataclass(frozen=True)
@@ -328,6 +335,7 @@ class _Sums:
         self.signal = self.noise = self.dot = self.quantized = 0.0
         self.agree = self.count = 0
         self.classes = True
+        self.sorted_rows, self.width = 0, 0  # rows seen while every row came sorted (TopK's values)
         self.equal = self.elements = self.reshaped = self.runs = 0
         self.integer = False  # class ids, indices: compared element by element, no SQNR
         self.along: dict[int, _AxisSums] = {}  # axis → per-index sums, to split the output in parts
@@ -353,9 +361,16 @@ class _Sums:
         for axis in _part_axes(want.shape):
             self.along.setdefault(axis, _AxisSums(axis, want.shape[axis])).add(want, got, error)
         scores = want.reshape(len(want), -1) if want.ndim else want.reshape(1, -1)
+        self._count_sorted(scores)
         if self.classes:
             self.agree += int((scores.argmax(1) == got.reshape(scores.shape).argmax(1)).sum())
         self.count += len(scores)
+
+    def _count_sorted(self, scores: np.ndarray) -> None:
+        if self.sorted_rows < 0:  # an unsorted row seen already
+            return
+        self.width = scores.shape[1]
+        self.sorted_rows = self.sorted_rows + len(scores) if _rows_descend(scores) else -1
 
     def sqnr(self) -> float:
         if self.integer or self.noise == 0:
@@ -365,7 +380,8 @@ class _Sums:
     def result(self, name: str) -> OutputFidelity:
         norm = np.sqrt(self.signal * self.quantized)
         cosine = self.dot / norm if norm > 0 else float(self.signal == self.quantized)
-        agreement = self.agree / self.count if self.classes and self.count and not self.integer else None
+        classes = self.classes and not _topk_values(self.sorted_rows, self.width)
+        agreement = self.agree / self.count if classes and self.count and not self.integer else None
         equal = self.equal / self.elements if self.integer and self.elements else None
         compared = self.count if agreement is not None else 0
         return OutputFidelity(
@@ -449,6 +465,26 @@ def looks_like_scores(values: np.ndarray, samples: int | None = None) -> bool:
     if samples is not None and len(values) != samples:
         return False
     return values.shape[1] >= 2 and values.dtype.kind == "f" and not _unit_embeddings(values)
+
+
+def sorted_like_topk(values: np.ndarray) -> bool:
+    """Rows every one sorted largest first, too many of them for class scores sorted by chance:
+    TopK's values, whose top-1 agreement says nothing."""
+    rows = values.reshape(len(values), -1) if values.ndim else values.reshape(1, -1)
+    return _rows_descend(rows) and _topk_values(len(rows), rows.shape[1])
+
+
+def _rows_descend(rows: np.ndarray) -> bool:
+    """Every row sorted largest first (TopK's values)."""
+    return bool((np.diff(rows, axis=1) <= 0).all())
+
+
+def _topk_values(sorted_rows: int, width: int) -> bool:
+    """Whether `sorted_rows` rows of `width` entries, every one sorted largest first, are too many
+    to be class scores sorted by chance (SORTED_BY_CHANCE)."""
+    return (
+        sorted_rows > 0 and width >= TOPK_WIDTH and sorted_rows * lgamma(width + 1) >= -log(SORTED_BY_CHANCE)
+    )
 
 
 def _unit_embeddings(values: np.ndarray) -> bool:

@@ -304,3 +304,35 @@ def test_the_tensors_a_picked_output_picks_from_are_listed_by_their_lowest():
     assert len(lines) == 3
     assert "'level0'" in lines[1] and "lowest of 3" in lines[1]
     assert "'scores'" in lines[2]
+
+
+def test_topk_values_are_no_class_scores():
+    """TopK's values come sorted, so argmax always picks their first entry: no agreement is
+    reported for them, in the check or in `onnxq eval`; class scores keep theirs, and so does a
+    2-class classifier sure of one class on every sample, whose rows come sorted too."""
+    from onnxq.evaluate import _class_scores
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(16, 20))
+    topk = -np.sort(-logits, axis=1)[:, :10]
+    noisy = topk + 0.01 * rng.normal(size=topk.shape)
+    (values,) = fidelity.compare_outputs(
+        ["scores"], [([row[None]], [got[None]]) for row, got in zip(topk, noisy, strict=True)]
+    )
+    assert values.agreement is None and values.sqnr_db > 20
+    (scores,) = fidelity.compare_outputs(["logits"], [([row[None]], [row[None]]) for row in logits])
+    assert scores.agreement == 1.0
+    sure = np.tile(np.array([[0.999, 0.001]]), (16, 1))
+    (two,) = fidelity.compare_outputs(["probs"], [([row[None]], [row[None]]) for row in sure])
+    assert two.agreement == 1.0
+    assert not _class_scores(topk, len(topk)) and _class_scores(logits, len(logits))
+    assert _class_scores(sure, len(sure))
+
+
+@given(width=st.integers(2, 12), rows=st.integers(1, 20))
+def test_sorted_rows_are_taken_for_topk_only_where_chance_would_rarely_sort_them(width, rows):
+    values = -np.sort(-np.random.default_rng(width * 100 + rows).normal(size=(rows, width)), axis=1)
+    chance = math.factorial(width) ** -rows
+    expected = width >= fidelity.TOPK_WIDTH and chance <= fidelity.SORTED_BY_CHANCE
+    assert fidelity.sorted_like_topk(values) == expected
+    assert not fidelity.sorted_like_topk(values[:, ::-1]) or width < 2
