@@ -80,7 +80,8 @@ class OutputFidelity:
     def __str__(self) -> str:
         what = f"output {self.name!r}"
         if self.picked_by is not None:
-            what += f" (picked by {self.picked_by} indices, where near-ties swap places: not judged)"
+            source = self.picked_by if self.picked_by == selections.PEAK_MASK else f"{self.picked_by} indices"
+            what += f" (picked by {source}, where near-ties swap places: not judged)"
         elif self.picks_for is not None:
             what = f"tensor {self.name!r} (what output {self.picks_for!r} is picked from)"
         if self.equal is not None:

@@ -126,6 +126,64 @@ def test_eval_reports_the_lowest_judged_tensor_not_the_picked_boxes(tmp_path):
     assert noisy.lowest_output.startswith("scores (what output picked_boxes is picked from")
 
 
+def _peak_head(gain: np.ndarray | None = None, pool: bool = True) -> onnx.ModelProto:
+    """A CenterNet-style decode: a heat map (Sigmoid of the input times `gain`, per element), its
+    local peaks kept by Equal(MaxPool(map), map) (with `pool` off, Equal(map, a constant)
+    instead), flattened, and the top TOP of them by TopK."""
+    compared = "pooled" if pool else "level"
+    nodes = [
+        helper.make_node("Mul", ["x", "gain"], ["logits"]),
+        helper.make_node("Sigmoid", ["logits"], ["heat"]),
+        helper.make_node("MaxPool", ["heat"], ["pooled"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Equal", [compared, "heat"], ["peak"]),
+        helper.make_node("Cast", ["peak"], ["keep"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["heat", "keep"], ["peaks"]),
+        helper.make_node("Reshape", ["peaks", "flat"], ["flat_peaks"]),
+        helper.make_node("TopK", ["flat_peaks", "k"], ["top_scores", "indices"], axis=1),
+    ]
+    constants = {
+        "gain": (np.ones((1, 1, 8, 8)) if gain is None else gain).astype(np.float32),
+        "level": np.array(0.5, np.float32),
+        "flat": np.array([0, -1], np.int64),
+        "k": np.array([TOP], np.int64),
+    }
+    graph = helper.make_graph(
+        nodes,
+        "peak_head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 8, 8])],
+        [
+            helper.make_tensor_value_info("top_scores", TensorProto.FLOAT, ["n", TOP]),
+            helper.make_tensor_value_info("indices", TensorProto.INT64, ["n", TOP]),
+            helper.make_tensor_value_info("flat_peaks", TensorProto.FLOAT, ["n", 64]),
+        ],
+        [numpy_helper.from_array(value, name) for name, value in constants.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_outputs_behind_a_heat_maps_peak_mask_are_judged_on_the_heat_map():
+    """Equal(MaxPool(map), map) keeps a heat map's local peaks; in a near-flat neighbourhood the
+    peak moves under noise far below any visible change, like TopK's near-ties. What the mask
+    keeps is reported, not judged; the heat map and its pooled form are judged in its place. An
+    Equal of anything else picks nothing (Swin's window mask may sit upstream of everything)."""
+    found = selections.find(_peak_head())
+    peaks = selections.PEAK_MASK
+    assert found.picked == {"top_scores": peaks, "indices": peaks, "flat_peaks": peaks}
+    assert found.candidates == {"heat": "top_scores", "pooled": "top_scores"}
+    assert selections.find(_peak_head(pool=False)).picked == {"indices": "TopK"}
+    noise = 1 + 1e-4 * np.random.default_rng(1).standard_normal((1, 1, 8, 8))
+    samples = [{"x": _near_ties(16).reshape(16, 1, 8, 8)}]
+    report = fidelity.measure(_peak_head(), _peak_head(noise), samples, 8)
+    by_name = {o.name: o for o in report.outputs}
+    assert not any(by_name[name].judged for name in ("top_scores", "indices", "flat_peaks"))
+    assert by_name["flat_peaks"].sqnr_db < fidelity.WARN_SQNR_DB[8]  # the peaks moved
+    assert by_name["heat"].picks_for == "top_scores" and by_name["heat"].sqnr_db > 70.0
+    assert report.min_sqnr > 70.0 and not report.warnings()
+    assert str(by_name["top_scores"]).startswith("output 'top_scores' (picked by MaxPool peaks, where")
+
+
 torch = pytest.importorskip("torch")
 
 
