@@ -60,6 +60,7 @@ from onnxq.passes.fuse_activations import fuse_activations, needs_opset
 from onnxq.passes.fuse_branches import FuseReport, fuse_branches
 from onnxq.passes.graph_utils import constants_to_initializers, name_nodes, opset_version
 from onnxq.passes.infer_types import typed_ir
+from onnxq.passes.inline_functions import inline_functions
 from onnxq.passes.insert_qdq import (
     activation_params,
     insert_qdq,
@@ -371,6 +372,7 @@ def fuse(
     progress = progress or Silent()
     proto = load_model(model) if isinstance(model, str | os.PathLike) else model
     proto, unfused = standard_ops(proto)
+    proto, inlined = inline_functions(proto)
     exported = opset_version(proto)
     proto = _supported_opset(proto)
     raised = (
@@ -379,7 +381,7 @@ def fuse(
         else ""
     )
     proto, widened = compute_in_float32(proto)
-    notes: list[str] = [note for note in (unfused, raised, widened) if note]
+    notes: list[str] = [note for note in (unfused, inlined, raised, widened) if note]
     if simplify_first:
         progress.stage("simplify")
         proto, note = simplify(proto, sample if sample is not None else random_sample(model_inputs(proto)))
