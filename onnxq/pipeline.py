@@ -68,6 +68,7 @@ from onnxq.passes.insert_qdq import (
 )
 from onnxq.passes.simplify import simplify
 from onnxq.passes.split_addend_reads import split_addend_reads
+from onnxq.passes.static_casts import static_casts
 from onnxq.progress import Progress, Silent
 from onnxq.quant.int8_form import choose_int8_range
 from onnxq.quant.plan import QuantPlan, plan_quantization
@@ -373,6 +374,7 @@ def fuse(
     proto = load_model(model) if isinstance(model, str | os.PathLike) else model
     proto, unfused = standard_ops(proto)
     proto, inlined = inline_functions(proto)
+    proto, casts = static_casts(proto)
     exported = opset_version(proto)
     proto = _supported_opset(proto)
     raised = (
@@ -381,7 +383,7 @@ def fuse(
         else ""
     )
     proto, widened = compute_in_float32(proto)
-    notes: list[str] = [note for note in (unfused, inlined, raised, widened) if note]
+    notes: list[str] = [note for note in (unfused, inlined, casts, raised, widened) if note]
     if simplify_first:
         progress.stage("simplify")
         proto, note = simplify(proto, sample if sample is not None else random_sample(model_inputs(proto)))
