@@ -51,6 +51,7 @@ from onnxq.io import (
     to_proto,
 )
 from onnxq.passes.batch_axis import add_batch_axis, remove_batch_axis
+from onnxq.passes.constant_sequences import fold_constant_sequences
 from onnxq.passes.contrib import standard_ops
 from onnxq.passes.equalize import equalize_channels
 from onnxq.passes.float32 import compute_in_float32
@@ -375,6 +376,7 @@ def fuse(
     proto, unfused = standard_ops(proto)
     proto, inlined = inline_functions(proto)
     proto, casts = static_casts(proto)
+    proto, sequences = fold_constant_sequences(proto)
     exported = opset_version(proto)
     proto = _supported_opset(proto)
     raised = (
@@ -383,7 +385,7 @@ def fuse(
         else ""
     )
     proto, widened = compute_in_float32(proto)
-    notes: list[str] = [note for note in (unfused, inlined, casts, raised, widened) if note]
+    notes: list[str] = [note for note in (unfused, inlined, casts, sequences, raised, widened) if note]
     if simplify_first:
         progress.stage("simplify")
         proto, note = simplify(proto, sample if sample is not None else random_sample(model_inputs(proto)))
