@@ -8,7 +8,10 @@ per-output-channel constant:
     Mul(y, c): W'[k] = W[k] · c[k], b'[k] = b[k] · c[k]        Div(y, c): the same with 1/c
     Add(y, c): b'[k] = b[k] + c[k]                             Sub(y, c): the same with −c
 The fold is skipped when the layer's output is read elsewhere or the constant does not broadcast
-per output channel; shared weights or bias fold into copies of the layer's own. BatchNorm
+per output channel; shared weights or bias fold into copies of the layer's own. A Transpose read
+only by the Mul/Add may stand between them (tf2onnx without its optimizer: Conv → Transpose to
+NHWC → Mul/Add by a per-channel constant along the last axis): the constant is then read along
+the axis the Transpose moved the channels to, and the Transpose stays. BatchNorm
 statistics kept for a layer's output (fold_bn) follow the fold, so they still describe the
 tensor the layer now produces.
 """
@@ -51,7 +54,7 @@ def fold_affine(graph: ir.Graph, statistics: dict[str, ChannelStatistics] | None
 def _fold_one(graph: ir.Graph, node: ir.Node, statistics: dict[str, ChannelStatistics]) -> bool:
     if node.op_type not in AFFINE or node.domain != "" or len(node.inputs) != 2:
         return False
-    layer, value = _layer_and_constant(node)
+    layer, value, kept = _layer_and_constant(node)
     if layer is None or value is None:
         return False
     weight = constant(layer.inputs[1])
@@ -60,7 +63,8 @@ def _fold_one(graph: ir.Graph, node: ir.Node, statistics: dict[str, ChannelStati
         return False
     if scaled_gemm(layer):
         return False
-    per_channel = _per_channel(value, weight.ndim if layer.op_type != "Gemm" else 2, weight.shape[axis])
+    rank = weight.ndim if layer.op_type != "Gemm" else 2
+    per_channel = _per_channel(value, rank, weight.shape[axis], _channel_axis(kept, rank))
     bias_value = layer.inputs[2] if len(layer.inputs) > 2 else None
     bias = constant(bias_value)
     if per_channel is None or (bias_value is not None and bias is None):
@@ -86,31 +90,47 @@ def _fold_one(graph: ir.Graph, node: ir.Node, statistics: dict[str, ChannelStati
     if len(layer.inputs) < 3:
         layer.resize_inputs(3)
     layer.replace_input_with(2, set_initializer(graph, name, bias.astype(weight.dtype)))
-    bypass(graph, node, layer.outputs[0])
+    bypass(graph, node, (kept or layer).outputs[0])
     return True
 
 
-def _layer_and_constant(node: ir.Node) -> tuple[ir.Node | None, np.ndarray | None]:
-    """The layer whose only reader is `node`, and the constant it is combined with."""
+def _layer_and_constant(node: ir.Node) -> tuple[ir.Node | None, np.ndarray | None, ir.Node | None]:
+    """The layer whose only reader is `node` (or a Transpose read only by `node`), the constant
+    it is combined with, and that Transpose (None where the layer feeds `node` directly)."""
     for index in (0, 1):
         if node.op_type in ("Div", "Sub") and index == 1:
             break  # c / y and c − y are not affine in the layer's output
         source, other = node.inputs[index], node.inputs[1 - index]
-        layer = source.producer() if source is not None else None
+        producer = source.producer() if source is not None else None
+        kept = producer if producer is not None and producer.op_type == "Transpose" else None
+        if kept is not None and (kept.domain != "" or single_consumer(source) is not node):
+            continue
+        layer_output = kept.inputs[0] if kept is not None else source
+        layer = layer_output.producer() if layer_output is not None else None
+        reader = kept if kept is not None else node
         if layer is not None and layer.op_type in LAYERS and layer.domain == "":
             value = constant(other)
-            if value is not None and single_consumer(source) is node:
-                return layer, np.asarray(value, np.float64)
-    return None, None
+            if value is not None and single_consumer(layer_output) is reader:
+                return layer, np.asarray(value, np.float64), kept
+    return None, None, None
 
 
-def _per_channel(value: np.ndarray, rank: int, channels: int) -> np.ndarray | None:
-    """The constant as one number per output channel (axis 1 of the layer's output), or None."""
+def _channel_axis(transpose: ir.Node | None, rank: int) -> int:
+    """Where the layer's channel axis (1) sits in what the Mul/Add reads."""
+    if transpose is None:
+        return 1
+    perm = transpose.attributes.get_ints("perm", list(reversed(range(rank))))
+    return list(perm).index(1)
+
+
+def _per_channel(value: np.ndarray, rank: int, channels: int, axis: int = 1) -> np.ndarray | None:
+    """The constant as one number per output channel (at `axis` of what it is combined with:
+    axis 1 of the layer's output), or None."""
     if value.size == 1:
         return np.full(channels, float(value.ravel()[0]))
     if value.ndim > rank:
         return None
     shape = (1,) * (rank - value.ndim) + value.shape
-    if shape[1] != channels or any(d != 1 for i, d in enumerate(shape) if i != 1):
+    if shape[axis] != channels or any(d != 1 for i, d in enumerate(shape) if i != axis):
         return None
     return value.reshape(channels)

@@ -69,3 +69,46 @@ def test_a_shift_before_the_layer_or_a_shared_output_is_left_alone():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     graph_model = to_ir(model)
     assert fold_affine(graph_model.graph) == []
+
+
+def channels_last_model(transposed_twice: bool = False):
+    """tf2onnx without its optimizer: Conv → Transpose to NHWC → a per-channel Mul and Add along
+    the last axis (a Keras BatchNorm written out) → Relu → back to NCHW; with
+    `transposed_twice`, the Mul reads the NHWC map through a second Transpose it does not own."""
+    import torch
+    from torch import nn
+
+    class ChannelsLast(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.conv2 = nn.Conv2d(8, 4, 1)
+            self.gamma, self.beta = nn.Parameter(torch.rand(8) + 0.5), nn.Parameter(torch.randn(8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x).permute(0, 2, 3, 1)
+            if transposed_twice:
+                return self.conv2(torch.relu(y * self.gamma).permute(0, 3, 1, 2)), y
+            y = torch.relu(y * self.gamma + self.beta).permute(0, 3, 1, 2)
+            return self.conv2(y)
+
+    torch.manual_seed(0)
+    outputs = ("logits", "features") if transposed_twice else ("logits",)
+    return export(ChannelsLast(), torch.zeros(1, 3, 8, 8), outputs=outputs)
+
+
+def test_a_channels_last_affine_behind_a_transpose_folds_and_outputs_match():
+    model = channels_last_model()
+    graph_model = to_ir(model)
+    assert len(fold_affine(graph_model.graph)) == 2
+    ops = [n.op_type for n in graph_model.graph]
+    assert not {"Mul", "Add"} & set(ops) and ops.count("Transpose") == 2
+    x = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    want = session(model, optimize=False).run(None, {"input": x})[0]
+    got = session(to_proto(graph_model), optimize=False).run(None, {"input": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_a_transpose_read_elsewhere_keeps_the_affine_after_it():
+    graph_model = to_ir(channels_last_model(transposed_twice=True))
+    assert fold_affine(graph_model.graph) == []
