@@ -51,9 +51,8 @@ from onnxq.io import (
     to_proto,
 )
 from onnxq.passes.batch_axis import add_batch_axis, remove_batch_axis
-from onnxq.passes.constant_sequences import fold_constant_sequences
-from onnxq.passes.contrib import standard_ops
 from onnxq.passes.equalize import equalize_channels
+from onnxq.passes.exported_forms import standard_forms
 from onnxq.passes.float32 import compute_in_float32
 from onnxq.passes.fold_affine import fold_affine
 from onnxq.passes.fold_bn import ChannelStatistics, FoldReport, fold_batchnorm
@@ -61,7 +60,6 @@ from onnxq.passes.fuse_activations import fuse_activations, needs_opset
 from onnxq.passes.fuse_branches import FuseReport, fuse_branches
 from onnxq.passes.graph_utils import constants_to_initializers, name_nodes, opset_version
 from onnxq.passes.infer_types import typed_ir
-from onnxq.passes.inline_functions import inline_functions
 from onnxq.passes.insert_qdq import (
     activation_params,
     insert_qdq,
@@ -69,7 +67,6 @@ from onnxq.passes.insert_qdq import (
 )
 from onnxq.passes.simplify import simplify
 from onnxq.passes.split_addend_reads import split_addend_reads
-from onnxq.passes.static_casts import static_casts
 from onnxq.progress import Progress, Silent
 from onnxq.quant.int8_form import choose_int8_range
 from onnxq.quant.plan import QuantPlan, plan_quantization
@@ -373,10 +370,7 @@ def fuse(
     """
     progress = progress or Silent()
     proto = load_model(model) if isinstance(model, str | os.PathLike) else model
-    proto, unfused = standard_ops(proto)
-    proto, inlined = inline_functions(proto)
-    proto, casts = static_casts(proto)
-    proto, sequences = fold_constant_sequences(proto)
+    proto, notes = standard_forms(proto)
     exported = opset_version(proto)
     proto = _supported_opset(proto)
     raised = (
@@ -385,7 +379,7 @@ def fuse(
         else ""
     )
     proto, widened = compute_in_float32(proto)
-    notes: list[str] = [note for note in (unfused, inlined, casts, sequences, raised, widened) if note]
+    notes += [note for note in (raised, widened) if note]
     if simplify_first:
         progress.stage("simplify")
         proto, note = simplify(proto, sample if sample is not None else random_sample(model_inputs(proto)))
