@@ -5,7 +5,9 @@ note, where it has nothing to do:
 - onnxruntime's FusedConv written out as Conv and its activation (contrib.py);
 - model-local functions inlined (inline_functions.py);
 - CastLike to a known type written as Cast (static_casts.py);
-- constant pieces of sequences written as constants (constant_sequences.py).
+- constant pieces of sequences written as constants (constant_sequences.py);
+- Einsum of an activation and a constant that is a matrix product written as MatMul
+  (einsum_matmul.py).
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import onnx
 
 from onnxq.passes.constant_sequences import fold_constant_sequences
 from onnxq.passes.contrib import standard_ops
+from onnxq.passes.einsum_matmul import einsum_to_matmul
 from onnxq.passes.inline_functions import inline_functions
 from onnxq.passes.static_casts import static_casts
 
-REWRITES = (standard_ops, inline_functions, static_casts, fold_constant_sequences)
+REWRITES = (standard_ops, inline_functions, static_casts, fold_constant_sequences, einsum_to_matmul)
 
 
 def standard_forms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
