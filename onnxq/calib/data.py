@@ -337,8 +337,26 @@ def _image_chunks(folder: Path, inputs: list[InputSpec], pre: Preprocess) -> Ite
     files = image_files(folder)
     if not files:
         raise OnnxqError(f"no images found in {folder}")
+    spec = inputs[0]
+    pre = fitted_to_input(pre, spec)
     for file in files:
-        yield {inputs[0].name: load_image(file, pre)[None].astype(inputs[0].dtype, copy=False)}
+        yield {spec.name: load_image(file, pre)[None].astype(spec.dtype, copy=False)}
+
+
+def fitted_to_input(pre: Preprocess, spec: InputSpec) -> Preprocess:
+    """`pre` as the model's image input needs it: laid out as its shape says where that is plain
+    (three or one channels last, and not second: a Keras or tf2onnx export's [N, H, W, 3], which
+    images laid out NCHW by default never fit), and, for an integer input (uint8 pixels,
+    normalised inside the graph), raw pixels: no scale, no mean and std, which cast to uint8 would
+    have left every pixel 0 or 1."""
+    dims = spec.shape
+    if len(dims) == 4 and dims[3] in (1, 3) and dims[1] not in (1, 3):
+        pre = replace(pre, layout="NHWC")
+    elif len(dims) == 4 and dims[1] in (1, 3) and dims[3] not in (1, 3):
+        pre = replace(pre, layout="NCHW")
+    if spec.dtype.kind in "ui":
+        pre = replace(pre, scale=1.0, mean=(), std=())
+    return pre
 
 
 # --- batching and checks -------------------------------------------------------------------------

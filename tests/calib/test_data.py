@@ -57,6 +57,33 @@ def test_image_folder_with_class_subfolders(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("shape", "dtype", "layout", "expected"),
+    [
+        ((None, 8, 8, 3), np.float32, "NHWC", 200 / 255),  # a Keras export: channels last
+        ((None, 3, 8, 8), np.float32, "NCHW", 200 / 255),
+        ((None, 8, 8, 3), np.uint8, "NHWC", 200),  # uint8 pixels, normalised in the graph
+        ((None, 8, 8, 8), np.float32, "NCHW", None),  # no plain layout: as given (NCHW by default)
+    ],
+)
+def test_images_are_laid_out_and_scaled_as_the_models_input_says(tmp_path, shape, dtype, layout, expected):
+    """Before, images came NCHW whatever the model's shape said, and a uint8 input got the
+    images scaled to 0..1 and cast: every pixel 0 or 1."""
+    Image.new("RGB", (12, 10), (200, 200, 200)).save(tmp_path / "img.png")
+    spec = [InputSpec("input", np.dtype(dtype), shape)]
+    pre = Preprocess(resize=9, crop=8, mean=(0.5,) * 3, std=(0.25,) * 3) if dtype == np.uint8 else None
+    pre = pre or Preprocess(resize=9, crop=8)
+    if expected is None:
+        with pytest.raises(OnnxqError, match="has shape"):
+            list(batches(tmp_path, spec, preprocess=pre))
+        return
+    (batch,) = batches(tmp_path, spec, preprocess=pre)
+    image = batch["input"]
+    assert image.dtype == dtype
+    assert image.shape == ((1, 8, 8, 3) if layout == "NHWC" else (1, 3, 8, 8))
+    np.testing.assert_allclose(image, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
     ("data", "message"),
     [
         (np.zeros((2, 3, 9, 8), np.float32), "has shape [2, 3, 9, 8], the model expects ?×3×8×8"),
