@@ -122,7 +122,7 @@ def batches(
         chunks, inputs = _lend_batch_axis(chunks, inputs, unbatched)
     fixed = {spec.shape[0] for spec in inputs if spec.shape and spec.shape[0]}
     batch_size = next(iter(fixed)) if fixed else batch_size
-    hint = _image_hint(source, preprocess)
+    hint = _image_hint(source, preprocess, inputs)
     stream = _rebatch(chunks, batch_size, max_samples, hint)
     if fixed:
         stream = _whole_batches(stream, batch_size, inputs, what)
@@ -362,11 +362,27 @@ def fitted_to_input(pre: Preprocess, spec: InputSpec) -> Preprocess:
 # --- batching and checks -------------------------------------------------------------------------
 
 
-def _image_hint(source: DataSource, pre: Preprocess | None) -> str:
-    """Images decoded at their own size rarely fit a model: say how to size them."""
-    if isinstance(source, str | Path) and Path(source).is_dir() and not (pre and (pre.resize or pre.crop)):
+def _image_hint(source: DataSource, pre: Preprocess | None, inputs: list[InputSpec]) -> str:
+    """Images decoded at their own size, or at a preset's, may not fit a model: say how to size
+    them, with the model's own size where its input fixes one."""
+    if not (isinstance(source, str | Path) and Path(source).is_dir()):
+        return ""
+    side = _fixed_square_side(inputs[0], fitted_to_input(pre or Preprocess(), inputs[0])) if inputs else None
+    if side is not None and not (pre and pre.crop == side):
+        named = [name for name in ("imagenet", "cifar10") if Preprocess.preset(name).crop == side]
+        preset = f"--preset {named[0]}, or " if named else ""
+        return f" (the model takes {side}×{side} images: add {preset}--resize {side} --crop {side})"
+    if not (pre and (pre.resize or pre.crop)):
         return " (images are used at their own size: add --preset imagenet or --resize/--crop)"
     return ""
+
+
+def _fixed_square_side(spec: InputSpec, pre: Preprocess) -> int | None:
+    """The side of the square images a 4-D input with fixed, equal height and width takes."""
+    if len(spec.shape) != 4:
+        return None
+    height, width = spec.shape[1:3] if pre.layout == "NHWC" else spec.shape[2:4]
+    return height if height is not None and height == width else None
 
 
 def _whole_batches(stream: Iterable[Batch], size: int, inputs: list[InputSpec], what: str):

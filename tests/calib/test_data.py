@@ -210,3 +210,27 @@ def test_peeked_samples_stay_in_the_stream_and_respect_the_byte_cap():
 def test_only_a_fixed_first_axis_before_a_free_one_is_taken_for_time_steps(shape, sequence):
     spec = [InputSpec("x", np.dtype(np.float32), shape)]
     assert (sequence_first(spec) is not None) is sequence
+
+
+@pytest.mark.parametrize(
+    ("shape", "preset", "hint"),
+    [
+        ((None, 3, 8, 8), None, "the model takes 8×8 images: add --resize 8 --crop 8)"),
+        ((None, 3, 224, 224), None, "the model takes 224×224 images: add --preset imagenet, or --resize 224"),
+        ((None, 96, 96, 3), "imagenet", "the model takes 96×96 images: add --resize 96 --crop 96)"),
+    ],
+)
+def test_images_of_the_wrong_size_get_the_flags_that_fit_the_model(tmp_path, shape, preset, hint):
+    Image.new("RGB", (300, 260), (9, 9, 9)).save(tmp_path / "img.png")
+    spec = [InputSpec("input", np.dtype(np.float32), shape)]
+    with pytest.raises(OnnxqError) as err:
+        list(batches(tmp_path, spec, preprocess=Preprocess.preset(preset) if preset else None))
+    assert hint in str(err.value)
+
+
+def test_a_free_image_size_gets_the_general_hint(tmp_path):
+    from onnxq.calib.data import _image_hint
+
+    free = [InputSpec("input", np.dtype(np.float32), (None, 3, None, None))]
+    assert "images are used at their own size: add --preset imagenet" in _image_hint(tmp_path, None, free)
+    assert _image_hint(tmp_path, Preprocess.preset("imagenet"), free) == ""
