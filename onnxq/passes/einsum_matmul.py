@@ -47,7 +47,8 @@ def _matrix_product(node: onnx.NodeProto, weights: dict[str, onnx.TensorProto]):
     Einsum is a matrix product of its activation and a constant weight, else None."""
     if node.op_type != "Einsum" or node.domain or len(node.input) != 2 or node.input[1] not in weights:
         return None
-    equation = helper.get_attribute_value(node.attribute[0]).decode().replace(" ", "")
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    equation = attributes.get("equation", b"").decode().replace(" ", "")
     if "->" not in equation or "." in equation:
         return None
     operands, output = equation.split("->")
