@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 import onnx
 
-from onnxq.calib.images import channel_axis, image_files, load_image, normalise
+from onnxq.calib.images import channel_axis, fitted_to_input, image_files, load_image, normalise, square_side
 from onnxq.config import Preprocess
 from onnxq.errors import OnnxqError
 
@@ -338,25 +338,9 @@ def _image_chunks(folder: Path, inputs: list[InputSpec], pre: Preprocess) -> Ite
     if not files:
         raise OnnxqError(f"no images found in {folder}")
     spec = inputs[0]
-    pre = fitted_to_input(pre, spec)
+    pre = fitted_to_input(pre, spec.shape, spec.dtype)
     for file in files:
         yield {spec.name: load_image(file, pre)[None].astype(spec.dtype, copy=False)}
-
-
-def fitted_to_input(pre: Preprocess, spec: InputSpec) -> Preprocess:
-    """`pre` as the model's image input needs it: laid out as its shape says where that is plain
-    (three or one channels last, and not second: a Keras or tf2onnx export's [N, H, W, 3], which
-    images laid out NCHW by default never fit), and, for an integer input (uint8 pixels,
-    normalised inside the graph), raw pixels: no scale, no mean and std, which cast to uint8 would
-    have left every pixel 0 or 1."""
-    dims = spec.shape
-    if len(dims) == 4 and dims[3] in (1, 3) and dims[1] not in (1, 3):
-        pre = replace(pre, layout="NHWC")
-    elif len(dims) == 4 and dims[1] in (1, 3) and dims[3] not in (1, 3):
-        pre = replace(pre, layout="NCHW")
-    if spec.dtype.kind in "ui":
-        pre = replace(pre, scale=1.0, mean=(), std=())
-    return pre
 
 
 # --- batching and checks -------------------------------------------------------------------------
@@ -367,7 +351,9 @@ def _image_hint(source: DataSource, pre: Preprocess | None, inputs: list[InputSp
     them, with the model's own size where its input fixes one."""
     if not (isinstance(source, str | Path) and Path(source).is_dir()):
         return ""
-    side = _fixed_square_side(inputs[0], fitted_to_input(pre or Preprocess(), inputs[0])) if inputs else None
+    spec = inputs[0] if inputs else None
+    fitted = fitted_to_input(pre or Preprocess(), spec.shape, spec.dtype) if spec else None
+    side = square_side(spec.shape, fitted) if spec else None
     if side is not None and not (pre and pre.crop == side):
         named = [name for name in ("imagenet", "cifar10") if Preprocess.preset(name).crop == side]
         preset = f"--preset {named[0]}, or " if named else ""
@@ -375,14 +361,6 @@ def _image_hint(source: DataSource, pre: Preprocess | None, inputs: list[InputSp
     if not (pre and (pre.resize or pre.crop)):
         return " (images are used at their own size: add --preset imagenet or --resize/--crop)"
     return ""
-
-
-def _fixed_square_side(spec: InputSpec, pre: Preprocess) -> int | None:
-    """The side of the square images a 4-D input with fixed, equal height and width takes."""
-    if len(spec.shape) != 4:
-        return None
-    height, width = spec.shape[1:3] if pre.layout == "NHWC" else spec.shape[2:4]
-    return height if height is not None and height == width else None
 
 
 def _whole_batches(stream: Iterable[Batch], size: int, inputs: list[InputSpec], what: str):

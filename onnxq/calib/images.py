@@ -7,6 +7,7 @@ names the usual recipes. Pillow is imported only when an image is read.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -72,3 +73,26 @@ def normalise(array: np.ndarray, pre: Preprocess, axis: int) -> np.ndarray:
     mean = np.asarray(pre.mean, np.float32).reshape(shape)
     std = np.asarray(pre.std, np.float32).reshape(shape)
     return (array - mean) / std
+
+
+def fitted_to_input(pre: Preprocess, dims: tuple[int | None, ...], dtype: np.dtype) -> Preprocess:
+    """`pre` as a model's image input of shape `dims` and `dtype` needs it: laid out as the shape
+    says where that is plain (three or one channels last, and not second: a Keras or tf2onnx
+    export's [N, H, W, 3], which images laid out NCHW by default never fit), and, for an integer
+    input (uint8 pixels, normalised inside the graph), raw pixels: no scale, no mean and std,
+    which cast to uint8 would have left every pixel 0 or 1."""
+    if len(dims) == 4 and dims[3] in (1, 3) and dims[1] not in (1, 3):
+        pre = replace(pre, layout="NHWC")
+    elif len(dims) == 4 and dims[1] in (1, 3) and dims[3] not in (1, 3):
+        pre = replace(pre, layout="NCHW")
+    if dtype.kind in "ui":
+        pre = replace(pre, scale=1.0, mean=(), std=())
+    return pre
+
+
+def square_side(dims: tuple[int | None, ...], pre: Preprocess) -> int | None:
+    """The side of the square images a 4-D input with fixed, equal height and width takes."""
+    if len(dims) != 4:
+        return None
+    height, width = dims[1:3] if pre.layout == "NHWC" else dims[2:4]
+    return height if height is not None and height == width else None
