@@ -24,6 +24,7 @@ from onnxq import selections
 from onnxq.calib import frontier
 from onnxq.calib.data import Batch
 from onnxq.calib.runner import fixed_batch
+from onnxq.class_scores import looks_like_scores, rows_descend, topk_values
 from onnxq.io import run, session
 
 HELD_BACK = 16  # samples kept out of calibration for the check
@@ -41,13 +42,6 @@ WORST_LAYERS = 3
 EXACT_DB = 60.0  # an input this close to float counts as exact when ranking the falls
 PART_RATIO = 10.0  # an output splits in two parts where every index of one is this much louder
 PART_AXIS_SIZE = 1024  # longest axis searched for such a split
-# TopK's values come sorted, largest first, so their top-1 "agreement" is always 100 %: rows all
-# sorted that way are taken for TopK's, not class scores, where class scores would come out so
-# by chance at most this often (rows of w entries: (1/w!)^rows; one row of 8 or more, two of 5),
-# and only from TOPK_WIDTH entries on: a 2-class classifier sure of one class on every sample
-# (an orientation classifier on upright text) sorts its rows too.
-SORTED_BY_CHANCE = 1e-4
-TOPK_WIDTH = 5
 
 
 @dataclass(frozen=True)
@@ -371,7 +365,7 @@ class _Sums:
         if self.sorted_rows < 0:  # an unsorted row seen already
             return
         self.width = scores.shape[1]
-        self.sorted_rows = self.sorted_rows + len(scores) if _rows_descend(scores) else -1
+        self.sorted_rows = self.sorted_rows + len(scores) if rows_descend(scores) else -1
 
     def sqnr(self) -> float:
         if self.integer or self.noise == 0:
@@ -381,7 +375,7 @@ class _Sums:
     def result(self, name: str) -> OutputFidelity:
         norm = np.sqrt(self.signal * self.quantized)
         cosine = self.dot / norm if norm > 0 else float(self.signal == self.quantized)
-        classes = self.classes and not _topk_values(self.sorted_rows, self.width)
+        classes = self.classes and not topk_values(self.sorted_rows, self.width)
         agreement = self.agree / self.count if classes and self.count and not self.integer else None
         equal = self.equal / self.elements if self.integer and self.elements else None
         compared = self.count if agreement is not None else 0
@@ -454,45 +448,6 @@ def _part_axes(shape: tuple[int, ...]) -> list[int]:
     if len(shape) == 3:
         axes.append(2)
     return [a for a in axes if 2 <= shape[a] <= PART_AXIS_SIZE]
-
-
-def looks_like_scores(values: np.ndarray, samples: int | None = None) -> bool:
-    """(samples, classes) or (samples, classes, 1, 1) with a few classes at least, and not an
-    L2-normalised embedding (a face or image encoder's output), whose largest entry is no class.
-    With `samples` (the run's), rows that are not one per sample (a batch-1 detector's
-    [boxes, 4]) are no class scores."""
-    if values.ndim < 2 or any(d != 1 for d in values.shape[2:]):
-        return False
-    if samples is not None and len(values) != samples:
-        return False
-    return values.shape[1] >= 2 and values.dtype.kind == "f" and not _unit_embeddings(values)
-
-
-def sorted_like_topk(values: np.ndarray) -> bool:
-    """Rows every one sorted largest first, too many of them for class scores sorted by chance:
-    TopK's values, whose top-1 agreement says nothing."""
-    rows = values.reshape(len(values), -1) if values.ndim else values.reshape(1, -1)
-    return _rows_descend(rows) and _topk_values(len(rows), rows.shape[1])
-
-
-def _rows_descend(rows: np.ndarray) -> bool:
-    """Every row sorted largest first (TopK's values)."""
-    return bool((np.diff(rows, axis=1) <= 0).all())
-
-
-def _topk_values(sorted_rows: int, width: int) -> bool:
-    """Whether `sorted_rows` rows of `width` entries, every one sorted largest first, are too many
-    to be class scores sorted by chance (SORTED_BY_CHANCE)."""
-    return (
-        sorted_rows > 0 and width >= TOPK_WIDTH and sorted_rows * lgamma(width + 1) >= -log(SORTED_BY_CHANCE)
-    )
-
-
-def _unit_embeddings(values: np.ndarray) -> bool:
-    """Rows of unit length with negative entries (probabilities, also of unit length when one
-    class takes all, have none)."""
-    rows = values.reshape(len(values), -1).astype(np.float64)
-    return bool((rows < 0).any()) and bool(np.allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-3))
 
 
 def first_samples(batches: list[Batch], limit: int | None, whole: bool) -> Iterator[Batch]:

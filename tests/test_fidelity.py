@@ -12,7 +12,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import onnxq
-from onnxq import fidelity
+from onnxq import class_scores, fidelity
 from onnxq.cli import main
 from onnxq.io import session
 
@@ -333,6 +333,6 @@ def test_topk_values_are_no_class_scores():
 def test_sorted_rows_are_taken_for_topk_only_where_chance_would_rarely_sort_them(width, rows):
     values = -np.sort(-np.random.default_rng(width * 100 + rows).normal(size=(rows, width)), axis=1)
     chance = math.factorial(width) ** -rows
-    expected = width >= fidelity.TOPK_WIDTH and chance <= fidelity.SORTED_BY_CHANCE
-    assert fidelity.sorted_like_topk(values) == expected
-    assert not fidelity.sorted_like_topk(values[:, ::-1]) or width < 2
+    expected = width >= class_scores.TOPK_WIDTH and chance <= class_scores.SORTED_BY_CHANCE
+    assert class_scores.sorted_like_topk(values) == expected
+    assert not class_scores.sorted_like_topk(values[:, ::-1]) or width < 2
