@@ -49,7 +49,10 @@ def count_kernels(model: onnx.ModelProto) -> Kernels:
     with tempfile.TemporaryDirectory() as folder:
         optimized = os.path.join(folder, "optimized.onnx")
         session(model, optimized_path=optimized)
-        counts = Counter(n.op_type for n in onnx.load(optimized).graph.node)
+        # the node types only: a model whose session read its weights from a temporary file
+        # (onnxq.io.session) is written referring to that file, gone once the session is made
+        graph = onnx.load(optimized, load_external_data=False).graph
+        counts = Counter(n.op_type for n in graph.node)
     return Kernels(
         integer=sum(counts[op] for op in INTEGER_OPS),
         floating=sum(counts[op] for op in FLOAT_COMPUTE_OPS),

@@ -71,3 +71,26 @@ def test_a_session_falls_back_to_bytes_where_no_temporary_file_can_be_written(
     monkeypatch.setattr(tempfile, "mkdtemp", refused)
     fallen_back = session(small_model, optimize=False).run(None, feed)
     np.testing.assert_array_equal(fallen_back[0], expected[0])
+
+
+def test_the_kernels_of_a_model_whose_session_reads_its_weights_from_a_file(monkeypatch):
+    """onnxruntime writes the optimized model referring to the temporary weights file for the
+    weights it leaves as they are (a Gemm's), and that file is gone by the time its nodes are
+    counted: `onnxq eval` of a float model with 32 MiB of weights or more (a ResNet-18) stopped
+    with an internal error (ValidationError: ... not regular file)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxq.runtime_kernels import Kernels, count_kernels
+
+    weight = numpy_helper.from_array(np.ones((64, 64), np.float32), "weight")  # 16 KB: to the file
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "weight"], ["y"], transB=1)],
+        "dense",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+        [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    expected = count_kernels(model)
+    monkeypatch.setattr(io, "FILE_SESSION_BYTES", 0)
+    assert count_kernels(model) == expected == Kernels(integer=0, floating=1, dequantizers=0)
