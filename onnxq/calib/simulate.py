@@ -26,6 +26,8 @@ import onnxruntime as ort
 from onnx import helper
 
 from onnxq.io import session
+from onnxq.passes.graph_utils import subgraphs
+from onnxq.passes.infer_types import element_types
 from onnxq.quant.plan import QuantPlan
 
 FLOAT_SCALE = np.float32(2.0**-30)  # a power of two: x / s · s is exact
@@ -112,7 +114,7 @@ def build_simulation(model: onnx.ModelProto, plan: QuantPlan) -> Simulation:
     tunable, float_params, starts = tunable_model(model, plan)
     graph = tunable.graph
     items = _items(graph, plan, starts)
-    types = _element_types(tunable)
+    types = element_types(tunable)
     cuts = {i for i, node in enumerate(graph.node) if node.name in items}
     segments = _segments(tunable, cuts, items, set(float_params), types)
     data_inputs = [i.name for i in graph.input if i.name not in float_params]
@@ -122,7 +124,7 @@ def build_simulation(model: onnx.ModelProto, plan: QuantPlan) -> Simulation:
 def cut_simulation(tunable: onnx.ModelProto, float_params: Arrays, cuts: set[int]) -> Simulation:
     """A tunable model (tunable_model's) cut before the nodes at the given indices only: fewer,
     longer segments than build_simulation's, for runs that start part-way (onnxq.branching)."""
-    segments = _segments(tunable, cuts, {}, set(float_params), _element_types(tunable))
+    segments = _segments(tunable, cuts, {}, set(float_params), element_types(tunable))
     data_inputs = [i.name for i in tunable.graph.input if i.name not in float_params]
     return Simulation(tunable, segments, data_inputs, float_params)
 
@@ -229,7 +231,7 @@ def _read_renamed(node: onnx.NodeProto, renames: dict[str, str]) -> None:
     for j, name in enumerate(node.input):
         if name in renames:
             node.input[j] = renames[name]
-    for graph in _subgraphs(node):
+    for graph in subgraphs(node):
         defined = _defined(graph)
         outer = {name: renamed for name, renamed in renames.items() if name not in defined}
         for inner in graph.node:
@@ -247,14 +249,6 @@ def _items(graph: onnx.GraphProto, plan: QuantPlan, starts: dict[str, str]) -> d
         if plan.root(tensor) == tensor:
             items[start] = Item("activation", tensor, start)
     return items
-
-
-def _element_types(model: onnx.ModelProto) -> dict[str, int]:
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    types = {}
-    for info in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
-        types[info.name] = info.type.tensor_type.elem_type
-    return types
 
 
 def _segments(
@@ -311,21 +305,10 @@ def node_reads(node: onnx.NodeProto) -> list[str]:
     """The tensors a node reads: its inputs, and those of the graph around it that its subgraphs
     (If, Loop, Scan) read by name. A cut must carry both."""
     names = list(node.input)
-    for graph in _subgraphs(node):
+    for graph in subgraphs(node):
         defined = _defined(graph)
         names += [name for inner in graph.node for name in node_reads(inner) if name and name not in defined]
     return list(dict.fromkeys(names))
-
-
-def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    """The bodies of an If, Loop or Scan node (none for other nodes)."""
-    graphs = []
-    for attribute in node.attribute:
-        if attribute.type == onnx.AttributeProto.GRAPH:
-            graphs.append(attribute.g)
-        elif attribute.type == onnx.AttributeProto.GRAPHS:
-            graphs.extend(attribute.graphs)
-    return graphs
 
 
 def _defined(graph: onnx.GraphProto) -> set[str]:

@@ -12,13 +12,23 @@ def opset_version(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The bodies of an If, Loop or Scan node (none for other nodes)."""
+    graphs = []
+    for attribute in node.attribute:
+        if attribute.type == onnx.AttributeProto.GRAPH:
+            graphs.append(attribute.g)
+        elif attribute.type == onnx.AttributeProto.GRAPHS:
+            graphs.extend(attribute.graphs)
+    return graphs
+
+
 def rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
     """Nodes (of this graph and the subgraphs that read it by name) read `new` instead of `old`."""
     for node in graph.node:
         node.input[:] = [new if name == old else name for name in node.input]
-        for attr in node.attribute:
-            for subgraph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                rename_uses(subgraph, old, new)
+        for subgraph in subgraphs(node):
+            rename_uses(subgraph, old, new)
 
 
 def constant(value: ir.Value | None) -> np.ndarray | None:

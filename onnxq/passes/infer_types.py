@@ -37,6 +37,14 @@ def typed_structure(model: onnx.ModelProto) -> onnx.ModelProto:
     return _inferred(hollow_copy(model)[0])
 
 
+def element_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Tensor name → element type of the graph's inputs, values and outputs, as declared or
+    inferred (0 where inference left one unknown); initializers are not listed."""
+    graph = typed_structure(model).graph
+    infos = [*graph.value_info, *graph.input, *graph.output]
+    return {info.name: info.type.tensor_type.elem_type for info in infos}
+
+
 def _inferred(model: onnx.ModelProto) -> onnx.ModelProto:
     """`model` with value_info filled in by onnx shape inference (unchanged if that fails)."""
     try:

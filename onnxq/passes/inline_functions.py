@@ -13,6 +13,8 @@ from __future__ import annotations
 import onnx
 import onnx.inliner
 
+from onnxq.passes.graph_utils import subgraphs
+
 
 def inline_functions(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
     """`model` with its local functions' calls replaced by their nodes, and a note; the model
@@ -29,6 +31,5 @@ def _all_nodes(graph: onnx.GraphProto):
     """The graph's nodes and those of its subgraphs (If, Loop, Scan bodies)."""
     for node in graph.node:
         yield node
-        for attribute in node.attribute:
-            for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
-                yield from _all_nodes(body)
+        for body in subgraphs(node):
+            yield from _all_nodes(body)

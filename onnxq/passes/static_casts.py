@@ -13,7 +13,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from onnxq.passes.infer_types import typed_structure
+from onnxq.passes.infer_types import element_types
 
 
 def static_casts(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
@@ -40,8 +40,6 @@ def static_casts(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
 
 def _element_types(model: onnx.ModelProto) -> dict[str, int]:
     """Tensor name → element type, where the graph declares or inference finds one."""
-    graph = typed_structure(model).graph
-    infos = [*graph.input, *graph.value_info, *graph.output]
-    types = {info.name: info.type.tensor_type.elem_type for info in infos if info.type.tensor_type.elem_type}
+    types = {name: kind for name, kind in element_types(model).items() if kind}
     types.update({tensor.name: tensor.data_type for tensor in model.graph.initializer})
     return types

@@ -25,6 +25,7 @@ from onnxq.calib.runner import fixed_batch
 from onnxq.calib.simulate import node_reads
 from onnxq.errors import OnnxqError
 from onnxq.io import oldest_ir_version, session
+from onnxq.passes.infer_types import element_types
 from onnxq.quant.plan import QuantPlan
 from onnxq.quant.weights import QuantizedWeight
 from onnxq.refine.ops import OPS
@@ -275,7 +276,7 @@ class Mirror(nn.Module):
         outer = {name: np.ascontiguousarray(v.detach().cpu().numpy()) for name, v in around.items()}
         if node.name not in self._sessions:
             if self._types is None:
-                self._types = _value_types(self._model)
+                self._types = element_types(self._model)
             names = [f"in{i}" if v is not None else "" for i, v in enumerate(arrays)]
             infos = [
                 helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), None)
@@ -341,12 +342,6 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray:
         "value_ints": np.int64,
     }
     return np.asarray(value, dtypes.get(attribute.name))
-
-
-def _value_types(model: onnx.ModelProto) -> dict[str, int]:
-    inferred = onnx.shape_inference.infer_shapes(model)
-    infos = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
-    return {i.name: i.type.tensor_type.elem_type for i in infos}
 
 
 def _last_uses(nodes: list[MirrorNode], outputs: list[str]) -> dict[str, int]:
