@@ -67,6 +67,7 @@ from onnxq.passes.insert_qdq import (
 )
 from onnxq.passes.simplify import simplify
 from onnxq.passes.split_addend_reads import split_addend_reads
+from onnxq.passes.strided_views import drop_whole_strided_views
 from onnxq.progress import Progress, Silent
 from onnxq.quant.int8_form import choose_int8_range
 from onnxq.quant.plan import QuantPlan, plan_quantization
@@ -392,6 +393,8 @@ def fuse(
         graph_model = typed_ir(proto)
     name_nodes(graph_model.graph)  # later stages rebuild the graph and refer to nodes by name
     constants_to_initializers(graph_model.graph)
+    if views := drop_whole_strided_views(graph_model.graph):
+        notes.append(f"wrote {views} strided views of whole tensors (as_strided) as the tensors")
     folded = fold_batchnorm(graph_model.graph)
     if folded.folded:
         notes.append(f"folded {len(folded.folded)} BatchNormalization nodes")
