@@ -262,7 +262,7 @@ class Mirror(nn.Module):
         if node.in_torch:
             try:
                 fn = OPS[node.op_type]
-                if node.op_type == "Split":
+                if node.op_type in ("Split", "Attention"):  # what they return depends on it
                     return fn(node.attrs, *inputs, outputs=len(node.outputs))
                 return fn(node.attrs, *inputs)
             except NotImplementedError:
@@ -306,7 +306,10 @@ class Mirror(nn.Module):
         runner = self._sessions[node.name]
         feed = {f"in{i}": a for i, a in enumerate(arrays) if a is not None} | outer
         device = next((v.device for v in inputs if v is not None), torch.device("cpu"))
-        return tuple(torch.from_numpy(np.asarray(v)).to(device) for v in runner.run(None, feed))
+        results = iter(runner.run(None, feed))  # the named outputs only: put back in their places
+        return tuple(
+            torch.from_numpy(np.asarray(next(results))).to(device) if o else None for o in node.outputs
+        )
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:

@@ -220,26 +220,9 @@ def batch_norm(attrs, x, scale, bias, mean, var):
     return (F.batch_norm(x, mean, var, scale, bias, False, 0.0, attrs.get("epsilon", 1e-5)),)
 
 
-@op("LayerNormalization")
-def layer_norm(attrs, x, scale, bias=None):
-    """Normalised over the axes from `axis` on (the transformer's LayerNorm); only the first
-    output, the others (mean, inverse deviation) are training outputs no export reads."""
-    dims = tuple(range(attrs.get("axis", -1) % x.dim(), x.dim()))
-    centred = x - x.mean(dim=dims, keepdim=True)
-    variance = (centred * centred).mean(dim=dims, keepdim=True)
-    y = centred * torch.rsqrt(variance + attrs.get("epsilon", 1e-5)) * scale
-    return (y if bias is None else y + bias,)
-
-
 @op("InstanceNormalization")
 def instance_norm(attrs, x, scale, bias):
     return (F.instance_norm(x, weight=scale, bias=bias, eps=attrs.get("epsilon", 1e-5)),)
-
-
-@op("Gelu")
-def gelu(attrs, x):
-    tanh = attrs.get("approximate", "none") == "tanh"
-    return (F.gelu(x, approximate="tanh" if tanh else "none"),)
 
 
 # ----------------------------------------------------------------------------- pooling
@@ -591,3 +574,6 @@ def grid_sample(attrs, x, grid):
 @op("AffineGrid")
 def affine_grid(attrs, theta, size):
     return (F.affine_grid(theta, _ints(size), align_corners=bool(attrs.get("align_corners", 0))),)
+
+
+from onnxq.refine import transformer_ops  # noqa: E402, F401  (registers the transformer ops)

@@ -17,13 +17,17 @@ from onnxq.refine.mirror import Mirror  # noqa: E402
 OPSET = 21
 
 
-def single_node(op_type, inputs: dict[str, np.ndarray], constants: dict[str, np.ndarray], outputs=1, **attrs):
+def single_node(
+    op_type, inputs: dict[str, np.ndarray], constants: dict[str, np.ndarray], outputs=1, opset=OPSET, **attrs
+):
     """A one-node model: `inputs` are fed, `constants` are initializers."""
     node = helper.make_node(op_type, [*inputs, *constants], [f"y{i}" for i in range(outputs)], **attrs)
-    return graph_model([node], inputs, constants, outputs)
+    return graph_model([node], inputs, constants, outputs, opset)
 
 
-def graph_model(nodes, inputs: dict[str, np.ndarray], constants: dict[str, np.ndarray], outputs=1):
+def graph_model(
+    nodes, inputs: dict[str, np.ndarray], constants: dict[str, np.ndarray], outputs=1, opset=OPSET
+):
     """A model of `nodes` whose float outputs are y0, y1, …; `inputs` fed, `constants` initializers."""
     graph = helper.make_graph(
         nodes,
@@ -35,8 +39,8 @@ def graph_model(nodes, inputs: dict[str, np.ndarray], constants: dict[str, np.nd
         [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(outputs)],
         [onnx.numpy_helper.from_array(v, n) for n, v in constants.items()],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = 10
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 10 if opset <= 22 else 11
     return model
 
 
