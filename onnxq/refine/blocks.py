@@ -60,7 +60,7 @@ def partition(
         cuts = [i for i, layer in enumerate(is_layer) if layer and cuttable[i]]
     else:
         cuts = _block_cuts(mirror, alive, is_layer, cuttable)
-    outside = [not node.in_torch for node in mirror.nodes]
+    outside = [mirror.stops_gradient(node) for node in mirror.nodes]
     cuts += _around_outside(outside, is_layer, cuttable)
     bounds = _merge_without_layers(sorted({0, *cuts, len(mirror.nodes)}), is_layer, outside)
     if kind == "window":

@@ -7,7 +7,8 @@ output is the QDQ model's output. Absorbed Relu/Clip nodes stay in the mirror: t
 after them has zero point 0 and clamps at 0 exactly as the QDQ graph's does without them.
 
 A node whose op is missing from ops.OPS (or which the op refuses) runs in onnxruntime on its
-own, without a gradient; a unit holding one is not refined (see reconstruct.py).
+own, without a gradient; a unit holding one that the data's values reach is not refined (see
+reconstruct.py), one that reads only shapes and constants stops nothing (stops_gradient).
 """
 
 from __future__ import annotations
@@ -89,6 +90,14 @@ class Mirror(nn.Module):
         self._sessions: dict[str, object] = {}
         self._quantizers(plan, activations or {}, weights or {}, biases or {}, set(seeded))
         self._enable_affine(set(affine_layers), weights or {})
+        learned = {*self.weight_index, *self.corrected_biases}
+        self._valued = _valued_tensors(self.nodes, self.graph_inputs, learned)
+
+    def stops_gradient(self, node: MirrorNode) -> bool:
+        """Whether onnxruntime runs `node` on values a gradient must flow through: the data, a
+        learned weight, or what they make. A node that reads only shapes and constants (DETR's
+        sine position embedding, computed from the image's mask) stops none."""
+        return not node.in_torch and any(name in self._valued for name in [*node.inputs, *node.outer])
 
     # ------------------------------------------------------------------------ set-up
 
@@ -345,6 +354,19 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray:
         "value_ints": np.int64,
     }
     return np.asarray(value, dtypes.get(attribute.name))
+
+
+SHAPE_READERS = frozenset({"Shape", "Size"})
+
+
+def _valued_tensors(nodes: list[MirrorNode], inputs: list[str], learned: set[str]) -> set[str]:
+    """Tensors whose values follow the data or a learned weight: the graph's inputs, those
+    weights, and what nodes make from them, except what reads only their shapes."""
+    valued = set(inputs) | learned
+    for node in nodes:
+        if node.op_type not in SHAPE_READERS and any(n in valued for n in [*node.inputs, *node.outer]):
+            valued.update(name for name in node.outputs if name)
+    return valued
 
 
 def _last_uses(nodes: list[MirrorNode], outputs: list[str]) -> dict[str, int]:

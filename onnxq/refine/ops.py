@@ -128,6 +128,12 @@ UNARY = {
     "Ceil": torch.ceil,
     "Softplus": F.softplus,
     "Mish": F.mish,
+    "Sin": torch.sin,  # sine position embeddings (DETR's, computed from the mask)
+    "Cos": torch.cos,
+    "Atan": torch.atan,
+    "Sign": torch.sign,
+    "Round": torch.round,  # half to even, as ONNX
+    "IsNaN": torch.isnan,
 }
 BINARY = {
     "Add": torch.add,
@@ -137,6 +143,11 @@ BINARY = {
     "Equal": torch.eq,
     "Less": torch.lt,
     "Greater": torch.gt,
+    "LessOrEqual": torch.le,
+    "GreaterOrEqual": torch.ge,
+    "And": torch.logical_and,
+    "Or": torch.logical_or,
+    "Xor": torch.logical_xor,
 }
 for _name, _fn in UNARY.items():
     OPS[_name] = lambda attrs, x, fn=_fn: (fn(x),)

@@ -205,7 +205,7 @@ class _UnitJob:
         made = {name for node in nodes for name in node.outputs}
         indices = sorted({i for point, i in mirror.quant_points.items() if point in made})
         self.steps = [mirror.activation[i] for i in indices]
-        self.outside = sorted({node.op_type for node in nodes if not node.in_torch})
+        self.outside = sorted({node.op_type for node in nodes if mirror.stops_gradient(node)})
         self.recompute: bool | None = None  # whether pd's remainder is recomputed; decided on first use
         self.learned = list(targets.values)  # reconstruct ran the unit for learned_tensors
 

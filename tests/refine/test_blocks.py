@@ -174,3 +174,45 @@ def test_layers_around_a_node_the_mirror_cannot_run_learn_in_units_of_their_own(
     units = result.refinement.units
     assert [bool(u.skipped) for u in units] == [False, True, False]  # the LSTM's unit learns nothing
     assert all(u.iterations == 5 for u in (units[0], units[2]))
+
+
+def test_a_node_the_mirror_cannot_run_on_shapes_alone_stops_no_learning():
+    """A position embedding computed from the input's width (Range → Asin, which the op table
+    lacks, so onnxruntime runs it) and added to the features: no gradient has to flow through it,
+    so the unit holding it learns (before, it was skipped: "Asin runs in onnxruntime")."""
+    import io
+
+    import torch
+    from torch import nn
+
+    class Embedded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.convs = nn.ModuleList(nn.Conv2d(c, 8, 3, padding=1) for c in (3, 8, 8))
+
+        def forward(self, x):
+            y = torch.relu(self.convs[0](x))
+            width = torch.arange(y.shape[3], dtype=torch.float32) / y.shape[3]
+            y = torch.relu(self.convs[1](y + torch.asin(width)))
+            return self.convs[2](y)
+
+    torch.manual_seed(0)
+    buffer = io.BytesIO()
+    free = {"input": {0: "batch", 2: "height", 3: "width"}}  # the width is read at run time
+    torch.onnx.export(
+        Embedded().eval(),
+        (torch.zeros(1, 3, 8, 8),),
+        buffer,
+        input_names=["input"],
+        dynamic_axes=free,
+        opset_version=17,
+        dynamo=False,
+    )
+    model = onnx.load_from_string(buffer.getvalue())
+    assert any(node.op_type == "Asin" for node in model.graph.node)
+    data = np.random.default_rng(0).standard_normal((24, 3, 8, 8)).astype(np.float32)
+    config = onnxq.QuantConfig(weight_bits=4, refine_unit="layer", **{**FAST, "refine_iters": 5})
+    result = onnxq.quantize(model, data, config)
+    units = result.refinement.units
+    assert units and not [u.skipped for u in units if u.skipped]
+    assert all(u.iterations == 5 for u in units)

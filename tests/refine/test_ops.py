@@ -127,6 +127,11 @@ UNARY = [
     ("Gelu", {}),
     ("Gelu", {"approximate": "tanh"}),
     ("Mish", {}),
+    ("Sin", {}),
+    ("Cos", {}),
+    ("Atan", {}),
+    ("Sign", {}),
+    ("Round", {}),
 ]
 
 
@@ -302,12 +307,12 @@ def test_resize_matches(mode, transform):
 
 def test_an_op_missing_from_the_table_runs_in_onnxruntime():
     x = rng(1).standard_normal((2, 3, 4, 4)).astype(np.float32)
-    model = single_node("Sin", {"x": x}, {})
+    model = single_node("Sinh", {"x": x}, {})
     mirror = Mirror(model)
     with torch.no_grad():
         got = mirror({"x": torch.from_numpy(x)}, quantized=False)[0].numpy()
     assert not mirror.nodes[0].in_torch
-    np.testing.assert_allclose(got, np.sin(x), atol=1e-6)
+    np.testing.assert_allclose(got, np.sinh(x), atol=1e-6)
 
 
 @settings(max_examples=12, deadline=None)
@@ -399,3 +404,22 @@ def test_a_strided_pointwise_conv_on_few_channels_learns_without_corrupting_memo
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-500:]
     assert done.stdout.strip() == "(4, 8, 32, 32)"
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(1, 3), st.integers(0, 10**6))
+def test_comparisons_and_logic_match(batch, seed):
+    """The masks position embeddings and padding build: ≥, ≤, And, Or, Xor, IsNaN (as 0/1)."""
+    r = rng(seed)
+    x = r.standard_normal((batch, 3, 4, 4)).astype(np.float32)
+    x[0, 0, 0, 0] = np.nan
+    low, high = np.float32(-0.5), np.float32(0.5)
+    nodes = [
+        helper.make_node("GreaterOrEqual", ["x", "low"], ["ge"]),
+        helper.make_node("LessOrEqual", ["x", "high"], ["le"]),
+        helper.make_node("IsNaN", ["x"], ["nan"]),
+    ]
+    for i, (op_type, a, b) in enumerate([("And", "ge", "le"), ("Or", "ge", "nan"), ("Xor", "le", "nan")]):
+        nodes.append(helper.make_node(op_type, [a, b], [f"m{i}"]))
+        nodes.append(helper.make_node("Cast", [f"m{i}"], [f"y{i}"], to=TensorProto.FLOAT))
+    assert_mirror_matches(graph_model(nodes, {"x": x}, {"low": low, "high": high}, outputs=3), {"x": x})
