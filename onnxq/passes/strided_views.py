@@ -218,9 +218,11 @@ def _sum_grid(first: IndexGrid | None, second: IndexGrid | None) -> IndexGrid | 
 
 
 def _padded(grid: IndexGrid, rank: int) -> tuple[list[Size], list[int]]:
-    """A grid's sizes and steps with leading size-1 axes up to `rank`."""
+    """A grid's sizes and steps with leading size-1 axes up to `rank`; a size-1 axis steps by 0
+    (its one index is 0, whatever its step), so broadcasting it adds nothing along that axis."""
     missing = rank - len(grid.sizes)
-    return [1] * missing + list(grid.sizes), [0] * missing + list(grid.steps)
+    steps = [0 if size == 1 else step for size, step in zip(grid.sizes, grid.steps, strict=True)]
+    return [1] * missing + list(grid.sizes), [0] * missing + steps
 
 
 def _unsqueezed_grid(node: ir.Node) -> IndexGrid | None:

@@ -137,3 +137,36 @@ def test_only_whole_views_in_row_major_order_are_dropped(shape, offset, permute)
     (want,) = session(model).run(None, {"x": x})
     (got,) = session(rewritten).run(None, {"x": x})
     np.testing.assert_array_equal(got, want)
+
+
+def test_a_size_one_range_broadcast_along_an_axis_adds_nothing_to_its_steps():
+    """Range(0, 1, 1) + zeros(4) reads x[0] four times: the range's step along its one index
+    must not count, or the grid would look like x's own order and the Gather would be dropped."""
+    nodes = [
+        helper.make_node("Range", ["zero", "one", "one"], ["single"]),
+        helper.make_node("Add", ["single", "zeros"], ["index"]),
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("Reshape", ["r", "flat_shape"], ["flat"]),
+        helper.make_node("Gather", ["flat", "index"], ["g"], axis=0),
+        helper.make_node("Neg", ["g"], ["y"]),
+    ]
+    constants = {
+        "zero": np.array(0, np.int64),
+        "one": np.array(1, np.int64),
+        "zeros": np.zeros(4, np.int64),
+        "flat_shape": np.array([-1], np.int64),
+    }
+    graph = helper.make_graph(
+        nodes,
+        "repeated",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [numpy_helper.from_array(value, name) for name, value in constants.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    ir_model = typed_ir(model)
+    assert drop_whole_strided_views(ir_model.graph) == 0
+    x = np.arange(4, dtype=np.float32) + 1
+    (got,) = session(ir.to_proto(ir_model)).run(None, {"x": x})
+    np.testing.assert_array_equal(got, -np.ones(4, np.float32))
