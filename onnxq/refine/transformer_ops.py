@@ -75,11 +75,12 @@ def attention(attrs, q, k, v, mask=None, past_key=None, past_value=None, *rest, 
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
     bias = _bias(mask, causal, scores)
-    if bias is not None:
-        scores = scores + bias
-    weights = torch.softmax(scores, dim=-1)
-    if bias is not None:  # a row masked whole attends to nothing: zeros, not softmax's NaN
-        weights = torch.where(torch.isnan(weights), torch.zeros_like(weights), weights)
+    if bias is None:
+        weights = torch.softmax(scores, dim=-1)
+    else:  # a row masked whole attends to nothing: zeros, not softmax's NaN (nor NaN gradients)
+        nothing = torch.isneginf(bias).all(dim=-1, keepdim=True)
+        weights = torch.softmax(torch.where(nothing, torch.zeros_like(scores), scores + bias), dim=-1)
+        weights = torch.where(nothing, torch.zeros_like(weights), weights)
     y = torch.matmul(weights, v)
     if flat:
         y = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], -1)

@@ -81,3 +81,21 @@ def test_attention_returning_its_qk_product_runs_in_onnxruntime():
     assert not mirror.nodes[0].in_torch
     scores = q @ k.transpose(0, 1, 3, 2) / 2.0
     np.testing.assert_allclose(got[1].numpy(), scores, atol=1e-5)
+
+
+def test_attention_over_a_row_masked_whole_is_zero_with_finite_gradients():
+    """A padding query that may attend to no key: onnxruntime gives zeros; the mirror the same,
+    and gradients without NaN, which would spread to every weight learned through it."""
+    r = rng(2)
+    q, k, v = (r.standard_normal((1, 2, 3, 4)).astype(np.float32) for _ in range(3))
+    allowed = np.ones((3, 3), bool)
+    allowed[1] = False
+    feeds = {"q": q, "k": k, "v": v, "m": allowed}
+    model = single_node("Attention", feeds, {}, opset=23)
+    assert_mirror_matches(model, feeds)
+    mirror = Mirror(model)
+    inputs = {n: torch.from_numpy(a).requires_grad_(a.dtype == np.float32) for n, a in feeds.items()}
+    (y,) = mirror(inputs, quantized=False)
+    assert torch.all(y[:, :, 1] == 0)
+    y.sum().backward()
+    assert all(torch.isfinite(inputs[n].grad).all() for n in ("q", "k", "v"))
