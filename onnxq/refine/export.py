@@ -16,11 +16,13 @@ import numpy as np
 import onnx
 import torch
 
+from onnxq.calib.runner import fixed_batch
 from onnxq.progress import Progress, Silent
 from onnxq.quant.plan import QuantPlan
 from onnxq.quant.weights import QuantizedWeight
 from onnxq.refine import fused
 from onnxq.refine.blocks import partition
+from onnxq.refine.free_batch import freed_batch
 from onnxq.refine.mirror import ActivationParams, Mirror
 from onnxq.refine.reconstruct import RefineSettings, UnitReport, reconstruct
 from onnxq.refine.sample_axes import mixed_sample_tensors
@@ -35,6 +37,7 @@ class Refinement:
     seconds: float = 0.0
     mirror: Mirror | None = field(default=None, repr=False)  # in its refined, hard-rounding state
     compile_failure: str = ""  # why learning fell back to eager passes, if it did
+    freed_batch: int | None = None  # the batch the export fixed, where learning ran with it free
 
     def notes(self, loss: str) -> list[str]:
         refined = [u for u in self.units if not u.skipped]
@@ -43,6 +46,11 @@ class Refinement:
             f"refined {len(refined)} of {len(self.units)} units ({', '.join(sorted(used))} loss) "
             f"in {self.seconds:.1f} s"
         ]
+        if self.freed_batch:
+            lines.append(
+                f"  the export fixes the batch at {self.freed_batch}: learned on a copy whose batch is free "
+                "(Reshape targets that read it; the same outputs in onnxruntime), many samples at a time"
+            )
         if self.compile_failure:
             lines.append(
                 "  learning ran without compiled kernels, slower on large images "
@@ -86,7 +94,9 @@ def refine(
     if settings.threads:
         torch.set_num_threads(settings.threads)
     device = torch.device(settings.device)
-    mirror = Mirror(model, plan, activations, weights, biases, affine_layers, seeded).to_device(device)
+    freed = freed_batch(model, data)  # many samples at once where the export fixed one
+    mirror = Mirror(freed or model, plan, activations, weights, biases, affine_layers, seeded)
+    mirror.to_device(device)
     feeds = {name: torch.from_numpy(np.ascontiguousarray(value)).to(device) for name, value in data.items()}
     units = partition(mirror, set(plan.layers), settings.unit, mixed_sample_tensors(mirror, feeds))
     with fused.compiled_kernels(settings.compiled):
@@ -99,6 +109,7 @@ def refine(
         time.monotonic() - began,
         mirror,
         fused.failure() if settings.compiled else "",
+        fixed_batch(model) if freed is not None else None,
     )
 
 
