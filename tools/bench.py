@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import onnxq
 from onnxq import speed
 from onnxq.calib.images import load_image
+from onnxq.calib.runner import fixed_batch
 from onnxq.evaluate import kernel_summary, kl_divergence
 from onnxq.io import session
 
@@ -163,8 +164,9 @@ def run_onnxruntime(
 
 
 def logits(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    run = session(model).run
-    return np.concatenate([run(None, {"input": x[i : i + 50]})[0] for i in range(0, len(x), 50)])
+    """In runs of 50 samples, or of the batch the model fixes (a static export's one image)."""
+    run, step = session(model).run, fixed_batch(model) or 50
+    return np.concatenate([run(None, {"input": x[i : i + step]})[0] for i in range(0, len(x), step)])
 
 
 def score(model: onnx.ModelProto, split: Split, reference: np.ndarray) -> tuple[float, float, float]:

@@ -120,20 +120,6 @@ def quantize(path: Path, calib: np.ndarray, iters: int) -> tuple[onnx.ModelProto
         return onnx.load(out), seconds, int(memory.read_text().split()[-1]) / 1024, refined
 
 
-def score(model: onnx.ModelProto, split: bench.Split, reference: np.ndarray) -> tuple[float, float, float]:
-    """bench.score, in runs of the batch the model fixes (the static export's one image)."""
-    from onnxq.calib.runner import fixed_batch
-    from onnxq.evaluate import kl_divergence
-    from onnxq.io import session
-
-    run, step = session(model).run, fixed_batch(model) or 50
-    runs = [run(None, {"input": split.x[i : i + step]})[0] for i in range(0, len(split.x), step)]
-    out = np.concatenate(runs)
-    top1 = float((out.argmax(1) == split.y).mean())
-    agreement = float((out.argmax(1) == reference.argmax(1)).mean())
-    return top1, agreement, float(kl_divergence(reference, out).mean())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=100, help="refinement iterations per unit")
@@ -156,7 +142,7 @@ def main() -> None:
         for label, path in forms.items():
             print(f"  {label}", flush=True)
             model, seconds, peak, refined = quantize(path, split.calib, args.iters)
-            top1, agreement, kl = score(model, split, reference)
+            top1, agreement, kl = bench.score(model, split, reference)
             rows.append((label, 100 * top1, 100 * agreement, kl, refined, seconds, peak))
             print(f"    {100 * top1:.2f} %, {refined}, {seconds:.0f} s", flush=True)
     lines = [

@@ -67,7 +67,12 @@ OBSERVED_BYTES = 256 << 20  # one run's observed tensors at most (a 640×640 det
 
 def fixed_batch(model: onnx.ModelProto) -> int | None:
     """The batch size the model's first input fixes (batches cannot be cut then), or None."""
-    dims = model.graph.input[0].type.tensor_type.shape.dim if model.graph.input else []
+    return leading_size(model.graph.input[0]) if model.graph.input else None
+
+
+def leading_size(info: onnx.ValueInfoProto) -> int | None:
+    """The size a tensor's declared type fixes for its first axis, or None."""
+    dims = info.type.tensor_type.shape.dim
     return dims[0].dim_value if dims and dims[0].dim_value > 0 else None
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.passes.graph_utils import attribute, bypass, constant
+from onnxq.passes.graph_utils import attribute, bypass, constant, drop_unused_initializers
 
 Size = int | str  # a static size, or the name of the dimension variable it equals
 
@@ -49,6 +49,8 @@ def drop_whole_strided_views(graph: ir.Graph) -> int:
         bypass(graph, node, source)
         _remove_unread(graph, feeds)
         dropped += 1
+    if dropped:
+        drop_unused_initializers(graph)  # a static batch's index grid: a constant as large as the view
     return dropped
 
 
@@ -242,14 +244,10 @@ def _unsqueezed_grid(node: ir.Node) -> IndexGrid | None:
 
 
 def _remove_unread(graph: ir.Graph, values: list[ir.Value | None]) -> None:
-    """Remove the producers of `values`, and theirs in turn, and the constants among them that
-    nothing reads any more (a static batch's index grid is a constant as large as the view)."""
+    """Remove the producers of `values`, and theirs in turn, that nothing reads any more."""
     pending = [value for value in values if value is not None]
     while pending:
         value = pending.pop()
-        if value.is_initializer() and not value.uses() and not value.is_graph_input():
-            graph.initializers.pop(value.name, None)
-            continue
         node = value.producer()
         if node is None or node.graph is not graph:
             continue

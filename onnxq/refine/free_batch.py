@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxq.calib.runner import fixed_batch
+from onnxq.calib.runner import fixed_batch, leading_size
 from onnxq.io import session
 from onnxq.passes.infer_types import typed_structure
 
@@ -40,13 +40,13 @@ def freed_batch(model: onnx.ModelProto, samples: dict[str, np.ndarray]) -> onnx.
     inputs = [i for i in model.graph.input if i.name in samples]
     if batch is None or not inputs or any(len(samples[i.name]) < 2 * batch for i in inputs):
         return None
-    if any(_leading(info) != batch for info in inputs):
+    if any(leading_size(info) != batch for info in inputs):
         return None
     freed = onnx.ModelProto()
     freed.CopyFrom(model)
     _free_reshapes(freed, batch)  # none: the batch may be baked into the inputs alone
     for info in [*freed.graph.input, *freed.graph.output]:
-        if info.name in samples or _leading(info) == batch:
+        if info.name in samples or leading_size(info) == batch:
             dim = info.type.tensor_type.shape.dim[0]
             dim.Clear()
             dim.dim_param = BATCH
@@ -54,16 +54,11 @@ def freed_batch(model: onnx.ModelProto, samples: dict[str, np.ndarray]) -> onnx.
     return freed if _same_outputs(model, freed, samples, batch) else None
 
 
-def _leading(info: onnx.ValueInfoProto) -> int | None:
-    dims = info.type.tensor_type.shape.dim
-    return dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
-
-
 def _free_reshapes(model: onnx.ModelProto, batch: int) -> int:
     """Constant Reshape targets with their leading entry left to the data: -1 where no other entry
     is -1 (the batch, or the batch folded with what follows, as a transformer's [N·heads, t, d]),
     else 0 where the entry is the batch and the data leads with it. Returns how many."""
-    leading = {info.name: _leading(info) for info in _infos(typed_structure(model).graph)}
+    leading = {info.name: leading_size(info) for info in _infos(typed_structure(model).graph)}
     constants = {tensor.name: tensor for tensor in model.graph.initializer}
     freed = 0
     for node in model.graph.node:
