@@ -259,6 +259,7 @@ def _refine(
         loss=config.refine_loss,
         iterations=config.refine_iters,
         batch=config.refine_batch,
+        memory=config.refine_memory_gb * 1e9,
         qdrop=config.qdrop,
         time_budget=budget,
         seed=config.seed,

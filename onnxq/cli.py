@@ -362,6 +362,14 @@ def main() -> None:
     help="Samples per refinement iteration.",
 )
 @click.option(
+    "--refine-memory",
+    type=float,
+    default=QuantConfig.refine_memory_gb,
+    show_default=True,
+    help="GB of activations refinement may hold for all samples at a unit's cuts (beyond it, it "
+    "learns on fewer samples) and, apart, for one learning pass (beyond it, a batch learns in chunks).",
+)
+@click.option(
     "--qdrop",
     type=float,
     default=QuantConfig.qdrop,
@@ -441,6 +449,7 @@ def quantize(model, output, calib, **options):
         refine_loss=options.pop("refine_loss"),
         refine_iters=options.pop("refine_iters"),
         refine_batch=options.pop("refine_batch"),
+        refine_memory_gb=options.pop("refine_memory"),
         qdrop=options.pop("qdrop"),
         threads=options.pop("threads"),
         refine_compile=options.pop("refine_compile"),

@@ -307,6 +307,9 @@ class QuantConfig:
     refine_loss: str = "pd"
     refine_iters: int = 500  # per unit
     refine_batch: int = 32
+    # activations refinement holds at unit cuts (beyond it, fewer samples) and, apart, those one
+    # learning pass keeps (beyond it, a batch learns in chunks)
+    refine_memory_gb: float = 2.0
     qdrop: float = 0.5  # QDrop's probability of keeping an activation float while learning
     threads: int | None = None  # torch threads for refinement (None: torch's default)
     # the fake quantizers' learning passes compiled by torch (needs a C++ compiler; refinement
@@ -378,6 +381,8 @@ class QuantConfig:
             raise OnnxqError(f"refine loss must be mse, mae or pd, got {self.refine_loss!r}")
         if self.refine_iters < 1 or self.refine_batch < 1:
             raise OnnxqError("refine iterations and batch must be at least 1")
+        if self.refine_memory_gb <= 0:
+            raise OnnxqError(f"refine memory must be positive, got {self.refine_memory_gb} GB")
         if not 0.0 <= self.qdrop < 1.0:
             raise OnnxqError(f"qdrop must be in [0, 1), got {self.qdrop}")
         if self.device not in ("cpu", "cuda"):

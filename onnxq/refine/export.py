@@ -23,8 +23,9 @@ from onnxq.quant.weights import QuantizedWeight
 from onnxq.refine import fused
 from onnxq.refine.blocks import partition
 from onnxq.refine.free_batch import freed_batch
+from onnxq.refine.memory_plan import samples_within
 from onnxq.refine.mirror import ActivationParams, Mirror
-from onnxq.refine.reconstruct import RefineSettings, UnitReport, reconstruct
+from onnxq.refine.reconstruct import RefineSettings, UnitReport, learned_tensors, reconstruct
 from onnxq.refine.sample_axes import mixed_sample_tensors
 
 
@@ -38,6 +39,7 @@ class Refinement:
     mirror: Mirror | None = field(default=None, repr=False)  # in its refined, hard-rounding state
     compile_failure: str = ""  # why learning fell back to eager passes, if it did
     freed_batch: int | None = None  # the batch the export fixed, where learning ran with it free
+    samples: tuple[int, int] = (0, 0)  # samples learned on, of those given (fewer over the memory)
 
     def notes(self, loss: str) -> list[str]:
         refined = [u for u in self.units if not u.skipped]
@@ -46,10 +48,24 @@ class Refinement:
             f"refined {len(refined)} of {len(self.units)} units ({', '.join(sorted(used))} loss) "
             f"in {self.seconds:.1f} s"
         ]
+        held, given = self.samples
+        if held < given:
+            lines.append(
+                f"  learned on the first {held} of {given} samples: their activations at the unit cuts "
+                "fill --refine-memory"
+            )
         if self.freed_batch:
             lines.append(
                 f"  the export fixes the batch at {self.freed_batch}: learned on a copy whose batch is free "
                 "(Reshape targets that read it; the same outputs in onnxruntime), many samples at a time"
+            )
+        chunked = [u for u in refined if u.chunk < u.batch]
+        if chunked:
+            sizes = sorted({u.chunk for u in chunked})
+            span = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+            lines.append(
+                f"  {len(chunked)} units learned each batch of {chunked[0].batch} in chunks of {span} "
+                "samples, their activations over --refine-memory (the same gradients, slower)"
             )
         if self.compile_failure:
             lines.append(
@@ -99,6 +115,10 @@ def refine(
     mirror.to_device(device)
     feeds = {name: torch.from_numpy(np.ascontiguousarray(value)).to(device) for name, value in data.items()}
     units = partition(mirror, set(plan.layers), settings.unit, mixed_sample_tensors(mirror, feeds))
+    given = min((len(v) for v in feeds.values() if v.dim() > 0), default=0)
+    learned = {index: learned_tensors(mirror, unit) for index, unit in enumerate(units)}
+    held = samples_within(mirror, units, feeds, learned, settings.memory)
+    feeds = {k: v[:held] if v.dim() > 0 else v for k, v in feeds.items()}
     with fused.compiled_kernels(settings.compiled):
         reports = reconstruct(mirror, units, feeds, settings, progress or Silent())
     return Refinement(
@@ -110,6 +130,7 @@ def refine(
         mirror,
         fused.failure() if settings.compiled else "",
         fixed_batch(model) if freed is not None else None,
+        (held, given),
     )
 
 

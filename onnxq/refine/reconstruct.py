@@ -8,7 +8,9 @@ than it started, on the calibration samples in eval mode, goes back to its start
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,8 +19,10 @@ from torch.utils.checkpoint import checkpoint
 
 from onnxq.memory import heap_allocations, release_free_memory
 from onnxq.progress import Progress
+from onnxq.refine import fused
 from onnxq.refine.blocks import Unit
 from onnxq.refine.losses import PD_FEATURE_WEIGHT, PD_TEMPERATURE, prediction_difference, reconstruction
+from onnxq.refine.memory_plan import chunk_within, saved_bytes
 from onnxq.refine.mirror import Env, Mirror
 from onnxq.refine.quantizers import blend, random_mask
 
@@ -61,6 +65,10 @@ class RefineSettings:
     # it, the remainder is recomputed block by block in the backward pass: one more forward pass
     # of it per iteration (MobileNetV2 at 224×224, batch 32, peaked at 5.1 GiB without this).
     remainder_memory: float = 1e9
+    # Bytes of activations refinement may hold (memory_plan.py): every sample's tensors at a
+    # unit's cuts (beyond it, the first samples that fit), and again one learning pass's kept
+    # for its backward pass (beyond it, the batch learns in chunks: the same gradients, slower).
+    memory: float = 2e9
 
 
 @dataclass
@@ -72,6 +80,8 @@ class UnitReport:
     skipped: str = ""  # why it was not refined
     reverted: bool = False
     loss: str = ""  # the loss it learned with (pd falls back to mse without class scores)
+    batch: int = 0  # samples per iteration
+    chunk: int = 0  # samples per learning pass, fewer than `batch` where `memory` binds
 
 
 class _Batches:
@@ -206,7 +216,9 @@ class _UnitJob:
         indices = sorted({i for point, i in mirror.quant_points.items() if point in made})
         self.steps = [mirror.activation[i] for i in indices]
         self.outside = sorted({node.op_type for node in nodes if mirror.stops_gradient(node)})
-        self.recompute: bool | None = None  # whether pd's remainder is recomputed; decided on first use
+        self.recompute = False  # whether pd's remainder is recomputed in the backward pass
+        self.batch = min(settings.batch, quantized.count)  # samples per iteration
+        self.chunk = self.batch  # samples per learning pass; fewer where `memory` binds
         self.learned = list(targets.values)  # reconstruct ran the unit for learned_tensors
 
     def run(self, seconds: float | None, progress: Progress) -> UnitReport:
@@ -221,6 +233,8 @@ class _UnitJob:
             report.skipped = "its outputs are integers, with no gradient to learn from"
             return report
         start = self._state()
+        self._plan_memory()
+        report.batch, report.chunk = self.batch, self.chunk
         report.before = self.evaluate()
         report.iterations = self._learn(seconds, progress)
         report.after = self.evaluate()
@@ -233,20 +247,9 @@ class _UnitJob:
 
     def _learn(self, seconds: float | None, progress: Progress) -> int:
         s = self.settings
-        groups = []
-        if self.weights:
-            groups.append({"params": [w.logits for w in self.weights], "lr": s.weight_lr})
-        if self.steps:
-            groups.append({"params": [q.scale for q in self.steps], "lr": s.step_lr})
-        if affine := self._affine_parameters():
-            groups.append({"params": affine, "lr": s.affine_lr})
-        for group in groups:
-            for parameter in group["params"]:
-                parameter.requires_grad_(True)
-        optimizer = torch.optim.Adam(groups)
-        self._train_mode(True)
+        optimizer = torch.optim.Adam(self._parameter_groups())
         total, done, began, probe_began = s.iterations, 0, time.monotonic(), 0.0
-        try:
+        with self._learning():
             while done < total:
                 if seconds is not None and done == WARMUP_ITERATIONS:
                     probe_began = time.monotonic()
@@ -255,19 +258,38 @@ class _UnitJob:
                     pace = (now - probe_began) / PROBE_ITERATIONS
                     total = iterations_within(seconds - (now - began), pace, done, total)
                 optimizer.zero_grad(set_to_none=True)
-                loss = self._batch_loss() + self._rounding_penalty(done, total)
-                loss.backward()
+                loss = self._batch_backward(self._rounding_penalty(done, total))
                 optimizer.step()
                 done += 1
                 if done % 20 == 0 or done == total:
                     progress.advance(done)
-                    progress.status(f"loss {loss.item():.4g}")
+                    progress.status(f"loss {loss:.4g}")
+        return done
+
+    def _parameter_groups(self) -> list[dict]:
+        s = self.settings
+        groups = []
+        if self.weights:
+            groups.append({"params": [w.logits for w in self.weights], "lr": s.weight_lr})
+        if self.steps:
+            groups.append({"params": [q.scale for q in self.steps], "lr": s.step_lr})
+        if affine := self._affine_parameters():
+            groups.append({"params": affine, "lr": s.affine_lr})
+        return groups
+
+    @contextlib.contextmanager
+    def _learning(self) -> Iterator[None]:
+        """Soft rounding, QDrop and gradients on the learned parameters, for the block."""
+        learned = self._learned()
+        for parameter in learned:
+            parameter.requires_grad_(True)
+        self._train_mode(True)
+        try:
+            yield
         finally:
             self._train_mode(False)
-            for group in groups:
-                for parameter in group["params"]:
-                    parameter.requires_grad_(False)
-        return done
+            for parameter in learned:
+                parameter.requires_grad_(False)
 
     def _train_mode(self, on: bool) -> None:
         for weight in self.weights:
@@ -277,12 +299,27 @@ class _UnitJob:
             quantizer.random = self.random.masks
             quantizer.train(on)
 
-    def _batch_loss(self) -> torch.Tensor:
-        index = torch.randint(
-            self.quantized.count,
-            (min(self.settings.batch, self.quantized.count),),
-            generator=self.random.batches,
-        )
+    def _batch_backward(self, penalty: torch.Tensor) -> float:
+        """One iteration's gradients: the loss of a random batch plus `penalty`, backward;
+        returns the loss. Where the batch is learned in chunks, each chunk's loss is weighted
+        by its share of the batch (every loss is a mean over samples), so the gradients add up
+        to the whole batch's."""
+        index = torch.randint(self.quantized.count, (self.batch,), generator=self.random.batches)
+        if self.chunk >= self.batch:
+            loss = self._chunk_loss(index) + penalty
+            loss.backward()
+            return loss.item()
+        total = penalty.item()
+        if penalty.requires_grad:
+            penalty.backward()
+        for chunk in index.split(self.chunk):
+            loss = self._chunk_loss(chunk) * (len(chunk) / self.batch)
+            loss.backward()
+            total += loss.item()
+        return total
+
+    def _chunk_loss(self, index: torch.Tensor) -> torch.Tensor:
+        """The loss on the samples `index`, their inputs mixed with the float ones by QDrop."""
         inputs = self.quantized.take(index)
         if self.settings.qdrop > 0:
             floating = self.floating.take(index)
@@ -301,42 +338,69 @@ class _UnitJob:
         error = reconstruction(self.loss, outputs, [targets[name] for name in self.learned])
         if self.loss != "pd":
             return error
-        rest = self._remainder({k: env[k] for k in unit.outputs}, len(index))
+        rest = self._remainder({k: env[k] for k in unit.outputs})
         logits = rest[self.mirror.graph_outputs[0]]
         return prediction_difference(logits, self.logits[index], PD_TEMPERATURE) + PD_FEATURE_WEIGHT * error
 
-    def _remainder(self, env: Env, count: int) -> Env:
+    def _remainder(self, env: Env) -> Env:
         """The rest of the network in float, from the unit's outputs; under autograd and over
         `remainder_memory`, only the tensors at block cuts are kept and each block is recomputed
         when the backward pass reaches it (gradient checkpointing)."""
-        if torch.is_grad_enabled() and len(self.segments) > 1 and self._recomputes(env, count):
+        if torch.is_grad_enabled() and len(self.segments) > 1 and self.recompute:
             for begin, end in self.segments:
                 env = checkpoint(self._run_float, env, begin, end, use_reentrant=False)
             return env
         return self._run_float(env, self.unit.end, len(self.mirror.nodes))
 
-    def _recomputes(self, env: Env, count: int) -> bool:
-        if self.recompute is None:  # measured once per unit, on its first batch
-            self.recompute = self._remainder_bytes(env, count) > self.settings.remainder_memory
-        return self.recompute
-
     def _run_float(self, env: Env, begin: int, end: int) -> Env:
         return self.mirror.run(dict(env), begin, end, quantized=False)  # a copy: recomputing reads it again
 
-    def _remainder_bytes(self, env: Env, count: int) -> float:
-        """What the remainder saves for backward on one sample, times the `count` of the batch
-        (weights it saves, which do not grow with the batch, once)."""
-        saved = 0
+    # ------------------------------------------------------------------------ memory
+
+    def _plan_memory(self) -> None:
+        """Whether pd's remainder is recomputed, and how many samples a learning pass takes,
+        from what a pass keeps for its backward pass on one sample and on two."""
+        step = self.mirror.fixed_batch or 1  # a fixed-batch model runs whole batches only
+        if self.quantized.count < step:
+            return
+        with self._learning(), fused.compiled_kernels(False):  # eager: no compilation for a probe
+            for quantizer in self.steps:
+                quantizer.random = np.random.default_rng(0)  # the learning draws stay untouched
+            one, (outputs, _) = saved_bytes(lambda: self._unit_pass(step))
+            two = saved_bytes(lambda: self._unit_pass(2 * step))[0] if self.batch >= 2 * step else 2 * one
+            if self.loss == "pd":
+                remainder = self._remainder_bytes(outputs, step, self.batch)
+                self.recompute = len(self.segments) > 1 and remainder > self.settings.remainder_memory
+                if not self.recompute:  # kept for the backward pass too, per sample
+                    one, two = one + remainder * step / self.batch, two + 2 * remainder * step / self.batch
+        self.chunk = chunk_within(one, two, step, self.batch, self.settings.memory)
+
+    def _unit_pass(self, samples: int) -> tuple[Env, torch.Tensor]:
+        """The unit's outputs and its reconstruction error on the first `samples`."""
+        index = torch.arange(samples)
+        inputs, targets = self.quantized.take(index), self.targets.take(index)
+        unit = self.unit
+        env = self.mirror.run(
+            {k: inputs[k] for k in unit.inputs}, unit.begin, unit.end, quantized=True, keep=self.learned
+        )
+        error = reconstruction(self.loss, [env[n] for n in self.learned], [targets[n] for n in self.learned])
+        return {k: env[k] for k in unit.outputs}, error
+
+    def _remainder_bytes(self, env: Env, samples: int, batch: int) -> float:
+        """What the remainder saves for backward on a batch of `batch`, from a run on the
+        `samples` samples of `env` (a learning pass's unit outputs); tensors without those
+        samples (weights) count once."""
+        saved = 0.0
 
         def pack(tensor: torch.Tensor) -> torch.Tensor:
             nonlocal saved
-            batched = tensor.dim() > 0 and tensor.shape[0] == 1
-            saved += tensor.numel() * tensor.element_size() * (count if batched else 1)
+            batched = tensor.dim() > 0 and tensor.shape[0] == samples
+            saved += tensor.numel() * tensor.element_size() * (batch / samples if batched else 1)
             return tensor
 
-        one = {k: _first_sample(v, count) for k, v in env.items()}
+        leaves = {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in env.items()}
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            self._run_float(one, self.unit.end, len(self.mirror.nodes))
+            self._run_float(leaves, self.unit.end, len(self.mirror.nodes))
         return saved
 
     def _rounding_penalty(self, done: int, total: int) -> torch.Tensor:
@@ -356,7 +420,7 @@ class _UnitJob:
         """The unit's loss in eval mode (hard rounding, no QDrop) on the first samples."""
         index = torch.arange(min(EVAL_SAMPLES, self.quantized.count))
         total, samples = 0.0, 0
-        for chunk in index.split(min(RUN_BATCH, self.settings.batch)):  # the learning batch's memory
+        for chunk in index.split(min(RUN_BATCH, self.chunk)):  # a learning pass's memory
             loss = self._loss(self.quantized.take(chunk), self.targets.take(chunk), chunk)
             total, samples = total + loss.item() * len(chunk), samples + len(chunk)
         return total / samples
@@ -380,11 +444,3 @@ def iterations_within(left: float, pace: float, done: int, total: int) -> int:
     """A unit's iteration count under its share of the budget: those `done`, and as many more
     as the `left` seconds allow at `pace` seconds per iteration, never above `total`."""
     return max(done, min(total, done + int(max(left, 0.0) / max(pace, 1e-9))))
-
-
-def _first_sample(value: torch.Tensor, count: int) -> torch.Tensor:
-    """The first sample of a batched tensor, as a leaf that asks for gradients like the unit's
-    outputs do; tensors without the batch axis as they are."""
-    if not _has_batch_axis(value, count):
-        return value
-    return value[:1].detach().requires_grad_(value.is_floating_point())

@@ -33,9 +33,11 @@ def test_blocks_of_a_residual_network(small_model):
     assert sum(len(b.layers) for b in blocks) == len(plan.layers)
 
 
-def test_a_long_stretch_without_single_tensor_cuts_is_one_unit():
-    """Two parallel branches of three convs (a detector head's box and class branches): more
-    than MAX_BLOCK_LAYERS layers with two tensors alive at every cut inside."""
+@pytest.mark.parametrize("depth", [3, 9])
+def test_parallel_branches_stay_one_unit_up_to_a_limit_then_are_cut_where_several_cross(depth):
+    """Two parallel branches of `depth` convs (a detector head's box and class branches), two
+    tensors alive at every cut inside: 6 layers stay one unit (as a re-parameterized block's
+    branches do), 18 (a detector's neck) are cut into groups of GROUP_LAYERS."""
     from onnxq.refine import blocks as partitioning
     from tests.conftest import export
 
@@ -43,8 +45,8 @@ def test_a_long_stretch_without_single_tensor_cuts_is_one_unit():
         def __init__(self):
             super().__init__()
             self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
-            self.box = torch.nn.Sequential(*[torch.nn.Conv2d(8, 8, 3, padding=1) for _ in range(3)])
-            self.cls = torch.nn.Sequential(*[torch.nn.Conv2d(8, 8, 3, padding=1) for _ in range(3)])
+            self.box = torch.nn.Sequential(*[torch.nn.Conv2d(8, 8, 3, padding=1) for _ in range(depth)])
+            self.cls = torch.nn.Sequential(*[torch.nn.Conv2d(8, 8, 3, padding=1) for _ in range(depth)])
 
         def forward(self, x):
             x = torch.relu(self.stem(x))
@@ -56,9 +58,14 @@ def test_a_long_stretch_without_single_tensor_cuts_is_one_unit():
     config = onnxq.QuantConfig(weight_bits=4, first_last_8bit=False)
     plan = plan_quantization(onnxq.io.to_ir(model).graph, config)
     units = partition(Mirror(model), set(plan.layers), "block")
-    head = units[-1]
-    assert len(head.layers) == 6 > partitioning.MAX_BLOCK_LAYERS
-    assert sum(len(u.layers) for u in units) == len(plan.layers) == 7
+    head = units[1:]
+    assert sum(len(u.layers) for u in units) == len(plan.layers) == 1 + 2 * depth
+    if 2 * depth <= partitioning.MAX_UNCUT_LAYERS:
+        assert [len(u.layers) for u in head] == [2 * depth]
+    else:
+        assert len(head) > 1
+        assert all(len(u.layers) <= partitioning.GROUP_LAYERS for u in head)
+        assert any(len(u.inputs) == 2 for u in head)  # the other branch's tensor crosses the cut
 
 
 @pytest.mark.parametrize(

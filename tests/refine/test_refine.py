@@ -112,7 +112,10 @@ def test_pd_remainder_recomputed_block_by_block_learns_the_same(monkeypatch, sma
     and recomputes the rest: the same gradients, so the same learned model."""
     import onnxq.refine.reconstruct as reconstruct
 
-    config = onnxq.QuantConfig(weight_bits=4, activation_bits=4, refine_loss="pd", **FAST)
+    # a budget no pass reaches: the remainder's size, faked below, does not chunk the batch
+    config = onnxq.QuantConfig(
+        weight_bits=4, activation_bits=4, refine_loss="pd", refine_memory_gb=1e12, **FAST
+    )
     whole = onnxq.quantize(small_model, calibration_data, config)
 
     segments = []
@@ -121,7 +124,7 @@ def test_pd_remainder_recomputed_block_by_block_learns_the_same(monkeypatch, sma
         segments.append(args[1:])
         return torch.utils.checkpoint.checkpoint(function, *args, **kwargs)
 
-    monkeypatch.setattr(reconstruct._UnitJob, "_remainder_bytes", lambda self, env, count: float("inf"))
+    monkeypatch.setattr(reconstruct._UnitJob, "_remainder_bytes", lambda self, env, samples, batch: 1e15)
     monkeypatch.setattr(reconstruct, "checkpoint", counted)
     again = onnxq.quantize(small_model, calibration_data, config)
     assert segments  # the remainder did run in recomputed blocks
@@ -135,9 +138,9 @@ def test_pd_remainder_memory_is_estimated_per_batch(small_model, calibration_dat
     sizes = {}
     original = reconstruct._UnitJob._remainder_bytes
 
-    def recorded(self, env, count):
-        sizes.setdefault(count, original(self, env, count))
-        return sizes[count]
+    def recorded(self, env, samples, batch):
+        sizes.setdefault(batch, original(self, env, samples, batch))
+        return sizes[batch]
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(reconstruct._UnitJob, "_remainder_bytes", recorded)
