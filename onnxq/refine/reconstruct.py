@@ -279,7 +279,7 @@ class _UnitJob:
 
     @contextlib.contextmanager
     def _learning(self) -> Iterator[None]:
-        """Soft rounding, QDrop and gradients on the learned parameters, for the block."""
+        """Soft rounding, QDrop and gradients on the learned parameters, inside the `with`."""
         learned = self._learned()
         for parameter in learned:
             parameter.requires_grad_(True)
