@@ -225,6 +225,14 @@ def run_onnxq_cli(
     """`onnxq quantize` in its own process: (model, wall seconds, peak resident MB of that process).
 
     `calib` is an array (saved as .npy for the command) or a data file given as it is."""
+    model, seconds, peak_mb, _ = run_onnxq_cli_notes(path, calib, flags)
+    return model, seconds, peak_mb
+
+
+def run_onnxq_cli_notes(
+    path: Path, calib: np.ndarray | Path, flags: list[str]
+) -> tuple[onnx.ModelProto, float, float, str]:
+    """run_onnxq_cli, and what the command printed (its notes), for tools that read them."""
     with tempfile.TemporaryDirectory() as folder:
         data, out = os.path.join(folder, "calib.npy"), os.path.join(folder, "quantized.onnx")
         memory = os.path.join(folder, "peak_kb")
@@ -237,15 +245,13 @@ def run_onnxq_cli(
         # would report this process's resident size too (Linux keeps the high-water mark on exec).
         command = ["/usr/bin/time", "-f", "%M", "-o", memory, *command]
         start = time.perf_counter()
-        finished = subprocess.run(
-            command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False
-        )
+        finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
         seconds = time.perf_counter() - start
         if finished.returncode != 0:
-            lines = finished.stderr.decode().strip().splitlines()
+            lines = finished.stderr.strip().splitlines()
             raise RuntimeError(lines[-1] if lines else f"exit status {finished.returncode}")
         peak_mb = int(Path(memory).read_text().split()[-1]) / 1024
-        return onnx.load(out), seconds, peak_mb
+        return onnx.load(out), seconds, peak_mb, finished.stdout + finished.stderr
 
 
 HELD_OUT_NAMES = {

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import re
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -107,17 +105,10 @@ def quantize(path: Path, calib: np.ndarray, iters: int) -> tuple[onnx.ModelProto
         "--refine-iters",
         str(iters),
     ]
-    with tempfile.TemporaryDirectory() as folder:
-        data, out, memory = (Path(folder) / name for name in ("calib.npy", "q.onnx", "peak_kb"))
-        np.save(data, calib)
-        command = ["/usr/bin/time", "-f", "%M", "-o", str(memory), sys.executable, "-m", "onnxq", "quantize"]
-        command += [str(path), "--calib", str(data), "-o", str(out), *flags]
-        start = time.perf_counter()
-        finished = subprocess.run(command, cwd=bench.ROOT, capture_output=True, text=True, check=True)
-        seconds = time.perf_counter() - start
-        found = REFINED.search(finished.stdout + finished.stderr)
-        refined = f"{found[1]} of {found[2]} units in {found[3]} s" if found else "no refinement line"
-        return onnx.load(out), seconds, int(memory.read_text().split()[-1]) / 1024, refined
+    model, seconds, peak, notes = bench.run_onnxq_cli_notes(path, calib, flags)
+    found = REFINED.search(notes)
+    refined = f"{found[1]} of {found[2]} units in {found[3]} s" if found else "no refinement line"
+    return model, seconds, peak, refined
 
 
 def main() -> None:

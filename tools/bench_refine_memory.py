@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import argparse
 import re
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,23 +32,6 @@ NOTES = {
     "chunks": re.compile(r"(\d+) units learned each batch of (\d+) in chunks of ([\d-]+) samples"),
     "held": re.compile(r"learned on the first (\d+) of (\d+) samples"),
 }
-
-
-def quantize(path: Path, calib: Path, flags: list[str]) -> tuple[onnx.ModelProto, float, float, str]:
-    """`onnxq quantize` in its own process: the model, wall s, peak MB, and its refinement notes."""
-    with tempfile.TemporaryDirectory() as folder:
-        out, memory = Path(folder) / "q.onnx", Path(folder) / "peak_kb"
-        command = ["/usr/bin/time", "-f", "%M", "-o", str(memory), sys.executable, "-m", "onnxq", "quantize"]
-        command += [str(path), "--calib", str(calib), "-o", str(out), *flags]
-        start = time.perf_counter()
-        finished = subprocess.run(command, cwd=bench.ROOT, capture_output=True, text=True, check=True)
-        seconds = time.perf_counter() - start
-        return (
-            onnx.load(out),
-            seconds,
-            int(memory.read_text().split()[-1]) / 1024,
-            _summary(finished.stdout + finished.stderr),
-        )
 
 
 def _summary(notes: str) -> str:
@@ -92,7 +72,8 @@ def main() -> None:
         for budget in args.budgets:
             flags = base if budget == "default" else [*base, "--refine-memory", budget]
             print(f"  {name}, --refine-memory {budget}", flush=True)
-            model, seconds, peak, refined = quantize(path, calib, flags)
+            model, seconds, peak, notes = bench.run_onnxq_cli_notes(path, calib, flags)
+            refined = _summary(notes)
             fidelity = zoo_fidelity(entry, names, reference, zoo_outputs(model, feed, batch))
             label, (cosine, sqnr) = min(fidelity.items(), key=lambda item: item[1][1])
             rows.append((name, budget, refined, seconds, peak, label, cosine, sqnr))

@@ -44,7 +44,7 @@ def freed_batch(model: onnx.ModelProto, samples: dict[str, np.ndarray]) -> onnx.
         return None
     freed = onnx.ModelProto()
     freed.CopyFrom(model)
-    _free_reshapes(freed, batch)  # none: the batch may be baked into the inputs alone
+    _free_reshapes(freed, batch)  # perhaps none: the batch may be baked into the inputs alone
     for info in [*freed.graph.input, *freed.graph.output]:
         if info.name in samples or leading_size(info) == batch:
             dim = info.type.tensor_type.shape.dim[0]
@@ -54,10 +54,10 @@ def freed_batch(model: onnx.ModelProto, samples: dict[str, np.ndarray]) -> onnx.
     return freed if _same_outputs(model, freed, samples, batch) else None
 
 
-def _free_reshapes(model: onnx.ModelProto, batch: int) -> int:
+def _free_reshapes(model: onnx.ModelProto, batch: int) -> None:
     """Constant Reshape targets with their leading entry left to the data: -1 where no other entry
     is -1 (the batch, or the batch folded with what follows, as a transformer's [N·heads, t, d]),
-    else 0 where the entry is the batch and the data leads with it. Returns how many."""
+    else 0 where the entry is the batch and the data leads with it."""
     leading = {info.name: leading_size(info) for info in _infos(typed_structure(model).graph)}
     constants = {tensor.name: tensor for tensor in model.graph.initializer}
     freed = 0
@@ -78,7 +78,6 @@ def _free_reshapes(model: onnx.ModelProto, batch: int) -> int:
         model.graph.initializer.append(numpy_helper.from_array(target, name))
         node.input[1] = name
         freed += 1
-    return freed
 
 
 def _infos(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
