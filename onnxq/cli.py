@@ -370,6 +370,13 @@ def main() -> None:
     "learns on fewer samples) and, apart, for one learning pass (beyond it, a batch learns in chunks).",
 )
 @click.option(
+    "--refine-check/--no-refine-check",
+    default=QuantConfig.refine_check,
+    show_default=True,
+    help="After refinement, measure the model without it too, and save that one where the scale "
+    "search alone keeps the lowest output clearly (0.5 dB) closer to float.",
+)
+@click.option(
     "--qdrop",
     type=float,
     default=QuantConfig.qdrop,
@@ -450,6 +457,7 @@ def quantize(model, output, calib, **options):
         refine_iters=options.pop("refine_iters"),
         refine_batch=options.pop("refine_batch"),
         refine_memory_gb=options.pop("refine_memory"),
+        refine_check=options.pop("refine_check"),
         qdrop=options.pop("qdrop"),
         threads=options.pop("threads"),
         refine_compile=options.pop("refine_compile"),

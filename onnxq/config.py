@@ -310,6 +310,9 @@ class QuantConfig:
     # activations refinement holds at unit cuts (beyond it, fewer samples) and, apart, those one
     # learning pass keeps (beyond it, a batch learns in chunks)
     refine_memory_gb: float = 2.0
+    # the model from the scale search alone replaces the refined one where it keeps the lowest
+    # output clearly closer to float on the check's samples (onnxq/tune/refinement.py)
+    refine_check: bool = True
     qdrop: float = 0.5  # QDrop's probability of keeping an activation float while learning
     threads: int | None = None  # torch threads for refinement (None: torch's default)
     # the fake quantizers' learning passes compiled by torch (needs a C++ compiler; refinement

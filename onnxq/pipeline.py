@@ -208,6 +208,13 @@ def quantize(
         return functools.partial(_build, float_model, config, chosen, search, choice, refined, rounded)
 
     first = builder(ranges)(plan)
+    if refined is not None and config.refine_check:
+        progress.stage("check refinement")
+        searched = functools.partial(_build, float_model, config, ranges, search, choice, None, rounded)(plan)
+        kept, lines = tune.keep_refinement(float_model, first, searched, held.batches or [sample], config)
+        notes += lines
+        if not kept:
+            refined, first = None, searched  # `builder` builds without it from here on
     progress.stage("validate")
     check = functools.partial(validate, sample=sample, check=not checker_error)
     check(first.model)

@@ -2,6 +2,9 @@
 keeping layers float, measured; then the saved model's fidelity report (`tune_model`).
 
 In the order they run:
+- Refinement (refinement.py, before the rest): where `--refine` ran, the model without its
+  integers and steps replaces the refined one if the scale search alone keeps the lowest output
+  clearly closer to float.
 - Ranges (`--calib-method auto`, ranges.py): the model built with percentile ranges or the one
   with min-max ranges, whichever keeps the lowest output closer to float.
 - Speed (speed_choice.py): where the QDQ model runs slower than float at batch 1, the layers
@@ -35,10 +38,11 @@ from onnxq.progress import Progress
 from onnxq.tune.candidate import Build, Candidate, Ranges, Rebuild
 from onnxq.tune.fallback import recover_fidelity
 from onnxq.tune.ranges import choose_ranges, switch_ranges
+from onnxq.tune.refinement import keep_refinement
 from onnxq.tune.report import final_report
 from onnxq.tune.speed_choice import choose_speed, keep_fallback, speed_warnings
 
-__all__ = ["Build", "Candidate", "Ranges", "Rebuild", "Tuned", "tune_model"]
+__all__ = ["Build", "Candidate", "Ranges", "Rebuild", "Tuned", "keep_refinement", "tune_model"]
 
 
 @dataclass

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from onnx import numpy_helper
 
 torch = pytest.importorskip("torch")
 
@@ -245,6 +248,41 @@ def test_pd_without_class_scores_says_it_learned_with_mse():
     result = onnxq.quantize(model, data, config)
     assert any(n.startswith("refined ") and "(mse loss)" in n for n in result.notes)
     assert any("pd needs class scores" in n for n in result.notes)
+
+
+def test_refinement_that_leaves_the_outputs_further_from_float_is_undone(small_model, calibration_data):
+    """40 iterations on a random network learn little: the check measures the search's model
+    beside the refined one and saves the search's, exactly as it is without --refine (at W4A8
+    refinement starts from the integers GPTQ chose, which the search alone keeps)."""
+    checked = dict(FAST, refine_check=True, weight_bits=4)
+    result = onnxq.quantize(small_model, calibration_data, onnxq.QuantConfig(**checked))
+    assert any(note.startswith("refinement undone:") for note in result.notes), result.notes
+    assert result.refinement is None
+    searched = {k: v for k, v in checked.items() if not k.startswith("refine")}
+    alone = onnxq.quantize(small_model, calibration_data, onnxq.QuantConfig(**searched))
+    assert _weights(result.model) == _weights(alone.model)
+
+
+def _weights(model: onnx.ModelProto) -> dict[str, bytes]:
+    return {t.name: t.raw_data or numpy_helper.to_array(t).tobytes() for t in model.graph.initializer}
+
+
+@settings(max_examples=30, deadline=None)
+@given(refined=st.floats(-10.0, 60.0), searched=st.floats(-10.0, 60.0))
+def test_the_refined_model_stays_unless_the_search_alone_is_clearly_closer_to_float(refined, searched):
+    from onnxq import fidelity
+    from onnxq.tune.refinement import MIN_GAIN_DB, keep_refinement
+
+    def measured(float_model, quantized, samples, bits):
+        sqnr = refined if quantized == "refined" else searched
+        return fidelity.Fidelity(4, True, [fidelity.OutputFidelity("out", sqnr, 0.9, None)], 20.0)
+
+    candidates = [SimpleNamespace(model=name) for name in ("refined", "searched")]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fidelity, "measure", measured)
+        kept, (note,) = keep_refinement(None, *candidates, [], onnxq.QuantConfig())
+    assert kept == (searched < refined + MIN_GAIN_DB)
+    assert note.startswith("refinement kept" if kept else "refinement undone")
 
 
 def test_a_model_exported_with_its_batch_of_one_baked_in_refines():
