@@ -211,7 +211,8 @@ def quantize(
     if refined is not None and config.refine_check:
         progress.stage("check refinement")
         searched = functools.partial(_build, float_model, config, ranges, search, choice, None, rounded)(plan)
-        kept, lines = tune.keep_refinement(float_model, first, searched, held.batches or [sample], config)
+        checked = held.batches or [sample]
+        kept, lines = tune.keep_refinement(float_model, first, searched, checked, config, bool(held.batches))
         notes += lines
         if not kept:
             refined, first = None, searched  # `builder` builds without it from here on

@@ -32,15 +32,18 @@ def keep_refinement(
     searched: Candidate,
     samples: list[Batch],
     config: QuantConfig,
+    held_back: bool = True,
 ) -> tuple[bool, list[str]]:
-    """Whether the refined model stays (else the search's replaces it), and a note saying why."""
+    """Whether the refined model stays (else the search's replaces it), and a note saying why;
+    `held_back`: whether `samples` were kept from calibration (else refinement learned on them)."""
     with_it, without = (
         fidelity.measure(float_model, candidate.model, samples, config.lowest_bits)
         for candidate in (refined, searched)
     )
     figures = (
         f"lowest output SQNR {with_it.min_sqnr:.1f} dB refined, {without.min_sqnr:.1f} dB from the "
-        f"scale search alone, on {with_it.samples} samples"
+        f"scale search alone, on {with_it.samples} "
+        + ("held-back samples" if held_back else "samples refinement learned on (too few to hold any back)")
     )
     if without.min_sqnr < with_it.min_sqnr + MIN_GAIN_DB:
         return True, [f"refinement kept: {figures}"]

@@ -268,8 +268,8 @@ def _weights(model: onnx.ModelProto) -> dict[str, bytes]:
 
 
 @settings(max_examples=30, deadline=None)
-@given(refined=st.floats(-10.0, 60.0), searched=st.floats(-10.0, 60.0))
-def test_the_refined_model_stays_unless_the_search_alone_is_clearly_closer_to_float(refined, searched):
+@given(refined=st.floats(-10.0, 60.0), searched=st.floats(-10.0, 60.0), held_back=st.booleans())
+def test_the_refined_model_stays_unless_the_search_is_clearly_closer_to_float(refined, searched, held_back):
     from onnxq import fidelity
     from onnxq.tune.refinement import MIN_GAIN_DB, keep_refinement
 
@@ -280,9 +280,10 @@ def test_the_refined_model_stays_unless_the_search_alone_is_clearly_closer_to_fl
     candidates = [SimpleNamespace(model=name) for name in ("refined", "searched")]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(fidelity, "measure", measured)
-        kept, (note,) = keep_refinement(None, *candidates, [], onnxq.QuantConfig())
+        kept, (note,) = keep_refinement(None, *candidates, [], onnxq.QuantConfig(), held_back)
     assert kept == (searched < refined + MIN_GAIN_DB)
     assert note.startswith("refinement kept" if kept else "refinement undone")
+    assert ("held-back samples" in note) == held_back  # in-sample figures flatter refinement: said
 
 
 def test_a_model_exported_with_its_batch_of_one_baked_in_refines():
