@@ -204,13 +204,15 @@ def quantize(
     notes += stats.warnings()
     progress.stage("insert Q/DQ")
 
-    def builder(chosen: tune.Ranges) -> tune.Build:
-        return functools.partial(_build, float_model, config, chosen, search, choice, refined, rounded)
+    def builder(chosen: tune.Ranges, learned: bool = True) -> tune.Build:
+        """Builds with `chosen` ranges; `learned`: with refinement's integers and steps, where kept."""
+        kept = refined if learned else None
+        return functools.partial(_build, float_model, config, chosen, search, choice, kept, rounded)
 
     first = builder(ranges)(plan)
     if refined is not None and config.refine_check:
         progress.stage("check refinement")
-        searched = functools.partial(_build, float_model, config, ranges, search, choice, None, rounded)(plan)
+        searched = builder(ranges, learned=False)(plan)
         checked = held.batches or [sample]
         kept, lines = tune.keep_refinement(float_model, first, searched, checked, config, bool(held.batches))
         notes += lines

@@ -26,17 +26,27 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # this checkout's onnxq: bench.py puts it first on the path
-from zoo_bench import zoo_batch, zoo_calibration_halves, zoo_dir, zoo_fidelity, zoo_manifest, zoo_outputs
+from zoo_bench import (
+    zoo_batch,
+    zoo_calibration_halves,
+    zoo_dir,
+    zoo_fidelity,
+    zoo_inputs,
+    zoo_manifest,
+    zoo_outputs,
+)
 
 SECTION = "detector-refine"
 REFINED = re.compile(r"refined (\d+ of \d+ units) .* in ([\d.]+) s")
 CHECKED = re.compile(r"refinement (kept|undone)")
 
 
-def _scores(entry: dict, model: onnx.ModelProto, references: dict) -> dict[str, dict[str, float]]:
-    """SQNR per output and part, on each scoring set."""
+def _scores(
+    entry: dict, model: onnx.ModelProto, names: list[str], references: dict
+) -> dict[str, dict[str, float]]:
+    """SQNR per output and part, on each scoring set (`references`: where → feed, float outputs)."""
     found = {}
-    for where, (feed, names, reference) in references.items():
+    for where, (feed, reference) in references.items():
         outputs = zoo_outputs(model, feed, zoo_batch(entry, 8))
         fidelity = zoo_fidelity(entry, names, reference, outputs)
         found[where] = {label: sqnr for label, (_, sqnr) in fidelity.items()}
@@ -61,13 +71,11 @@ def main() -> None:
         entry = manifest[name]
         path = zoo_dir() / entry["file"]
         first, second = zoo_calibration_halves(entry)
-        with np.load(zoo_dir() / entry["eval"]) as archive:
-            evaluation = {k: archive[k] for k in entry["inputs"]}
         float_model = onnx.load(path)
         names = [o.name for o in float_model.graph.output]
         references = {
-            where: (feed, names, zoo_outputs(float_model, feed, zoo_batch(entry, 8), optimize=False))
-            for where, feed in (("held-out", second), ("eval", evaluation))
+            where: (feed, zoo_outputs(float_model, feed, zoo_batch(entry, 8), optimize=False))
+            for where, feed in (("held-out", second), ("eval", zoo_inputs(entry)))
         }
         with tempfile.TemporaryDirectory() as folder:
             calib = Path(folder) / "first_half.npz"
@@ -76,7 +84,7 @@ def main() -> None:
                 print(f"  {name}: {setting}", flush=True)
                 model, seconds, peak, notes = bench.run_onnxq_cli_notes(path, calib, flags)
                 refined, checked = REFINED.search(notes), CHECKED.search(notes)
-                scores = _scores(entry, model, references)
+                scores = _scores(entry, model, names, references)
                 summary = ", ".join(found[i] for found, i in ((refined, 1), (checked, 0)) if found)
                 rows.append((name, setting, summary, seconds, peak, scores))
                 print(f"    {seconds:.0f} s, {peak:.0f} MB, {scores}", flush=True)

@@ -19,12 +19,11 @@ import re
 import sys
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # this checkout's onnxq: bench.py puts it first on the path
-from zoo_bench import zoo_batch, zoo_dir, zoo_fidelity, zoo_manifest, zoo_outputs
+from zoo_bench import zoo_batch, zoo_dir, zoo_fidelity, zoo_inputs, zoo_manifest, zoo_outputs
 
 SECTION = "refine-memory"
 NOTES = {
@@ -63,8 +62,7 @@ def main() -> None:
     for name in args.models:
         entry = manifest[name]
         path, calib = zoo_dir() / entry["file"], zoo_dir() / entry["calib"]
-        with np.load(zoo_dir() / entry["eval"]) as archive:
-            feed = {k: archive[k] for k in entry["inputs"]}
+        feed = zoo_inputs(entry)
         float_model = onnx.load(path)
         names = [o.name for o in float_model.graph.output]
         batch = zoo_batch(entry, 8)

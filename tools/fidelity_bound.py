@@ -38,6 +38,7 @@ from zoo_bench import (
     zoo_batch,
     zoo_dir,
     zoo_fidelity,
+    zoo_inputs,
     zoo_manifest,
     zoo_outputs,
     zoo_quantized_default,
@@ -159,11 +160,7 @@ def measure(entry: dict) -> tuple[dict[str, dict[str, tuple[float, float]]], flo
     """Cosine and SQNR per output part for each variant; seconds taken."""
     started = time.perf_counter()
     zoo = zoo_dir()
-    inputs = list(entry["inputs"])
-    with np.load(zoo / entry["calib"]) as archive:
-        calib = {name: archive[name] for name in inputs}
-    with np.load(zoo / entry["eval"]) as archive:
-        held = {name: archive[name] for name in inputs}
+    calib, held = zoo_inputs(entry, "calib"), zoo_inputs(entry)
     float_model = onnx.load(zoo / entry["file"])
     folded = onnxq.fuse(float_model, sample={k: v[:1] for k, v in calib.items()}).model
     batch = zoo_batch(entry, 4)

@@ -144,8 +144,7 @@ def pairs_for_target(full: float, weights: float, unrounded: float, costs: np.nd
 def budget(entry: dict) -> list[str]:
     """Table rows for one zoo model: per output view, the noise split."""
     zoo = zoo_bench.zoo_dir()
-    with np.load(zoo / entry["eval"]) as archive:
-        feed = {name: archive[name][:SAMPLES] for name in entry["inputs"]}
+    feed = {name: values[:SAMPLES] for name, values in zoo_bench.zoo_inputs(entry).items()}
     batch = zoo_bench.zoo_batch(entry, SAMPLES)
     float_model = onnx.load(zoo / entry["file"])
     names = [o.name for o in float_model.graph.output]

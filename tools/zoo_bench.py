@@ -123,11 +123,16 @@ def zoo_views(entry: dict, names: list[str], values: list[np.ndarray]) -> dict[s
     return views
 
 
+def zoo_inputs(entry: dict, kind: str = "eval") -> dict[str, np.ndarray]:
+    """A zoo model's input arrays from its `kind` file ("calib" or "eval"), by input name."""
+    with np.load(zoo_dir() / entry[kind]) as archive:
+        return {name: archive[name] for name in entry["inputs"]}
+
+
 def zoo_calibration_halves(entry: dict) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """A zoo model's calibration file split in two: the first half to quantize on, the second to
     score on (the tools/choose_*.py rows that never read the evaluation file)."""
-    with np.load(zoo_dir() / entry["calib"]) as archive:
-        data = {name: archive[name] for name in entry["inputs"]}
+    data = zoo_inputs(entry, "calib")
     count = len(next(iter(data.values())))
     return {k: v[: count // 2] for k, v in data.items()}, {k: v[count // 2 :] for k, v in data.items()}
 
