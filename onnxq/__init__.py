@@ -19,7 +19,8 @@ from onnxq.config import (
 )
 from onnxq.errors import OnnxqError
 from onnxq.io import load_model, save_model
-from onnxq.pipeline import FuseResult, QuantResult, fuse, fuse_file, quantize, quantize_file
+from onnxq.pipeline import QuantResult, quantize, quantize_file
+from onnxq.prepare import FuseResult, fuse, fuse_file
 
 __all__ = [
     "CalibrationMethod",

@@ -508,7 +508,7 @@ def _by_reason(float_nodes: dict[str, str]) -> dict[str, list[str]]:
 @_reports_errors
 def fuse(model, output, no_simplify, all_layers):
     """Fold BatchNormalization and merge re-parameterized branches of MODEL into single Convs."""
-    from onnxq.pipeline import fuse_file
+    from onnxq.prepare import fuse_file
     from onnxq.report import print_fuse_report, print_weight_statistics
     from onnxq.weight_stats import weight_statistics
 

@@ -2,24 +2,23 @@
 
 load → simplify (guarded) → fold BatchNormalization → fuse branches → plan → calibrate (ranges,
 scale search, GPTQ, distribution correction and refinement: onnxq.calibrate) → insert Q/DQ →
-validate → tune (ranges, fidelity, speed: onnxq.tune). `fuse()` is the first half on its own
-(what `onnxq fuse` runs). With `calibration="bn-stats"` the calibration data is synthesised from
+validate → tune (ranges, fidelity, speed: onnxq.tune). The first half, up to fuse branches, is
+onnxq.prepare (what `onnxq fuse` runs); the QDQ model for a plan is built by onnxq.build and
+checked by onnxq.validate. With `calibration="bn-stats"` the calibration data is synthesised from
 the model's BatchNorm statistics first (data-free).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import version_converter
 
-import onnxq
 from onnxq import tune
+from onnxq.build import build_candidate
 from onnxq.calib.data import (
     DataSource,
     DataStats,
@@ -28,7 +27,6 @@ from onnxq.calib.data import (
     first_batch,
     model_inputs,
     peek_samples,
-    random_sample,
 )
 from onnxq.calib.runner import fixed_batch
 from onnxq.calib.search import SearchResult
@@ -41,51 +39,24 @@ from onnxq.correct import (
 )
 from onnxq.errors import OnnxqError
 from onnxq.fidelity import Fidelity, HoldBack
-from onnxq.io import (
-    check_writable,
-    load_model,
-    oldest_ir_version,
-    run,
-    save_model,
-    session,
-    to_proto,
-)
+from onnxq.io import check_writable, load_model, save_model
 from onnxq.passes.batch_axis import add_batch_axis, remove_batch_axis
 from onnxq.passes.equalize import equalize_channels
-from onnxq.passes.exported_forms import standard_forms
-from onnxq.passes.float32 import compute_in_float32
-from onnxq.passes.fold_affine import fold_affine
-from onnxq.passes.fold_bn import ChannelStatistics, FoldReport, fold_batchnorm
-from onnxq.passes.fuse_activations import fuse_activations, needs_opset
-from onnxq.passes.fuse_branches import FuseReport, fuse_branches
-from onnxq.passes.graph_utils import constants_to_initializers, name_nodes, opset_version
+from onnxq.passes.graph_utils import opset_version
 from onnxq.passes.infer_types import typed_ir
-from onnxq.passes.insert_qdq import (
-    activation_params,
-    insert_qdq,
-    required_opset,
-)
-from onnxq.passes.simplify import simplify
+from onnxq.passes.insert_qdq import required_opset
 from onnxq.passes.split_addend_reads import split_addend_reads
-from onnxq.passes.strided_views import drop_whole_strided_views
+from onnxq.prepare import FuseResult, convert_opset, fuse, fuse_file
 from onnxq.progress import Progress, Silent
 from onnxq.quant.int8_form import choose_int8_range
 from onnxq.quant.plan import QuantPlan, plan_quantization
 from onnxq.refine import require_refinement
+from onnxq.validate import checker_error as input_checker_error
+from onnxq.validate import validate
 
-MIN_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear
+__all__ = ["FuseResult", "QuantResult", "fuse", "fuse_file", "quantize", "quantize_file"]
+
 CHECK_SAMPLES = 2  # samples the simplify and validate checks run (whole activations are held)
-
-
-@dataclass
-class FuseResult:
-    """The float model with BatchNormalization folded and re-parameterized branches merged."""
-
-    model: onnx.ModelProto
-    folded: FoldReport
-    fused: FuseReport
-    notes: list[str] = field(default_factory=list)
-    statistics: dict[str, ChannelStatistics] = field(default_factory=dict)  # tensor → BatchNorm's
 
 
 @dataclass
@@ -121,7 +92,7 @@ def quantize(
     proto = load_model(model) if isinstance(model, str | os.PathLike) else model
     _refuse_quantized(proto)
     inputs = model_inputs(proto)
-    checker_error = _checker_error(proto)
+    checker_error = input_checker_error(proto)
     notes: list[str] = []
     if checker_error:
         notes.append(
@@ -175,7 +146,7 @@ def quantize(
         raise OnnxqError("nothing to quantize: the model has no Conv, Gemm or MatMul with constant weights")
     opset = required_opset(plan)
     if opset > opset_version(float_model):
-        float_model = _convert_opset(float_model, opset)
+        float_model = convert_opset(float_model, opset)
         notes.append(f"opset raised to {opset} for the integer types in use")
         graph_model = typed_ir(float_model)
         plan = plan_quantization(graph_model.graph, config)
@@ -207,7 +178,7 @@ def quantize(
     def builder(chosen: tune.Ranges, learned: bool = True) -> tune.Build:
         """Builds with `chosen` ranges; `learned`: with refinement's integers and steps, where kept."""
         kept = refined if learned else None
-        return functools.partial(_build, float_model, config, chosen, search, choice, kept, rounded)
+        return functools.partial(build_candidate, float_model, config, chosen, search, choice, kept, rounded)
 
     first = builder(ranges)(plan)
     if refined is not None and config.refine_check:
@@ -315,48 +286,6 @@ def _replan(float_model, config: QuantConfig, **options) -> QuantPlan:
     return plan_quantization(typed_ir(float_model).graph, config, **options)
 
 
-def _build(
-    float_model, config: QuantConfig, ranges, search, choice, refined, rounded, plan: QuantPlan
-) -> tune.Candidate:
-    """The QDQ model for `plan`, with its layers' (node, input, output) tensors; `rounded`:
-    weight integers GPTQ chose in the observation pass."""
-    graph_model = typed_ir(float_model)
-    layers = _layer_tensors(graph_model.graph, plan)
-    params = activation_params(plan, ranges, symmetric=config.activation_symmetric)
-    if refined is not None:
-        params.update({root: p for root, p in refined.activations.items() if root in params})
-    integers = {
-        **(search.rounded if search else {}),
-        **rounded,
-        **(refined.weights if refined is not None else {}),
-    }
-    insert_qdq(
-        graph_model.graph,
-        plan,
-        params,
-        symmetric_weights=config.symmetric_weights,
-        int8_range=choice,
-        weight_ratios=search.weight_ratios if search else None,
-        biases={**(search.biases if search else {}), **(refined.biases if refined is not None else {})},
-        refined_weights=integers,
-    )
-    quantized = to_proto(graph_model)
-    quantized.ir_version = oldest_ir_version(quantized)
-    _write_metadata(quantized, config, choice.reason)
-    return tune.Candidate(quantized, plan, layers)
-
-
-def _layer_tensors(graph, plan: QuantPlan) -> list[tuple[str, str, str]]:
-    """(node, input, output) of every quantized compute layer, named as in the float graph; an
-    input behind an absorbed Relu/Clip (removed from the QDQ graph) is read before it."""
-    before_absorbed = {n.outputs[0].name: n.inputs[0].name for n in graph if n.name in plan.absorbed}
-    return [
-        (node.name, before_absorbed.get(node.inputs[0].name, node.inputs[0].name), node.outputs[0].name)
-        for node in graph
-        if node.name in plan.layers and node.inputs and node.inputs[0] is not None
-    ]
-
-
 def _synthesise(proto, inputs, config: QuantConfig, progress) -> tuple[dict[str, np.ndarray], str]:
     """Data-free calibration inputs (onnxq.correct), from the model with its branches unmerged:
     every branch's BatchNorm keeps its statistics."""
@@ -364,87 +293,6 @@ def _synthesise(proto, inputs, config: QuantConfig, progress) -> tuple[dict[str,
     shape = check_synthesis_inputs(inputs)
     prepared = fuse(proto, simplify_first=config.simplify, merge_branches=False, progress=progress)
     return synthesised_calibration(prepared.model, prepared.statistics, shape, config, progress)
-
-
-def fuse(
-    model: str | os.PathLike | onnx.ModelProto,
-    *,
-    sample: dict[str, np.ndarray] | None = None,
-    simplify_first: bool = True,
-    merge_branches: bool = True,
-    progress: Progress | None = None,
-) -> FuseResult:
-    """Simplify (guarded by `sample`, random data when None), fold BatchNormalization, merge branches.
-
-    The result computes what the input computes (to float rounding); every merge the passes
-    refused is in the reports with its reason.
-    """
-    progress = progress or Silent()
-    proto = load_model(model) if isinstance(model, str | os.PathLike) else model
-    proto, notes = standard_forms(proto)
-    exported = opset_version(proto)
-    proto = _supported_opset(proto)
-    raised = (
-        f"opset raised from {exported} to {MIN_OPSET} (per-channel Q/DQ)"
-        if opset_version(proto) > exported
-        else ""
-    )
-    proto, widened = compute_in_float32(proto)
-    notes += [note for note in (raised, widened) if note]
-    if simplify_first:
-        progress.stage("simplify")
-        proto, note = simplify(proto, sample if sample is not None else random_sample(model_inputs(proto)))
-        notes.append(note)
-    progress.stage("fold and fuse")
-    graph_model = typed_ir(proto)
-    if raised := needs_opset(graph_model.graph, opset_version(proto)):
-        proto = _convert_opset(proto, raised)
-        notes.append(f"opset raised to {raised} for HardSwish")
-        graph_model = typed_ir(proto)
-    name_nodes(graph_model.graph)  # later stages rebuild the graph and refer to nodes by name
-    constants_to_initializers(graph_model.graph)
-    if views := drop_whole_strided_views(graph_model.graph):
-        notes.append(f"wrote {views} strided views of whole tensors (as_strided) as the tensors")
-    folded = fold_batchnorm(graph_model.graph)
-    if folded.folded:
-        notes.append(f"folded {len(folded.folded)} BatchNormalization nodes")
-    if activations := fuse_activations(graph_model.graph, opset_version(proto)):
-        notes.append(
-            f"fused {activations} hard-swish/hard-sigmoid activations written op by op into one node each"
-        )
-    if affine := fold_affine(graph_model.graph, folded.statistics):
-        notes.append(f"folded {len(affine)} constant Mul/Add nodes into the layers before them")
-    fused = fuse_branches(graph_model.graph) if merge_branches else FuseReport()
-    if fused.merged:
-        notes.append(f"merged {fused.branches_merged} branches into {len(fused.merged)} Conv nodes")
-    statistics = _output_statistics(graph_model.graph, folded.statistics, folded.kept, fused)
-    result = to_proto(graph_model)
-    result.ir_version = oldest_ir_version(result)
-    return FuseResult(result, folded, fused, notes, statistics)
-
-
-def _output_statistics(
-    graph, by_layer: dict[str, ChannelStatistics], kept: dict[str, ChannelStatistics], fused: FuseReport
-):
-    """BatchNorm statistics by the tensor each folded layer now produces, and by the output of each
-    BatchNormalization left in the graph; a merged Conv's output is a sum of branches whose
-    covariance no BatchNorm recorded, so it has none."""
-    merged = {name for block in fused.merged for name in (block.conv, *block.branches)}
-    folded = {
-        node.outputs[0].name: by_layer[node.name]
-        for node in graph
-        if node.name in by_layer and node.name not in merged
-    }
-    produced = {value.name for node in graph for value in node.outputs}
-    return folded | {name: stats for name, stats in kept.items() if name in produced}
-
-
-def fuse_file(source: str | os.PathLike, target: str | os.PathLike, **kwargs) -> FuseResult:
-    """fuse() and save atomically."""
-    check_writable(target, source=source)
-    result = fuse(source, **kwargs)
-    save_model(result.model, target)
-    return result
 
 
 def quantize_file(
@@ -459,56 +307,3 @@ def quantize_file(
     result = quantize(source, calibration, config, **kwargs)
     save_model(result.model, target)
     return result
-
-
-def validate(model: onnx.ModelProto, sample: dict[str, np.ndarray], *, check: bool = True) -> None:
-    """The onnx checker (`check`: unless the input model already failed it) and one onnxruntime
-    run on real data must both accept the model."""
-    error = _checker_error(model) if check else None
-    if error:
-        raise OnnxqError(f"internal error: the quantized model is invalid ({error})")
-    outputs = run(session(model), sample)
-    if not all(np.isfinite(o).all() for o in outputs if o.dtype.kind == "f"):
-        raise OnnxqError("internal error: the quantized model produces NaN or infinite values")
-
-
-def _checker_error(model: onnx.ModelProto) -> str | None:
-    """The onnx checker's first line about `model`, or None when it passes. Exporters write
-    models onnxruntime runs but the checker refuses (a graph input declared without a shape)."""
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as err:
-        return str(err).splitlines()[0]
-    except ValueError:  # over protobuf's 2 GB: the checker cannot take it, onnxruntime can
-        return None
-    return None
-
-
-def _supported_opset(model: onnx.ModelProto) -> onnx.ModelProto:
-    return model if opset_version(model) >= MIN_OPSET else _convert_opset(model, MIN_OPSET)
-
-
-def _convert_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
-    version = opset_version(model)
-    try:
-        converted = version_converter.convert_version(model, target)
-    except Exception as err:  # the converter raises plain RuntimeError and C++ errors
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise OnnxqError(f"cannot upgrade the model from opset {version} to {target}: {first}") from None
-    converted.ir_version = oldest_ir_version(converted)
-    return converted
-
-
-def _write_metadata(model: onnx.ModelProto, config: QuantConfig, weight_reason: str) -> None:
-    settings = {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(config).items()}
-    settings["op_types"] = sorted(config.op_types)
-    entries = {
-        "onnxq.version": onnxq.__version__,
-        "onnxq.config": json.dumps(settings, sort_keys=True),
-        "onnxq.weight_range": weight_reason,
-    }
-    kept = [p for p in model.metadata_props if p.key not in entries]
-    del model.metadata_props[:]
-    model.metadata_props.extend(kept)
-    for key, value in entries.items():
-        model.metadata_props.add(key=key, value=value)

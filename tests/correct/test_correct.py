@@ -20,7 +20,7 @@ from onnxq.correct.matching import (  # noqa: E402
     synthesize,
 )
 from onnxq.io import session  # noqa: E402
-from onnxq.pipeline import fuse  # noqa: E402
+from onnxq.prepare import fuse  # noqa: E402
 from tests.conftest import export  # noqa: E402
 
 FAST = MatchSettings(steps=30, synthesis_steps=30, batch=16)

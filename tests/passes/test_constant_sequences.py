@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.io import session
 from onnxq.passes.constant_sequences import fold_constant_sequences
-from onnxq.pipeline import fuse
+from onnxq.prepare import fuse
 
 torch = pytest.importorskip("torch")
 nn = torch.nn

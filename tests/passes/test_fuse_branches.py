@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from onnxq.passes.simplify import max_relative_difference
-from onnxq.pipeline import fuse
+from onnxq.prepare import fuse
 from tests.conftest import export, randomise_batchnorm
 
 torch = pytest.importorskip("torch")

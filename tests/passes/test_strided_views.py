@@ -16,7 +16,7 @@ import onnxq
 from onnxq.io import session
 from onnxq.passes.infer_types import typed_ir
 from onnxq.passes.strided_views import drop_whole_strided_views
-from onnxq.pipeline import fuse
+from onnxq.prepare import fuse
 from onnxq.quant.plan import plan_quantization
 from tests.conftest import export
 

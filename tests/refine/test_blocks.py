@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import onnxq  # noqa: E402
-from onnxq.pipeline import fuse  # noqa: E402
+from onnxq.prepare import fuse  # noqa: E402
 from onnxq.quant.plan import plan_quantization  # noqa: E402
 from onnxq.refine.blocks import partition  # noqa: E402
 from onnxq.refine.mirror import Mirror  # noqa: E402

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 
 import onnxq  # noqa: E402
-from onnxq.pipeline import fuse  # noqa: E402
+from onnxq.prepare import fuse  # noqa: E402
 from onnxq.quant.plan import plan_quantization  # noqa: E402
 from onnxq.refine.blocks import partition  # noqa: E402
 from onnxq.refine.memory_plan import chunk_within, samples_within, saved_bytes  # noqa: E402

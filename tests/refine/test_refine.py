@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 import onnxq  # noqa: E402
 from onnxq.cli import main  # noqa: E402
 from onnxq.config import CalibrationMethod, Granularity  # noqa: E402
-from onnxq.pipeline import fuse  # noqa: E402
+from onnxq.prepare import fuse  # noqa: E402
 from onnxq.quant.plan import plan_quantization  # noqa: E402
 from onnxq.refine.blocks import partition  # noqa: E402
 from onnxq.refine.mirror import Mirror  # noqa: E402
