@@ -211,8 +211,9 @@ def main() -> None:
     show_default=True,
     help="Weight integers: nearest rounding, or gptq, which rounds each layer's weights column by "
     "column so that their errors cancel on the calibration inputs (GPTQ; numpy, no torch); auto: "
-    "gptq below 8-bit weights (with --refine, below 4-bit weights, where refinement starts from "
-    "GPTQ's integers).",
+    "gptq at every width (8-bit weights on float inputs, in the observation pass); with --refine, "
+    "below 4-bit weights, or below 8-bit weights with 8-bit activations, where refinement starts "
+    "from GPTQ's integers.",
 )
 @click.option("--seed", type=int, default=QuantConfig.seed, show_default=True, help="Seed of the search.")
 @click.option(
