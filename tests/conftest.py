@@ -32,9 +32,11 @@ def export(
     outputs=("logits",),
     opset: int = 17,
     inputs=("input",),
+    dynamic_axes: dict | None = None,
 ) -> onnx.ModelProto:
     """Export a torch module (eval mode) with the TorchScript exporter, as users' files are made.
-    `example` is one tensor, or a tuple of them, one per name in `inputs`."""
+    `example` is one tensor, or a tuple of them, one per name in `inputs`; `dynamic_axes` as
+    torch takes them (default: the batch axis of every input and output)."""
     import torch
 
     module.eval()
@@ -45,7 +47,8 @@ def export(
         buffer,
         input_names=list(inputs),
         output_names=list(outputs),
-        dynamic_axes={name: {0: "batch"} for name in (*inputs, *outputs)} if dynamic_batch else None,
+        dynamic_axes=dynamic_axes
+        or ({name: {0: "batch"} for name in (*inputs, *outputs)} if dynamic_batch else None),
         opset_version=opset,
         training=torch.onnx.TrainingMode.PRESERVE if keep_bn else torch.onnx.TrainingMode.EVAL,
         do_constant_folding=not keep_bn,

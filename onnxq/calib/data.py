@@ -61,14 +61,30 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
 DataSource = str | Path | np.ndarray | dict[str, np.ndarray] | DataReader
 
 
+DYNAMIC_SIZE = 224  # an unknown size past the first axis: an image side any stride-32 net takes
+SMALL_DYNAMIC_SIZE = 32  # instead, where 224 on every unknown axis would exceed SAMPLE_ELEMENTS
+SAMPLE_ELEMENTS = 1 << 22  # per input
+
+
 def random_sample(inputs: list[InputSpec], batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
-    """Standard-normal inputs (unknown sizes set to `batch`): enough to compare two graphs' outputs."""
+    """Standard-normal inputs: enough to compare two graphs' outputs. An unknown first axis (the
+    batch) takes `batch`; other unknown sizes (an image's height and width, a sequence's length)
+    take DYNAMIC_SIZE, since a detector whose side is 2 pixels cannot run (its feature maps
+    vanish before its Concats), or SMALL_DYNAMIC_SIZE where that would make the input too large."""
     rng = np.random.default_rng(seed)
     sample = {}
     for spec in inputs:
-        shape = tuple(batch if d is None or d <= 0 else d for d in spec.shape)
+        shape = _sample_shape(spec.shape, batch, DYNAMIC_SIZE)
+        if np.prod(shape) > SAMPLE_ELEMENTS:
+            shape = _sample_shape(spec.shape, batch, SMALL_DYNAMIC_SIZE)
         sample[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
     return sample
+
+
+def _sample_shape(dims, batch: int, size: int) -> tuple[int, ...]:
+    return tuple(
+        d if d is not None and d > 0 else (batch if axis == 0 else size) for axis, d in enumerate(dims)
+    )
 
 
 LARGE_VALUE = 1e6  # inputs beyond this are almost surely missing their preprocessing
