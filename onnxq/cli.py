@@ -316,8 +316,8 @@ def main() -> None:
     "weights, so that one activation scale serves every channel [default: on with 6- and 7-bit "
     "activations and per-channel weights]. The moves across a float op (a conv output read only "
     "by float ops such as HardSwish, a depthwise conv's input behind a Mul/Div by a constant or "
-    "a float activation) are "
-    "made at every width unless --no-equalize.",
+    "a float activation; not a SiLU at 8 bits, which runs on integer kernels) are made at every "
+    "width unless --no-equalize.",
 )
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
 @click.option(

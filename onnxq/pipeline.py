@@ -49,7 +49,7 @@ from onnxq.passes.split_addend_reads import split_addend_reads
 from onnxq.prepare import FuseResult, convert_opset, fuse, fuse_file
 from onnxq.progress import Progress, Silent
 from onnxq.quant.int8_form import choose_int8_range
-from onnxq.quant.plan import QuantPlan, plan_quantization
+from onnxq.quant.plan import QuantPlan, integer_chain_ops, plan_quantization
 from onnxq.refine import require_refinement
 from onnxq.validate import checker_error as input_checker_error
 from onnxq.validate import validate
@@ -246,7 +246,12 @@ def _equalized(prepared: FuseResult, stream, config: QuantConfig, progress: Prog
         return config.layer_settings(node.name, node.op_type).granularity.kind == "channel"
 
     equalized = equalize_channels(
-        prepared.model, peeked, prepared.statistics, per_channel, layer_pairs=config.equalizes
+        prepared.model,
+        peeked,
+        prepared.statistics,
+        per_channel,
+        layer_pairs=config.equalizes,
+        integer_chains=integer_chain_ops(config),
     )
     notes += equalized.notes
     return equalized.model, equalized.statistics, stream

@@ -46,6 +46,14 @@ from onnxq.quant.weights import WeightLayout
 # tables; QLinearMul), and a SiLU (x·sigmoid(x)), a squeeze-excitation gate or a LeakyRelu stays
 # in the integer chain; after a float op (HardSigmoid) a pair would only add a QuantizeLinear.
 CHAINED_OPS = frozenset({"Sigmoid", "Mul", "LeakyRelu"})
+
+
+def integer_chain_ops(config: QuantConfig) -> frozenset[str]:
+    """The elementwise ops quantized where every input comes from a quantized node: all 8-bit
+    only, where onnxruntime runs them on integer kernels."""
+    return CHAINED_OPS if config.lowest_bits >= 8 else frozenset()
+
+
 OWN_SCALE_OPS = frozenset({"Add", "Concat", "AveragePool", "GlobalAveragePool", *CHAINED_OPS})
 SHARED_SCALE_OPS = frozenset(
     {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Pad"}
@@ -363,7 +371,7 @@ def _role(node: ir.Node, config: QuantConfig) -> str | None:
         # below 8 bits no integer kernel runs: a chained op's pair would only add noise (a 4-bit
         # sigmoid inside every SiLU)
         chained = node.op_type in CHAINED_OPS
-        return None if chained and config.lowest_bits < 8 else "own"
+        return None if chained and node.op_type not in integer_chain_ops(config) else "own"
     if node.op_type in SHARED_SCALE_OPS:
         return "shared"
     return None

@@ -224,6 +224,19 @@ def hard_swish_block():
     depthwise conv → the same → 1×1 conv. The stem's channels span three decades and the
     depthwise conv multiplies the narrow ones back up, as a folded BatchNorm does in PP-PicoDet."""
     import torch
+
+    return _uneven_block(lambda y: y * torch.clamp(y + 3, 0, 6) / 6)
+
+
+def silu_block():
+    """The same block with SiLU (x·sigmoid(x): Sigmoid and Mul) as in EfficientNet's MBConv."""
+    import torch
+
+    return _uneven_block(lambda y: y * torch.sigmoid(y))
+
+
+def _uneven_block(activation):
+    import torch
     from torch import nn
 
     class Block(nn.Module):
@@ -239,10 +252,8 @@ def hard_swish_block():
                 self.depthwise.weight.div_(spread.reshape(-1, 1, 1, 1))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = self.stem(x)
-            y = y * torch.clamp(y + 3, 0, 6) / 6
-            y = self.depthwise(y)
-            y = y * torch.clamp(y + 3, 0, 6) / 6
+            y = activation(self.stem(x))
+            y = activation(self.depthwise(y))
             return self.project(y)
 
     torch.manual_seed(0)
@@ -272,6 +283,37 @@ def test_inlets_whose_channels_need_no_move_are_taken_out(swish_model):
     count = len(list(graph))
     assert remove_idle_inlets(graph, inlets) == 1
     assert len(list(graph)) == count - 1 and "Mul" not in [node.op_type for node in graph]
+
+
+def test_no_inlet_goes_behind_a_silu_that_runs_on_integer_kernels():
+    graph = to_ir(onnxq.fuse(silu_block()).model).graph
+    depthwise = [node.name for node in graph if node.op_type == "Conv"][1]
+    chained = onnxq.quant.plan.integer_chain_ops(onnxq.QuantConfig())
+    assert insert_inlets(graph, lambda node: True, chained) == []
+    inlets = insert_inlets(graph, lambda node: True)  # a float SiLU (below 8 bits) gets one
+    assert [mul.outputs[0].consumers()[0].name for mul in inlets] == [depthwise]
+
+
+@pytest.mark.parametrize(("bits", "integer_silu"), [((8, 8), True), ((8, 6), False), ((4, 8), False)])
+def test_a_silu_stays_on_integer_kernels_at_8_bits_and_gets_an_inlet_below(tmp_path, bits, integer_silu):
+    calib = np.random.default_rng(1).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    weight_bits, activation_bits = bits
+    config = onnxq.QuantConfig(
+        weight_bits=weight_bits,
+        activation_bits=activation_bits,
+        first_last_8bit=False,
+        speed_check=False,
+        fidelity_fallback=False,
+    )
+    model = onnxq.quantize(silu_block(), calib, config).model
+    produced_by = {out: node.op_type for node in model.graph.node for out in node.output}
+    quantized = {produced_by.get(n.input[0]) for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    inlet = any(
+        n.op_type == "Mul" and any(i in produced_by and produced_by[i] == "Mul" for i in n.input)
+        for n in model.graph.node
+    )
+    assert ({"Sigmoid", "Mul"} <= quantized) == integer_silu  # QLinearSigmoid and QLinearMul
+    assert inlet != integer_silu
 
 
 def test_moves_across_float_ops_compute_the_same_and_line_up_the_quantized_tensors(swish_model, data):
