@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from collections.abc import Iterator
 from types import ModuleType
@@ -36,11 +37,10 @@ def simplify(model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> tuple[onn
     try:
         session(model, optimize=False).run(None, sample)
     except Exception as err:  # onnxruntime's Fail on shapes the sample does not fit
-        first = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
         return (
             model,
             "kept the model as is: onnxsim's result could not be checked, as the model does not "
-            f"run on the check's sample ({first})",
+            f"run on the check's sample ({_failure(err)})",
         )
     difference = max_relative_difference(model, simplified, sample)
     if difference > TOLERANCE:
@@ -50,6 +50,15 @@ def simplify(model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> tuple[onn
         )
     before, after = len(model.graph.node), len(simplified.graph.node)
     return simplified, f"simplified: {before} → {after} nodes"
+
+
+def _failure(err: Exception) -> str:
+    """Which node onnxruntime failed in, from its message ("... while running Reshape node.
+    Name:'p2o.Reshape.79' Status Message: /onnxruntime_src/..."), else the message's start."""
+    found = re.search(r"running (\w+) node\. Name:'([^']*)'", str(err))
+    if found:
+        return f"its {found.group(1)} node {found.group(2)!r} fails on the sample's sizes"
+    return str(err).splitlines()[0][:160] if str(err) else type(err).__name__
 
 
 @contextlib.contextmanager

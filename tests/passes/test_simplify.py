@@ -104,3 +104,22 @@ def test_a_random_sample_keeps_known_sizes_and_fills_unknown_ones(dims, batch):
 
 def _smallest(dims, batch):
     return [d if d is not None else (batch if i == 0 else SMALL_DYNAMIC_SIZE) for i, d in enumerate(dims)]
+
+
+def test_the_reason_names_the_node_onnxruntime_failed_in():
+    from onnx import TensorProto, helper
+
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [1, 48])
+    node = helper.make_node("Reshape", ["x", "shape"], ["y"], name="flatten_48")
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 48])],
+        [shape],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    sample = {"x": np.zeros((2, 3, 224, 16), np.float32)}  # what random_sample gives: not 48 values
+    simplified, note = simplify_pass.simplify(model, sample)
+    assert simplified is model
+    assert note.endswith("(its Reshape node 'flatten_48' fails on the sample's sizes)")
