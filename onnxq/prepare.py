@@ -13,9 +13,9 @@ import numpy as np
 import onnx
 from onnx import version_converter
 
-from onnxq.calib.data import model_inputs, random_sample
+from onnxq.calib.data import DYNAMIC_SIZE, SMALL_DYNAMIC_SIZE, model_inputs, random_sample
 from onnxq.errors import OnnxqError
-from onnxq.io import check_writable, load_model, oldest_ir_version, save_model, to_proto
+from onnxq.io import check_writable, load_model, oldest_ir_version, save_model, session, to_proto
 from onnxq.passes.exported_forms import standard_forms
 from onnxq.passes.float32 import compute_in_float32
 from onnxq.passes.fold_affine import fold_affine
@@ -29,6 +29,7 @@ from onnxq.passes.strided_views import drop_whole_strided_views
 from onnxq.progress import Progress, Silent
 
 MIN_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear
+SAMPLE_SIZES = (DYNAMIC_SIZE, SMALL_DYNAMIC_SIZE, 2)  # unknown sizes tried for the simplify check
 
 
 @dataclass
@@ -69,7 +70,7 @@ def fuse(
     notes += [note for note in (raised, widened) if note]
     if simplify_first:
         progress.stage("simplify")
-        proto, note = simplify(proto, sample if sample is not None else random_sample(model_inputs(proto)))
+        proto, note = simplify(proto, sample if sample is not None else runnable_sample(proto))
         notes.append(note)
     progress.stage("fold and fuse")
     graph_model = typed_ir(proto)
@@ -136,3 +137,19 @@ def convert_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
         raise OnnxqError(f"cannot upgrade the model from opset {version} to {target}: {first}") from None
     converted.ir_version = oldest_ir_version(converted)
     return converted
+
+
+def runnable_sample(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """A random sample the model runs on, for the simplify check where no data is given: its
+    unknown sizes 224, else 32, else 2 (a YOLO neck needs sides of 32 or more; PP-OCRv4's text
+    recognizer, whose height is declared unknown but must be 48, runs at 2 and at neither
+    other). The first, where none runs: the check then says why it kept the model."""
+    candidates = [random_sample(model_inputs(model), size=size) for size in SAMPLE_SIZES]
+    runner = session(model, optimize=False)
+    for sample in candidates:
+        try:
+            runner.run(None, sample)
+        except Exception:  # onnxruntime's Fail on sizes the model cannot take
+            continue
+        return sample
+    return candidates[0]

@@ -66,15 +66,18 @@ SMALL_DYNAMIC_SIZE = 32  # instead, where 224 on every unknown axis would exceed
 SAMPLE_ELEMENTS = 1 << 22  # per input
 
 
-def random_sample(inputs: list[InputSpec], batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+def random_sample(
+    inputs: list[InputSpec], batch: int = 2, seed: int = 0, size: int = DYNAMIC_SIZE
+) -> dict[str, np.ndarray]:
     """Standard-normal inputs: enough to compare two graphs' outputs. An unknown first axis (the
     batch) takes `batch`; other unknown sizes (an image's height and width, a sequence's length)
-    take DYNAMIC_SIZE, since a detector whose side is 2 pixels cannot run (its feature maps
-    vanish before its Concats), or SMALL_DYNAMIC_SIZE where that would make the input too large."""
+    take `size`, by default DYNAMIC_SIZE, since a detector whose side is 2 pixels cannot run (its
+    feature maps vanish before its Concats), or SMALL_DYNAMIC_SIZE where that would make the
+    input too large."""
     rng = np.random.default_rng(seed)
     sample = {}
     for spec in inputs:
-        shape = _sample_shape(spec.shape, batch, DYNAMIC_SIZE)
+        shape = _sample_shape(spec.shape, batch, size)
         if np.prod(shape) > SAMPLE_ELEMENTS:
             shape = _sample_shape(spec.shape, batch, SMALL_DYNAMIC_SIZE)
         sample[spec.name] = rng.standard_normal(shape).astype(spec.dtype)

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import onnxq
 from onnxq.calib.data import DYNAMIC_SIZE, SAMPLE_ELEMENTS, SMALL_DYNAMIC_SIZE, InputSpec, random_sample
 from onnxq.passes import simplify as simplify_pass
+from onnxq.prepare import runnable_sample
 from tests.conftest import export, small_cnn
 
 
@@ -123,3 +124,23 @@ def test_the_reason_names_the_node_onnxruntime_failed_in():
     simplified, note = simplify_pass.simplify(model, sample)
     assert simplified is model
     assert note.endswith("(its Reshape node 'flatten_48' fails on the sample's sizes)")
+
+
+def test_a_model_that_runs_only_at_small_unknown_sizes_is_simplified_on_one():
+    from onnx import TensorProto, helper
+
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [0, 96])  # 3 · h · 16 = 96: h = 2
+    graph = helper.make_graph(
+        [
+            helper.make_node("Reshape", ["x", "shape"], ["flat"], name="flatten_96"),
+            helper.make_node("Relu", ["flat"], ["y"], name="relu"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 96])],
+        [shape],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    assert runnable_sample(model)["x"].shape == (2, 3, 2, 16)
+    result = onnxq.fuse(model)
+    assert not any(note.startswith("kept the model as is") for note in result.notes)
