@@ -144,12 +144,13 @@ def runnable_sample(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     unknown sizes 224, else 32, else 2 (a YOLO neck needs sides of 32 or more; PP-OCRv4's text
     recognizer, whose height is declared unknown but must be 48, runs at 2 and at neither
     other). The first, where none runs: the check then says why it kept the model."""
-    candidates = [random_sample(model_inputs(model), size=size) for size in SAMPLE_SIZES]
+    inputs = model_inputs(model)
     runner = session(model, optimize=False)
-    for sample in candidates:
+    for size in SAMPLE_SIZES:
+        sample = random_sample(inputs, size=size)
         try:
             runner.run(None, sample)
         except Exception:  # onnxruntime's Fail on sizes the model cannot take
             continue
         return sample
-    return candidates[0]
+    return random_sample(inputs, size=SAMPLE_SIZES[0])
