@@ -109,3 +109,55 @@ def test_whole_network_folds_to_the_exporters_own_folding(small_model, small_mod
     assert len(report.folded) == 2
     sample = {"input": np.random.default_rng(1).standard_normal((4, 3, 16, 16)).astype(np.float32)}
     assert max_relative_difference(small_model, folded, sample) <= 1e-5
+
+
+def _mixed_kernels(concat_axis: int = 1, tap: bool = False):
+    """MixNet's mixed depthwise conv: the channels split, each part convolved with its own
+    kernel size, the parts concatenated and one BatchNorm over all of them."""
+    import torch
+    from torch import nn
+
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.small = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
+            self.large = nn.Conv2d(2, 2, 5, padding=2, groups=2, bias=True)
+            self.bn = nn.BatchNorm2d(6 if concat_axis == 1 else 4)
+
+        def forward(self, x):
+            a, b = torch.split(x, [4, 2], dim=1)
+            if concat_axis == 1:
+                joined = torch.cat([self.small(a), self.large(b)], dim=1)
+            else:
+                joined = torch.cat([self.small(a), self.small(a)], dim=concat_axis)
+            out = torch.relu(self.bn(joined))
+            return out + joined.mean() if tap else out
+
+    module = Mixed()
+    randomise_batchnorm(module, seed=7)
+    return module
+
+
+def test_batchnorm_after_a_concat_of_convs_folds_slice_by_slice():
+    import torch
+
+    model = export(_mixed_kernels(), torch.zeros(1, 6, 8, 8), keep_bn=True)
+    folded, report = _fold(model)
+    assert len(report.folded) == 1 and not report.skipped
+    assert not any(n.op_type == "BatchNormalization" for n in folded.graph.node)
+    assert [s.mean.size for s in report.statistics.values()] == [4, 2]
+    sample = {"input": np.random.default_rng(4).standard_normal((3, 6, 8, 8)).astype(np.float32)}
+    assert max_relative_difference(model, folded, sample) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("axis", "tap", "reason"), [(2, False, "not along channels"), (1, True, "read elsewhere")]
+)
+def test_batchnorm_after_a_concat_stays_where_slices_cannot_fold(axis, tap, reason):
+    import torch
+
+    model = export(_mixed_kernels(axis, tap), torch.zeros(1, 6, 8, 8), keep_bn=True)
+    folded, report = _fold(model)
+    assert not report.folded
+    assert reason in next(iter(report.skipped.values()))
+    assert sum(n.op_type == "BatchNormalization" for n in folded.graph.node) == 1
