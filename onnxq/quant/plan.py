@@ -55,8 +55,14 @@ def integer_chain_ops(config: QuantConfig) -> frozenset[str]:
 
 
 OWN_SCALE_OPS = frozenset({"Add", "Concat", "AveragePool", "GlobalAveragePool", *CHAINED_OPS})
+# data movement: the outputs take the input's scale, and onnxruntime runs the op on int8 (Split:
+# MixNet's channel groups, each to its own kernel size, stay integer from one QuantizeLinear;
+# DepthToSpace: a super-resolution model's pixel shuffle)
 SHARED_SCALE_OPS = frozenset(
-    {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Pad"}
+    {
+        *("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Pad"),
+        *("Split", "DepthToSpace"),
+    }
 )
 ABSORBABLE_OPS = frozenset({"Relu", "Clip"})
 # heavy float compute onnxq leaves alone; named in the "kept in float" lines so none goes unseen
@@ -372,9 +378,15 @@ def _role(node: ir.Node, config: QuantConfig) -> str | None:
         # sigmoid inside every SiLU)
         chained = node.op_type in CHAINED_OPS
         return None if chained and node.op_type not in integer_chain_ops(config) else "own"
-    if node.op_type in SHARED_SCALE_OPS:
+    if node.op_type in SHARED_SCALE_OPS or _nearest_resize(node):
         return "shared"
     return None
+
+
+def _nearest_resize(node: ir.Node) -> bool:
+    """A nearest-neighbour Resize only copies values: onnxruntime runs it on int8 when its input and
+    output share a scale (an FPN's up-sampling); a linear one it runs in float whatever the scales."""
+    return node.op_type == "Resize" and attribute(node, "mode", "nearest") in ("nearest", b"nearest")
 
 
 def _absorbed_activations(graph: ir.Graph, config: QuantConfig, plan: QuantPlan) -> dict[str, str]:
@@ -537,15 +549,15 @@ def _plan_shared(node: ir.Node, plan: QuantPlan, alias: dict[str, str]) -> str |
         return "input is not quantized"
     if node.op_type == "Pad" and not _pads_with_zero(node):
         return "Pad is not constant-zero padding"
-    output = node.outputs[0]
-    if output.is_graph_output():
+    if any(output.is_graph_output() for output in node.outputs):
         return "output is a graph output"
-    if not is_float(output):
+    if not all(is_float(output) for output in node.outputs):
         return "not a float32 tensor"
     root = plan.root(_resolve(source.name, alias))
-    target = plan.activations.get(output.name)
-    observed = target.observed if target else output.name
-    plan.activations[output.name] = ActivationSpec(output.name, observed=observed, shares=root)
+    for output in node.outputs:
+        target = plan.activations.get(output.name)
+        observed = target.observed if target else output.name
+        plan.activations[output.name] = ActivationSpec(output.name, observed=observed, shares=root)
     return None
 
 
