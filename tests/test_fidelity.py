@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import onnxq
@@ -336,3 +336,37 @@ def test_sorted_rows_are_taken_for_topk_only_where_chance_would_rarely_sort_them
     expected = width >= class_scores.TOPK_WIDTH and chance <= class_scores.SORTED_BY_CHANCE
     assert class_scores.sorted_like_topk(values) == expected
     assert not class_scores.sorted_like_topk(values[:, ::-1]) or width < 2
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.floats(0.01, 100.0), st.floats(1e-4, 0.5)), min_size=2, max_size=6))
+def test_each_samples_own_sqnr_is_reported_beside_the_pooled_one(samples):
+    """A loud sample with little error and quiet ones with much: the pooled SQNR is the loud
+    sample's, the per-sample figures are each sample's own (numpy reference)."""
+    rng = np.random.default_rng(0)
+    want = [rng.standard_normal((1, 10)) * level for level, _ in samples]
+    got = [
+        w + rng.standard_normal(w.shape) * np.abs(w).mean() * e
+        for w, (_, e) in zip(want, samples, strict=True)
+    ]
+    comparison = fidelity.OutputComparison(["y"])
+    for w, g in zip(want, got, strict=True):
+        comparison.add([w], [g], samples=1)
+    (output,) = comparison.results()
+    own = [10 * np.log10((w**2).sum() / ((w - g) ** 2).sum()) for w, g in zip(want, got, strict=True)]
+    np.testing.assert_allclose([output.sample_median_db, output.sample_lowest_db], [np.median(own), min(own)])
+    assert f"lowest {min(own):.1f} dB" in str(output)
+
+
+def test_a_batch_of_samples_is_scored_sample_by_sample_and_one_sample_alone_is_not():
+    want = np.array([[1.0, 2.0], [10.0, 20.0]])
+    got = want + np.array([[0.1, 0.0], [0.1, 0.0]])
+    (batch,) = fidelity.compare_outputs(["y"], [([want], [got])])
+    assert batch.sample_lowest_db is None  # runs said nothing of their samples
+    comparison = fidelity.OutputComparison(["y"])
+    comparison.add([want], [got], samples=2)
+    (scored,) = comparison.results()
+    np.testing.assert_allclose(scored.sample_lowest_db, 10 * np.log10(5 / 0.01))
+    comparison = fidelity.OutputComparison(["y"])
+    comparison.add([want[:1]], [got[:1]], samples=1)
+    assert comparison.results()[0].sample_median_db is None  # one sample: the pooled figure says it
