@@ -132,3 +132,13 @@ def needs_shared(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not available")
     return path
+
+
+def deployed_graph(model: onnx.ModelProto, folder) -> onnx.GraphProto:
+    """The graph onnxruntime runs for `model` at its default level: which ops its QDQ fusions
+    turned into integer kernels, and which stayed float."""
+    from onnxq.io import session
+
+    optimized = Path(folder) / "optimized.onnx"
+    session(model, optimized_path=str(optimized))
+    return onnx.load(optimized).graph

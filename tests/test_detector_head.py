@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxq
 from onnxq.io import session, to_ir
 from onnxq.quant.plan import HARDSWISH_FLOOR, SILU_FLOOR, plan_quantization
+from tests.conftest import deployed_graph
 
 CHANNELS = 8
 
@@ -94,9 +95,7 @@ def test_no_conv_runs_in_float_on_dequantized_weights_in_onnxruntime(tmp_path):
     data = np.random.default_rng(2).standard_normal((16, 3, 6, 6)).astype(np.float32)
     config = onnxq.QuantConfig(fidelity_fallback=False, speed_check=False)
     result = onnxq.quantize(head_model(), data, config)
-    optimized = tmp_path / "optimized.onnx"
-    session(result.model, optimized_path=str(optimized))
-    graph = onnx.load(optimized).graph
+    graph = deployed_graph(result.model, tmp_path)
     producers = {o: n.op_type for n in graph.node for o in n.output}
     convs = [n for n in graph.node if n.op_type in ("Conv", "FusedConv")]
     assert convs and all(producers.get(n.input[1]) != "DequantizeLinear" for n in convs)

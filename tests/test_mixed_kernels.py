@@ -10,10 +10,9 @@ import numpy as np
 import onnx
 
 import onnxq
-from onnxq.io import session
 from onnxq.passes.infer_types import typed_ir
 from onnxq.quant.plan import plan_quantization
-from tests.conftest import export, randomise_batchnorm
+from tests.conftest import deployed_graph, export, randomise_batchnorm
 
 
 def mixed_block() -> onnx.ModelProto:
@@ -52,9 +51,7 @@ def test_the_whole_block_runs_on_integer_kernels(tmp_path):
     data = np.random.default_rng(0).standard_normal((16, 3, 12, 12)).astype(np.float32)
     config = onnxq.QuantConfig(fidelity_fallback=False, speed_check=False)
     result = onnxq.quantize(mixed_block(), data, config)
-    optimized = tmp_path / "optimized.onnx"
-    session(result.model, optimized_path=str(optimized))
-    nodes = onnx.load(optimized).graph.node
+    nodes = deployed_graph(result.model, tmp_path).node
     ops = [n.op_type for n in nodes]
     assert {"BatchNormalization", "Sigmoid", "Mul", "Concat"}.isdisjoint(ops)  # integer kernels
     assert ops.count("QLinearConv") == 3  # the head, whose output is the model's, stays float

@@ -9,10 +9,9 @@ import onnx
 import pytest
 
 import onnxq
-from onnxq.io import session
 from onnxq.passes.infer_types import typed_ir
 from onnxq.quant.plan import plan_quantization
-from tests.conftest import export
+from tests.conftest import deployed_graph, export
 
 MOVES = {
     "pixel_shuffle": ("DepthToSpace", True),
@@ -59,9 +58,7 @@ def test_onnxruntime_moves_int8_values_between_integer_layers(move, tmp_path):
     data = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)
     config = onnxq.QuantConfig(fidelity_fallback=False, speed_check=False)
     result = onnxq.quantize(_model(move), data, config)
-    optimized = tmp_path / "optimized.onnx"
-    session(result.model, optimized_path=str(optimized))
-    nodes = onnx.load(optimized).graph.node
+    nodes = deployed_graph(result.model, tmp_path).node
     producers = {o: n.op_type for n in nodes for o in n.output}
     (moved,) = [n for n in nodes if n.op_type == MOVES[move][0]]
     assert producers[moved.input[0]] not in ("DequantizeLinear", "Relu")  # int8 in
