@@ -87,7 +87,7 @@ class OutputFidelity:
         elif self.runs and self.reshaped == self.runs:  # every run skipped: nothing measured
             text = f"{what}:"
         else:
-            text = f"{what}: SQNR {self.sqnr_db:.1f} dB"
+            text = f"{what}: SQNR {_db(self.sqnr_db)}"
             if self.sample_median_db is not None and np.isfinite(self.sqnr_db):  # none beside exact
                 text += (
                     f" (per sample: median {_db(self.sample_median_db)}, lowest {_db(self.sample_lowest_db)})"

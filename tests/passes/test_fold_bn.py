@@ -146,6 +146,13 @@ def test_batchnorm_after_a_concat_of_convs_folds_slice_by_slice():
     assert len(report.folded) == 1 and not report.skipped
     assert not any(n.op_type == "BatchNormalization" for n in folded.graph.node)
     assert [s.mean.size for s in report.statistics.values()] == [4, 2]
+    bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    values = {t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    gamma, beta, _, var = (values[name] for name in bn.input[1:5])
+    means = np.concatenate([s.mean for s in report.statistics.values()])
+    variances = np.concatenate([s.var for s in report.statistics.values()])
+    np.testing.assert_allclose(means, beta)  # each slice keeps its channels' output statistics
+    np.testing.assert_allclose(variances, gamma**2 * var / (var + 1e-5))
     sample = {"input": np.random.default_rng(4).standard_normal((3, 6, 8, 8)).astype(np.float32)}
     assert max_relative_difference(model, folded, sample) <= 1e-5
 
