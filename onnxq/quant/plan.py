@@ -5,9 +5,9 @@ Placement follows what onnxruntime's CPU provider fuses into integer kernels:
 - Conv/ConvTranspose/Gemm/MatMul: activation inputs, constant weights (per output channel) and
   bias (int32, scale s_in·s_w), and the output → QLinearConv, QLinearMatMul, QGemm.
 - Add, Concat, AveragePool, GlobalAveragePool: inputs and output → QLinearAdd, QLinearConcat, ...
-- MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Slice, constant Pad: the output
-  shares the input's scale and zero point, so onnxruntime drops the Q/DQ pair and runs them on
-  integers as they are.
+- MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Slice, constant Pad, Split,
+  DepthToSpace, nearest Resize: the outputs share the input's scale and zero point, so
+  onnxruntime drops the Q/DQ pairs and runs them on integers as they are.
 - Relu, and Clip with min 0, right after such a node are absorbed: the producer's output is
   quantized with the range observed after the activation and zero point at the bottom of the
   unsigned range, so QuantizeLinear itself clamps at 0 (and below the Clip's max), exactly.
@@ -16,7 +16,7 @@ Graph outputs stay float, so the logits lose no precision to a final QuantizeLin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -40,6 +40,12 @@ from onnxq.quant.prune import (
     keep_float_neighbours,
 )
 from onnxq.quant.weights import WeightLayout
+from onnxq.quant.widths import (
+    assign_activation_bits,
+    share_unwidened_layer_reads,
+    widen_blockwise_int8_containers,
+    widen_int2_containers,
+)
 
 # Quantized only where every input comes from a quantized node and every width is 8 bits:
 # onnxruntime then runs them on its integer kernels (QLinearSigmoid and QLinearLeakyRelu, lookup
@@ -215,101 +221,17 @@ def plan_quantization(
         keep_float_neighbours(graph, plan)
     drop_quantizers_that_do_not_pay(graph, plan)
     keep_float_convs_without_output_pair(graph, plan)
-    _assign_activation_bits(graph, plan, config, alias)
-    _share_unwidened_layer_reads(graph, plan, alias)
+    assign_activation_bits(graph, plan, config, alias)
+    share_unwidened_layer_reads(graph, plan, alias)
     _floor_flattened_ranges(graph, plan)
-    _widen_int2_containers(graph, plan)
-    _widen_blockwise_int8_containers(graph, plan)
+    widen_int2_containers(graph, plan)
+    widen_blockwise_int8_containers(graph, plan)
     plan.unmatched_overrides = [
         f"{o.pattern}" + (f" (op {o.op_type})" if o.op_type else "")
         for o in config.overrides
         if not any(o.matches(_node_name(n), n.op_type) for n in compute)
     ]
     return plan
-
-
-def _layer_weights(graph: ir.Graph, plan: QuantPlan) -> Iterator[tuple[ir.Node, WeightSpec]]:
-    """Each planned layer with the spec of the weight it reads."""
-    for node in graph:
-        weight = node.inputs[1] if node.name in plan.layers and len(node.inputs) > 1 else None
-        spec = plan.weights.get(weight.name) if weight is not None else None
-        if spec is not None:
-            yield node, spec
-
-
-def _widen_int2_containers(graph: ir.Graph, plan: QuantPlan) -> None:
-    """2-bit weights of layers onnxruntime may fuse into an integer kernel go in INT4 types.
-
-    onnxruntime fuses DequantizeLinear → Conv/Gemm/MatMul → QuantizeLinear (or a float graph
-    output) into QLinearConv, QGemm or QLinearMatMul, which reject INT2 weights. An output
-    quantized below 8 bits gets a Clip before its QuantizeLinear, which no fusion matches, so
-    only those layers keep INT2 storage; the values are 2-bit either way.
-    """
-    for node, spec in _layer_weights(graph, plan):
-        if spec.bits > 2:
-            continue
-        output = plan.activations.get(node.outputs[0].name)
-        if output is None or output.bits >= 8:
-            plan.weights[spec.name] = replace(spec, container_bits=4)
-
-
-def _widen_blockwise_int8_containers(graph: ir.Graph, plan: QuantPlan) -> None:
-    """Block-wise 8-bit weights that onnxruntime would fuse into an integer kernel go in INT16.
-
-    Its fusions fail at run time on block-wise scales: a bias-free Conv with a quantized output
-    becomes QLinearConv ("filter scale shape invalid": Magika's first Conv; with a bias, which
-    stays float beside block-wise scales, nothing is fused), a MatMul or Gemm with a quantized
-    input MatMulIntegerToFloat ("Attempting to broadcast an axis by a dimension other than 1": a
-    transformer's in-projection). INT16 is no type its integer kernels take, so the layer runs
-    as written, DequantizeLinear in float: the values stay 8-bit. 4-bit and narrower weights
-    are stored in INT4, which these fusions do not take.
-    """
-    for node, spec in _layer_weights(graph, plan):
-        if spec.granularity.kind != "block" or spec.bits <= 4:
-            continue
-        biased = len(node.inputs) > 2 and node.inputs[2] is not None
-        fused_conv = node.op_type == "Conv" and not biased and node.outputs[0].name in plan.activations
-        if fused_conv or node.op_type in ("MatMul", "Gemm"):
-            plan.weights[spec.name] = replace(spec, container_bits=16)
-
-
-def _assign_activation_bits(graph: ir.Graph, plan: QuantPlan, config: QuantConfig, alias) -> None:
-    """Each activation gets the most bits any layer reading it asks for; sharers follow their root."""
-    wanted: dict[str, int] = {}
-    for node in graph:
-        bits = plan.layers[node.name].activation_bits if node.name in plan.layers else None
-        for value in node.inputs:
-            if value is None:
-                continue
-            name = _resolve(value.name, alias)
-            if name in plan.activations:
-                default = config.activation_bits if bits is None else bits
-                wanted[name] = max(wanted.get(name, 0), default)
-    for name in _addends(graph, plan, alias):
-        if wanted.get(name, config.activation_bits) < config.addend_bits:
-            wanted[name] = config.addend_bits
-            plan.widened_addends.append(name)
-    roots: dict[str, int] = {}
-    for name in plan.activations:
-        root = plan.root(name)
-        roots[root] = max(roots.get(root, 0), wanted.get(name, config.activation_bits))
-    for name, spec in list(plan.activations.items()):
-        plan.activations[name] = replace(spec, bits=roots[plan.root(name)])
-
-
-def _share_unwidened_layer_reads(graph: ir.Graph, plan: QuantPlan, alias: dict[str, str]) -> None:
-    """A layer read (onnxq.passes.split_addend_reads) of a tensor that kept the layers' width
-    shares the tensor's quantizer: quantizing again at the same scale changes nothing, so the
-    split costs no precision where the Adds could not take more bits (a MaxPool's output)."""
-    for node in graph:
-        if not is_layer_read(node.name):
-            continue
-        source, output = _resolve(node.inputs[0].name, alias), node.outputs[0].name
-        if source not in plan.activations or output not in plan.activations:
-            continue
-        root = plan.activations[plan.root(source)]
-        if root.bits <= plan.activations[output].bits:
-            plan.activations[output] = replace(plan.activations[output], shares=root.tensor, bits=root.bits)
 
 
 # x·σ(x) moves by under 8·σ(-8) < 0.003 below -8; HardSwish is exactly 0 below -3
@@ -346,24 +268,6 @@ def _flattening_floor(value: ir.Value) -> float | None:
         if {v.name for v in mul.inputs if v is not None} == {value.name, sigmoid.outputs[0].name}
         else None
     )
-
-
-def _addends(graph: ir.Graph, plan: QuantPlan, alias: dict[str, str]) -> list[str]:
-    """Activations with their own scale that only Add nodes read: a residual branch before its
-    sum, or a sum whose layers read it through their own quantizer (onnxq.passes.split_addend_reads).
-    No layer reads them, so "A bits" (the inputs of weighted layers) does not bind them."""
-    readers: dict[str, set[str]] = {}
-    for node in graph:
-        for value in node.inputs:
-            # not the absorbed Relu a tensor stands for, nor the layers' own copy (they read that)
-            skip = value is None or node.name in plan.absorbed or is_layer_read(node.name)
-            if not skip and (name := _resolve(value.name, alias)) in plan.activations:
-                readers.setdefault(name, set()).add(node.op_type)
-    return [
-        name
-        for name, spec in plan.activations.items()
-        if spec.shares is None and readers.get(name) == {"Add"}
-    ]
 
 
 def _role(node: ir.Node, config: QuantConfig) -> str | None:
