@@ -70,7 +70,8 @@ def fuse(
     notes += [note for note in (raised, widened) if note]
     if simplify_first:
         progress.stage("simplify")
-        proto, note = simplify(proto, sample if sample is not None else runnable_sample(proto))
+        sample, expected = (sample, None) if sample is not None else sample_and_outputs(proto)
+        proto, note = simplify(proto, sample, expected)
         notes.append(note)
     progress.stage("fold and fuse")
     graph_model = typed_ir(proto)
@@ -139,18 +140,18 @@ def convert_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     return converted
 
 
-def runnable_sample(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """A random sample the model runs on, for the simplify check where no data is given: its
-    unknown sizes 224, else 32, else 2 (a YOLO neck needs sides of 32 or more; PP-OCRv4's text
-    recognizer, whose height is declared unknown but must be 48, runs at 2 and at neither
-    other). The first, where none runs: the check then says why it kept the model."""
+def sample_and_outputs(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], list[np.ndarray] | None]:
+    """A random sample the model runs on, for the simplify check where no data is given, and the
+    model's outputs on it (the check's reference: the model is not run twice). Its unknown sizes
+    are 224, else 32, else 2 (a YOLO neck needs sides of 32 or more; PP-OCRv4's text recognizer,
+    whose height is declared unknown but must be 48, runs at 2 and at neither other). Where none
+    runs, the first and no outputs: the check then says why it kept the model."""
     inputs = model_inputs(model)
     runner = session(model, optimize=False)
     for size in SAMPLE_SIZES:
         sample = random_sample(inputs, size=size)
         try:
-            runner.run(None, sample)
+            return sample, runner.run(None, sample)
         except Exception:  # onnxruntime's Fail on sizes the model cannot take
             continue
-        return sample
-    return random_sample(inputs, size=SAMPLE_SIZES[0])
+    return random_sample(inputs, size=SAMPLE_SIZES[0]), None

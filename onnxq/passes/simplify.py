@@ -23,8 +23,11 @@ from onnxq.io import session
 TOLERANCE = 1e-4  # max |difference| relative to the largest output magnitude
 
 
-def simplify(model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, str]:
-    """Return (model, note): the simplified model when it is equivalent on `sample`, else the input."""
+def simplify(
+    model: onnx.ModelProto, sample: dict[str, np.ndarray], expected: list[np.ndarray] | None = None
+) -> tuple[onnx.ModelProto, str]:
+    """Return (model, note): the simplified model when it is equivalent on `sample`, else the input.
+    `expected`: the model's outputs on `sample` where the caller has run it already."""
     try:
         onnxsim = _import_onnxsim()
         # BatchNormalization is left to fold_bn, which keeps its statistics
@@ -35,7 +38,8 @@ def simplify(model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> tuple[onn
     if not checked:
         return model, "onnxsim could not verify its result; kept the model as is"
     try:
-        expected = session(model, optimize=False).run(None, sample)
+        if expected is None:
+            expected = session(model, optimize=False).run(None, sample)
     except Exception as err:  # onnxruntime's Fail on shapes the sample does not fit
         return (
             model,

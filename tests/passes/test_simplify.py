@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import onnxq
 from onnxq.calib.data import DYNAMIC_SIZE, SAMPLE_ELEMENTS, SMALL_DYNAMIC_SIZE, InputSpec, random_sample
 from onnxq.passes import simplify as simplify_pass
-from onnxq.prepare import runnable_sample
+from onnxq.prepare import sample_and_outputs
 from tests.conftest import export, small_cnn
 
 
@@ -141,6 +141,6 @@ def test_a_model_that_runs_only_at_small_unknown_sizes_is_simplified_on_one():
         [shape],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    assert runnable_sample(model)["x"].shape == (2, 3, 2, 16)
+    assert sample_and_outputs(model)[0]["x"].shape == (2, 3, 2, 16)
     result = onnxq.fuse(model)
     assert not any(note.startswith("kept the model as is") for note in result.notes)
