@@ -85,3 +85,84 @@ def test_scaleclip_keeps_a_one_sided_range_one_sided():
     observer = ScaleClipObserver(2.0)
     observer.update(np.array([0.0, 0.0, 1.0, 9.0], np.float32))
     assert observer.range() == (0.0, 5.0)
+
+
+def _stream(seed: int, kind: str, growth: float, batches: int) -> list[np.ndarray]:
+    """Batches of 40 000 values of one kind of activation, each `growth` times the last."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for index in range(batches):
+        values = rng.standard_normal(40_000) * growth**index
+        if kind == "relu":
+            values = np.maximum(values, 0)
+        elif kind == "relu6":  # an atom at the top as well
+            values = np.clip(values * 4, 0, 6)
+        elif kind == "silu":
+            values = values * 0.5 * (1 + np.tanh(values / 2))  # x·sigmoid(x), without overflow
+        elif kind == "cubic":  # long tails both sides
+            values = values**3
+        parts.append(values.astype(np.float32))
+    return parts
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    kind=st.sampled_from(["relu", "relu6", "silu", "cubic", "gaussian"]),
+    growth=st.floats(0.7, 4.0),
+    batches=st.integers(3, 6),
+    percentile=st.sampled_from([99.999, 99.99]),
+)
+def test_binning_only_the_tails_gives_the_range_every_value_binned_gives(
+    seed, kind, growth, batches, percentile
+):
+    """Once the middle holds one count, the range is that of a histogram that bins every value,
+    through doublings of the limit and batches up to 1.4 times quieter each."""
+    tails, every = HistogramObserver(percentile), HistogramObserver(percentile, binned_tails=False)
+    for part in _stream(seed, kind, growth, batches):
+        tails.update(part)
+        every.update(part)
+    assert tails.middle is not None  # the later batches went through the tails alone
+    assert tails.range() == every.range()
+    assert tails.extreme_range() == every.extreme_range()
+    first, last = tails.middle  # every bin outside the middle as counted value by value
+    expected = every.counts.copy()
+    assert tails.middle_count == expected[first : last + 1].sum()
+    expected[first : last + 1] = 0
+    np.testing.assert_array_equal(tails.counts, expected)
+
+
+def test_data_quieter_than_the_middle_allows_widens_the_range_never_narrows_it():
+    """A loud first batch sets the middle wide; 200 quiet ones then put 1 % of all values inside it."""
+    loud, quiet = np.concatenate(_stream(0, "gaussian", 1.0, 2)) * 100, _stream(1, "gaussian", 1.0, 200)
+    tails, every = HistogramObserver(99.0), HistogramObserver(99.0, binned_tails=False)
+    for part in [loud, *quiet]:
+        tails.update(part)
+        every.update(part)
+    low, high = tails.range()
+    expected_low, expected_high = every.range()
+    assert low <= expected_low and high >= expected_high
+    assert (low, high) != (expected_low, expected_high)  # the cut fell inside the middle
+
+
+def test_a_nan_batch_after_the_middle_is_set_keeps_the_counts_and_the_range():
+    parts = _stream(3, "relu", 1.0, 3)
+    parts[2][::1000] = np.nan
+    tails, every = HistogramObserver(99.999), HistogramObserver(99.999, binned_tails=False)
+    for part in parts:
+        tails.update(part)
+        every.update(part)
+    assert tails.middle is not None
+    assert tails.range() == every.range()
+    assert tails.counts.sum() + tails.middle_count == sum(part.size for part in parts)
+
+
+@settings(max_examples=50, deadline=None)
+@given(limit=st.floats(1e-6, 1e6), position=st.integers(1, 4095))
+def test_the_least_value_reaching_a_bin_is_where_the_bin_positions_cross_it(limit, position):
+    observer = HistogramObserver(99.999)
+    observer.limit = limit
+    threshold = observer._least_reaching(position)
+    below = np.nextafter(threshold, np.float32(-np.inf))
+    positions = observer._index(np.array([below, threshold], np.float32))
+    assert positions[0] < position <= positions[1]
