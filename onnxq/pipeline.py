@@ -45,8 +45,9 @@ from onnxq.passes.equalize import equalize_channels
 from onnxq.passes.graph_utils import opset_version
 from onnxq.passes.infer_types import typed_ir
 from onnxq.passes.insert_qdq import required_opset
+from onnxq.passes.opset_upgrade import upgrade_opset
 from onnxq.passes.split_addend_reads import split_addend_reads
-from onnxq.prepare import FuseResult, convert_opset, fuse, fuse_file
+from onnxq.prepare import FuseResult, fuse, fuse_file
 from onnxq.progress import Progress, Silent
 from onnxq.quant.int8_form import choose_int8_range
 from onnxq.quant.plan import QuantPlan, integer_chain_ops, plan_quantization
@@ -146,7 +147,7 @@ def quantize(
         raise OnnxqError("nothing to quantize: the model has no Conv, Gemm or MatMul with constant weights")
     opset = required_opset(plan)
     if opset > opset_version(float_model):
-        float_model = convert_opset(float_model, opset)
+        float_model = upgrade_opset(float_model, opset, sample)
         notes.append(f"opset raised to {opset} for the integer types in use")
         graph_model = typed_ir(float_model)
         plan = plan_quantization(graph_model.graph, config)

@@ -11,10 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import version_converter
 
 from onnxq.calib.data import DYNAMIC_SIZE, SMALL_DYNAMIC_SIZE, model_inputs, random_sample
-from onnxq.errors import OnnxqError
 from onnxq.io import check_writable, load_model, oldest_ir_version, save_model, session, to_proto
 from onnxq.passes.exported_forms import standard_forms
 from onnxq.passes.float32 import compute_in_float32
@@ -24,6 +22,7 @@ from onnxq.passes.fuse_activations import fuse_activations, needs_opset
 from onnxq.passes.fuse_branches import FuseReport, fuse_branches
 from onnxq.passes.graph_utils import constants_to_initializers, name_nodes, opset_version
 from onnxq.passes.infer_types import typed_ir
+from onnxq.passes.opset_upgrade import upgrade_opset
 from onnxq.passes.simplify import simplify
 from onnxq.passes.strided_views import drop_whole_strided_views
 from onnxq.progress import Progress, Silent
@@ -59,24 +58,27 @@ def fuse(
     progress = progress or Silent()
     proto = load_model(model) if isinstance(model, str | os.PathLike) else model
     proto, notes = standard_forms(proto)
-    exported = opset_version(proto)
-    proto = _supported_opset(proto)
-    raised = (
-        f"opset raised from {exported} to {MIN_OPSET} (per-channel Q/DQ)"
-        if opset_version(proto) > exported
-        else ""
-    )
+    exported, expected = opset_version(proto), None
+    if exported < MIN_OPSET:  # checked on the sample: the simplify check compares with the upgrade
+        if sample is None:  # a random sample; the check is skipped where the model runs on none
+            sample, expected = sample_and_outputs(proto)
+            checked = sample if expected is not None else None
+        else:
+            checked = sample
+        proto = upgrade_opset(proto, MIN_OPSET, checked, expected)
+    raised = f"opset raised from {exported} to {MIN_OPSET} (per-channel Q/DQ)" if exported < MIN_OPSET else ""
     proto, widened = compute_in_float32(proto)
     notes += [note for note in (raised, widened) if note]
     if simplify_first:
         progress.stage("simplify")
-        sample, expected = (sample, None) if sample is not None else sample_and_outputs(proto)
-        proto, note = simplify(proto, sample, expected)
+        if sample is None:
+            sample, expected = sample_and_outputs(proto)
+        proto, note = simplify(proto, sample, None if widened else expected)
         notes.append(note)
     progress.stage("fold and fuse")
     graph_model = typed_ir(proto)
     if raised := needs_opset(graph_model.graph, opset_version(proto)):
-        proto = convert_opset(proto, raised)
+        proto = upgrade_opset(proto, raised, sample)
         notes.append(f"opset raised to {raised} for HardSwish")
         graph_model = typed_ir(proto)
     name_nodes(graph_model.graph)  # later stages rebuild the graph and refer to nodes by name
@@ -123,21 +125,6 @@ def fuse_file(source: str | os.PathLike, target: str | os.PathLike, **kwargs) ->
     result = fuse(source, **kwargs)
     save_model(result.model, target)
     return result
-
-
-def _supported_opset(model: onnx.ModelProto) -> onnx.ModelProto:
-    return model if opset_version(model) >= MIN_OPSET else convert_opset(model, MIN_OPSET)
-
-
-def convert_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
-    version = opset_version(model)
-    try:
-        converted = version_converter.convert_version(model, target)
-    except Exception as err:  # the converter raises plain RuntimeError and C++ errors
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise OnnxqError(f"cannot upgrade the model from opset {version} to {target}: {first}") from None
-    converted.ir_version = oldest_ir_version(converted)
-    return converted
 
 
 def sample_and_outputs(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], list[np.ndarray] | None]:
