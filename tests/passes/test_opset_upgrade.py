@@ -105,3 +105,13 @@ def test_a_segmenter_exported_at_opset_10_is_quantized_against_its_own_outputs()
     expected, actual = _outputs(model, test)[0], _outputs(result.model, test)[0]
     sqnr = 10 * np.log10(np.sum(expected**2) / np.sum((expected - actual) ** 2))
     assert sqnr > 30
+
+
+def test_a_sample_the_original_cannot_run_is_left_to_the_stage_that_needs_it():
+    """No upgrade error for a model that fails on the sample itself (a 3-channel sample where
+    the input takes 2): the calibration reports that failure as the model's own."""
+    model = _resizing("Resize", 10, "linear", [2.0, 2.0])
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "channels"
+    wrong = {"x": np.zeros((1, 3, 5), np.float32)}
+    upgraded = upgrade_opset(model, 13, wrong)
+    assert any(node.op_type == "Resize" for node in upgraded.graph.node)
