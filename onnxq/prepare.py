@@ -59,13 +59,14 @@ def fuse(
     proto = load_model(model) if isinstance(model, str | os.PathLike) else model
     proto, notes = standard_forms(proto)
     exported, expected = opset_version(proto), None
-    if exported < MIN_OPSET:  # checked on the sample: the simplify check compares with the upgrade
-        if sample is None:  # a random sample; the check is skipped where the model runs on none
+    if exported < MIN_OPSET:
+        # the original's outputs: the reference of the upgrade's check and of simplify's (where the
+        # model fails on the sample, the upgrade is not checked and simplify says why it kept it)
+        if sample is None:
             sample, expected = sample_and_outputs(proto)
-            checked = sample if expected is not None else None
         else:
-            checked = sample
-        proto = upgrade_opset(proto, MIN_OPSET, checked, expected)
+            expected = _outputs(proto, sample)
+        proto = upgrade_opset(proto, MIN_OPSET, sample if expected is not None else None, expected)
     raised = f"opset raised from {exported} to {MIN_OPSET} (per-channel Q/DQ)" if exported < MIN_OPSET else ""
     proto, widened = compute_in_float32(proto)
     notes += [note for note in (raised, widened) if note]
@@ -125,6 +126,14 @@ def fuse_file(source: str | os.PathLike, target: str | os.PathLike, **kwargs) ->
     result = fuse(source, **kwargs)
     save_model(result.model, target)
     return result
+
+
+def _outputs(model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> list[np.ndarray] | None:
+    """The model's outputs on `sample` without onnxruntime's rewrites, or None where it fails."""
+    try:
+        return session(model, optimize=False).run(None, sample)
+    except Exception:  # onnxruntime's Fail on shapes the sample does not fit
+        return None
 
 
 def sample_and_outputs(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], list[np.ndarray] | None]:
