@@ -22,7 +22,7 @@ from onnxq.passes.fuse_activations import fuse_activations, needs_opset
 from onnxq.passes.fuse_branches import FuseReport, fuse_branches
 from onnxq.passes.graph_utils import constants_to_initializers, name_nodes, opset_version
 from onnxq.passes.infer_types import typed_ir
-from onnxq.passes.opset_upgrade import upgrade_opset
+from onnxq.passes.opset_upgrade import reference_outputs, upgrade_opset
 from onnxq.passes.simplify import simplify
 from onnxq.passes.strided_views import drop_whole_strided_views
 from onnxq.progress import Progress, Silent
@@ -65,7 +65,7 @@ def fuse(
         if sample is None:
             sample, expected = sample_and_outputs(proto)
         else:
-            expected = _outputs(proto, sample)
+            expected = reference_outputs(proto, sample)
         proto = upgrade_opset(proto, MIN_OPSET, sample if expected is not None else None, expected)
     raised = f"opset raised from {exported} to {MIN_OPSET} (per-channel Q/DQ)" if exported < MIN_OPSET else ""
     proto, widened = compute_in_float32(proto)
@@ -126,14 +126,6 @@ def fuse_file(source: str | os.PathLike, target: str | os.PathLike, **kwargs) ->
     result = fuse(source, **kwargs)
     save_model(result.model, target)
     return result
-
-
-def _outputs(model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> list[np.ndarray] | None:
-    """The model's outputs on `sample` without onnxruntime's rewrites, or None where it fails."""
-    try:
-        return session(model, optimize=False).run(None, sample)
-    except Exception:  # onnxruntime's Fail on shapes the sample does not fit
-        return None
 
 
 def sample_and_outputs(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], list[np.ndarray] | None]:

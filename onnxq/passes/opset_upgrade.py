@@ -36,8 +36,9 @@ def upgrade_opset(
     try:
         converted = version_converter.convert_version(model, target)
     except Exception as err:  # the converter raises plain RuntimeError and C++ errors
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise OnnxqError(f"cannot upgrade the model from opset {version} to {target}: {first}") from None
+        raise OnnxqError(
+            f"cannot upgrade the model from opset {version} to {target}: {_first_line(err)}"
+        ) from None
     if version <= ASYMMETRIC_UNTIL:
         _keep_asymmetric_resizing(converted.graph)
     converted.ir_version = oldest_ir_version(converted)
@@ -48,7 +49,6 @@ def upgrade_opset(
 
 def _keep_asymmetric_resizing(graph: onnx.GraphProto) -> None:
     """Every Resize the converter wrote from a Resize-10 or Upsample keeps their coordinates."""
-    constants = _constants(graph)
     for node in graph.node:
         if node.op_type != "Resize":
             continue
@@ -58,14 +58,14 @@ def _keep_asymmetric_resizing(graph: onnx.GraphProto) -> None:
         node.attribute.extend(kept)
         node.attribute.append(helper.make_attribute("coordinate_transformation_mode", "asymmetric"))
         if mode == b"nearest":
-            node.attribute.append(helper.make_attribute("nearest_mode", _nearest_rounding(node, constants)))
+            node.attribute.append(helper.make_attribute("nearest_mode", _nearest_rounding(node, graph)))
 
 
-def _nearest_rounding(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> str:
+def _nearest_rounding(node: onnx.NodeProto, graph: onnx.GraphProto) -> str:
     """Resize-10's nearest rounding: ceiling where every axis shrinks or stays, floor where every
     axis grows or stays, and floor where the scales are computed at run time (exports enlarge
     feature maps; the check after the upgrade catches a model that shrinks them)."""
-    scales = constants.get(node.input[2]) if len(node.input) > 2 else None
+    scales = _constant(graph, node.input[2]) if len(node.input) > 2 else None
     if scales is None or scales.size == 0:
         return "floor"
     if np.all(scales <= 1) and np.any(scales < 1):
@@ -79,31 +79,46 @@ def _nearest_rounding(node: onnx.NodeProto, constants: dict[str, np.ndarray]) ->
     )
 
 
-def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    """Initializers and Constant outputs by name."""
-    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+def _constant(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
+    """The initializer or Constant output of that name, or None (only it is decoded)."""
+    for init in graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
     for node in graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    return values
+        if (
+            node.op_type == "Constant"
+            and node.output[0] == name
+            and node.attribute[:1]
+            and node.attribute[0].name == "value"
+        ):
+            return numpy_helper.to_array(node.attribute[0].t)
+    return None
+
+
+def reference_outputs(model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> list[np.ndarray] | None:
+    """The model's outputs on `sample` without onnxruntime's rewrites, or None where it fails."""
+    try:
+        return session(model, optimize=False).run(None, sample)
+    except Exception:  # onnxruntime's Fail on shapes the sample does not fit
+        return None
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def _check_upgrade(original, converted, sample, expected, version: int, target: int) -> None:
     """Stop with the reason where the upgraded model's outputs differ from the original's, or
     where it fails on a sample the original runs on. Where the original fails too, nothing is
     said here: the stage that needs the sample reports the model's own failure."""
+    expected = reference_outputs(original, sample) if expected is None else expected
     if expected is None:
-        try:
-            expected = session(original, optimize=False).run(None, sample)
-        except Exception:  # onnxruntime's Fail on shapes the sample does not fit
-            return
+        return
     try:
         actual = session(converted, optimize=False).run(None, sample)
     except Exception as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise OnnxqError(
-            f"the model upgraded from opset {version} to {target} fails where the original runs: {first}"
-        ) from None
+        upgraded = f"the model upgraded from opset {version} to {target}"
+        raise OnnxqError(f"{upgraded} fails where the original runs: {_first_line(err)}") from None
     difference = relative_difference(expected, actual)
     if difference > TOLERANCE:
         raise OnnxqError(
