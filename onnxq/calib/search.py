@@ -47,6 +47,9 @@ COARSE = np.linspace(0.05, 1.0, 20)  # clipping ratios, step 0.05
 FINE = np.array([-0.03, -0.015, 0.015, 0.03])
 PD_WEIGHT_STEPS = (0.9, 0.95, 1.05)
 PD_ACTIVATION_STEPS = (0.8, 0.9, 1.1)
+# Losses this close (relative) count as a tie, which the widest ratio wins: float64 sums of the
+# same errors in another order differ in their last bits.
+TIE = 1e-9
 ACTIVATION_POSITIONS = 1 << 20  # positions per tensor the activation search scores
 
 
@@ -171,6 +174,19 @@ def _split(data: Arrays, settings: SearchSettings) -> tuple[Arrays, Arrays]:
     return {k: v[keep] for k, v in data.items()}, {k: v[out] for k, v in data.items()}
 
 
+def widest_of_least(losses: np.ndarray, ratios: np.ndarray) -> np.ndarray:
+    """Per scale group (column), the widest clipping ratio among those of least loss.
+
+    A group whose output does not move with its ratio on the calibration data (a channel that its
+    absorbed Relu keeps off there, or whose inputs are zero) ties every candidate, and the first,
+    the narrowest, used to win: EfficientNet-Lite0 at W8A8 (`--w-range output`, 32 images) had
+    channels of 50 layers clipped to 5 % of their largest weight: 25 dB in-sample, 7.4 dB on
+    unseen images where those channels fire. Without evidence for clipping the range stays whole."""
+    least = losses.min(axis=0)
+    tied = losses <= least * (1 + TIE)
+    return np.where(tied, ratios, -np.inf).max(axis=0)
+
+
 def _items(sim: Simulation) -> list[Item]:
     return [s.item for s in sim.segments if s.item is not None]
 
@@ -287,7 +303,7 @@ class _Sweep:
             difference = (q - np.float32(zero)) * scale - target
             return float(np.mean(difference**2) if self._squared else np.mean(np.abs(difference)))
 
-        best = min(COARSE, key=error)
+        best = min(COARSE[::-1], key=error)  # the first of equal errors wins: the widest
         best = min([best, *np.clip(best + FINE, 0.01, 1.0)], key=error)
         self._set_activation(item.name, low * best, high * best)
         return error(best)
@@ -326,10 +342,10 @@ class _Sweep:
         groups = membership.shape[0]
         coarse = [np.full(groups, r) for r in COARSE]
         losses = layer.losses(coarse, quantized, floating) @ membership.T  # (candidates, groups)
-        best = COARSE[losses.argmin(axis=0)]
+        best = widest_of_least(losses, np.stack(coarse))
         fine = [best, *(np.clip(best + step, 0.01, 1.0) for step in FINE)]
         losses = layer.losses(fine, quantized, floating) @ membership.T
-        chosen = np.stack(fine)[losses.argmin(axis=0), np.arange(groups)]
+        chosen = widest_of_least(losses, np.stack(fine))
         self._set_weights(node, chosen, quantized, floating, layer)
         return float(losses.min(axis=0).sum() / max(1, layer.positions))
 

@@ -416,3 +416,68 @@ def test_a_subgraph_reads_the_quantized_tensor_in_the_simulation_as_in_the_qdq_m
     simulated = session(tunable, optimize=False).run(["logits"], {"input": data, **feed})[0]
     deployed = _reference(result.model, data)
     np.testing.assert_allclose(simulated, deployed, rtol=1e-4, atol=1e-4 * np.abs(deployed).max())
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    losses=st.lists(
+        st.lists(st.sampled_from([0.0, 1.0, 2.5]), min_size=3, max_size=3), min_size=4, max_size=4
+    ),
+)
+def test_tied_losses_keep_the_widest_ratio(losses):
+    from onnxq.calib.search import widest_of_least
+
+    losses = np.array(losses)  # (candidates, groups)
+    ratios = np.array([[0.2], [0.9], [0.5], [1.0]]) * np.ones((1, 3))
+    chosen = widest_of_least(losses, ratios)
+    for group in range(3):
+        least = losses[:, group] == losses[:, group].min()
+        assert chosen[group] == ratios[least, group].max()
+
+
+def _one_channel_off_model() -> onnx.ModelProto:
+    """Conv → Relu → Conv; the first conv's channel 0 reads input channel 0 alone, with positive
+    weights: it stays off while that input is negative."""
+    import torch
+
+    from tests.conftest import export
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 3, 1))
+    with torch.no_grad():
+        net[0].weight.uniform_(-1.0, 1.0)
+        net[0].weight[0] = 0.0
+        net[0].weight[0, 0] = torch.rand(3, 3) + 0.5
+        net[0].bias.zero_()
+    return export(net, torch.zeros(1, 4, 8, 8))
+
+
+@pytest.mark.parametrize("method", ["mse", "output"])
+def test_a_channel_the_calibration_data_keeps_off_keeps_its_whole_range(method):
+    """A channel whose Relu is off on every calibration sample ties every clipping candidate; it
+    used to get the narrowest (5 % of its largest weight), and broke on inputs that fire it."""
+    from onnxq.config import RangeRule
+
+    model = _one_channel_off_model()
+    rng = np.random.default_rng(0)
+    calibration = rng.uniform(-1.0, 1.0, (32, 4, 8, 8)).astype(np.float32)
+    calibration[:, 0] = -np.abs(calibration[:, 0])  # channel 0 of the first conv stays off
+    unseen = rng.uniform(-1.0, 1.0, (16, 4, 8, 8)).astype(np.float32)
+    unseen[:, 0] = np.abs(unseen[:, 0])  # and fires here
+    expected = _reference(model, unseen)
+    noise = {}
+    for rule in ("minmax", method):
+        config = QuantConfig(
+            weight_bits=4,
+            first_last_8bit=False,
+            speed_check=False,
+            fidelity_fallback=False,
+            calibration=CalibrationMethod.MSE if rule == "mse" else CalibrationMethod.MINMAX,
+            weight_rule=RangeRule("output" if rule == "output" else "minmax"),
+        )
+        result = onnxq.quantize(model, calibration, config)
+        noise[rule] = np.mean((_reference(result.model, unseen) - expected) ** 2)
+    first = next(r for r in result.calibration.weight_ratios.values() if r.shape == (4,))
+    assert first[0] == 1.0, first
+    if method == "output":  # the same activation ranges as min-max: the weights alone differ
+        assert noise["output"] < 2 * noise["minmax"]
