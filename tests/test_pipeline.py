@@ -11,6 +11,8 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import numpy_helper
 
 import onnxq
@@ -317,3 +319,57 @@ def test_an_8_bit_run_never_imports_torch(tmp_path, small_model_path, calibratio
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
     assert (tmp_path / "q.onnx").is_file()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    tiny=st.lists(st.booleans(), min_size=6, max_size=6),
+    input_scale=st.floats(1e-3, 1.0),
+)
+def test_a_bias_too_large_for_int32_at_its_scale_gets_room(seed, tiny, input_scale):
+    """Channels whose bias would saturate int32 at s_in·s_w get the least scale that holds it;
+    the others keep their integers and scales exactly."""
+    from onnxq.passes.insert_qdq import BIAS_RANGE, room_for_bias
+    from onnxq.quant.weights import QuantizedWeight
+
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((6, 3, 3, 3)).astype(np.float32)
+    weight[np.array(tiny)] *= 1e-9  # a BatchNorm's γ near 0, folded
+    weight[5] = 0.0  # an empty channel without a bias keeps its zero scale
+    bias = rng.uniform(-4, 4, 6).astype(np.float32)
+    bias[5] = 0.0
+    scale = (np.abs(weight).reshape(6, -1).max(1) / 127).astype(np.float32)
+    target = P.IntRange(-127, 127, np.int8)
+    integers = P.quantize(weight, np.where(scale > 0, scale, 1), np.zeros(6, np.int8), target, axis=0)
+    quantized = QuantizedWeight(integers, scale, np.zeros(6, np.int8), 0, None, target)
+    with np.errstate(divide="raise", invalid="raise"):  # the empty channel: no 0/0
+        roomy = room_for_bias(quantized, bias, input_scale)
+    assert np.all(np.abs(bias) <= BIAS_RANGE.qmax * (np.float32(input_scale) * roomy.scale))
+    fits = np.abs(bias) <= BIAS_RANGE.qmax * (np.float64(input_scale) * scale)
+    np.testing.assert_array_equal(roomy.scale[fits], scale[fits])
+    np.testing.assert_array_equal(roomy.integers[fits], integers[fits])
+    step = P.broadcast(roomy.scale, 4, 0)
+    assert np.all(np.abs(roomy.dequantize() - weight) <= step * (1 + 1e-6))  # two roundings at most
+
+
+def test_a_channel_of_almost_zero_weights_keeps_its_bias():
+    """A channel of a conv whose weights are almost zero outputs its bias; stored at s_in·s_w it
+    saturated int32 and the channel's constant was lost in the quantized model."""
+    import torch
+
+    from tests.conftest import export
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 1))
+    with torch.no_grad():
+        net[0].weight[0] *= 1e-9
+        net[0].bias[0] = 0.8  # channel 0: the constant 0.8 after the Relu
+    model = export(net, torch.zeros(1, 3, 8, 8))
+    data = np.random.default_rng(0).uniform(-1, 1, (16, 3, 8, 8)).astype(np.float32)
+    config = onnxq.QuantConfig(first_last_8bit=False, speed_check=False, fidelity_fallback=False)
+    result = onnxq.quantize(model, data, config)
+    expected = session(model).run(None, {"input": data})[0]
+    got = session(result.model).run(None, {"input": data})[0]
+    sqnr = 10 * np.log10(np.sum(expected**2) / np.sum((got - expected) ** 2))
+    assert sqnr > 30, sqnr

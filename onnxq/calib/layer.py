@@ -18,7 +18,7 @@ from onnxq.calib.rounding import Factored, factor, gptq_round, input_correlation
 from onnxq.calib.simulate import Arrays, param_names
 from onnxq.io import session
 from onnxq.memory import return_free_pages
-from onnxq.passes.insert_qdq import bias_quantization, weight_target
+from onnxq.passes.insert_qdq import bias_quantization, room_for_bias, weight_target
 from onnxq.quant.plan import QuantPlan
 from onnxq.quant.weights import GroupRanges, QuantizedWeight, group_ranges, quantize_weight
 
@@ -104,11 +104,11 @@ class LayerProbe:
             return quantized.dequantize(), None
         if bias is None:
             bias = self.sweep.biases.get(self.bias_name, self.float_bias)
-        weight_scale = quantized.per_output_channel_scale
-        if self.quantized_bias and weight_scale is not None:
+        if self.quantized_bias and quantized.per_output_channel_scale is not None:
             source = self.sweep.plan.root(self.sweep.plan.biases[self.bias_name].activation)
             input_scale = self.sweep.params[param_names(source)["scale"]]
-            integers, scale = bias_quantization(bias, input_scale * weight_scale)
+            quantized = room_for_bias(quantized, bias, input_scale)  # as insert_qdq writes it
+            integers, scale = bias_quantization(bias, input_scale * quantized.per_output_channel_scale)
             bias = (integers.astype(np.float64) * scale).astype(np.float32)
         return quantized.dequantize(), bias
 
