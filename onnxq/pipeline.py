@@ -186,7 +186,7 @@ def quantize(
         progress.stage("check refinement")
         searched = builder(ranges, learned=False)(plan)
         checked = held.batches or [sample]
-        kept, lines = tune.keep_refinement(float_model, first, searched, checked, config, bool(held.batches))
+        kept, lines = tune.keep_refinement(float_model, first, searched, checked, config, held.held_back)
         notes += lines
         if not kept:
             refined, first = None, searched  # `builder` builds without it from here on
