@@ -182,8 +182,9 @@ class Fidelity:
         ]
         if not searched:
             text.append(
-                "  --calib-method mse searches every scale by the error it causes (slower; on the "
-                "zoo's detectors it moved the lowest output SQNR by -5.5 to +2 dB: try it on yours)"
+                "  --calib-method mse searches every scale by the error it causes (slower; at W8A8 "
+                "on the zoo's models it lowered the lowest output SQNR on 6 of 7, by 1.7 to 8.9 dB, and "
+                "raised it on 1 by 0.2 dB: try it on yours)"
             )
         return text
 
