@@ -106,9 +106,9 @@ def insert_qdq(
             constant(values[name]), spec, target, weight_ratios.get(name)
         )
         if name in bias_of:
-            bias = bias_of[name]
-            input_scale = params[plan.root(bias.activation)][0]
-            quantized = room_for_bias(quantized, constant(values[bias.name]), input_scale)
+            bias_spec = bias_of[name]
+            input_scale = params[plan.root(bias_spec.activation)][0]
+            quantized = room_for_bias(quantized, constant(values[bias_spec.name]), input_scale)
         if int8_range.unsigned:
             quantized = offset_to_unsigned(quantized)
         weight_scales[name] = _quantize_weight(graph, values[name], spec, quantized)
