@@ -303,7 +303,7 @@ class _Sweep:
             difference = (q - np.float32(zero)) * scale - target
             return float(np.mean(difference**2) if self._squared else np.mean(np.abs(difference)))
 
-        best = min(COARSE[::-1], key=error)  # the first of equal errors wins: the widest
+        best = min(COARSE, key=error)
         best = min([best, *np.clip(best + FINE, 0.01, 1.0)], key=error)
         self._set_activation(item.name, low * best, high * best)
         return error(best)
