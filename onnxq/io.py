@@ -13,7 +13,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
 
-from onnxq.errors import OnnxqError
+from onnxq.errors import OnnxqError, first_line
 from onnxq.hollow import add_float_outputs, float_weight_bytes, weights_on_disk
 
 _PROTO_LIMIT = 2**31 - 2**20  # protobuf's 2 GB ceiling, with room for the graph itself
@@ -27,11 +27,11 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path), load_external_data=True)
     except onnx.checker.ValidationError as err:  # an external-data file missing or outside the folder
-        raise OnnxqError(f"cannot read the weights of {path}: {_first_line(err)}") from None
+        raise OnnxqError(f"cannot read the weights of {path}: {first_line(err)}") from None
     except (DecodeError, ValueError, RuntimeError) as err:
-        raise OnnxqError(f"{path} is not a readable ONNX model ({_first_line(err)})") from None
+        raise OnnxqError(f"{path} is not a readable ONNX model ({first_line(err)})") from None
     except OSError as err:
-        raise OnnxqError(f"cannot read {path}: {_first_line(err)}") from None
+        raise OnnxqError(f"cannot read {path}: {first_line(err)}") from None
     if not model.graph.node:
         raise OnnxqError(f"{path} is not an ONNX model (no graph nodes)")
     return model
@@ -116,7 +116,7 @@ def save_model(model: ir.Model | onnx.ModelProto, path: str | os.PathLike) -> Pa
         os.chmod(tmp_name, _file_mode(path))
         os.replace(tmp_name, path)
     except OSError as err:
-        raise OnnxqError(f"cannot write {path}: {_first_line(err)}") from None
+        raise OnnxqError(f"cannot write {path}: {first_line(err)}") from None
     finally:
         if tmp_name and os.path.exists(tmp_name):
             os.unlink(tmp_name)
@@ -189,7 +189,7 @@ def _inference_session(source: bytes | str, options: ort.SessionOptions) -> ort.
     try:
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises several private exception types
-        raise OnnxqError(f"onnxruntime cannot run the model: {_first_line(err)}") from None
+        raise OnnxqError(f"onnxruntime cannot run the model: {first_line(err)}") from None
 
 
 def run(
@@ -199,13 +199,8 @@ def run(
     try:
         return runner.run(outputs, feed)
     except Exception as err:  # onnxruntime raises several private exception types
-        raise OnnxqError(f"onnxruntime cannot run the model on this data: {_first_line(err)}") from None
+        raise OnnxqError(f"onnxruntime cannot run the model on this data: {first_line(err)}") from None
 
 
 def _weight_bytes(proto: onnx.ModelProto) -> int:
     return sum(len(t.raw_data) for t in proto.graph.initializer)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0]

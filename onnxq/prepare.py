@@ -58,7 +58,7 @@ def fuse(
     progress = progress or Silent()
     proto = load_model(model) if isinstance(model, str | os.PathLike) else model
     proto, notes = standard_forms(proto)
-    exported, expected = opset_version(proto), None
+    exported, expected, raised = opset_version(proto), None, ""
     if exported < MIN_OPSET:
         # the original's outputs: the reference of the upgrade's check and of simplify's (where the
         # model fails on the sample, the upgrade is not checked and simplify says why it kept it)
@@ -67,7 +67,7 @@ def fuse(
         else:
             expected = reference_outputs(proto, sample)
         proto = upgrade_opset(proto, MIN_OPSET, sample if expected is not None else None, expected)
-    raised = f"opset raised from {exported} to {MIN_OPSET} (per-channel Q/DQ)" if exported < MIN_OPSET else ""
+        raised = f"opset raised from {exported} to {MIN_OPSET} (per-channel Q/DQ)"
     proto, widened = compute_in_float32(proto)
     notes += [note for note in (raised, widened) if note]
     if simplify_first:

@@ -20,7 +20,7 @@ import onnx
 
 from onnxq.calib.images import channel_axis, fitted_to_input, image_files, load_image, normalise, square_side
 from onnxq.config import Preprocess
-from onnxq.errors import OnnxqError
+from onnxq.errors import OnnxqError, first_line
 
 Batch = dict[str, np.ndarray]
 LABEL_KEYS = ("y", "label", "labels")
@@ -283,16 +283,12 @@ def _path_chunks(path: Path, inputs: list[InputSpec], pre: Preprocess | None) ->
             with loaded:
                 arrays = _npz_arrays(loaded, inputs, path)
     except UNREADABLE as err:
-        raise OnnxqError(f"cannot read data from {path}: {_first_line(err)}") from None
+        raise OnnxqError(f"cannot read data from {path}: {first_line(err)}") from None
     yield from _sliced(arrays, inputs, pre, str(path))
 
 
 # what numpy raises on a truncated or corrupt .npy/.npz (a zip archive of compressed arrays)
 UNREADABLE = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip() or type(err).__name__).splitlines()[0]
 
 
 def _npz_arrays(archive: Any, inputs: list[InputSpec], path: Path) -> dict[str, np.ndarray]:
@@ -435,7 +431,7 @@ def _concat(parts: list[Batch], hint: str = "") -> Batch:
     try:
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     except ValueError as err:
-        raise OnnxqError(f"calibration samples differ in shape: {_first_line(err)}{hint}") from None
+        raise OnnxqError(f"calibration samples differ in shape: {first_line(err)}{hint}") from None
 
 
 def _checked(

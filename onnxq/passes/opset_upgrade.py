@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, version_converter
 
-from onnxq.errors import OnnxqError
+from onnxq.errors import OnnxqError, first_line
 from onnxq.io import oldest_ir_version, session
 from onnxq.passes.graph_utils import opset_version
 from onnxq.passes.simplify import TOLERANCE, relative_difference
@@ -37,7 +37,7 @@ def upgrade_opset(
         converted = version_converter.convert_version(model, target)
     except Exception as err:  # the converter raises plain RuntimeError and C++ errors
         raise OnnxqError(
-            f"cannot upgrade the model from opset {version} to {target}: {_first_line(err)}"
+            f"cannot upgrade the model from opset {version} to {target}: {first_line(err)}"
         ) from None
     if version <= ASYMMETRIC_UNTIL:
         _keep_asymmetric_resizing(converted.graph)
@@ -103,10 +103,6 @@ def reference_outputs(model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> 
         return None
 
 
-def _first_line(err: Exception) -> str:
-    return str(err).splitlines()[0] if str(err) else type(err).__name__
-
-
 def _check_upgrade(original, converted, sample, expected, version: int, target: int) -> None:
     """Stop with the reason where the upgraded model's outputs differ from the original's, or
     where it fails on a sample the original runs on. Where the original fails too, nothing is
@@ -118,7 +114,7 @@ def _check_upgrade(original, converted, sample, expected, version: int, target: 
         actual = session(converted, optimize=False).run(None, sample)
     except Exception as err:
         upgraded = f"the model upgraded from opset {version} to {target}"
-        raise OnnxqError(f"{upgraded} fails where the original runs: {_first_line(err)}") from None
+        raise OnnxqError(f"{upgraded} fails where the original runs: {first_line(err)}") from None
     difference = relative_difference(expected, actual)
     if difference > TOLERANCE:
         raise OnnxqError(
