@@ -120,7 +120,7 @@ def tune_model(
         + timing
         + speed_warnings(final)
         + report.lines()
-        + report.warnings(config.calibration.searched)
+        + report.warnings(suggest_refine=config.lowest_bits < 8 and not config.refine)
     )
     return Tuned(best, report, notes)
 
