@@ -6,6 +6,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
+import onnxruntime
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import held_out
 
@@ -170,3 +173,37 @@ def test_device_refine_packs_images_that_rebuild_the_preset_array_exactly(tmp_pa
             cropped = resized_and_cropped(image.convert("RGB"), pre, original)
         cropped.save(packed, lossless=True, quality=100)
         assert np.array_equal(load_image(packed, cropped_preprocess()), load_image(original, pre))
+
+
+def test_the_integer_hardswish_runs_on_integer_kernels_within_one_step_of_float(tmp_path):
+    """tools/hardswish_kernels.py's integer form: onnxruntime fuses it into QLinearAdd and
+    QLinearMul (with uint8 activations; int8 zero points leave it float), and its output is
+    within one output step of the numpy HardSwish of the same quantized input."""
+    import hardswish_kernels
+
+    shape = (8, 6, 6)
+    integer = hardswish_kernels.model(shape, hardswish_kernels.FORMS[1])
+    assert hardswish_kernels.fused_ops(integer, tmp_path / "a.onnx")[1:-1] == ["QLinearAdd", "QLinearMul"]
+    int8 = hardswish_kernels.model(shape, hardswish_kernels.FORMS[2])
+    assert "QLinearAdd" not in hardswish_kernels.fused_ops(int8, tmp_path / "b.onnx")
+
+    x = np.random.default_rng(0).normal(0, 2, (1, *shape)).astype(np.float32)
+    (y,) = onnxruntime.InferenceSession(integer.SerializeToString()).run(None, {"input": x})
+    scale = hardswish_kernels.INPUT_SCALE
+    rounded = (np.clip(np.round(x / scale) + 128, 0, 255) - 128) * scale
+    reference = rounded * np.clip(rounded / 6 + 0.5, 0, 1)
+    assert np.abs(y - reference).max() <= hardswish_kernels.OUTPUT_SCALE * 1.0001
+
+
+def test_the_zoo_rewrite_turns_a_float_hardswish_between_q_dq_into_the_integer_form(tmp_path):
+    import hardswish_kernels
+
+    shape = (4, 5, 5)
+    float_form = hardswish_kernels.model(shape, hardswish_kernels.FORMS[0])
+    rewritten, count = hardswish_kernels.integer_hardswish(float_form)
+    assert count == 1
+    assert hardswish_kernels.fused_ops(rewritten, tmp_path / "a.onnx")[1:-1] == ["QLinearAdd", "QLinearMul"]
+    x = {"input": np.random.default_rng(1).normal(0, 2, (1, *shape)).astype(np.float32)}
+    (before,) = onnxruntime.InferenceSession(float_form.SerializeToString()).run(None, x)
+    (after,) = onnxruntime.InferenceSession(rewritten.SerializeToString()).run(None, x)
+    assert np.abs(after - before).max() <= hardswish_kernels.OUTPUT_SCALE * 1.0001
