@@ -42,6 +42,7 @@ def build_candidate(
         weight_ratios=search.weight_ratios if search else None,
         biases={**(search.biases if search else {}), **(refined.biases if refined is not None else {})},
         refined_weights=integers,
+        integer_activations=config.lowest_bits >= 8,
     )
     quantized = to_proto(graph_model)
     quantized.ir_version = oldest_ir_version(quantized)

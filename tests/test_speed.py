@@ -274,10 +274,14 @@ def test_a_model_left_float_for_speed_spends_nothing_on_a_fallback_it_does_not_n
     """Speed is timed before the fallback: where every plan is clearly slower than float and the
     outputs keep their fidelity, no layer is ranked and nothing is timed again."""
     from onnxq import sensitivity
+    from onnxq.passes import equalize
 
     monkeypatch.setattr(
         sensitivity, "layer_costs", _refuse("the fallback ranked layers of a model left float")
     )
+    # the HardSwish's channels lie within INTEGER_SPREAD, where the move is left for its integer
+    # kernels: made here all the same, so that there is a Mul for the saved model to leave out
+    monkeypatch.setattr(equalize, "INTEGER_SPREAD", 1.0)
     result = _quantize_timed(monkeypatch, deep_hardswish_cnn(), [[1.0, 2.0], [1.0, 2.0, 1.9]])
     assert result.quantized_nodes == 0
     # saved: the float model as prepared before equalization, whose Mul after the conv that

@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.passes.graph_utils import bypass, constant, drop_unused_initializers, set_initializer
+from onnxq.passes.integer_hardswish import hardswish_on_integers
 from onnxq.quant import primitives as P
 from onnxq.quant.kernels import FULL_RANGE, WeightRangeChoice
 from onnxq.quant.plan import QuantPlan, WeightSpec
@@ -29,6 +30,7 @@ class QdqSummary:
     weights: int
     biases: int
     absorbed: int
+    integer_hardswish: int = 0  # HardSwishes written for onnxruntime's integer kernels
 
 
 def activation_params(
@@ -82,6 +84,7 @@ def insert_qdq(
     weight_ratios: dict[str, np.ndarray] | None = None,
     biases: dict[str, np.ndarray] | None = None,
     refined_weights: dict[str, QuantizedWeight] | None = None,
+    integer_activations: bool = False,
 ) -> QdqSummary:
     """Rewrite `graph` in place into its QDQ form.
 
@@ -92,6 +95,8 @@ def insert_qdq(
     what calibration chose; weights without a ratio use their range rule as it is.
     `refined_weights` are integers and scales that GPTQ chose or rounding refinement learned;
     they are written as they are.
+    `integer_activations` (every width 8 bits): HardSwishes between two quantized tensors are
+    written so that onnxruntime runs them on integer kernels (onnxq.passes.integer_hardswish).
     """
     weight_ratios, biases, refined_weights = weight_ratios or {}, biases or {}, refined_weights or {}
     _remove_absorbed(graph, plan)
@@ -128,9 +133,10 @@ def insert_qdq(
                 target,
             )
         _quantize_activation(graph, values[spec.tensor], *shared[root])
+    integer = hardswish_on_integers(graph) if integer_activations else 0
     graph.sort()
     drop_unused_initializers(graph)
-    return QdqSummary(len(plan.activations), len(plan.weights), len(plan.biases), len(plan.absorbed))
+    return QdqSummary(len(plan.activations), len(plan.weights), len(plan.biases), len(plan.absorbed), integer)
 
 
 def _remove_absorbed(graph: ir.Graph, plan: QuantPlan) -> None:

@@ -54,10 +54,15 @@ from onnxq.quant.widths import (
 CHAINED_OPS = frozenset({"Sigmoid", "Mul", "LeakyRelu"})
 
 
+# Run on integer kernels at 8 bits where a quantized tensor feeds it and its own output is
+# quantized: onnxq writes it as a QLinearAdd and a QLinearMul (onnxq.passes.integer_hardswish).
+INTEGER_FLOAT_OPS = frozenset({"HardSwish"})
+
+
 def integer_chain_ops(config: QuantConfig) -> frozenset[str]:
-    """The elementwise ops quantized where every input comes from a quantized node: all 8-bit
-    only, where onnxruntime runs them on integer kernels."""
-    return CHAINED_OPS if config.lowest_bits >= 8 else frozenset()
+    """The elementwise ops onnxruntime runs on integer kernels, all 8-bit only: the chained ops
+    (quantized where every input comes from a quantized node) and HardSwish."""
+    return CHAINED_OPS | INTEGER_FLOAT_OPS if config.lowest_bits >= 8 else frozenset()
 
 
 OWN_SCALE_OPS = frozenset({"Add", "Concat", "AveragePool", "GlobalAveragePool", *CHAINED_OPS})
@@ -281,7 +286,7 @@ def _role(node: ir.Node, config: QuantConfig) -> str | None:
         # below 8 bits no integer kernel runs: a chained op's pair would only add noise (a 4-bit
         # sigmoid inside every SiLU)
         chained = node.op_type in CHAINED_OPS
-        return None if chained and node.op_type not in integer_chain_ops(config) else "own"
+        return None if chained and config.lowest_bits < 8 else "own"
     if node.op_type in SHARED_SCALE_OPS or _nearest_resize(node):
         return "shared"
     return None
