@@ -45,6 +45,7 @@ from onnxq.passes.equalize import equalize_channels
 from onnxq.passes.graph_utils import opset_version
 from onnxq.passes.infer_types import typed_ir
 from onnxq.passes.insert_qdq import required_opset
+from onnxq.passes.integer_hardswish import integer_hardswishes
 from onnxq.passes.opset_upgrade import upgrade_opset
 from onnxq.passes.split_addend_reads import split_addend_reads
 from onnxq.prepare import FuseResult, fuse, fuse_file
@@ -200,6 +201,10 @@ def quantize(
     notes += tuned.notes
     best, report = tuned.candidate, tuned.fidelity
     saved = remove_batch_axis(best.model, unbatched)
+    if integer := integer_hardswishes(saved):
+        notes.append(
+            f"HardSwish on integer kernels: {integer} nodes, each written as a QLinearAdd and a QLinearMul"
+        )
     return QuantResult(
         saved,
         notes,

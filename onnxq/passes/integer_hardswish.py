@@ -16,12 +16,14 @@ time of the float form on the zoo's map sizes, and no output more than one step 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from onnxq.passes.graph_utils import constant, set_initializer
 
 GATE_SCALE = np.float32(1 / 255)  # h in [0, 1] on uint8 from zero point 0: the Clip is saturation
 HALF = (np.uint8(127), np.float32(0.5 / 127))  # 0.5 exactly, as a uint8 constant onnxruntime can fuse
+PRODUCT = "product"  # the last node's part name: integer_hardswishes counts by it
 
 
 def hardswish_on_integers(graph: ir.Graph) -> int:
@@ -39,6 +41,14 @@ def hardswish_on_integers(graph: ir.Graph) -> int:
     for node in chains:
         _rewrite(graph, node, shared)
     return len(chains)
+
+
+def integer_hardswishes(model: onnx.ModelProto) -> int:
+    """How many HardSwishes of a saved model this pass wrote for integer kernels (by the name it
+    gives each one's final Mul)."""
+    return sum(
+        node.op_type == "Mul" and node.name.endswith(f"_integer_{PRODUCT}") for node in model.graph.node
+    )
 
 
 def _rewritable(node: ir.Node) -> bool:
@@ -78,7 +88,7 @@ def _rewrite(graph: ir.Graph, node: ir.Node, shared: dict[str, ir.Value]) -> Non
     shifted = _node(node, "shifted", "Add", [x_sixth.outputs[0], half.outputs[0]], like)
     gate = _node(node, "gate", "QuantizeLinear", [shifted.outputs[0], *gate_params], gate_like)
     gate_float = _node(node, "gate_float", "DequantizeLinear", [gate.outputs[0], *gate_params], like)
-    product = _node(node, "product", "Mul", [node.inputs[0], gate_float.outputs[0]], like)
+    product = _node(node, PRODUCT, "Mul", [node.inputs[0], gate_float.outputs[0]], like)
     graph.insert_before(node, [x_sixth, half, shifted, gate, gate_float, product])
     name = output.name
     output.replace_all_uses_with(product.outputs[0])

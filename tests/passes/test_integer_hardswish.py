@@ -148,6 +148,12 @@ def test_hardswish_runs_on_integers_at_8_bits_only(images, tmp_path, bits, integ
     )
     assert ("QLinearMul" in optimized_ops(path)) == integer
     assert result.fidelity.min_sqnr > 20.0
+    said = [note for note in result.notes if note.startswith("HardSwish on integer kernels")]
+    assert said == (
+        ["HardSwish on integer kernels: 2 nodes, each written as a QLinearAdd and a QLinearMul"]
+        if integer
+        else []
+    )
 
 
 def test_channels_far_apart_keep_their_equalization_and_a_float_hardswish(images):
