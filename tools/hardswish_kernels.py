@@ -48,6 +48,8 @@ import zoo_bench
 
 import onnxq
 from onnxq import speed
+from onnxq.io import to_ir, to_proto
+from onnxq.passes.integer_hardswish import hardswish_on_integers
 
 # Maps of the zoo's HardSwish models: MobileNetV3-Small's stem and late blocks at 224×224,
 # PP-OCRv4's detector stem at 640×640
@@ -167,68 +169,13 @@ def measure(scratch: Path) -> list[dict]:
 
 
 def integer_hardswish(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """`model` with each DequantizeLinear (uint8, one scale) → HardSwish → QuantizeLinear chain
-    rewritten into the integer form (a copy), and how many were rewritten."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    graph = model.graph
-    constants = {tensor.name: tensor for tensor in graph.initializer}
-    producer = {name: node for node in graph.node for name in node.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    for tensor in _constants(TensorProto.UINT8):
-        if tensor.name in _SHARED:
-            tensor.name = f"hardswish_integer_{tensor.name}"
-            graph.initializer.append(tensor)
-    nodes, count = [], 0
-    for node in graph.node:
-        dequantize = producer.get(node.input[0]) if node.op_type == "HardSwish" else None
-        if dequantize is None or not _rewritable(dequantize, readers.get(node.output[0], []), constants):
-            nodes.append(node)
-            continue
-        prefix = f"{node.name or node.output[0]}_integer"
-        scale = float(numpy_helper.to_array(constants[dequantize.input[1]]))
-        graph.initializer.append(
-            numpy_helper.from_array(np.array(scale / 6, np.float32), f"{prefix}_s_sixth")
-        )
-        renamed = {
-            "x": dequantize.input[0],
-            "z": dequantize.input[2],
-            "x_float": node.input[0],  # the chain's own DequantizeLinear
-            "y_float": node.output[0],  # read by the chain's QuantizeLinear, which stays
-        }
-        for new in _middle(FORMS[1]):
-            if new.output[0] in ("x_float", "y"):
-                continue
-            new.input[:] = [
-                renamed.get(name, f"hardswish_integer_{name}" if name in _SHARED else f"{prefix}_{name}")
-                for name in new.input
-            ]
-            new.output[:] = [renamed.get(name, f"{prefix}_{name}") for name in new.output]
-            nodes.append(new)
-        count += 1
-    del graph.node[:]
-    graph.node.extend(nodes)
-    return model, count
-
-
-_SHARED = ("s_h", "z_h", "half_q", "half_s", "half_z")  # one copy serves every rewrite
-
-
-def _rewritable(dequantize: onnx.NodeProto, readers: list, constants: dict) -> bool:
-    """A DequantizeLinear of uint8 on one scale, and a HardSwish read only by QuantizeLinears."""
-    if dequantize.op_type != "DequantizeLinear" or len(dequantize.input) != 3:
-        return False
-    scale, zero_point = (constants.get(name) for name in dequantize.input[1:])
-    return (
-        scale is not None
-        and zero_point is not None
-        and zero_point.data_type == TensorProto.UINT8
-        and numpy_helper.to_array(scale).size == 1
-        and bool(readers)
-        and all(reader.op_type == "QuantizeLinear" for reader in readers)
-    )
+    """`model` (a copy) with onnxq's rewrite into the integer form applied after the fact
+    (onnxq.passes.integer_hardswish), and how many HardSwishes it rewrote."""
+    graph_model = to_ir(model)
+    count = hardswish_on_integers(graph_model.graph)
+    rewritten = to_proto(graph_model)
+    rewritten.ir_version = model.ir_version
+    return rewritten, count
 
 
 def measure_zoo(names: list[str]) -> list[dict]:

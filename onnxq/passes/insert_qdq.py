@@ -30,7 +30,6 @@ class QdqSummary:
     weights: int
     biases: int
     absorbed: int
-    integer_hardswish: int = 0  # HardSwishes written for onnxruntime's integer kernels
 
 
 def activation_params(
@@ -133,10 +132,11 @@ def insert_qdq(
                 target,
             )
         _quantize_activation(graph, values[spec.tensor], *shared[root])
-    integer = hardswish_on_integers(graph) if integer_activations else 0
+    if integer_activations:
+        hardswish_on_integers(graph)
     graph.sort()
     drop_unused_initializers(graph)
-    return QdqSummary(len(plan.activations), len(plan.weights), len(plan.biases), len(plan.absorbed), integer)
+    return QdqSummary(len(plan.activations), len(plan.weights), len(plan.biases), len(plan.absorbed))
 
 
 def _remove_absorbed(graph: ir.Graph, plan: QuantPlan) -> None:
