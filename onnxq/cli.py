@@ -313,9 +313,11 @@ def main() -> None:
     default=None,
     help="Cross-layer equalization: where a layer's output reaches a depthwise conv through Relu, "
     "ReLU6 or nothing, move its channels' range differences into the two layers' per-channel "
-    "weights, so that one activation scale serves every channel [default: on with 6- and 7-bit "
-    "activations and per-channel weights]. The moves across a float op (a conv output read only "
-    "by float ops such as HardSwish, a depthwise conv's input behind a Mul/Div by a constant or "
+    "weights, so that one activation scale serves every channel (at 4-bit activations and below "
+    "lined up by where each channel is best clipped at that width, by maxima otherwise) "
+    "[default: on below 8-bit activations with per-channel weights]. The moves across a float "
+    "op (a conv output read only by float ops such as HardSwish, a depthwise conv's input "
+    "behind a Mul/Div by a constant or "
     "a float activation; not a SiLU at 8 bits, which runs on integer kernels) are made at every "
     "width unless --no-equalize.",
 )

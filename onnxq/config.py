@@ -457,16 +457,16 @@ class QuantConfig:
 
     @property
     def equalizes(self) -> bool:
-        """Default: on with 6- and 7-bit activations, where one scale's few levels cannot serve
-        channels of different ranges (MobileNetV2 W6A6 mse held-out KL 0.176 → 0.139,
-        tools/choose_equalize.py). At 8 bits the levels suffice (W4A8 0.206 → 0.229), and at 4
-        bits it lost too (MobileNetV2 W4A4 mse held-out top-1 45.1 → 40.2, BENCHMARKS.md
-        equalize suite): an equalized channel fills the scale's range and loses its headroom.
-        Moving a channel's range into the weights is free only where weights have a scale per
-        output channel, so other granularities never equalize."""
+        """Default: on below 8-bit activations, where one scale's few levels cannot serve
+        channels of different ranges (MobileNetV2 mse held-out KL, tools/choose_equalize.py: W6A6
+        0.144 → 0.090, W5A5 0.293 → 0.235 with channels lined up by maxima; W4A4 1.85 → 1.27
+        lined up by where each is best clipped at 4 bits, 1.77 by maxima: see
+        onnxq.pipeline.CLIPPED_EQUALIZATION_BITS). At 8 bits the levels suffice (W4A8 0.206 →
+        0.229). Moving a channel's range into the weights is free only where weights have a
+        scale per output channel, so other granularities never equalize."""
         if self.granularity.kind != "channel":
             return False
-        return 6 <= self.lowest_activation_bits < 8 if self.equalize is None else self.equalize
+        return self.lowest_activation_bits < 8 if self.equalize is None else self.equalize
 
     @property
     def rescales_float_sides(self) -> bool:

@@ -237,6 +237,11 @@ def _present(float_nodes: dict[str, str], model: onnx.ModelProto) -> dict[str, s
 
 EQUALIZE_SAMPLES = 64  # calibration samples whose channel maxima set the equalization
 EQUALIZE_BYTES = 128 << 20  # of them held at once at most (a 640×640 detector: 27 samples)
+# Below this activation width a depthwise conv's input channels line up by where each is best
+# clipped, not by their maxima (onnxq.calib.observers.ChannelRangeObserver). Chosen on held-out
+# calibration images by tools/choose_equalize.py (MobileNetV2 mse, KL off / maxima / clipping
+# points): W4A4 1.85 / 1.77 / 1.27, W5A5 0.293 / 0.235 / 0.345, W6A6 0.144 / 0.090 / 0.112.
+CLIPPED_EQUALIZATION_BITS = 5
 
 
 def _equalized(prepared: FuseResult, stream, config: QuantConfig, progress: Progress, notes: list[str]):
@@ -251,6 +256,10 @@ def _equalized(prepared: FuseResult, stream, config: QuantConfig, progress: Prog
     def per_channel(node) -> bool:
         return config.layer_settings(node.name, node.op_type).granularity.kind == "channel"
 
+    def clip_levels(node) -> int | None:
+        bits = config.layer_settings(node.name, node.op_type).activation_bits
+        return 2**bits - 1 if bits < CLIPPED_EQUALIZATION_BITS else None
+
     equalized = equalize_channels(
         prepared.model,
         peeked,
@@ -258,6 +267,7 @@ def _equalized(prepared: FuseResult, stream, config: QuantConfig, progress: Prog
         per_channel,
         layer_pairs=config.equalizes,
         integer_chains=integer_chain_ops(config),
+        clip_levels=clip_levels,
     )
     notes += equalized.notes
     return equalized.model, equalized.statistics, stream

@@ -6,7 +6,12 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnxq.calib.observers import HistogramObserver, MinMaxObserver, ScaleClipObserver
+from onnxq.calib.observers import (
+    ChannelRangeObserver,
+    HistogramObserver,
+    MinMaxObserver,
+    ScaleClipObserver,
+)
 
 
 @settings(max_examples=30, deadline=None)
@@ -166,3 +171,50 @@ def test_the_least_value_reaching_a_bin_is_where_the_bin_positions_cross_it(limi
     below = np.nextafter(threshold, np.float32(-np.inf))
     positions = observer._index(np.array([below, threshold], np.float32))
     assert positions[0] < position <= positions[1]
+
+
+def _clipping_error(values: np.ndarray, clip: float, steps: float) -> float:
+    """The error ChannelRangeObserver minimises, on the values themselves: rounding noise below
+    the clip, the distance to it above."""
+    inside = values <= clip
+    return float(inside.sum() * (clip / steps) ** 2 / 12 + ((values[~inside] - clip) ** 2).sum())
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    batches=st.integers(1, 5),
+    bits=st.sampled_from([2, 4, 6]),
+    signed=st.booleans(),
+)
+def test_channel_clipping_points_are_as_good_as_numpys_best_on_all_the_data(seed, batches, bits, signed):
+    rng = np.random.default_rng(seed)
+    scales = np.array([0.01, 1.0, 30.0])
+    # each batch wider than the last, so that the histograms' tops double and merge bins
+    parts = [
+        (rng.laplace(0.0, 1.0, (2, 3, 700)) if signed else rng.exponential(1.0, (2, 3, 700)))
+        * scales[None, :, None]
+        * (1 + 2 * i)
+        for i in range(batches)
+    ]
+    observer = ChannelRangeObserver(axis=1, levels=2**bits - 1)
+    for part in parts:
+        observer.update(part.astype(np.float32))
+    spans = observer.spans()
+    steps = (2**bits - 1) / (2 if signed else 1)
+    for channel in range(3):
+        values = np.abs(np.concatenate([p[:, channel].ravel() for p in parts]))
+        assert observer.maxima[channel] == np.float32(values.max())
+        grid = np.linspace(values.max() / 400, values.max(), 400)
+        best = min(_clipping_error(values, clip, steps) for clip in grid)
+        assert 0 < spans[channel] <= values.max()
+        # within a few per cent of the best clip: the histogram holds each value to a bin
+        assert _clipping_error(values, spans[channel], steps) <= 1.05 * best
+
+
+def test_a_channel_never_off_zero_has_no_span():
+    observer = ChannelRangeObserver(axis=0, levels=15)
+    observer.update(np.stack([np.zeros(50), np.linspace(-1.0, 2.0, 50)]).astype(np.float32))
+    observer.update(np.stack([np.zeros(50), np.linspace(0.0, 9.0, 50)]).astype(np.float32))
+    assert observer.spans()[0] == 0.0 and 0 < observer.spans()[1] <= 9.0
+    assert observer.signed and observer.counts[1].sum() == 100

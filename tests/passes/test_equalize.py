@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxq
-from onnxq.calib.observers import ChannelMaxObserver
+from onnxq.calib.observers import ChannelMaxObserver, ChannelRangeObserver
 from onnxq.io import session, to_ir, to_proto
 from onnxq.passes import equalize
 from onnxq.passes.equalize import (
@@ -101,6 +101,23 @@ def test_equalized_model_computes_the_same_and_channels_line_up(model, data):
     assert np.sum(after.maxima < want.max() * 0.999) < np.sum(before.maxima < want.max() * 0.999)
 
 
+def test_given_clip_levels_depthwise_inputs_line_up_by_their_clipping_points(model, data):
+    """With a quantizer's steps given, a depthwise input's channels line up where each is best
+    clipped at that width, not by maxima; dense pairs and the computation stay as they were."""
+    equalized = equalize_channels(model, [{"input": data}], clip_levels=lambda node: 15)
+    assert equalized.pairs == 1
+    np.testing.assert_allclose(outputs(equalized.model, data), outputs(model, data), rtol=1e-4, atol=1e-5)
+    depthwise_input = next(p for p in find_pairs(to_ir(model).graph) if p.depthwise).tensor
+    before, after = ChannelRangeObserver(1, 15), ChannelRangeObserver(1, 15)
+    before.update(_tensor(model, depthwise_input, data))
+    after.update(_tensor(equalized.model, depthwise_input, data))
+    spans = before.spans()
+    want = np.minimum(spans.max(), MAX_SCALE * spans)
+    np.testing.assert_allclose(after.spans(), want, rtol=1e-2)  # to a bin of each histogram
+    # by maxima the same channels would not line up: the clipping points are no fixed share of them
+    assert np.ptp(spans / before.maxima) > 0.05
+
+
 def test_batchnorm_statistics_follow_the_rescaled_channels(model, data):
     pair = next(p for p in find_pairs(to_ir(model).graph) if p.depthwise)
     produced = next(n.output[0] for n in model.graph.node if n.name == pair.producer)
@@ -171,10 +188,34 @@ def test_pipeline_equalizes_when_asked(tmp_path):
     assert not any("equalized" in note for note in notes(False))
 
 
-def test_equalization_runs_at_6_and_7_bit_activations_with_per_channel_weights():
+@pytest.mark.parametrize("bits", [3, 4, 5, 6, 8])
+def test_the_pipeline_clips_channels_at_4_bit_activations_and_below(monkeypatch, bits):
+    """The steps handed to equalization are the depthwise consumer's activation width's at 4
+    bits and below, none (maxima) from 5 bits."""
+    from onnxq import pipeline
+
+    seen = {}
+
+    def recording(*args, clip_levels, **kwargs):
+        graph = to_ir(args[0]).graph
+        seen.update({node.name: clip_levels(node) for node in graph if node.op_type == "Conv"})
+        return equalize_channels(*args, clip_levels=clip_levels, **kwargs)
+
+    monkeypatch.setattr(pipeline, "equalize_channels", recording)
+    calib = np.random.default_rng(1).standard_normal((64, 3, 8, 8)).astype(np.float32)
+    settings = dict(equalize=True, speed_check=False, fidelity_fallback=False)
+    config = onnxq.QuantConfig(activation_bits=bits, **settings)
+    model = uneven_mobile_block()
+    onnxq.quantize(model, calib, config)
+    depthwise = next(p.consumer for p in find_pairs(to_ir(onnxq.fuse(model).model).graph) if p.depthwise)
+    assert seen[depthwise] == (2**bits - 1 if bits <= 4 else None)
+
+
+def test_equalization_runs_below_8_bit_activations_with_per_channel_weights():
     assert not onnxq.QuantConfig().equalizes
     assert onnxq.QuantConfig(activation_bits=6).equalizes
-    assert not onnxq.QuantConfig(weight_bits=4, activation_bits=4).equalizes
+    assert onnxq.QuantConfig(weight_bits=4, activation_bits=4).equalizes
+    assert not onnxq.QuantConfig(weight_bits=4, activation_bits=8).equalizes
     assert onnxq.QuantConfig(equalize=True).equalizes
     assert not onnxq.QuantConfig(activation_bits=6, equalize=False).equalizes
     assert not onnxq.QuantConfig(granularity="tensor", equalize=True).equalizes
