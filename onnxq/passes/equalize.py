@@ -136,7 +136,7 @@ def equalize_channels(
     clip_levels: Callable[[ir.Node], int | None] = lambda node: None,
 ) -> Equalized:
     """Every pair find_pairs finds whose two layers have `per_channel` weight scales, and every
-    outlet (find_outlets), rescaled by its channel maxima on `batches` (float model).
+    outlet (find_outlets), rescaled by its channel ranges on `batches` (float model).
     `layer_pairs` False leaves the pairs through Relu/Clip alone and makes only the moves across
     a float op (Mul/Div scalers, outlets), which change nothing an integer kernel computes.
     `integer_chains`: the elementwise ops the plan will run on integer kernels (a SiLU at 8
@@ -176,7 +176,7 @@ def equalize_channels(
         return ChannelRangeObserver(axes[tensor], levels[tensor])
 
     observers, _ = collect_observers(observed, list(axes), batches, observer, Silent())
-    spread, applied, rescaled, left_idle = 1.0, 0, 0, 0
+    spread, applied, rescaled, left_idle, clipped = 1.0, 0, 0, 0, 0
     moves = [(pair.producer, pair.tensor, pair) for pair in pairs]
     moves += [(name, nodes[name].outputs[0].name, None) for name in outlets]
     for producer, tensor, pair in moves:
@@ -203,20 +203,26 @@ def equalize_channels(
             rescaled += 1
         else:
             applied += 1
+            clipped = max(clipped, levels.get(tensor) or 0)
     rescaled -= remove_idle_inlets(graph_model.graph, inlets) - left_idle
     if not applied + rescaled:  # every channel was left as it was: no second copy of the weights
         return Equalized(model, statistics, 0, spread)
     result = to_proto(graph_model)
     result.ir_version = model.ir_version
-    return Equalized(result, statistics, applied + rescaled, spread, _notes(applied, rescaled, spread))
+    notes = _notes(applied, rescaled, spread, clipped)
+    return Equalized(result, statistics, applied + rescaled, spread, notes)
 
 
-def _notes(applied: int, rescaled: int, spread: float) -> list[str]:
+def _notes(applied: int, rescaled: int, spread: float, clipped: int = 0) -> list[str]:
+    """`clipped`: the most quantizer steps a layer pair's channels were lined up for by their
+    clipping points (0: every pair by maxima)."""
     notes = []
     if applied:
+        bits = (clipped + 1).bit_length() - 1  # clipped = 2**bits - 1 steps
+        how = f"; lined up by where each channel is best clipped at {bits} bits" if clipped else ""
         notes.append(
             f"equalized the channels of {applied} tensor{'s' * (applied != 1)} between layer pairs "
-            f"(cross-layer equalization; channel ranges up to {spread:.0f}x apart before)"
+            f"(cross-layer equalization; channel ranges up to {spread:.0f}x apart before{how})"
         )
     if rescaled:
         notes.append(

@@ -206,9 +206,11 @@ def test_the_pipeline_clips_channels_at_4_bit_activations_and_below(monkeypatch,
     settings = dict(equalize=True, speed_check=False, fidelity_fallback=False)
     config = onnxq.QuantConfig(activation_bits=bits, **settings)
     model = uneven_mobile_block()
-    onnxq.quantize(model, calib, config)
+    notes = onnxq.quantize(model, calib, config).notes
     depthwise = next(p.consumer for p in find_pairs(to_ir(onnxq.fuse(model).model).graph) if p.depthwise)
     assert seen[depthwise] == (2**bits - 1 if bits <= 4 else None)
+    said = [note for note in notes if note.startswith("equalized the channels of 1 tensor between")]
+    assert len(said) == 1 and ("best clipped at" in said[0]) == (bits <= 4)
 
 
 def test_equalization_runs_below_8_bit_activations_with_per_channel_weights():
