@@ -299,9 +299,10 @@ CHANNEL_BINS = 256  # histogram bins per channel of ChannelRangeObserver
 class ChannelRangeObserver:
     """Per channel along `axis`, where a uniform quantizer of `levels` steps over [0, c] would
     clip |x| at least expected squared error (cross-layer equalization's channel ranges at
-    4-bit activations and narrower). A channel's maximum is a poor range at few levels: MobileNetV2's ReLU6
-    channels reach 6 on a few values while most of them sit near 0, and equalizing by maxima
-    left every channel as badly clipped by the tensor's range as the widest one.
+    4-bit activations and narrower). A channel's maximum is a poor range at few levels:
+    MobileNetV2's ReLU6 channels reach 6 on a few values while most of them sit near 0, and
+    equalizing by maxima left every channel as badly clipped by the tensor's range as the
+    widest one.
 
     Each channel keeps a histogram of |x| over [0, top), top doubling (neighbouring bins merged)
     when a larger value comes. The error of clipping at c: the rounding noise of the values below
@@ -368,7 +369,3 @@ class ChannelRangeObserver:
         error = within * (clips / steps) ** 2 / 12 + clipping
         best = clips[np.argmin(error, axis=1)] * self.tops
         return np.where(self.maxima > 0, np.minimum(best, self.maxima), 0.0)
-
-    def range(self) -> tuple[float, float]:
-        top = 0.0 if self.maxima is None else float(self.maxima.max())
-        return -top, top
