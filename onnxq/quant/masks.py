@@ -24,7 +24,8 @@ UNBOUNDED = 1e9  # |values| from here on are masks, not activations
 BOUNDING_OPS = frozenset({"Softmax", "Sigmoid", "Tanh", "Erf", "MaxPool", "ReduceMax"})
 # an infinite constant here bounds rather than fills: Max(x, -inf) is x (jax's softmax writes it)
 BOUNDS_OPS = frozenset({"Max", "Min", "Clip"})
-REASON = "reads or makes values of ±1e9 or beyond (an attention mask): no 8-bit range holds them"
+# a mask is the usual source; light Caffe2-style exports fill with ±1e9 sentinels as well
+REASON = "reads or makes values of ±1e9 or beyond (a mask or a sentinel fill): no 8-bit range holds them"
 
 
 def unbounded_tensors(graph: ir.Graph) -> set[str]:
