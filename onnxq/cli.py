@@ -317,9 +317,8 @@ def main() -> None:
     "lined up by where each channel is best clipped at that width, by maxima otherwise) "
     "[default: on below 8-bit activations with per-channel weights]. The moves across a float "
     "op (a conv output read only by float ops such as HardSwish, a depthwise conv's input "
-    "behind a Mul/Div by a constant or "
-    "a float activation; not a SiLU at 8 bits, which runs on integer kernels) are made at every "
-    "width unless --no-equalize.",
+    "behind a Mul/Div by a constant or a float activation; not a SiLU at 8 bits, which runs on "
+    "integer kernels) are made at every width unless --no-equalize.",
 )
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
 @click.option(
