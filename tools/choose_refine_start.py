@@ -26,7 +26,8 @@ import bench
 import bench_suites
 import held_out
 
-SETTINGS = {"resnet20_cifar10": [(4, 4), (2, 4)], "mobilenet_v2": [(4, 8)]}  # (weight, activation bits)
+# (weight, activation bits) per model
+SETTINGS = {"resnet20_cifar10": [(4, 4), (2, 4)], "mobilenet_v2": [(4, 8), (4, 4)]}
 STARTS = {"nearest": "nearest", "gptq": "gptq"}  # start → --weight-rounding
 
 
