@@ -46,6 +46,13 @@ REFINE_HINT = (
     "  --refine learns each weight's rounding and the activation steps by gradient (pip install "
     "'onnxq[refine]'; minutes to tens of minutes on a CPU): MobileNetV2 W4A4 62.0 → 69.4 % top-1"
 )
+# Said where the check ran in-sample: the range rule, the fallback and the switches were chosen on
+# those samples too. YOLOv8n (NudeNet) at W8A8 on 16 images: scores 20.0 dB in-sample, 8.4 dB on
+# its other 16 calibration images (BENCHMARKS.md "What learned rounding does to 8-bit detectors").
+IN_SAMPLE_CAUTION = (
+    f"fidelity check in-sample: the plan was chosen on these samples, so the figures above flatter it; "
+    f"{MIN_CALIBRATION} or more samples hold {HELD_BACK} back for a check on samples it never saw"
+)
 EXACT_DB = 60.0  # an input this close to float counts as exact when ranking the falls
 PART_RATIO = 10.0  # an output splits in two parts where every index of one is this much louder
 PART_AXIS_SIZE = 1024  # longest axis searched for such a split
@@ -151,7 +158,10 @@ class Fidelity:
 
     def lines(self) -> list[str]:
         where = "held-back samples" if self.held_back else "calibration samples (too few to hold any back)"
-        return [f"fidelity on {self.samples} {where}: {text}" for text in self._described()]
+        lines = [f"fidelity on {self.samples} {where}: {text}" for text in self._described()]
+        if not self.held_back and self.min_sqnr < float("inf"):
+            lines.append(IN_SAMPLE_CAUTION)
+        return lines
 
     def _described(self) -> list[str]:
         """Each output; of the tensors a picked output picks from, only the lowest and how many

@@ -1,16 +1,16 @@
-"""Refinement on the zoo's detectors: every output part's fidelity (boxes and scores apart) at W4,
-with the scale search alone and with `--refine`. Writes the section "detector-refine" of
-BENCHMARKS.md.
+"""Refinement on the zoo's detectors: every output part's fidelity (boxes and scores apart) at W4
+(or `--w-bits`), with the scale search alone and with `--refine`. Writes the section
+"detector-refine" of BENCHMARKS.md ("detector-refine-w8" and so on at other widths).
 
 Each model (tools/build_zoo.py's cache) is quantized by `onnxq quantize` in its own process at
-W4 (8-bit activations) on the first half of its calibration file, without the speed check, once
+W4 or `--w-bits` (8-bit activations) on the first half of its calibration file, without the speed check, once
 without and once with `--refine --refine-iters N`. Each result is scored against float per
 output and detector part (tools/zoo_bench.py's parts) on the calibration file's second half,
 which neither the search nor refinement sees (where defaults are chosen), and on the evaluation
 file (reported only).
 
     .venv/bin/python tools/bench_detector_refine.py [--models yolov8n_nudenet yolox_ddddocr]
-        [--iters 100] [--only search refine] [--out BENCHMARKS.md] [--label "at <commit>"]
+        [--iters 100] [--w-bits 4] [--only search refine] [--out BENCHMARKS.md] [--label "at <commit>"]
 """
 
 from __future__ import annotations
@@ -57,14 +57,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=["yolov8n_nudenet", "yolox_ddddocr"])
     parser.add_argument("--iters", type=int, default=100, help="refinement iterations per unit")
+    parser.add_argument("--w-bits", type=int, default=4, help="weight bit width (activations: 8)")
     parser.add_argument("--only", nargs="*", choices=["search", "refine"], default=["search", "refine"])
     parser.add_argument("--label", default="", help="what the rows were run at (a commit)")
     parser.add_argument("--out", default=str(bench.ROOT / "BENCHMARKS.md"))
     args = parser.parse_args()
     manifest = zoo_manifest()
-    search = ["--w-bits", "4", "--no-speed-check"]
+    width = f"W{args.w_bits}"
+    search = ["--w-bits", str(args.w_bits), "--no-speed-check"]
     refine = [*search, "--refine", "--refine-iters", str(args.iters)]
-    choices = {"search": ("W4 search", search), "refine": (f"W4 --refine ({args.iters} it.)", refine)}
+    choices = {
+        "search": (f"{width} search", search),
+        "refine": (f"{width} --refine ({args.iters} it.)", refine),
+    }
     settings = dict(choices[key] for key in args.only)
     rows = []
     for name in args.models:
@@ -88,17 +93,20 @@ def main() -> None:
                 summary = ", ".join(found[i] for found, i in ((refined, 1), (checked, 0)) if found)
                 rows.append((name, setting, summary, seconds, peak, scores))
                 print(f"    {seconds:.0f} s, {peak:.0f} MB, {scores}", flush=True)
-    bench.write_section(Path(args.out), SECTION, _table(rows, args), bench.machine_description())
+    section = SECTION if args.w_bits == 4 else f"{SECTION}-w{args.w_bits}"
+    bench.write_section(Path(args.out), section, _table(rows, args), bench.machine_description())
 
 
 def _table(rows: list, args) -> str:
     lines = [
-        "## Refinement on the zoo's detectors: boxes and scores apart (W4A8)",
+        f"## Refinement on the zoo's detectors: boxes and scores apart (W{args.w_bits}A8)",
         "",
-        f"`tools/bench_detector_refine.py --iters {args.iters}`{' ' + args.label if args.label else ''}: "
-        "`onnxq quantize --w-bits 4` on the first half of each model's calibration file, without the "
-        f"speed check, with the scale search alone and with `--refine --refine-iters {args.iters}`; in its "
-        "own process (calib. s its wall time on 2 cores, peak MB its peak resident memory). SQNR (dB) "
+        f"`tools/bench_detector_refine.py --iters {args.iters} --w-bits {args.w_bits}`"
+        f"{' ' + args.label if args.label else ''}: "
+        f"`onnxq quantize --w-bits {args.w_bits}` on the first half of each model's calibration file, "
+        "without the speed check, with the scale search alone and with "
+        f"`--refine --refine-iters {args.iters}`; in its own process (calib. s its wall time on 2 "
+        "cores, peak MB its peak resident memory). SQNR (dB) "
         "against float per output part, on the calibration file's second half (held out: where "
         "defaults are chosen) and on the evaluation file.",
         "",
