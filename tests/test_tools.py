@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import held_out
@@ -207,3 +208,38 @@ def test_the_zoo_rewrite_turns_a_float_hardswish_between_q_dq_into_the_integer_f
     (before,) = onnxruntime.InferenceSession(float_form.SerializeToString()).run(None, x)
     (after,) = onnxruntime.InferenceSession(rewritten.SerializeToString()).run(None, x)
     assert np.abs(after - before).max() <= hardswish_kernels.OUTPUT_SCALE * 1.0001
+
+
+NOTES_16_IMAGES = """\
+  activation ranges: percentile (lowest output SQNR 10.4 dB with percentile ranges, 9.7 dB with min-max)
+  fidelity: 4 layers kept float lift the lowest output SQNR 10.4 → 17.5 dB
+  activation ranges: 6 switched to the other rule's ranges, lifting the lowest output SQNR 17.5 → 20.0 dB
+  fidelity on 16 calibration samples (too few to hold any back): output 'output0': SQNR 38.6 dB
+"""
+
+
+def test_the_calibration_size_table_names_what_the_default_chose():
+    import calibration_size
+
+    assert calibration_size.choices(NOTES_16_IMAGES) == "percentile, 4 float, 6 switched"
+    assert calibration_size.choices("  fidelity on 16 held-back samples: output 'y': SQNR 41.0 dB") == ""
+
+
+def _zoo_models_with_calibration_images():
+    import zoo_bench
+    from zoo_data import CALIBRATION_IMAGES
+
+    manifest = zoo_bench.zoo_dir() / "zoo.json"
+    if not manifest.exists():
+        return [pytest.param(None, marks=pytest.mark.skip(reason="no zoo (tools/build_zoo.py)"))]
+    return list(CALIBRATION_IMAGES)
+
+
+@pytest.mark.parametrize("name", _zoo_models_with_calibration_images())
+def test_calibration_images_of_any_count_begin_with_the_zoo_file(name):
+    """tools/calibration_size.py calibrates on N images whose first ones are the zoo's file, so its
+    rows at the file's own count are the zoo's calibration."""
+    import calibration_size
+
+    data = calibration_size.calibration(name, 3)  # refuses (SystemExit) where they differ
+    assert all(len(values) == 3 for values in data.values())

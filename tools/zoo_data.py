@@ -33,12 +33,13 @@ def text_photos(split, count: int, seed: int) -> list[np.ndarray]:
     ]
 
 
-def ppocr_det_data(zoo: Path) -> tuple[dict, dict]:
-    def make(split, count, seed):
-        images = text_photos(split, count, seed)
-        return normalised(images, (0.5,) * 3, (0.5,) * 3, bgr=True)  # PaddleOCR: BGR, (x/255-0.5)/0.5
+def ppocr_det_images(split, count, seed) -> dict:
+    images = text_photos(split, count, seed)
+    return {"x": normalised(images, (0.5,) * 3, (0.5,) * 3, bgr=True)}  # PaddleOCR: BGR, (x/255-0.5)/0.5
 
-    return {"x": make("calib", 16, 1)}, {"x": make("eval", 16, 2)}
+
+def ppocr_det_data(zoo: Path) -> tuple[dict, dict]:
+    return ppocr_det_images("calib", 16, 1), ppocr_det_images("eval", 16, 2)
 
 
 def ppocr_cls_data(zoo: Path) -> tuple[dict, dict]:
@@ -116,29 +117,32 @@ def yolo_images(split, count, seed, size, fill, centred, text=False):
     return out
 
 
-def nudenet_data(zoo: Path) -> tuple[dict, dict]:
+def nudenet_images(split, count, seed) -> dict:
     # nudenet: pad to a square at the bottom/right with 0, resize to 320, RGB/255
-    def make(split, count, seed):
-        return normalised(yolo_images(split, count, seed, 320, 0, False), (0,) * 3, (1,) * 3)
+    return {"images": normalised(yolo_images(split, count, seed, 320, 0, False), (0,) * 3, (1,) * 3)}
 
-    return {"images": make("calib", 32, 5)}, {"images": make("eval", 32, 6)}
+
+def nudenet_data(zoo: Path) -> tuple[dict, dict]:
+    return nudenet_images("calib", 32, 5), nudenet_images("eval", 32, 6)
+
+
+def yolov8_images(split, count, seed) -> dict:
+    # ultralytics: letterbox with 114 (centred), RGB/255
+    return {"input": normalised(yolo_images(split, count, seed, 320, 114, True), (0,) * 3, (1,) * 3)}
 
 
 def yolov8_data(zoo: Path) -> tuple[dict, dict]:
-    # ultralytics: letterbox with 114 (centred), RGB/255
-    def make(split, count, seed):
-        return normalised(yolo_images(split, count, seed, 320, 114, True), (0,) * 3, (1,) * 3)
+    return yolov8_images("calib", 32, 7), yolov8_images("eval", 32, 8)
 
-    return {"input": make("calib", 32, 7)}, {"input": make("eval", 32, 8)}
+
+def yolox_images(split, count, seed) -> dict:
+    # ddddocr/YOLOX: BGR 0..255 (no scaling), letterbox at the top-left with 114; text drawn on photos
+    images = yolo_images(split, count, seed, 416, 114, False, text=True)
+    return {"images": normalised(images, (0,) * 3, (1,) * 3, scale=1.0, bgr=True)}
 
 
 def yolox_data(zoo: Path) -> tuple[dict, dict]:
-    # ddddocr/YOLOX: BGR 0..255 (no scaling), letterbox at the top-left with 114; text drawn on photos
-    def make(split, count, seed):
-        images = yolo_images(split, count, seed, 416, 114, False, text=True)
-        return normalised(images, (0,) * 3, (1,) * 3, scale=1.0, bgr=True)
-
-    return {"images": make("calib", 16, 9)}, {"images": make("eval", 16, 10)}
+    return yolox_images("calib", 16, 9), yolox_images("eval", 16, 10)
 
 
 def imagenet_data(mean, std, nhwc=False, labelled=True, calib=32, evaluation=128):
@@ -155,11 +159,23 @@ def imagenet_data(mean, std, nhwc=False, labelled=True, calib=32, evaluation=128
     return data
 
 
-def dbnet_data(zoo: Path) -> tuple[dict, dict]:
-    def make(split, count, seed):
-        return normalised(text_photos(split, count, seed), IMAGENET_MEAN, IMAGENET_STD)
+def dbnet_images(split, count, seed) -> dict:
+    return {"input": normalised(text_photos(split, count, seed), IMAGENET_MEAN, IMAGENET_STD)}
 
-    return {"input": make("calib", 16, 13)}, {"input": make("eval", 8, 14)}
+
+def dbnet_data(zoo: Path) -> tuple[dict, dict]:
+    return dbnet_images("calib", 16, 13), dbnet_images("eval", 8, 14)
+
+
+# Detector and segmentation calibration of any size: (maker, the seed of the zoo's calibration
+# file). Its first images are the file's, since photos() draws them first from one permutation.
+CALIBRATION_IMAGES = {
+    "ppocr_det_v4": (ppocr_det_images, 1),
+    "yolov8n_nudenet": (nudenet_images, 5),
+    "yolov8_style_op12": (yolov8_images, 7),
+    "yolox_ddddocr": (yolox_images, 9),
+    "dbnet_640": (dbnet_images, 13),
+}
 
 
 MAGIKA_SUFFIXES = (

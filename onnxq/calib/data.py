@@ -1,8 +1,9 @@
 """Calibration and evaluation data: arrays, image folders and onnxruntime data readers.
 
 Every source becomes one stream of batches (`dict[input name, array]`), checked against the
-model's inputs as it flows: dtype, rank, fixed dimensions, NaN/Inf, and not empty. Nothing holds
-more than one batch, so memory stays bounded whatever the data size.
+model's inputs as it flows: dtype, rank, fixed dimensions, NaN/Inf, and not empty. Files are
+read 64 samples at a time (onnxq.calib.disk_arrays; a compressed .npz member whole) and a batch is
+copied only where it spans two of those slices, so memory stays bounded whatever the data size.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import onnx
 
+from onnxq.calib.disk_arrays import npy_rows, npz_member_rows
 from onnxq.calib.images import channel_axis, fitted_to_input, image_files, load_image, normalise, square_side
 from onnxq.config import Preprocess
 from onnxq.errors import OnnxqError, first_line
@@ -276,12 +278,11 @@ def _path_chunks(path: Path, inputs: list[InputSpec], pre: Preprocess | None) ->
     if path.suffix not in (".npy", ".npz"):
         raise OnnxqError(f"unsupported data file {path}: expected .npy, .npz or a folder of images")
     try:
-        loaded = np.load(path, mmap_mode="r" if path.suffix == ".npy" else None)
-        if isinstance(loaded, np.ndarray):
-            arrays = loaded
+        if path.suffix == ".npy":
+            arrays = npy_rows(path)
         else:
-            with loaded:
-                arrays = _npz_arrays(loaded, inputs, path)
+            with np.load(path) as archive:
+                arrays = _npz_arrays(archive, inputs, path)
     except UNREADABLE as err:
         raise OnnxqError(f"cannot read data from {path}: {first_line(err)}") from None
     yield from _sliced(arrays, inputs, pre, str(path))
@@ -294,10 +295,10 @@ UNREADABLE = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
 def _npz_arrays(archive: Any, inputs: list[InputSpec], path: Path) -> dict[str, np.ndarray]:
     names = [spec.name for spec in inputs]
     if all(name in archive.files for name in names):
-        return {name: archive[name] for name in names}
+        return {name: npz_member_rows(path, archive, name) for name in names}
     candidates = [k for k in archive.files if k not in LABEL_KEYS and k != "all_test_labels"]
     if len(inputs) == 1 and ("x" in archive.files or len(candidates) == 1):
-        return {names[0]: archive["x" if "x" in archive.files else candidates[0]]}
+        return {names[0]: npz_member_rows(path, archive, "x" if "x" in archive.files else candidates[0])}
     raise OnnxqError(
         f"{path} must hold one array per model input ({', '.join(names)}); it has {', '.join(archive.files)}"
     )
@@ -309,7 +310,7 @@ def _sliced(data: np.ndarray | dict, inputs: list[InputSpec], pre: Preprocess | 
     if arrays is None:
         raise OnnxqError(f"{what}: a single array can only feed a model with one input")
     names = {spec.name for spec in inputs}
-    counts = {name: len(np.atleast_1d(a)) for name, a in arrays.items() if name in names}
+    counts = {name: len(a) if a.ndim else 1 for name, a in arrays.items() if name in names}
     if len(set(counts.values())) > 1:
         listed = ", ".join(f"{name!r} {count}" for name, count in counts.items())
         raise OnnxqError(
@@ -399,6 +400,7 @@ def _rebatch(
     chunks: Iterable[Batch], batch_size: int, max_samples: int | None, hint: str = ""
 ) -> Iterator[Batch]:
     pending: list[Batch] = []
+    first: Batch | None = None
     pending_count = total = 0
     for chunk in chunks:
         count = _count(chunk)
@@ -407,18 +409,47 @@ def _rebatch(
             chunk = {k: v[:count] for k, v in chunk.items()}
         if count == 0:
             break
+        first = first or chunk
+        _same_sample_shape(first, chunk, hint)
         pending.append(chunk)
         pending_count += count
         total += count
         while pending_count >= batch_size:
-            merged = _concat(pending, hint)
-            yield {k: v[:batch_size] for k, v in merged.items()}
-            rest = {k: v[batch_size:] for k, v in merged.items()}
-            pending, pending_count = [rest], pending_count - batch_size
+            batch, pending = _take(pending, batch_size, hint)
+            pending_count -= batch_size
+            yield batch
         if max_samples is not None and total >= max_samples:
             break
     if pending_count:
         yield _concat(pending, hint)
+
+
+def _same_sample_shape(first: Batch, chunk: Batch, hint: str) -> None:
+    """Refuses a chunk whose samples are shaped unlike the first chunk's, whether or not a batch
+    would span the two (those that do cannot be concatenated)."""
+    for name, values in chunk.items():
+        before = first.get(name)
+        if before is not None and before.shape[1:] != values.shape[1:]:
+            raise OnnxqError(
+                f"calibration samples differ in shape: {name!r} {before.shape[1:]} and "
+                f"{values.shape[1:]}{hint}"
+            )
+
+
+def _take(pieces: list[Batch], size: int, hint: str) -> tuple[Batch, list[Batch]]:
+    """The first `size` samples of `pieces` and the pieces left. Only a batch that spans pieces is
+    copied: concatenating the rest of each 64-sample chunk with the next copied the whole chunk
+    (315 MB for 640×640 images)."""
+    taken, need = [], size
+    for index, piece in enumerate(pieces):
+        count = _count(piece)
+        if count >= need:
+            taken.append({k: v[:need] for k, v in piece.items()})
+            rest = [{k: v[need:] for k, v in piece.items()}] if count > need else []
+            return _concat(taken, hint), rest + pieces[index + 1 :]
+        taken.append(piece)
+        need -= count
+    raise AssertionError(f"fewer than {size} samples pending")
 
 
 def _count(batch: Batch) -> int:
