@@ -27,7 +27,7 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # this checkout's onnxq: bench.py puts it first on the path
 from zoo_bench import zoo_batch, zoo_dir, zoo_fidelity, zoo_inputs, zoo_manifest, zoo_outputs
-from zoo_data import CALIBRATION_IMAGES
+from zoo_data import CALIBRATION_IMAGES, calibration_images
 
 SECTION = "calibration-size"
 RULE = re.compile(r"activation ranges: (min-max|percentile) \(")
@@ -37,8 +37,7 @@ SWITCHED = re.compile(r"activation ranges: (\d+) switched")
 
 def calibration(name: str, count: int) -> dict[str, np.ndarray]:
     """`count` calibration images for a zoo model; refused where its first ones are not the zoo's."""
-    maker, seed = CALIBRATION_IMAGES[name]
-    data = maker("calib", count, seed)
+    data = calibration_images(name, count)
     zoo = zoo_inputs(zoo_manifest()[name], "calib")
     for key, values in data.items():
         shared = min(count, len(zoo[key]))
@@ -71,17 +70,17 @@ def main() -> None:
         path = zoo_dir() / entry["file"]
         float_model = onnx.load(path)
         names = [o.name for o in float_model.graph.output]
-        feed = zoo_inputs(entry)
-        reference = zoo_outputs(float_model, feed, zoo_batch(entry, 8), optimize=False)
+        feed, batch = zoo_inputs(entry), zoo_batch(entry, 8)
+        reference = zoo_outputs(float_model, feed, batch, optimize=False)
         for count in args.counts:
             with tempfile.TemporaryDirectory() as folder:
                 calib = Path(folder) / "calib.npz"
                 np.savez(calib, **calibration(name, count))
                 model, seconds, peak, notes = bench.run_onnxq_cli_notes(path, calib, ["--no-speed-check"])
-            outputs = zoo_outputs(model, feed, zoo_batch(entry, 8), optimize=False)
-            fidelity = zoo_fidelity(entry, names, reference, outputs)
-            rows.append((name, count, choices(notes), fidelity, seconds, peak))
-            print(f"  {name} on {count}: {choices(notes)}; {fidelity}; {seconds:.0f} s", flush=True)
+            outputs = zoo_outputs(model, feed, batch, optimize=False)
+            fidelity, chosen = zoo_fidelity(entry, names, reference, outputs), choices(notes)
+            rows.append((name, count, chosen, fidelity, seconds, peak))
+            print(f"  {name} on {count}: {chosen}; {fidelity}; {seconds:.0f} s", flush=True)
     bench.write_section(Path(args.out), SECTION, _table(rows, args), bench.machine_description())
 
 

@@ -39,7 +39,7 @@ def ppocr_det_images(split, count, seed) -> dict:
 
 
 def ppocr_det_data(zoo: Path) -> tuple[dict, dict]:
-    return ppocr_det_images("calib", 16, 1), ppocr_det_images("eval", 16, 2)
+    return calibration_images("ppocr_det_v4", 16), ppocr_det_images("eval", 16, 2)
 
 
 def ppocr_cls_data(zoo: Path) -> tuple[dict, dict]:
@@ -123,7 +123,7 @@ def nudenet_images(split, count, seed) -> dict:
 
 
 def nudenet_data(zoo: Path) -> tuple[dict, dict]:
-    return nudenet_images("calib", 32, 5), nudenet_images("eval", 32, 6)
+    return calibration_images("yolov8n_nudenet", 32), nudenet_images("eval", 32, 6)
 
 
 def yolov8_images(split, count, seed) -> dict:
@@ -132,7 +132,7 @@ def yolov8_images(split, count, seed) -> dict:
 
 
 def yolov8_data(zoo: Path) -> tuple[dict, dict]:
-    return yolov8_images("calib", 32, 7), yolov8_images("eval", 32, 8)
+    return calibration_images("yolov8_style_op12", 32), yolov8_images("eval", 32, 8)
 
 
 def yolox_images(split, count, seed) -> dict:
@@ -142,7 +142,7 @@ def yolox_images(split, count, seed) -> dict:
 
 
 def yolox_data(zoo: Path) -> tuple[dict, dict]:
-    return yolox_images("calib", 16, 9), yolox_images("eval", 16, 10)
+    return calibration_images("yolox_ddddocr", 16), yolox_images("eval", 16, 10)
 
 
 def imagenet_data(mean, std, nhwc=False, labelled=True, calib=32, evaluation=128):
@@ -164,11 +164,11 @@ def dbnet_images(split, count, seed) -> dict:
 
 
 def dbnet_data(zoo: Path) -> tuple[dict, dict]:
-    return dbnet_images("calib", 16, 13), dbnet_images("eval", 8, 14)
+    return calibration_images("dbnet_640", 16), dbnet_images("eval", 8, 14)
 
 
-# Detector and segmentation calibration of any size: (maker, the seed of the zoo's calibration
-# file). Its first images are the file's, since photos() draws them first from one permutation.
+# Detector and segmentation calibration of any size: (maker, seed). The zoo's calibration files
+# are its first images, since photos() draws them first from one permutation.
 CALIBRATION_IMAGES = {
     "ppocr_det_v4": (ppocr_det_images, 1),
     "yolov8n_nudenet": (nudenet_images, 5),
@@ -176,6 +176,12 @@ CALIBRATION_IMAGES = {
     "yolox_ddddocr": (yolox_images, 9),
     "dbnet_640": (dbnet_images, 13),
 }
+
+
+def calibration_images(name: str, count: int) -> dict:
+    """`count` calibration images of a detector or segmentation model (CALIBRATION_IMAGES)."""
+    maker, seed = CALIBRATION_IMAGES[name]
+    return maker("calib", count, seed)
 
 
 MAGIKA_SUFFIXES = (

@@ -43,7 +43,7 @@ class RowsOnDisk:
         return self._read(start, max(start, stop))[::step]
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        whole = self._read(0, len(self)) if self.shape else self._read_scalar()
+        whole = self._read(0, len(self)) if self.shape else self._read(0, 1).reshape(())
         return whole if dtype is None else whole.astype(dtype)
 
     def _read(self, start: int, stop: int) -> np.ndarray:
@@ -55,11 +55,6 @@ class RowsOnDisk:
             raise OnnxqError(f"cannot read data from {self.path}: the file ends inside its array (truncated)")
         return flat.reshape((stop - start, *self.shape[1:]))
 
-    def _read_scalar(self) -> np.ndarray:
-        with open(self.path, "rb") as file:
-            file.seek(self.offset)
-            return np.fromfile(file, dtype=self.dtype, count=1).reshape(())
-
 
 def npy_rows(path: Path) -> RowsOnDisk | np.ndarray:
     """An .npy file as rows read on demand, or as numpy loads it where it cannot be."""
@@ -70,9 +65,11 @@ def npy_rows(path: Path) -> RowsOnDisk | np.ndarray:
 
 def npz_member_rows(path: Path, archive: np.lib.npyio.NpzFile, name: str) -> RowsOnDisk | np.ndarray:
     """One .npz member as rows read on demand where it is stored uncompressed, else read whole."""
-    with zipfile.ZipFile(path) as zipped:
-        info = zipped.getinfo(f"{name}.npy") if f"{name}.npy" in zipped.namelist() else None
-    if info is None or info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+    try:
+        info = archive.zip.getinfo(f"{name}.npy")
+    except KeyError:  # a member saved under another name: numpy finds it
+        return archive[name]
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
         return archive[name]
     with open(path, "rb") as file:
         file.seek(info.header_offset)
