@@ -2,7 +2,7 @@
 
 Every source becomes one stream of batches (`dict[input name, array]`), checked against the
 model's inputs as it flows: dtype, rank, fixed dimensions, NaN/Inf, and not empty. Files are
-read 64 samples at a time (onnxq.calib.disk_arrays; a compressed .npz member whole) and a batch is
+read 64 samples at a time (onnxq.calib.disk_arrays, compressed .npz members too) and a batch is
 copied only where it spans two of those slices, so memory stays bounded whatever the data size.
 """
 
@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import onnx
 
-from onnxq.calib.disk_arrays import npy_rows, npz_member_rows
+from onnxq.calib.disk_arrays import CompressedRows, npy_rows, npz_member_rows
 from onnxq.calib.images import channel_axis, fitted_to_input, image_files, load_image, normalise, square_side
 from onnxq.config import Preprocess
 from onnxq.errors import OnnxqError, first_line
@@ -285,7 +285,12 @@ def _path_chunks(path: Path, inputs: list[InputSpec], pre: Preprocess | None) ->
                 arrays = _npz_arrays(archive, inputs, path)
     except UNREADABLE as err:
         raise OnnxqError(f"cannot read data from {path}: {first_line(err)}") from None
-    yield from _sliced(arrays, inputs, pre, str(path))
+    try:
+        yield from _sliced(arrays, inputs, pre, str(path))
+    finally:  # a compressed member's open stream
+        for rows in arrays.values() if isinstance(arrays, dict) else [arrays]:
+            if isinstance(rows, CompressedRows):
+                rows.close()
 
 
 # what numpy raises on a truncated or corrupt .npy/.npz (a zip archive of compressed arrays)

@@ -3,13 +3,15 @@ batches, with only the slice in memory."""
 
 from __future__ import annotations
 
+import zipfile
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from onnxq.calib.data import InputSpec, batches
-from onnxq.calib.disk_arrays import RowsOnDisk, npy_rows, npz_member_rows
+from onnxq.calib.disk_arrays import CompressedRows, RowsOnDisk, npy_rows, npz_member_rows
 from onnxq.errors import OnnxqError
 
 DTYPES = (np.float32, np.float64, np.uint8, np.int16, np.float16)
@@ -37,12 +39,41 @@ def test_rows_read_on_demand_equal_numpys_whole_read(
         with np.load(folder / f"{name}.npz") as archive:
             on_disk.append(npz_member_rows(folder / f"{name}.npz", archive, "x"))
     assert isinstance(on_disk[0], RowsOnDisk) and isinstance(on_disk[1], RowsOnDisk)
-    assert isinstance(on_disk[2], np.ndarray)  # a compressed member is read as numpy reads it
+    assert isinstance(on_disk[2], CompressedRows)
     for rows in on_disk:
         assert len(rows) == samples and rows.shape == array.shape
         np.testing.assert_array_equal(rows[start:stop], array[start:stop])
         assert rows[start:stop].dtype == array.dtype
         np.testing.assert_array_equal(np.asarray(rows), array)
+        np.testing.assert_array_equal(rows[start:stop], array[start:stop])  # again, behind the stream
+
+
+def test_a_compressed_member_read_in_order_is_decompressed_once(tmp_path, monkeypatch):
+    """Slices asked for in order continue one stream; one before its position starts it again."""
+    array = np.random.default_rng(0).normal(size=(200, 3, 5)).astype(np.float32)
+    np.savez_compressed(tmp_path / "packed.npz", x=array)
+    with np.load(tmp_path / "packed.npz") as archive:
+        rows = npz_member_rows(tmp_path / "packed.npz", archive, "x")
+    starts = []  # zipfile makes a decompressor where a member's stream starts, or starts again
+    real = zipfile._get_decompressor
+    monkeypatch.setattr(zipfile, "_get_decompressor", lambda kind: starts.append(kind) or real(kind))
+    for start in range(0, 200, 64):
+        np.testing.assert_array_equal(rows[start : start + 64], array[start : start + 64])
+    assert len(starts) == 1
+    np.testing.assert_array_equal(rows[10:20], array[10:20])
+    assert len(starts) == 2
+
+
+def test_a_corrupt_compressed_member_is_refused_with_a_one_line_error(tmp_path):
+    np.savez_compressed(tmp_path / "packed.npz", x=np.random.default_rng(1).normal(size=(300, 40)))
+    data = bytearray((tmp_path / "packed.npz").read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = np.random.default_rng(2).bytes(64)  # damage the deflate stream
+    (tmp_path / "packed.npz").write_bytes(bytes(data))
+    spec = [InputSpec("input", np.dtype(np.float64), (None, 40))]
+    with pytest.raises(OnnxqError, match=r"cannot read data from .*packed\.npz: ") as caught:
+        list(batches(tmp_path / "packed.npz", spec, batch_size=64))
+    assert "\n" not in str(caught.value)
 
 
 def test_object_and_fortran_arrays_are_read_as_numpy_reads_them(tmp_path):
