@@ -213,6 +213,7 @@ def _search(
         half_cache=config.search_cache_half,
         fixed_batch=fixed_batch(float_model),
         rounding="gptq" if config.gptq_in_sweep else "nearest",
+        activation_error=config.activation_error,
     )
     fixed = {
         spec.tensor: ranges[spec.observed] for spec in plan.activations.values() if spec.observed in ranges

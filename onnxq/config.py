@@ -156,6 +156,7 @@ class LayerOverride:
 # fine optimum. A larger λ also lets more candidates be ruled out unrun (faster pd).
 PD_LAMBDA = 0.1
 WEIGHT_ROUNDINGS = ("auto", "nearest", "gptq")
+ACTIVATION_ERRORS = ("readers", "own")
 # which weights get a zero point: none (all symmetric), narrow (those below 8 bits), all, or auto
 WEIGHT_ZERO_POINTS = ("auto", "none", "narrow", "all")
 
@@ -289,6 +290,11 @@ class QuantConfig:
     time_budget: float | None = None  # seconds for the search; what is left keeps simple ranges
     search_memory_gb: float = 1.5  # cached activations of mse/mae/pd; beyond it, fewer samples
     search_cache_half: bool = True  # cache them in float16 (BENCHMARKS.md: costs no accuracy)
+    # how the mse/mae/pd search scores an activation's range: "own", every value alike; "readers"
+    # weighs each channel's error by the squared weights of the layers that read it
+    # (onnxq/calib/reader_weights.py), which raised the held-out KL on 5 of 6 rows
+    # (tools/choose_activation_error.py, BENCHMARKS.md) and is not the default
+    activation_error: str = "own"
     min_sqnr: float | None = None  # dB: an output below it on held-back samples is an error
     layer_report: bool = False  # measure every quantized layer's input and output SQNR (the report)
     fidelity_fallback: bool = True  # keep the layers that lose most float while outputs fall short
@@ -364,6 +370,8 @@ class QuantConfig:
             raise OnnxqError(f"weight rounding must be auto, nearest or gptq, got {self.weight_rounding!r}")
         if self.search_memory_gb <= 0:
             raise OnnxqError(f"search memory must be positive, got {self.search_memory_gb} GB")
+        if self.activation_error not in ACTIVATION_ERRORS:
+            raise OnnxqError(f"activation error must be readers or own, got {self.activation_error!r}")
 
     def _accept_text(self) -> None:
         """The Python API takes what the CLI takes: calibration="mse", granularity="group:8"."""

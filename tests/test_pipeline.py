@@ -246,6 +246,8 @@ def test_the_python_config_takes_the_same_words_as_the_cli():
     assert config.weight_rule == RangeRule("scaleclip", 2.0)
     with pytest.raises(OnnxqError, match="calibration must be one of auto, minmax"):
         onnxq.QuantConfig(calibration="msee")
+    with pytest.raises(OnnxqError, match="activation error must be readers or own, got 'reader'"):
+        onnxq.QuantConfig(activation_error="reader")
 
 
 def test_a_model_the_onnx_checker_refuses_but_onnxruntime_runs_quantizes(small_model, calibration_data):

@@ -19,10 +19,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench
 import held_out
 
 SETTINGS = {  # (weight, activation bits): the widths below 8-bit activations of issue 14's targets
@@ -30,17 +27,16 @@ SETTINGS = {  # (weight, activation bits): the widths below 8-bit activations of
     "resnet56_cifar10": [(4, 4)],
     "mobilenet_v2": [(4, 4), (6, 6)],
 }
-CHOICES = {"one quantizer": False, "split": True}  # label → split_sums
+CHOICES = ("one quantizer", "split")  # labels; split_sums = label == "split"
 
 
 def held_out_scores(name: str, widths: tuple[int, int], label: str, held, reference) -> dict:
-    config = held_out.mse_config(widths, split_sums=CHOICES[label])
+    config = held_out.mse_config(widths, split_sums=label == "split")
     return held_out.row(name, config, held, reference)
 
 
 def main() -> None:
     args = held_out.arguments(__doc__.splitlines()[0], SETTINGS)
-    done = held_out.printed_rows(args.resume, CHOICES) if args.resume else {}
     lines = [
         "## Residual sums with a second quantizer, chosen on held-out calibration images",
         "",
@@ -59,23 +55,7 @@ def main() -> None:
         "| --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
 
-    def key(name: str, widths: tuple[int, int], label: str) -> str:
-        return f"| {name} | W{widths[0]}A{widths[1]} mse | {label} |"
-
-    rows = held_out.choice_rows(args.models, SETTINGS, CHOICES, key, held_out_scores, done)
-    table, grouped = held_out.grouped_log_kls(rows, lambda widths: "all")
-    lines += table
-    logs = grouped["all"]
-    wins = held_out.wins(logs, "one quantizer", "split")
-    means = {label: float(np.mean(values)) for label, values in logs.items()}
-    chosen = "split" if means["split"] < means["one quantizer"] else "one quantizer"
-    lines += [
-        "",
-        f"Splitting lowers the held-out KL on {wins} of {len(logs['split'])} rows; mean log held-out KL "
-        f"{means['one quantizer']:.2f} with one quantizer, {means['split']:.2f} split: {chosen} by default.",
-    ]
-    bench.write_section(args.out, "split-sums", "\n".join(lines) + "\n", bench.machine_description())
-    print(lines[-1])
+    held_out.two_way_choice(args, SETTINGS, CHOICES, held_out_scores, lines, "split-sums", "Splitting")
 
 
 if __name__ == "__main__":

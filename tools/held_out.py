@@ -117,3 +117,36 @@ def choice_rows(
                 line, kl = table_row(key(name, setting, choice), done, scores)
                 print(line, flush=True)
                 yield name, setting, choice, line, kl
+
+
+def two_way_choice(
+    args: argparse.Namespace,
+    settings: dict[str, list],
+    choices: tuple[str, str],
+    measure: Callable[..., dict],
+    header: list[str],
+    section: str,
+    change: str,
+) -> None:
+    """A tools/choose_*.py run between a base and a candidate (`choices`) over `settings` (mse
+    rows, W/A widths): the table after `header`, and the candidate chosen where it lowers the mean
+    log held-out KL (`change` names it in the verdict), written to `section` of BENCHMARKS.md."""
+    base, candidate = choices
+    done = printed_rows(args.resume, choices) if args.resume else {}
+
+    def key(name: str, widths: tuple[int, int], label: str) -> str:
+        return f"| {name} | W{widths[0]}A{widths[1]} mse | {label} |"
+
+    rows = choice_rows(args.models, settings, choices, key, measure, done)
+    table, grouped = grouped_log_kls(rows, lambda widths: "all")
+    logs = grouped["all"]
+    means = {label: float(np.mean(values)) for label, values in logs.items()}
+    chosen = candidate if means[candidate] < means[base] else base
+    verdict = (
+        f"{change} lowers the held-out KL on {wins(logs, base, candidate)} of {len(logs[candidate])} rows; "
+        f"mean log held-out KL {means[base]:.2f} {base}, {means[candidate]:.2f} {candidate}: "
+        f"{chosen} by default."
+    )
+    text = "\n".join([*header, *table, "", verdict]) + "\n"
+    bench.write_section(args.out, section, text, bench.machine_description())
+    print(verdict)

@@ -8,7 +8,8 @@ what was chosen). At each item:
   output is closest to the float layer's output (squared or absolute error). With bias
   correction the candidate's output is first shifted by its own mean error per channel.
 - activations: a grid of clipping ratios of the observed range, scored on a fixed random subset
-  of positions against the float tensor.
+  of positions against the float tensor (with activation_error "readers", each channel's error
+  weighted by how much the layers reading it amplify it: onnxq.calib.reader_weights).
 With GPTQ rounding (settings.rounding), each layer first measures its inputs' correlations on the
 quantized model and every weight candidate is rounded by GPTQ at its scales (onnxq.calib.rounding).
 `pd` then sweeps again over the items narrower than 8 bits (at 8 bits the local choice holds):
@@ -36,7 +37,8 @@ from onnxq.calib.frontier import (
     sized_batches,
 )
 from onnxq.calib.layer import BIAS_SAMPLES, LayerProbe
-from onnxq.calib.simulate import Arrays, Item, Segment, Simulation, fake_quant_feed
+from onnxq.calib.reader_weights import ChannelWeights, reader_channel_weights
+from onnxq.calib.simulate import FAKE_QUANT_SUFFIX, Arrays, Item, Segment, Simulation, fake_quant_feed
 from onnxq.passes.insert_qdq import activation_quantizer
 from onnxq.progress import Progress
 from onnxq.quant.kernels import FULL_RANGE, WeightRangeChoice
@@ -69,6 +71,7 @@ class SearchSettings:
     memory_budget: float = 1.5e9  # bytes of cached tensors (float and quantized frontiers)
     half_cache: bool = True  # keep cached float32 tensors in float16 (half the memory)
     rounding: str = "nearest"  # weight integers: "nearest", or "gptq" (onnxq.calib.rounding)
+    activation_error: str = "own"  # "own": every value alike; "readers": weighted by the readers
 
 
 @dataclass
@@ -187,6 +190,11 @@ def widest_of_least(losses: np.ndarray, ratios: np.ndarray) -> np.ndarray:
     return np.where(tied, ratios, -np.inf).max(axis=0)
 
 
+def _batches_of(values) -> list[np.ndarray]:
+    """A cached tensor's batches (one array where it is kept whole)."""
+    return list(values) if isinstance(values, PerBatch) else [values]
+
+
 def _items(sim: Simulation) -> list[Item]:
     return [s.item for s in sim.segments if s.item is not None]
 
@@ -210,6 +218,10 @@ class _Sweep:
         self.nearest: dict[str, str] = {}  # weight → why GPTQ left it at nearest rounding
         self.observed: dict[str, tuple[float, float]] = {}
         self.layers = {node.name: node for node in sim.model.graph.node}
+        self.readers: dict[str, list[onnx.NodeProto]] = {}
+        for node in sim.model.graph.node:
+            for name in set(node.input):
+                self.readers.setdefault(name, []).append(node)
         self.rng = np.random.default_rng(settings.seed)
         self._probes: dict[str, LayerProbe] = {}
         self.pd_candidates = 0  # scored by pd, and of those
@@ -296,12 +308,14 @@ class _Sweep:
         target = reference[picks].astype(np.float32)
         if spec.floor is not None:  # the readers flatten what lies below: no error counted there
             target = np.maximum(target, np.float32(low))
+        channels = self._reader_weights(item, quantized)
+        weights = channels.at(picks) if channels is not None else np.float32(1.0)
 
         def error(ratio: float) -> float:
             scale, zero, bounds = activation_quantizer(low * ratio, high * ratio, spec.bits, self.sym_act)
             q = np.clip(np.rint(x / scale) + np.float32(zero), bounds.qmin, bounds.qmax)
             difference = (q - np.float32(zero)) * scale - target
-            return float(np.mean(difference**2) if self._squared else np.mean(np.abs(difference)))
+            return float(np.mean(weights * (difference**2 if self._squared else np.abs(difference))))
 
         # one ratio for both ends: the two ends searched apart lowered each tensor's error here but
         # raised MobileNetV2's held-out KL (W4A4 1.27 → 1.37, W6A6 0.090 → 0.110; BENCHMARKS.md)
@@ -309,6 +323,22 @@ class _Sweep:
         best = min([best, *np.clip(best + FINE, 0.01, 1.0)], key=error)
         self._set_activation(item.name, low * best, high * best)
         return error(best)
+
+    def _reader_weights(self, item: Item, quantized: Arrays) -> ChannelWeights | None:
+        """Each channel's weight in its readers' output error; None where the tensor's error is
+        scored plain: by choice, or where a reader is not a weighted layer or a sharer reads it."""
+        spec = self.plan.activations[item.name]
+        if self.settings.activation_error != "readers" or any(
+            other.tensor != item.name and self.plan.root(other.tensor) == item.name
+            for other in self.plan.activations.values()
+        ):
+            return None
+        shapes = {tuple(batch.shape) for batch in _batches_of(quantized[spec.observed])}
+        if len(shapes) != 1:
+            return None
+        quantized_name = f"{spec.observed}{FAKE_QUANT_SUFFIX}"
+        readers = self.readers.get(quantized_name, [])
+        return reader_channel_weights(readers, quantized_name, shapes.pop(), self.params)
 
     @property
     def sym_act(self) -> bool:

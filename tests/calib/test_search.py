@@ -481,3 +481,38 @@ def test_a_channel_the_calibration_data_keeps_off_keeps_its_whole_range(method):
     assert first[0] == 1.0, first
     if method == "output":  # the same activation ranges as min-max: the weights alone differ
         assert noise["output"] < 2 * noise["minmax"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_weighing_activation_errors_by_their_readers_lowers_the_readers_output_error(seed):
+    """A channel the next conv barely reads may be clipped harder than its own error allows:
+    scored by the readers, the input's range is narrower and the conv's output error lower."""
+    torch = pytest.importorskip("torch")
+    from tests.conftest import export
+
+    conv = torch.nn.Conv2d(2, 4, 1, bias=False)
+    with torch.no_grad():
+        conv.weight[:, 0] = 1.0
+        conv.weight[:, 1] = 0.01  # channel 1 hardly reaches the output
+    model = export(torch.nn.Sequential(conv), torch.zeros(1, 2, 8, 8))
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0.0, 1.0, (64, 2, 8, 8)).astype(np.float32)
+    x[:, 1] *= rng.exponential(3.0, (64, 8, 8)).astype(np.float32)  # a long tail in channel 1
+    weight = onnx.numpy_helper.to_array(model.graph.initializer[0]).reshape(4, 2)
+    output_error, ranges = {}, {}
+    for choice in ("own", "readers"):
+        config = QuantConfig(
+            weight_bits=8,
+            activation_bits=4,
+            first_last_8bit=False,
+            speed_check=False,
+            fidelity_fallback=False,
+            calibration=CalibrationMethod.MSE,
+            activation_error=choice,
+        )
+        low, high = ranges[choice] = onnxq.quantize(model, x, config).calibration.ranges["input"]
+        scale, zero, target = activation_quantizer(low, high, 4, False)
+        q = (np.clip(np.rint(x / scale) + zero, target.qmin, target.qmax) - zero) * scale
+        output_error[choice] = np.mean(np.einsum("oc,nchw->nohw", weight, q - x) ** 2)
+    assert ranges["readers"][1] < ranges["own"][1]
+    assert output_error["readers"] < output_error["own"]
