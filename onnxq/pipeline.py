@@ -223,8 +223,8 @@ def quantize(
 def _unbatched_note(names: list[str]) -> str:
     listed = ", ".join(map(repr, names))
     return (
-        f"input {listed} takes one sample without a batch axis: calibrated one sample per run, "
-        "saved with the input as exported"
+        f"input {listed} takes one sample per run without a leading batch axis (a scalar, or a "
+        "batch axis elsewhere or none): calibrated one sample per run, saved with the input as exported"
     )
 
 

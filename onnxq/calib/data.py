@@ -134,10 +134,13 @@ def batches(
     list the caller reads once the first batch is out), an input that takes one sample without a
     batch axis ([3, H, W]) while the data stacks samples (N×3×H×W) gets batches of one sample with
     that axis kept, and its name goes into the list: the caller lends the model the axis
-    (onnxq.passes.batch_axis). Without it such data is refused.
+    (onnxq.passes.batch_axis). So do a scalar input (one value per sample, or one 0-d value for
+    all) and an input whose batch axis is not its first (silero-vad's state [2, batch, 128],
+    given as N×2×1×128). Without the list such data is refused.
     """
     what = _describe(source)
-    _refuse_scalar_inputs(inputs)
+    if unbatched is None:
+        _refuse_scalar_inputs(inputs)
     chunks = _chunks(source, inputs, preprocess)
     if unbatched is not None:
         chunks, inputs = _lend_batch_axis(chunks, inputs, unbatched)
@@ -159,7 +162,9 @@ def _lend_batch_axis(
     if first is None:
         return iter(()), inputs
     lent += [spec.name for spec in inputs if _one_sample_per_run(first.get(spec.name), spec)]
-    specs = [replace(spec, shape=(1, *spec.shape)) if spec.name in lent else spec for spec in inputs]
+    specs = [
+        replace(spec, shape=(1, *spec.shape), scalar=False) if spec.name in lent else spec for spec in inputs
+    ]
     return itertools.chain([first], chunks), specs
 
 
@@ -259,6 +264,22 @@ def folder_labels(folder: str | Path) -> np.ndarray | None:
 
 
 def _chunks(source: DataSource, inputs: list[InputSpec], pre: Preprocess | None) -> Iterator[Batch]:
+    for chunk in _source_chunks(source, inputs, pre):
+        yield _repeat_scalars(chunk, inputs)
+
+
+def _repeat_scalars(chunk: Batch, inputs: list[InputSpec]) -> Batch:
+    """A scalar input given one 0-d value (a sample rate) takes it for every sample of the chunk."""
+    given = [spec.name for spec in inputs if spec.scalar and np.ndim(chunk.get(spec.name, 0)) == 0]
+    given = [name for name in given if name in chunk]
+    others = [value for name, value in chunk.items() if name not in given and np.ndim(value)]
+    if not given or not others:
+        return chunk
+    count = len(others[0])
+    return {name: np.repeat(value[None], count) if name in given else value for name, value in chunk.items()}
+
+
+def _source_chunks(source: DataSource, inputs: list[InputSpec], pre: Preprocess | None) -> Iterator[Batch]:
     if isinstance(source, np.ndarray | dict):
         yield _arrays_to_batch(source, inputs, pre, "the given arrays")
     elif isinstance(source, str | Path):
@@ -315,7 +336,8 @@ def _sliced(data: np.ndarray | dict, inputs: list[InputSpec], pre: Preprocess | 
     if arrays is None:
         raise OnnxqError(f"{what}: a single array can only feed a model with one input")
     names = {spec.name for spec in inputs}
-    counts = {name: len(a) if a.ndim else 1 for name, a in arrays.items() if name in names}
+    one_value = {spec.name for spec in inputs if spec.scalar and np.ndim(arrays.get(spec.name, 0)) == 0}
+    counts = {name: len(a) if a.ndim else 1 for name, a in arrays.items() if name in names - one_value}
     if len(set(counts.values())) > 1:
         listed = ", ".join(f"{name!r} {count}" for name, count in counts.items())
         raise OnnxqError(
@@ -323,7 +345,7 @@ def _sliced(data: np.ndarray | dict, inputs: list[InputSpec], pre: Preprocess | 
         )
     count = min(counts.values(), default=0)
     for start in range(0, count, 64):
-        part = {name: np.asarray(a[start : start + 64]) for name, a in arrays.items()}
+        part = {name: np.asarray(a if a.ndim == 0 else a[start : start + 64]) for name, a in arrays.items()}
         yield _arrays_to_batch(part, inputs, pre, what)
 
 
@@ -524,14 +546,16 @@ def _check_array(array: np.ndarray | None, spec: InputSpec, what: str, hint: str
 
 
 def _one_sample_per_run(array: np.ndarray | None, spec: InputSpec) -> bool:
-    """Data with one axis more than a fully fixed input, the rest matching: samples stacked for
-    a model that takes one at a time (torchvision detectors' [3, H, W] images)."""
+    """Data with one axis more than the input, the rest matching its fixed sizes: samples stacked
+    for a model that takes one at a time (torchvision detectors' [3, H, W] images, a scalar, a
+    state whose batch axis is not its first)."""
     return (
         array is not None
-        and bool(spec.shape)
+        and (bool(spec.shape) or spec.scalar)
         and np.ndim(array) == len(spec.shape) + 1
-        and None not in spec.shape
-        and tuple(array.shape[1:]) == tuple(spec.shape)
+        and all(
+            size is None or size == given for size, given in zip(spec.shape, array.shape[1:], strict=True)
+        )
     )
 
 

@@ -9,6 +9,7 @@ import pytest
 
 import onnxq
 from onnxq.calib.data import InputSpec, batches
+from onnxq.errors import OnnxqError
 from onnxq.evaluate import evaluate
 from onnxq.io import session
 from onnxq.passes.batch_axis import add_batch_axis, remove_batch_axis
@@ -93,7 +94,7 @@ def test_a_model_without_a_batch_axis_quantizes_and_keeps_its_input(tmp_path, no
     saved = onnx.load(target)
     assert _dims(saved.graph.input[0]) == [3, 16, 16]
     assert any(node.op_type == "QuantizeLinear" for node in saved.graph.node)
-    assert any("without a batch axis" in note for note in result.notes)
+    assert any("without a leading batch axis" in note for note in result.notes)
     assert not any("onnxq_lent" in node for node in result.float_nodes)  # the saved model has none
     float_run, quantized_run = session(model), session(saved)
     for image in images[:4]:
@@ -125,3 +126,87 @@ def test_bench_feeds_a_model_without_a_batch_axis_one_sample(tmp_path):
     assert row.batch == 1 and row.milliseconds > 0
     with pytest.raises(OnnxqError):
         bench([source], data=_images(4), batch_sizes=(2,))
+
+
+def _stateful_model() -> onnx.ModelProto:
+    """A stateful audio model as silero-vad exports it: a window [batch, 64], a recurrent state
+    [2, batch, 16] whose batch axis is its second, and a scalar int64 sample rate that picks a
+    branch of the graph."""
+    import torch
+    from torch import nn
+
+    class Stateful(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encode = nn.Sequential(
+                nn.Conv1d(1, 16, 5, 2, 2), nn.ReLU(), nn.Conv1d(16, 16, 3, 2, 1), nn.ReLU()
+            )
+            self.mix = nn.Linear(32, 16)
+
+        def forward(self, window, state, rate):
+            features = self.encode(window.unsqueeze(1)).mean(-1)
+            features = torch.where(rate == 16000, features, -features)
+            new_state = torch.tanh(self.mix(torch.cat([features, state[0]], 1)))
+            return torch.sigmoid(new_state.sum(1, keepdim=True)), torch.stack([new_state, state[1]])
+
+    torch.manual_seed(0)
+    example = (torch.zeros(2, 64), torch.zeros(2, 2, 16), torch.tensor(16000))
+    return export(
+        Stateful(),
+        example,
+        inputs=("input", "state", "sr"),
+        outputs=("output", "stateN"),
+        dynamic_axes={
+            "input": {0: "batch"},
+            "state": {1: "batch"},
+            "output": {0: "batch"},
+            "stateN": {1: "batch"},
+        },
+    )
+
+
+@pytest.mark.parametrize("rate_per_sample", [False, True])
+def test_a_scalar_input_and_a_state_batched_on_its_second_axis_quantize(tmp_path, rate_per_sample):
+    """Each sample's state [2, 1, 16] and rate (one value for all, or one per sample) are fed one
+    sample per run on a lent leading axis; the saved model takes its inputs as exported."""
+    model = _stateful_model()
+    rng = np.random.default_rng(0)
+    count = 32
+    windows = np.sin(np.linspace(0, 40, 64))[None] * rng.uniform(0.2, 1, (count, 1)) + 0.1 * rng.normal(
+        size=(count, 64)
+    )
+    data = {
+        "input": windows.astype(np.float32),
+        "state": rng.normal(0, 0.5, (count, 2, 1, 16)).astype(np.float32),
+        "sr": np.full(count, 16000, np.int64) if rate_per_sample else np.array(16000, np.int64),
+    }
+    source, target = tmp_path / "vad.onnx", tmp_path / "vad.int8.onnx"
+    onnx.save(model, source)
+    config = onnxq.QuantConfig(speed_check=False)  # quantized whatever the CPU
+    result = onnxq.pipeline.quantize_file(source, target, data, config)
+    saved = onnx.load(target)
+    assert [_dims(value) for value in saved.graph.input] == [_dims(value) for value in model.graph.input]
+    assert any(node.op_type == "QuantizeLinear" for node in saved.graph.node)
+    assert any("without a leading batch axis" in note for note in result.notes)
+    feed = {
+        "input": data["input"][:5],
+        "state": data["state"][:5, :, 0].transpose(1, 0, 2),
+        "sr": np.array(16000),
+    }
+    want, got = session(model).run(None, feed), session(saved).run(None, feed)
+    for expected, actual in zip(want, got, strict=True):
+        assert actual.shape == expected.shape
+        assert 10 * np.log10(np.square(expected).sum() / np.square(actual - expected).sum()) > 25
+
+
+def test_a_scalar_input_without_a_caller_that_lends_axes_is_refused():
+    spec = [
+        InputSpec("x", np.dtype(np.float32), (None, 4)),
+        InputSpec("gain", np.dtype(np.float32), (), True),
+    ]
+    data = {"x": np.ones((3, 4), np.float32), "gain": np.array(2.0, np.float32)}
+    with pytest.raises(OnnxqError, match="model input 'gain' is a scalar"):
+        list(batches(data, spec))
+    lent: list[str] = []
+    runs = list(batches(data, spec, unbatched=lent))
+    assert lent == ["gain"] and [run["gain"].tolist() for run in runs] == [[2.0]] * 3
