@@ -13,7 +13,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
 
-from onnxq.errors import OnnxqError, first_line
+from onnxq.errors import OnnxqError, first_line, runtime_detail
 from onnxq.hollow import add_float_outputs, float_weight_bytes, weights_on_disk
 
 _PROTO_LIMIT = 2**31 - 2**20  # protobuf's 2 GB ceiling, with room for the graph itself
@@ -199,7 +199,7 @@ def run(
     try:
         return runner.run(outputs, feed)
     except Exception as err:  # onnxruntime raises several private exception types
-        raise OnnxqError(f"onnxruntime cannot run the model on this data: {first_line(err)}") from None
+        raise OnnxqError(f"onnxruntime cannot run the model on this data: {runtime_detail(err)}") from None
 
 
 def _weight_bytes(proto: onnx.ModelProto) -> int:

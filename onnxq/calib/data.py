@@ -162,10 +162,29 @@ def _lend_batch_axis(
     if first is None:
         return iter(()), inputs
     lent += [spec.name for spec in inputs if _one_sample_per_run(first.get(spec.name), spec)]
+    _refuse_a_batch_axis_inside(inputs, lent)
     specs = [
         replace(spec, shape=(1, *spec.shape), scalar=False) if spec.name in lent else spec for spec in inputs
     ]
     return itertools.chain([first], chunks), specs
+
+
+def _refuse_a_batch_axis_inside(inputs: list[InputSpec], lent: list[str]) -> None:
+    """An input whose first axis is fixed above 1 and a later one free, beside inputs whose first
+    axis is free, has its batch inside ([2, batch, 128]): data laid out as the model takes it
+    cannot be cut into samples along that first axis, so ask for it stacked per sample."""
+    free_first = [spec.name for spec in inputs if spec.shape and spec.shape[0] is None]
+    for spec in inputs:
+        if not free_first or spec.name in lent or spec is sequence_first(inputs) or not spec.shape:
+            continue
+        if spec.shape[0] and spec.shape[0] > 1 and None in spec.shape[1:]:
+            shape = "[" + ", ".join("batch" if size is None else str(size) for size in spec.shape) + "]"
+            one = "×".join("1" if size is None else str(size) for size in spec.shape)
+            raise OnnxqError(
+                f"model input {spec.name!r} is {shape} while {free_first[0]!r} has its batch first: "
+                f"its batch axis is not its first, so give its data one sample at a time stacked along "
+                f"a new first axis (N×{one})"
+            )
 
 
 def _refuse_scalar_inputs(inputs: list[InputSpec]) -> None:

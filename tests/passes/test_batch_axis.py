@@ -210,3 +210,26 @@ def test_a_scalar_input_without_a_caller_that_lends_axes_is_refused():
     lent: list[str] = []
     runs = list(batches(data, spec, unbatched=lent))
     assert lent == ["gain"] and [run["gain"].tolist() for run in runs] == [[2.0]] * 3
+
+
+def test_a_state_given_as_the_model_lays_it_out_is_refused_with_the_layout_to_use():
+    rng = np.random.default_rng(2)
+    data = {
+        "input": rng.normal(size=(6, 64)).astype(np.float32),
+        "state": rng.normal(size=(6, 2, 16)).astype(np.float32),  # read as 6 samples of [2, 16]
+        "sr": np.array(16000, np.int64),
+    }
+    with pytest.raises(OnnxqError, match=r"'state' is \[2, batch, 16\] .* new first axis \(N×2×1×16\)"):
+        onnxq.quantize(_stateful_model(), data, onnxq.QuantConfig(speed_check=False))
+
+
+def test_onnxruntime_detail_lines_stay_in_the_one_line_error():
+    from onnxq.errors import runtime_detail
+
+    message = (
+        "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions for input: state for the "
+        "following indices\n index: 0 Got: 1 Expected: 2\n Please fix either the inputs/outputs or the model."
+    )
+    assert runtime_detail(RuntimeError(message)).endswith("following indices; index: 0 Got: 1 Expected: 2")
+    assert runtime_detail(RuntimeError("one line")) == "one line"
+    assert runtime_detail(RuntimeError("")) == "RuntimeError"
