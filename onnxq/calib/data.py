@@ -2,8 +2,9 @@
 
 Every source becomes one stream of batches (`dict[input name, array]`), checked against the
 model's inputs as it flows: dtype, rank, fixed dimensions, NaN/Inf, and not empty. Files are
-read 64 samples at a time (onnxq.calib.disk_arrays, compressed .npz members too) and a batch is
-copied only where it spans two of those slices, so memory stays bounded whatever the data size.
+read 64 samples or 32 MB at a time (onnxq.calib.disk_arrays, compressed .npz members too) and a
+batch is copied only where it spans two of those slices, so memory stays bounded whatever the
+data size.
 """
 
 from __future__ import annotations
@@ -333,6 +334,10 @@ def _path_chunks(path: Path, inputs: list[InputSpec], pre: Preprocess | None) ->
                 rows.close()
 
 
+SLICE_SAMPLES = 64  # samples read from a file at a time, at most
+SLICE_BYTES = 32 << 20  # and at most this much of them
+
+
 # what numpy raises on a truncated or corrupt .npy/.npz (a zip archive of compressed arrays)
 UNREADABLE = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
 
@@ -363,9 +368,20 @@ def _sliced(data: np.ndarray | dict, inputs: list[InputSpec], pre: Preprocess | 
             f"{what}: the inputs hold different numbers of samples ({listed}); each sample needs every input"
         )
     count = min(counts.values(), default=0)
-    for start in range(0, count, 64):
-        part = {name: np.asarray(a if a.ndim == 0 else a[start : start + 64]) for name, a in arrays.items()}
+    rows = _slice_rows(arrays)
+    for start in range(0, count, rows):
+        part = {name: np.asarray(a if a.ndim == 0 else a[start : start + rows]) for name, a in arrays.items()}
         yield _arrays_to_batch(part, inputs, pre, what)
+
+
+def _slice_rows(arrays: dict) -> int:
+    """Samples per slice: 64, or fewer where 64 would pass SLICE_BYTES. A batch or the held-back
+    samples taken from a slice without a copy keep the whole slice alive, and 64 of PP-OCR's
+    640×640 images are 315 MB."""
+    sample_bytes = sum(
+        int(np.prod(a.shape[1:], dtype=np.int64)) * a.dtype.itemsize for a in arrays.values() if a.ndim
+    )
+    return int(max(1, min(SLICE_SAMPLES, SLICE_BYTES // max(1, sample_bytes))))
 
 
 def _arrays_to_batch(

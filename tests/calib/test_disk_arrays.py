@@ -125,3 +125,25 @@ def test_chunks_of_different_sample_shapes_are_refused_at_a_batch_boundary(tmp_p
     spec = [InputSpec("input", np.dtype(np.float32), (None, 3, None, None))]
     with pytest.raises(OnnxqError, match="differ in shape"):
         list(batches(Reader(), spec, batch_size=4))
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_big_samples_are_read_a_few_at_a_time(tmp_path, monkeypatch, compressed):
+    """A slice holds at most SLICE_BYTES of samples, so a batch kept as a view of it (the held-back
+    samples, the first batch) pins little; the batches are those of the array in memory."""
+    from onnxq.calib import data as data_module
+
+    array = np.random.default_rng(3).normal(size=(50, 3, 4, 4)).astype(np.float32)
+    (np.savez_compressed if compressed else np.savez)(tmp_path / "data.npz", input=array)
+    monkeypatch.setattr(data_module, "SLICE_BYTES", 4 * array[0].nbytes + 1)
+    reads = []
+    real = CompressedRows._read if compressed else RowsOnDisk._read
+    owner = CompressedRows if compressed else RowsOnDisk
+    monkeypatch.setattr(
+        owner, "_read", lambda self, start, stop: reads.append(stop - start) or real(self, start, stop)
+    )
+    spec = [InputSpec("input", np.dtype(np.float32), (None, 3, 4, 4))]
+    got = list(batches(tmp_path / "data.npz", spec, batch_size=7))
+    assert max(reads) == 4 and sum(reads) == 50
+    np.testing.assert_array_equal(np.concatenate([b["input"] for b in got]), array)
+    assert [len(b["input"]) for b in got] == [7] * 7 + [1]
