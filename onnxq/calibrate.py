@@ -20,9 +20,9 @@ import numpy as np
 import onnx
 
 from onnxq.calib import frontier, streamed_gptq
-from onnxq.calib.data import sequence_first
 from onnxq.calib.observers import HistogramObserver, MinMaxObserver, ScaleClipObserver
 from onnxq.calib.runner import collect_observers, fixed_batch
+from onnxq.calib.sample_axes import sequence_first
 from onnxq.calib.search import SearchResult, SearchSettings, search_parameters
 from onnxq.calib.simulate import build_simulation
 from onnxq.config import CalibrationMethod, QuantConfig

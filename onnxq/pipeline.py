@@ -23,12 +23,12 @@ from onnxq.calib.data import (
     DataSource,
     DataStats,
     batches,
-    describe_count,
     first_batch,
     model_inputs,
     peek_samples,
 )
 from onnxq.calib.runner import fixed_batch
+from onnxq.calib.sample_axes import describe_count
 from onnxq.calib.search import SearchResult
 from onnxq.calibrate import calibrate
 from onnxq.config import Preprocess, QuantConfig

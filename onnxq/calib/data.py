@@ -13,7 +13,7 @@ import itertools
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,6 +22,13 @@ import onnx
 
 from onnxq.calib.disk_arrays import CompressedRows, npy_rows, npz_member_rows
 from onnxq.calib.images import channel_axis, fitted_to_input, image_files, load_image, normalise, square_side
+from onnxq.calib.sample_axes import (
+    lend_batch_axes,
+    one_sample_per_run,
+    one_value_scalars,
+    refuse_scalar_inputs,
+    repeat_scalars,
+)
 from onnxq.config import Preprocess
 from onnxq.errors import OnnxqError, first_line
 
@@ -141,10 +148,10 @@ def batches(
     """
     what = _describe(source)
     if unbatched is None:
-        _refuse_scalar_inputs(inputs)
+        refuse_scalar_inputs(inputs)
     chunks = _chunks(source, inputs, preprocess)
     if unbatched is not None:
-        chunks, inputs = _lend_batch_axis(chunks, inputs, unbatched)
+        chunks, inputs = lend_batch_axes(chunks, inputs, unbatched)
     fixed = {spec.shape[0] for spec in inputs if spec.shape and spec.shape[0]}
     batch_size = next(iter(fixed)) if fixed else batch_size
     hint = _image_hint(source, preprocess, inputs)
@@ -152,74 +159,6 @@ def batches(
     if fixed:
         stream = _whole_batches(stream, batch_size, inputs, what)
     yield from _checked(stream, inputs, what, hint, stats)
-
-
-def _lend_batch_axis(
-    chunks: Iterator[Batch], inputs: list[InputSpec], lent: list[str]
-) -> tuple[Iterator[Batch], list[InputSpec]]:
-    """The chunks (the first put back) and the inputs as batches must match them, with a batch
-    axis of 1 for each input whose first chunk stacks samples it takes one at a time (`lent`)."""
-    first = next(chunks, None)
-    if first is None:
-        return iter(()), inputs
-    lent += [spec.name for spec in inputs if _one_sample_per_run(first.get(spec.name), spec)]
-    _refuse_a_batch_axis_inside(inputs, lent)
-    specs = [
-        replace(spec, shape=(1, *spec.shape), scalar=False) if spec.name in lent else spec for spec in inputs
-    ]
-    return itertools.chain([first], chunks), specs
-
-
-def _refuse_a_batch_axis_inside(inputs: list[InputSpec], lent: list[str]) -> None:
-    """An input whose first axis is fixed above 1 and a later one free, beside inputs whose first
-    axis is free, has its batch inside ([2, batch, 128]): data laid out as the model takes it
-    cannot be cut into samples along that first axis, so ask for it stacked per sample."""
-    free_first = [spec.name for spec in inputs if spec.shape and spec.shape[0] is None]
-    for spec in inputs:
-        if not free_first or spec.name in lent or spec is sequence_first(inputs) or not spec.shape:
-            continue
-        if spec.shape[0] and spec.shape[0] > 1 and None in spec.shape[1:]:
-            shape = "[" + ", ".join("batch" if size is None else str(size) for size in spec.shape) + "]"
-            one = "×".join("1" if size is None else str(size) for size in spec.shape)
-            raise OnnxqError(
-                f"model input {spec.name!r} is {shape} while {free_first[0]!r} has its batch first: "
-                f"its batch axis is not its first, so give its data one sample at a time stacked along "
-                f"a new first axis (N×{one})"
-            )
-
-
-def _refuse_scalar_inputs(inputs: list[InputSpec]) -> None:
-    """Data is cut into batches along every input's first axis; a scalar input has none."""
-    scalars = [spec.name for spec in inputs if spec.scalar]
-    if scalars:
-        names = ", ".join(map(repr, scalars))
-        raise OnnxqError(
-            f"model input {names} is a scalar, with no batch axis to cut calibration data along: "
-            "onnxq needs every input to start with one; make it a constant of the model (an "
-            "initializer) or give it a leading axis"
-        )
-
-
-def describe_count(inputs: list[InputSpec], samples: int) -> str:
-    """'N samples', or 'N runs' where the first axis is fixed and the second free (a fixed
-    sequence length before a free batch axis, as LSTM exports have): there the first axis
-    counts time steps, not samples."""
-    leading = sequence_first(inputs)
-    if leading is not None:
-        runs = samples // leading.shape[0]
-        fixed = f"first axis fixed at {leading.shape[0]}"
-        return f"{runs} run{'s' * (runs != 1)} of input {leading.name!r} ({fixed})"
-    return f"{samples} samples"
-
-
-def sequence_first(inputs: list[InputSpec]) -> InputSpec | None:
-    """The first input when its first axis is fixed and its second free: the batch is not on the
-    first axis (LSTM exports put time steps there). A fixed batch before free spatial axes
-    ([1, 3, H, W]) is not taken for one."""
-    leading = inputs[0].shape if inputs else ()
-    if len(leading) > 1 and leading[0] and leading[1] is None:
-        return inputs[0]
-    return None
 
 
 def first_batch(stream: Iterator[Batch]) -> tuple[Batch, Iterator[Batch]]:
@@ -285,18 +224,7 @@ def folder_labels(folder: str | Path) -> np.ndarray | None:
 
 def _chunks(source: DataSource, inputs: list[InputSpec], pre: Preprocess | None) -> Iterator[Batch]:
     for chunk in _source_chunks(source, inputs, pre):
-        yield _repeat_scalars(chunk, inputs)
-
-
-def _repeat_scalars(chunk: Batch, inputs: list[InputSpec]) -> Batch:
-    """A scalar input given one 0-d value (a sample rate) takes it for every sample of the chunk."""
-    given = [spec.name for spec in inputs if spec.scalar and np.ndim(chunk.get(spec.name, 0)) == 0]
-    given = [name for name in given if name in chunk]
-    others = [value for name, value in chunk.items() if name not in given and np.ndim(value)]
-    if not given or not others:
-        return chunk
-    count = len(others[0])
-    return {name: np.repeat(value[None], count) if name in given else value for name, value in chunk.items()}
+        yield repeat_scalars(chunk, inputs)
 
 
 def _source_chunks(source: DataSource, inputs: list[InputSpec], pre: Preprocess | None) -> Iterator[Batch]:
@@ -360,7 +288,7 @@ def _sliced(data: np.ndarray | dict, inputs: list[InputSpec], pre: Preprocess | 
     if arrays is None:
         raise OnnxqError(f"{what}: a single array can only feed a model with one input")
     names = {spec.name for spec in inputs}
-    one_value = {spec.name for spec in inputs if spec.scalar and np.ndim(arrays.get(spec.name, 0)) == 0}
+    one_value = one_value_scalars(arrays, inputs)
     counts = {name: len(a) if a.ndim else 1 for name, a in arrays.items() if name in names - one_value}
     if len(set(counts.values())) > 1:
         listed = ", ".join(f"{name!r} {count}" for name, count in counts.items())
@@ -556,7 +484,7 @@ def _check_array(array: np.ndarray | None, spec: InputSpec, what: str, hint: str
         raise OnnxqError(
             f"{what}: data for input {spec.name!r} is {array.dtype}, the model expects {spec.dtype}{hint}"
         )
-    if _one_sample_per_run(array, spec):
+    if one_sample_per_run(array, spec):
         shape = "×".join(str(d) for d in spec.shape)
         raise OnnxqError(
             f"{what}: input {spec.name!r} takes one sample without a batch axis ({shape}), so its "
@@ -578,20 +506,6 @@ def _check_array(array: np.ndarray | None, spec: InputSpec, what: str, hint: str
         )
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise OnnxqError(f"{what}: data for input {spec.name!r} contains NaN or infinite values")
-
-
-def _one_sample_per_run(array: np.ndarray | None, spec: InputSpec) -> bool:
-    """Data with one axis more than the input, the rest matching its fixed sizes: samples stacked
-    for a model that takes one at a time (torchvision detectors' [3, H, W] images, a scalar, a
-    state whose batch axis is not its first)."""
-    return (
-        array is not None
-        and (bool(spec.shape) or spec.scalar)
-        and np.ndim(array) == len(spec.shape) + 1
-        and all(
-            size is None or size == given for size, given in zip(spec.shape, array.shape[1:], strict=True)
-        )
-    )
 
 
 def _describe(source: DataSource) -> str:

@@ -51,12 +51,16 @@ class RowsOnDisk:
 
     def _read(self, start: int, stop: int) -> np.ndarray:
         count = (stop - start) * self.row_items
-        with open(self.path, "rb") as file:
-            file.seek(self.offset + start * self.row_items * self.dtype.itemsize)
-            flat = np.fromfile(file, dtype=self.dtype, count=count)
+        flat = self._values(self.offset + start * self.row_items * self.dtype.itemsize, count)
         if flat.size != count:
             raise OnnxqError(f"cannot read data from {self.path}: the file ends inside its array (truncated)")
         return flat.reshape((stop - start, *self.shape[1:]))
+
+    def _values(self, position: int, count: int) -> np.ndarray:
+        """Up to `count` values from byte `position` of the file (fewer where it ends first)."""
+        with open(self.path, "rb") as file:
+            file.seek(position)
+            return np.fromfile(file, dtype=self.dtype, count=count)
 
 
 class CompressedRows(RowsOnDisk):
@@ -72,17 +76,15 @@ class CompressedRows(RowsOnDisk):
         self._archive: zipfile.ZipFile | None = None
         self._stream = None
 
-    def _read(self, start: int, stop: int) -> np.ndarray:
-        flat = np.empty((stop - start) * self.row_items, dtype=self.dtype)
+    def _values(self, position: int, count: int) -> np.ndarray:
+        """Up to `count` values from byte `position` of the member's data, decompressed."""
+        flat = np.empty(count, dtype=self.dtype)
         try:
-            stream = self._stream_at(self.offset + start * self.row_items * self.dtype.itemsize)
-            filled = _fill(stream, memoryview(flat).cast("B"))
+            filled = _fill(self._stream_at(position), memoryview(flat).cast("B"))
         except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
             self.close()
             raise OnnxqError(f"cannot read data from {self.path}: {err}") from None
-        if filled != flat.nbytes:
-            raise OnnxqError(f"cannot read data from {self.path}: the file ends inside its array (truncated)")
-        return flat.reshape((stop - start, *self.shape[1:]))
+        return flat[: filled // self.dtype.itemsize]
 
     def _stream_at(self, position: int):
         """The member's stream at byte `position`: forward, it decompresses and drops what lies

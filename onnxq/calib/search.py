@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import numpy as np
 import onnx
@@ -218,10 +219,6 @@ class _Sweep:
         self.nearest: dict[str, str] = {}  # weight → why GPTQ left it at nearest rounding
         self.observed: dict[str, tuple[float, float]] = {}
         self.layers = {node.name: node for node in sim.model.graph.node}
-        self.readers: dict[str, list[onnx.NodeProto]] = {}
-        for node in sim.model.graph.node:
-            for name in set(node.input):
-                self.readers.setdefault(name, []).append(node)
         self.rng = np.random.default_rng(settings.seed)
         self._probes: dict[str, LayerProbe] = {}
         self.pd_candidates = 0  # scored by pd, and of those
@@ -339,6 +336,15 @@ class _Sweep:
         quantized_name = f"{spec.observed}{FAKE_QUANT_SUFFIX}"
         readers = self.readers.get(quantized_name, [])
         return reader_channel_weights(readers, quantized_name, shapes.pop(), self.params)
+
+    @cached_property
+    def readers(self) -> dict[str, list[onnx.NodeProto]]:
+        """Tensor → the nodes reading it (built for activation_error "readers" only)."""
+        found: dict[str, list[onnx.NodeProto]] = {}
+        for node in self.sim.model.graph.node:
+            for name in set(node.input):
+                found.setdefault(name, []).append(node)
+        return found
 
     @property
     def sym_act(self) -> bool:

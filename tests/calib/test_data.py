@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from onnxq.calib.data import InputSpec, batches, folder_labels, load_labels, peek_samples, sequence_first
+from onnxq.calib.data import InputSpec, batches, folder_labels, load_labels, peek_samples
+from onnxq.calib.sample_axes import sequence_first
 from onnxq.config import Preprocess
 from onnxq.errors import OnnxqError
 
