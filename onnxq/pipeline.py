@@ -11,6 +11,7 @@ the model's BatchNorm statistics first (data-free).
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -53,6 +54,7 @@ from onnxq.progress import Progress, Silent
 from onnxq.quant.int8_form import choose_int8_range
 from onnxq.quant.plan import QuantPlan, integer_chain_ops, plan_quantization
 from onnxq.refine import require_refinement
+from onnxq.tune.speed_choice import FLOAT_IS_FASTER
 from onnxq.validate import checker_error as input_checker_error
 from onnxq.validate import validate
 
@@ -105,6 +107,31 @@ def quantize(
     if data_free:
         calibration, synthesised = _synthesise(proto, inputs, config, progress)
         notes.append(synthesised)
+    run = functools.partial(
+        _quantize_loaded, proto, calibration, config, preprocess, progress, checker_error, data_free
+    )
+    result, moves = run(list(notes))
+    if moves and _left_float_for_speed(result) and _rewound(calibration):
+        progress.stage("retry for integer kernels")
+        retried, _ = run(list(notes), integer_spread=math.inf)
+        result = _after_retry(result, retried, moves)
+    return result
+
+
+def _quantize_loaded(
+    proto: onnx.ModelProto,
+    calibration: DataSource,
+    config: QuantConfig,
+    preprocess: Preprocess | None,
+    progress: Progress,
+    checker_error: str | None,
+    data_free: bool,
+    notes: list[str],
+    integer_spread: float | None = None,
+) -> tuple[QuantResult, int]:
+    """quantize() on a loaded, checked model; also how many equalization moves took HardSwishes
+    off integer kernels (`integer_spread`: onnxq.passes.equalize.equalize_channels')."""
+    inputs = model_inputs(proto)
     stats = DataStats()
     unbatched: list[str] = []
     stream = batches(
@@ -132,9 +159,10 @@ def quantize(
         merge_branches=config.merges_branches,
         progress=progress,
     )
-    del proto  # the exported weights: from here on the prepared model stands for them
     notes += prepared.notes
-    float_model, statistics, stream = _equalized(prepared, stream, config, progress, notes)
+    float_model, statistics, stream, moves = _equalized(
+        prepared, stream, config, progress, notes, integer_spread
+    )
     float_model = _split_addend_reads(float_model, config, notes)
     graph_model = typed_ir(float_model)
     plan = plan_quantization(graph_model.graph, config)
@@ -205,7 +233,7 @@ def quantize(
         notes.append(
             f"HardSwish on integer kernels: {integer} nodes, each written as a QLinearAdd and a QLinearMul"
         )
-    return QuantResult(
+    result = QuantResult(
         saved,
         notes,
         choice.reason,
@@ -218,6 +246,39 @@ def quantize(
         report,
         refined,
     )
+    return result, moves
+
+
+def _left_float_for_speed(result: QuantResult) -> bool:
+    """Nothing quantized because every plan ran slower than float."""
+    return not result.quantized_nodes and FLOAT_IS_FASTER in result.float_nodes.values()
+
+
+def _rewound(calibration: DataSource) -> bool:
+    """Whether the calibration data can be read again: files and arrays can, a reader only
+    through its `rewind` (onnxruntime's CalibrationDataReader may have one), which is called."""
+    if not hasattr(calibration, "get_next"):
+        return True
+    rewind = getattr(calibration, "rewind", None)
+    if callable(rewind):
+        rewind()
+    return callable(rewind)
+
+
+def _after_retry(first: QuantResult, retried: QuantResult, moves: int) -> QuantResult:
+    """The retried model where something in it is quantized (it passed the speed check), else
+    the first, left float; either way the notes say what the retry was and what it found."""
+    why = (
+        f"the first plan ran slower than float, and {moves} of equalization's channel moves sat "
+        "beside HardSwish nodes, which keeps them off integer kernels"
+    )
+    if not retried.quantized_nodes:
+        first.notes.append(f"speed: {why}; quantized again without those moves: still slower, left float")
+        return first
+    retried.notes.insert(
+        0, f"speed: {why}: quantized again without those moves (the notes below are of that run)"
+    )
+    return retried
 
 
 def _unbatched_note(names: list[str]) -> str:
@@ -244,12 +305,20 @@ EQUALIZE_BYTES = 128 << 20  # of them held at once at most (a 640×640 detector:
 CLIPPED_EQUALIZATION_BITS = 5
 
 
-def _equalized(prepared: FuseResult, stream, config: QuantConfig, progress: Progress, notes: list[str]):
+def _equalized(
+    prepared: FuseResult,
+    stream,
+    config: QuantConfig,
+    progress: Progress,
+    notes: list[str],
+    integer_spread: float | None = None,
+):
     """The float model with its layer pairs' channels equalized (config.equalizes) and its
     channels moved across float ops (config.rescales_float_sides), the BatchNorm statistics
-    rescaled with it, and the stream with the samples it looked at put back."""
+    rescaled with it, the stream with the samples it looked at put back, and how many moves
+    took a HardSwish off integer kernels."""
     if not config.equalizes and not config.rescales_float_sides:
-        return prepared.model, prepared.statistics, stream
+        return prepared.model, prepared.statistics, stream, 0
     progress.stage("equalize")
     peeked, stream = peek_samples(stream, EQUALIZE_SAMPLES, EQUALIZE_BYTES)
 
@@ -268,9 +337,10 @@ def _equalized(prepared: FuseResult, stream, config: QuantConfig, progress: Prog
         layer_pairs=config.equalizes,
         integer_chains=integer_chain_ops(config),
         clip_levels=clip_levels,
+        integer_spread=integer_spread,
     )
     notes += equalized.notes
-    return equalized.model, equalized.statistics, stream
+    return equalized.model, equalized.statistics, stream, equalized.beside_integer
 
 
 QUANTIZED_OPS = frozenset(

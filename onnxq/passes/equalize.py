@@ -127,6 +127,9 @@ class Equalized:
     pairs: int = 0
     widest_spread: float = 1.0  # the largest channel range ratio found before equalizing
     notes: list[str] = field(default_factory=list)
+    # moves made beside a HardSwish that would otherwise run on integer kernels: each takes them
+    # away (their channels were more than `integer_spread` apart)
+    beside_integer: int = 0
 
 
 def equalize_channels(
@@ -138,6 +141,7 @@ def equalize_channels(
     layer_pairs: bool = True,
     integer_chains: frozenset[str] = frozenset(),
     clip_levels: Callable[[ir.Node], int | None] = lambda node: None,
+    integer_spread: float | None = None,
 ) -> Equalized:
     """Every pair find_pairs finds whose two layers have `per_channel` weight scales, and every
     outlet (find_outlets), rescaled by its channel ranges on `batches` (float model).
@@ -148,8 +152,12 @@ def equalize_channels(
     `statistics` (tensor → BatchNorm's, from folding) follow the producers' outputs they describe.
     `clip_levels`: the steps of the quantizer a depthwise consumer reads through, where its
     input's channels line up by where each would best be clipped at that many steps
-    (ChannelRangeObserver); None: by their maxima."""
+    (ChannelRangeObserver); None: by their maxima.
+    `integer_spread`: beside a HardSwish that integer kernels could run, channels this close
+    are left for them (None: INTEGER_SPREAD; math.inf: every such move is left, the integer
+    kernels come first)."""
     statistics = dict(statistics or {})
+    integer_spread = INTEGER_SPREAD if integer_spread is None else integer_spread
     graph_model = to_ir(model)
     inlets = insert_inlets(graph_model.graph, per_channel, integer_chains)
     nodes = {node.name: node for node in graph_model.graph}
@@ -180,7 +188,7 @@ def equalize_channels(
         return ChannelRangeObserver(axes[tensor], levels[tensor])
 
     observers, _ = collect_observers(observed, list(axes), batches, observer, Silent())
-    spread, applied, rescaled, left_idle, clipped = 1.0, 0, 0, 0, 0
+    spread, applied, rescaled, left_idle, clipped, beside_integer = 1.0, 0, 0, 0, 0, 0
     moves = [(pair.producer, pair.tensor, pair) for pair in pairs]
     moves += [(name, nodes[name].outputs[0].name, None) for name in outlets]
     for producer, tensor, pair in moves:
@@ -189,13 +197,13 @@ def equalize_channels(
             continue
         scales = channel_scales(pair, spans)
         spread = max(spread, _spread(maxima))
-        if _spread(maxima) <= INTEGER_SPREAD and _beside_integer_hardswish(
-            nodes[producer], pair, integer_chains
-        ):
+        integer = _beside_integer_hardswish(nodes[producer], pair, integer_chains)
+        if integer and _spread(maxima) <= integer_spread:
             left_idle += pair is not None  # an inlet: taken out below with the idle ones
             continue  # left for the HardSwish's integer kernels
         if pair is None and np.all(scales == 1.0):
             continue  # an outlet whose channels need no move: no Mul to run
+        beside_integer += integer and bool(np.any(scales != 1.0))
         produced = nodes[producer].outputs[0].name
         if produced in statistics:
             statistics[produced] = statistics[produced].affine(scales, np.zeros_like(scales))
@@ -214,7 +222,7 @@ def equalize_channels(
     result = to_proto(graph_model)
     result.ir_version = model.ir_version
     notes = _notes(applied, rescaled, spread, clipped)
-    return Equalized(result, statistics, applied + rescaled, spread, notes)
+    return Equalized(result, statistics, applied + rescaled, spread, notes, beside_integer)
 
 
 def _notes(applied: int, rescaled: int, spread: float, clipped: int = 0) -> list[str]:
