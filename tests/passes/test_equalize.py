@@ -13,17 +13,9 @@ import onnxq
 from onnxq.calib.observers import ChannelMaxObserver, ChannelRangeObserver
 from onnxq.io import session, to_ir, to_proto
 from onnxq.passes import equalize
-from onnxq.passes.equalize import (
-    FLOAT_SIDE_MAX_SCALE,
-    MAX_SCALE,
-    apply_scales,
-    channel_scales,
-    equalize_channels,
-    find_outlets,
-    find_pairs,
-    insert_inlets,
-    remove_idle_inlets,
-)
+from onnxq.passes.channel_moves import apply_scales, find_pairs
+from onnxq.passes.equalize import FLOAT_SIDE_MAX_SCALE, MAX_SCALE, channel_scales, equalize_channels
+from onnxq.passes.float_side import find_outlets, insert_inlets, remove_idle_inlets
 from onnxq.passes.fold_bn import ChannelStatistics
 from tests.conftest import export
 
