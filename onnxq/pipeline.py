@@ -108,29 +108,35 @@ def quantize(
         calibration, synthesised = _synthesise(proto, inputs, config, progress)
         notes.append(synthesised)
     run = functools.partial(
-        _quantize_loaded, proto, calibration, config, preprocess, progress, checker_error, data_free
+        _quantize_loaded, calibration, config, preprocess, progress, checker_error, data_free
     )
-    result, moves = run(list(notes))
+    handed = [proto]
+    del proto  # the run takes the only reference onnxq holds, and frees the weights once prepared
+    result, moves = run(handed, list(notes))
     if moves and _left_float_for_speed(result) and _rewound(calibration):
         progress.stage("retry for integer kernels")
-        retried, _ = run(list(notes), integer_spread=math.inf)
+        handed = [load_model(model) if isinstance(model, str | os.PathLike) else model]
+        retried, _ = run(handed, list(notes), integer_spread=math.inf)
         result = _after_retry(result, retried, moves)
     return result
 
 
 def _quantize_loaded(
-    proto: onnx.ModelProto,
     calibration: DataSource,
     config: QuantConfig,
     preprocess: Preprocess | None,
     progress: Progress,
     checker_error: str | None,
     data_free: bool,
+    handed: list[onnx.ModelProto],
     notes: list[str],
     integer_spread: float | None = None,
 ) -> tuple[QuantResult, int]:
     """quantize() on a loaded, checked model; also how many equalization moves took HardSwishes
-    off integer kernels (`integer_spread`: onnxq.passes.equalize.equalize_channels')."""
+    off integer kernels (`integer_spread`: onnxq.passes.equalize.equalize_channels').
+    `handed` holds the model and is emptied: a reference passed as an argument would stay on
+    the caller's stack, and the exported weights would outlive their preparation."""
+    proto = handed.pop()
     inputs = model_inputs(proto)
     stats = DataStats()
     unbatched: list[str] = []
@@ -159,6 +165,7 @@ def _quantize_loaded(
         merge_branches=config.merges_branches,
         progress=progress,
     )
+    del proto  # the exported weights: from here on the prepared model stands for them
     notes += prepared.notes
     float_model, statistics, stream, moves = _equalized(
         prepared, stream, config, progress, notes, integer_spread
