@@ -116,7 +116,10 @@ def quantize(
     if moves and _left_float_for_speed(result) and _rewound(calibration):
         progress.stage("retry for integer kernels")
         handed = [load_model(model) if isinstance(model, str | os.PathLike) else model]
-        retried, _ = run(handed, list(notes), integer_spread=math.inf)
+        try:
+            retried, _ = run(handed, list(notes), integer_spread=math.inf)
+        except OnnxqError as error:  # --min-sqnr refusing the retried model: the first stands
+            retried = error
         result = _after_retry(result, retried, moves)
     return result
 
@@ -272,13 +275,17 @@ def _rewound(calibration: DataSource) -> bool:
     return callable(rewind)
 
 
-def _after_retry(first: QuantResult, retried: QuantResult, moves: int) -> QuantResult:
+def _after_retry(first: QuantResult, retried: QuantResult | OnnxqError, moves: int) -> QuantResult:
     """The retried model where something in it is quantized (it passed the speed check), else
-    the first, left float; either way the notes say what the retry was and what it found."""
+    the first, left float (also where the retry ended in an error, such as --min-sqnr's); either
+    way the notes say what the retry was and what it found."""
     why = (
         f"the first plan ran slower than float, and {moves} of equalization's channel moves sat "
         "beside HardSwish nodes, which keeps them off integer kernels"
     )
+    if isinstance(retried, OnnxqError):
+        first.notes.append(f"speed: {why}; quantized again without those moves: {retried}; left float")
+        return first
     if not retried.quantized_nodes:
         first.notes.append(f"speed: {why}; quantized again without those moves: still slower, left float")
         return first

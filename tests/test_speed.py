@@ -313,6 +313,21 @@ def test_a_model_left_float_because_equalization_kept_its_hardswish_off_integer_
     assert not any(note.startswith("equalized the channels") for note in result.notes)
 
 
+def test_a_retried_model_below_min_sqnr_leaves_the_float_model_standing(monkeypatch):
+    """--min-sqnr refuses the retried quantized model; the first run's float model met it, so
+    it is saved, and the notes give the error."""
+    from onnxq.passes import equalize
+
+    monkeypatch.setattr(equalize, "INTEGER_SPREAD", 1.0)
+    answers = iter([[1.0, 2.0], [1.0, 2.0, 1.9], [1.0, 0.8]])
+    monkeypatch.setattr(speed, "compare", lambda models, feed: next(answers))
+    data = np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32)
+    result = onnxq.quantize(deep_hardswish_cnn(), data, onnxq.QuantConfig(min_sqnr=100.0))
+    assert result.quantized_nodes == 0
+    assert result.fidelity.min_sqnr > 100
+    assert "is below --min-sqnr 100 dB" in result.notes[-1] and result.notes[-1].endswith("left float")
+
+
 @pytest.mark.parametrize("rewinds", [False, True], ids=["one-shot", "rewinds"])
 def test_a_calibration_reader_is_read_again_for_the_retry_only_where_it_rewinds(monkeypatch, rewinds):
     """A reader without `rewind` is read once: the model left float for speed stays float. One
