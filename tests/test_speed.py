@@ -263,7 +263,7 @@ def test_where_the_model_was_already_slower_the_fallback_stays_unless_clearly_sl
     from tests.test_fidelity import deep_cnn
 
     monkeypatch.setattr(fidelity, "WARN_SQNR_DB", {8: 99.0, 0: 99.0})  # the fallback always runs
-    result = _quantize_timed(monkeypatch, deep_cnn(), [[0.3, 0.4], [0.3, after_ms, 0.4]])
+    result = quantize_timed(monkeypatch, deep_cnn(), [[0.3, 0.4], [0.3, after_ms, 0.4]])
     fallback_nodes = [name for name, why in result.float_nodes.items() if "kept float for fidelity" in why]
     assert bool(fallback_nodes) == kept
     slower = next(note for note in result.notes if note.startswith("warning: the quantized model runs"))
@@ -284,7 +284,7 @@ def test_a_model_left_float_for_speed_spends_nothing_on_a_fallback_it_does_not_n
     monkeypatch.setattr(equalize, "INTEGER_SPREAD", 1.0)
     # the last two timings: the retry without the move, slower still
     timings = [[1.0, 2.0], [1.0, 2.0, 1.9], [1.0, 1.5], [1.0, 1.5, 1.45]]
-    result = _quantize_timed(monkeypatch, deep_hardswish_cnn(), timings)
+    result = quantize_timed(monkeypatch, deep_hardswish_cnn(), timings)
     assert result.quantized_nodes == 0
     assert result.notes[-1].endswith("quantized again without those moves: still slower, left float")
     # saved: the float model as prepared before equalization, whose Mul after the conv that
@@ -295,70 +295,6 @@ def test_a_model_left_float_for_speed_spends_nothing_on_a_fallback_it_does_not_n
     assert any("(the fastest 1.90× float at batch 1)" in note for note in result.notes)
 
 
-def test_a_model_left_float_because_equalization_kept_its_hardswish_off_integer_kernels_is_retried(
-    monkeypatch,
-):
-    """Equalization's move beside the HardSwish (made here at any spread) keeps it off integer
-    kernels, and every plan runs slower than float; quantized again without the move, the
-    HardSwish runs as QLinearAdd and QLinearMul and the model faster than float: that is kept."""
-    from onnxq.passes import equalize
-    from onnxq.passes.integer_hardswish import integer_hardswishes
-
-    monkeypatch.setattr(equalize, "INTEGER_SPREAD", 1.0)
-    result = _quantize_timed(monkeypatch, deep_hardswish_cnn(), [[1.0, 2.0], [1.0, 2.0, 1.9], [1.0, 0.8]])
-    assert result.quantized_nodes > 0
-    assert integer_hardswishes(result.model) == 1
-    assert result.notes[0].startswith("speed: the first plan ran slower than float, and 1 of equalization's")
-    assert not any(note.startswith("warning: nothing is quantized") for note in result.notes)
-    assert not any(note.startswith("equalized the channels") for note in result.notes)
-
-
-def test_a_retried_model_below_min_sqnr_leaves_the_float_model_standing(monkeypatch):
-    """--min-sqnr refuses the retried quantized model; the first run's float model met it, so
-    it is saved, and the notes give the error."""
-    from onnxq.passes import equalize
-
-    monkeypatch.setattr(equalize, "INTEGER_SPREAD", 1.0)
-    answers = iter([[1.0, 2.0], [1.0, 2.0, 1.9], [1.0, 0.8]])
-    monkeypatch.setattr(speed, "compare", lambda models, feed: next(answers))
-    data = np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32)
-    result = onnxq.quantize(deep_hardswish_cnn(), data, onnxq.QuantConfig(min_sqnr=100.0))
-    assert result.quantized_nodes == 0
-    assert result.fidelity.min_sqnr > 100
-    assert "is below --min-sqnr 100 dB" in result.notes[-1] and result.notes[-1].endswith("left float")
-
-
-@pytest.mark.parametrize("rewinds", [False, True], ids=["one-shot", "rewinds"])
-def test_a_calibration_reader_is_read_again_for_the_retry_only_where_it_rewinds(monkeypatch, rewinds):
-    """A reader without `rewind` is read once: the model left float for speed stays float. One
-    with `rewind` (onnxruntime's CalibrationDataReader may have it) is rewound and read again."""
-    from onnxq.passes import equalize
-
-    data = np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32)
-
-    class OneShot:
-        def __init__(self) -> None:
-            self.start()
-
-        def start(self) -> None:
-            self.items = iter([{"input": data[i : i + 8]} for i in range(0, len(data), 8)])
-
-        def get_next(self):
-            return next(self.items, None)
-
-    class Rewinding(OneShot):
-        def rewind(self) -> None:
-            self.start()
-
-    monkeypatch.setattr(equalize, "INTEGER_SPREAD", 1.0)
-    answers = iter([[1.0, 2.0], [1.0, 2.0, 1.9], *([[1.0, 0.8]] if rewinds else [])])  # one more ends it
-    monkeypatch.setattr(speed, "compare", lambda models, feed: next(answers))
-    reader = Rewinding() if rewinds else OneShot()
-    result = onnxq.quantize(deep_hardswish_cnn(), reader, onnxq.QuantConfig())
-    assert (result.quantized_nodes > 0) == rewinds
-    assert any("quantized again" in note for note in result.notes) == rewinds
-
-
 def test_a_lighter_plan_that_runs_no_integer_kernel_is_not_timed(monkeypatch):
     """A lighter plan whose quantized nodes all run as float ops between Q/DQ pairs buys no
     speed, only noise: it is not a candidate, so a clearly slower model is left float."""
@@ -367,7 +303,7 @@ def test_a_lighter_plan_that_runs_no_integer_kernel_is_not_timed(monkeypatch):
 
     monkeypatch.setattr(speed_choice, "count_kernels", lambda model: Kernels(0, 20, 4))
     # float, the model; a second timing would end the iterator
-    result = _quantize_timed(monkeypatch, deep_hardswish_cnn(), [[1.0, 2.0]])
+    result = quantize_timed(monkeypatch, deep_hardswish_cnn(), [[1.0, 2.0]])
     assert result.quantized_nodes == 0
     lighter = "the model with the layer that feeds an op without integer kernels kept float"
     assert f"speed: {lighter} runs no integer kernel" in "\n".join(result.notes)
@@ -380,7 +316,7 @@ def test_a_model_every_plan_of_which_is_clearly_slower_is_timed_again_after_a_fa
     from onnxq import fidelity
 
     monkeypatch.setattr(fidelity, "WARN_SQNR_DB", {8: 99.0, 0: 99.0})  # the fallback always runs
-    result = _quantize_timed(monkeypatch, deep_hardswish_cnn(), [[1.0, 1.24], [1.0, 1.24, 1.2], [1.0, 1.18]])
+    result = quantize_timed(monkeypatch, deep_hardswish_cnn(), [[1.0, 1.24], [1.0, 1.24, 1.2], [1.0, 1.18]])
     assert result.quantized_nodes == 0
     warning = next(note for note in result.notes if note.startswith("warning: nothing is quantized"))
     assert "1.24× and 1.18× float" in warning
@@ -394,7 +330,7 @@ def test_a_model_far_slower_than_float_is_left_float_without_a_fallback(monkeypa
     why = "the fallback ranked layers of a model far slower than float"
     monkeypatch.setattr(fidelity, "WARN_SQNR_DB", {8: 99.0, 0: 99.0})  # the outputs fall short
     monkeypatch.setattr(sensitivity, "layer_costs", _refuse(why))
-    result = _quantize_timed(monkeypatch, deep_hardswish_cnn(), [[1.0, 1.3], [1.0, 1.3, 1.26]])
+    result = quantize_timed(monkeypatch, deep_hardswish_cnn(), [[1.0, 1.3], [1.0, 1.3, 1.26]])
     assert result.quantized_nodes == 0
     assert any("(the fastest 1.26× float at batch 1)" in note for note in result.notes)
 
@@ -417,7 +353,7 @@ def test_the_fidelity_fallback_on_a_lighter_plan_keeps_its_float_neighbours_floa
     from onnxq import fidelity
 
     monkeypatch.setattr(fidelity, "WARN_SQNR_DB", {8: 99.0, 0: 99.0})  # the fallback always runs
-    result = _quantize_timed(monkeypatch, deep_hardswish_cnn(), [[1.0, 2.0], [1.0, 2.0, 0.95], [1.0, 0.97]])
+    result = quantize_timed(monkeypatch, deep_hardswish_cnn(), [[1.0, 2.0], [1.0, 2.0, 0.95], [1.0, 0.97]])
     assert any(
         note.startswith("speed: kept the model with the layer that feeds an op") for note in result.notes
     )
@@ -435,7 +371,7 @@ def test_a_model_slower_than_float_within_the_noise_keeps_a_fallback_that_makes_
 
     monkeypatch.setattr(fidelity, "WARN_SQNR_DB", {8: 99.0, 0: 99.0})  # the fallback always runs
     # no lighter plan: no op lacks an integer kernel
-    result = _quantize_timed(monkeypatch, deep_cnn(), [[1.0, 1.08], [1.0, 0.72]])
+    result = quantize_timed(monkeypatch, deep_cnn(), [[1.0, 1.08], [1.0, 0.72]])
     assert result.quantized_nodes > 0
     assert any("kept float for fidelity" in why for why in result.float_nodes.values())
     again = "speed: timed again: float 1.00 ms, the model and the fidelity fallback's float layers 0.72 ms"
@@ -443,7 +379,7 @@ def test_a_model_slower_than_float_within_the_noise_keeps_a_fallback_that_makes_
     assert not any(note.startswith("warning") and "slower" in note for note in result.notes)
 
 
-def _quantize_timed(monkeypatch, model: onnx.ModelProto, timings: list[list[float]]):
+def quantize_timed(monkeypatch, model: onnx.ModelProto, timings: list[list[float]]):
     """`model` quantized at the defaults on random 8×8 images, speed.compare answering `timings`
     in turn (one answer too few ends the iterator: a timing the test did not expect fails)."""
     answers = iter(timings)
