@@ -95,7 +95,6 @@ def quantize(
         require_refinement(config.device)  # before any work, not after calibration
     proto = load_model(model) if isinstance(model, str | os.PathLike) else model
     _refuse_quantized(proto)
-    inputs = model_inputs(proto)
     checker_error = input_checker_error(proto)
     notes: list[str] = []
     if checker_error:
@@ -105,7 +104,7 @@ def quantize(
         )
     data_free = isinstance(calibration, str) and calibration == DATA_FREE
     if data_free:
-        calibration, synthesised = _synthesise(proto, inputs, config, progress)
+        calibration, synthesised = _synthesise(proto, model_inputs(proto), config, progress)
         notes.append(synthesised)
     run = functools.partial(
         _quantize_loaded, calibration, config, preprocess, progress, checker_error, data_free
