@@ -1,22 +1,18 @@
-"""The `onnxq` command: parses flags into config objects and calls the pipeline; no logic here."""
+"""`onnxq quantize`: its flags into a QuantConfig, the pipeline, and what it printed."""
 
 from __future__ import annotations
 
-import functools
-import os
-import signal
-import sys
-import threading
-import traceback
 from pathlib import Path
 
 import click
 
+from onnxq.cli.errors import reports_errors
+from onnxq.cli.preprocess import build_preprocess, preprocess_options
+from onnxq.cli.refine_options import refine_options
 from onnxq.config import (
     WEIGHT_ROUNDINGS,
     CalibrationMethod,
     Granularity,
-    Preprocess,
     QuantConfig,
     RangeRule,
     WeightRange,
@@ -25,96 +21,7 @@ from onnxq.config import (
 from onnxq.errors import OnnxqError
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so every `finally` (temporary files) runs."""
-
-
-def _raise_terminated(signum, frame):
-    raise _Terminated
-
-
-def _reports_errors(command):
-    """Bad input ends with one line on stderr and exit status 1, never a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
-        try:
-            return command(*args, **kwargs)
-        except OnnxqError as err:
-            click.echo(f"onnxq: error: {err}", err=True)
-            sys.exit(1)
-        except _Terminated:
-            click.echo("onnxq: terminated", err=True)
-            sys.exit(128 + signal.SIGTERM)
-        except KeyboardInterrupt:
-            click.echo("onnxq: interrupted", err=True)
-            sys.exit(130)
-        except Exception as err:
-            if os.environ.get("ONNXQ_DEBUG"):
-                raise
-            where = traceback.extract_tb(err.__traceback__)[-1]
-            message = (str(err).strip() or "no message").splitlines()[0]
-            click.echo(
-                f"onnxq: internal error: {type(err).__name__}: {message} "
-                f"({Path(where.filename).name}:{where.lineno}; ONNXQ_DEBUG=1 shows the traceback)",
-                err=True,
-            )
-            sys.exit(2)
-        finally:
-            if main_thread:
-                signal.signal(signal.SIGTERM, previous)
-
-    return wrapper
-
-
-def _floats(text: str | None) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def preprocess_options(command):
-    """Options describing how images or uint8 arrays become model input."""
-    options = [
-        click.option(
-            "--preset", type=click.Choice(["imagenet", "cifar10", "none"]), help="Preprocessing recipe."
-        ),
-        click.option("--resize", type=int, help="Resize the short side of images to this size (bilinear)."),
-        click.option("--crop", type=int, help="Centre-crop images to this square size."),
-        click.option("--mean", help="Per-channel mean after scaling, e.g. 0.485,0.456,0.406."),
-        click.option("--std", help="Per-channel std after scaling, e.g. 0.229,0.224,0.225."),
-        click.option("--scale", type=float, help="Multiply pixel values by this first (default 1/255)."),
-        click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), help="Model input layout."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def build_preprocess(preset, resize, crop, mean, std, scale, layout) -> Preprocess | None:
-    """A Preprocess from a preset overridden by explicit flags; None when nothing was given."""
-    given = {"resize": resize, "crop": crop, "mean": _floats(mean), "std": _floats(std), "scale": scale}
-    given["layout"] = layout
-    given = {k: v for k, v in given.items() if v is not None}
-    if preset is None and not given:
-        return None
-    base = Preprocess.preset(preset or "none")
-    fields = {f: getattr(base, f) for f in ("resize", "crop", "scale", "mean", "std", "layout")}
-    return Preprocess(**{**fields, **given})
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="onnxq")
-def main() -> None:
-    """Post-training quantization of ONNX models into QDQ models for onnxruntime."""
-
-
-@main.command()
+@click.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Quantized model path.")
 @click.option(
@@ -327,96 +234,9 @@ def main() -> None:
     help="Merge re-parameterized branches before quantizing [default: only when all weights are "
     "8-bit; below that each branch keeps its own scale, which is far more accurate].",
 )
-@click.option(
-    "--refine",
-    is_flag=True,
-    help="After calibration, learn weight rounding and activation steps by gradient, block by "
-    "block (AdaRound/BRECQ with QDrop), starting from the calibrated scales. Needs "
-    "pip install 'onnxq[refine]'.",
-)
-@click.option(
-    "--refine-unit",
-    default=QuantConfig.refine_unit,
-    show_default=True,
-    help="What is reconstructed at once: layer, block (cut where one tensor crosses) or window:K "
-    "(K consecutive blocks).",
-)
-@click.option(
-    "--refine-loss",
-    type=click.Choice(["mse", "mae", "pd"]),
-    default=QuantConfig.refine_loss,
-    show_default=True,
-    help="Reconstruction loss: the unit's output error (mse, mae) or pd, the prediction difference "
-    "at the model output plus a feature regulariser (PD-Quant).",
-)
-@click.option(
-    "--refine-iters",
-    type=int,
-    default=QuantConfig.refine_iters,
-    show_default=True,
-    help="Iterations per unit (fewer where --time-budget runs out).",
-)
-@click.option(
-    "--refine-batch",
-    type=int,
-    default=QuantConfig.refine_batch,
-    show_default=True,
-    help="Samples per refinement iteration.",
-)
-@click.option(
-    "--refine-memory",
-    type=float,
-    default=QuantConfig.refine_memory_gb,
-    show_default=True,
-    help="GB of activations refinement may hold for all samples at a unit's cuts (beyond it, it "
-    "learns on fewer samples) and, apart, for one learning pass (beyond it, a batch learns in chunks).",
-)
-@click.option(
-    "--refine-check/--no-refine-check",
-    default=QuantConfig.refine_check,
-    show_default=True,
-    help="After refinement, measure the model without it too, and save that one where the scale "
-    "search alone keeps the lowest output clearly (0.5 dB) closer to float.",
-)
-@click.option(
-    "--qdrop",
-    type=float,
-    default=QuantConfig.qdrop,
-    show_default=True,
-    help="QDrop: probability that an activation stays float while rounding is learned.",
-)
-@click.option("--threads", type=int, help="CPU threads for refinement (default: torch's choice).")
-@click.option(
-    "--refine-compile/--no-refine-compile",
-    default=QuantConfig.refine_compile,
-    show_default=True,
-    help="Compile the fake quantizers' learning passes on large tensors with torch (MobileNetV2's "
-    "learning 13 % faster; needs a C++ compiler, falls back to plain torch without one).",
-)
-@click.option(
-    "--device",
-    type=click.Choice(["cpu", "cuda"]),
-    default=QuantConfig.device,
-    show_default=True,
-    help="Where refinement runs; the CPU is enough.",
-)
-@click.option(
-    "--distribution-correction/--no-distribution-correction",
-    default=QuantConfig.distribution_correction,
-    show_default=True,
-    help="With --refine, nudge the calibration inputs towards the BatchNorm statistics the model "
-    "had before folding (PD-Quant's DC). Off by default: on held-out calibration images it left "
-    "refined models further from float (tools/choose_dc.py).",
-)
-@click.option(
-    "--qprep/--no-qprep",
-    default=QuantConfig.qprep,
-    show_default=True,
-    help="With --refine, convs merged from re-parameterized branches also learn a per-channel "
-    "scale and shift of their output (RepAPQ's QPRep), folded into their weight scales and bias.",
-)
+@refine_options
 @preprocess_options
-@_reports_errors
+@reports_errors
 def quantize(model, output, calib, **options):
     """Quantize MODEL to QDQ (W8A8 by default), calibrated on --calib data."""
     from onnxq.pipeline import quantize_file
@@ -474,7 +294,8 @@ def quantize(model, output, calib, **options):
     for note in result.notes:
         click.echo(f"  {note}")
     click.echo(f"  8-bit weights: {result.weight_range}")
-    click.echo(f"  calibrated on {result.samples_text}; {result.quantized_nodes} nodes quantized")
+    noun = "node" if result.quantized_nodes == 1 else "nodes"
+    click.echo(f"  calibrated on {result.samples_text}; {result.quantized_nodes} {noun} quantized")
     for reason, nodes in _by_reason(result.float_nodes).items():
         listed = ", ".join(nodes[:FLOAT_NODES_LISTED]) + (" ..." if len(nodes) > FLOAT_NODES_LISTED else "")
         count = f"{len(nodes)} nodes: " if len(nodes) > 1 else ""
@@ -502,89 +323,8 @@ def _by_reason(float_nodes: dict[str, str]) -> dict[str, list[str]]:
     return grouped
 
 
-@main.command()
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Fused model path.")
-@click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
-@click.option("--all-layers", is_flag=True, help="Weight statistics for every layer, not only merged ones.")
-@_reports_errors
-def fuse(model, output, no_simplify, all_layers):
-    """Fold BatchNormalization and merge re-parameterized branches of MODEL into single Convs."""
-    from onnxq.prepare import fuse_file
-    from onnxq.report import print_fuse_report, print_weight_statistics
-    from onnxq.weight_stats import weight_statistics
-
-    result = fuse_file(model, output, simplify_first=not no_simplify)
-    for note in result.notes:
-        click.echo(f"  {note}")
-    print_fuse_report(result.fused)
-    merged = None if all_layers or not result.fused.merged else {b.conv for b in result.fused.merged}
-    print_weight_statistics(weight_statistics(result.model, merged))
-    click.echo(f"wrote {output}")
-
-
-@main.command(name="eval")
-@click.argument("float_model", type=click.Path(path_type=Path))
-@click.argument("quantized", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--data", required=True, help="Evaluation data: .npy, .npz or a folder of images.")
-@click.option("--labels", help="Labels: .npy, .txt or .npz (y); image folders supply their own.")
-@click.option("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = its default).")
-@click.option("--max-samples", type=int, help="Evaluate on the first N samples only.")
-@preprocess_options
-@_reports_errors
-def evaluate_command(float_model, quantized, data, labels, threads, max_samples, **rest):
-    """Compare QUANTIZED models with FLOAT_MODEL: accuracy, agreement, KL, SQNR, size, latency."""
-    from onnxq.calib.data import folder_labels, load_labels
-    from onnxq.evaluate import evaluate
-    from onnxq.report import print_reports
-
-    label_array = load_labels(labels) if labels else None
-    if label_array is None and Path(data).is_dir():
-        label_array = folder_labels(data)
-    reports = evaluate(
-        float_model,
-        list(quantized),
-        data,
-        labels=label_array,
-        preprocess=build_preprocess(**rest),
-        threads=threads,
-        max_samples=max_samples,
-    )
-    print_reports(reports)
-
-
-@main.command(name="bench")
-@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option(
-    "--batch", "batch_sizes", type=int, multiple=True, help="Batch size (repeat for several; default 1)."
-)
-@click.option("--data", help="Input data (.npy, .npz or a folder of images); random values when absent.")
-@click.option("--shape", "shapes", multiple=True, help="name=1x3x224x224 for an input with free dimensions.")
-@click.option("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = its default).")
-@preprocess_options
-@_reports_errors
-def bench_command(models, batch_sizes, data, shapes, threads, **rest):
-    """Latency and throughput of MODELS side by side (the first is the reference), as deployed."""
-    from onnxq.latency import bench, parse_shapes
-    from onnxq.report import print_latencies
-
-    rows = bench(
-        list(models),
-        batch_sizes=batch_sizes or (1,),
-        data=data,
-        shapes=parse_shapes(shapes),
-        preprocess=build_preprocess(**rest),
-        threads=threads,
-    )
-    print_latencies(rows)
-
-
 def _weight_zero_point(chosen: str, asym: bool) -> str:
     """--w-asym, the older flag, means --w-zero-point all; with another choice it is refused."""
     if asym and chosen not in ("auto", "all"):
         raise OnnxqError(f"--w-asym means --w-zero-point all; it contradicts --w-zero-point {chosen}")
     return "all" if asym else chosen
-
-
-if __name__ == "__main__":
-    main()
