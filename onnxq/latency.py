@@ -16,10 +16,10 @@ import numpy as np
 
 from onnxq import speed
 from onnxq.calib.data import DataSource, InputSpec, batches, first_batch, model_inputs
-from onnxq.config import Preprocess
 from onnxq.errors import OnnxqError
 from onnxq.evaluate import check_same_inputs, display_names, file_size, kernel_summary
 from onnxq.io import load_model, session
+from onnxq.preprocess import Preprocess
 
 ROUNDS = 8  # more than the never-slower check's: this is the measurement the user asked for
 SECONDS = 4.0

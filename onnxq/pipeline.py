@@ -32,7 +32,7 @@ from onnxq.calib.runner import fixed_batch
 from onnxq.calib.sample_axes import describe_count
 from onnxq.calib.search import SearchResult
 from onnxq.calibrate import calibrate
-from onnxq.config import Preprocess, QuantConfig
+from onnxq.config import QuantConfig
 from onnxq.correct import (
     DATA_FREE,
     check_synthesis_inputs,
@@ -50,6 +50,7 @@ from onnxq.passes.integer_hardswish import integer_hardswishes
 from onnxq.passes.opset_upgrade import upgrade_opset
 from onnxq.passes.split_addend_reads import split_addend_reads
 from onnxq.prepare import FuseResult, fuse, fuse_file
+from onnxq.preprocess import Preprocess
 from onnxq.progress import Progress, Silent
 from onnxq.quant.int8_form import choose_int8_range
 from onnxq.quant.plan import QuantPlan, integer_chain_ops, plan_quantization

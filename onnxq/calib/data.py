@@ -29,8 +29,8 @@ from onnxq.calib.sample_axes import (
     refuse_scalar_inputs,
     repeat_scalars,
 )
-from onnxq.config import Preprocess
 from onnxq.errors import OnnxqError, first_line
+from onnxq.preprocess import Preprocess
 
 Batch = dict[str, np.ndarray]
 LABEL_KEYS = ("y", "label", "labels")

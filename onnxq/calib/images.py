@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxq.config import Preprocess
 from onnxq.errors import OnnxqError
+from onnxq.preprocess import Preprocess
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from onnxq.config import Preprocess
+from onnxq.preprocess import Preprocess
 
 
 def _floats(text: str | None) -> tuple[float, ...] | None:

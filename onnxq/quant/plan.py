@@ -22,7 +22,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.config import Granularity, LayerSettings, QuantConfig, RangeRule
+from onnxq.config import QuantConfig
+from onnxq.layer_settings import Granularity, LayerSettings, RangeRule
 from onnxq.passes.graph_utils import (
     attribute,
     clip_bounds,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnxq.config import Granularity, RangeRule
+from onnxq.layer_settings import Granularity, RangeRule
 from onnxq.quant import primitives as P
 
 COARSE_RATIOS = np.linspace(0.05, 1.0, 39)  # clipping ratio of the observed range, step 0.025
