@@ -23,7 +23,7 @@ from onnxq.quant.plan import QuantPlan
 from onnxq.quant.weights import GroupRanges, QuantizedWeight, group_ranges, quantize_weight
 
 if TYPE_CHECKING:
-    from onnxq.calib.search import _Sweep
+    from onnxq.calib.sweep import Sweep
 
 BIAS_SAMPLES = 64  # samples that estimate a candidate's mean output shift
 
@@ -31,7 +31,7 @@ BIAS_SAMPLES = 64  # samples that estimate a candidate's mean output shift
 class LayerProbe:
     """One compute node (and its absorbed Relu/Clip) as a small onnxruntime session."""
 
-    def __init__(self, sweep: _Sweep, node: onnx.NodeProto):
+    def __init__(self, sweep: Sweep, node: onnx.NodeProto):
         self.sweep = sweep
         self.node = node
         plan = sweep.plan

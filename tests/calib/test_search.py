@@ -9,8 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import onnxq
-from onnxq.calib.search import SearchSettings, prediction_difference, search_parameters
+from onnxq.calib.search import SearchSettings, search_parameters
 from onnxq.calib.simulate import build_simulation, fake_quant_feed
+from onnxq.calib.sweep import prediction_difference
 from onnxq.config import CalibrationMethod, QuantConfig
 from onnxq.io import session, to_ir
 from onnxq.passes.insert_qdq import activation_quantizer
@@ -205,10 +206,10 @@ def test_pd_never_ends_worse_than_it_started(small_model, calibration_data, pd_l
 def test_pd_that_ends_worse_returns_to_its_start(monkeypatch, small_model, calibration_data):
     """A sweep that spoils the model (every weight zeroed) is undone: the file is the one a pd
     sweep that changed nothing writes."""
-    from onnxq.calib import search
+    from onnxq.calib.pd_search import PredictionSweep
 
     config = QuantConfig(weight_bits=4, activation_bits=4, calibration=CalibrationMethod.PD)
-    monkeypatch.setattr(search._Sweep, "prediction_difference", lambda *args: None)
+    monkeypatch.setattr(PredictionSweep, "prediction_difference", lambda *args: None)
     unchanged = onnxq.quantize(small_model, calibration_data, config)
 
     def spoil(sweep, *args):
@@ -216,7 +217,7 @@ def test_pd_that_ends_worse_returns_to_its_start(monkeypatch, small_model, calib
             sweep.params[name] = np.zeros_like(sweep.params[name])
             sweep.ratios[name] = np.full_like(sweep.ratios.get(name, np.ones(1)), 0.01)
 
-    monkeypatch.setattr(search._Sweep, "prediction_difference", spoil)
+    monkeypatch.setattr(PredictionSweep, "prediction_difference", spoil)
     restored = onnxq.quantize(small_model, calibration_data, config)
     assert restored.calibration.pd_kept_start
     assert any("kept the mse choice" in note for note in restored.notes)
@@ -425,7 +426,7 @@ def test_a_subgraph_reads_the_quantized_tensor_in_the_simulation_as_in_the_qdq_m
     ),
 )
 def test_tied_losses_keep_the_widest_ratio(losses):
-    from onnxq.calib.search import widest_of_least
+    from onnxq.calib.sweep import widest_of_least
 
     losses = np.array(losses)  # (candidates, groups)
     ratios = np.array([[0.2], [0.9], [0.5], [1.0]]) * np.ones((1, 3))
