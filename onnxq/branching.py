@@ -23,7 +23,7 @@ import onnx
 
 from onnxq.calib.data import Batch
 from onnxq.calib.simulate import Arrays, cut_simulation, float_frontier, float_positions, node_reads
-from onnxq.fidelity import OutputComparison, OutputFidelity
+from onnxq.comparison import OutputComparison, OutputFidelity
 
 
 def compare_variants(

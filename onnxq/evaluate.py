@@ -17,8 +17,8 @@ from onnxq import selections, speed
 from onnxq.calib.data import DataSource, batches, first_batch, model_inputs
 from onnxq.calib.frontier import count
 from onnxq.class_scores import looks_like_scores, sorted_like_topk
+from onnxq.comparison import OutputComparison, OutputFidelity
 from onnxq.errors import OnnxqError
-from onnxq.fidelity import OutputComparison, OutputFidelity
 from onnxq.io import load_model, run, session
 from onnxq.passes.batch_axis import add_batch_axis
 from onnxq.preprocess import Preprocess

@@ -38,7 +38,8 @@ from onnxq.branching import compare_variants
 from onnxq.calib.data import Batch
 from onnxq.calib.runner import fixed_batch
 from onnxq.calib.simulate import Arrays, param_names, tunable_model
-from onnxq.fidelity import LAYER_SAMPLES, OutputFidelity, compare_outputs, first_samples
+from onnxq.comparison import OutputFidelity
+from onnxq.fidelity import LAYER_SAMPLES, compare_outputs, first_samples
 from onnxq.io import run, session
 from onnxq.quant.plan import QuantPlan
 from onnxq.sensitivity import quantized_feeds
