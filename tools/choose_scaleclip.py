@@ -7,7 +7,7 @@ model's (mean KL divergence). BatchNormalization is folded and re-parameterized 
 unmerged, as onnxq quantizes them below 8 bits. Activations stay float, so the figure isolates
 the weight rule. The K with the lowest mean log-KL across models wins; the evaluation split is
 never read. Writes the "scaleclip" section of BENCHMARKS.md and prints the table to paste into
-onnxq/config.py.
+onnxq/layer_settings.py.
 
 With --activations it chooses K of the activation rule (`--calib-method scaleclip`, α = K·mean|A|)
 per activation width instead: each model is quantized by onnxq with 8-bit per-channel weights on
