@@ -1,5 +1,6 @@
 """`--calib-method auto`: percentile or min-max activation ranges, whichever keeps the outputs
-closer to float on the fidelity check's samples."""
+closer to float on the fidelity check's samples; searched ranges (mse) with 8-bit activations meet
+the min-max ones the same way."""
 
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ SAMPLES = 32  # under fidelity.MIN_CALIBRATION: the check runs on the last 16 ca
 SIDE = 48  # 32·3·48·48 values: the 99.999th percentile leaves out two of them
 
 
-def one_conv() -> onnx.ModelProto:
-    weight = np.random.default_rng(0).standard_normal((4, 3, 1, 1)).astype(np.float32)
+def one_conv(weight: np.ndarray | None = None, side: int = SIDE) -> onnx.ModelProto:
+    """A 1×1 Conv from 3 channels to 4 (random weights unless given) on side×side inputs."""
+    if weight is None:
+        weight = np.random.default_rng(0).standard_normal((4, 3, 1, 1)).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("Conv", ["x", "w"], ["y"], name="conv")],
         "one_conv",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, SIDE, SIDE])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, SIDE, SIDE])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, side, side])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, side, side])],
         [numpy_helper.from_array(weight, "w")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -61,10 +64,60 @@ def test_auto_keeps_whichever_ranges_keep_the_outputs_closer(spiked, winner):
     assert any(note.startswith(f"activation ranges: {winner} ") for note in auto.notes)
 
 
-def test_auto_is_not_tried_where_a_search_sets_the_ranges():
-    x = data_with_spikes(SAMPLES - 1)
-    config = onnxq.QuantConfig(calibration=onnxq.CalibrationMethod.MSE, speed_check=False)
-    result = onnxq.quantize(one_conv(), {"x": x}, config)
+def input_step(result: onnxq.QuantResult) -> float:
+    """The step of the quantizer on the model's input `x`."""
+    graph = result.model.graph
+    node = next(n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "x")
+    scale = next(i for i in graph.initializer if i.name == node.input[1])
+    return float(numpy_helper.to_array(scale))
+
+
+SEARCH_SIDE = 96  # 32·3·96·96 values: the mse search clips one value of 1000 to about half
+
+
+def channel_zero_conv() -> onnx.ModelProto:
+    """A 1×1 Conv whose outputs read only input channel 0, where the spike is: the check sees
+    the spike's share of the outputs, the search weighs it against every channel's rounding."""
+    weight = np.zeros((4, 3, 1, 1), np.float32)
+    weight[:, 0, 0, 0] = [1.0, -0.5, 0.25, 2.0]
+    return one_conv(weight, SEARCH_SIDE)
+
+
+def searched(sample: int, activation_bits: int = 8) -> onnxq.QuantResult:
+    """The mse search on Gaussian inputs with one value of 1000 in channel 0 of `sample`."""
+    x = np.random.default_rng(1).standard_normal((SAMPLES, 3, SEARCH_SIDE, SEARCH_SIDE)).astype(np.float32)
+    x[sample, 0, 0, 0] = 1000.0
+    config = onnxq.QuantConfig(
+        calibration=onnxq.CalibrationMethod.MSE,
+        activation_bits=activation_bits,
+        fidelity_fallback=False,
+        speed_check=False,
+    )
+    return onnxq.quantize(channel_zero_conv(), {"x": x}, config)
+
+
+def min_max_step(bits: int = 8) -> float:
+    return 1000.0 / (2**bits - 1)  # the spike sets the min-max range of x
+
+
+def test_searched_ranges_give_way_to_min_max_ones_where_those_keep_the_outputs_closer(monkeypatch):
+    # the spike sits in a checked sample: the mse search clips it, min-max keeps it
+    result = searched(SAMPLES - 1)
+    assert input_step(result) > min_max_step()
+    monkeypatch.setattr(onnxq.calibrate, "compares_extremes", lambda config: False)
+    alone = searched(SAMPLES - 1)
+    assert input_step(alone) < 0.6 * min_max_step()
+    assert result.fidelity.min_sqnr > alone.fidelity.min_sqnr + 2.0
+
+
+def test_searched_ranges_stand_where_they_keep_the_outputs_closer():
+    # the spike sits in an unchecked sample: widening x's steps for it costs the checked ones
+    assert input_step(searched(0)) < 0.6 * min_max_step()
+
+
+def test_below_8_bit_activations_the_search_meets_no_min_max_ranges():
+    result = searched(SAMPLES - 1, activation_bits=4)
+    assert input_step(result) < 0.6 * min_max_step(4)
     assert not any(note.startswith("activation ranges:") for note in result.notes)
 
 

@@ -287,7 +287,8 @@ def test_the_fidelity_stage_says_which_step_it_is_on(small_model, calibration_da
     onnxq.quantize(small_model, calibration_data, onnxq.QuantConfig(speed_check=False), progress=progress)
     after = progress.events[progress.events.index(("stage", "check fidelity")) :]
     statuses = [message for kind, message in after if kind == "status"]
-    assert [message.split(":")[0] for message in statuses] == ["auto ranges", "fallback", "auto ranges"]
+    steps = [message.split(":")[0] for message in statuses]
+    assert steps == ["activation ranges", "fallback", "activation ranges"]
 
 
 def test_an_old_opset_export_is_raised_for_per_channel_scales_and_says_so(calibration_data):

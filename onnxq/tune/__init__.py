@@ -6,7 +6,8 @@ In the order they run:
   integers and steps replaces the refined one if the scale search alone keeps the lowest output
   clearly closer to float.
 - Ranges (`--calib-method auto`, ranges.py): the model built with percentile ranges or the one
-  with min-max ranges, whichever keeps the lowest output closer to float.
+  with min-max ranges, whichever keeps the lowest output closer to float; searched ranges (mse,
+  mae, pd) with 8-bit activations meet the min-max ones the same way.
 - Speed (speed_choice.py): where the QDQ model runs slower than float at batch 1, the layers
   feeding ops without an integer kernel are kept float too, if that runs faster; where no plan
   runs at float speed, nothing is quantized. Only at 8 bits: narrower widths have no integer
@@ -67,8 +68,9 @@ def tune_model(
     progress: Progress,
 ) -> Tuned:
     """The steps above on `first` (built from `ranges`; `extremes`: the min-max ranges where
-    `--calib-method auto` compares the two rules, else None), each scored on the held-back
-    samples (`sample` where none were held back) and timed on `sample` against `baseline`.
+    they meet auto's or the search's (onnxq.calibrate.compares_extremes), else None), each
+    scored on the held-back samples (`sample` where none were held back) and timed on `sample`
+    against `baseline`.
 
     `baseline` is the float model as onnxq prepared it, before the passes that serve only the
     quantizers (equalization's per-channel Muls): the fastest float model onnxq can give, so
@@ -80,7 +82,7 @@ def tune_model(
     validated = first
     build, measured, alternative, notes = builder(ranges), None, None, []
     if extremes is not None:
-        progress.status("auto ranges: the percentile model against the min-max one")
+        progress.status("activation ranges: the first model against the min-max one")
         first, chosen, other, measured, ranged = choose_ranges(
             float_model, first, ranges, extremes, builder, checked, config
         )
@@ -104,7 +106,7 @@ def tune_model(
         if final.candidate is not tuned:
             fallback, measured = [], None  # undone: it made the model slower
         if alternative is not None and final.candidate.plan.quantized_nodes:
-            progress.status("auto ranges: activations tried under the other rule")
+            progress.status("activation ranges: activations tried under the other rule")
             switched_model, build, measured, switched = switch_ranges(
                 float_model, final.candidate, *alternative, builder, checked, config, measured
             )

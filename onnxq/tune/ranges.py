@@ -1,6 +1,7 @@
 """`--calib-method auto`: the percentile or the min-max activation ranges, whichever keeps the
 lowest output closer to float, and then each activation that does better under the other rule
-switched to it (onnxq.range_choice)."""
+switched to it (onnxq.range_choice). Searched ranges (mse, mae, pd) with 8-bit activations meet
+the min-max ones the same way (onnxq.calibrate.compares_extremes)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import onnx
 
 from onnxq import fidelity, range_choice
 from onnxq.calib.data import Batch
-from onnxq.config import QuantConfig
+from onnxq.config import CalibrationMethod, QuantConfig
 from onnxq.fidelity import Fidelity
 from onnxq.tune.candidate import Build, Candidate, Ranges
 
@@ -24,9 +25,9 @@ def choose_ranges(
     samples: list[Batch],
     config: QuantConfig,
 ) -> tuple[Candidate, Ranges, Ranges, Fidelity, list[str]]:
-    """`--calib-method auto`: the model with percentile ranges or the one with min-max ranges,
-    whichever keeps the lowest output closer to float on the check's samples; its ranges, the
-    other rule's, its fidelity, and a note.
+    """`--calib-method auto`: the model with percentile ranges (or searched ones: `ranges` name
+    their rule in the note) or the one with min-max ranges, whichever keeps the lowest output
+    closer to float on the check's samples; its ranges, the other rule's, its fidelity, and a note.
 
     Percentile ranges clip the rare large activations that classifiers can spare and detectors
     rely on (W8A8 lowest output SQNR: yolov8n scores 9.6 dB with percentile ranges, 12.2 dB
@@ -38,9 +39,10 @@ def choose_ranges(
         for m in (percentile, extremes_model)
     )
     wider = second.min_sqnr > first.min_sqnr
+    rule = "percentile" if config.calibration is CalibrationMethod.AUTO else config.calibration.value
     note = (
-        f"activation ranges: {'min-max' if wider else 'percentile'} (lowest output SQNR "
-        f"{first.min_sqnr:.1f} dB with percentile ranges, {second.min_sqnr:.1f} dB with min-max)"
+        f"activation ranges: {'min-max' if wider else rule} (lowest output SQNR "
+        f"{first.min_sqnr:.1f} dB with {rule} ranges, {second.min_sqnr:.1f} dB with min-max)"
     )
     if wider:
         return extremes_model, extremes, ranges, second, [note]
