@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxq.calib.data import DYNAMIC_SIZE, SMALL_DYNAMIC_SIZE, model_inputs, random_sample
+from onnxq.calib.inputs import DYNAMIC_SIZE, SMALL_DYNAMIC_SIZE, model_inputs, random_sample
 from onnxq.io import check_writable, load_model, oldest_ir_version, save_model, session, to_proto
 from onnxq.passes.exported_forms import standard_forms
 from onnxq.passes.float32 import compute_in_float32

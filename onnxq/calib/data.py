@@ -10,18 +10,26 @@ data size.
 from __future__ import annotations
 
 import itertools
-import zipfile
-import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import onnx
 
-from onnxq.calib.disk_arrays import CompressedRows, npy_rows, npz_member_rows
+from onnxq.calib.disk_arrays import UNREADABLE, CompressedRows, npy_rows, npz_member_rows
 from onnxq.calib.images import channel_axis, fitted_to_input, image_files, load_image, normalise, square_side
+from onnxq.calib.inputs import (  # noqa: F401  (re-exported: where data meets the model's inputs)
+    DYNAMIC_SIZE,
+    SAMPLE_ELEMENTS,
+    SMALL_DYNAMIC_SIZE,
+    Batch,
+    InputSpec,
+    model_inputs,
+    random_sample,
+)
+from onnxq.calib.labels import LABEL_KEYS, folder_labels, load_labels  # noqa: F401  (re-exported)
+from onnxq.calib.rebatch import rebatch, sample_count, whole_batches
 from onnxq.calib.sample_axes import (
     lend_batch_axes,
     one_sample_per_run,
@@ -32,9 +40,6 @@ from onnxq.calib.sample_axes import (
 from onnxq.errors import OnnxqError, first_line
 from onnxq.preprocess import Preprocess
 
-Batch = dict[str, np.ndarray]
-LABEL_KEYS = ("y", "label", "labels")
-
 
 class DataReader(Protocol):
     """onnxruntime's `CalibrationDataReader` interface: dicts of arrays until None."""
@@ -42,62 +47,7 @@ class DataReader(Protocol):
     def get_next(self) -> dict[str, np.ndarray] | None: ...
 
 
-@dataclass(frozen=True)
-class InputSpec:
-    """A model input as data must match it: name, numpy dtype and shape (None = any size)."""
-
-    name: str
-    dtype: np.dtype
-    shape: tuple[int | None, ...]
-    scalar: bool = False  # rank 0 as declared (an input with no shape at all is not one)
-
-
-def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
-    """The graph inputs that are not initializers."""
-    initializers = {t.name for t in model.graph.initializer}
-    specs = []
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
-        tensor_type = value.type.tensor_type
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-        # a dimension written as -1 or 0 (paddle2onnx does) is as free as a named one
-        dims = tuple(d.dim_value if d.dim_value > 0 else None for d in tensor_type.shape.dim)
-        scalar = tensor_type.HasField("shape") and not dims
-        specs.append(InputSpec(value.name, dtype, dims, scalar))
-    return specs
-
-
 DataSource = str | Path | np.ndarray | dict[str, np.ndarray] | DataReader
-
-
-DYNAMIC_SIZE = 224  # an unknown size past the first axis: an image side any stride-32 net takes
-SMALL_DYNAMIC_SIZE = 32  # instead, where 224 on every unknown axis would exceed SAMPLE_ELEMENTS
-SAMPLE_ELEMENTS = 1 << 22  # per input
-
-
-def random_sample(
-    inputs: list[InputSpec], batch: int = 2, seed: int = 0, size: int = DYNAMIC_SIZE
-) -> dict[str, np.ndarray]:
-    """Standard-normal inputs: enough to compare two graphs' outputs. An unknown first axis (the
-    batch) takes `batch`; other unknown sizes (an image's height and width, a sequence's length)
-    take `size`, by default DYNAMIC_SIZE, since a detector whose side is 2 pixels cannot run (its
-    feature maps vanish before its Concats), or SMALL_DYNAMIC_SIZE where that would make the
-    input too large."""
-    rng = np.random.default_rng(seed)
-    sample = {}
-    for spec in inputs:
-        shape = _sample_shape(spec.shape, batch, size)
-        if np.prod(shape) > SAMPLE_ELEMENTS:
-            shape = _sample_shape(spec.shape, batch, SMALL_DYNAMIC_SIZE)
-        sample[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-    return sample
-
-
-def _sample_shape(dims, batch: int, size: int) -> tuple[int, ...]:
-    return tuple(
-        d if d is not None and d > 0 else (batch if axis == 0 else size) for axis, d in enumerate(dims)
-    )
 
 
 LARGE_VALUE = 1e6  # inputs beyond this are almost surely missing their preprocessing
@@ -155,9 +105,9 @@ def batches(
     fixed = {spec.shape[0] for spec in inputs if spec.shape and spec.shape[0]}
     batch_size = next(iter(fixed)) if fixed else batch_size
     hint = _image_hint(source, preprocess, inputs)
-    stream = _rebatch(chunks, batch_size, max_samples, hint)
+    stream = rebatch(chunks, batch_size, max_samples, hint)
     if fixed:
-        stream = _whole_batches(stream, batch_size, inputs, what)
+        stream = whole_batches(stream, batch_size, inputs, what)
     yield from _checked(stream, inputs, what, hint, stats)
 
 
@@ -177,7 +127,7 @@ def peek_samples(
     def held() -> int:
         return sum(array.nbytes for batch in taken for array in batch.values())
 
-    while sum(_count(batch) for batch in taken) < samples and not (
+    while sum(sample_count(batch) for batch in taken) < samples and not (
         taken and max_bytes and held() >= max_bytes
     ):
         batch = next(stream, None)
@@ -185,38 +135,6 @@ def peek_samples(
             break
         taken.append(batch)
     return taken, itertools.chain(taken, stream)
-
-
-def load_labels(path: str | Path) -> np.ndarray:
-    """Integer labels from .npy, .txt (one per line) or .npz (key y / label / labels)."""
-    path = Path(path)
-    if not path.is_file():
-        raise OnnxqError(f"labels file not found: {path}")
-    try:
-        if path.suffix == ".txt":
-            return np.array([int(line.split()[-1]) for line in path.read_text().split("\n") if line.strip()])
-        if path.suffix == ".npz":
-            with np.load(path) as archive:
-                key = next((k for k in LABEL_KEYS if k in archive.files), None)
-                if key is None:
-                    raise OnnxqError(f"{path} has no labels array (looked for {', '.join(LABEL_KEYS)})")
-                return np.asarray(archive[key]).astype(np.int64).ravel()
-        return np.load(path).astype(np.int64).ravel()
-    except UNREADABLE as err:
-        raise OnnxqError(f"cannot read labels from {path}: {err}") from None
-
-
-def folder_labels(folder: str | Path) -> np.ndarray | None:
-    """Labels implied by an image folder: class subfolders in sorted order, or labels.txt."""
-    folder = Path(folder)
-    if (folder / "labels.txt").is_file():
-        return load_labels(folder / "labels.txt")
-    files = image_files(folder)
-    if not files or all(f.parent == folder for f in files):
-        return None
-    classes = sorted({f.parent.name for f in files})
-    index = {name: i for i, name in enumerate(classes)}
-    return np.array([index[f.parent.name] for f in files], dtype=np.int64)
 
 
 # --- sources -------------------------------------------------------------------------------------
@@ -264,10 +182,6 @@ def _path_chunks(path: Path, inputs: list[InputSpec], pre: Preprocess | None) ->
 
 SLICE_SAMPLES = 64  # samples read from a file at a time, at most
 SLICE_BYTES = 32 << 20  # and at most this much of them
-
-
-# what numpy raises on a truncated or corrupt .npy/.npz (a zip archive of compressed arrays)
-UNREADABLE = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
 def _npz_arrays(archive: Any, inputs: list[InputSpec], path: Path) -> dict[str, np.ndarray]:
@@ -367,92 +281,6 @@ def _image_hint(source: DataSource, pre: Preprocess | None, inputs: list[InputSp
     if not (pre and (pre.resize or pre.crop)):
         return " (images are used at their own size: add --preset imagenet or --resize/--crop)"
     return ""
-
-
-def _whole_batches(stream: Iterable[Batch], size: int, inputs: list[InputSpec], what: str):
-    """A model with a fixed batch dimension runs only on batches of exactly that size."""
-    total = 0
-    for batch in stream:
-        count = _count(batch)
-        if count != size:
-            name = inputs[0].name
-            usable = total + count - (total + count) % size
-            raise OnnxqError(
-                f"{what}: {total + count} samples do not fill batches of {size}, the fixed batch "
-                f"size of input {name!r}; give a multiple of {size} samples"
-                + (f" (e.g. --max-samples {usable})" if usable else "")
-            )
-        total += count
-        yield batch
-
-
-def _rebatch(
-    chunks: Iterable[Batch], batch_size: int, max_samples: int | None, hint: str = ""
-) -> Iterator[Batch]:
-    pending: list[Batch] = []
-    first: Batch | None = None
-    pending_count = total = 0
-    for chunk in chunks:
-        count = _count(chunk)
-        if max_samples is not None:
-            count = min(count, max_samples - total)
-            chunk = {k: v[:count] for k, v in chunk.items()}
-        if count == 0:
-            break
-        first = first or chunk
-        _same_sample_shape(first, chunk, hint)
-        pending.append(chunk)
-        pending_count += count
-        total += count
-        while pending_count >= batch_size:
-            batch, pending = _take(pending, batch_size, hint)
-            pending_count -= batch_size
-            yield batch
-        if max_samples is not None and total >= max_samples:
-            break
-    if pending_count:
-        yield _concat(pending, hint)
-
-
-def _same_sample_shape(first: Batch, chunk: Batch, hint: str) -> None:
-    """Refuses a chunk whose samples are shaped unlike the first chunk's, whether or not a batch
-    would span the two (those that do cannot be concatenated)."""
-    for name, values in chunk.items():
-        before = first.get(name)
-        if before is not None and before.shape[1:] != values.shape[1:]:
-            raise OnnxqError(
-                f"calibration samples differ in shape: {name!r} {before.shape[1:]} and "
-                f"{values.shape[1:]}{hint}"
-            )
-
-
-def _take(pieces: list[Batch], size: int, hint: str) -> tuple[Batch, list[Batch]]:
-    """The first `size` samples of `pieces` and the pieces left. Only a batch that spans pieces is
-    copied: concatenating the rest of each 64-sample chunk with the next copied the whole chunk
-    (315 MB for 640×640 images)."""
-    taken, need = [], size
-    for index, piece in enumerate(pieces):
-        count = _count(piece)
-        if count >= need:
-            taken.append({k: v[:need] for k, v in piece.items()})
-            rest = [{k: v[need:] for k, v in piece.items()}] if count > need else []
-            return _concat(taken, hint), rest + pieces[index + 1 :]
-        taken.append(piece)
-        need -= count
-    raise AssertionError(f"fewer than {size} samples pending")
-
-
-def _count(batch: Batch) -> int:
-    return min((len(v) if v.ndim else 1) for v in batch.values()) if batch else 0
-
-
-def _concat(parts: list[Batch], hint: str = "") -> Batch:
-    if len(parts) == 1:
-        return parts[0]
-    try:
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    except ValueError as err:
-        raise OnnxqError(f"calibration samples differ in shape: {first_line(err)}{hint}") from None
 
 
 def _checked(

@@ -20,6 +20,9 @@ import numpy as np
 
 from onnxq.errors import OnnxqError
 
+# what numpy raises on a truncated or corrupt .npy/.npz (a zip archive of compressed arrays)
+UNREADABLE = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
+
 LOCAL_HEADER = struct.Struct(
     "<4s22xHH"
 )  # a zip member's local header: signature, ..., name and extra lengths

@@ -20,7 +20,7 @@ import numpy as np
 from onnxq.errors import OnnxqError
 
 if TYPE_CHECKING:
-    from onnxq.calib.data import Batch, InputSpec
+    from onnxq.calib.inputs import Batch, InputSpec
 
 
 def repeat_scalars(chunk: Batch, inputs: list[InputSpec]) -> Batch:

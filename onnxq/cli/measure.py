@@ -21,7 +21,7 @@ from onnxq.cli.preprocess import build_preprocess, preprocess_options
 @reports_errors
 def evaluate_command(float_model, quantized, data, labels, threads, max_samples, **rest):
     """Compare QUANTIZED models with FLOAT_MODEL: accuracy, agreement, KL, SQNR, size, latency."""
-    from onnxq.calib.data import folder_labels, load_labels
+    from onnxq.calib.labels import folder_labels, load_labels
     from onnxq.evaluate import evaluate
     from onnxq.report import print_reports
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from onnxq.calib.data import InputSpec
+from onnxq.calib.inputs import InputSpec
 from onnxq.calib.runner import fixed_batch
 from onnxq.config import QuantConfig
 from onnxq.errors import OnnxqError
