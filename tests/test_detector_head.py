@@ -13,7 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxq
 from onnxq.io import session, to_ir
-from onnxq.quant.plan import HARDSWISH_FLOOR, SILU_FLOOR, plan_quantization
+from onnxq.quant.plan import plan_quantization
+from onnxq.quant.range_floors import HARDSWISH_FLOOR, SILU_FLOOR
 from tests.conftest import deployed_graph
 
 CHANNELS = 8

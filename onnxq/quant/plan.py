@@ -16,18 +16,14 @@ Graph outputs stay float, so the logits lose no precision to a final QuantizeLin
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-
 import numpy as np
 import onnx_ir as ir
 
 from onnxq.config import QuantConfig
-from onnxq.layer_settings import Granularity, LayerSettings, RangeRule
+from onnxq.layer_settings import Granularity, LayerSettings
 from onnxq.passes.graph_utils import (
     attribute,
     clip_bounds,
-    computed_values,
     constant,
     output_channel_axis,
     scaled_gemm,
@@ -39,6 +35,14 @@ from onnxq.quant.prune import (
     drop_quantizers_that_do_not_pay,
     keep_float_convs_without_output_pair,
     keep_float_neighbours,
+)
+from onnxq.quant.range_floors import floor_flattened_ranges
+from onnxq.quant.specs import (  # noqa: F401  (re-exported: the plan's records)
+    ActivationSpec,
+    BiasSpec,
+    QuantPlan,
+    Replan,
+    WeightSpec,
 )
 from onnxq.quant.weights import WeightLayout
 from onnxq.quant.widths import (
@@ -89,89 +93,6 @@ TYPE_CHANGING_OPS = frozenset(
         *("IsNaN", "IsInf", "QuantizeLinear", "ConstantOfShape", "EyeLike", "RandomNormalLike"),
     }
 )
-
-
-@dataclass(frozen=True)
-class ActivationSpec:
-    """A float tensor that gets QuantizeLinear → DequantizeLinear.
-
-    observed: the float tensor whose statistics set the range (the Relu/Clip output when absorbed).
-    shares: another activation whose scale and zero point this one reuses (shape-only ops).
-    floor: where the range may stop below: every reader flattens what lies under it (SiLU,
-    HardSwish), so reaching lower would only coarsen the step for values that matter.
-    """
-
-    tensor: str
-    observed: str
-    shares: str | None = None
-    bits: int = 8
-    floor: float | None = None
-
-    def bounded(self, low: float, high: float) -> tuple[float, float]:
-        """The range [low, high] raised to the floor, where the readers allow it."""
-        if self.floor is None or low >= self.floor or high <= self.floor:
-            return low, high
-        return self.floor, high
-
-
-@dataclass(frozen=True)
-class WeightSpec:
-    """A constant weight stored as integers with a DequantizeLinear, and how it is cut into scales."""
-
-    name: str
-    layout: WeightLayout
-    bits: int
-    granularity: Granularity
-    rule: RangeRule
-    container_bits: int = 0  # the ONNX integer type's width; 0: the narrowest that holds `bits`
-    kernel: str = kernels.GEMM  # the kind of onnxruntime kernel its layer runs on (onnxq.quant.kernels)
-
-
-@dataclass(frozen=True)
-class BiasSpec:
-    """A constant bias stored as int32 with scale s_activation · s_weight, zero point 0."""
-
-    name: str
-    activation: str
-    weight: str
-
-
-@dataclass
-class QuantPlan:
-    activations: dict[str, ActivationSpec] = field(default_factory=dict)
-    weights: dict[str, WeightSpec] = field(default_factory=dict)
-    biases: dict[str, BiasSpec] = field(default_factory=dict)
-    absorbed: dict[str, str] = field(default_factory=dict)  # Relu/Clip node → the tensor it reads
-    quantized_nodes: list[str] = field(default_factory=list)
-    float_nodes: dict[str, str] = field(default_factory=dict)  # node → why it stays float
-    unmatched_overrides: list[str] = field(default_factory=list)  # override patterns no layer matched
-    kept_float: dict[str, str] = field(default_factory=dict)  # layers asked to stay float → why
-    layers: dict[str, LayerSettings] = field(default_factory=dict)  # compute node → its settings
-    widened_addends: list[str] = field(default_factory=list)  # read only by Add, given addend_bits
-
-    def observed_tensors(self, *, sharers: bool = True) -> list[str]:
-        """Float tensors whose ranges calibration must measure: each root's and (`sharers`) each
-        sharer's own. A later plan that keeps more layers float quantizes some sharers on their
-        own: yolov8n's SPPF MaxPools, once the layer before them is kept float, are read by a
-        Concat that gives them their own scales."""
-        return sorted({a.observed for a in self.activations.values() if sharers or a.shares is None})
-
-    def sharer_tensors(self) -> list[str]:
-        """The tensors only `observed_tensors(sharers=True)` adds: what a search over roots misses."""
-        roots = set(self.observed_tensors(sharers=False))
-        return [name for name in self.observed_tensors() if name not in roots]
-
-    def root(self, tensor: str) -> str:
-        """The activation whose parameters `tensor` uses (itself unless it shares)."""
-        spec = self.activations[tensor]
-        while spec.shares is not None:
-            spec = self.activations[spec.shares]
-        return spec.tensor
-
-
-# plan_quantization with the graph and config bound: its keyword arguments → a plan (the stages
-# that replan after calibration or a speed check take one)
-Replan = Callable[..., QuantPlan]
 
 
 def plan_quantization(
@@ -229,7 +150,7 @@ def plan_quantization(
     keep_float_convs_without_output_pair(graph, plan)
     assign_activation_bits(graph, plan, config, alias)
     share_unwidened_layer_reads(graph, plan, alias)
-    _floor_flattened_ranges(graph, plan)
+    floor_flattened_ranges(graph, plan)
     widen_int2_containers(graph, plan)
     widen_blockwise_int8_containers(graph, plan)
     plan.unmatched_overrides = [
@@ -238,42 +159,6 @@ def plan_quantization(
         if not any(o.matches(_node_name(n), n.op_type) for n in compute)
     ]
     return plan
-
-
-# x·σ(x) moves by under 8·σ(-8) < 0.003 below -8; HardSwish is exactly 0 below -3
-SILU_FLOOR = -8.0
-HARDSWISH_FLOOR = -3.0
-
-
-def _floor_flattened_ranges(graph: ir.Graph, plan: QuantPlan) -> None:
-    """Activations that only a SiLU (Sigmoid and Mul of the same tensor) or a HardSwish reads keep
-    nothing of their far negative values: their range stops at the floor. Pre-SiLU Conv outputs
-    of detectors reach -60 to -186 while the SiLU makes all of it about 0 (yolov8n's second Conv:
-    [-186, 141] → [-8, 141], half the step)."""
-    values = computed_values(graph)
-    for name, spec in list(plan.activations.items()):
-        value = values.get(spec.tensor)
-        if spec.shares is None and spec.observed == spec.tensor and value is not None:
-            floor = _flattening_floor(value)
-            if floor is not None:
-                plan.activations[name] = replace(spec, floor=floor)
-
-
-def _flattening_floor(value: ir.Value) -> float | None:
-    users = [user for user, _ in value.uses()]
-    if value.is_graph_output() or any(user.domain != "" for user in users):
-        return None
-    if [user.op_type for user in users] == ["HardSwish"]:
-        return HARDSWISH_FLOOR
-    if sorted(user.op_type for user in users) != ["Mul", "Sigmoid"]:
-        return None
-    sigmoid = next(user for user in users if user.op_type == "Sigmoid")
-    mul = next(user for user in users if user.op_type == "Mul")
-    return (
-        SILU_FLOOR
-        if {v.name for v in mul.inputs if v is not None} == {value.name, sigmoid.outputs[0].name}
-        else None
-    )
 
 
 def _role(node: ir.Node, config: QuantConfig) -> str | None:
