@@ -40,7 +40,9 @@ class CalibrationMethod(enum.Enum):
     outputs stay closer to float on held-back samples (onnxq.tune.ranges). MSE, MAE and
     PD search every weight and activation scale by the error it causes, in onnxruntime, layer by
     layer on the quantized model's own activations; PD then refines them by the prediction
-    difference at the output (PD-Quant).
+    difference at the output (PD-Quant). With 8-bit activations and no refinement the searched
+    activation ranges then meet the min-max ones as AUTO's percentile ones do
+    (onnxq.calibrate.compares_extremes).
     """
 
     AUTO = "auto"

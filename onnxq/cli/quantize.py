@@ -97,7 +97,8 @@ from onnxq.errors import OnnxqError
     help="How scales are chosen: minmax/percentile statistics; auto, whichever of the two keeps "
     "the outputs closer to float (percentile where bias correction or --refine follows); scaleclip "
     "(activations clipped at K·mean|A|, GDRQ); or searched by the error they cause (mse, mae) or "
-    "by the prediction difference at the output (pd).",
+    "by the prediction difference at the output (pd), whose activation ranges with 8-bit "
+    "activations then meet the min-max ones as auto's do.",
 )
 @click.option(
     "--a-scaleclip",
