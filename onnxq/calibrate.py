@@ -155,8 +155,7 @@ def compares_extremes(config: QuantConfig) -> bool:
     scores each range by its own tensor's error and clips the rare large activations a detector's
     scores live in (W8A8 mse lowest output SQNR: PP-PicoDet 1.7 dB, YOLOv8n's scores 12.0 dB,
     against 13.8 and 20.9 with auto)."""
-    searched = config.calibration.searched
-    return searched and config.lowest_activation_bits >= 8 and not config.refine
+    return config.calibration.searched and config.lowest_activation_bits >= 8 and not config.refine
 
 
 def _observed_after_search(float_model, plan: QuantPlan, chunks, config: QuantConfig, progress: Progress):
@@ -170,7 +169,14 @@ def _observed_after_search(float_model, plan: QuantPlan, chunks, config: QuantCo
 
 
 def _observe(
-    float_model, plan, stream, config: QuantConfig, progress: Progress, tensors=None, extremes=None, taps=None
+    float_model,
+    plan,
+    stream,
+    config: QuantConfig,
+    progress: Progress,
+    tensors=None,
+    extremes: bool = False,
+    taps=None,
 ):
     """Float activation ranges by statistics (of `tensors`, or of all the plan observes), the
     samples seen, and the min-max ranges of the same values (auto, or where `extremes`), the

@@ -243,7 +243,7 @@ def _quantize_loaded(
         notes.append(
             f"HardSwish on integer kernels: {integer} nodes, each written as a QLinearAdd and a QLinearMul"
         )
-    result = QuantResult(
+    return QuantResult(
         saved,
         notes,
         choice.reason,
@@ -255,8 +255,7 @@ def _quantize_loaded(
         search,
         report,
         refined,
-    )
-    return result, moves
+    ), moves
 
 
 def _left_float_for_speed(result: QuantResult) -> bool:
