@@ -31,11 +31,13 @@ from onnxq.calib.inputs import (  # noqa: F401  (re-exported: where data meets t
 from onnxq.calib.labels import LABEL_KEYS, folder_labels, load_labels  # noqa: F401  (re-exported)
 from onnxq.calib.rebatch import rebatch, sample_count, whole_batches
 from onnxq.calib.sample_axes import (
+    batch_inside,
     lend_batch_axes,
     one_sample_per_run,
     one_value_scalars,
     refuse_scalar_inputs,
     repeat_scalars,
+    stacked_layout,
 )
 from onnxq.errors import OnnxqError, first_line
 from onnxq.preprocess import Preprocess
@@ -206,8 +208,11 @@ def _sliced(data: np.ndarray | dict, inputs: list[InputSpec], pre: Preprocess | 
     counts = {name: len(a) if a.ndim else 1 for name, a in arrays.items() if name in names - one_value}
     if len(set(counts.values())) > 1:
         listed = ", ".join(f"{name!r} {count}" for name, count in counts.items())
+        inside = [spec for spec in batch_inside(inputs) if spec.name in counts]
+        hint = f" ({stacked_layout(inside[0])})" if inside else ""
         raise OnnxqError(
-            f"{what}: the inputs hold different numbers of samples ({listed}); each sample needs every input"
+            f"{what}: the inputs hold different numbers of samples ({listed}); each sample needs every "
+            f"input{hint}"
         )
     count = min(counts.values(), default=0)
     rows = _slice_rows(arrays)

@@ -77,18 +77,30 @@ def _refuse_a_batch_axis_inside(inputs: list[InputSpec], lent: list[str]) -> Non
     axis is free, has its batch inside ([2, batch, 128]): data laid out as the model takes it
     cannot be cut into samples along that first axis, so ask for it stacked per sample."""
     free_first = [spec.name for spec in inputs if spec.shape and spec.shape[0] is None]
+    for spec in batch_inside(inputs):
+        if free_first and spec.name not in lent:
+            raise OnnxqError(stacked_layout(spec, f" while {free_first[0]!r} has its batch first"))
+
+
+def batch_inside(inputs: list[InputSpec]) -> list[InputSpec]:
+    """Inputs whose first axis is fixed above 1 and a later one free ([2, batch, 128], a recurrent
+    state), but for a first input whose second axis is free (time steps first, sequence_first)."""
     sequential = sequence_first(inputs)
-    for spec in inputs:
-        if not free_first or spec.name in lent or spec is sequential or not spec.shape:
-            continue
-        if spec.shape[0] and spec.shape[0] > 1 and None in spec.shape[1:]:
-            shape = "[" + ", ".join("batch" if size is None else str(size) for size in spec.shape) + "]"
-            one = "×".join("1" if size is None else str(size) for size in spec.shape)
-            raise OnnxqError(
-                f"model input {spec.name!r} is {shape} while {free_first[0]!r} has its batch first: "
-                f"its batch axis is not its first, so give its data one sample at a time stacked along "
-                f"a new first axis (N×{one})"
-            )
+    return [
+        spec
+        for spec in inputs
+        if spec is not sequential and spec.shape and (spec.shape[0] or 0) > 1 and None in spec.shape[1:]
+    ]
+
+
+def stacked_layout(spec: InputSpec, beside: str = "") -> str:
+    """How to lay out data for an input whose batch axis is not its first."""
+    shape = "[" + ", ".join("batch" if size is None else str(size) for size in spec.shape) + "]"
+    one = "×".join("1" if size is None else str(size) for size in spec.shape)
+    return (
+        f"model input {spec.name!r} is {shape}{beside}: its batch axis is not its first, so give its "
+        f"data one sample at a time stacked along a new first axis (N×{one})"
+    )
 
 
 def refuse_scalar_inputs(inputs: list[InputSpec]) -> None:

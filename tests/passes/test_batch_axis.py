@@ -212,14 +212,29 @@ def test_a_scalar_input_without_a_caller_that_lends_axes_is_refused():
     assert lent == ["gain"] and [run["gain"].tolist() for run in runs] == [[2.0]] * 3
 
 
-def test_a_state_given_as_the_model_lays_it_out_is_refused_with_the_layout_to_use():
+@pytest.mark.parametrize(
+    "state_shape",
+    [
+        (2, 6, 16),  # as the model takes a batch of 6: two samples counted against six windows
+        (6, 2, 16),  # read as 6 samples of [2, 16]
+    ],
+)
+@pytest.mark.parametrize("in_a_file", [False, True])
+def test_a_state_given_as_the_model_lays_it_out_is_refused_with_the_layout_to_use(
+    tmp_path, state_shape, in_a_file
+):
+    """Arrays in a .npz file are counted before they are batched: the count's error names the
+    layout too."""
     rng = np.random.default_rng(2)
     data = {
         "input": rng.normal(size=(6, 64)).astype(np.float32),
-        "state": rng.normal(size=(6, 2, 16)).astype(np.float32),  # read as 6 samples of [2, 16]
+        "state": rng.normal(size=state_shape).astype(np.float32),
         "sr": np.array(16000, np.int64),
     }
-    with pytest.raises(OnnxqError, match=r"'state' is \[2, batch, 16\] .* new first axis \(N×2×1×16\)"):
+    if in_a_file:
+        np.savez(tmp_path / "vad.npz", **data)
+        data = tmp_path / "vad.npz"
+    with pytest.raises(OnnxqError, match=r"'state' is \[2, batch, 16\].* new first axis \(N×2×1×16\)"):
         onnxq.quantize(_stateful_model(), data, onnxq.QuantConfig(speed_check=False))
 
 
