@@ -14,6 +14,7 @@ from onnxq.calib.frontier import PerBatch, advance, batches, count, flat_values
 from onnxq.calib.layer import LayerProbe
 from onnxq.calib.reader_weights import ChannelWeights, reader_channel_weights
 from onnxq.calib.simulate import FAKE_QUANT_SUFFIX, Arrays, Item, Segment, Simulation, fake_quant_feed
+from onnxq.errors import OnnxqError
 from onnxq.passes.insert_qdq import activation_quantizer
 from onnxq.progress import Progress
 from onnxq.quant.weights import QuantizedWeight, group_membership
@@ -139,6 +140,8 @@ class Sweep:
         spec = self.plan.activations[item.name]
         values, reference = flat_values(quantized[spec.observed]), flat_values(floating[spec.observed])
         low, high = spec.bounded(float(values.min()), float(values.max()))
+        if not (np.isfinite(low) and np.isfinite(high)):
+            raise _overflow(item.name, reference, searched=self.settings.method != "fixed")
         self.observed[item.name] = (low, high)
         if self.settings.method == "fixed":
             low, high = self.fixed_ranges.get(item.name, (low, high))
@@ -293,3 +296,19 @@ def prediction_difference(reference: np.ndarray, quantized: np.ndarray) -> float
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def _overflow(name: str, reference: np.ndarray, *, searched: bool) -> OnnxqError:
+    """The quantized model's values went infinite or NaN: float32 error sums (squares, GPTQ's input
+    products) overflow where a float model's activations reach about 1e15 or more."""
+    finite = reference[np.isfinite(reference)]
+    peak = f"{float(np.abs(finite).max()):.3g}" if finite.size else "infinity"
+    instead = (
+        "--calib-method auto, minmax or percentile"
+        if searched
+        else "--weight-rounding nearest and --no-bias-correction"
+    )
+    return OnnxqError(
+        f"the quantized model's values at activation {name!r} are infinite or NaN (its float values "
+        f"reach {peak}): float32 error sums overflow on activations this large; calibrate with {instead}"
+    )
