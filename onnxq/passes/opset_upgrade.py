@@ -34,7 +34,7 @@ def upgrade_opset(
     on it (`expected`: the original's outputs on it, where the caller has them)."""
     version = opset_version(model)
     try:
-        converted = version_converter.convert_version(model, target)
+        converted = version_converter.convert_version(_without_image_scalers(model), target)
     except Exception as err:  # the converter raises plain RuntimeError and C++ errors
         raise OnnxqError(
             f"cannot upgrade the model from opset {version} to {target}: {first_line(err)}"
@@ -45,6 +45,38 @@ def upgrade_opset(
     if sample is not None:
         _check_upgrade(model, converted, sample, expected, version, target)
     return converted
+
+
+def _without_image_scalers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ImageScaler (y = scale·x + bias per channel), experimental until opset 9, written as a Mul
+    and an Add: the version converter has no schema for it (Tiny YOLOv2 as onnxmltools exported it
+    from CoreML starts with one), while onnxruntime runs the original for the check. Constants are
+    nodes, not initializers, which IR version 3 would also have to list as graph inputs."""
+    if not any(node.op_type == "ImageScaler" for node in model.graph.node):
+        return model
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    nodes = []
+    for node in result.graph.node:
+        nodes += _scale_and_shift(node) if node.op_type == "ImageScaler" else [node]
+    del result.graph.node[:]
+    result.graph.node.extend(nodes)
+    return result
+
+
+def _scale_and_shift(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """Mul and Add with numpy broadcasting (opset 7 on; onnxruntime runs nothing older)."""
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    scale = np.array([attributes.get("scale", 1.0)], np.float32)
+    bias = np.asarray(attributes.get("bias", [0.0]), np.float32).reshape(1, -1, 1, 1)
+    base = node.name or node.output[0]
+    scale_name, bias_name, scaled = f"{base}/onnxq_scale", f"{base}/onnxq_bias", f"{base}/onnxq_scaled"
+    return [
+        helper.make_node("Constant", [], [scale_name], value=numpy_helper.from_array(scale)),
+        helper.make_node("Constant", [], [bias_name], value=numpy_helper.from_array(bias)),
+        helper.make_node("Mul", [node.input[0], scale_name], [scaled], f"{base}/Mul"),
+        helper.make_node("Add", [scaled, bias_name], list(node.output), f"{base}/Add"),
+    ]
 
 
 def _keep_asymmetric_resizing(graph: onnx.GraphProto) -> None:

@@ -115,3 +115,54 @@ def test_a_sample_the_original_cannot_run_is_left_to_the_stage_that_needs_it():
     wrong = {"x": np.zeros((1, 3, 5), np.float32)}
     upgraded = upgrade_opset(model, 13, wrong)
     assert any(node.op_type == "Resize" for node in upgraded.graph.node)
+
+
+def _scaled_conv(opset: int, scale: float, bias: list[float], ir_version: int = 3) -> onnx.ModelProto:
+    """ImageScaler → Conv → LeakyRelu, as onnxmltools wrote Tiny YOLOv2 from CoreML (opset 7 or 8,
+    IR version 3: the weights are graph inputs too)."""
+    weight = np.random.default_rng(1).standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.2
+    nodes = [
+        helper.make_node("ImageScaler", ["image"], ["scaled"], scale=scale, bias=bias),
+        helper.make_node("Conv", ["scaled", "weight"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("LeakyRelu", ["conv"], ["grid"], alpha=0.1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_yolo_stem",
+        [
+            helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 8, 8]),
+            helper.make_tensor_value_info("weight", TensorProto.FLOAT, [4, 3, 3, 3]),
+        ],
+        [helper.make_tensor_value_info("grid", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [onnx.numpy_helper.from_array(weight, "weight")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    opset=st.sampled_from([7, 8, 9]),
+    scale=st.floats(1e-3, 2.0),
+    bias=st.lists(st.floats(-2.0, 2.0), min_size=3, max_size=3),
+    seed=st.integers(0, 2**16),
+)
+def test_an_image_scaler_the_converter_cannot_read_is_upgraded_as_a_mul_and_an_add(opset, scale, bias, seed):
+    """onnx's version converter has no schema for the experimental ImageScaler; the upgraded
+    model computes what onnxruntime computes for the original."""
+    model = _scaled_conv(opset, scale, bias)
+    sample = {"image": np.random.default_rng(seed).uniform(0, 255, (1, 3, 8, 8)).astype(np.float32)}
+    upgraded = upgrade_opset(model, 13, sample)
+    assert "ImageScaler" not in {node.op_type for node in upgraded.graph.node}
+    np.testing.assert_allclose(
+        _outputs(upgraded, sample)[0], _outputs(model, sample)[0], rtol=1e-5, atol=1e-5
+    )
+
+
+def test_a_model_starting_with_an_image_scaler_quantizes():
+    model = _scaled_conv(8, 1 / 255, [-0.5, -0.4, -0.3])
+    data = np.random.default_rng(0).uniform(0, 255, (16, 3, 8, 8)).astype(np.float32)
+    result = onnxq.quantize(model, data, onnxq.QuantConfig(speed_check=False, fidelity_fallback=False))
+    assert result.quantized_nodes == 1
+    sample = {"image": data[:1]}
+    want, got = _outputs(model, sample)[0], _outputs(result.model, sample)[0]
+    assert 10 * np.log10(np.square(want).sum() / np.square(got - want).sum()) > 30
