@@ -183,7 +183,10 @@ def _quantize_loaded(
             "(--addend-bits)"
         )
     if not plan.weights and not plan.activations:
-        raise OnnxqError("nothing to quantize: the model has no Conv, Gemm or MatMul with constant weights")
+        layers = [
+            (n.op_type, n.name) for n in graph_model.graph if n.op_type in config.op_types and not n.domain
+        ]
+        raise OnnxqError(f"nothing to quantize: {plan.why_nothing_quantized(layers)}")
     opset = required_opset(plan)
     if opset > opset_version(float_model):
         float_model = upgrade_opset(float_model, opset, sample)

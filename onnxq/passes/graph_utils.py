@@ -115,16 +115,21 @@ def single_consumer(value: ir.Value) -> ir.Node | None:
 
 
 def constants_to_initializers(graph: ir.Graph) -> int:
-    """Turn Constant nodes holding a tensor into initializers, so weights are found in one place."""
+    """Turn Constant nodes holding a tensor into initializers, and let readers of an Identity of
+    an initializer read the initializer, so weights are found in one place (where onnxsim, which
+    folds both, failed or was skipped)."""
     moved = 0
     for node in list(graph):
-        if node.op_type != "Constant" or node.domain != "" or "value" not in node.attributes:
+        if node.domain != "" or node.outputs[0].is_graph_output():
             continue
         output = node.outputs[0]
-        if output.is_graph_output():
+        if node.op_type == "Constant" and "value" in node.attributes:
+            array = node.attributes["value"].value.numpy()
+            replacement = set_initializer(graph, output.name or "constant", array)
+        elif node.op_type == "Identity" and node.inputs[0] is not None and node.inputs[0].is_initializer():
+            replacement = node.inputs[0]
+        else:
             continue
-        array = node.attributes["value"].value.numpy()
-        replacement = set_initializer(graph, output.name or "constant", array)
         ir.convenience.replace_all_uses_with(output, replacement)
         graph.remove(node, safe=True)
         moved += 1

@@ -218,6 +218,8 @@ def _plan_compute(
     weight_value = node.inputs[1] if len(node.inputs) > 1 else None
     weight = constant(weight_value)
     if weight is None:  # attention's Q·Kᵀ and scores·V: onnxq quantizes constant weights only
+        if node.inputs[0] is not None and constant(node.inputs[0]) is not None:
+            return "its constant weights are its first input (W·x), which onnxq does not quantize"
         return "its weights are computed at run time, not constants (a product of two activations)"
     if weight.dtype != np.float32:
         return f"weights are {weight.dtype} constants, not float32"

@@ -82,6 +82,15 @@ class QuantPlan:
         roots = set(self.observed_tensors(sharers=False))
         return [name for name in self.observed_tensors() if name not in roots]
 
+    def why_nothing_quantized(self, layers: list[tuple[str, str]]) -> str:
+        """Why a plan quantizes nothing: the first of `layers` (op type and name, in graph order)
+        that stays float, with its reason, or that the model has no such layer."""
+        kept = [(op, name) for op, name in layers if name in self.float_nodes]
+        if not kept:
+            return "the model has no Conv, ConvTranspose, Gemm or MatMul with constant weights"
+        (op, name), more = kept[0], f" (and {len(kept) - 1} more layers)" if len(kept) > 1 else ""
+        return f"{op} {name!r} stays float{more}: {self.float_nodes[name]}"
+
     def root(self, tensor: str) -> str:
         """The activation whose parameters `tensor` uses (itself unless it shares)."""
         spec = self.activations[tensor]
