@@ -9,7 +9,9 @@ quantized; W2A4 with `--refine --refine-iters 20` on those too, without the Caff
 models (minutes each). Every run is its own `onnxq quantize` process with `--no-speed-check`.
 An outcome is "quantized" (exit 0 and a file), "refused" (exit 1 and one line naming the
 problem; its text is listed) or a failure (a traceback, "internal error", or exit 0 without a
-file). Writes the "onnx-test-models" section of BENCHMARKS.md.
+file).
+
+Writes the "onnx-test-models" section of BENCHMARKS.md.
 
     python tools/onnx_test_models.py [--out BENCHMARKS.md]
 """
@@ -140,7 +142,17 @@ def markdown(outcomes) -> str:
         if outcome != "quantized"
     )
     lines += [f"- {reason} ({count})" for reason, count in sorted(reasons.items())]
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", CAUSES]) + "\n"
+
+
+CAUSES = (
+    '"Different numbers of samples": the sweep concatenates each input\'s copies along its first '
+    "axis, and these single-operator models take operands of different first sizes (broadcasting), "
+    'so they share no batch axis; none has a layer to quantize. "Object arrays": string inputs '
+    '(StringNormalizer). "No samples": an input of size 0. The overflow refusals are Caffe2 '
+    "models whose constant weights take activations past 1e20, where the search's float32 sums "
+    "overflow; at W8A8 they quantize."
+)
 
 
 def main() -> None:
