@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench
 import zoo_bench
 
+PROTOCOL = " ".join(__doc__.split("\n\n")[1].split())  # the docstring's second paragraph, one line
 DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
 GROUPS = ("light", "pytorch-converted", "pytorch-operator", "simple")
 SAMPLES = 8
@@ -123,8 +124,7 @@ def markdown(outcomes) -> str:
     lines = [
         "## onnx's own test models through onnxq (issue 13: every failure a one-line error)",
         "",
-        f"`tools/onnx_test_models.py` at {zoo_bench.source_version()}, onnx {onnx.__version__}: "
-        f"{__doc__.split(chr(10) + chr(10))[1].replace(chr(10), ' ')}",
+        f"`tools/onnx_test_models.py` at {zoo_bench.source_version()}, onnx {onnx.__version__}: {PROTOCOL}",
         "",
         "| setting | models | quantized | refused | failed |",
         "| --- | ---: | ---: | ---: | ---: |",

@@ -120,9 +120,11 @@ def constants_to_initializers(graph: ir.Graph) -> int:
     folds both, failed or was skipped)."""
     moved = 0
     for node in list(graph):
-        if node.domain != "" or node.outputs[0].is_graph_output():
+        if node.domain != "" or node.op_type not in ("Constant", "Identity"):
             continue
         output = node.outputs[0]
+        if output.is_graph_output():
+            continue
         if node.op_type == "Constant" and "value" in node.attributes:
             array = node.attributes["value"].value.numpy()
             replacement = set_initializer(graph, output.name or "constant", array)
