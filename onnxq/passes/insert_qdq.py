@@ -140,8 +140,15 @@ def insert_qdq(
 
 
 def _remove_absorbed(graph: ir.Graph, plan: QuantPlan) -> None:
+    """Absorbed Relu/Clip nodes go; one whose output is a graph output stays for that output
+    only, and will read the dequantized tensor, where it changes nothing: the quantizer's range
+    starts at 0 and ends within the Clip's (onnxq.quant.plan)."""
     for node in [n for n in graph if n.name in plan.absorbed]:
-        bypass(graph, node, node.inputs[0])
+        if node.outputs[0].is_graph_output():
+            for user, index in list(node.outputs[0].uses()):
+                user.replace_input_with(index, node.inputs[0])
+        else:
+            bypass(graph, node, node.inputs[0])
 
 
 def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:

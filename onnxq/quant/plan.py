@@ -11,7 +11,8 @@ Placement follows what onnxruntime's CPU provider fuses into integer kernels:
 - Relu, and Clip with min 0, right after such a node are absorbed: the producer's output is
   quantized with the range observed after the activation and zero point at the bottom of the
   unsigned range, so QuantizeLinear itself clamps at 0 (and below the Clip's max), exactly.
-Graph outputs stay float, so the logits lose no precision to a final QuantizeLinear.
+Graph outputs stay float, so the logits lose no precision to a final QuantizeLinear; an
+absorbed Relu/Clip output a layer reads too is the exception (_absorbed_activations).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from onnxq.passes.graph_utils import (
     constant,
     output_channel_axis,
     scaled_gemm,
-    single_consumer,
 )
 from onnxq.passes.split_addend_reads import is_layer_read
 from onnxq.quant import kernels, masks
@@ -187,6 +187,12 @@ def _nearest_resize(node: ir.Node) -> bool:
 def _absorbed_activations(graph: ir.Graph, config: QuantConfig, plan: QuantPlan) -> dict[str, str]:
     """Relu/Clip(min 0) nodes folded into the quantizer of the node before them.
 
+    An activation whose output is a graph output is folded too where a layer also reads it (a
+    backbone that hands every stage's features out and on): its producer then runs on an integer
+    kernel, and the graph output reads the dequantized tensor (onnxq.passes.insert_qdq), which the
+    layer reads anyway. Left in float, the producer fed a float op and stayed float with it. An
+    output no layer reads stays float, as every graph output does.
+
     Returns tensor aliases: the activation's output name → the producer's output name.
     """
     alias: dict[str, str] = {}
@@ -197,7 +203,9 @@ def _absorbed_activations(graph: ir.Graph, config: QuantConfig, plan: QuantPlan)
         producer = source.producer()
         if producer is None or _role(producer, config) not in ("compute", "own"):
             continue
-        if single_consumer(source) is not node or node.outputs[0].is_graph_output():
+        if source.is_graph_output() or len(source.uses()) != 1:
+            continue
+        if node.outputs[0].is_graph_output() and not _layer_reads(node.outputs[0], config):
             continue
         if node.op_type == "Clip" and not _clips_at_zero(node):
             continue
@@ -206,6 +214,11 @@ def _absorbed_activations(graph: ir.Graph, config: QuantConfig, plan: QuantPlan)
         alias[node.outputs[0].name] = source.name
         plan.activations[source.name] = ActivationSpec(source.name, observed=node.outputs[0].name)
     return alias
+
+
+def _layer_reads(value: ir.Value, config: QuantConfig) -> bool:
+    """Whether a node onnxq quantizes the inputs of (a layer, Add, Concat, a pool) reads it."""
+    return any(_role(consumer, config) in ("compute", "own") for consumer in value.consumers())
 
 
 def _clips_at_zero(node: ir.Node) -> bool:
