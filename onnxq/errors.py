@@ -5,6 +5,15 @@ class OnnxqError(Exception):
     """A problem with the user's input or environment, reported without a traceback."""
 
 
+def float_model_overflows(output: str) -> OnnxqError:
+    """The float model's own outputs are infinite or NaN on the calibration data: nothing to
+    quantize towards, and no fault of onnxq's."""
+    return OnnxqError(
+        f"the float model itself produces infinite or NaN values at output {output!r} on the "
+        "calibration data (its activations overflow float32): check the inputs' scale and preprocessing"
+    )
+
+
 def first_line(err: BaseException) -> str:
     """The first line of an error's message (its type's name where it has none): what a one-line
     OnnxqError quotes of a library's error."""

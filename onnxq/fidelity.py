@@ -32,7 +32,9 @@ from onnxq.comparison import (  # noqa: F401  (AGREEMENT_CHANCE, WARN_AGREEMENT:
     TensorSums,
     db,
 )
+from onnxq.errors import float_model_overflows
 from onnxq.io import run, session
+from onnxq.validate import first_not_finite
 
 HELD_BACK = 16  # samples kept out of calibration for the check
 MIN_CALIBRATION = 64  # below this many samples nothing is held back: the check runs in-sample
@@ -181,12 +183,16 @@ def measure(
     extra = selections.fetchable(found, float_model, quantized)
     reference = session(float_model, outputs=extra)
     deployed = session(quantized, outputs=extra)
-    names = [*(o.name for o in float_model.graph.output), *extra]  # candidates are never outputs
+    graph_outputs = [o.name for o in float_model.graph.output]
+    names = [*graph_outputs, *extra]  # candidates are never outputs
     fixed = fixed_batch(float_model) is not None
     batches = first_samples(samples, None, whole=fixed)
     comparison = OutputComparison(names, found)
     for batch in batches:
-        comparison.add(run(reference, batch, names), run(deployed, batch, names), frontier.count(batch))
+        wanted = run(reference, batch, names)
+        if (overflowing := first_not_finite(graph_outputs, wanted)) is not None:
+            raise float_model_overflows(overflowing)  # no SQNR to report against
+        comparison.add(wanted, run(deployed, batch, names), frontier.count(batch))
     outputs = comparison.results()
     threshold = WARN_SQNR_DB[8] if lowest_bits >= 8 else WARN_SQNR_DB[0]
     return Fidelity(sum(frontier.count(b) for b in samples), False, outputs, threshold)

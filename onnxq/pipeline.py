@@ -233,7 +233,7 @@ def _quantize_loaded(
         if not kept:
             refined, first = None, searched  # `builder` builds without it from here on
     progress.stage("validate")
-    check = functools.partial(validate, sample=sample, check=not checker_error)
+    check = functools.partial(validate, sample=sample, check=not checker_error, reference=float_model)
     check(first.model)
     rebuild = tune.Rebuild(builder, replan, check)
     tuned = tune.tune_model(

@@ -149,9 +149,9 @@ CAUSES = (
     '"Different numbers of samples": the sweep concatenates each input\'s copies along its first '
     "axis, and these single-operator models take operands of different first sizes (broadcasting), "
     'so they share no batch axis; none has a layer to quantize. "Object arrays": string inputs '
-    '(StringNormalizer). "No samples": an input of size 0. The overflow refusals are Caffe2 '
-    "models whose constant weights take activations past 1e20, where the search's float32 sums "
-    "overflow; at W8A8 they quantize."
+    '(StringNormalizer). "No samples": an input of size 0. The Caffe2 Inception v1 and VGG-19, '
+    "whose constant weights take activations past 1e20, were refused at W4A8 mse while the "
+    "searches scored squared errors in float32, which overflowed; they score them in float64 now."
 )
 
 

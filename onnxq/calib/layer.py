@@ -159,9 +159,8 @@ class LayerProbe:
             self.positions += reference.size
             for k, (weight, bias) in enumerate(weights):
                 difference = self._run(x, weight, bias)[-1] - reference
-                totals[k] += _channel_sums(
-                    difference**2 if squared else np.abs(difference), self.channel_axis
-                )
+                error = np.square(difference, dtype=np.float64) if squared else np.abs(difference)
+                totals[k] += _channel_sums(error, self.channel_axis)
         return totals
 
 
