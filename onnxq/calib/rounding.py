@@ -80,7 +80,8 @@ class CorrelationSum:
     """H accumulated batch by batch: x is what one output value reads (a Conv's patch across its
     group's channels, a Gemm/MatMul row; a Conv's come from onnxq.calib.patches). Each batch's
     product is taken in float32 (BLAS sums it in blocks) and added to a float64 total: widening
-    every patch to float64 first cost more than the products."""
+    every patch to float64 first cost more than the products. A product that overflows float32
+    (inputs near 1e19 or more: onnx's light VGG-19) is taken again in float64."""
 
     def __init__(self, node: onnx.NodeProto, weight: np.ndarray):
         groups, self.depth = _correlation_shape(node, weight)
@@ -93,7 +94,12 @@ class CorrelationSum:
         # a Conv's patches, or a Gemm/MatMul's rows as (1, d, rows)
         parts = self.unfold(batch) if self.unfold else [batch.reshape(-1, self.depth).T[None]]
         for patches in parts:  # (groups, d, rows): every sample's patches side by side, one product
-            self.total += patches @ patches.transpose(0, 2, 1)
+            with np.errstate(over="ignore", invalid="ignore"):
+                product = patches @ patches.transpose(0, 2, 1)
+            if not np.isfinite(product).all():  # inputs near 1e19 or more: squares past float32
+                wide = patches.astype(np.float64)
+                product = wide @ wide.transpose(0, 2, 1)
+            self.total += product
             self.rows += patches.shape[2]
 
     def result(self) -> Correlation:

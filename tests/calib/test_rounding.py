@@ -89,6 +89,16 @@ def test_matmul_input_correlation_is_the_rows_gram_matrix(op, trans_b):
     assert measured.rows == 10
 
 
+def test_inputs_whose_squares_pass_float32_give_the_float64_gram_matrix():
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(8, 6)) * 1e20).astype(np.float32)  # onnx's light VGG-19 reaches 1e21
+    weight = rng.normal(size=(6, 3)).astype(np.float32)
+    node = helper.make_node("MatMul", ["x", "w"], ["y"])
+    rows = x.astype(np.float64)
+    measured = input_correlation(node, weight, [x[:4], x[4:]])
+    np.testing.assert_allclose(measured.gram[0], rows.T @ rows, rtol=1e-6)
+
+
 def test_convtranspose_and_transposed_inputs_keep_nearest_rounding():
     weight = np.zeros((4, 4, 3, 3), np.float32)
     assert not supports(helper.make_node("ConvTranspose", ["x", "w"], ["y"]), weight)
