@@ -187,11 +187,9 @@ def _nearest_resize(node: ir.Node) -> bool:
 def _absorbed_activations(graph: ir.Graph, config: QuantConfig, plan: QuantPlan) -> dict[str, str]:
     """Relu/Clip(min 0) nodes folded into the quantizer of the node before them.
 
-    An activation whose output is a graph output is folded too where a layer also reads it (a
-    backbone that hands every stage's features out and on): its producer then runs on an integer
-    kernel, and the graph output reads the dequantized tensor (onnxq.passes.insert_qdq), which the
-    layer reads anyway. Left in float, the producer fed a float op and stayed float with it. An
-    output no layer reads stays float, as every graph output does.
+    One whose output is a graph output is folded too where a layer also reads it (a backbone
+    handing every stage's features out): the output then reads the dequantized tensor the layer
+    reads (onnxq.passes.insert_qdq), and its producer runs on integers, not beside a float op.
 
     Returns tensor aliases: the activation's output name → the producer's output name.
     """
@@ -203,9 +201,8 @@ def _absorbed_activations(graph: ir.Graph, config: QuantConfig, plan: QuantPlan)
         producer = source.producer()
         if producer is None or _role(producer, config) not in ("compute", "own"):
             continue
-        if source.is_graph_output() or len(source.uses()) != 1:
-            continue
-        if node.outputs[0].is_graph_output() and not _layer_reads(node.outputs[0], config):
+        exposed = node.outputs[0].is_graph_output() and not _layer_reads(node.outputs[0], config)
+        if source.is_graph_output() or len(source.uses()) != 1 or exposed:
             continue
         if node.op_type == "Clip" and not _clips_at_zero(node):
             continue
