@@ -159,8 +159,11 @@ class LayerProbe:
             self.positions += reference.size
             for k, (weight, bias) in enumerate(weights):
                 difference = self._run(x, weight, bias)[-1] - reference
-                error = np.square(difference, dtype=np.float64) if squared else np.abs(difference)
-                totals[k] += _channel_sums(error, self.channel_axis)
+                with np.errstate(over="ignore"):
+                    error = _channel_sums(difference**2 if squared else np.abs(difference), self.channel_axis)
+                if squared and not np.isfinite(error).all():  # squares past float32: errors of 1e19+
+                    error = _channel_sums(np.square(difference, dtype=np.float64), self.channel_axis)
+                totals[k] += error
         return totals
 
 
