@@ -102,11 +102,13 @@ def calibrate(
     if config.refine:
         release_free_memory()  # the search's freed activations must not sit under refinement's peak
         started = time.perf_counter()
-        data, corrected = corrected_for_refinement(float_model, statistics, data, config, data_free, progress)
+        data, corrected, by_unit = corrected_for_refinement(
+            float_model, statistics, data, config, data_free, progress
+        )
         result.notes += corrected
         spent = time.perf_counter() - started + (result.search.seconds if result.search else 0.0)
         result.refined = _refine(
-            float_model, graph, result, data, config, choice, progress, spent, affine_layers
+            float_model, graph, result, data, config, choice, progress, spent, affine_layers, by_unit
         )
         result.notes += result.refined.notes(config.refine_loss)
         if affine_layers:
@@ -262,12 +264,15 @@ def _refine(
     progress,
     spent: float,
     affine_layers: frozenset[str],
+    statistics: dict[str, ChannelStatistics] | None = None,
 ):
     """Learned rounding and activation steps, starting from the calibrated ones (onnxq.refine).
 
     `graph` is the IR graph the plan was made from: its initializers are the float weights;
     `spent`: seconds of --time-budget already used (search, distribution correction);
-    `affine_layers` learn QPRep's per-channel affine too."""
+    `affine_layers` learn QPRep's per-channel affine too; `statistics`: each unit's float inputs
+    are corrected towards them first (PD-Quant's DC, block by block)."""
+    from onnxq.refine.block_correction import BlockCorrection
     from onnxq.refine.reconstruct import RefineSettings
 
     plan, ranges, search = calibrated.plan, calibrated.ranges, calibrated.search
@@ -300,8 +305,23 @@ def _refine(
         compiled=config.refine_compile,
     )
     biases = search.biases if search else None
+    correction = None
+    if statistics:
+        correction = BlockCorrection(
+            statistics, closeness=config.correction_closeness, batch=config.refine_batch
+        )
     return refine(
-        float_model, plan, params, weights, biases, data, settings, progress, affine_layers, frozenset(seeded)
+        float_model,
+        plan,
+        params,
+        weights,
+        biases,
+        data,
+        settings,
+        progress,
+        affine_layers,
+        frozenset(seeded),
+        correction,
     )
 
 

@@ -27,6 +27,7 @@ from onnxq.preprocess import Preprocess as Preprocess  # how images become input
 PD_LAMBDA = 0.1
 WEIGHT_ROUNDINGS = ("auto", "nearest", "gptq")
 ACTIVATION_ERRORS = ("readers", "own")
+CORRECTION_TARGETS = ("inputs", "blocks")  # what distribution correction nudges
 # which weights get a zero point: none (all symmetric), narrow (those below 8 bits), all, or auto
 WEIGHT_ZERO_POINTS = ("auto", "none", "narrow", "all")
 
@@ -171,6 +172,9 @@ class QuantConfig:
     # (tools/choose_dc.py)
     distribution_correction: bool = False
     correction_closeness: float = 1.0  # λ of the term that keeps corrected inputs near the originals
+    # what is corrected: the calibration inputs once, before refinement (inputs), or each unit's
+    # float inputs before it learns, as PD-Quant does (blocks: onnxq/refine/block_correction.py)
+    correction_at: str = "inputs"
     # QPRep (RepAPQ): with --refine, merged re-parameterized convs also learn a per-channel
     # affine of their output, folded into their weight scales and bias at export; on because it
     # lowered the held-out KL on merged RepVGG and MobileOne at W6A6 and W4A8 (tools/choose_qprep.py)
@@ -198,6 +202,10 @@ class QuantConfig:
             raise OnnxqError(f"pd lambda must be non-negative, got {self.pd_lambda}")
         if self.correction_closeness < 0:
             raise OnnxqError(f"correction closeness must be non-negative, got {self.correction_closeness}")
+        if self.correction_at not in CORRECTION_TARGETS:
+            raise OnnxqError(
+                f"distribution correction must act on inputs or blocks, got {self.correction_at!r}"
+            )
         if self.time_budget is not None and self.time_budget <= 0:
             raise OnnxqError(f"time budget must be positive, got {self.time_budget}")
         if self.refine:

@@ -286,6 +286,7 @@ def quantize(model, output, calib, **options):
         refine_compile=options.pop("refine_compile"),
         device=options.pop("device"),
         distribution_correction=options.pop("distribution_correction"),
+        correction_at=options.pop("correction_at"),
         qprep=options.pop("qprep"),
         equalize=options.pop("equalize"),
     )

@@ -89,6 +89,15 @@ REFINE_OPTIONS = [
         "refined models further from float (tools/choose_dc.py).",
     ),
     click.option(
+        "--correction-at",
+        type=click.Choice(["inputs", "blocks"]),
+        default=QuantConfig.correction_at,
+        show_default=True,
+        help="What --distribution-correction nudges: the calibration inputs once, before refinement, "
+        "or each unit's float inputs before it learns, as PD-Quant does (the unit's float targets "
+        "and QDrop's float side follow them; its quantized inputs and the pd target do not).",
+    ),
+    click.option(
         "--qprep/--no-qprep",
         default=QuantConfig.qprep,
         show_default=True,

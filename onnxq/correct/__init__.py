@@ -67,22 +67,25 @@ def corrected_for_refinement(
     config: QuantConfig,
     synthesised: bool,
     progress: Progress,
-) -> tuple[dict[str, np.ndarray], list[str]]:
-    """The calibration data nudged towards the statistics (or as it was), and the notes."""
+) -> tuple[dict[str, np.ndarray], list[str], dict[str, ChannelStatistics] | None]:
+    """The calibration data nudged towards the statistics (or as it was), the notes, and the
+    statistics refinement corrects each unit's inputs by (`correction_at` blocks; else None)."""
     if not config.distribution_correction:
-        return data, []
+        return data, [], None
     skipped = "distribution correction skipped: "
     if synthesised:
-        return data, [skipped + "the data was synthesised from the same statistics"]
+        return data, [skipped + "the data was synthesised from the same statistics"], None
     if not statistics:
         reason = "the model has no BatchNormalization statistics (its exporter may have folded them away)"
-        return data, [skipped + reason]
+        return data, [skipped + reason], None
+    if config.correction_at == "blocks":
+        return data, [], statistics
     if len(data) != 1 or next(iter(data.values())).dtype.kind != "f":
-        return data, [skipped + "it corrects models with one float input only"]
+        return data, [skipped + "it corrects models with one float input only"], None
     budget = None if config.time_budget is None else CORRECTION_SHARE * config.time_budget
     settings = _settings(model, config, time_budget=budget, closeness=config.correction_closeness)
     corrected, report = correct_distribution(model, statistics, data, settings, progress)
-    return corrected, [report.note(f"distribution correction ({report.seconds:.0f} s)")]
+    return corrected, [report.note(f"distribution correction ({report.seconds:.0f} s)")], None
 
 
 def _settings(model: onnx.ModelProto, config: QuantConfig, **extra):

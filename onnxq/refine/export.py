@@ -21,6 +21,7 @@ from onnxq.progress import Progress, Silent
 from onnxq.quant.plan import QuantPlan
 from onnxq.quant.weights import QuantizedWeight
 from onnxq.refine import fused
+from onnxq.refine.block_correction import BlockCorrection
 from onnxq.refine.blocks import partition
 from onnxq.refine.free_batch import freed_batch
 from onnxq.refine.memory_plan import samples_within
@@ -72,6 +73,7 @@ class Refinement:
                 "  learning ran without compiled kernels, slower on large images "
                 f"({self.compile_failure}); --no-refine-compile skips the attempt"
             )
+        lines += self._correction_lines()
         if loss == "pd" and "pd" not in used:
             lines.append(
                 "  pd needs class scores, (samples, classes), as the first output; this model's is not: "
@@ -90,6 +92,18 @@ class Refinement:
                 )
         return lines
 
+    def _correction_lines(self) -> list[str]:
+        """Block-wise distribution correction's loss over the units it corrected."""
+        corrected = [u.corrected for u in self.units if u.corrected is not None]
+        if not corrected:
+            return []
+        before, after, change = (float(np.mean(values)) for values in zip(*corrected, strict=True))
+        return [
+            f"  distribution correction (blocks): BatchNorm-statistics loss {before:.4g} → {after:.4g} "
+            f"(mean over {len(corrected)} units); their float inputs moved by {100 * change:.1f} % of "
+            "their RMS"
+        ]
+
 
 def refine(
     model: onnx.ModelProto,
@@ -102,10 +116,12 @@ def refine(
     progress: Progress | None = None,
     affine_layers: set[str] | frozenset[str] = frozenset(),
     seeded: set[str] | frozenset[str] = frozenset(),
+    correction: BlockCorrection | None = None,
 ) -> Refinement:
     """Learned integers and activation steps for `plan`, starting from the calibrated ones;
     `affine_layers` also learn QPRep's per-channel affine (merged re-parameterized convs);
-    `seeded` weights start from their given integers (GPTQ's) instead of nearest rounding."""
+    `seeded` weights start from their given integers (GPTQ's) instead of nearest rounding;
+    `correction`: each unit's float inputs corrected towards BatchNorm's statistics first."""
     began = time.monotonic()
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -120,7 +136,7 @@ def refine(
     held = samples_within(mirror, units, feeds, learned, settings.memory)
     feeds = {k: v[:held] if v.dim() > 0 else v for k, v in feeds.items()}
     with fused.compiled_kernels(settings.compiled):
-        reports = reconstruct(mirror, units, feeds, settings, progress or Silent())
+        reports = reconstruct(mirror, units, feeds, settings, progress or Silent(), correction)
     return Refinement(
         exported_weights(mirror, weights),
         exported_activations(mirror, activations),

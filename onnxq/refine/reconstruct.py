@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from onnxq.memory import heap_allocations, release_free_memory
 from onnxq.progress import Progress
 from onnxq.refine import fused
+from onnxq.refine.block_correction import BlockCorrection, corrected_inputs
 from onnxq.refine.blocks import Unit
 from onnxq.refine.losses import PD_FEATURE_WEIGHT, PD_TEMPERATURE, prediction_difference, reconstruction
 from onnxq.refine.memory_plan import chunk_within, saved_bytes
@@ -32,6 +33,8 @@ RUN_BATCH = 64  # samples per run when a unit's outputs are computed for all sam
 # timing (it compiles the fake quantizers for the unit's shapes: 4-5 s against 0.7 s for the
 # next ones on MobileNetV2's first unit), the next PROBE_ITERATIONS are timed.
 WARMUP_ITERATIONS = 1
+# Under a time budget, the share of each unit's seconds distribution correction may take.
+CORRECTION_SHARE = 0.1
 PROBE_ITERATIONS = 3
 # Ops whose outputs are integers or booleans, with no gradient to learn from: a unit ending in
 # one (a segmentation head's ArgMax) learns towards the float tensors it reads instead.
@@ -82,6 +85,7 @@ class UnitReport:
     loss: str = ""  # the loss it learned with (pd falls back to mse without class scores)
     batch: int = 0  # samples per iteration
     chunk: int = 0  # samples per learning pass, fewer than `batch` where `memory` binds
+    corrected: tuple[float, float, float] | None = None  # DC's statistics loss before, after; change
 
 
 class _Batches:
@@ -95,9 +99,15 @@ class _Batches:
 
 
 def reconstruct(
-    mirror: Mirror, units: list[Unit], data: Env, settings: RefineSettings, progress: Progress
+    mirror: Mirror,
+    units: list[Unit],
+    data: Env,
+    settings: RefineSettings,
+    progress: Progress,
+    correction: BlockCorrection | None = None,
 ) -> list[UnitReport]:
-    """Refine every unit in order; returns what happened to each."""
+    """Refine every unit in order; returns what happened to each. With `correction`, each
+    unit learns from float inputs corrected towards BatchNorm's statistics (block_correction.py)."""
     torch.manual_seed(settings.seed)
     mirror.requires_grad_(False)  # each unit turns on its own parameters while it learns
     random = _Random.seeded(settings.seed)
@@ -109,20 +119,35 @@ def reconstruct(
     deadline = time.monotonic() + settings.time_budget if settings.time_budget else None
     reports = []
     for position, unit in enumerate(units):
-        with torch.no_grad():
-            targets = _run_all(mirror, unit, floating, quantized=False, names=learned_tensors(mirror, unit))
         remaining = None if deadline is None else (deadline - time.monotonic()) / (len(units) - position)
+        learning, corrected, following = floating, None, None
+        if correction is not None:
+            with torch.no_grad():  # the next unit's float inputs, from the uncorrected ones
+                following = _run_all(mirror, unit, floating, quantized=False)
+            share = None if remaining is None else CORRECTION_SHARE * remaining
+            # After the first unit the float inputs are the unit before's outputs, needed no more:
+            # corrected where they lie. The first unit's are the caller's calibration data.
+            values, corrected = corrected_inputs(
+                mirror, unit, floating.values, count, correction, share, overwrite=position > 0
+            )
+            learning = _Batches(values, count)
+            remaining = None if remaining is None else remaining - corrected.seconds
+        with torch.no_grad():
+            targets = _run_all(mirror, unit, learning, quantized=False, names=learned_tensors(mirror, unit))
+        following = targets if following is None else following
         segments = [(later.begin, later.end) for later in units[position + 1 :]]
-        job = _UnitJob(mirror, unit, settings, random, quantized, floating, targets, logits, segments)
+        job = _UnitJob(mirror, unit, settings, random, quantized, learning, targets, logits, segments)
         progress.stage(
             f"refine {position + 1}/{len(units)}: {unit.describe(mirror)}", total=settings.iterations
         )
         with heap_allocations():  # an iteration's activations reused, not faulted in afresh
             reports.append(job.run(remaining, progress))
+        if corrected is not None and corrected.tensors:
+            reports[-1].corrected = (corrected.before, corrected.after, corrected.change)
         # The unit's float inputs and its job are not needed for the next unit's inputs: freed
         # first, and the allocator's free pages handed back, so units do not stack their peaks.
-        del job
-        floating = targets
+        del job, learning, targets
+        floating = following
         with torch.no_grad():
             quantized = _run_all(mirror, unit, quantized, quantized=True)
         release_free_memory()

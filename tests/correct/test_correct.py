@@ -182,10 +182,10 @@ def test_the_configs_closeness_reaches_the_correction(shifted, data):
 
     def change(closeness: float) -> float:
         config = onnxq.QuantConfig(refine=True, distribution_correction=True, correction_closeness=closeness)
-        corrected, notes = corrected_for_refinement(
+        corrected, notes, by_unit = corrected_for_refinement(
             shifted.model, shifted.statistics, {"input": data}, config, False, Silent()
         )
-        assert len(notes) == 1 and "inputs moved by" in notes[0]
+        assert len(notes) == 1 and "inputs moved by" in notes[0] and by_unit is None
         return float(np.sqrt(np.mean((corrected["input"] - data) ** 2) / np.mean(data**2)))
 
     assert change(100.0) < change(0.0)

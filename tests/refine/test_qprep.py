@@ -31,7 +31,7 @@ def repvgg_net():
     return Net()
 
 
-def _perturbed_affine(mirror, units, feeds, settings, progress):
+def _perturbed_affine(mirror, units, feeds, settings, progress, correction=None):
     """Stands in for learning: every QPRep γ and β set to values far from their start."""
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
