@@ -77,7 +77,7 @@ def corrected_inputs(
     batches = [slice(s, min(s + correction.batch, count)) for s in range(0, count, correction.batch)]
     share = None if seconds is None else seconds / len(batches)
     for part in batches:
-        inputs = {name: values[name][part].clone() if name in moved else values[name] for name in unit.inputs}
+        inputs = {name: _batch_of(values[name], part, count, name in moved) for name in unit.inputs}
         first, last, change, result = _optimise(mirror, unit, inputs, moved, targets, correction, share)
         for name in moved:
             corrected[name][part] = result[name]
@@ -117,6 +117,14 @@ def _optimise(mirror, unit, inputs: Env, moved: list[str], targets: dict, correc
         gap, change = loss_of(leaves)
         result = {name: (leaves[name] * scales[name]).detach() for name in moved}
     return first, float(gap), float(change.sqrt()), result
+
+
+def _batch_of(value: torch.Tensor, part: slice, count: int, copied: bool) -> torch.Tensor:
+    """The samples `part` of a tensor with a sample axis (a copy where it is to be moved); a
+    tensor without one (a shape, a constant) as it is."""
+    if value.dim() == 0 or value.shape[0] != count:
+        return value
+    return value[part].clone() if copied else value[part]
 
 
 def _per_sample_float(value: torch.Tensor, count: int) -> bool:
