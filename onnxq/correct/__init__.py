@@ -26,7 +26,8 @@ from onnxq.refine import require_torch
 
 DATA_FREE = "bn-stats"  # the calibration source that synthesises data from BatchNorm statistics
 SYNTHETIC_SAMPLES = 256  # samples synthesised at most (the protocol's calibration size)
-CORRECTION_SHARE = 0.1  # of --time-budget, for distribution correction (refinement gets the rest)
+# of --time-budget (of each unit's share, by blocks) for distribution correction; refinement gets the rest
+CORRECTION_SHARE = 0.1
 
 
 def check_synthesis_inputs(inputs: list[InputSpec]) -> tuple[int, ...]:

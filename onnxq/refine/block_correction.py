@@ -104,18 +104,19 @@ def _optimise(mirror, unit, inputs: Env, moved: list[str], targets: dict, correc
         change = sum((normalised[n] - starts[n]).pow(2).mean() for n in moved) / len(moved)
         return gap, change
 
-    with torch.no_grad():
-        first = float(loss_of(leaves)[0])
+    first = None  # the loss at the start: the first step's, before it moves anything
     for step in range(correction.steps):
         if deadline is not None and step and time.monotonic() > deadline:
             break
         optimiser.zero_grad(set_to_none=True)
         gap, change = loss_of(leaves)
+        first = float(gap.detach()) if first is None else first
         (gap + correction.closeness * change).backward()
         optimiser.step()
     with torch.no_grad():
         gap, change = loss_of(leaves)
         result = {name: (leaves[name] * scales[name]).detach() for name in moved}
+    first = float(gap) if first is None else first
     return first, float(gap), float(change.sqrt()), result
 
 

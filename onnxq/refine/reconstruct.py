@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from onnxq.correct import CORRECTION_SHARE
 from onnxq.memory import heap_allocations, release_free_memory
 from onnxq.progress import Progress
 from onnxq.refine import fused
-from onnxq.refine.block_correction import BlockCorrection, corrected_inputs
+from onnxq.refine.block_correction import BlockCorrection, corrected_inputs, unit_statistics
 from onnxq.refine.blocks import Unit
 from onnxq.refine.losses import PD_FEATURE_WEIGHT, PD_TEMPERATURE, prediction_difference, reconstruction
 from onnxq.refine.memory_plan import chunk_within, saved_bytes
@@ -33,8 +34,6 @@ RUN_BATCH = 64  # samples per run when a unit's outputs are computed for all sam
 # timing (it compiles the fake quantizers for the unit's shapes: 4-5 s against 0.7 s for the
 # next ones on MobileNetV2's first unit), the next PROBE_ITERATIONS are timed.
 WARMUP_ITERATIONS = 1
-# Under a time budget, the share of each unit's seconds distribution correction may take.
-CORRECTION_SHARE = 0.1
 PROBE_ITERATIONS = 3
 # Ops whose outputs are integers or booleans, with no gradient to learn from: a unit ending in
 # one (a segmentation head's ArgMax) learns towards the float tensors it reads instead.
@@ -121,10 +120,10 @@ def reconstruct(
     for position, unit in enumerate(units):
         remaining = None if deadline is None else (deadline - time.monotonic()) / (len(units) - position)
         learning, corrected, following = floating, None, None
-        if correction is not None:
+        if correction is not None and unit_statistics(mirror, unit, correction.statistics):
             with torch.no_grad():  # the next unit's float inputs, from the uncorrected ones
                 following = _run_all(mirror, unit, floating, quantized=False)
-            share = None if remaining is None else CORRECTION_SHARE * remaining
+            share = None if remaining is None else CORRECTION_SHARE * remaining  # as for the images
             # After the first unit the float inputs are the unit before's outputs, needed no more:
             # corrected where they lie. The first unit's are the caller's calibration data.
             values, corrected = corrected_inputs(
