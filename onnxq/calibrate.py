@@ -273,7 +273,7 @@ def _refine(
     `affine_layers` learn QPRep's per-channel affine too; `statistics`: each unit's float inputs
     are corrected towards them first (PD-Quant's DC, block by block)."""
     from onnxq.refine.block_correction import BlockCorrection
-    from onnxq.refine.reconstruct import RefineSettings
+    from onnxq.refine.unit_learning import RefineSettings
 
     plan, ranges, search = calibrated.plan, calibrated.ranges, calibrated.search
     ratios = search.weight_ratios if search else {}
@@ -296,6 +296,7 @@ def _refine(
         loss=config.refine_loss,
         iterations=config.refine_iters,
         batch=config.refine_batch,
+        pd_samples=config.refine_pd_samples or None,
         memory=config.refine_memory_gb * 1e9,
         qdrop=config.qdrop,
         time_budget=budget,
@@ -308,7 +309,10 @@ def _refine(
     correction = None
     if statistics:
         correction = BlockCorrection(
-            statistics, closeness=config.correction_closeness, batch=config.refine_batch
+            statistics,
+            closeness=config.correction_closeness,
+            batch=config.refine_batch,
+            per_sample=config.correction_statistics == "sample",
         )
     return refine(
         float_model,

@@ -12,7 +12,8 @@ DC's share of it comes out of refinement's time. No evaluation image is read.
 
 `--at inputs` (the default) corrects the calibration images once and writes the "dc-default"
 section of BENCHMARKS.md; `--at blocks` corrects each unit's float inputs as PD-Quant does
-(onnxq/refine/block_correction.py) and writes "dc-blocks-default".
+(onnxq/refine/block_correction.py) and writes "dc-blocks-default", or with `--statistics sample`
+(each sample's own statistics matched, as PD-Quant's code does) "dc-blocks-sample-default".
 """
 
 from __future__ import annotations
@@ -36,7 +37,13 @@ IMAGENET_BUDGET_S = 600.0  # --time-budget of the ImageNet rows (tools/bench_dra
 
 
 def held_out_scores(
-    name: str, closeness: float | None, budget: float | None, held, reference, at: str = "inputs"
+    name: str,
+    closeness: float | None,
+    budget: float | None,
+    held,
+    reference,
+    at: str = "inputs",
+    statistics: str = "batch",
 ) -> dict:
     """W4A4 mse + refinement, without DC (closeness None) or with it at that λ on `at` (inputs
     or blocks); held-out scores."""
@@ -49,16 +56,19 @@ def held_out_scores(
         distribution_correction=closeness is not None,
         correction_closeness=1.0 if closeness is None else closeness,
         correction_at=at,
+        correction_statistics=statistics if closeness is not None else "batch",
         time_budget=budget,
         speed_check=False,
     )
     return held_out.row(name, config, held, reference)
 
 
-def setting(closeness: float | None, at: str = "inputs") -> str:
+def setting(closeness: float | None, at: str = "inputs", statistics: str = "batch") -> str:
     if closeness is None:
         return "--refine"
-    return f"--refine + DC{' by blocks' if at == 'blocks' else ''}, λ = {closeness:g}"
+    where = " by blocks" if at == "blocks" else ""
+    whose = ", per sample" if statistics == "sample" else ""
+    return f"--refine + DC{where}{whose}, λ = {closeness:g}"
 
 
 def main() -> None:
@@ -68,11 +78,16 @@ def main() -> None:
     parser.add_argument("--imagenet-budget", type=float, default=IMAGENET_BUDGET_S)
     parser.add_argument("--at", choices=["inputs", "blocks"], default="inputs")
     parser.add_argument("--closeness", type=float, nargs="+", default=CLOSENESS)
+    parser.add_argument("--statistics", choices=["batch", "sample"], default="batch")
     args = parser.parse_args()
+    if args.statistics == "sample" and args.at != "blocks":
+        parser.error("--statistics sample needs --at blocks")
+    whose = args.statistics
     what = "each unit's float inputs (`--correction-at blocks`)" if args.at == "blocks" else "the images"
     lines = [
         "## Distribution correction's default, chosen on held-out calibration images"
-        + (": block by block, as PD-Quant runs it" if args.at == "blocks" else ""),
+        + (": block by block, as PD-Quant runs it" if args.at == "blocks" else "")
+        + (", each sample's statistics" if whose == "sample" else ""),
         "",
         "`tools/choose_dc.py`: W4A4, mse scale search on the protocol's 256 calibration images, then "
         "`--refine` at its defaults without distribution correction and with it at each closeness λ "
@@ -93,17 +108,17 @@ def main() -> None:
         reference = bench.logits(onnx.load(bench.model_path(name)), held[0])
         budget = None if "cifar" in name else args.imagenet_budget
         for closeness in options:
-            result = held_out_scores(name, closeness, budget, held, reference, args.at)
+            result = held_out_scores(name, closeness, budget, held, reference, args.at, whose)
             logs[closeness].append(float(np.log(result["kl"])))
             lines.append(
-                f"| {name} | W4A4 | {setting(closeness, args.at)} | {result['kl']:.4f} | "
+                f"| {name} | W4A4 | {setting(closeness, args.at, whose)} | {result['kl']:.4f} | "
                 f"{100 * result['agreement']:.2f} | {100 * result['top1']:.2f} | {result['seconds']:.0f} |"
             )
             print(lines[-1], flush=True)
     means = {option: float(np.mean(values)) for option, values in logs.items()}
     best = min(args.closeness, key=lambda option: means[option])
     chosen = means[best] < means[None]
-    summary = ", ".join(f"{setting(option, args.at)} {means[option]:.2f}" for option in options)
+    summary = ", ".join(f"{setting(option, args.at, whose)} {means[option]:.2f}" for option in options)
     verdict = (
         f"on{' by blocks' if args.at == 'blocks' else ''}, λ = {best:g}"
         if chosen
@@ -111,6 +126,7 @@ def main() -> None:
     )
     lines += ["", f"Mean log held-out KL: {summary}. Chosen: distribution correction {verdict}."]
     section = "dc-blocks-default" if args.at == "blocks" else "dc-default"
+    section = section.replace("blocks", "blocks-sample") if whose == "sample" else section
     bench.write_section(args.out, section, "\n".join(lines) + "\n", bench.machine_description())
     print("chosen", verdict)
 

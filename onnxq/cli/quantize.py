@@ -279,6 +279,7 @@ def quantize(model, output, calib, **options):
         refine_loss=options.pop("refine_loss"),
         refine_iters=options.pop("refine_iters"),
         refine_batch=options.pop("refine_batch"),
+        refine_pd_samples=options.pop("refine_pd_samples"),
         refine_memory_gb=options.pop("refine_memory"),
         refine_check=options.pop("refine_check"),
         qdrop=options.pop("qdrop"),
@@ -287,6 +288,7 @@ def quantize(model, output, calib, **options):
         device=options.pop("device"),
         distribution_correction=options.pop("distribution_correction"),
         correction_at=options.pop("correction_at"),
+        correction_statistics=options.pop("correction_statistics"),
         qprep=options.pop("qprep"),
         equalize=options.pop("equalize"),
     )

@@ -44,6 +44,15 @@ REFINE_OPTIONS = [
         help="Samples per refinement iteration.",
     ),
     click.option(
+        "--refine-pd-samples",
+        type=int,
+        default=QuantConfig.refine_pd_samples,
+        show_default=True,
+        help="Under --time-budget, in a pd unit whose whole batch would not reach --refine-iters in "
+        "its share: samples of each batch that pd's prediction term is taken on (0: never narrow); "
+        "the rest of the network runs in float on these only, the unit's feature term on all.",
+    ),
+    click.option(
         "--refine-memory",
         type=float,
         default=QuantConfig.refine_memory_gb,
@@ -96,6 +105,14 @@ REFINE_OPTIONS = [
         help="What --distribution-correction nudges: the calibration inputs once, before refinement, "
         "or each unit's float inputs before it learns, as PD-Quant does (the unit's float targets "
         "and QDrop's float side follow them; its quantized inputs and the pd target do not).",
+    ),
+    click.option(
+        "--correction-statistics",
+        type=click.Choice(["batch", "sample"]),
+        default=QuantConfig.correction_statistics,
+        show_default=True,
+        help="With --correction-at blocks, whose per-channel mean and deviation are matched to "
+        "BatchNorm's: each batch's, or each sample's own over its positions, as PD-Quant's code does.",
     ),
     click.option(
         "--qprep/--no-qprep",

@@ -60,13 +60,15 @@ class MatchReport:
 
 
 def statistics_loss(
-    values: dict[str, torch.Tensor], statistics: dict[str, ChannelStatistics]
+    values: dict[str, torch.Tensor], statistics: dict[str, ChannelStatistics], per_sample: bool = False
 ) -> torch.Tensor:
-    """Mean over tensors of (|μ − μ_BN|² + |σ − σ_BN|²) / mean(σ_BN²), per channel on axis 1."""
+    """Mean over tensors of (|μ − μ_BN|² + |σ − σ_BN|²) / mean(σ_BN²), per channel on axis 1.
+    `per_sample`: μ and σ of each sample over its positions, the gaps averaged over samples
+    (PD-Quant's DC); a tensor without positions ([N, C]) keeps the batch's."""
     means, stds = {}, {}
     for name in statistics:
         value = values[name]
-        axes = _reduced_axes(value)
+        axes = _reduced_axes(value, per_sample)
         means[name] = value.mean(dim=axes)
         stds[name] = (value.var(dim=axes, unbiased=False) + 1e-8).sqrt()
     return _gap(means, stds, statistics)
@@ -83,8 +85,9 @@ def _gap(means: dict, stds: dict, statistics: dict[str, ChannelStatistics]) -> t
     return torch.stack(terms).mean()
 
 
-def _reduced_axes(value: torch.Tensor) -> list[int]:
-    return [a for a in range(value.ndim) if a != 1]
+def _reduced_axes(value: torch.Tensor, per_sample: bool = False) -> list[int]:
+    kept = (0, 1) if per_sample and value.ndim > 2 else (1,)
+    return [a for a in range(value.ndim) if a not in kept]
 
 
 class _StatisticsRun:

@@ -1,8 +1,9 @@
 """Rounding refinement: learn weight rounding and activation steps by gradient in a torch mirror.
 
 The stage sits between calibration and Q/DQ insertion. It starts from the calibrated scales and
-nearest rounding, reconstructs the model unit by unit (blocks.py, reconstruct.py) and hands back
-integers and scales in the form insert_qdq writes (export.py), so the saved model is plain QDQ.
+nearest rounding, reconstructs the model unit by unit (blocks.py, reconstruct.py,
+unit_learning.py) and hands back integers and scales in the form insert_qdq writes (export.py),
+so the saved model is plain QDQ.
 torch is an optional extra: `pip install 'onnxq[refine]'`.
 """
 

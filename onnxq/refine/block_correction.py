@@ -8,10 +8,11 @@ its quantized inputs, the prediction the pd loss aims at, and the next unit's fl
 those of the calibration data as it is (PD-Quant's `GetDcFpLayerInpOut`: the corrected input
 only makes the block's float output). A unit without such tensors is left as it is.
 
-Differences from the paper, where the CPU sets them: statistics are those of each batch of
-samples, not of each sample alone; Adam takes `steps` steps on inputs divided by their RMS
-(lr 1e-3 for 500 steps in the paper, per batch of 32); the closeness term is λ·the inputs' mean
-squared change over their mean square, onnxq.correct.matching's form.
+Statistics are each batch's by default; `per_sample` matches each sample's own over its
+positions, as the paper's code does. Differences from the paper, where the CPU sets them: Adam
+takes `steps` steps on inputs divided by their RMS (lr 1e-3 for 500 steps in the paper, per
+batch of 32); the closeness term is λ·the inputs' mean squared change over their mean square,
+onnxq.correct.matching's form, and each tensor's gap is divided by BatchNorm's mean variance.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class BlockCorrection:
     closeness: float = 1.0  # λ of the term that keeps the inputs near the originals
     steps: int = 50  # Adam steps per batch
     lr: float = 0.01  # on inputs divided by their RMS
-    batch: int = 32  # samples whose statistics are matched together
+    batch: int = 32  # samples corrected together
+    per_sample: bool = False  # each sample's own statistics (PD-Quant), not the batch's
 
 
 @dataclass
@@ -100,7 +102,7 @@ def _optimise(mirror, unit, inputs: Env, moved: list[str], targets: dict, correc
     def loss_of(normalised: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         env = {**inputs, **{name: normalised[name] * scales[name] for name in moved}}
         made = mirror.run(env, unit.begin, unit.end, quantized=False, keep=targets)
-        gap = statistics_loss(made, targets)
+        gap = statistics_loss(made, targets, correction.per_sample)
         change = sum((normalised[n] - starts[n]).pow(2).mean() for n in moved) / len(moved)
         return gap, change
 

@@ -26,8 +26,9 @@ from onnxq.refine.blocks import partition
 from onnxq.refine.free_batch import freed_batch
 from onnxq.refine.memory_plan import samples_within
 from onnxq.refine.mirror import ActivationParams, Mirror
-from onnxq.refine.reconstruct import RefineSettings, UnitReport, learned_tensors, reconstruct
+from onnxq.refine.reconstruct import learned_tensors, reconstruct
 from onnxq.refine.sample_axes import mixed_sample_tensors
+from onnxq.refine.unit_learning import RefineSettings, UnitReport
 
 
 @dataclass

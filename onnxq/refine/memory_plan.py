@@ -5,7 +5,7 @@ at the cut it ends at (the float targets), and one learning pass keeps a batch's
 its backward pass. Both grow with the input: a layout detector at 800×608 kept 0.8 GB per
 sample in one pass and peaked at 18.5 GB with 16 samples. `--refine-memory` bounds each: the
 samples held are the first ones that fit, and a batch whose pass would not fit learns in chunks
-(reconstruct.py), planned from what one sample and two keep.
+(unit_learning.py), planned from what one sample and two keep.
 """
 
 from __future__ import annotations

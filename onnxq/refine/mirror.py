@@ -8,7 +8,7 @@ after them has zero point 0 and clamps at 0 exactly as the QDQ graph's does with
 
 A node whose op is missing from ops.OPS (or which the op refuses) runs in onnxruntime on its
 own, without a gradient; a unit holding one that the data's values reach is not refined (see
-reconstruct.py), one that reads only shapes and constants stops nothing (stops_gradient).
+unit_learning.py), one that reads only shapes and constants stops nothing (stops_gradient).
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ def _first_pass_gradients(monkeypatch, model, data, **settings) -> list[dict]:
     """Per unit: the gradients of one learning iteration (no step taken), the batch and chunk
     it learned in, and the bytes a pass on `chunk` and on `chunk + 1` samples keeps for backward."""
 
-    import onnxq.refine.reconstruct as reconstruct
+    import onnxq.refine.unit_learning as unit_learning
     from onnxq.refine import export, fused
 
     seen = []
@@ -92,7 +92,7 @@ def _first_pass_gradients(monkeypatch, model, data, **settings) -> list[dict]:
             parameter.grad = None
         return 0
 
-    monkeypatch.setattr(reconstruct._UnitJob, "_learn", first_pass)
+    monkeypatch.setattr(unit_learning.UnitJob, "_learn", first_pass)
     # every sample held, whatever the budget: the batches drawn are the same in both runs
     monkeypatch.setattr(
         export, "samples_within", lambda mirror, units, data, learned, budget: len(next(iter(data.values())))

@@ -98,7 +98,7 @@ def test_a_time_budget_that_does_not_bind_learns_the_same_model(small_model, cal
 )
 def test_a_budget_gives_a_unit_what_the_time_left_allows(left, pace, done, total):
     """Those done, plus what the time left buys at the timed pace; never above the count asked."""
-    from onnxq.refine.reconstruct import iterations_within
+    from onnxq.refine.unit_learning import iterations_within
 
     got = iterations_within(left, pace, done, total)
     assert done <= got <= max(done, total)
@@ -113,7 +113,7 @@ def test_a_budget_gives_a_unit_what_the_time_left_allows(left, pace, done, total
 def test_pd_remainder_recomputed_block_by_block_learns_the_same(monkeypatch, small_model, calibration_data):
     """Over the memory limit, pd's float remainder keeps only its block cuts for the backward pass
     and recomputes the rest: the same gradients, so the same learned model."""
-    import onnxq.refine.reconstruct as reconstruct
+    import onnxq.refine.unit_learning as unit_learning
 
     # a budget no pass reaches: the remainder's size, faked below, does not chunk the batch
     config = onnxq.QuantConfig(
@@ -127,8 +127,8 @@ def test_pd_remainder_recomputed_block_by_block_learns_the_same(monkeypatch, sma
         segments.append(args[1:])
         return torch.utils.checkpoint.checkpoint(function, *args, **kwargs)
 
-    monkeypatch.setattr(reconstruct._UnitJob, "_remainder_bytes", lambda self, env, samples, batch: 1e15)
-    monkeypatch.setattr(reconstruct, "checkpoint", counted)
+    monkeypatch.setattr(unit_learning.UnitJob, "_remainder_bytes", lambda self, env, samples, batch: 1e15)
+    monkeypatch.setattr(unit_learning, "checkpoint", counted)
     again = onnxq.quantize(small_model, calibration_data, config)
     assert segments  # the remainder did run in recomputed blocks
     assert again.model.SerializeToString() == whole.model.SerializeToString()
@@ -136,17 +136,17 @@ def test_pd_remainder_recomputed_block_by_block_learns_the_same(monkeypatch, sma
 
 def test_pd_remainder_memory_is_estimated_per_batch(small_model, calibration_data):
     """The estimate grows with the batch: what decides recomputation is the batch's memory."""
-    import onnxq.refine.reconstruct as reconstruct
+    import onnxq.refine.unit_learning as unit_learning
 
     sizes = {}
-    original = reconstruct._UnitJob._remainder_bytes
+    original = unit_learning.UnitJob._remainder_bytes
 
     def recorded(self, env, samples, batch):
         sizes.setdefault(batch, original(self, env, samples, batch))
         return sizes[batch]
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(reconstruct._UnitJob, "_remainder_bytes", recorded)
+        patch.setattr(unit_learning.UnitJob, "_remainder_bytes", recorded)
         for batch in (4, 16):
             settings = {**FAST, "refine_batch": batch, "refine_loss": "pd"}
             config = onnxq.QuantConfig(weight_bits=4, activation_bits=4, **settings)
@@ -183,7 +183,7 @@ def test_unit_outputs_run_in_parts_equal_one_run_over_all_samples(small_model, m
         env = mirror.run({"input": x}, 0, unit.begin, quantized=False, keep=unit.inputs)
         whole = mirror.run({k: env[k] for k in unit.inputs}, unit.begin, unit.end, quantized=False)
         monkeypatch.setattr(reconstruct, "RUN_BATCH", 5)  # parts of 5, 5, 5, 5 and 3 samples
-        parts = reconstruct._run_all(mirror, unit, reconstruct._Batches(env, 23), quantized=False)
+        parts = reconstruct._run_all(mirror, unit, reconstruct.Batches(env, 23), quantized=False)
     assert parts.count == 23
     for name in unit.outputs:
         torch.testing.assert_close(parts.values[name], whole[name], rtol=1e-6, atol=1e-6)
@@ -380,14 +380,14 @@ def test_a_seeded_rounding_starts_on_its_seed_and_may_move_one_step_towards_the_
 
 def test_refinement_after_gptq_starts_from_its_integers(small_model, calibration_data, monkeypatch):
     """--refine --weight-rounding gptq: AdaRound starts on GPTQ's integers and ends within a step."""
-    from onnxq.refine import quantizers, reconstruct
+    from onnxq.refine import quantizers, unit_learning
 
     # h starts 0.005 from the flip, so 40 iterations move some weights on any CPU's float kernels
     # (0.45 moved some on AVX2 and none on an AVX-512 EPYC, where 0.48 moved 5 and 0.495 moved 17)
     monkeypatch.setattr(quantizers, "SEEDED_REST", 0.495)
     # What was learned is kept even where a unit's loss ended no lower: on an AVX2 EPYC without
     # VNNI all three units went back to GPTQ's integers, and nothing was left to check
-    monkeypatch.setattr(reconstruct._UnitJob, "_restore", lambda self, state: None)
+    monkeypatch.setattr(unit_learning.UnitJob, "_restore", lambda self, state: None)
     widths = dict(weight_bits=3, speed_check=False, fidelity_fallback=False, equalize=False)
     gptq = onnxq.quantize(small_model, calibration_data, onnxq.QuantConfig(**widths, weight_rounding="gptq"))
     config = onnxq.QuantConfig(**{**widths, **FAST}, weight_rounding="gptq")
