@@ -259,7 +259,7 @@ class QuantConfig:
         if self.refine_iters < 1 or self.refine_batch < 1:
             raise OnnxqError("refine iterations and batch must be at least 1")
         if self.refine_pd_samples < 0:
-            raise OnnxqError(f"refine pd samples must be 0 (all) or more, got {self.refine_pd_samples}")
+            raise OnnxqError(f"refine pd samples must be 0 (never) or more, got {self.refine_pd_samples}")
         if self.refine_memory_gb <= 0:
             raise OnnxqError(f"refine memory must be positive, got {self.refine_memory_gb} GB")
         if not 0.0 <= self.qdrop < 1.0:

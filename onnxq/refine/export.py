@@ -69,6 +69,13 @@ class Refinement:
                 f"  {len(chunked)} units learned each batch of {chunked[0].batch} in chunks of {span} "
                 "samples, their activations over --refine-memory (the same gradients, slower)"
             )
+        narrowed = [u for u in refined if u.pd_samples]
+        if narrowed:
+            lines.append(
+                f"  {len(narrowed)} units took pd's prediction term on {narrowed[0].pd_samples} of each "
+                f"batch's {narrowed[0].batch} samples: on all of them they would not have reached "
+                "--refine-iters inside their share of --time-budget (--refine-pd-samples)"
+            )
         if self.compile_failure:
             lines.append(
                 "  learning ran without compiled kernels, slower on large images "

@@ -79,6 +79,7 @@ class UnitReport:
     loss: str = ""  # the loss it learned with (pd falls back to mse without class scores)
     batch: int = 0  # samples per iteration
     chunk: int = 0  # samples per learning pass, fewer than `batch` where `memory` binds
+    pd_samples: int | None = None  # samples pd's KL term took where the budget narrowed it
     corrected: tuple[float, float, float] | None = None  # DC's statistics loss before, after; change
 
 
@@ -151,6 +152,7 @@ class UnitJob:
         report.batch, report.chunk = self.batch, self.chunk
         report.before = self.evaluate()
         report.iterations = self._learn(seconds, progress)
+        report.pd_samples = self.pd_samples
         report.after = self.evaluate()
         if not report.after < report.before:
             self._restore(start)

@@ -37,7 +37,7 @@ def _budget_allows(monkeypatch, more: int | None) -> None:
     monkeypatch.setattr(unit_learning, "iterations_within", allowed)
 
 
-def _refined(model, data, **changes) -> None:
+def _refined(model, data, **changes) -> list[str]:
     settings = dict(
         weight_bits=4,
         activation_bits=4,
@@ -49,7 +49,7 @@ def _refined(model, data, **changes) -> None:
         speed_check=False,
         fidelity_fallback=False,
     )
-    onnxq.quantize(model, data, onnxq.QuantConfig(**{**settings, **changes}))
+    return onnxq.quantize(model, data, onnxq.QuantConfig(**{**settings, **changes})).notes
 
 
 def _learning_rows(rows) -> set[int]:
@@ -59,8 +59,9 @@ def _learning_rows(rows) -> set[int]:
 def test_a_binding_budget_narrows_pd_to_its_samples(small_model, calibration_data, monkeypatch):
     rows = _remainder_rows(monkeypatch)
     _budget_allows(monkeypatch, 2)
-    _refined(small_model, calibration_data, time_budget=600.0)
+    notes = _refined(small_model, calibration_data, time_budget=600.0)
     assert _learning_rows(rows) == {BATCH, NARROW}  # timed on the whole batch, then narrowed
+    assert any(f"pd's prediction term on {NARROW} of each batch's {BATCH} samples" in n for n in notes)
     measured = {samples for graded, samples in rows if not graded}
     assert measured and NARROW not in measured  # a unit's loss before and after: every sample
 
@@ -78,8 +79,9 @@ def test_pd_takes_every_sample_where_nothing_narrows_it(
 ):
     rows = _remainder_rows(monkeypatch)
     _budget_allows(monkeypatch, more)
-    _refined(small_model, calibration_data, **changes)
+    notes = _refined(small_model, calibration_data, **changes)
     assert _learning_rows(rows) == {BATCH}
+    assert not any("pd's prediction term on" in n for n in notes)
 
 
 def test_pd_samples_are_checked():
