@@ -29,10 +29,6 @@ WEIGHT_ROUNDINGS = ("auto", "nearest", "gptq")
 ACTIVATION_ERRORS = ("readers", "own")
 CORRECTION_TARGETS = ("inputs", "blocks")  # what distribution correction nudges
 CORRECTION_STATISTICS = ("batch", "sample")  # whose statistics are matched to BatchNorm's
-# refine_pd_samples: where the budget binds, MobileNetV2 W4A4 --time-budget 1800 held-out KL 0.714
-# with pd on every sample, 0.597 with 8 (tools/choose_pd_samples.py); pd on 8 samples everywhere,
-# without a budget, raised ResNet-20's 0.0220 to 0.0317, so the budget decides where it applies
-PD_SAMPLES_DEFAULT = 8
 # which weights get a zero point: none (all symmetric), narrow (those below 8 bits), all, or auto
 WEIGHT_ZERO_POINTS = ("auto", "none", "narrow", "all")
 
@@ -160,9 +156,11 @@ class QuantConfig:
     refine_iters: int = 500  # per unit
     refine_batch: int = 32
     # under time_budget, in a pd unit whose whole batch would not reach refine_iters in its
-    # share, pd's KL term takes this many samples of each batch (0: never): the float remainder
-    # through the rest of the network, most of an early unit's cost, runs on these only
-    refine_pd_samples: int = PD_SAMPLES_DEFAULT
+    # share, pd's KL term takes this many samples of each batch (0: never): the float remainder,
+    # most of an early unit's cost, runs on these only. MobileNetV2 W4A4 at 1800 s: held-out KL
+    # 0.714 → 0.597 (tools/choose_pd_samples.py); narrowed everywhere without a budget, ResNet-20
+    # rose 0.0220 → 0.0317, so the budget decides where it applies
+    refine_pd_samples: int = 8
     # activations refinement holds at unit cuts (beyond it, fewer samples) and, apart, those one
     # learning pass keeps (beyond it, a batch learns in chunks)
     refine_memory_gb: float = 2.0

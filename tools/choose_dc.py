@@ -56,7 +56,7 @@ def held_out_scores(
         distribution_correction=closeness is not None,
         correction_closeness=1.0 if closeness is None else closeness,
         correction_at=at,
-        correction_statistics=statistics if closeness is not None else "batch",
+        correction_statistics=statistics,
         time_budget=budget,
         speed_check=False,
     )

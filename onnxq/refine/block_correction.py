@@ -26,6 +26,7 @@ from onnxq.correct.matching import statistics_loss
 from onnxq.passes.fold_bn import ChannelStatistics
 from onnxq.refine.blocks import Unit
 from onnxq.refine.mirror import Env, Mirror
+from onnxq.refine.unit_learning import has_batch_axis
 
 
 @dataclass(frozen=True)
@@ -125,10 +126,10 @@ def _optimise(mirror, unit, inputs: Env, moved: list[str], targets: dict, correc
 def _batch_of(value: torch.Tensor, part: slice, count: int, copied: bool) -> torch.Tensor:
     """The samples `part` of a tensor with a sample axis (a copy where it is to be moved); a
     tensor without one (a shape, a constant) as it is."""
-    if value.dim() == 0 or value.shape[0] != count:
+    if not has_batch_axis(value, count):
         return value
     return value[part].clone() if copied else value[part]
 
 
 def _per_sample_float(value: torch.Tensor, count: int) -> bool:
-    return value.is_floating_point() and value.dim() > 1 and value.shape[0] == count
+    return value.is_floating_point() and value.dim() > 1 and has_batch_axis(value, count)

@@ -276,7 +276,7 @@ class UnitJob:
         samples = self.pd_samples
         if not torch.is_grad_enabled() or samples is None or samples >= len(index):
             return index, outputs
-        cut = {k: v[:samples] if v.dim() and v.shape[0] == len(index) else v for k, v in outputs.items()}
+        cut = {k: v[:samples] if has_batch_axis(v, len(index)) else v for k, v in outputs.items()}
         return index[:samples], cut
 
     def _remainder(self, env: Env) -> Env:
