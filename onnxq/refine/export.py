@@ -143,6 +143,8 @@ def refine(
     learned = {index: learned_tensors(mirror, unit) for index, unit in enumerate(units)}
     held = samples_within(mirror, units, feeds, learned, settings.memory)
     feeds = {k: v[:held] if v.dim() > 0 else v for k, v in feeds.items()}
+    if settings.time_budget:  # the budget counts from the start: the mirror and its units took part
+        settings = replace(settings, time_budget=max(1.0, settings.time_budget - (time.monotonic() - began)))
     with fused.compiled_kernels(settings.compiled):
         reports = reconstruct(mirror, units, feeds, settings, progress or Silent(), correction)
     return Refinement(

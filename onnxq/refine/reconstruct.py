@@ -46,6 +46,7 @@ def reconstruct(
 ) -> list[UnitReport]:
     """Refine every unit in order; returns what happened to each. With `correction`, each
     unit learns from float inputs corrected towards BatchNorm's statistics (block_correction.py)."""
+    deadline = time.monotonic() + settings.time_budget if settings.time_budget else None
     torch.manual_seed(settings.seed)
     mirror.requires_grad_(False)  # each unit turns on its own parameters while it learns
     random = Draws.seeded(settings.seed)
@@ -54,7 +55,6 @@ def reconstruct(
         floating = Batches(mirror.quantize_inputs(data, False), count)
         quantized = Batches(mirror.quantize_inputs(data, True), count)
         logits = _float_logits(mirror, floating, count) if settings.loss == "pd" else None
-    deadline = time.monotonic() + settings.time_budget if settings.time_budget else None
     reports = []
     for position, unit in enumerate(units):
         remaining = None if deadline is None else (deadline - time.monotonic()) / (len(units) - position)
@@ -86,8 +86,9 @@ def reconstruct(
         # first, and the allocator's free pages handed back, so units do not stack their peaks.
         del job, learning, targets
         floating = following
-        with torch.no_grad():
-            quantized = _run_all(mirror, unit, quantized, quantized=True)
+        if position + 1 < len(units):  # the next unit's quantized inputs; the last has none
+            with torch.no_grad():
+                quantized = _run_all(mirror, unit, quantized, quantized=True)
         release_free_memory()
     return reports
 

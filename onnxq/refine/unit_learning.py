@@ -147,11 +147,13 @@ class UnitJob:
         if not any(self.targets.values[name].is_floating_point() for name in self.learned):
             report.skipped = "its outputs are integers, with no gradient to learn from"
             return report
+        began = time.monotonic()
         start = self._state()
         self._plan_memory()
         report.batch, report.chunk = self.batch, self.chunk
+        evaluated = time.monotonic()
         report.before = self.evaluate()
-        report.iterations = self._learn(seconds, progress)
+        report.iterations = self._learn(self._learning_share(seconds, began, evaluated), progress)
         report.pd_samples = self.pd_samples
         report.after = self.evaluate()
         if not report.after < report.before:
@@ -160,6 +162,16 @@ class UnitJob:
         return report
 
     # ------------------------------------------------------------------------ learning
+
+    @staticmethod
+    def _learning_share(seconds: float | None, began: float, evaluated: float) -> float | None:
+        """The unit's share of the budget left for learning: less what it spent before (its
+        memory plan, its first evaluation), and less a second evaluation like the first, which
+        follows the learning. Without this the last unit overran --time-budget by its own."""
+        if seconds is None:
+            return None
+        now = time.monotonic()
+        return seconds - (now - began) - (now - evaluated)
 
     def _learn(self, seconds: float | None, progress: Progress) -> int:
         s = self.settings
