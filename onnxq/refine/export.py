@@ -42,6 +42,7 @@ class Refinement:
     compile_failure: str = ""  # why learning fell back to eager passes, if it did
     freed_batch: int | None = None  # the batch the export fixed, where learning ran with it free
     samples: tuple[int, int] = (0, 0)  # samples learned on, of those given (fewer over the memory)
+    matched: str = ""  # whose statistics block correction matched: each batch's or each sample's
 
     def notes(self, loss: str) -> list[str]:
         refined = [u for u in self.units if not u.skipped]
@@ -107,7 +108,8 @@ class Refinement:
             return []
         before, after, change = (float(np.mean(values)) for values in zip(*corrected, strict=True))
         return [
-            f"  distribution correction (blocks): BatchNorm-statistics loss {before:.4g} → {after:.4g} "
+            f"  distribution correction (blocks, {self.matched} statistics): BatchNorm-statistics loss "
+            f"{before:.4g} → {after:.4g} "
             f"(mean over {len(corrected)} units); their float inputs moved by {100 * change:.1f} % of "
             "their RMS"
         ]
@@ -157,6 +159,7 @@ def refine(
         fused.failure() if settings.compiled else "",
         fixed_batch(model) if freed is not None else None,
         (held, given),
+        "" if correction is None else ("each sample's" if correction.per_sample else "each batch's"),
     )
 
 

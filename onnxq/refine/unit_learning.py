@@ -163,13 +163,15 @@ class UnitJob:
 
     # ------------------------------------------------------------------------ learning
 
-    @staticmethod
-    def _learning_share(seconds: float | None, began: float, evaluated: float) -> float | None:
-        """The unit's share of the budget left for learning: less what it spent before (its
-        memory plan, its first evaluation), and less a second evaluation like the first, which
-        follows the learning. Without this the last unit overran --time-budget by its own."""
-        if seconds is None:
-            return None
+    def _learning_share(self, seconds: float | None, began: float, evaluated: float) -> float | None:
+        """The unit's share of the budget left for learning. A unit's overheads (its memory
+        plan, its evaluations before and after learning) come out of the units after it, whose
+        shares are taken from the budget left, and out of the time early finishers leave. The
+        last unit has none after it: it learns less what it spent before and a second evaluation
+        like its first, or it overran --time-budget by its own (taking them from every unit
+        instead starved MobileNetV2's first units and left the time unspent at the end)."""
+        if seconds is None or self.segments:
+            return seconds
         now = time.monotonic()
         return seconds - (now - began) - (now - evaluated)
 

@@ -145,7 +145,7 @@ def test_only_the_units_float_side_is_corrected_and_the_next_unit_starts_uncorre
     result = onnxq.quantize(small_model_bn, calibration_data, config)
     np.testing.assert_array_equal(calibration_data, given)  # the caller's data is never corrected
     assert len(calls) >= 2
-    lines = [n for n in result.notes if "distribution correction (blocks)" in n]
+    lines = [n for n in result.notes if "distribution correction (blocks, each batch's statistics)" in n]
     assert len(lines) == 1 and "BatchNorm-statistics loss" in lines[0]
     assert not any(n.startswith("distribution correction (") for n in result.notes)  # not the inputs
     mirror = calls[0]["mirror"]
@@ -166,8 +166,11 @@ def test_the_configs_statistics_reach_block_correction(
     small_model_bn, calibration_data, monkeypatch, statistics
 ):
     calls = _recorded_corrections(monkeypatch)
-    onnxq.quantize(small_model_bn, calibration_data, _blocks_config(correction_statistics=statistics))
+    result = onnxq.quantize(
+        small_model_bn, calibration_data, _blocks_config(correction_statistics=statistics)
+    )
     assert calls and {call["correction"].per_sample for call in calls} == {statistics == "sample"}
+    assert any(f"(blocks, each {statistics}'s statistics)" in note for note in result.notes)
 
 
 def test_correction_at_is_checked():
@@ -202,7 +205,10 @@ def test_block_correction_from_the_command_line(tmp_path, small_model_bn, calibr
     blocks = ["--correction-at", "blocks", "--correction-statistics", "sample"]
     result = CliRunner().invoke(main, [*args, *refine, *blocks])
     assert result.exit_code == 0, result.output
-    assert "distribution correction (blocks): BatchNorm-statistics loss" in result.output
+    assert (
+        "distribution correction (blocks, each sample's statistics): BatchNorm-statistics loss"
+        in result.output
+    )
     assert onnx.load(target).graph.node
     refused = CliRunner().invoke(main, [*args, *refine, "--correction-at", "layers"])
     assert refused.exit_code != 0 and "layers" in refused.output
