@@ -15,6 +15,7 @@ from onnxq.refine.block_correction import BlockCorrection, corrected_inputs, uni
 from onnxq.refine.blocks import Unit  # noqa: E402
 from onnxq.refine.mirror import Mirror  # noqa: E402
 from tests.correct.test_correct import data, shifted  # noqa: E402, F401  (fixtures)
+from tests.refine.common import FAST  # noqa: E402
 
 
 def _second_half(mirror: Mirror) -> Unit:
@@ -122,12 +123,10 @@ def _recorded_corrections(monkeypatch) -> list[dict]:
 
 def _blocks_config(**changes) -> onnxq.QuantConfig:
     settings = dict(
+        FAST,
         weight_bits=4,
         activation_bits=4,
-        refine=True,
         refine_iters=5,
-        speed_check=False,
-        fidelity_fallback=False,
         distribution_correction=True,
         correction_at="blocks",
     )

@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch")
 
 import onnxq  # noqa: E402
 from onnxq.refine import unit_learning  # noqa: E402
+from tests.refine.common import FAST  # noqa: E402
 
 BATCH, NARROW = 8, 3
 
@@ -39,15 +40,13 @@ def _budget_allows(monkeypatch, more: int | None) -> None:
 
 def _refined(model, data, **changes) -> list[str]:
     settings = dict(
+        FAST,
         weight_bits=4,
         activation_bits=4,
-        refine=True,
         refine_iters=12,
         refine_batch=BATCH,
         refine_loss="pd",
         refine_pd_samples=NARROW,
-        speed_check=False,
-        fidelity_fallback=False,
     )
     return onnxq.quantize(model, data, onnxq.QuantConfig(**{**settings, **changes})).notes
 

@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch")
 
 import onnxq  # noqa: E402
 from onnxq.refine import export, reconstruct, unit_learning  # noqa: E402
+from tests.refine.common import FAST  # noqa: E402
 
 EVALUATION_S = 10.0  # what each of a unit's evaluations costs on the fake clock
 
@@ -25,8 +26,7 @@ class FakeClock:
 
 
 def _quantize(model, data, **changes) -> onnxq.QuantResult:
-    config = dict(weight_bits=4, activation_bits=4, refine=True, refine_iters=8, refine_batch=8)
-    config.update(speed_check=False, fidelity_fallback=False, time_budget=600.0)
+    config = dict(FAST, weight_bits=4, activation_bits=4, refine_iters=8, refine_batch=8, time_budget=600.0)
     return onnxq.quantize(model, data, onnxq.QuantConfig(**{**config, **changes}))
 
 
