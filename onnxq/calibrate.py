@@ -112,9 +112,14 @@ def calibrate(
         )
         result.notes += result.refined.notes(config.refine_loss)
         if affine_layers:
-            learned = f"{len(affine_layers)} merged re-parameterized convs learned a per-channel affine"
-            result.notes.append(f"QPRep: {learned}")
+            result.notes.append(_affine_note(config, affine_layers, result.refined.mirror.affine_weights))
     return result
+
+
+def _affine_note(config: QuantConfig, layers: frozenset[str], learned: list[str]) -> str:
+    if config.refine_affine:  # layers whose scales are not one per output channel learn none
+        return f"{len(learned)} of {len(layers)} layers learned a per-channel affine (--refine-affine)"
+    return f"QPRep: {len(layers)} merged re-parameterized convs learned a per-channel affine"
 
 
 def _observed(float_model, graph, plan, stream, config, choice, progress, replan, streams_gptq) -> Calibrated:

@@ -189,6 +189,9 @@ class QuantConfig:
     # affine of their output, folded into their weight scales and bias at export; on because it
     # lowered the held-out KL on merged RepVGG and MobileOne at W6A6 and W4A8 (tools/choose_qprep.py)
     qprep: bool = True
+    # with --refine, every refined layer learns that affine too (its bias shift mends nearest
+    # rounding's mean error where a unit's budget allows few iterations); off until chosen
+    refine_affine: bool = False
 
     def __post_init__(self) -> None:
         self._accept_text()

@@ -195,7 +195,7 @@ def _quantize_loaded(
         plan = plan_quantization(graph_model.graph, config)
     choice, ranged = choose_int8_range(float_model, plan, sample, config, baseline=prepared.model)
     notes += ranged
-    affine = frozenset(block.conv for block in prepared.fused.merged) if config.qprep else frozenset()
+    affine = _affine_layers(prepared, plan, config)
     replan = functools.partial(_replan, float_model, config)
     calibrated = calibrate(
         float_model,
@@ -295,6 +295,14 @@ def _after_retry(first: QuantResult, retried: QuantResult | OnnxqError, moves: i
         0, f"speed: {why}: quantized again without those moves (the notes below are of that run)"
     )
     return retried
+
+
+def _affine_layers(prepared: FuseResult, plan: QuantPlan, config: QuantConfig) -> frozenset[str]:
+    """The layers whose output learns a per-channel affine during refinement: every planned layer
+    with --refine-affine, the convs merged from re-parameterized branches with --qprep."""
+    if config.refine_affine:
+        return frozenset(plan.layers)
+    return frozenset(block.conv for block in prepared.fused.merged) if config.qprep else frozenset()
 
 
 def _unbatched_note(names: list[str]) -> str:

@@ -290,6 +290,7 @@ def quantize(model, output, calib, **options):
         correction_at=options.pop("correction_at"),
         correction_statistics=options.pop("correction_statistics"),
         qprep=options.pop("qprep"),
+        refine_affine=options.pop("refine_affine"),
         equalize=options.pop("equalize"),
     )
     preprocess = build_preprocess(**options)

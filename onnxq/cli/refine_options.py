@@ -121,6 +121,13 @@ REFINE_OPTIONS = [
         help="With --refine, convs merged from re-parameterized branches also learn a per-channel "
         "scale and shift of their output (RepAPQ's QPRep), folded into their weight scales and bias.",
     ),
+    click.option(
+        "--refine-affine/--no-refine-affine",
+        default=QuantConfig.refine_affine,
+        show_default=True,
+        help="With --refine, every refined layer learns that per-channel scale and shift (its shift "
+        "mends the mean error of rounding where a unit has few iterations), folded in the same way.",
+    ),
 ]
 
 

@@ -3,6 +3,8 @@ into its weight scales and bias at export, so the deployed graph gains nothing."
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -50,7 +52,8 @@ def _repvgg_quantized(monkeypatch, data, **options):
     net = repvgg_net()
     randomise_batchnorm(net)
     model = export(net, torch.zeros(1, 3, 16, 16), keep_bn=True)
-    config = onnxq.QuantConfig(weight_bits=4, activation_bits=4, fuse_branches=True, **options, **FAST)
+    options = {"fuse_branches": True, **options}
+    config = onnxq.QuantConfig(weight_bits=4, activation_bits=4, **options, **FAST)
     return onnxq.quantize(model, data, config)
 
 
@@ -88,3 +91,43 @@ def test_qprep_absorbed_into_scales_and_bias_leaves_the_export_equal_to_the_mirr
     assert Counter(n.op_type for n in qprep.model.graph.node) == Counter(
         n.op_type for n in plain.model.graph.node
     )
+
+
+@pytest.fixture
+def every_layer(monkeypatch, calibration_data):
+    """--refine-affine on the unmerged network: every layer, not only merged convs."""
+    return _repvgg_quantized(monkeypatch, calibration_data, fuse_branches=False, refine_affine=True)
+
+
+def test_refine_affine_gives_every_layer_with_channel_scales_an_affine(every_layer):
+    mirror = every_layer.refinement.mirror
+    channel_scaled = [
+        name for name, index in mirror.weight_index.items() if mirror.rounding[index].scale.numel() > 1
+    ]
+    assert sorted(mirror.affine_weights) == sorted(channel_scaled)
+    assert len(channel_scaled) > 2  # the stem, the unmerged branches and the head, not 2 merged convs
+    note = rf"{len(channel_scaled)} of \d+ layers learned a per-channel affine \(--refine-affine\)"
+    assert any(re.fullmatch(note, line) for line in every_layer.notes)
+    changed = {b for b, w in mirror.bias_weights.items() if w in mirror.affine_weights}
+    assert set(every_layer.refinement.biases) == changed and changed
+
+
+def test_refine_affine_absorbed_leaves_the_export_equal_to_the_mirror(every_layer, calibration_data):
+    assert every_layer.refinement.mirror.affine_weights  # γ and β set far from 1 and 0 on each
+    assert_same_as_qdq(every_layer.refinement.mirror, every_layer.model, calibration_data[:8])
+
+
+def test_refine_affine_from_the_command_line(small_model_path, calibration_data, tmp_path):
+    from click.testing import CliRunner
+
+    from onnxq.cli import main
+
+    calib, target = tmp_path / "calib.npy", tmp_path / "q.onnx"
+    np.save(calib, calibration_data)
+    args = ["quantize", str(small_model_path), "--calib", str(calib), "-o", str(target), "--no-speed-check"]
+    refine = ["--w-bits", "4", "--a-bits", "4", "--refine", "--refine-iters", "3"]
+    result = CliRunner().invoke(main, [*args, *refine, "--refine-affine"])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"\d+ of \d+ layers learned a per-channel affine \(--refine-affine\)", result.output)
+    plain = CliRunner().invoke(main, [*args, *refine])
+    assert plain.exit_code == 0 and "--refine-affine" not in plain.output
