@@ -189,8 +189,8 @@ class QuantConfig:
     # affine of their output, folded into their weight scales and bias at export; on because it
     # lowered the held-out KL on merged RepVGG and MobileOne at W6A6 and W4A8 (tools/choose_qprep.py)
     qprep: bool = True
-    # with --refine, every refined layer learns that affine too (its bias shift mends nearest
-    # rounding's mean error where a unit's budget allows few iterations); off until chosen
+    # with --refine, every refined layer learns that affine too (its shift mends nearest rounding's
+    # mean error); off: held-out KL fell on 3 of 4 rows, rose on ResNet-20 W4A4 (BENCHMARKS.md)
     refine_affine: bool = False
 
     def __post_init__(self) -> None:

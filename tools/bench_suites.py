@@ -237,6 +237,9 @@ def refine_settings(name: str) -> dict[str, Callable]:
                 settings[f"{label}, no time budget"] = scored(f"{label}, no time budget", flags)
                 flags += ["--time-budget", REFINE_BUDGETS[name]]
             settings[label] = scored(label, flags)
+            if loss == onnxq.QuantConfig.refine_loss:  # every refined layer learns an affine too
+                affine = f"onnxq W{w}A{a} mse + --refine --refine-affine ({loss} loss)"
+                settings[affine] = scored(affine, [*flags, "--refine-affine"])
     return settings
 
 
