@@ -4,7 +4,7 @@ With `--refine-affine` each layer refinement learns also learns QPRep's per-chan
 scale and shift of its output, folded into its weight scales and bias at export). Nearest
 rounding shifts a layer's output mean: on MobileNetV2 at 4-bit weights, activations float,
 correcting each layer's bias for it took the held-out KL from 3.36 to 0.49 (BENCHMARKS.md,
-"refine-affine"). Where a unit learns its rounding for enough iterations, rounding can mend that
+"rounding-mean-error"). Where a unit learns its rounding for enough iterations, rounding can mend that
 itself; where a time budget gives it few, β mends it directly. Each model and width is quantized
 with the mse scale search and `--refine` (pd, the default loss; MobileNetV2 under `--time-budget
 1800`, issue 14's 30 minutes) with and without `--refine-affine` on the protocol's 256
@@ -47,26 +47,13 @@ def main() -> None:
         "then `--refine` (pd) with and without `--refine-affine` (MobileNetV2 under `--time-budget "
         "1800`); scored against float on calibration-pool images no stage sees (never the evaluation "
         "split). s: wall time of `onnxq.quantize` on 2 cores.",
-        *_partial_run(args.models),
+        *held_out.partial_run(args.models, SETTINGS),
         "| model | width | refinement | KL held-out | agreement % | top-1 % | s |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
     held_out.two_way_choice(
         args, SETTINGS, CHOICES, held_out_scores, header, "refine-affine-default", "--refine-affine"
     )
-
-
-def _partial_run(models: list[str]) -> list[str]:
-    """A run over fewer models than SETTINGS says so: its verdict is not the default's."""
-    left = [name for name in SETTINGS if name not in models]
-    if not left:
-        return [""]
-    return [
-        "",
-        f"Partial run (`--models {' '.join(models)}`; not run: {', '.join(left)}): the verdict below "
-        "covers these rows only; the default is decided over every model in SETTINGS.",
-        "",
-    ]
 
 
 if __name__ == "__main__":

@@ -77,6 +77,20 @@ def arguments(description: str, models: Iterable[str]) -> argparse.Namespace:
     return parser.parse_args()
 
 
+def partial_run(models: list[str], settings: dict[str, list]) -> list[str]:
+    """A header's closing lines: blank, or, where `models` leaves some of `settings` out, a line
+    saying that the tool's verdict covers these rows only (it is not the default's)."""
+    left = [name for name in settings if name not in models]
+    if not left:
+        return [""]
+    return [
+        "",
+        f"Partial run (`--models {' '.join(models)}`; not run: {', '.join(left)}): the verdict below "
+        "covers these rows only; the default is decided over every model in SETTINGS.",
+        "",
+    ]
+
+
 def grouped_log_kls(
     rows: Iterable[tuple[str, object, object, str, float]], group: Callable[[object], object]
 ) -> tuple[list[str], dict[object, dict[object, list[float]]]]:
